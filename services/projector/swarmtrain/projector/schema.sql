@@ -1,0 +1,89 @@
+-- Read models. Written only by the projector; a schema change is a rebuild, not a migration.
+CREATE TABLE IF NOT EXISTS projection_position (
+    name      text PRIMARY KEY,
+    position  bigint NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS users (
+    user_id        text PRIMARY KEY,
+    email          text NOT NULL UNIQUE,
+    username       text NOT NULL,
+    password_hash  text NOT NULL,
+    created_at     timestamptz NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS datasets (
+    dataset_id    text PRIMARY KEY,
+    owner_id      text NOT NULL,
+    name          text NOT NULL,
+    uri           text NOT NULL,
+    sha256        text NOT NULL,
+    size_bytes    bigint NOT NULL,
+    rows          integer NOT NULL,
+    features      integer NOT NULL,
+    classes       integer NOT NULL,
+    label_column  text NOT NULL,
+    created_at    timestamptz NOT NULL
+);
+CREATE INDEX IF NOT EXISTS datasets_owner ON datasets (owner_id, created_at);
+
+CREATE TABLE IF NOT EXISTS peers (
+    peer_id     text PRIMARY KEY,
+    name        text NOT NULL,
+    device      text NOT NULL,
+    online      boolean NOT NULL DEFAULT false,
+    session_id  text,
+    last_seen   timestamptz NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS sessions (
+    session_id        text PRIMARY KEY,
+    owner_id          text NOT NULL,
+    dataset_id        text NOT NULL,
+    strategy          text NOT NULL,
+    num_peers         integer NOT NULL,
+    status            text NOT NULL,
+    model             jsonb NOT NULL,
+    validation_split  double precision NOT NULL,
+    seed              bigint NOT NULL,
+    created_at        timestamptz NOT NULL,
+    started_at        timestamptz,
+    ended_at          timestamptz,
+    best_peer_id      text,
+    best_val_accuracy double precision,
+    model_uri         text,
+    reason            text
+);
+CREATE INDEX IF NOT EXISTS sessions_owner ON sessions (owner_id, created_at);
+
+CREATE TABLE IF NOT EXISTS session_peers (
+    session_id       text NOT NULL,
+    peer_id          text NOT NULL,
+    status           text NOT NULL,          -- training, done, failed, stopped
+    hyperparameters  jsonb NOT NULL,
+    epoch            integer NOT NULL DEFAULT 0,
+    epochs           integer NOT NULL,
+    loss             double precision,
+    accuracy         double precision,
+    val_loss         double precision,
+    val_accuracy     double precision,
+    samples_per_s    double precision,
+    model_uri        text,
+    model_sha256     text,
+    reason           text,
+    PRIMARY KEY (session_id, peer_id)
+);
+
+CREATE TABLE IF NOT EXISTS heartbeats (
+    seq            bigint PRIMARY KEY,       -- the event's stream sequence
+    session_id     text NOT NULL,
+    peer_id        text NOT NULL,
+    epoch          integer NOT NULL,
+    loss           double precision NOT NULL,
+    accuracy       double precision NOT NULL,
+    val_loss       double precision,
+    val_accuracy   double precision,
+    samples_per_s  double precision NOT NULL,
+    occurred_at    timestamptz NOT NULL
+);
+CREATE INDEX IF NOT EXISTS heartbeats_session ON heartbeats (session_id, peer_id, epoch);

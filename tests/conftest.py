@@ -1,0 +1,80 @@
+"""Real servers for every test: a nats-server with JetStream per test, one PostgreSQL per run with
+a fresh database per test. Nothing is mocked; nothing that happens to be running is used."""
+
+from __future__ import annotations
+
+import itertools
+import signal
+import subprocess
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from swarmtrain.common import servers
+from swarmtrain.common.settings import Settings
+
+_db_counter = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def postgres_port(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+    port = servers.free_port()
+    proc = servers.start_postgres(tmp_path_factory.mktemp("pg") / "data", port, durable=False)
+    yield port
+    servers.stop(proc, signal.SIGINT)
+
+
+@pytest.fixture
+def database_url(postgres_port: int) -> str:
+    name = f"t{next(_db_counter)}"
+    servers.create_database(postgres_port, name)
+    return servers.postgres_url(postgres_port, name)
+
+
+@pytest.fixture
+def nats_server(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    port = servers.free_port()
+    proc = servers.start_nats(port, tmp_path / "jetstream")
+    yield f"nats://127.0.0.1:{port}", proc
+    servers.stop(proc, signal.SIGTERM)
+
+
+@pytest.fixture
+def nats_url(nats_server: tuple[str, subprocess.Popen[bytes]]) -> str:
+    return nats_server[0]
+
+
+@pytest.fixture
+def blob_dir(tmp_path: Path) -> Path:
+    path = tmp_path / "blobs"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def settings(nats_url: str, database_url: str, blob_dir: Path, tmp_path: Path) -> Settings:
+    return Settings(
+        nats_url=nats_url,
+        database_url=database_url,
+        blob_url=blob_dir.as_uri(),
+        jwt_secret="test-secret-0123456789abcdef0123456789",
+        state_dir=str(tmp_path / "state"),
+        presence_interval_s=0.2,
+        peer_timeout_s=1.5,
+        torch_threads=1,
+    )
+
+
+@pytest.fixture
+async def js(nats_url: str) -> AsyncIterator[object]:
+    """A JetStream context on the test's server, with the streams created."""
+    import nats
+
+    from swarmtrain.common import bus
+
+    nc = await nats.connect(nats_url)
+    ctx = nc.jetstream()
+    await bus.ensure_streams(ctx)
+    yield ctx
+    await nc.drain()
