@@ -13,7 +13,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 import msgspec
 
@@ -133,7 +133,8 @@ class FileStore(BlobStore):
         path = self._path(key)
         try:
             f = path.open("rb")
-        except FileNotFoundError:
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            # A folder is not an object: "a" when "a/b" exists is missing, as it is on S3.
             raise BlobNotFound(self.uri(key)) from None
         with f:
             while chunk := f.read(CHUNK):
@@ -143,7 +144,9 @@ class FileStore(BlobStore):
         return self._path(key).is_file()
 
     def delete(self, key: str) -> None:
-        self._path(key).unlink(missing_ok=True)
+        path = self._path(key)
+        if path.is_file():
+            path.unlink(missing_ok=True)
 
 
 class S3Store(BlobStore):
@@ -173,9 +176,8 @@ class S3Store(BlobStore):
 
     def put_stream(self, key: str, stream: BinaryIO, length: int = -1) -> BlobRef:
         reader = _HashingReader(stream)
-        self.client.put_object(
-            self.bucket, self._key(key), reader, length=length, part_size=0 if length >= 0 else 16 * CHUNK
-        )
+        part_size = 0 if length >= 0 else 16 * CHUNK
+        self.client.put_object(self.bucket, self._key(key), reader, length=length, part_size=part_size)  # type: ignore[arg-type]
         return BlobRef(uri=self.uri(key), sha256=reader.hash.hexdigest(), size=reader.size)
 
     def iter_chunks(self, key: str) -> Iterator[bytes]:
@@ -208,11 +210,19 @@ class S3Store(BlobStore):
         self.client.remove_object(self.bucket, self._key(key))
 
 
+def _file_path(url: str) -> Path:
+    """The local path of a ``file:`` URL, percent-decoded as ``Path.as_uri()`` encodes it."""
+    parsed = urlparse(url)
+    if parsed.netloc not in ("", "localhost"):
+        raise ValueError(f"unsupported file URL {url!r}: use file:///absolute/path")
+    return Path(unquote(parsed.path))
+
+
 def open_store(url: str, settings: Settings | None = None) -> BlobStore:
     """``file:///abs/dir`` or ``s3://bucket[/prefix]``."""
     parsed = urlparse(url)
     if parsed.scheme == "file":
-        return FileStore(Path(parsed.path))
+        return FileStore(_file_path(url))
     if parsed.scheme == "s3":
         return S3Store(parsed.netloc, parsed.path, settings)
     raise ValueError(f"unsupported blob store URL {url!r}: use file:///path or s3://bucket")
@@ -222,7 +232,7 @@ def resolve(uri: str, settings: Settings | None = None) -> tuple[BlobStore, str]
     """Split an object URI into the store that holds it and its key."""
     parsed = urlparse(uri)
     if parsed.scheme == "file":
-        return FileStore(Path("/")), parsed.path.lstrip("/")
+        return FileStore(Path("/")), str(_file_path(uri)).lstrip("/")
     if parsed.scheme == "s3":
         return S3Store(parsed.netloc, "", settings), parsed.path.lstrip("/")
     raise ValueError(f"unsupported blob URI {uri!r}")

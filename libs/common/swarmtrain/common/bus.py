@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -115,7 +115,7 @@ async def fetch(
     """
     try:
         msgs = await sub.fetch(batch, timeout=timeout)
-    except (nats.errors.TimeoutError, asyncio.TimeoutError):
+    except (TimeoutError, nats.errors.TimeoutError):
         return []
     out: list[tuple[Msg, T]] = []
     for msg in msgs:
@@ -129,3 +129,34 @@ async def fetch(
 
 def stream_seq(msg: Msg) -> int:
     return int(msg.metadata.sequence.stream)
+
+
+async def pull_consumer(
+    js: JetStreamContext,
+    stream: str,
+    *,
+    durable: str | None = None,
+    start_seq: int = 1,
+    ack: api.AckPolicy = api.AckPolicy.EXPLICIT,
+    filter_subject: str | None = None,
+) -> JetStreamContext.PullSubscription:
+    """A pull consumer on ``stream`` that starts at ``start_seq``.
+
+    A durable is recreated from ``start_seq`` (its owner keeps the authoritative position);
+    without ``durable`` the consumer is ephemeral and vanishes once its subscriber is gone.
+    """
+    config = api.ConsumerConfig(
+        durable_name=durable,
+        deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
+        opt_start_seq=max(1, start_seq),
+        ack_policy=ack,
+        ack_wait=30.0,
+        max_ack_pending=20_000,
+        filter_subject=filter_subject,
+        inactive_threshold=None if durable else 30.0,
+    )
+    if durable:
+        with contextlib.suppress(nats.js.errors.NotFoundError):
+            await js.delete_consumer(stream, durable)
+    info = await js.add_consumer(stream, config)
+    return await js.pull_subscribe_bind(consumer=info.name, stream=stream)

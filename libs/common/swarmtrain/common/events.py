@@ -260,15 +260,18 @@ def encode(message: Event | Command | Presence) -> bytes:
 
 def decode_event(data: bytes) -> Event:
     """Raises ``msgspec.ValidationError`` or ``msgspec.DecodeError`` for a malformed message."""
-    return _event_decoder.decode(data)
+    event: Event = _event_decoder.decode(data)
+    return event
 
 
 def decode_command(data: bytes) -> Command:
-    return _command_decoder.decode(data)
+    command: Command = _command_decoder.decode(data)
+    return command
 
 
 def decode_presence(data: bytes) -> Presence:
-    return _presence_decoder.decode(data)
+    presence: Presence = _presence_decoder.decode(data)
+    return presence
 
 
 def to_builtins(message: Any) -> Any:

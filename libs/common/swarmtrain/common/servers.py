@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 
 def free_port() -> int:
@@ -58,7 +59,9 @@ def nats_server_binary() -> str:
     return found
 
 
-def start_nats(port: int, store_dir: Path, log_file: Path | None = None, config: Path | None = None) -> subprocess.Popen[bytes]:
+def start_nats(
+    port: int, store_dir: Path, log_file: Path | None = None, config: Path | None = None
+) -> subprocess.Popen[bytes]:
     store_dir.mkdir(parents=True, exist_ok=True)
     cmd = [nats_server_binary(), "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", str(store_dir)]
     if config is not None:
@@ -108,7 +111,7 @@ def start_postgres(
 ) -> subprocess.Popen[bytes]:
     """initdb ``data_dir`` if new, then run postgres on 127.0.0.1:``port`` (TCP only, trust auth)."""
     user = _run_as()
-    kwargs: dict[str, object] = {}
+    kwargs: dict[str, Any] = {}
     if user is not None:
         kwargs = {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -119,29 +122,49 @@ def start_postgres(
             [_pg_bin("initdb"), "-D", str(data_dir), "--auth=trust", "-U", "postgres", "--encoding=utf8"],
             check=True,
             capture_output=True,
-            **kwargs,  # type: ignore[arg-type]
+            **kwargs,
         )
     cmd = [
-        _pg_bin("postgres"), "-D", str(data_dir), "-p", str(port),
-        "-c", "listen_addresses=127.0.0.1", "-c", "unix_socket_directories=",
-        "-c", "max_connections=200",
+        _pg_bin("postgres"),
+        "-D",
+        str(data_dir),
+        "-p",
+        str(port),
+        "-c",
+        "listen_addresses=127.0.0.1",
+        "-c",
+        "unix_socket_directories=",
+        "-c",
+        "max_connections=200",
     ]
     if not durable:
         cmd += ["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]
     out = log_file.open("ab") if log_file else subprocess.DEVNULL
-    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, **kwargs)  # type: ignore[call-overload]
+    proc: subprocess.Popen[bytes] = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, **kwargs)
     wait_port(port, proc, "postgres")
     _create_database(port, "swarmtrain")
-    return proc  # type: ignore[no-any-return]
+    return proc
 
 
 def _create_database(port: int, name: str) -> None:
     deadline = time.monotonic() + 30
     while True:
         result = subprocess.run(
-            [_pg_bin("psql"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "-d", "postgres",
-             "-tAc", f"SELECT 1 FROM pg_database WHERE datname = '{name}'"],
-            capture_output=True, text=True,
+            [
+                _pg_bin("psql"),
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(port),
+                "-U",
+                "postgres",
+                "-d",
+                "postgres",
+                "-tAc",
+                f"SELECT 1 FROM pg_database WHERE datname = '{name}'",
+            ],
+            capture_output=True,
+            text=True,
         )
         if result.returncode == 0:
             break
@@ -151,14 +174,16 @@ def _create_database(port: int, name: str) -> None:
     if result.stdout.strip() != "1":
         subprocess.run(
             [_pg_bin("createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", name],
-            check=True, capture_output=True,
+            check=True,
+            capture_output=True,
         )
 
 
 def create_database(port: int, name: str) -> None:
     subprocess.run(
         [_pg_bin("createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", name],
-        check=True, capture_output=True,
+        check=True,
+        capture_output=True,
     )
 
 

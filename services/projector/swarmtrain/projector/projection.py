@@ -1,0 +1,250 @@
+"""Applies events to the read models. The rows and the stream position move in one transaction."""
+
+from __future__ import annotations
+
+from importlib import resources
+from typing import Any
+
+import asyncpg
+import msgspec
+
+from swarmtrain.common.events import (
+    DatasetUploaded,
+    Event,
+    Heartbeat,
+    PeerDone,
+    PeerFailed,
+    PeerLocked,
+    PeerRegistered,
+    PeerReleased,
+    PeerWentOffline,
+    PeerWentOnline,
+    SessionCancelled,
+    SessionCompleted,
+    SessionFailed,
+    SessionRequested,
+    SessionStarted,
+    UserRegistered,
+)
+
+NAME = "main"
+CHANNEL = "swarmtrain_projection"
+TABLES = ("users", "datasets", "peers", "sessions", "session_peers", "heartbeats")
+
+
+def _json(value: Any) -> str:
+    return msgspec.json.encode(value).decode()
+
+
+async def ensure_schema(conn: asyncpg.Connection) -> None:
+    await conn.execute(resources.files("swarmtrain.projector").joinpath("schema.sql").read_text())
+    await conn.execute("INSERT INTO projection_position (name, position) VALUES ($1, 0) ON CONFLICT DO NOTHING", NAME)
+
+
+async def position(conn: asyncpg.Connection) -> int:
+    return int(await conn.fetchval("SELECT position FROM projection_position WHERE name = $1", NAME))
+
+
+async def lock_position(conn: asyncpg.Connection) -> int:
+    """The stored position, locked until the caller's transaction ends."""
+    return int(await conn.fetchval("SELECT position FROM projection_position WHERE name = $1 FOR UPDATE", NAME))
+
+
+async def apply_in(conn: asyncpg.Connection, batch: list[tuple[int, Event]], reached: int) -> int:
+    """Apply the events past ``reached`` inside the caller's transaction; store and announce the position.
+
+    Events at or below the stored position were applied already (a redelivery after a commit
+    whose ack was lost), so they are skipped: the position makes a replay idempotent.
+    """
+    start = reached
+    for seq, event in batch:
+        if seq <= reached:
+            continue
+        await apply(conn, seq, event)
+        reached = seq
+    if reached > start:
+        await conn.execute("UPDATE projection_position SET position = $2 WHERE name = $1", NAME, reached)
+        await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, str(reached))
+    return reached
+
+
+async def apply_batch(pool: asyncpg.Pool, batch: list[tuple[int, Event]]) -> int:
+    """Apply ``(stream_seq, event)`` pairs in one transaction; returns the position reached."""
+    async with pool.acquire() as conn, conn.transaction():
+        return await apply_in(conn, batch, await lock_position(conn))
+
+
+async def _touch_peer(conn: asyncpg.Connection, event: Event, peer_id: str, online: bool | None) -> None:
+    await conn.execute(
+        """
+        INSERT INTO peers (peer_id, name, device, online, last_seen) VALUES ($1, $1, 'unknown', COALESCE($2, false), $3)
+        ON CONFLICT (peer_id) DO UPDATE SET online = COALESCE($2, peers.online),
+            last_seen = GREATEST(peers.last_seen, EXCLUDED.last_seen)
+        """,
+        peer_id,
+        online,
+        event.occurred_at,
+    )
+
+
+async def apply(conn: asyncpg.Connection, seq: int, event: Event) -> None:
+    match event:
+        case UserRegistered():
+            await conn.execute(
+                "INSERT INTO users VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+                event.user_id,
+                event.email,
+                event.username,
+                event.password_hash,
+                event.occurred_at,
+            )
+        case DatasetUploaded():
+            await conn.execute(
+                "INSERT INTO datasets VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) ON CONFLICT DO NOTHING",
+                event.dataset_id,
+                event.owner_id,
+                event.name,
+                event.uri,
+                event.sha256,
+                event.size_bytes,
+                event.rows,
+                event.features,
+                event.classes,
+                event.label_column,
+                event.occurred_at,
+            )
+        case PeerRegistered():
+            await conn.execute(
+                """
+                INSERT INTO peers (peer_id, name, device, online, last_seen) VALUES ($1, $2, $3, false, $4)
+                ON CONFLICT (peer_id) DO UPDATE SET name = $2, device = $3,
+                    last_seen = GREATEST(peers.last_seen, EXCLUDED.last_seen)
+                """,
+                event.peer_id,
+                event.name,
+                event.device,
+                event.occurred_at,
+            )
+        case PeerWentOnline():
+            await _touch_peer(conn, event, event.peer_id, True)
+        case PeerWentOffline():
+            await _touch_peer(conn, event, event.peer_id, False)
+        case PeerLocked():
+            await _touch_peer(conn, event, event.peer_id, None)
+            await conn.execute("UPDATE peers SET session_id = $2 WHERE peer_id = $1", event.peer_id, event.session_id)
+        case PeerReleased():
+            await conn.execute(
+                "UPDATE peers SET session_id = NULL WHERE peer_id = $1 AND session_id = $2",
+                event.peer_id,
+                event.session_id,
+            )
+        case SessionRequested():
+            await conn.execute(
+                """
+                INSERT INTO sessions (session_id, owner_id, dataset_id, strategy, num_peers, status, model,
+                                      validation_split, seed, created_at)
+                VALUES ($1, $2, $3, $4, $5, 'queued', $6::jsonb, $7, $8, $9) ON CONFLICT DO NOTHING
+                """,
+                event.session_id,
+                event.owner_id,
+                event.dataset_id,
+                event.strategy,
+                event.num_peers,
+                _json(event.model),
+                event.validation_split,
+                event.seed,
+                event.occurred_at,
+            )
+        case SessionStarted():
+            await conn.execute(
+                "UPDATE sessions SET status = 'running', started_at = $2 WHERE session_id = $1 AND status = 'queued'",
+                event.session_id,
+                event.occurred_at,
+            )
+            await conn.executemany(
+                """
+                INSERT INTO session_peers (session_id, peer_id, status, hyperparameters, epochs)
+                VALUES ($1, $2, 'training', $3::jsonb, $4) ON CONFLICT DO NOTHING
+                """,
+                [(event.session_id, p, _json(h), h.epochs) for p, h in event.assignments.items()],
+            )
+        case Heartbeat():
+            await conn.execute(
+                "INSERT INTO heartbeats VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT DO NOTHING",
+                seq,
+                event.session_id,
+                event.peer_id,
+                event.epoch,
+                event.loss,
+                event.accuracy,
+                event.val_loss,
+                event.val_accuracy,
+                event.samples_per_s,
+                event.occurred_at,
+            )
+            await conn.execute(
+                """
+                UPDATE session_peers SET epoch = $3, loss = $4, accuracy = $5, val_loss = $6, val_accuracy = $7,
+                    samples_per_s = $8
+                WHERE session_id = $1 AND peer_id = $2 AND status = 'training'
+                """,
+                event.session_id,
+                event.peer_id,
+                event.epoch,
+                event.loss,
+                event.accuracy,
+                event.val_loss,
+                event.val_accuracy,
+                event.samples_per_s,
+            )
+            await _touch_peer(conn, event, event.peer_id, None)
+        case PeerDone():
+            await conn.execute(
+                """
+                UPDATE session_peers SET status = 'done', epoch = $3, loss = $4, accuracy = $5, val_loss = $6,
+                    val_accuracy = $7, model_uri = $8, model_sha256 = $9
+                WHERE session_id = $1 AND peer_id = $2
+                """,
+                event.session_id,
+                event.peer_id,
+                event.epochs,
+                event.loss,
+                event.accuracy,
+                event.val_loss,
+                event.val_accuracy,
+                event.model_uri,
+                event.model_sha256,
+            )
+        case PeerFailed():
+            await conn.execute(
+                "UPDATE session_peers SET status = 'failed', reason = $3 WHERE session_id = $1 AND peer_id = $2",
+                event.session_id,
+                event.peer_id,
+                event.reason,
+            )
+        case SessionCompleted():
+            await conn.execute(
+                """
+                UPDATE sessions SET status = 'completed', ended_at = $2, best_peer_id = $3,
+                    best_val_accuracy = $4, model_uri = $5
+                WHERE session_id = $1
+                """,
+                event.session_id,
+                event.occurred_at,
+                event.best_peer_id,
+                event.best_val_accuracy,
+                event.model_uri,
+            )
+        case SessionFailed() | SessionCancelled():
+            status = "failed" if isinstance(event, SessionFailed) else "cancelled"
+            await conn.execute(
+                "UPDATE sessions SET status = $2, ended_at = $3, reason = $4 WHERE session_id = $1",
+                event.session_id,
+                status,
+                event.occurred_at,
+                event.reason,
+            )
+            await conn.execute(
+                "UPDATE session_peers SET status = 'stopped' WHERE session_id = $1 AND status = 'training'",
+                event.session_id,
+            )

@@ -1,0 +1,163 @@
+"""The scheduler's shell: replays the log into state, then reads events and presence, and carries
+out what ``state.decide`` returns. Several schedulers may run: peer locks and session starts are
+compare-and-set appends, so two of them can never take the same peer or start a session twice."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+import msgspec
+import structlog
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext, api
+
+from swarmtrain.common import blob, bus
+from swarmtrain.common.events import (
+    PRESENCE_SUBJECTS,
+    Hyperparameters,
+    PeerLocked,
+    PeerReleased,
+    SessionRequested,
+    SessionStarted,
+    Train,
+    decode_event,
+    decode_presence,
+)
+from swarmtrain.common.logging import get_logger
+from swarmtrain.common.settings import Settings
+from swarmtrain.scheduler.state import (
+    Action,
+    Append,
+    Send,
+    Session,
+    Start,
+    State,
+    decide,
+    evolve,
+    observe_presence,
+    stale_locks,
+)
+
+log = get_logger("swarmtrain.scheduler")
+TICK_S = 0.2
+
+
+def train_command(
+    req: SessionRequested, peer_id: str, hyperparameters: Hyperparameters, store: blob.BlobStore
+) -> Train:
+    return Train(
+        event_id=f"{req.session_id}.{peer_id}.train",
+        peer_id=peer_id,
+        session_id=req.session_id,
+        dataset_uri=req.dataset_uri,
+        dataset_sha256=req.dataset_sha256,
+        label_column=req.label_column,
+        model=req.model,
+        hyperparameters=hyperparameters,
+        validation_split=req.validation_split,
+        seed=req.seed,
+        output_uri=store.uri(f"sessions/{req.session_id}/models/{peer_id}.safetensors"),
+    )
+
+
+class Scheduler:
+    def __init__(self, settings: Settings, js: JetStreamContext) -> None:
+        self.settings = settings
+        self.js = js
+        self.store = blob.open_store(settings.blob_url)
+        self.state = State(started_at=time.monotonic())
+        self.barrier = 0
+        """Stream sequence of our own latest write: no decision until the state has seen it."""
+
+    def on_presence(self, data: bytes) -> None:
+        try:
+            presence = decode_presence(data)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            log.warning("malformed presence beat ignored", error=str(exc))
+            return
+        observe_presence(self.state, presence, time.monotonic())
+
+    async def catch_up(self, sub: JetStreamContext.PullSubscription) -> None:
+        """Replay the log up to its current end, then undo what a dead scheduler left half done."""
+        target = await bus.last_sequence(self.js)
+        while self.state.position < target:
+            await self.read(sub, timeout=2.0)
+        log.info("state rebuilt", position=self.state.position, sessions=len(self.state.sessions))
+        for session in self.state.sessions.values():
+            if session.status != "running":
+                continue
+            for peer_id, run in session.runs.items():
+                if run.status == "training" and run.epoch == 0:  # may never have got its Train
+                    await bus.send(self.js, train_command(session.request, peer_id, run.hyperparameters, self.store))
+        await self.execute(stale_locks(self.state))
+
+    async def read(self, sub: JetStreamContext.PullSubscription, timeout: float) -> None:
+        for msg, event in await bus.fetch(sub, decode_event, batch=512, timeout=timeout):
+            evolve(self.state, bus.stream_seq(msg), event)
+
+    async def step(self) -> None:
+        if self.state.position >= self.barrier:
+            await self.execute(decide(self.state, time.monotonic(), self.settings.peer_timeout_s))
+
+    async def execute(self, actions: list[Action]) -> None:
+        for action in actions:
+            try:
+                match action:
+                    case Append(event=event):
+                        self.barrier = max(self.barrier, await bus.append(self.js, event))
+                        log.info("appended", type=type(event).__name__, subject=event.subject)
+                    case Send(command=command):
+                        await bus.send(self.js, command)
+                    case Start(session_id=session_id, peer_ids=peer_ids):
+                        await self.start(self.state.sessions[session_id], peer_ids)
+            except Exception as exc:
+                log.warning("action failed; will retry", action=repr(action)[:200], error=repr(exc))
+
+    async def start(self, session: Session, peer_ids: tuple[str, ...]) -> None:
+        sid = session.request.session_id
+        locked: list[str] = []
+        try:
+            for peer_id in peer_ids:
+                seq = await bus.append(
+                    self.js,
+                    PeerLocked(peer_id=peer_id, session_id=sid),
+                    expected_last_subject_seq=self.state.peers[peer_id].seq,
+                )
+                locked.append(peer_id)
+                self.barrier = max(self.barrier, seq)
+            assignments = dict(zip(peer_ids, session.request.hyperparameters, strict=True))
+            started = SessionStarted(event_id=f"{sid}.started", session_id=sid, assignments=assignments)
+            self.barrier = max(self.barrier, await bus.append(self.js, started, expected_last_subject_seq=session.seq))
+        except bus.WrongLastSequence as exc:
+            log.info("start lost a race; releasing and retrying", session_id=sid, subject=str(exc))
+            for peer_id in locked:
+                released = PeerReleased(peer_id=peer_id, session_id=sid)
+                self.barrier = max(self.barrier, await bus.append(self.js, released))
+            return
+        for peer_id, hyperparameters in assignments.items():
+            await bus.send(self.js, train_command(session.request, peer_id, hyperparameters, self.store))
+        log.info("session started", session_id=sid, peers=list(peer_ids))
+
+
+async def run(settings: Settings, stop: asyncio.Event) -> None:
+    async with contextlib.AsyncExitStack() as stack:
+        nc = await bus.connect(settings, "scheduler")
+        stack.push_async_callback(nc.drain)
+        js = nc.jetstream()
+        await bus.ensure_streams(js)
+        scheduler = Scheduler(settings, js)
+
+        async def on_presence(msg: Msg) -> None:
+            scheduler.on_presence(msg.data)
+
+        presence = await nc.subscribe(PRESENCE_SUBJECTS, cb=on_presence)
+        stack.push_async_callback(presence.unsubscribe)
+        sub = await bus.pull_consumer(js, bus.EVENTS_STREAM, ack=api.AckPolicy.NONE)
+        stack.push_async_callback(sub.unsubscribe)
+        structlog.contextvars.bind_contextvars(service="scheduler")
+        await scheduler.catch_up(sub)
+        while not stop.is_set():
+            await scheduler.read(sub, timeout=TICK_S)
+            await scheduler.step()
