@@ -1,0 +1,169 @@
+"""The ``swarmtrain`` command: run a service, a peer, the whole local stack, or tap live events."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import msgspec
+
+from swarmtrain.common.logging import configure
+from swarmtrain.common.settings import Settings, get_settings
+
+
+def serve(main: Callable[[Settings, asyncio.Event], Awaitable[None]], settings: Settings | None = None) -> int:
+    """Run ``main(settings, stop)`` until SIGINT or SIGTERM sets ``stop``."""
+    settings = settings or get_settings()
+    configure(settings.log_level, settings.log_format)
+
+    async def runner() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await main(settings, stop)
+
+    asyncio.run(runner())
+    return 0
+
+
+def _gateway(args: argparse.Namespace) -> int:
+    from swarmtrain.gateway.app import run
+
+    return serve(run)
+
+
+def _scheduler(args: argparse.Namespace) -> int:
+    from swarmtrain.scheduler.service import run
+
+    return serve(run)
+
+
+def _projector(args: argparse.Namespace) -> int:
+    from swarmtrain.projector.service import run
+
+    return serve(run)
+
+
+def _peer(args: argparse.Namespace) -> int:
+    from swarmtrain.peer.service import run
+
+    settings = get_settings()
+    if args.nats:
+        settings = msgspec.structs.replace(settings, nats_url=args.nats)
+
+    async def main(s: Settings, stop: asyncio.Event) -> None:
+        await run(s, stop, name=args.name, device=args.device)
+
+    return serve(main, settings)
+
+
+def _rebuild(args: argparse.Namespace) -> int:
+    from swarmtrain.projector.service import rebuild
+
+    settings = get_settings()
+    configure(settings.log_level, settings.log_format)
+    replayed, position = asyncio.run(rebuild(settings))
+    print(f"projections rebuilt: {replayed} events replayed, position {position}")
+    return 0
+
+
+def _tap(args: argparse.Namespace) -> int:
+    """Print every message on SUBJECT as one JSON line, as `nats sub` would show it."""
+    import nats
+
+    url = args.nats or get_settings().nats_url
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        nc = await nats.connect(url.split(","))
+
+        async def show(msg: nats.aio.msg.Msg) -> None:
+            sys.stdout.write(msg.data.decode(errors="replace") + "\n")
+            sys.stdout.flush()
+
+        await nc.subscribe(args.subject, cb=show)
+        print(f"# listening on {args.subject} at {url}", file=sys.stderr, flush=True)
+        await stop.wait()
+        await nc.drain()
+
+    asyncio.run(main())
+    return 0
+
+
+def _up(args: argparse.Namespace) -> int:
+    from swarmtrain.cli.stack import Stack
+
+    return Stack(
+        peers=args.peers, port=args.port, nats_port=args.nats_port, data_dir=Path(args.data_dir).resolve()
+    ).run()
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from swarmtrain.cli.demo import demo
+
+    return demo(peers=args.peers, csv_path=Path(args.dataset), epochs=args.epochs)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="swarmtrain", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    up = sub.add_parser("up", help="run the whole stack on this machine (NATS, PostgreSQL, services, peers)")
+    up.add_argument("--peers", type=int, default=3, help="number of local peers (default 3)")
+    up.add_argument("--port", type=int, default=8000, help="gateway port (default 8000)")
+    up.add_argument("--nats-port", type=int, default=4222, help="NATS port (default 4222)")
+    up.add_argument("--data-dir", default=".swarmtrain", help="where state lives (default ./.swarmtrain)")
+    up.set_defaults(func=_up)
+
+    peer = sub.add_parser("peer", help="join the swarm as a training peer")
+    peer.add_argument("--nats", help="NATS URL (default: SWARMTRAIN_NATS_URL)")
+    peer.add_argument("--name", help="a name for this peer; its id is kept per name (default: hostname)")
+    peer.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    peer.set_defaults(func=_peer)
+
+    tap = sub.add_parser("tap", help="print live events, one JSON per line")
+    tap.add_argument("subject", nargs="?", default="session.*.events")
+    tap.add_argument("--nats", help="NATS URL (default: SWARMTRAIN_NATS_URL)")
+    tap.set_defaults(func=_tap)
+
+    for name, func, text in (
+        ("gateway", _gateway, "run the REST gateway"),
+        ("scheduler", _scheduler, "run the scheduler"),
+        ("projector", _projector, "run the projector (the only writer of PostgreSQL)"),
+    ):
+        sub.add_parser(name, help=text).set_defaults(func=func)
+
+    proj = sub.add_parser("projections", help="manage the read models")
+    proj_sub = proj.add_subparsers(dest="action", required=True, metavar="ACTION")
+    proj_sub.add_parser("rebuild", help="empty the read models and replay every event").set_defaults(func=_rebuild)
+
+    demo = sub.add_parser("demo", help="start the stack, train the sample dataset on local peers, show the result")
+    demo.add_argument("--peers", type=int, default=3)
+    demo.add_argument("--epochs", type=int, default=15)
+    demo.add_argument("--dataset", default=str(Path(__file__).resolve().parents[4] / "examples" / "digits.csv"))
+    demo.set_defaults(func=_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (RuntimeError, OSError, ValueError) as exc:
+        if os.environ.get("SWARMTRAIN_DEBUG"):
+            raise
+        print(f"swarmtrain: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
