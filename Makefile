@@ -1,0 +1,45 @@
+# swarmtrain — `make help` lists the targets.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# CPU build of torch where there is no NVIDIA GPU; a GPU machine gets the default (CUDA) build.
+TORCH_CPU ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help setup demo up test lint typecheck smoke clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+
+setup: $(VENV)/.installed ## create the virtualenv and install the project with its dev tools
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	@if command -v nvidia-smi >/dev/null 2>&1; then echo "GPU found: default torch build"; \
+	else echo "no GPU: installing the CPU build of torch"; $(BIN)/python -m pip install -q "$(TORCH_CPU)"; fi
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	@touch $@
+
+demo: setup ## start the stack, train the sample dataset across 3 peers, show progress and the result
+	$(BIN)/swarmtrain demo --peers 3
+
+up: setup ## run the whole stack on this machine until Ctrl-C
+	$(BIN)/swarmtrain up --peers 3
+
+test: setup ## run the test suite (real nats-server and PostgreSQL, started by the fixtures)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: setup ## ruff lint and format check
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: setup ## mypy (strict)
+	$(BIN)/mypy libs/common services
+
+smoke: setup ## the outside-in acceptance check in ../shared/acceptance
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python ../shared/acceptance/smoke.py
+
+clean: ## remove the virtualenv and local state
+	rm -rf $(VENV) .swarmtrain .pytest_cache .mypy_cache .ruff_cache
