@@ -1,0 +1,101 @@
+"""Training data: a CSV with a header row, one label column, every other column a numeric feature."""
+
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+class DataError(ValueError):
+    """The data cannot be trained on; the message says why, in words fit for a person."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Dataset:
+    features: torch.Tensor
+    """float32, shape (rows, features)."""
+    labels: torch.Tensor
+    """int64, shape (rows,): indexes into ``classes``."""
+    classes: list[str]
+    """Sorted unique label strings; a label's index is its class number."""
+    feature_names: list[str]
+    label_column: str
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+def load_csv(path: Path, label_column: str = "label") -> Dataset:
+    """Read ``path`` into tensors. Blank lines are skipped; anything else malformed is a DataError."""
+    with path.open(newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if header is None:
+            raise DataError("the file is empty")
+        header = [name.strip() for name in header]
+        if label_column not in header:
+            raise DataError(f"no label column {label_column!r} (columns: {', '.join(header[:20])})")
+        label_at = header.index(label_column)
+        keep = [i for i in range(len(header)) if i != label_at]
+        if not keep:
+            raise DataError("no feature columns besides the label")
+        labels: list[str] = []
+        rows: list[list[str]] = []
+        for line, row in enumerate(reader, start=2):
+            if not any(cell.strip() for cell in row):
+                continue
+            if len(row) != len(header):
+                raise DataError(f"line {line}: {len(row)} fields, the header has {len(header)}")
+            labels.append(row[label_at].strip())
+            rows.append([row[i] for i in keep])
+    if not rows:
+        raise DataError("no data rows")
+    feature_names = [header[i] for i in keep]
+    try:
+        x = np.asarray(rows, dtype=np.float32)
+    except ValueError:
+        raise DataError(_first_bad_cell(rows, feature_names)) from None
+    if not np.isfinite(x).all():
+        col = int(np.argwhere(~np.isfinite(x))[0][1])
+        raise DataError(f"column {feature_names[col]!r} has a value that is not a finite number")
+    classes = sorted(set(labels))
+    index = {label: i for i, label in enumerate(classes)}
+    y = torch.tensor([index[label] for label in labels], dtype=torch.int64)
+    return Dataset(
+        features=torch.from_numpy(x),
+        labels=y,
+        classes=classes,
+        feature_names=feature_names,
+        label_column=label_column,
+    )
+
+
+def _first_bad_cell(rows: list[list[str]], names: list[str]) -> str:
+    for r, row in enumerate(rows):
+        for c, cell in enumerate(row):
+            try:
+                float(cell)
+            except ValueError:
+                return f"column {names[c]!r} is not numeric (data row {r + 1}: {cell[:40]!r})"
+    return "a feature value is not numeric"
+
+
+def split_indices(n: int, validation_split: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Deterministic (train, validation) row indexes for ``n`` rows.
+
+    A seeded permutation; validation is its first ``round(n * validation_split)`` rows, at least one
+    when ``validation_split > 0`` and ``n >= 2``, and never all of them.
+    """
+    if not (math.isfinite(validation_split) and 0.0 <= validation_split < 1.0):
+        raise DataError(f"validation_split must be in [0, 1), got {validation_split}")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    n_val = round(n * validation_split)
+    if validation_split > 0 and n >= 2:
+        n_val = max(1, n_val)
+    n_val = min(n_val, max(n - 1, 0))
+    return perm[n_val:], perm[:n_val]

@@ -1,0 +1,191 @@
+"""The training itself: a plain blocking function, meant to run in a worker thread.
+
+Nothing here touches the event loop or the network. Progress goes out through ``on_epoch`` (called
+in the worker thread), and a ``threading.Event`` checked before every batch stops it promptly.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgspec
+import torch
+from torch import nn
+
+from swarmtrain.common.events import Hyperparameters, ModelSpec
+from swarmtrain.peer.data import DataError, load_csv, split_indices
+from swarmtrain.peer.model import ModelMetadata, Standardize, build_model
+
+# Model initialisation seeds torch's global generator; the lock keeps two trainings in one process
+# from interleaving there, fork_rng keeps everyone else's random state as it was.
+_init_lock = threading.Lock()
+
+
+class TrainingStopped(Exception):
+    """The stop flag was set; the training ended before its last epoch."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainJob:
+    csv_path: Path
+    label_column: str
+    model: ModelSpec
+    hyperparameters: Hyperparameters
+    validation_split: float = 0.2
+    seed: int = 0
+    device: str = "auto"
+    """``auto`` (CUDA when there is one), ``cpu``, ``cuda`` or ``cuda:N``."""
+    torch_threads: int = 0
+    """Torch intra-op threads; 0 leaves torch's default."""
+
+
+class EpochStats(msgspec.Struct, frozen=True, kw_only=True):
+    epoch: int
+    epochs: int
+    loss: float
+    """Mean training loss over the epoch (running, while the weights moved)."""
+    accuracy: float
+    """Training accuracy over the epoch (running)."""
+    val_loss: float | None
+    val_accuracy: float | None
+    samples_per_s: float
+    seconds: float
+    """Wall time of the epoch's training steps."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainResult:
+    model: nn.Sequential
+    """The trained model, on CPU, in eval mode."""
+    metadata: ModelMetadata
+    final: EpochStats
+    train_seconds: float
+    n_train: int
+    n_val: int
+
+
+def resolve_device(requested: str = "auto") -> torch.device:
+    """``auto`` → the first CUDA device when available, else CPU. Asking for absent CUDA is an error."""
+    if requested == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise ValueError(f"unsupported device {requested!r}: use auto, cpu or cuda") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("CUDA was asked for but no CUDA device is available")
+        index = device.index or 0
+        if index >= torch.cuda.device_count():
+            raise ValueError(f"no CUDA device {index} (found {torch.cuda.device_count()})")
+        return torch.device("cuda", index)
+    if device.type != "cpu":
+        raise ValueError(f"unsupported device {requested!r}: use auto, cpu or cuda")
+    return device
+
+
+def describe_device(device: torch.device) -> str:
+    """``cpu`` or e.g. ``cuda:0 (NVIDIA H100 80GB HBM3)``."""
+    if device.type == "cuda":
+        index = device.index or 0
+        return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
+    return "cpu"
+
+
+def _check(hp: Hyperparameters) -> None:
+    if hp.epochs < 1 or hp.batch_size < 1 or not (math.isfinite(hp.lr) and hp.lr > 0):
+        raise DataError(f"invalid hyperparameters: epochs={hp.epochs} batch_size={hp.batch_size} lr={hp.lr}")
+
+
+def train(job: TrainJob, on_epoch: Callable[[EpochStats], None], stop: threading.Event) -> TrainResult:
+    """Train ``job`` to its last epoch; raises ``TrainingStopped`` when ``stop`` is set, ``DataError``
+    for data or hyperparameters that cannot be trained on."""
+    hp = job.hyperparameters
+    _check(hp)
+    if job.torch_threads > 0:
+        torch.set_num_threads(job.torch_threads)
+    device = resolve_device(job.device)
+    data = load_csv(job.csv_path, job.label_column)
+    if len(data.classes) < 2:
+        raise DataError(f"the label column has {len(data.classes)} class; at least 2 are needed")
+    train_idx, val_idx = split_indices(len(data), job.validation_split, job.seed)
+    x_train, y_train = data.features[train_idx], data.labels[train_idx]
+    x_val, y_val = data.features[val_idx], data.labels[val_idx]
+    n, n_val = int(y_train.shape[0]), int(y_val.shape[0])
+
+    with _init_lock, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(job.seed)
+        model = build_model(job.model, x_train.shape[1], len(data.classes))
+    standardize = model[0]
+    assert isinstance(standardize, Standardize)
+    standardize.fit(x_train)
+
+    model.to(device)
+    x_train, y_train = x_train.to(device), y_train.to(device)
+    x_val, y_val = x_val.to(device), y_val.to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=hp.lr)
+    loss_fn = nn.CrossEntropyLoss()
+    shuffle = torch.Generator().manual_seed(job.seed)
+
+    started = time.perf_counter()
+    stats: EpochStats | None = None
+    for epoch in range(1, hp.epochs + 1):
+        model.train()
+        t0 = time.perf_counter()
+        perm = torch.randperm(n, generator=shuffle).to(device)
+        xs, ys = x_train[perm], y_train[perm]
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), dtype=torch.int64, device=device)
+        for start in range(0, n, hp.batch_size):
+            if stop.is_set():
+                raise TrainingStopped(f"stopped in epoch {epoch}")
+            xb, yb = xs[start : start + hp.batch_size], ys[start : start + hp.batch_size]
+            logits = model(xb)
+            loss = loss_fn(logits, yb)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += loss.detach() * yb.shape[0]
+            correct += (logits.detach().argmax(dim=1) == yb).sum()
+        train_loss, train_correct = loss_sum.item() / n, int(correct.item())  # syncs the device
+        seconds = time.perf_counter() - t0
+
+        val_loss: float | None = None
+        val_accuracy: float | None = None
+        if n_val:
+            model.eval()
+            with torch.inference_mode():
+                logits = model(x_val)
+                val_loss = float(loss_fn(logits, y_val).item())
+                val_accuracy = float((logits.argmax(dim=1) == y_val).float().mean().item())
+        stats = EpochStats(
+            epoch=epoch,
+            epochs=hp.epochs,
+            loss=train_loss,
+            accuracy=train_correct / n,
+            val_loss=val_loss,
+            val_accuracy=val_accuracy,
+            samples_per_s=n / max(seconds, 1e-9),
+            seconds=seconds,
+        )
+        on_epoch(stats)
+    assert stats is not None  # epochs >= 1
+
+    return TrainResult(
+        model=model.to("cpu").eval(),
+        metadata=ModelMetadata(
+            classes=data.classes,
+            feature_names=data.feature_names,
+            label_column=data.label_column,
+            hidden=list(job.model.hidden),
+        ),
+        final=stats,
+        train_seconds=time.perf_counter() - started,
+        n_train=n,
+        n_val=n_val,
+    )
