@@ -86,9 +86,25 @@ async def append(js: JetStreamContext, event: Event, expected_last_subject_seq: 
         ack = await js.publish(event.subject, encode(event), headers=headers, stream=EVENTS_STREAM)
     except nats.js.errors.APIError as exc:
         if exc.err_code == WRONG_LAST_SEQUENCE:
+            # The server checks the expected sequence before the duplicate window, so a retry of
+            # an append that did land (its ack was lost) is refused: answer it as the duplicate.
+            seq = await _own_last_sequence(js, event)
+            if seq is not None:
+                return seq
             raise WrongLastSequence(event.subject) from exc
         raise
     return int(ack.seq)
+
+
+async def _own_last_sequence(js: JetStreamContext, event: Event) -> int | None:
+    """The sequence of the last message on the event's subject if it is this very event."""
+    try:
+        last = await js.get_last_msg(EVENTS_STREAM, event.subject)
+    except nats.js.errors.NotFoundError:
+        return None
+    if last.headers and last.headers.get("Nats-Msg-Id") == event.event_id and last.seq is not None:
+        return int(last.seq)
+    return None
 
 
 async def send(js: JetStreamContext, command: Command) -> int:
