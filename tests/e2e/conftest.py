@@ -40,6 +40,7 @@ class Stack:
         self.env = {
             **os.environ,
             "SWARMTRAIN_DATABASE_URL": database_url,
+            "SWARMTRAIN_NATS_URL": f"nats://127.0.0.1:{self.nats_port}",
             "SWARMTRAIN_PRESENCE_INTERVAL_S": "0.3",
             "SWARMTRAIN_PEER_TIMEOUT_S": "2.0",
             "SWARMTRAIN_LOG_LEVEL": "debug",

@@ -32,7 +32,8 @@ class WrongLastSequence(Exception):
     """The subject moved on since the sequence the writer expected: someone else wrote first."""
 
 
-async def connect(settings: Settings, name: str) -> NATS:
+async def connect(settings: Settings, name: str, attempts: int = -1) -> NATS:
+    """Connect to NATS; a service waits for it forever (``attempts=-1``), a one-shot command does not."""
     async def on_error(exc: Exception) -> None:
         log.warning("nats error", error=str(exc))
 
@@ -41,7 +42,7 @@ async def connect(settings: Settings, name: str) -> NATS:
         name=name,
         user=settings.nats_user,
         password=settings.nats_password,
-        max_reconnect_attempts=-1,
+        max_reconnect_attempts=attempts,
         reconnect_time_wait=0.5,
         error_cb=on_error,
     )

@@ -118,12 +118,14 @@ def start_postgres(
     if user is not None:
         _open_path_for(user, data_dir)
     if not (data_dir / "PG_VERSION").exists():
-        subprocess.run(
+        result = subprocess.run(
             [_pg_bin("initdb"), "-D", str(data_dir), "--auth=trust", "-U", "postgres", "--encoding=utf8"],
-            check=True,
             capture_output=True,
+            text=True,
             **kwargs,
         )
+        if result.returncode != 0:
+            raise RuntimeError(f"initdb failed for {data_dir}: {result.stderr.strip()[-500:]}")
     cmd = [
         _pg_bin("postgres"),
         "-D",

@@ -71,7 +71,7 @@ async def rebuild(settings: Settings) -> tuple[int, int]:
     commit. Returns (events replayed, position).
     """
     pool = await connect_db(settings)
-    nc = await bus.connect(settings, "projector-rebuild")
+    nc = await bus.connect(settings, "projector-rebuild", attempts=3)
     try:
         js = nc.jetstream()
         await bus.ensure_streams(js)
