@@ -1,0 +1,53 @@
+"""The swarm as the read models see it."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+import asyncpg
+import msgspec
+from litestar import Controller, get
+from litestar.di import NamedDependency
+
+from swarmtrain.gateway.state import Gateway
+
+PeerStatus = Literal["online", "training", "offline"]
+
+
+class PeerOut(msgspec.Struct, kw_only=True):
+    peer_id: str
+    name: str
+    status: PeerStatus
+    device: str
+    last_seen: datetime
+    session_id: str | None
+
+
+def peer_status(online: bool, session_id: str | None) -> PeerStatus:
+    if not online:
+        return "offline"
+    return "training" if session_id is not None else "online"
+
+
+def _peer_out(row: asyncpg.Record) -> PeerOut:
+    return PeerOut(
+        peer_id=row["peer_id"],
+        name=row["name"],
+        status=peer_status(row["online"], row["session_id"]),
+        device=row["device"],
+        last_seen=row["last_seen"],
+        session_id=row["session_id"],
+    )
+
+
+class PeerController(Controller):
+    path = "/peers"
+    tags = ["peers"]
+
+    @get("/", summary="Every peer the swarm has seen, with its status")
+    async def list_peers(self, gw: NamedDependency[Gateway]) -> list[PeerOut]:
+        rows = await gw.pool.fetch(
+            "SELECT peer_id, name, device, online, session_id, last_seen FROM peers ORDER BY name, peer_id"
+        )
+        return [_peer_out(row) for row in rows]

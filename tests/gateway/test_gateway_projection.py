@@ -1,0 +1,80 @@
+"""The projection watcher against a real PostgreSQL: LISTEN/NOTIFY, start position, reconnects."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import asyncpg
+import pytest
+
+from swarmtrain.gateway.projection import APPLICATION_NAME, CHANNEL, ProjectionWatcher
+
+
+@pytest.fixture
+async def db(database_url: str) -> AsyncIterator[asyncpg.Connection]:
+    conn = await asyncpg.connect(database_url)
+    await conn.execute("CREATE TABLE projection_position (name text PRIMARY KEY, position bigint NOT NULL)")
+    await conn.execute("INSERT INTO projection_position VALUES ('main', 3)")
+    yield conn
+    await conn.close()
+
+
+async def project(conn: asyncpg.Connection, position: int) -> None:
+    """What the projector does at the end of each transaction."""
+    async with conn.transaction():
+        await conn.execute("UPDATE projection_position SET position = $1 WHERE name = 'main'", position)
+        await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, str(position))
+
+
+@pytest.fixture
+async def watcher(database_url: str, db: asyncpg.Connection) -> AsyncIterator[ProjectionWatcher]:
+    watcher = ProjectionWatcher(database_url, retry_s=0.1)
+    await watcher.start()
+    yield watcher
+    await watcher.close()
+
+
+async def test_starts_from_the_stored_position(watcher: ProjectionWatcher) -> None:
+    assert await watcher.wait_for(3, max_wait_s=5)
+    assert watcher.position == 3
+
+
+async def test_wakes_on_notify_and_times_out_otherwise(watcher: ProjectionWatcher, db: asyncpg.Connection) -> None:
+    assert await watcher.wait_for(3, max_wait_s=5)
+    assert not await watcher.wait_for(4, max_wait_s=0.2)
+    waiting = asyncio.create_task(watcher.wait_for(5, max_wait_s=5))
+    await project(db, 4)
+    await asyncio.sleep(0.1)
+    assert not waiting.done()
+    await project(db, 5)
+    assert await waiting
+
+
+async def test_reconnects_and_rereads_the_position(watcher: ProjectionWatcher, db: asyncpg.Connection) -> None:
+    assert await watcher.wait_for(3, max_wait_s=5)
+    killed = await db.fetchval(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = $1"
+        " AND datname = current_database()",
+        APPLICATION_NAME,
+    )
+    assert killed == 1
+    # While the watcher is away, the projector moves on without it hearing the NOTIFY.
+    await db.execute("UPDATE projection_position SET position = 9 WHERE name = 'main'")
+    assert await watcher.wait_for(9, max_wait_s=10)
+
+
+async def test_without_a_schema_it_waits_for_the_first_notify(database_url: str) -> None:
+    watcher = ProjectionWatcher(database_url)
+    await watcher.start()
+    try:
+        conn = await asyncpg.connect(database_url)
+        try:
+            waiting = asyncio.create_task(watcher.wait_for(1, max_wait_s=5))
+            await asyncio.sleep(0.3)
+            await conn.execute("SELECT pg_notify($1, '1')", CHANNEL)
+            assert await waiting
+        finally:
+            await conn.close()
+    finally:
+        await watcher.close()
