@@ -29,8 +29,26 @@ class Hyperparameters(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class ModelSpec(msgspec.Struct, frozen=True, kw_only=True):
-    kind: Literal["mlp"] = "mlp"
+    kind: Literal["mlp", "cnn"] = "mlp"
     hidden: list[int] = msgspec.field(default_factory=lambda: [128, 64])
+    """Fully connected layer widths (after the convolutions, for a cnn)."""
+    input_shape: list[int] | None = None
+    """[C, H, W] of image data given as flat pixel columns; required for a cnn."""
+    channels: list[int] = msgspec.field(default_factory=lambda: [16, 32])
+    """A cnn's convolution widths: 3x3 conv, ReLU, then 2x2 max-pool while the image is at least 2x2."""
+
+
+Strategy = Literal["sweep", "fedavg"]
+OnPeerFailure = Literal["reassign", "continue", "fail"]
+
+
+class RoundUpdate(msgspec.Struct, frozen=True, kw_only=True):
+    """One peer's weights for a round, as named by ``RoundClosed``."""
+
+    peer_id: str
+    uri: str
+    sha256: str
+    num_samples: int
 
 
 class _Message(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
@@ -119,15 +137,21 @@ class SessionRequested(_SessionEvent, frozen=True, kw_only=True, tag="SessionReq
     dataset_sha256: str
     label_column: str
     num_peers: int
-    strategy: Literal["sweep"] = "sweep"
+    strategy: Strategy = "sweep"
     model: ModelSpec
     hyperparameters: list[Hyperparameters]
     validation_split: float = 0.2
     seed: int = 0
+    rounds: int = 1
+    """fedavg: number of averaging rounds (``hyperparameters[i].epochs`` local epochs each)."""
+    on_peer_failure: OnPeerFailure = "reassign"
+    """fedavg: what a dead or stalled participant means for the session."""
 
 
 class SessionStarted(_SessionEvent, frozen=True, kw_only=True, tag="SessionStarted"):
     assignments: dict[str, Hyperparameters]
+    shards: dict[str, int] = msgspec.field(default_factory=dict)
+    """fedavg: peer_id -> shard index (0 .. num_peers-1)."""
 
 
 class Heartbeat(_SessionEvent, frozen=True, kw_only=True, tag="Heartbeat"):
@@ -151,6 +175,56 @@ class PeerDone(_SessionEvent, frozen=True, kw_only=True, tag="PeerDone"):
     val_loss: float | None = None
     val_accuracy: float | None = None
     train_seconds: float
+
+
+class ModelUpdatePublished(_SessionEvent, frozen=True, kw_only=True, tag="ModelUpdatePublished"):
+    """fedavg: a participant's weights after its local epochs of ``round``."""
+
+    round: int
+    peer_id: str
+    uri: str
+    sha256: str
+    num_samples: int
+    loss: float
+    accuracy: float
+
+
+class RoundClosed(_SessionEvent, frozen=True, kw_only=True, tag="RoundClosed"):
+    """fedavg: exactly the updates that make round ``round``'s average; ``left_out`` were awaited in vain."""
+
+    round: int
+    updates: list[RoundUpdate]
+    left_out: list[str] = msgspec.field(default_factory=list)
+
+
+class UpdateRejected(_SessionEvent, frozen=True, kw_only=True, tag="UpdateRejected"):
+    """fedavg: an update named by ``RoundClosed`` that no peer applies (wrong tensors, NaN/Inf, bad hash)."""
+
+    round: int
+    peer_id: str
+    reason: str
+    reported_by: str
+
+
+class RoundAveraged(_SessionEvent, frozen=True, kw_only=True, tag="RoundAveraged"):
+    """fedavg: the weighted average of a closed round, stored at ``uri`` (identical on every peer)."""
+
+    round: int
+    uri: str
+    sha256: str
+    peer_id: str
+    val_loss: float | None = None
+    val_accuracy: float | None = None
+    """The averaged model on the whole validation split."""
+
+
+class ShardReassigned(_SessionEvent, frozen=True, kw_only=True, tag="ShardReassigned"):
+    """fedavg: a failed participant's shard handed to an idle peer, from round ``round`` on."""
+
+    shard: int
+    from_peer_id: str
+    to_peer_id: str
+    round: int
 
 
 class PeerFailed(_SessionEvent, frozen=True, kw_only=True, tag="PeerFailed"):
@@ -185,6 +259,11 @@ Event = (
     | Heartbeat
     | PeerDone
     | PeerFailed
+    | ModelUpdatePublished
+    | RoundClosed
+    | UpdateRejected
+    | RoundAveraged
+    | ShardReassigned
     | SessionCompleted
     | SessionFailed
     | SessionCancelled
@@ -195,6 +274,11 @@ SessionEvent = (
     | Heartbeat
     | PeerDone
     | PeerFailed
+    | ModelUpdatePublished
+    | RoundClosed
+    | UpdateRejected
+    | RoundAveraged
+    | ShardReassigned
     | SessionCompleted
     | SessionFailed
     | SessionCancelled
@@ -223,6 +307,15 @@ class Train(_Command, frozen=True, kw_only=True, tag="Train"):
     validation_split: float
     seed: int
     output_uri: str
+    strategy: Strategy = "sweep"
+    shard: int = 0
+    num_shards: int = 1
+    rounds: int = 1
+    start_round: int = 1
+    """fedavg: the first round this peer trains; it starts from the average of the round before."""
+    rounds_uri: str = ""
+    """fedavg: updates go to ``<rounds_uri>/<round>/<peer_id>.safetensors``, averages to
+    ``<rounds_uri>/<round>/average.safetensors``."""
 
 
 class Stop(_Command, frozen=True, kw_only=True, tag="Stop"):
