@@ -48,6 +48,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     """How often a peer beats presence (SWARMTRAIN_PRESENCE_INTERVAL_S)."""
     peer_timeout_s: float = 6.0
     """Silence after which the scheduler marks a peer offline (SWARMTRAIN_PEER_TIMEOUT_S)."""
+    round_timeout_s: float = 600.0
+    """fedavg: a round's deadline before any round time is known (SWARMTRAIN_ROUND_TIMEOUT_S)."""
+    round_factor: float = 3.0
+    """fedavg: later deadlines are this x the longest round seen (SWARMTRAIN_ROUND_FACTOR)."""
+    round_min_s: float = 10.0
+    """fedavg: the shortest adaptive round deadline (SWARMTRAIN_ROUND_MIN_S)."""
     state_dir: str = msgspec.field(default_factory=_state_dir)
     """Where a peer keeps its stable id (SWARMTRAIN_STATE_DIR)."""
     torch_threads: int = 0

@@ -21,6 +21,7 @@ from swarmtrain.common.events import (
     PeerReleased,
     SessionRequested,
     SessionStarted,
+    ShardReassigned,
     Train,
     decode_event,
     decode_presence,
@@ -30,10 +31,12 @@ from swarmtrain.common.settings import Settings
 from swarmtrain.scheduler.state import (
     Action,
     Append,
+    Reassign,
     Send,
     Session,
     Start,
     State,
+    Timing,
     decide,
     evolve,
     observe_presence,
@@ -45,10 +48,15 @@ TICK_S = 0.2
 
 
 def train_command(
-    req: SessionRequested, peer_id: str, hyperparameters: Hyperparameters, store: blob.BlobStore
+    req: SessionRequested,
+    peer_id: str,
+    hyperparameters: Hyperparameters,
+    store: blob.BlobStore,
+    shard: int = 0,
+    start_round: int = 1,
 ) -> Train:
     return Train(
-        event_id=f"{req.session_id}.{peer_id}.train",
+        event_id=f"{req.session_id}.{peer_id}.train.{start_round}",
         peer_id=peer_id,
         session_id=req.session_id,
         dataset_uri=req.dataset_uri,
@@ -59,6 +67,12 @@ def train_command(
         validation_split=req.validation_split,
         seed=req.seed,
         output_uri=store.uri(f"sessions/{req.session_id}/models/{peer_id}.safetensors"),
+        strategy=req.strategy,
+        shard=shard,
+        num_shards=req.num_peers,
+        rounds=req.rounds,
+        start_round=start_round,
+        rounds_uri=store.uri(f"sessions/{req.session_id}/rounds"),
     )
 
 
@@ -68,6 +82,12 @@ class Scheduler:
         self.js = js
         self.store = blob.open_store(settings.blob_url)
         self.state = State(started_at=time.monotonic())
+        self.timing = Timing(
+            peer_timeout=settings.peer_timeout_s,
+            first_round_timeout=settings.round_timeout_s,
+            round_factor=settings.round_factor,
+            round_min=settings.round_min_s,
+        )
         self.barrier = 0
         """Stream sequence of our own latest write: no decision until the state has seen it."""
 
@@ -90,7 +110,11 @@ class Scheduler:
                 continue
             for peer_id, run in session.runs.items():
                 if run.status == "training" and run.epoch == 0:  # may never have got its Train
-                    await bus.send(self.js, train_command(session.request, peer_id, run.hyperparameters, self.store))
+                    start_round = max(1, session.round)
+                    command = train_command(
+                        session.request, peer_id, run.hyperparameters, self.store, run.shard, start_round
+                    )
+                    await bus.send(self.js, command)
         await self.execute(stale_locks(self.state))
 
     async def read(self, sub: JetStreamContext.PullSubscription, timeout: float) -> None:
@@ -99,7 +123,7 @@ class Scheduler:
 
     async def step(self) -> None:
         if self.state.position >= self.barrier:
-            await self.execute(decide(self.state, time.monotonic(), self.settings.peer_timeout_s))
+            await self.execute(decide(self.state, time.monotonic(), time.time(), self.timing))
 
     async def execute(self, actions: list[Action]) -> None:
         for action in actions:
@@ -112,6 +136,8 @@ class Scheduler:
                         await bus.send(self.js, command)
                     case Start(session_id=session_id, peer_ids=peer_ids):
                         await self.start(self.state.sessions[session_id], peer_ids)
+                    case Reassign():
+                        await self.reassign(action)
             except Exception as exc:
                 log.warning("action failed; will retry", action=repr(action)[:200], error=repr(exc))
 
@@ -128,7 +154,8 @@ class Scheduler:
                 locked.append(peer_id)
                 self.barrier = max(self.barrier, seq)
             assignments = dict(zip(peer_ids, session.request.hyperparameters, strict=True))
-            started = SessionStarted(event_id=f"{sid}.started", session_id=sid, assignments=assignments)
+            shards = {p: i for i, p in enumerate(peer_ids)} if session.fedavg else {}
+            started = SessionStarted(event_id=f"{sid}.started", session_id=sid, assignments=assignments, shards=shards)
             self.barrier = max(self.barrier, await bus.append(self.js, started, expected_last_subject_seq=session.seq))
         except bus.WrongLastSequence as exc:
             log.info("start lost a race; releasing and retrying", session_id=sid, subject=str(exc))
@@ -137,8 +164,30 @@ class Scheduler:
                 self.barrier = max(self.barrier, await bus.append(self.js, released))
             return
         for peer_id, hyperparameters in assignments.items():
-            await bus.send(self.js, train_command(session.request, peer_id, hyperparameters, self.store))
+            command = train_command(session.request, peer_id, hyperparameters, self.store, shards.get(peer_id, 0))
+            await bus.send(self.js, command)
         log.info("session started", session_id=sid, peers=list(peer_ids))
+
+    async def reassign(self, action: Reassign) -> None:
+        session = self.state.sessions[action.session_id]
+        sid, peer_id = action.session_id, action.peer_id
+        try:
+            seq = await bus.append(
+                self.js,
+                PeerLocked(peer_id=peer_id, session_id=sid),
+                expected_last_subject_seq=self.state.peers[peer_id].seq,
+            )
+        except bus.WrongLastSequence:
+            return  # the peer moved on; the next decision picks again
+        self.barrier = max(self.barrier, seq)
+        moved = ShardReassigned(
+            session_id=sid, shard=action.shard, from_peer_id=action.from_peer_id, to_peer_id=peer_id, round=action.round
+        )
+        self.barrier = max(self.barrier, await bus.append(self.js, moved))
+        hyperparameters = session.request.hyperparameters[action.shard]
+        command = train_command(session.request, peer_id, hyperparameters, self.store, action.shard, action.round)
+        await bus.send(self.js, command)
+        log.info("shard reassigned", session_id=sid, shard=action.shard, peer_id=peer_id, round=action.round)
 
 
 async def run(settings: Settings, stop: asyncio.Event) -> None:

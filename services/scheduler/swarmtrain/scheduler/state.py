@@ -4,6 +4,10 @@ No I/O here. The shell (service.py) feeds every event of the EVENTS stream to ``
 stream sequence, presence beats to ``observe_presence``, and after it has caught up with its own
 writes asks ``decide`` for the next actions. Decisions are level-triggered: they are derived from
 the state alone, so a restarted scheduler that replays the log reaches the same decisions.
+
+Two clocks come in: ``now`` (monotonic, for presence beats, which are not in the log) and ``wall``
+(UTC seconds, compared with events' ``occurred_at`` for fedavg round deadlines, which survive a
+restart because they come from the log).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from swarmtrain.common.events import (
     Event,
     Heartbeat,
     Hyperparameters,
+    ModelUpdatePublished,
     PeerDone,
     PeerFailed,
     PeerLocked,
@@ -23,17 +28,32 @@ from swarmtrain.common.events import (
     PeerWentOffline,
     PeerWentOnline,
     Presence,
+    RoundClosed,
+    RoundUpdate,
     SessionCancelled,
     SessionCompleted,
     SessionFailed,
     SessionRequested,
     SessionStarted,
+    ShardReassigned,
     Stop,
 )
 
 RunStatus = Literal["training", "done", "failed"]
 SessionStatus = Literal["queued", "running", "completed", "failed", "cancelled"]
 TERMINAL: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
+
+
+@dataclass(frozen=True)
+class Timing:
+    peer_timeout: float = 6.0
+    """Silence after which a peer is offline."""
+    first_round_timeout: float = 600.0
+    """fedavg: a round's deadline while nothing is known about how long rounds take."""
+    round_factor: float = 3.0
+    """fedavg: deadline = this x the longest round (or first update) seen so far ..."""
+    round_min: float = 10.0
+    """... but never less than this many seconds."""
 
 
 @dataclass
@@ -56,6 +76,7 @@ class Run:
     epoch: int = 0
     val_accuracy: float | None = None
     model_uri: str | None = None
+    shard: int = 0
 
 
 @dataclass
@@ -65,6 +86,31 @@ class Session:
     seq: int = 0
     """Stream sequence of the last event on ``session.<id>.events``: the start's compare-and-set."""
     runs: dict[str, Run] = field(default_factory=dict)
+    # fedavg rounds
+    round: int = 0
+    """The open round (1-based); ``rounds + 1`` once the last one closed."""
+    round_opened: float = 0.0
+    """Wall time the open round opened."""
+    round_base: float = 0.0
+    """Wall time the open round's deadline counts from: its opening, or its latest reassignment."""
+    first_update: float | None = None
+    """Wall time of the open round's first update."""
+    longest_round: float = 0.0
+    updates: dict[str, RoundUpdate] = field(default_factory=dict)
+    """The open round's updates by peer."""
+
+    @property
+    def fedavg(self) -> bool:
+        return self.request.strategy == "fedavg"
+
+    @property
+    def rounds_open(self) -> bool:
+        return self.fedavg and 1 <= self.round <= self.request.rounds
+
+    def orphan_shards(self) -> list[int]:
+        """Shards whose peer failed and that no training peer holds."""
+        held = {r.shard for r in self.runs.values() if r.status == "training"}
+        return sorted({r.shard for r in self.runs.values() if r.status == "failed"} - held)
 
 
 @dataclass
@@ -100,7 +146,19 @@ class Start:
     peer_ids: tuple[str, ...]
 
 
-Action = Append | Send | Start
+@dataclass(frozen=True)
+class Reassign:
+    """fedavg: lock ``peer_id`` (compare-and-set), append ``ShardReassigned``, send its ``Train``
+    for ``shard`` from round ``round`` on."""
+
+    session_id: str
+    shard: int
+    from_peer_id: str
+    peer_id: str
+    round: int
+
+
+Action = Append | Send | Start | Reassign
 
 
 # ------------------------------------------------------------------ evolve
@@ -140,20 +198,47 @@ def evolve(state: State, seq: int, event: Event) -> State:
 
 def _evolve_session(session: Session, seq: int, event: Event) -> None:
     session.seq = seq
+    wall = event.occurred_at.timestamp()
     match event:
         case SessionStarted():
             if session.status == "queued":
                 session.status = "running"
-                session.runs = {p: Run(hyperparameters=h) for p, h in event.assignments.items()}
+                session.runs = {
+                    p: Run(hyperparameters=h, shard=event.shards.get(p, 0)) for p, h in event.assignments.items()
+                }
+                if session.fedavg:
+                    session.round, session.round_opened, session.round_base = 1, wall, wall
         case Heartbeat():
-            if (run := session.runs.get(event.peer_id)) is not None and run.status == "training":
+            if (run := _training(session, event.peer_id)) is not None:
                 run.epoch, run.val_accuracy = event.epoch, event.val_accuracy
+        case ModelUpdatePublished():
+            # accepted only from a training participant, for the open round, once: a late or forged
+            # update is ignored
+            if event.round == session.round and session.rounds_open and _training(session, event.peer_id):
+                if session.first_update is None:
+                    session.first_update = wall
+                session.updates.setdefault(
+                    event.peer_id,
+                    RoundUpdate(
+                        peer_id=event.peer_id, uri=event.uri, sha256=event.sha256, num_samples=event.num_samples
+                    ),
+                )
+        case RoundClosed():
+            if event.round == session.round:
+                session.longest_round = max(session.longest_round, wall - session.round_opened)
+                session.round, session.round_opened, session.round_base = event.round + 1, wall, wall
+                session.first_update, session.updates = None, {}
+        case ShardReassigned():
+            if session.status == "running" and event.to_peer_id not in session.runs:
+                hp = session.request.hyperparameters[event.shard]
+                session.runs[event.to_peer_id] = Run(hyperparameters=hp, shard=event.shard)
+                session.round_base = max(session.round_base, wall)
         case PeerDone():
-            if (run := session.runs.get(event.peer_id)) is not None and run.status == "training":
+            if (run := _training(session, event.peer_id)) is not None:
                 run.status, run.epoch = "done", event.epochs
                 run.val_accuracy, run.model_uri = event.val_accuracy, event.model_uri
         case PeerFailed():
-            if (run := session.runs.get(event.peer_id)) is not None and run.status == "training":
+            if (run := _training(session, event.peer_id)) is not None:
                 run.status = "failed"
         case SessionCompleted() | SessionFailed() | SessionCancelled():
             if session.status not in TERMINAL:
@@ -162,6 +247,11 @@ def _evolve_session(session: Session, seq: int, event: Event) -> None:
                     SessionFailed: "failed",
                     SessionCancelled: "cancelled",
                 }[type(event)]  # type: ignore[assignment]
+
+
+def _training(session: Session, peer_id: str) -> Run | None:
+    run = session.runs.get(peer_id)
+    return run if run is not None and run.status == "training" else None
 
 
 def _session_of(state: State, event: Event) -> Session | None:
@@ -177,14 +267,23 @@ def observe_presence(state: State, presence: Presence, now: float) -> State:
 # ------------------------------------------------------------------ decide
 
 
-def decide(state: State, now: float, peer_timeout: float) -> list[Action]:
-    """Everything the scheduler should do now, given the state and the clock."""
-    actions: list[Action] = []
-    actions += _presence(state, now, peer_timeout)
-    going_offline = {a.event.peer_id for a in actions if isinstance(a.event, PeerWentOffline)}  # type: ignore[union-attr]
+def decide(state: State, now: float, wall: float = 0.0, timing: Timing | None = None) -> list[Action]:
+    """Everything the scheduler should do now, given the state and the clocks."""
+    timing = timing or Timing()
+    actions: list[Action] = _presence(state, now, timing.peer_timeout)
+    unavailable = {a.event.peer_id for a in actions if isinstance(a, Append) and isinstance(a.event, PeerWentOffline)}
+    idle = sorted(
+        p.peer_id for p in state.peers.values() if p.online and p.session_id is None and p.peer_id not in unavailable
+    )
+    for session in state.sessions.values():
+        if session.status != "running":
+            continue
+        if session.rounds_open:
+            actions += _rounds(session, wall, timing)
+        actions += _failures(session, idle)
     for session in state.sessions.values():
         actions += _finish(state, session)
-    actions += _schedule(state, going_offline)
+    actions += _schedule(state, idle)
     return actions
 
 
@@ -199,35 +298,85 @@ def _presence(state: State, now: float, timeout: float) -> list[Action]:
             continue
         actions.append(Append(PeerWentOffline(peer_id=peer.peer_id)))
         session = state.sessions.get(peer.session_id or "")
-        if session is not None and session.status == "running":
-            run = session.runs.get(peer.peer_id)
-            if run is not None and run.status == "training":
-                reason = f"peer went offline: no presence beat for {now - last:.1f}s"
-                actions.append(
-                    Append(PeerFailed(session_id=session.request.session_id, peer_id=peer.peer_id, reason=reason))
-                )
+        if session is not None and session.status == "running" and _training(session, peer.peer_id):
+            reason = f"peer went offline: no presence beat for {now - last:.1f}s"
+            actions.append(
+                Append(PeerFailed(session_id=session.request.session_id, peer_id=peer.peer_id, reason=reason))
+            )
+    return actions
+
+
+def round_deadline(session: Session, timing: Timing) -> float:
+    """Seconds after ``round_base`` that the open round may take: adapted to the rounds seen so far."""
+    seen = max(session.longest_round, (session.first_update or session.round_opened) - session.round_opened)
+    if seen <= 0:
+        return timing.first_round_timeout
+    return max(timing.round_min, timing.round_factor * seen)
+
+
+def _rounds(session: Session, wall: float, timing: Timing) -> list[Action]:
+    """Close the open round once every training participant published, or at its deadline."""
+    sid, r = session.request.session_id, session.round
+    waiting = sorted(p for p, run in session.runs.items() if run.status == "training" and p not in session.updates)
+    overdue = wall - session.round_base > round_deadline(session, timing)
+    if waiting and not overdue:
+        return []
+    if not session.updates and not overdue:
+        return []  # nobody left to wait for and nothing to average: failures decide the session's fate
+    actions: list[Action] = [
+        Append(PeerFailed(session_id=sid, peer_id=p, reason=f"missed the deadline of round {r}")) for p in waiting
+    ]
+    if session.updates:
+        updates = [session.updates[p] for p in sorted(session.updates)]
+        actions.append(
+            Append(
+                RoundClosed(event_id=f"{sid}.r{r}.closed", session_id=sid, round=r, updates=updates, left_out=waiting)
+            )
+        )
+    return actions
+
+
+def _failures(session: Session, idle: list[str]) -> list[Action]:
+    """fedavg: act on participants that failed, as the session's ``on_peer_failure`` says."""
+    if not session.fedavg or not session.rounds_open:
+        return []
+    sid = session.request.session_id
+    failed = sorted(p for p, run in session.runs.items() if run.status == "failed")
+    if failed and session.request.on_peer_failure == "fail":
+        return [Append(SessionFailed(event_id=f"{sid}.failed", session_id=sid, reason=f"peer {failed[0]} failed"))]
+    actions: list[Action] = []
+    if session.request.on_peer_failure == "reassign":
+        for shard in session.orphan_shards():
+            if not idle:
+                break
+            previous = max(p for p, run in session.runs.items() if run.shard == shard)
+            actions.append(
+                Reassign(session_id=sid, shard=shard, from_peer_id=previous, peer_id=idle.pop(0), round=session.round)
+            )
+    if not actions and not any(run.status == "training" for run in session.runs.values()):
+        actions.append(
+            Append(SessionFailed(event_id=f"{sid}.failed", session_id=sid, reason="no participant left to train"))
+        )
     return actions
 
 
 def _finish(state: State, session: Session) -> list[Action]:
-    """Complete or fail a running session whose runs have all ended; free the peers of ended runs."""
+    """Complete or fail a session whose runs have all ended; stop and free the peers of ended runs."""
     sid = session.request.session_id
     actions: list[Action] = []
-    if session.status == "running" and session.runs and all(r.status != "training" for r in session.runs.values()):
+    all_ended = session.runs and all(r.status != "training" for r in session.runs.values())
+    if session.status == "running" and all_ended and not session.rounds_open:
         done = {p: r for p, r in session.runs.items() if r.status == "done" and r.model_uri}
         if done:
             best = max(done, key=lambda p: (done[p].val_accuracy or float("-inf"), p))
-            actions.append(
-                Append(
-                    SessionCompleted(
-                        event_id=f"{sid}.completed",
-                        session_id=sid,
-                        best_peer_id=best,
-                        best_val_accuracy=done[best].val_accuracy,
-                        model_uri=done[best].model_uri or "",
-                    )
-                )
+            completed = SessionCompleted(
+                event_id=f"{sid}.completed",
+                session_id=sid,
+                best_peer_id=best,
+                best_val_accuracy=done[best].val_accuracy,
+                model_uri=done[best].model_uri or "",
             )
+            actions.append(Append(completed))
         else:
             actions.append(Append(SessionFailed(event_id=f"{sid}.failed", session_id=sid, reason="every peer failed")))
         return actions  # the peers are released once the terminal event is back in the state
@@ -235,22 +384,18 @@ def _finish(state: State, session: Session) -> list[Action]:
         if peer.session_id != sid:
             continue
         run = session.runs.get(peer.peer_id)
-        if session.status in TERMINAL:
-            if run is not None and run.status == "training":
-                actions.append(Send(Stop(event_id=f"{sid}.{peer.peer_id}.stop", peer_id=peer.peer_id, session_id=sid)))
-        elif session.status != "running" or run is None or run.status == "training":
-            continue  # queued: locks are the start protocol's business; training: still at work
+        if session.status == "queued" or run is None or (session.status == "running" and run.status == "training"):
+            continue  # locks of a start or reassignment in progress, or a peer still at work
+        if (session.status in TERMINAL and run.status == "training") or run.status == "failed":
+            actions.append(Send(Stop(event_id=f"{sid}.{peer.peer_id}.stop", peer_id=peer.peer_id, session_id=sid)))
         actions.append(
             Append(PeerReleased(event_id=f"{sid}.{peer.peer_id}.released", peer_id=peer.peer_id, session_id=sid))
         )
     return actions
 
 
-def _schedule(state: State, going_offline: set[str]) -> list[Action]:
+def _schedule(state: State, idle: list[str]) -> list[Action]:
     """First fit, oldest request first: start every queued session that enough idle peers can take."""
-    idle = sorted(
-        p.peer_id for p in state.peers.values() if p.online and p.session_id is None and p.peer_id not in going_offline
-    )
     actions: list[Action] = []
     for session in sorted(state.sessions.values(), key=lambda s: s.seq):
         if session.status != "queued":
@@ -258,14 +403,17 @@ def _schedule(state: State, going_offline: set[str]) -> list[Action]:
         need = session.request.num_peers
         if len(idle) >= need:
             actions.append(Start(session_id=session.request.session_id, peer_ids=tuple(idle[:need])))
-            idle = idle[need:]
+            del idle[:need]
     return actions
 
 
 def stale_locks(state: State) -> list[Action]:
-    """At start-up: locks held for sessions that never started (a scheduler died mid-start)."""
-    return [
-        Append(PeerReleased(peer_id=p.peer_id, session_id=p.session_id))
-        for p in state.peers.values()
-        if p.session_id is not None and (s := state.sessions.get(p.session_id)) is not None and s.status == "queued"
-    ]
+    """At start-up: locks that no start or reassignment completed (a scheduler died half-way)."""
+    actions: list[Action] = []
+    for p in state.peers.values():
+        session = state.sessions.get(p.session_id or "")
+        if session is None or p.session_id is None:
+            continue
+        if session.status == "queued" or (session.status == "running" and p.peer_id not in session.runs):
+            actions.append(Append(PeerReleased(peer_id=p.peer_id, session_id=p.session_id)))
+    return actions
