@@ -1,0 +1,214 @@
+"""fedavg round closing and peer failure, as plain function calls."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from swarmtrain.common.events import (
+    Event,
+    Hyperparameters,
+    ModelSpec,
+    ModelUpdatePublished,
+    PeerDone,
+    PeerFailed,
+    PeerLocked,
+    PeerRegistered,
+    PeerWentOnline,
+    Presence,
+    RoundClosed,
+    SessionCompleted,
+    SessionFailed,
+    SessionRequested,
+    SessionStarted,
+    ShardReassigned,
+)
+from swarmtrain.scheduler.state import (
+    Append,
+    Reassign,
+    State,
+    Timing,
+    decide,
+    evolve,
+    observe_presence,
+    round_deadline,
+)
+
+HP = Hyperparameters(epochs=1, batch_size=8, lr=0.01)
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+TIMING = Timing(peer_timeout=1e9, first_round_timeout=600, round_factor=3, round_min=10)
+
+
+def at(seconds: float) -> datetime:
+    return T0 + timedelta(seconds=seconds)
+
+
+def replay(state: State, *events: Event) -> State:
+    for event in events:
+        evolve(state, state.position + 1, event)
+    return state
+
+
+def fedavg(peers: tuple[str, ...] = ("a", "b", "c"), rounds: int = 2, on_failure: str = "reassign") -> State:
+    state = State()
+    for p in (*peers, "spare"):
+        replay(state, PeerRegistered(peer_id=p, name=p, device="cpu"), PeerWentOnline(peer_id=p))
+        observe_presence(state, Presence(peer_id=p, name=p, device="cpu"), 0.0)
+    request = SessionRequested(
+        session_id="s",
+        owner_id="u",
+        dataset_id="d",
+        dataset_uri="file:///d",
+        dataset_sha256="0",
+        label_column="label",
+        num_peers=len(peers),
+        strategy="fedavg",
+        model=ModelSpec(),
+        hyperparameters=[HP] * len(peers),
+        rounds=rounds,
+        on_peer_failure=on_failure,  # type: ignore[arg-type]
+    )
+    replay(state, request, *(PeerLocked(peer_id=p, session_id="s") for p in peers))
+    shards = {p: i for i, p in enumerate(peers)}
+    return replay(
+        state, SessionStarted(session_id="s", assignments=dict.fromkeys(peers, HP), shards=shards, occurred_at=at(0))
+    )
+
+
+def offline(state: State, peer: str) -> None:
+    state.peers[peer].online = False
+    del state.beats[peer]
+
+
+def update(peer: str, r: int, t: float, n: int = 100) -> ModelUpdatePublished:
+    return ModelUpdatePublished(
+        session_id="s",
+        round=r,
+        peer_id=peer,
+        uri=f"file:///{r}/{peer}",
+        sha256=peer,
+        num_samples=n,
+        loss=1.0,
+        accuracy=0.5,
+        occurred_at=at(t),
+    )
+
+
+def events(state: State, wall: float) -> list[Event]:
+    return [a.event for a in decide(state, 0.0, T0.timestamp() + wall, TIMING) if isinstance(a, Append)]
+
+
+def closed(state: State, wall: float) -> RoundClosed | None:
+    return next((e for e in events(state, wall) if isinstance(e, RoundClosed)), None)
+
+
+def test_round_closes_once_every_participant_published_naming_exactly_those_updates() -> None:
+    state = replay(fedavg(), update("b", 1, 2), update("a", 1, 3))
+    assert closed(state, 4) is None
+    replay(state, update("c", 1, 4))
+    rc = closed(state, 4)
+    assert rc is not None and rc.round == 1 and rc.left_out == []
+    assert [(u.peer_id, u.uri) for u in rc.updates] == [
+        ("a", "file:///1/a"),
+        ("b", "file:///1/b"),
+        ("c", "file:///1/c"),
+    ]
+    assert rc.event_id == "s.r1.closed"  # a retried close is deduplicated by JetStream
+
+
+def test_late_duplicate_and_forged_updates_are_ignored() -> None:
+    state = replay(fedavg(), update("a", 1, 1), update("b", 1, 1), update("c", 1, 1))
+    replay(state, closed(state, 2))  # type: ignore[arg-type]
+    assert state.sessions["s"].round == 2
+    replay(state, update("a", 1, 3), update("spare", 2, 3), update("a", 3, 3))  # late, not a participant, future
+    assert state.sessions["s"].updates == {}
+    replay(state, update("a", 2, 4), update("a", 2, 5, n=999))
+    assert state.sessions["s"].updates["a"].num_samples == 100  # first one wins
+
+
+def test_deadline_adapts_to_the_first_update_and_leaves_the_stragglers_out() -> None:
+    state = fedavg()
+    assert round_deadline(state.sessions["s"], TIMING) == 600  # nothing known yet
+    replay(state, update("a", 1, 5), update("b", 1, 6))
+    assert round_deadline(state.sessions["s"], TIMING) == 15  # 3 x the first update's 5 s
+    assert closed(state, 14) is None
+    out = events(state, 16)
+    assert [(type(e).__name__, getattr(e, "peer_id", None)) for e in out] == [
+        ("PeerFailed", "c"),
+        ("RoundClosed", None),
+    ]
+    assert out[1].left_out == ["c"] and [u.peer_id for u in out[1].updates] == ["a", "b"]  # type: ignore[union-attr]
+
+
+def test_later_rounds_get_a_deadline_from_the_longest_round_seen() -> None:
+    state = replay(fedavg(), update("a", 1, 1), update("b", 1, 1), update("c", 1, 8))
+    rc = closed(state, 8)
+    replay(state, RoundClosed(session_id="s", round=1, updates=rc.updates, occurred_at=at(8)))  # type: ignore[union-attr]
+    assert round_deadline(state.sessions["s"], TIMING) == 24  # 3 x 8 s
+
+
+def test_failed_participant_shard_goes_to_an_idle_peer_in_the_open_round() -> None:
+    state = replay(fedavg(), update("a", 1, 1), PeerFailed(session_id="s", peer_id="b", reason="gone"))
+    actions = decide(state, 0.0, T0.timestamp() + 2, TIMING)
+    assert Reassign(session_id="s", shard=1, from_peer_id="b", peer_id="spare", round=1) in actions
+    replay(
+        state,
+        PeerLocked(peer_id="spare", session_id="s"),
+        ShardReassigned(session_id="s", shard=1, from_peer_id="b", to_peer_id="spare", round=1, occurred_at=at(2)),
+    )
+    assert state.sessions["s"].orphan_shards() == []
+    assert closed(state, 3) is None  # the round now waits for the newcomer too
+    replay(state, update("c", 1, 3), update("spare", 1, 4))
+    assert [u.peer_id for u in closed(state, 5).updates] == ["a", "c", "spare"]  # type: ignore[union-attr]
+
+
+def test_orphan_shard_waits_for_a_peer_that_joins_later() -> None:
+    state = fedavg(peers=("a", "b"))
+    offline(state, "spare")
+    replay(state, PeerFailed(session_id="s", peer_id="b", reason="gone"))
+    assert not [a for a in decide(state, 0.0, T0.timestamp() + 1, TIMING) if isinstance(a, Reassign)]
+    replay(state, PeerRegistered(peer_id="late", name="late", device="cpu"), PeerWentOnline(peer_id="late"))
+    observe_presence(state, Presence(peer_id="late", name="late", device="cpu"), 0.0)
+    assert Reassign(session_id="s", shard=1, from_peer_id="b", peer_id="late", round=1) in decide(
+        state, 0.0, T0.timestamp() + 2, TIMING
+    )
+
+
+def test_continue_goes_on_without_the_shard_and_fail_fails_the_session() -> None:
+    state = replay(fedavg(on_failure="continue"), PeerFailed(session_id="s", peer_id="c", reason="x"))
+    assert not [a for a in decide(state, 0.0, T0.timestamp() + 1, TIMING) if isinstance(a, Reassign)]
+    replay(state, update("a", 1, 1), update("b", 1, 1))
+    assert [u.peer_id for u in closed(state, 2).updates] == ["a", "b"]  # type: ignore[union-attr]
+
+    state = replay(fedavg(on_failure="fail"), PeerFailed(session_id="s", peer_id="c", reason="x"))
+    assert SessionFailed in [type(e) for e in events(state, 1)]
+
+
+def test_session_fails_when_no_participant_is_left_and_nobody_can_take_over() -> None:
+    state = fedavg(peers=("a",), on_failure="reassign")
+    offline(state, "spare")
+    replay(state, PeerFailed(session_id="s", peer_id="a", reason="x"))
+    assert [type(e).__name__ for e in events(state, 1)] == ["SessionFailed", "PeerReleased"]
+
+
+def test_session_completes_after_the_last_round_once_every_peer_is_done() -> None:
+    state = fedavg(peers=("a", "b"), rounds=1)
+    replay(state, update("a", 1, 1), update("b", 1, 1))
+    replay(state, closed(state, 2))  # type: ignore[arg-type]
+    assert not [e for e in events(state, 3) if isinstance(e, SessionCompleted)]
+    for p in ("a", "b"):
+        replay(
+            state,
+            PeerDone(
+                session_id="s",
+                peer_id=p,
+                model_uri=f"file:///{p}",
+                model_sha256="same",
+                epochs=1,
+                loss=0.1,
+                accuracy=0.9,
+                val_accuracy=0.8,
+                train_seconds=1,
+            ),
+        )
+    [done] = [e for e in events(state, 3) if isinstance(e, SessionCompleted)]
+    assert done.best_val_accuracy == 0.8
