@@ -177,3 +177,73 @@ async def test_rebuild_restores_identical_state(
     last = await bus.append(js, UserRegistered(user_id="u9", email="z@example.org", username="z", password_hash="h"))
     await wait_position(db, last)
     assert await db.fetchval("SELECT count(*) FROM users WHERE user_id = 'u9'") == 1
+
+
+async def test_projects_fedavg_rounds_and_ignores_unassigned_peers(
+    js: Any, projector: None, db: asyncpg.Connection
+) -> None:
+    from swarmtrain.common.events import (
+        ModelUpdatePublished,
+        RoundAveraged,
+        RoundClosed,
+        RoundUpdate,
+        ShardReassigned,
+        UpdateRejected,
+    )
+
+    def upd(peer: str, n: int, loss: float) -> ModelUpdatePublished:
+        return ModelUpdatePublished(
+            session_id="f",
+            round=1,
+            peer_id=peer,
+            uri=f"file:///{peer}",
+            sha256=peer,
+            num_samples=n,
+            loss=loss,
+            accuracy=1 - loss,
+        )
+
+    story = [
+        SessionRequested(
+            session_id="f",
+            owner_id="u1",
+            dataset_id="d1",
+            dataset_uri="file:///x",
+            dataset_sha256="0",
+            label_column="label",
+            num_peers=2,
+            strategy="fedavg",
+            rounds=3,
+            model=ModelSpec(hidden=[4]),
+            hyperparameters=[HP, HP],
+        ),
+        SessionStarted(session_id="f", assignments={"a": HP, "b": HP}, shards={"a": 0, "b": 1}),
+        upd("a", 100, 0.2),
+        upd("b", 300, 0.6),
+        upd("intruder", 1000, 9.0),  # not assigned: ignored
+        Heartbeat(session_id="f", peer_id="intruder", epoch=1, epochs=2, loss=1.0, accuracy=0.5, samples_per_s=1.0),
+        RoundClosed(
+            session_id="f",
+            round=1,
+            updates=[RoundUpdate(peer_id=p, uri="u", sha256=p, num_samples=n) for p, n in (("a", 100), ("b", 300))],
+        ),
+        UpdateRejected(session_id="f", round=1, peer_id="b", reason="NaN", reported_by="a"),
+        UpdateRejected(session_id="f", round=1, peer_id="b", reason="NaN", reported_by="b"),
+        RoundAveraged(
+            session_id="f", round=1, uri="file:///avg", sha256="s", peer_id="a", val_loss=0.3, val_accuracy=0.9
+        ),
+        ShardReassigned(session_id="f", shard=1, from_peer_id="b", to_peer_id="c", round=2),
+    ]
+    seq = 0
+    for event in story:
+        seq = await bus.append(js, event)
+    await wait_position(db, seq)
+    row = await db.fetchrow("SELECT * FROM session_rounds WHERE session_id = 'f'")
+    assert row["num_samples"] == 400
+    assert row["loss"] == pytest.approx((100 * 0.2 + 300 * 0.6) / 400)
+    assert row["val_accuracy"] == 0.9 and row["average_uri"] == "file:///avg"
+    assert row["rejected"] == '[{"reason": "NaN", "peer_id": "b"}]'
+    assert await db.fetchval("SELECT count(*) FROM round_updates WHERE peer_id = 'intruder'") == 0
+    assert await db.fetchval("SELECT count(*) FROM heartbeats WHERE peer_id = 'intruder'") == 0
+    peers = await db.fetch("SELECT peer_id, shard, epochs FROM session_peers WHERE session_id = 'f' ORDER BY 1")
+    assert [tuple(p) for p in peers] == [("a", 0, 6), ("b", 1, 6), ("c", 1, 6)]

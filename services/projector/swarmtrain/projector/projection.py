@@ -12,6 +12,7 @@ from swarmtrain.common.events import (
     DatasetUploaded,
     Event,
     Heartbeat,
+    ModelUpdatePublished,
     PeerDone,
     PeerFailed,
     PeerLocked,
@@ -19,17 +20,23 @@ from swarmtrain.common.events import (
     PeerReleased,
     PeerWentOffline,
     PeerWentOnline,
+    RoundAveraged,
+    RoundClosed,
     SessionCancelled,
     SessionCompleted,
     SessionFailed,
     SessionRequested,
     SessionStarted,
+    ShardReassigned,
+    UpdateRejected,
     UserRegistered,
 )
 
 NAME = "main"
 CHANNEL = "swarmtrain_projection"
-TABLES = ("users", "datasets", "peers", "sessions", "session_peers", "heartbeats")
+TABLES = ("users", "datasets", "peers", "sessions", "session_peers", "heartbeats", "session_rounds", "round_updates")
+SCHEMA_VERSION = 2
+"""Bump on any change to schema.sql: the projector then drops the read models and replays the log."""
 
 
 def _json(value: Any) -> str:
@@ -142,8 +149,8 @@ async def apply(conn: asyncpg.Connection, seq: int, event: Event) -> None:
             await conn.execute(
                 """
                 INSERT INTO sessions (session_id, owner_id, dataset_id, strategy, num_peers, status, model,
-                                      validation_split, seed, created_at)
-                VALUES ($1, $2, $3, $4, $5, 'queued', $6::jsonb, $7, $8, $9) ON CONFLICT DO NOTHING
+                                      validation_split, seed, created_at, rounds, on_peer_failure)
+                VALUES ($1, $2, $3, $4, $5, 'queued', $6::jsonb, $7, $8, $9, $10, $11) ON CONFLICT DO NOTHING
                 """,
                 event.session_id,
                 event.owner_id,
@@ -154,6 +161,8 @@ async def apply(conn: asyncpg.Connection, seq: int, event: Event) -> None:
                 event.validation_split,
                 event.seed,
                 event.occurred_at,
+                event.rounds,
+                event.on_peer_failure,
             )
         case SessionStarted():
             await conn.execute(
@@ -161,16 +170,98 @@ async def apply(conn: asyncpg.Connection, seq: int, event: Event) -> None:
                 event.session_id,
                 event.occurred_at,
             )
+            rounds = await conn.fetchval("SELECT rounds FROM sessions WHERE session_id = $1", event.session_id) or 1
             await conn.executemany(
                 """
-                INSERT INTO session_peers (session_id, peer_id, status, hyperparameters, epochs)
-                VALUES ($1, $2, 'training', $3::jsonb, $4) ON CONFLICT DO NOTHING
+                INSERT INTO session_peers (session_id, peer_id, status, hyperparameters, epochs, shard)
+                VALUES ($1, $2, 'training', $3::jsonb, $4, $5) ON CONFLICT DO NOTHING
                 """,
-                [(event.session_id, p, _json(h), h.epochs) for p, h in event.assignments.items()],
+                [
+                    (event.session_id, p, _json(h), h.epochs * rounds, event.shards.get(p))
+                    for p, h in event.assignments.items()
+                ],
+            )
+        case ShardReassigned():
+            await conn.execute(
+                """
+                INSERT INTO session_peers (session_id, peer_id, status, hyperparameters, epochs, shard)
+                SELECT session_id, $2, 'training', hyperparameters, epochs, $3 FROM session_peers
+                WHERE session_id = $1 AND peer_id = $4
+                ON CONFLICT DO NOTHING
+                """,
+                event.session_id,
+                event.to_peer_id,
+                event.shard,
+                event.from_peer_id,
+            )
+        case ModelUpdatePublished():
+            await conn.execute(
+                """
+                INSERT INTO round_updates
+                SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9 WHERE EXISTS (
+                    SELECT 1 FROM session_peers WHERE session_id = $1 AND peer_id = $3)
+                ON CONFLICT DO NOTHING
+                """,
+                event.session_id,
+                event.round,
+                event.peer_id,
+                event.uri,
+                event.sha256,
+                event.num_samples,
+                event.loss,
+                event.accuracy,
+                event.occurred_at,
+            )
+        case RoundClosed():
+            included = [u.peer_id for u in event.updates]
+            await conn.execute(
+                """
+                INSERT INTO session_rounds
+                    (session_id, round, closed_at, included, left_out, num_samples, loss, accuracy)
+                SELECT $1, $2, $3, $4::jsonb, $5::jsonb, COALESCE(sum(num_samples), 0),
+                       sum(loss * num_samples) / NULLIF(sum(num_samples), 0),
+                       sum(accuracy * num_samples) / NULLIF(sum(num_samples), 0)
+                FROM round_updates WHERE session_id = $1 AND round = $2 AND peer_id = ANY($6::text[])
+                ON CONFLICT DO NOTHING
+                """,
+                event.session_id,
+                event.round,
+                event.occurred_at,
+                _json(included),
+                _json(event.left_out),
+                included,
+            )
+        case UpdateRejected():
+            await conn.execute(
+                """
+                UPDATE session_rounds SET rejected = rejected || $3::jsonb
+                WHERE session_id = $1 AND round = $2 AND NOT rejected @> $4::jsonb
+                """,
+                event.session_id,
+                event.round,
+                _json([{"peer_id": event.peer_id, "reason": event.reason}]),
+                _json([{"peer_id": event.peer_id}]),
+            )
+        case RoundAveraged():
+            await conn.execute(
+                """
+                UPDATE session_rounds SET val_loss = $3, val_accuracy = $4, average_uri = $5, average_sha256 = $6
+                WHERE session_id = $1 AND round = $2 AND average_uri IS NULL
+                """,
+                event.session_id,
+                event.round,
+                event.val_loss,
+                event.val_accuracy,
+                event.uri,
+                event.sha256,
             )
         case Heartbeat():
             await conn.execute(
-                "INSERT INTO heartbeats VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT DO NOTHING",
+                """
+                INSERT INTO heartbeats SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10 WHERE EXISTS (
+                    SELECT 1 FROM session_peers WHERE session_id = $2 AND peer_id = $3)
+                ON CONFLICT DO NOTHING
+                """,
                 seq,
                 event.session_id,
                 event.peer_id,
@@ -226,7 +317,7 @@ async def apply(conn: asyncpg.Connection, seq: int, event: Event) -> None:
             await conn.execute(
                 """
                 UPDATE sessions SET status = 'completed', ended_at = $2, best_peer_id = $3,
-                    best_val_accuracy = $4, model_uri = $5
+                    best_val_accuracy = $4, val_accuracy = $4, model_uri = $5
                 WHERE session_id = $1
                 """,
                 event.session_id,

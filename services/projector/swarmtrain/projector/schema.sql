@@ -46,6 +46,9 @@ CREATE TABLE IF NOT EXISTS sessions (
     model             jsonb NOT NULL,
     validation_split  double precision NOT NULL,
     seed              bigint NOT NULL,
+    rounds            integer NOT NULL DEFAULT 1,
+    on_peer_failure   text NOT NULL DEFAULT 'reassign',
+    val_accuracy      double precision,         -- the session model's accuracy on the validation split
     created_at        timestamptz NOT NULL,
     started_at        timestamptz,
     ended_at          timestamptz,
@@ -61,6 +64,7 @@ CREATE TABLE IF NOT EXISTS session_peers (
     peer_id          text NOT NULL,
     status           text NOT NULL,          -- training, done, failed, stopped
     hyperparameters  jsonb NOT NULL,
+    shard            integer,                  -- fedavg: the shard this peer trains
     epoch            integer NOT NULL DEFAULT 0,
     epochs           integer NOT NULL,
     loss             double precision,
@@ -87,3 +91,34 @@ CREATE TABLE IF NOT EXISTS heartbeats (
     occurred_at    timestamptz NOT NULL
 );
 CREATE INDEX IF NOT EXISTS heartbeats_session ON heartbeats (session_id, peer_id, epoch);
+
+-- fedavg: one row per closed round, and every update published for a round.
+CREATE TABLE IF NOT EXISTS session_rounds (
+    session_id      text NOT NULL,
+    round           integer NOT NULL,
+    closed_at       timestamptz NOT NULL,
+    included        jsonb NOT NULL,          -- peer ids whose updates make the average
+    left_out        jsonb NOT NULL,          -- participants awaited in vain
+    rejected        jsonb NOT NULL DEFAULT '[]',  -- [{peer_id, reason}]
+    num_samples     bigint NOT NULL,
+    loss            double precision,        -- sample-weighted mean of the included updates' training loss
+    accuracy        double precision,
+    val_loss        double precision,        -- the averaged model on the validation split
+    val_accuracy    double precision,
+    average_uri     text,
+    average_sha256  text,
+    PRIMARY KEY (session_id, round)
+);
+
+CREATE TABLE IF NOT EXISTS round_updates (
+    session_id   text NOT NULL,
+    round        integer NOT NULL,
+    peer_id      text NOT NULL,
+    uri          text NOT NULL,
+    sha256       text NOT NULL,
+    num_samples  integer NOT NULL,
+    loss         double precision NOT NULL,
+    accuracy     double precision NOT NULL,
+    occurred_at  timestamptz NOT NULL,
+    PRIMARY KEY (session_id, round, peer_id)
+);

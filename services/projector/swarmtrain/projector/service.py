@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 
 import asyncpg
 from nats.js import api
@@ -59,7 +60,18 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
             items = await bus.fetch(sub, decode_event, batch=512, timeout=0.5)
             if not items:
                 continue
-            reached = await apply_batch(pool, [(bus.stream_seq(msg), event) for msg, event in items])
+            batch = [(bus.stream_seq(msg), event) for msg, event in items]
+            for attempt in itertools.count():
+                try:
+                    reached = await apply_batch(pool, batch)
+                    break
+                except (asyncpg.PostgresError, OSError) as exc:
+                    # never skip an event: retry the batch, loudly, until the database takes it
+                    log.error("projection failed; retrying", first_seq=batch[0][0], attempt=attempt, error=repr(exc))
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), min(30.0, 0.5 * 2**attempt))
+                    if stop.is_set():
+                        return
             await items[-1][0].ack()  # AckAll: acknowledges the whole batch, after the commit
 
 
