@@ -49,8 +49,20 @@ def demo(peers: int, csv_path: Path, epochs: int) -> int:
     port, nats_port = free_port(), free_port()
     data_dir = Path(tempfile.mkdtemp(prefix="swarmtrain-demo-"))
     log = data_dir / "up.log"
-    cmd = [sys.executable, "-m", "swarmtrain.cli.main", "up", "--peers", str(peers), "--port", str(port),
-           "--nats-port", str(nats_port), "--data-dir", str(data_dir / "data")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "swarmtrain.cli.main",
+        "up",
+        "--peers",
+        str(peers),
+        "--port",
+        str(port),
+        "--nats-port",
+        str(nats_port),
+        "--data-dir",
+        str(data_dir / "data"),
+    ]
     print(f"starting the stack: {' '.join(cmd[2:])}\n  (logs in {data_dir})", flush=True)
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=os.environ.copy())
@@ -72,10 +84,18 @@ def demo(peers: int, csv_path: Path, epochs: int) -> int:
         with csv_path.open("rb") as f:
             ds = _check(client.post("/datasets", files={"file": (csv_path.name, f, "text/csv")}), "upload")
         print(f"dataset {ds['dataset_id']}: {ds['rows']} rows, {ds['features']} features, {ds['classes']} classes")
-        hps = [{"epochs": epochs, "batch_size": 64, "lr": LEARNING_RATES[i % len(LEARNING_RATES)]} for i in range(peers)]
-        body = {"dataset_id": ds["dataset_id"], "num_peers": peers, "strategy": "sweep",
-                "model": {"kind": "mlp", "hidden": [128, 64]}, "hyperparameters": hps,
-                "validation_split": 0.2, "seed": 0}
+        hps = [
+            {"epochs": epochs, "batch_size": 64, "lr": LEARNING_RATES[i % len(LEARNING_RATES)]} for i in range(peers)
+        ]
+        body = {
+            "dataset_id": ds["dataset_id"],
+            "num_peers": peers,
+            "strategy": "sweep",
+            "model": {"kind": "mlp", "hidden": [128, 64]},
+            "hyperparameters": hps,
+            "validation_split": 0.2,
+            "seed": 0,
+        }
         sid = _check(client.post("/sessions", json=body), "session")["session_id"]
         print(f"session {sid}: sweep over {peers} peers, lr = {[h['lr'] for h in hps]}", flush=True)
         shown: dict[str, int] = {}
@@ -85,8 +105,11 @@ def demo(peers: int, csv_path: Path, epochs: int) -> int:
                 if p["epoch"] and shown.get(p["peer_id"]) != p["epoch"]:
                     shown[p["peer_id"]] = p["epoch"]
                     va = p["val_accuracy"]
-                    print(f"  {p['peer_id'][:8]}  epoch {p['epoch']:>3}/{epochs}  loss {p['loss']:.4f}"
-                          f"  val_acc {va if va is None else f'{va:.3f}'}", flush=True)
+                    print(
+                        f"  {p['peer_id'][:8]}  epoch {p['epoch']:>3}/{epochs}  loss {p['loss']:.4f}"
+                        f"  val_acc {va if va is None else f'{va:.3f}'}",
+                        flush=True,
+                    )
             if s["status"] in ("completed", "failed", "cancelled"):
                 break
             time.sleep(0.5)

@@ -1,4 +1,4 @@
-"""The ``swarmtrain`` command: run a service, a peer, the whole local stack, or tap live events."""
+"""swarmtrain: train models on a swarm of peers. Run a service, a peer, the local stack, or tap live events."""
 
 from __future__ import annotations
 
@@ -99,6 +99,22 @@ def _tap(args: argparse.Namespace) -> int:
     return 0
 
 
+def _replay_round(args: argparse.Namespace) -> int:
+    from swarmtrain.cli.replay import replay_round
+
+    result = replay_round(get_settings(), args.session_id, args.round)
+    print(
+        f"round {result.round} of session {result.session_id}: averaged {len(result.included)} updates "
+        f"({', '.join(result.included)})"
+    )
+    for peer_id, reason in result.rejected:
+        print(f"  rejected {peer_id}: {reason}")
+    print(f"  recomputed sha256 {result.recomputed_sha256}")
+    print(f"  stored     sha256 {result.stored_sha256} ({result.stored_uri})")
+    print("MATCH: bit for bit" if result.matches else "MISMATCH")
+    return 0 if result.matches else 2
+
+
 def _up(args: argparse.Namespace) -> int:
     from swarmtrain.cli.stack import Stack
 
@@ -145,6 +161,13 @@ def parser() -> argparse.ArgumentParser:
     proj = sub.add_parser("projections", help="manage the read models")
     proj_sub = proj.add_subparsers(dest="action", required=True, metavar="ACTION")
     proj_sub.add_parser("rebuild", help="empty the read models and replay every event").set_defaults(func=_rebuild)
+
+    session = sub.add_parser("session", help="inspect a training session")
+    session_sub = session.add_subparsers(dest="action", required=True, metavar="ACTION")
+    replay = session_sub.add_parser("replay-round", help="recompute a fedavg round from the log and the blobs")
+    replay.add_argument("session_id")
+    replay.add_argument("round", type=int)
+    replay.set_defaults(func=_replay_round)
 
     demo = sub.add_parser("demo", help="start the stack, train the sample dataset on local peers, show the result")
     demo.add_argument("--peers", type=int, default=3)

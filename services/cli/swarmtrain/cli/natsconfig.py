@@ -1,0 +1,315 @@
+"""``swarmtrain nats-config``: a NATS server configuration and one credential per service and peer.
+
+Identities are NATS users authenticated by **nkeys** (Ed25519 challenge-response): the server
+configuration holds public keys only, and a seed never crosses the network, so a peer joining over
+an untrusted network without TLS leaks no reusable secret. Every identity is one env file::
+
+    <out>/nats-server.conf       the server configuration (public keys only; not a secret)
+    <out>/gateway.env            SWARMTRAIN_NATS_NKEY_SEED, SWARMTRAIN_NATS_INBOX_PREFIX (secret, 0600)
+    <out>/scheduler.env, projector.env, tap.env, tap.nk (nats-box/natscli take a seed file)
+    <out>/peers/peer-<n>.env     SWARMTRAIN_PEER_ID as well: a peer's id is fixed by its credential
+
+Least privilege is expressed as subject permissions (see :func:`peer_permissions` and
+:data:`SERVICE_PERMISSIONS`). Each identity also gets its own reply inbox (``_INBOX.<identity>``),
+so no one can subscribe to the replies (JetStream acks, fetched messages) meant for another.
+
+Running the command again keeps every existing identity, adds the missing ones (``--peers`` is
+the total wanted) and rewrites the server configuration: reload it with ``nats-server --signal
+reload`` (``docker compose kill -s HUP nats``).
+
+A peer started with ``--credentials DIR`` claims the first ``peer-*.env`` in DIR that no other
+process holds (an ``flock`` on the file), so ``docker compose up --scale peer=N`` gives each
+replica its own identity as long as DIR holds at least N of them.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+import secrets
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from swarmtrain.common.bus import COMMANDS_STREAM, EVENTS_STREAM
+
+ACCOUNT = "SWARM"
+SERVICES = ("gateway", "scheduler", "projector", "tap")
+PEER_NAME_RE = re.compile(r"^peer-[0-9]+$")
+PEER_ID_RE = re.compile(r"^p[0-9a-f]{16}$")
+SEED_KEY = "SWARMTRAIN_NATS_NKEY_SEED"
+INBOX_KEY = "SWARMTRAIN_NATS_INBOX_PREFIX"
+PEER_ID_KEY = "SWARMTRAIN_PEER_ID"
+
+_E, _C = EVENTS_STREAM, COMMANDS_STREAM
+_STREAMS_ADMIN = [f"$JS.API.STREAM.{op}.{stream}" for op in ("INFO", "CREATE", "UPDATE") for stream in (_E, _C)]
+_EVENTS_READER = [
+    "$JS.API.INFO",
+    f"$JS.API.DIRECT.GET.{_E}",
+    f"$JS.API.DIRECT.GET.{_E}.>",
+    f"$JS.API.STREAM.MSG.GET.{_E}",
+    f"$JS.API.CONSUMER.CREATE.{_E}",
+    f"$JS.API.CONSUMER.CREATE.{_E}.>",
+    f"$JS.API.CONSUMER.DURABLE.CREATE.{_E}.>",
+    f"$JS.API.CONSUMER.INFO.{_E}.>",
+    f"$JS.API.CONSUMER.DELETE.{_E}.>",
+    f"$JS.API.CONSUMER.MSG.NEXT.{_E}.>",
+    f"$JS.ACK.{_E}.>",
+    f"$JS.FC.{_E}.>",
+]
+
+SERVICE_PERMISSIONS: dict[str, tuple[list[str], list[str]]] = {
+    # name: (may publish, may subscribe); the identity's own inbox is added to the latter
+    "gateway": (
+        ["user.*.events", "dataset.*.events", "session.*.events", *_STREAMS_ADMIN, *_EVENTS_READER],
+        ["session.*.events", "peer.*.events", "peer.*.presence", "dataset.*.events"],
+    ),
+    "scheduler": (
+        ["session.*.events", "peer.*.events", "peer.*.command", *_STREAMS_ADMIN, *_EVENTS_READER],
+        ["peer.*.presence"],
+    ),
+    "projector": ([*_STREAMS_ADMIN, *_EVENTS_READER], []),
+    # a person's tap (nats-box, `swarmtrain tap`): reads live events, publishes nothing; user
+    # events are left out (they carry password hashes)
+    "tap": ([], ["session.*.events", "peer.*.events", "peer.*.presence", "dataset.*.events"]),
+}
+
+
+def inbox_prefix(identity: str) -> str:
+    return f"_INBOX.{identity}"
+
+
+def peer_permissions(peer_id: str) -> tuple[list[str], list[str]]:
+    """What peer ``peer_id`` may publish and subscribe to.
+
+    Its own presence and peer events; session events (a static permission cannot say "only the
+    sessions I am assigned to": the scheduler and the projector ignore session events from peers
+    not assigned to the session); the JetStream API calls behind ``bus.append`` (stream info), its
+    own command consumer ``peer-<id>`` on ``COMMANDS`` (created with its filter in the subject,
+    so it cannot be pointed at another peer's commands; looked up, fetched from, acked), and one
+    consumer ``peer-<id>`` on ``EVENTS`` filtered to one session's events (to follow a session,
+    e.g. a fedavg round closing). No stream deletes or purges, no other consumer, no other inbox.
+    """
+    durable = f"peer-{peer_id}"
+    publish = [
+        f"peer.{peer_id}.presence",
+        f"peer.{peer_id}.events",
+        "session.*.events",
+        f"$JS.API.STREAM.INFO.{_E}",
+        f"$JS.API.STREAM.INFO.{_C}",
+        f"$JS.API.CONSUMER.CREATE.{_C}.{durable}.peer.{peer_id}.command",
+        f"$JS.API.CONSUMER.INFO.{_C}.{durable}",
+        f"$JS.API.CONSUMER.MSG.NEXT.{_C}.{durable}",
+        f"$JS.ACK.{_C}.{durable}.>",
+        f"$JS.API.CONSUMER.CREATE.{_E}.{durable}.session.*.events",
+        f"$JS.API.CONSUMER.INFO.{_E}.{durable}",
+        f"$JS.API.CONSUMER.DELETE.{_E}.{durable}",
+        f"$JS.API.CONSUMER.MSG.NEXT.{_E}.{durable}",
+        f"$JS.ACK.{_E}.{durable}.>",
+    ]
+    return publish, []
+
+
+# ------------------------------------------------------------------ identities
+
+
+@dataclass(frozen=True)
+class Identity:
+    name: str
+    seed: str
+    peer_id: str | None = None
+
+    @property
+    def public_key(self) -> str:
+        import nkeys
+
+        return str(nkeys.from_seed(bytearray(self.seed.encode())).public_key.decode())
+
+    @property
+    def inbox(self) -> str:
+        return inbox_prefix(self.peer_id or self.name)
+
+    def permissions(self) -> tuple[list[str], list[str]]:
+        publish, subscribe = peer_permissions(self.peer_id) if self.peer_id else SERVICE_PERMISSIONS[self.name]
+        return publish, [*subscribe, f"{self.inbox}.>"]
+
+    def env(self) -> dict[str, str]:
+        out = {SEED_KEY: self.seed, INBOX_KEY: self.inbox}
+        if self.peer_id:
+            out[PEER_ID_KEY] = self.peer_id
+        return out
+
+
+def new_seed() -> str:
+    import nkeys
+
+    return str(nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER).decode())
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """``KEY=VALUE`` lines (``#`` comments and blank lines skipped), as docker's ``--env-file`` reads them."""
+    out: dict[str, str] = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        key, value = line.split("=", 1)
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _write_secret(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    path.chmod(0o600)
+
+
+def _load(path: Path, name: str) -> Identity | None:
+    if not path.is_file():
+        return None
+    env = read_env_file(path)
+    if SEED_KEY not in env:
+        raise ValueError(f"{path}: no {SEED_KEY}")
+    return Identity(name=name, seed=env[SEED_KEY], peer_id=env.get(PEER_ID_KEY))
+
+
+# ------------------------------------------------------------------ the server configuration
+
+
+def _quote(subject: str) -> str:
+    return '"' + subject.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _subjects(subjects: list[str]) -> str:
+    return "[" + ", ".join(_quote(s) for s in subjects) + "]"
+
+
+def server_config(identities: list[Identity], store_dir: str, sync: str, port: int) -> str:
+    users = []
+    for ident in identities:
+        publish, subscribe = ident.permissions()
+        pub = f"allow: {_subjects(publish)}" if publish else 'deny: [">"]'
+        sub = f"allow: {_subjects(subscribe)}" if subscribe else 'deny: [">"]'
+        label = f"peer {ident.name} ({ident.peer_id})" if ident.peer_id else ident.name
+        users.append(
+            f"      # {label}\n"
+            f"      {{ nkey: {ident.public_key}, permissions: {{\n"
+            f"          publish: {{ {pub} }}\n"
+            f"          subscribe: {{ {sub} }}\n"
+            f"      }} }}"
+        )
+    return (
+        "# Generated by `swarmtrain nats-config`: public keys only, no secrets. Re-run it to add peers.\n"
+        f"port: {port}\n"
+        "max_payload: 8MB\n"
+        "jetstream {\n"
+        f"  store_dir: {_quote(store_dir)}\n"
+        "  # fsync every write before it is acknowledged: JetStream's default (a lazy fsync every 2\n"
+        "  # minutes) can lose acknowledged writes when the machine loses power (Jepsen, NATS 2.12.1, 2025).\n"
+        f"  sync_interval: {sync}\n"
+        "}\n"
+        "accounts {\n"
+        f"  {ACCOUNT} {{\n"
+        "    jetstream: enabled\n"
+        "    users: [\n" + "\n".join(users) + "\n    ]\n"
+        "  }\n"
+        "}\n"
+    )
+
+
+@dataclass(frozen=True)
+class Written:
+    config: Path
+    created: list[Path]
+    kept: list[Path]
+
+
+def generate(out: Path, peers: int, store_dir: str = "/data", sync: str = "always", port: int = 4222) -> Written:
+    """Write (or complete) the configuration and credentials in ``out``; existing identities are kept."""
+    out.mkdir(parents=True, exist_ok=True)
+    out.chmod(0o700)
+    created: list[Path] = []
+    kept: list[Path] = []
+    identities: list[Identity] = []
+    wanted = [(name, out / f"{name}.env", False) for name in SERVICES]
+    existing_peers = sorted(
+        (p for p in (out / "peers").glob("peer-*.env") if PEER_NAME_RE.match(p.stem)),
+        key=lambda p: int(p.stem.split("-")[1]),
+    )
+    names = [p.stem for p in existing_peers]
+    n = 1
+    while len(names) < peers:
+        if f"peer-{n}" not in names:
+            names.append(f"peer-{n}")
+        n += 1
+    wanted += [(name, out / "peers" / f"{name}.env", True) for name in names]
+    for name, path, is_peer in wanted:
+        ident = _load(path, name)
+        if ident is None:
+            ident = Identity(name=name, seed=new_seed(), peer_id="p" + secrets.token_hex(8) if is_peer else None)
+            kind = f"peer {name} (id {ident.peer_id})" if is_peer else f"the {name}"
+            body = "".join(f"{k}={v}\n" for k, v in ident.env().items())
+            _write_secret(path, f"# NATS credentials of {kind}. A secret: keep it like a password.\n{body}")
+            created.append(path)
+        else:
+            kept.append(path)
+        if is_peer and (ident.peer_id is None or not PEER_ID_RE.match(ident.peer_id)):
+            raise ValueError(f"{path}: {PEER_ID_KEY} missing or malformed")
+        identities.append(ident)
+    tap = next(i for i in identities if i.name == "tap")
+    _write_secret(out / "tap.nk", tap.seed + "\n")  # natscli (nats-box) reads a seed file: NATS_NKEY
+    config = out / "nats-server.conf"
+    config.write_text(server_config(identities, store_dir, sync, port))
+    config.chmod(0o644)
+    (out / ".gitignore").write_text("# generated credentials: never commit them\n*\n")
+    return Written(config=config, created=created, kept=kept)
+
+
+# ------------------------------------------------------------------ a peer taking its credential
+
+
+@contextmanager
+def claim(path: Path) -> Iterator[tuple[str, dict[str, str]]]:
+    """Hold a peer credential for as long as the peer runs: ``(name, env)``.
+
+    ``path`` is one ``peer-<n>.env`` file, or a folder of them: then the first one that no other
+    process holds is taken (an exclusive ``flock`` on the file, released when the process ends).
+    """
+    candidates = sorted(path.glob("peer-*.env"), key=lambda p: (len(p.stem), p.stem)) if path.is_dir() else [path]
+    if not candidates:
+        raise SystemExit(f"no peer credentials (peer-*.env) in {path}")
+    for candidate in candidates:
+        fd = os.open(candidate, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue
+        try:
+            env = read_env_file(candidate)
+            if PEER_ID_KEY not in env or SEED_KEY not in env:
+                raise SystemExit(f"{candidate}: not a peer credential ({PEER_ID_KEY}, {SEED_KEY})")
+            yield candidate.stem, env
+            return
+        finally:
+            os.close(fd)
+    raise SystemExit(f"every peer credential in {path} is in use: generate more with swarmtrain nats-config --peers")
+
+
+def main(out: Path, peers: int, store_dir: str, sync: str, port: int) -> int:
+    written = generate(out, peers, store_dir=store_dir, sync=sync, port=port)
+    print(f"wrote {written.config} (public keys only)")
+    for path in written.created:
+        print(f"wrote {path} (secret)")
+    for path in written.kept:
+        print(f"kept  {path}")
+    print(
+        f"\nnats-server -c {written.config}    # or: docker compose up (SWARMTRAIN_NATS_DIR={out})\n"
+        f"swarmtrain peer --nats nats://{socket.gethostname()}:{port} --credentials {out / 'peers'}/peer-1.env"
+    )
+    return 0
