@@ -347,11 +347,14 @@ def _failures(session: Session, idle: list[str]) -> list[Action]:
     actions: list[Action] = []
     if session.request.on_peer_failure == "reassign":
         for shard in session.orphan_shards():
-            if not idle:
+            # a peer that already failed in this session comes last
+            candidates = sorted(idle, key=lambda p: p in session.runs)
+            if not candidates:
                 break
+            idle.remove(chosen := candidates[0])
             previous = max(p for p, run in session.runs.items() if run.shard == shard)
             actions.append(
-                Reassign(session_id=sid, shard=shard, from_peer_id=previous, peer_id=idle.pop(0), round=session.round)
+                Reassign(session_id=sid, shard=shard, from_peer_id=previous, peer_id=chosen, round=session.round)
             )
     if not actions and not any(run.status == "training" for run in session.runs.values()):
         actions.append(
