@@ -212,3 +212,28 @@ def test_session_completes_after_the_last_round_once_every_peer_is_done() -> Non
         )
     [done] = [e for e in events(state, 3) if isinstance(e, SessionCompleted)]
     assert done.best_val_accuracy == 0.8
+
+
+def test_fedavg_session_model_is_the_one_most_peers_agree_on_not_a_claim() -> None:
+    state = fedavg(peers=("a", "b", "c"), rounds=1)
+    for p in ("a", "b", "c"):
+        replay(state, update(p, 1, 1))
+    replay(state, closed(state, 2))  # type: ignore[arg-type]
+    claims = {"a": ("same", 0.8), "b": ("same", 0.8), "c": ("forged", 1.0)}
+    for p, (sha, acc) in claims.items():
+        replay(
+            state,
+            PeerDone(
+                session_id="s",
+                peer_id=p,
+                model_uri=f"file:///{p}",
+                model_sha256=sha,
+                epochs=1,
+                loss=0.1,
+                accuracy=0.9,
+                val_accuracy=acc,
+                train_seconds=1,
+            ),
+        )
+    [done] = [e for e in events(state, 3) if isinstance(e, SessionCompleted)]
+    assert done.best_peer_id in ("a", "b") and done.best_val_accuracy == 0.8

@@ -12,6 +12,7 @@ restart because they come from the log).
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -76,6 +77,7 @@ class Run:
     epoch: int = 0
     val_accuracy: float | None = None
     model_uri: str | None = None
+    model_sha256: str | None = None
     shard: int = 0
 
 
@@ -236,7 +238,11 @@ def _evolve_session(session: Session, seq: int, event: Event) -> None:
         case PeerDone():
             if (run := _training(session, event.peer_id)) is not None:
                 run.status, run.epoch = "done", event.epochs
-                run.val_accuracy, run.model_uri = event.val_accuracy, event.model_uri
+                run.val_accuracy, run.model_uri, run.model_sha256 = (
+                    event.val_accuracy,
+                    event.model_uri,
+                    event.model_sha256,
+                )
         case PeerFailed():
             if (run := _training(session, event.peer_id)) is not None:
                 run.status = "failed"
@@ -370,6 +376,12 @@ def _finish(state: State, session: Session) -> list[Action]:
     all_ended = session.runs and all(r.status != "training" for r in session.runs.values())
     if session.status == "running" and all_ended and not session.rounds_open:
         done = {p: r for p, r in session.runs.items() if r.status == "done" and r.model_uri}
+        if done and session.fedavg:
+            # every honest peer holds the same averaged model: take the most common one, not a
+            # peer's own claim of accuracy
+            votes = Counter(r.model_sha256 for r in done.values())
+            agreed = min(votes, key=lambda sha: (-votes[sha], sha or ""))
+            done = {p: r for p, r in done.items() if r.model_sha256 == agreed}
         if done:
             best = max(done, key=lambda p: (done[p].val_accuracy or float("-inf"), p))
             completed = SessionCompleted(
