@@ -1,0 +1,339 @@
+"""fedavg end to end: real peers as processes that die, stall, or cheat, on a real stack."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import signal
+import subprocess
+import sys
+import threading
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import nats
+import pytest
+import torch
+from safetensors.torch import load, save
+
+from swarmtrain.common import blob, bus, servers
+from swarmtrain.common.events import (
+    Event,
+    ModelUpdatePublished,
+    PeerDone,
+    PeerFailed,
+    PeerRegistered,
+    Presence,
+    RoundClosed,
+    ShardReassigned,
+    Train,
+    UpdateRejected,
+    decode_command,
+    decode_event,
+    encode,
+)
+from swarmtrain.common.settings import Settings
+
+from .conftest import Api, Stack, wait_for
+
+LOCAL = {"epochs": 2, "batch_size": 32, "lr": 0.003}
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory, postgres_port: int) -> Iterator[Stack]:
+    """A stack with no peers of its own: every test starts exactly the peers it needs."""
+    name = f"fedavg{uuid.uuid4().hex[:8]}"
+    servers.create_database(postgres_port, name)
+    st = Stack(tmp_path_factory.mktemp("stack"), servers.postgres_url(postgres_port, name), peers=0)
+    try:
+        st.wait_healthy()
+        yield st
+    finally:
+        assert not st.stop()
+
+
+class Swarm:
+    def __init__(self, stack: Stack, api: Api) -> None:
+        self.stack, self.api = stack, api
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.ids: dict[str, str] = {}
+
+    def start(self, *names: str) -> None:
+        for name in names:
+            self.procs[name] = self.stack.start_peer(name)
+        known = wait_for(
+            lambda: (
+                (p := {x["name"]: x["peer_id"] for x in self.api.peers() if x["status"] == "online"})
+                and all(n in p for n in names)
+                and p
+            ),
+            60,
+            f"peers {names} online",
+        )
+        self.ids.update({n: known[n] for n in names})
+
+    def name_of(self, peer_id: str) -> str:
+        return next(n for n, p in self.ids.items() if p == peer_id)
+
+    def stop_all(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGCONT)
+                proc.kill()
+                proc.wait()
+        mine = set(self.ids.values())
+        wait_for(
+            lambda: not [p for p in self.api.peers() if p["peer_id"] in mine and p["status"] != "offline"],
+            30,
+            "this test's peers to be offline",
+        )
+
+
+@pytest.fixture
+def swarm(stack: Stack, api: Api) -> Iterator[Swarm]:
+    s = Swarm(stack, api)
+    yield s
+    s.stop_all()
+
+
+def fedavg(dataset_id: str, num_peers: int, rounds: int, local: dict[str, Any] = LOCAL, **extra: Any) -> dict[str, Any]:
+    return {
+        "dataset_id": dataset_id,
+        "num_peers": num_peers,
+        "strategy": "fedavg",
+        "rounds": rounds,
+        "model": {"kind": "mlp", "hidden": [64, 32]},
+        "hyperparameters": local,
+        "validation_split": 0.2,
+        "seed": 3,
+        **extra,
+    }
+
+
+def start(api: Api, body: dict[str, Any]) -> str:
+    resp = api.client.post("/sessions", json=body)
+    assert resp.status_code == 201, resp.text
+    sid: str = resp.json()["session_id"]
+    return sid
+
+
+def history(stack: Stack, sid: str) -> list[Event]:
+    async def read() -> list[Event]:
+        nc = await nats.connect(stack.nats_url)
+        sub = await nc.jetstream().subscribe(f"session.{sid}.events", ordered_consumer=True)
+        out: list[Event] = []
+        try:
+            while True:
+                out.append(decode_event((await sub.next_msg(timeout=1)).data))
+        except nats.errors.TimeoutError:
+            pass
+        await sub.unsubscribe()
+        await nc.drain()
+        return out
+
+    return asyncio.run(read())
+
+
+def of(events: list[Event], kind: type[Any]) -> list[Any]:
+    return [e for e in events if isinstance(e, kind)]
+
+
+def test_fedavg_on_three_peers_gives_every_peer_the_same_model_and_replays_bit_for_bit(
+    stack: Stack, api: Api, swarm: Swarm
+) -> None:
+    swarm.start("fa", "fb", "fc")
+    ds = api.upload()
+    sid = start(api, fedavg(ds["dataset_id"], 3, rounds=3))
+    done = api.wait_ended(sid)
+    assert done["status"] == "completed", done
+    events = history(stack, sid)
+    closed = of(events, RoundClosed)
+    assert [c.round for c in closed] == [1, 2, 3]
+    assert all(len(c.updates) == 3 and not c.left_out for c in closed)
+    finals = {e.peer_id: e.model_sha256 for e in of(events, PeerDone)}
+    assert len(finals) == 3 and len(set(finals.values())) == 1, finals  # identical weights everywhere
+    assert [r["round"] for r in done["round_figures"]] == [1, 2, 3]
+    assert done["val_accuracy"] > 0.85, done["val_accuracy"]
+    model = api.client.get(f"/sessions/{sid}/model")
+    assert model.status_code == 200 and {tuple(t.shape) for t in load(model.content).values()} >= {(64, 64), (10, 32)}
+
+    replay = subprocess.run(
+        [sys.executable, "-m", "swarmtrain.cli.main", "session", "replay-round", sid, "2"],
+        env=stack.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert replay.returncode == 0, replay.stdout + replay.stderr
+    assert "MATCH: bit for bit" in replay.stdout
+
+
+def test_peer_killed_mid_round_hands_its_shard_to_the_idle_spare(stack: Stack, api: Api, swarm: Swarm) -> None:
+    swarm.start("ka", "kb", "kc", "kd")
+    ds = api.upload()
+    sid = start(api, fedavg(ds["dataset_id"], 3, rounds=4, local={"epochs": 6, "batch_size": 16, "lr": 0.003}))
+    session = wait_for(lambda: (s := api.session(sid))["peers"] and s, 30, "the session to start")
+    participants = {p["peer_id"] for p in session["peers"]}
+    [spare] = set(swarm.ids.values()) - participants
+    victim = sorted(participants)[0]
+    wait_for(lambda: of(history(stack, sid), RoundClosed), 60, "round 1 to close")
+    swarm.procs[swarm.name_of(victim)].kill()
+
+    done = api.wait_ended(sid)
+    assert done["status"] == "completed", done
+    events = history(stack, sid)
+    [moved] = of(events, ShardReassigned)
+    assert (moved.from_peer_id, moved.to_peer_id) == (victim, spare)
+    assert victim in {e.peer_id for e in of(events, PeerFailed)}
+    finals = {e.peer_id: e.model_sha256 for e in of(events, PeerDone)}
+    assert spare in finals and victim not in finals and len(set(finals.values())) == 1
+    last = of(events, RoundClosed)[-1]
+    assert spare in {u.peer_id for u in last.updates}
+
+
+def test_stalled_peer_is_left_out_and_its_late_update_is_ignored(stack: Stack, api: Api, swarm: Swarm) -> None:
+    swarm.start("sa", "sb", "sc")
+    ds = api.upload()
+    sid = start(
+        api,
+        fedavg(
+            ds["dataset_id"],
+            3,
+            rounds=4,
+            local={"epochs": 6, "batch_size": 16, "lr": 0.003},
+            on_peer_failure="continue",
+        ),
+    )
+    wait_for(lambda: of(history(stack, sid), RoundClosed), 60, "round 1 to close")
+    stalled = sorted(swarm.ids.values())[0]
+    proc = swarm.procs[swarm.name_of(stalled)]
+    proc.send_signal(signal.SIGSTOP)
+    wait_for(lambda: stalled in {e.peer_id for e in of(history(stack, sid), PeerFailed)}, 60, "the stall noticed")
+    proc.send_signal(signal.SIGCONT)
+
+    done = api.wait_ended(sid)
+    assert done["status"] == "completed", done
+    events = history(stack, sid)
+    failed_at = next(i for i, e in enumerate(events) if isinstance(e, PeerFailed) and e.peer_id == stalled)
+    for closed in of(events[failed_at:], RoundClosed):
+        assert stalled not in {u.peer_id for u in closed.updates}
+    finals = {e.peer_id: e.model_sha256 for e in of(events, PeerDone)}
+    assert stalled not in finals and len(finals) == 2 and len(set(finals.values())) == 1
+
+
+class Poisoner(threading.Thread):
+    """A peer that follows the protocol but sends poison: NaN in odd rounds, a wrong shape in even ones."""
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(daemon=True)
+        self.settings = settings
+        self.peer_id = "p" + uuid.uuid4().hex[:16]
+        self.stop = threading.Event()
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            asyncio.run(self.main())
+        except BaseException as exc:  # noqa: BLE001 - surfaced by the test
+            self.error = exc
+
+    async def main(self) -> None:
+        nc = await nats.connect(self.settings.nats_url)
+        js = nc.jetstream()
+        subject = f"peer.{self.peer_id}.command"
+        sub = await bus.pull_consumer(js, bus.COMMANDS_STREAM, durable=f"peer-{self.peer_id}", filter_subject=subject)
+        await bus.append(js, PeerRegistered(peer_id=self.peer_id, name="poisoner", device="cpu"))
+        beat = Presence(peer_id=self.peer_id, name="poisoner", device="cpu")
+        train: Train | None = None
+        while train is None and not self.stop.is_set():
+            await nc.publish(beat.subject, encode(beat))
+            for msg, cmd in await bus.fetch(sub, decode_command, timeout=0.3):
+                await msg.ack()
+                train = cmd if isinstance(cmd, Train) else None
+        events = await js.subscribe(f"session.{train.session_id}.events", ordered_consumer=True) if train else None
+        for r in range(1, (train.rounds if train else 0) + 1):
+            assert train is not None and events is not None
+            from swarmtrain.peer.model import build_model
+
+            tensors = {
+                k: torch.full_like(v, float("nan")) for k, v in build_model(train.model, 64, 10).state_dict().items()
+            }
+            if r % 2 == 0:
+                tensors = {k: torch.zeros(3, 3) for k in tensors}
+            buf = io.BytesIO(save(tensors))
+            store, key = blob.resolve(f"{train.rounds_uri}/{r}/{self.peer_id}.safetensors")
+            ref = await asyncio.to_thread(store.put_stream, key, buf, len(buf.getvalue()))
+            await bus.append(
+                js,
+                ModelUpdatePublished(
+                    session_id=train.session_id,
+                    round=r,
+                    peer_id=self.peer_id,
+                    uri=ref.uri,
+                    sha256=ref.sha256,
+                    num_samples=10**6,
+                    loss=0.0,
+                    accuracy=1.0,
+                ),
+            )
+            while True:
+                await nc.publish(beat.subject, encode(beat))
+                try:
+                    event = decode_event((await events.next_msg(timeout=0.3)).data)
+                except nats.errors.TimeoutError:
+                    continue
+                if isinstance(event, RoundClosed) and event.round == r:
+                    break
+        if train is not None and events is not None:
+            await bus.append(js, PeerFailed(session_id=train.session_id, peer_id=self.peer_id, reason="poisoner done"))
+            await events.unsubscribe()
+        await sub.unsubscribe()
+        await nc.drain()
+
+
+def test_poisoned_updates_are_rejected_and_the_session_completes(stack: Stack, api: Api, swarm: Swarm) -> None:
+    swarm.start("pa", "pb")
+    poisoner = Poisoner(Settings(nats_url=stack.nats_url))
+    poisoner.start()
+    try:
+        wait_for(
+            lambda: poisoner.peer_id in {p["peer_id"] for p in api.peers() if p["status"] == "online"},
+            30,
+            "the poisoner online",
+        )
+        ds = api.upload()
+        sid = start(api, fedavg(ds["dataset_id"], 3, rounds=2))
+        done = api.wait_ended(sid)
+    finally:
+        poisoner.stop.set()
+        poisoner.join(30)
+    assert poisoner.error is None, poisoner.error
+    assert done["status"] == "completed", done
+    events = history(stack, sid)
+    rejected = {(e.round, e.peer_id) for e in of(events, UpdateRejected)}
+    assert rejected == {(1, poisoner.peer_id), (2, poisoner.peer_id)}
+    reasons = " ".join(e.reason for e in of(events, UpdateRejected))
+    assert "NaN" in reasons or "nan" in reasons.lower()
+    finals = {e.peer_id: e.model_sha256 for e in of(events, PeerDone)}
+    assert len(finals) == 2 and len(set(finals.values())) == 1
+    assert done["val_accuracy"] > 0.8  # the poison never reached the model
+    assert all(poisoner.peer_id in [r["peer_id"] for r in f["rejected"]] for f in done["round_figures"])
+
+
+def test_late_joiner_takes_an_orphan_shard_and_catches_up(stack: Stack, api: Api, swarm: Swarm) -> None:
+    swarm.start("la", "lb", "lc")
+    ds = api.upload()
+    sid = start(api, fedavg(ds["dataset_id"], 3, rounds=4, local={"epochs": 6, "batch_size": 16, "lr": 0.003}))
+    wait_for(lambda: of(history(stack, sid), RoundClosed), 60, "round 1 to close")
+    victim = sorted(swarm.ids.values())[-1]
+    swarm.procs[swarm.name_of(victim)].kill()
+    wait_for(lambda: victim in {e.peer_id for e in of(history(stack, sid), PeerFailed)}, 30, "the death noticed")
+    swarm.start("late")  # joins the swarm while the session runs
+    done = api.wait_ended(sid)
+    assert done["status"] == "completed", done
+    events = history(stack, sid)
+    [moved] = of(events, ShardReassigned)
+    assert moved.to_peer_id == swarm.ids["late"] and moved.round >= 2
+    finals = {e.peer_id: e.model_sha256 for e in of(events, PeerDone)}
+    assert swarm.ids["late"] in finals and len(set(finals.values())) == 1
