@@ -99,3 +99,18 @@ def split_indices(n: int, validation_split: float, seed: int) -> tuple[torch.Ten
         n_val = max(1, n_val)
     n_val = min(n_val, max(n - 1, 0))
     return perm[n_val:], perm[:n_val]
+
+
+def shard_indices(train_idx: torch.Tensor, num_shards: int, shard: int, seed: int) -> torch.Tensor:
+    """Shard ``shard`` of ``num_shards`` of the training rows ``train_idx``.
+
+    A seeded permutation of ``train_idx`` cut into ``num_shards`` contiguous chunks whose sizes
+    differ by at most one (the first ones are the larger): disjoint, together all of ``train_idx``,
+    and the same on every machine for the same seed.
+    """
+    if num_shards < 1 or not 0 <= shard < num_shards:
+        raise DataError(f"shard {shard} of {num_shards} does not exist")
+    if num_shards > len(train_idx):
+        raise DataError(f"{num_shards} shards of {len(train_idx)} training rows would leave a shard empty")
+    perm = torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(seed))
+    return torch.tensor_split(train_idx[perm], num_shards)[shard]

@@ -1,18 +1,20 @@
-"""The MLP and its safetensors file: self-contained (standardization inside), never pickled."""
+"""The models (an MLP, a small CNN) and their safetensors file: self-contained (standardization
+inside), never pickled, and written byte-for-byte deterministically."""
 
 from __future__ import annotations
 
 import json
+import math
 import struct
 from pathlib import Path
 
 import msgspec
 import torch
-from safetensors.torch import load as load_tensors_bytes
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from swarmtrain.common.events import ModelSpec
+from swarmtrain.peer import tensorfile
 
 MIN_STD = 1e-6
 FORMAT = "swarmtrain-mlp/1"
@@ -43,13 +45,24 @@ class Standardize(nn.Module):
 
 
 def build_model(spec: ModelSpec, n_features: int, n_classes: int) -> nn.Sequential:
-    """``Standardize`` then Linear layers of ``spec.hidden`` sizes with ReLU between, ``n_classes`` logits."""
-    if spec.kind != "mlp":
+    """``Standardize``, then the body ``spec.kind`` names, then ``n_classes`` logits.
+
+    - ``mlp``: Linear layers of ``spec.hidden`` sizes with ReLU between.
+    - ``cnn``: the features reshaped to ``spec.input_shape`` ``[C, H, W]``; per width in
+      ``spec.channels`` a 3x3 convolution (padding 1), ReLU and a 2x2 max-pool while the image is
+      at least 2x2; flattened; then Linear layers of ``spec.hidden`` sizes with ReLU.
+
+    Built from torch's global generator: seed it first for reproducible initial weights.
+    """
+    if spec.kind not in ("mlp", "cnn"):
         raise ValueError(f"unsupported model kind {spec.kind!r}")
     if n_features < 1 or n_classes < 1 or any(h < 1 for h in spec.hidden):
         raise ValueError(f"bad model shape: {n_features} features, hidden {spec.hidden}, {n_classes} classes")
     layers: list[nn.Module] = [Standardize(n_features)]
     width = n_features
+    if spec.kind == "cnn":
+        layers += _conv_body(spec, n_features)
+        width = _conv_out_features(spec)
     for h in spec.hidden:
         layers += [nn.Linear(width, h), nn.ReLU()]
         width = h
@@ -57,65 +70,131 @@ def build_model(spec: ModelSpec, n_features: int, n_classes: int) -> nn.Sequenti
     return nn.Sequential(*layers)
 
 
+def _check_cnn(spec: ModelSpec, n_features: int) -> tuple[int, int, int]:
+    shape = spec.input_shape
+    if shape is None or len(shape) != 3 or any(d < 1 for d in shape):
+        raise ValueError(f"a cnn needs input_shape [C, H, W] of positive sizes, got {shape}")
+    if math.prod(shape) != n_features:
+        c, h, w = shape
+        raise ValueError(
+            f"input_shape {c}x{h}x{w} holds {c * h * w} values but the data has {n_features} feature columns"
+        )
+    if not spec.channels or any(c < 1 for c in spec.channels):
+        raise ValueError(f"a cnn needs at least one positive channel width, got {spec.channels}")
+    return shape[0], shape[1], shape[2]
+
+
+def _conv_body(spec: ModelSpec, n_features: int) -> list[nn.Module]:
+    c, h, w = _check_cnn(spec, n_features)
+    layers: list[nn.Module] = [nn.Unflatten(1, (c, h, w))]
+    for out in spec.channels:
+        layers += [nn.Conv2d(c, out, kernel_size=3, padding=1), nn.ReLU()]
+        if h >= 2 and w >= 2:
+            layers.append(nn.MaxPool2d(2))
+            h, w = h // 2, w // 2
+        c = out
+    layers.append(nn.Flatten())
+    return layers
+
+
+def _conv_out_features(spec: ModelSpec) -> int:
+    assert spec.input_shape is not None
+    _, h, w = spec.input_shape
+    for _ in spec.channels:
+        if h >= 2 and w >= 2:
+            h, w = h // 2, w // 2
+    return spec.channels[-1] * h * w
+
+
 class ModelMetadata(msgspec.Struct, frozen=True, kw_only=True):
-    """What a reader needs besides the tensors: stored as the safetensors header's string map."""
+    """What a reader needs besides the tensors: stored as the safetensors header's string map.
+
+    Holds nothing about who trained the model or when, so equal weights make equal files.
+    """
 
     classes: list[str]
     feature_names: list[str]
     label_column: str
     hidden: list[int]
+    kind: str = "mlp"
+    input_shape: list[int] | None = None
+    """cnn only."""
+    channels: list[int] = msgspec.field(default_factory=list)
+    """cnn only."""
+
+    @classmethod
+    def for_spec(
+        cls, spec: ModelSpec, *, classes: list[str], feature_names: list[str], label_column: str
+    ) -> ModelMetadata:
+        cnn = spec.kind == "cnn"
+        return cls(
+            classes=classes,
+            feature_names=feature_names,
+            label_column=label_column,
+            hidden=list(spec.hidden),
+            kind=spec.kind,
+            input_shape=list(spec.input_shape) if cnn and spec.input_shape is not None else None,
+            channels=list(spec.channels) if cnn else [],
+        )
+
+    def spec(self) -> ModelSpec:
+        if self.kind == "cnn":
+            return ModelSpec(kind="cnn", hidden=list(self.hidden), input_shape=self.input_shape, channels=self.channels)
+        return ModelSpec(kind="mlp", hidden=list(self.hidden))
 
     def to_strings(self) -> dict[str, str]:
-        return {
+        out = {
             "format": FORMAT,
             "classes": json.dumps(self.classes),
             "feature_names": json.dumps(self.feature_names),
             "label_column": self.label_column,
             "hidden": json.dumps(self.hidden),
         }
+        if self.kind != "mlp":  # an MLP's file is as it always was
+            out |= {
+                "kind": self.kind,
+                "input_shape": json.dumps(self.input_shape),
+                "channels": json.dumps(self.channels),
+            }
+        return out
 
     @classmethod
     def from_strings(cls, meta: dict[str, str] | None) -> ModelMetadata:
         if not meta or meta.get("format") != FORMAT:
             raise ValueError("not a swarmtrain model file (missing or unknown format metadata)")
-        return msgspec.convert(
-            {
-                "classes": json.loads(meta["classes"]),
-                "feature_names": json.loads(meta["feature_names"]),
-                "label_column": meta["label_column"],
-                "hidden": json.loads(meta["hidden"]),
-            },
-            cls,
-        )
+        raw: dict[str, object] = {
+            "classes": json.loads(meta["classes"]),
+            "feature_names": json.loads(meta["feature_names"]),
+            "label_column": meta["label_column"],
+            "hidden": json.loads(meta["hidden"]),
+            "kind": meta.get("kind", "mlp"),
+        }
+        if raw["kind"] != "mlp":
+            raw |= {"input_shape": json.loads(meta["input_shape"]), "channels": json.loads(meta["channels"])}
+        return msgspec.convert(raw, cls)
+
+
+def model_bytes(model: nn.Module, metadata: ModelMetadata) -> bytes:
+    """The model file's bytes: its state (on CPU) and ``metadata``; equal weights give equal bytes."""
+    return tensorfile.dumps(model.state_dict(), metadata.to_strings())
 
 
 def save_model(model: nn.Module, path: Path, metadata: ModelMetadata) -> None:
     """Write the model's state (on CPU) and ``metadata`` as one safetensors file."""
-    tensors = {name: t.detach().to("cpu").contiguous() for name, t in model.state_dict().items()}
-    save_file(tensors, str(path), metadata=metadata.to_strings())
-
-
-def _header_metadata(data: bytes) -> dict[str, str] | None:
-    # safetensors layout: u64 little-endian header length, then the JSON header.
-    if len(data) < 8:
-        raise ValueError("not a safetensors file")
-    (n,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8 : 8 + n])
-    meta = header.get("__metadata__")
-    return dict(meta) if isinstance(meta, dict) else None
+    path.write_bytes(model_bytes(model, metadata))
 
 
 def load_model(source: Path | bytes) -> tuple[nn.Sequential, ModelMetadata]:
     """Rebuild a model saved by ``save_model`` (from a path or the file's bytes), in eval mode on CPU."""
     if isinstance(source, bytes):
-        metadata = ModelMetadata.from_strings(_header_metadata(source))
-        tensors = load_tensors_bytes(source)
+        metadata = ModelMetadata.from_strings(tensorfile.read_metadata(source))
+        tensors = tensorfile.loads(source)
     else:
         with source.open("rb") as f:
             head = f.read(8)
             (n,) = struct.unpack("<Q", head) if len(head) == 8 else (0,)
-            metadata = ModelMetadata.from_strings(_header_metadata(head + f.read(n)))
+            metadata = ModelMetadata.from_strings(tensorfile.read_metadata(head + f.read(n)))
         tensors = load_file(str(source), device="cpu")
-    model = build_model(ModelSpec(hidden=list(metadata.hidden)), len(metadata.feature_names), len(metadata.classes))
+    model = build_model(metadata.spec(), len(metadata.feature_names), len(metadata.classes))
     model.load_state_dict(tensors, strict=True)
     return model.eval(), metadata

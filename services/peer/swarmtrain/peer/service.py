@@ -16,6 +16,8 @@
   ``PeerFailed{reason: "peer shut down"}`` instead, so its session need not wait for missed beats.
 - ``PeerDone`` / ``PeerFailed`` / ``Heartbeat`` carry deterministic event ids
   (``<session>.<peer>.done``, ``.failed``, ``.epoch<N>``): a retried append is deduplicated.
+- A ``Train`` with ``strategy="fedavg"`` runs the round protocol of :mod:`swarmtrain.peer.fedavg`
+  instead of one training; ``Stop`` and shutdown end it the same way.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ from swarmtrain.common.events import (
 )
 from swarmtrain.common.logging import get_logger
 from swarmtrain.common.settings import Settings
-from swarmtrain.peer import trainer
+from swarmtrain.peer import fedavg, trainer
 from swarmtrain.peer.data import DataError
 from swarmtrain.peer.model import save_model
 from swarmtrain.peer.trainer import EpochStats, TrainingStopped, TrainJob, TrainResult
@@ -105,12 +107,21 @@ def hold_identity(state_dir: Path, name: str) -> Iterator[str]:
 class _Job:
     command: Train
     stop: threading.Event = field(default_factory=threading.Event)
+    """Seen by the worker thread: training ends at its next batch."""
+    stopped: asyncio.Event = field(default_factory=asyncio.Event)
+    """Seen by the loop (a fedavg job waiting for its round to close): set together with ``stop``."""
     stop_reason: str | None = None
     """None while running; "stop" (a Stop command) or "shutdown" (the peer is going away)."""
 
     @property
     def session_id(self) -> str:
         return self.command.session_id
+
+    def halt(self, reason: str) -> None:
+        if self.stop_reason is None:
+            self.stop_reason = reason
+        self.stop.set()
+        self.stopped.set()
 
 
 def failure_reason(exc: BaseException) -> str:
@@ -183,8 +194,7 @@ class Peer:
                 await stop.wait()
                 commands.cancel()
                 if self._job is not None:
-                    self._job.stop_reason = "shutdown"
-                    self._job.stop.set()
+                    self._job.halt("shutdown")
             # The TaskGroup has waited for a running job to wind down and report.
         finally:
             # Unsubscribe now rather than in the connection's drain: a pull request cut short can
@@ -253,8 +263,7 @@ class Peer:
             return
         if job.stop_reason is None:
             log.info("stopping training", session_id=command.session_id)
-            job.stop_reason = "stop"
-            job.stop.set()
+            job.halt("stop")
 
     # ---------------------------------------------------------------- a training job
 
@@ -263,11 +272,11 @@ class Peer:
         with structlog.contextvars.bound_contextvars(session_id=command.session_id):
             try:
                 await self._train_and_report(job)
-            except TrainingStopped:
+            except TrainingStopped as exc:
                 if job.stop_reason == "shutdown":
                     await self._fail(command, "peer shut down")
                 else:
-                    log.info("training stopped by command")
+                    log.info("training stopped", reason=job.stop_reason or str(exc))
             except asyncio.CancelledError:
                 job.stop.set()  # the worker thread ends at its next batch
                 raise
@@ -286,6 +295,19 @@ class Peer:
         csv_path = await asyncio.to_thread(self._fetch_dataset, command)
         if job.stop.is_set():
             raise TrainingStopped("stopped before training began")
+        if command.strategy == "fedavg":
+            await fedavg.FedavgRun(
+                js=self.js,
+                settings=self.settings,
+                peer_id=self.peer_id,
+                device=str(self.device),
+                command=command,
+                csv_path=csv_path,
+                append=self._append,
+                stop=job.stop,
+                stopped=job.stopped,
+            ).run()
+            return
 
         loop = asyncio.get_running_loop()
         stats_queue: asyncio.Queue[EpochStats | None] = asyncio.Queue()

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from swarmtrain.common.events import Hyperparameters, ModelSpec
-from swarmtrain.peer.data import DataError, load_csv, split_indices
+from swarmtrain.peer.data import DataError, Dataset, load_csv, split_indices
 from swarmtrain.peer.model import ModelMetadata, Standardize, build_model
 
 # Model initialisation seeds torch's global generator; the lock keeps two trainings in one process
@@ -102,25 +102,113 @@ def _check(hp: Hyperparameters) -> None:
         raise DataError(f"invalid hyperparameters: epochs={hp.epochs} batch_size={hp.batch_size} lr={hp.lr}")
 
 
-def train(job: TrainJob, on_epoch: Callable[[EpochStats], None], stop: threading.Event) -> TrainResult:
-    """Train ``job`` to its last epoch; raises ``TrainingStopped`` when ``stop`` is set, ``DataError``
-    for data or hyperparameters that cannot be trained on."""
-    hp = job.hyperparameters
-    _check(hp)
-    if job.torch_threads > 0:
-        torch.set_num_threads(job.torch_threads)
-    device = resolve_device(job.device)
+def load_data(job: TrainJob) -> tuple[Dataset, torch.Tensor, torch.Tensor]:
+    """The job's dataset and its (train, validation) row indexes; a DataError if it cannot be trained on."""
+    _check(job.hyperparameters)
     data = load_csv(job.csv_path, job.label_column)
     if len(data.classes) < 2:
         raise DataError(f"the label column has {len(data.classes)} class; at least 2 are needed")
     train_idx, val_idx = split_indices(len(data), job.validation_split, job.seed)
+    return data, train_idx, val_idx
+
+
+def seeded_model(spec: ModelSpec, n_features: int, n_classes: int, seed: int) -> nn.Sequential:
+    """``build_model`` from ``torch.manual_seed(seed)``: the same initial weights on every machine.
+
+    A spec that does not fit the data (a cnn's ``input_shape``) is a DataError.
+    """
+    with _init_lock, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        try:
+            return build_model(spec, n_features, n_classes)
+        except ValueError as exc:
+            raise DataError(str(exc)) from None
+
+
+def metadata_for(spec: ModelSpec, data: Dataset) -> ModelMetadata:
+    return ModelMetadata.for_spec(
+        spec, classes=data.classes, feature_names=data.feature_names, label_column=data.label_column
+    )
+
+
+def run_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch_size: int,
+    shuffle: torch.Generator,
+    stop: threading.Event,
+    epoch: int,
+) -> tuple[float, float, float]:
+    """One pass over ``(x, y)`` in a shuffled order: ``(mean loss, accuracy, seconds)``, both running.
+
+    Raises ``TrainingStopped`` before any batch once ``stop`` is set.
+    """
+    device = x.device
+    n = int(y.shape[0])
+    loss_fn = nn.CrossEntropyLoss()
+    model.train()
+    t0 = time.perf_counter()
+    perm = torch.randperm(n, generator=shuffle).to(device)
+    xs, ys = x[perm], y[perm]
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    for start in range(0, n, batch_size):
+        if stop.is_set():
+            raise TrainingStopped(f"stopped in epoch {epoch}")
+        xb, yb = xs[start : start + batch_size], ys[start : start + batch_size]
+        logits = model(xb)
+        loss = loss_fn(logits, yb)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_sum += loss.detach() * yb.shape[0]
+        correct += (logits.detach().argmax(dim=1) == yb).sum()
+    train_loss, train_correct = loss_sum.item() / n, int(correct.item())  # syncs the device
+    return train_loss, train_correct / n, time.perf_counter() - t0
+
+
+EVAL_BATCH = 4096
+
+
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float | None, float | None]:
+    """``(mean loss, accuracy)`` of ``model`` on ``(x, y)``; ``(None, None)`` for no rows.
+
+    Up to ``EVAL_BATCH`` rows in one pass, more in batches (a cnn's activations are large).
+    """
+    n = int(y.shape[0])
+    if not n:
+        return None, None
+    model.eval()
+    with torch.inference_mode():
+        if n <= EVAL_BATCH:
+            logits = model(x)
+            loss = float(nn.functional.cross_entropy(logits, y).item())
+            return loss, float((logits.argmax(dim=1) == y).float().mean().item())
+        loss_sum = 0.0
+        correct = 0
+        for start in range(0, n, EVAL_BATCH):
+            xb, yb = x[start : start + EVAL_BATCH], y[start : start + EVAL_BATCH]
+            logits = model(xb)
+            loss_sum += float(nn.functional.cross_entropy(logits, yb, reduction="sum").item())
+            correct += int((logits.argmax(dim=1) == yb).sum().item())
+    return loss_sum / n, correct / n
+
+
+def train(job: TrainJob, on_epoch: Callable[[EpochStats], None], stop: threading.Event) -> TrainResult:
+    """Train ``job`` to its last epoch; raises ``TrainingStopped`` when ``stop`` is set, ``DataError``
+    for data or hyperparameters that cannot be trained on."""
+    hp = job.hyperparameters
+    if job.torch_threads > 0:
+        torch.set_num_threads(job.torch_threads)
+    device = resolve_device(job.device)
+    data, train_idx, val_idx = load_data(job)
     x_train, y_train = data.features[train_idx], data.labels[train_idx]
     x_val, y_val = data.features[val_idx], data.labels[val_idx]
     n, n_val = int(y_train.shape[0]), int(y_val.shape[0])
 
-    with _init_lock, torch.random.fork_rng(devices=[]):
-        torch.manual_seed(job.seed)
-        model = build_model(job.model, x_train.shape[1], len(data.classes))
+    model = seeded_model(job.model, x_train.shape[1], len(data.classes), job.seed)
     standardize = model[0]
     assert isinstance(standardize, Standardize)
     standardize.fit(x_train)
@@ -129,45 +217,18 @@ def train(job: TrainJob, on_epoch: Callable[[EpochStats], None], stop: threading
     x_train, y_train = x_train.to(device), y_train.to(device)
     x_val, y_val = x_val.to(device), y_val.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=hp.lr)
-    loss_fn = nn.CrossEntropyLoss()
     shuffle = torch.Generator().manual_seed(job.seed)
 
     started = time.perf_counter()
     stats: EpochStats | None = None
     for epoch in range(1, hp.epochs + 1):
-        model.train()
-        t0 = time.perf_counter()
-        perm = torch.randperm(n, generator=shuffle).to(device)
-        xs, ys = x_train[perm], y_train[perm]
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), dtype=torch.int64, device=device)
-        for start in range(0, n, hp.batch_size):
-            if stop.is_set():
-                raise TrainingStopped(f"stopped in epoch {epoch}")
-            xb, yb = xs[start : start + hp.batch_size], ys[start : start + hp.batch_size]
-            logits = model(xb)
-            loss = loss_fn(logits, yb)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss_sum += loss.detach() * yb.shape[0]
-            correct += (logits.detach().argmax(dim=1) == yb).sum()
-        train_loss, train_correct = loss_sum.item() / n, int(correct.item())  # syncs the device
-        seconds = time.perf_counter() - t0
-
-        val_loss: float | None = None
-        val_accuracy: float | None = None
-        if n_val:
-            model.eval()
-            with torch.inference_mode():
-                logits = model(x_val)
-                val_loss = float(loss_fn(logits, y_val).item())
-                val_accuracy = float((logits.argmax(dim=1) == y_val).float().mean().item())
+        loss, accuracy, seconds = run_epoch(model, optimizer, x_train, y_train, hp.batch_size, shuffle, stop, epoch)
+        val_loss, val_accuracy = evaluate(model, x_val, y_val)
         stats = EpochStats(
             epoch=epoch,
             epochs=hp.epochs,
-            loss=train_loss,
-            accuracy=train_correct / n,
+            loss=loss,
+            accuracy=accuracy,
             val_loss=val_loss,
             val_accuracy=val_accuracy,
             samples_per_s=n / max(seconds, 1e-9),
@@ -178,12 +239,7 @@ def train(job: TrainJob, on_epoch: Callable[[EpochStats], None], stop: threading
 
     return TrainResult(
         model=model.to("cpu").eval(),
-        metadata=ModelMetadata(
-            classes=data.classes,
-            feature_names=data.feature_names,
-            label_column=data.label_column,
-            hidden=list(job.model.hidden),
-        ),
+        metadata=metadata_for(job.model, data),
         final=stats,
         train_seconds=time.perf_counter() - started,
         n_train=n,

@@ -1,0 +1,273 @@
+"""fedavg peers against a real nats-server, with the test playing the scheduler's part.
+
+The test sends each peer its ``Train``, waits for the round's ``ModelUpdatePublished`` events and
+appends the ``RoundClosed`` that names them, exactly as the scheduler would; every wait is for an
+event, with a deadline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import torch
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+
+from swarmtrain.common import blob, bus
+from swarmtrain.common.events import (
+    Heartbeat,
+    Hyperparameters,
+    ModelSpec,
+    ModelUpdatePublished,
+    PeerDone,
+    PeerFailed,
+    RoundAveraged,
+    RoundClosed,
+    RoundUpdate,
+    Stop,
+    Train,
+    UpdateRejected,
+)
+from swarmtrain.common.settings import Settings
+from swarmtrain.peer.averaging import average_round, state_bytes
+from swarmtrain.peer.model import load_model
+from swarmtrain.peer.tensorfile import loads
+from tests.peer.helpers import EventReader, presence, reader, registered, running_peer, stored_session_events
+
+LOCAL_EPOCHS = 2
+
+
+def fedavg_command(
+    peer_id: str,
+    blob_dir: Path,
+    sid: str,
+    *,
+    sha256: str,
+    shard: int,
+    num_shards: int,
+    rounds: int,
+    start_round: int = 1,
+    model: ModelSpec | None = None,
+) -> Train:
+    return Train(
+        peer_id=peer_id,
+        session_id=sid,
+        dataset_uri=(blob_dir / "datasets" / "digits.csv").as_uri(),
+        dataset_sha256=sha256,
+        label_column="digit",
+        model=model or ModelSpec(hidden=[64, 32]),
+        hyperparameters=Hyperparameters(epochs=LOCAL_EPOCHS, batch_size=32, lr=2e-3),
+        validation_split=0.2,
+        seed=7,
+        output_uri=(blob_dir / "sessions" / sid / "models" / f"{peer_id}.safetensors").as_uri(),
+        strategy="fedavg",
+        shard=shard,
+        num_shards=num_shards,
+        rounds=rounds,
+        start_round=start_round,
+        rounds_uri=(blob_dir / "sessions" / sid / "rounds").as_uri(),
+    )
+
+
+@contextlib.asynccontextmanager
+async def peers(settings: Settings, js: JetStreamContext, *names: str) -> AsyncIterator[list[str]]:
+    """Run a peer per name; yields their ids in the same order."""
+    async with contextlib.AsyncExitStack() as stack:
+        for name in names:
+            await stack.enter_async_context(running_peer(settings, name))
+        yield [(await registered(js, name)).peer_id for name in names]
+
+
+async def updates_of(session: EventReader, r: int, peer_ids: list[str]) -> dict[str, ModelUpdatePublished]:
+    found = await session.collect(
+        ModelUpdatePublished, lambda e: e.round == r and e.peer_id in peer_ids, count=len(peer_ids)
+    )
+    return {e.peer_id: e for e in found}
+
+
+def named(*updates: ModelUpdatePublished) -> list[RoundUpdate]:
+    return [RoundUpdate(peer_id=u.peer_id, uri=u.uri, sha256=u.sha256, num_samples=u.num_samples) for u in updates]
+
+
+async def close_round(
+    js: JetStreamContext, sid: str, r: int, updates: list[RoundUpdate], left_out: list[str] | None = None
+) -> RoundClosed:
+    closed = RoundClosed(session_id=sid, round=r, updates=updates, left_out=left_out or [])
+    await bus.append(js, closed)
+    return closed
+
+
+def fetch(update: RoundUpdate) -> bytes:
+    store, key = blob.resolve(update.uri)
+    return store.get_bytes(key)
+
+
+def read_uri(uri: str) -> bytes:
+    store, key = blob.resolve(uri)
+    return store.get_bytes(key)
+
+
+def reference_of(update_uri: str) -> dict[str, torch.Tensor]:
+    return loads(read_uri(update_uri))
+
+
+# ------------------------------------------------------------------ tests
+
+
+async def test_three_peers_average_every_round_and_end_identical(
+    settings: Settings, nc: NATS, blob_dir: Path, digits_sha256: str
+) -> None:
+    js = nc.jetstream()
+    sid, rounds = "fa", 3
+    t0 = time.monotonic()
+    async with peers(settings, js, "alpha", "beta", "gamma") as ids, reader(js, f"session.{sid}.events") as session:
+        for shard, peer_id in enumerate(ids):
+            cmd = fedavg_command(peer_id, blob_dir, sid, sha256=digits_sha256, shard=shard, num_shards=3, rounds=rounds)
+            await bus.send(js, cmd)
+        for r in range(1, rounds + 1):
+            ups = await updates_of(session, r, ids)
+            closed = await close_round(js, sid, r, named(*ups.values()))
+            [averaged] = await session.collect(RoundAveraged, lambda e, r=r: e.round == r)  # type: ignore[misc]
+            # Anyone can recompute the round from the log and the blobs, bit for bit.
+            expected, rejected = average_round(closed, fetch, reference_of(next(iter(ups.values())).uri))
+            assert rejected == [] and expected is not None
+            data = read_uri(averaged.uri)
+            assert data == state_bytes(expected)
+            assert hashlib.sha256(data).hexdigest() == averaged.sha256
+            assert averaged.event_id == f"{sid}.r{r}.averaged" and averaged.val_accuracy is not None
+        done = await session.collect(PeerDone, count=3, timeout=30)
+    elapsed = time.monotonic() - t0
+
+    assert {d.peer_id for d in done} == set(ids)
+    assert len({d.model_sha256 for d in done}) == 1, "every peer must end with the same model file"
+    assert all(d.epochs == rounds * LOCAL_EPOCHS and d.val_accuracy == done[0].val_accuracy for d in done)
+    assert done[0].val_accuracy is not None and done[0].val_accuracy > 0.85
+    final = read_uri(done[0].model_uri)
+    assert hashlib.sha256(final).hexdigest() == done[0].model_sha256
+    model, meta = load_model(final)
+    assert meta.label_column == "digit" and len(meta.classes) == 10
+    last_average = loads(read_uri(averaged.uri))
+    assert all(torch.equal(t, last_average[name]) for name, t in model.state_dict().items())
+
+    stored = await stored_session_events(js, sid)
+    for peer_id in ids:
+        mine = [e for e in stored if isinstance(e, ModelUpdatePublished) and e.peer_id == peer_id]
+        assert [u.round for u in mine] == [1, 2, 3]
+        assert all(u.event_id == f"{sid}.r{u.round}.{peer_id}.update" for u in mine)
+        assert all(u.uri.endswith(f"/rounds/{u.round}/{peer_id}.safetensors") for u in mine)
+        heartbeats = [e for e in stored if isinstance(e, Heartbeat) and e.peer_id == peer_id]
+        assert [(b.epoch, b.epochs) for b in heartbeats] == [(e, rounds * LOCAL_EPOCHS) for e in range(1, 7)]
+    assert sum(u.num_samples for u in stored if isinstance(u, ModelUpdatePublished) and u.round == 1) == 1438
+    assert [e.round for e in stored if isinstance(e, RoundAveraged)] == [1, 2, 3]  # one per round (deduplicated)
+    assert not any(isinstance(e, UpdateRejected | PeerFailed) for e in stored)
+    assert elapsed < 60
+
+
+async def test_poisoned_updates_are_rejected_and_the_session_still_ends_identical(
+    settings: Settings, nc: NATS, blob_dir: Path, digits_sha256: str
+) -> None:
+    js = nc.jetstream()
+    sid = "poison"
+    rounds_dir = blob_dir / "sessions" / sid / "rounds"
+    async with peers(settings, js, "alpha", "beta") as ids, reader(js, f"session.{sid}.events") as session:
+        for shard, peer_id in enumerate(ids):
+            cmd = fedavg_command(peer_id, blob_dir, sid, sha256=digits_sha256, shard=shard, num_shards=2, rounds=2)
+            await bus.send(js, cmd)
+
+        ups = await updates_of(session, 1, ids)
+        genuine = loads(read_uri(ups[ids[0]].uri))
+        nan = {name: t.clone() for name, t in genuine.items()}
+        next(t for name, t in nan.items() if name.endswith("weight"))[0, 0] = float("nan")
+        bent = {**genuine, "1.bias": torch.zeros(3)}
+        poison = []
+        for name, tensors in (("evil", nan), ("bent", bent)):
+            ref = blob.FileStore(rounds_dir).put_bytes(f"1/{name}.safetensors", state_bytes(tensors))
+            poison.append(RoundUpdate(peer_id=name, uri=ref.uri, sha256=ref.sha256, num_samples=10_000))
+        closed = await close_round(js, sid, 1, [*named(*ups.values()), *poison])
+        rejected = await session.collect(UpdateRejected, count=2)
+        assert {(e.peer_id, e.round) for e in rejected} == {("evil", 1), ("bent", 1)}
+        reasons = {e.peer_id: e.reason for e in rejected}
+        assert "NaN or Inf" in reasons["evil"] and "shape" in reasons["bent"]
+        assert all(e.reported_by in ids and e.event_id == f"{sid}.r1.{e.peer_id}.rejected" for e in rejected)
+        [first] = await session.collect(RoundAveraged, lambda e: e.round == 1)
+        honest = RoundClosed(session_id=sid, round=1, updates=named(*ups.values()))
+        expected, _ = average_round(honest, fetch, genuine)
+        assert expected is not None and read_uri(first.uri) == state_bytes(expected)
+        assert closed.updates[-1].peer_id == "bent"
+
+        # Round 2 names nothing acceptable: every peer keeps the round-start weights (round 1's average).
+        await updates_of(session, 2, ids)
+        await close_round(js, sid, 2, poison[:1])
+        [second] = await session.collect(RoundAveraged, lambda e: e.round == 2)
+        assert second.sha256 == first.sha256
+        done = await session.collect(PeerDone, count=2)
+    assert len({d.model_sha256 for d in done}) == 1
+    model, _ = load_model(read_uri(done[0].model_uri))
+    assert all(torch.equal(t, expected[name]) for name, t in model.state_dict().items())
+
+
+async def test_late_joiner_rebuilds_the_last_average_and_trains_the_shard_as_its_owner_would(
+    settings: Settings, nc: NATS, blob_dir: Path, digits_sha256: str
+) -> None:
+    js = nc.jetstream()
+    sid = "late"
+    async with peers(settings, js, "alpha", "beta", "gamma") as ids, reader(js, f"session.{sid}.events") as session:
+        alpha, beta, gamma = ids
+        for shard, peer_id in enumerate((alpha, beta)):
+            cmd = fedavg_command(peer_id, blob_dir, sid, sha256=digits_sha256, shard=shard, num_shards=2, rounds=2)
+            await bus.send(js, cmd)
+        ups = await updates_of(session, 1, [alpha, beta])
+        await close_round(js, sid, 1, named(*ups.values()))
+        await session.collect(RoundAveraged, lambda e: e.round == 1)
+
+        # gamma joins for round 2 on beta's shard, as a reassignment would hand it.
+        late = fedavg_command(
+            gamma, blob_dir, sid, sha256=digits_sha256, shard=1, num_shards=2, rounds=2, start_round=2
+        )
+        await bus.send(js, late)
+        round2 = await updates_of(session, 2, ids)
+        # Same round-start weights (round 1's average, rebuilt from the log), same shard, same round:
+        # the same bytes as the shard's first owner.
+        assert round2[gamma].sha256 == round2[beta].sha256
+        assert round2[gamma].num_samples == round2[beta].num_samples
+
+        # The round closes without beta (as if it had stalled): beta stops, the others finish.
+        await close_round(js, sid, 2, named(round2[alpha], round2[gamma]), left_out=[beta])
+        done = await session.collect(PeerDone, count=2)
+        assert {d.peer_id for d in done} == {alpha, gamma}
+        assert done[0].model_sha256 == done[1].model_sha256
+        async with presence(nc, beta) as beats:
+            await beats.wait_for(lambda b: b.session_id is None)
+
+    stored = await stored_session_events(js, sid)
+    assert not any(isinstance(e, PeerDone | PeerFailed) and e.peer_id == beta for e in stored)
+    heartbeats = [e for e in stored if isinstance(e, Heartbeat) and e.peer_id == gamma]
+    assert [b.epoch for b in heartbeats] == [3, 4]  # round 2's epochs only
+    assert not any(isinstance(e, ModelUpdatePublished) and e.peer_id == gamma and e.round == 1 for e in stored)
+
+
+async def test_stop_while_waiting_for_a_round_ends_the_job_at_once_and_quietly(
+    settings: Settings, nc: NATS, blob_dir: Path, digits_sha256: str
+) -> None:
+    js = nc.jetstream()
+    sid = "halt"
+    async with peers(settings, js, "alpha") as [alpha], reader(js, f"session.{sid}.events") as session:
+        cnn = ModelSpec(kind="cnn", input_shape=[1, 8, 8], channels=[8], hidden=[16])
+        cmd = fedavg_command(alpha, blob_dir, sid, sha256=digits_sha256, shard=0, num_shards=1, rounds=3, model=cnn)
+        async with presence(nc, alpha) as beats:
+            await bus.send(js, cmd)
+            await updates_of(session, 1, [alpha])
+            await beats.wait_for(lambda b: b.session_id == sid)
+            t0 = time.monotonic()
+            await bus.send(js, Stop(peer_id=alpha, session_id=sid))
+            await beats.wait_for(lambda b: b.session_id is None)
+            assert time.monotonic() - t0 < 3.0
+        # Closing the round now changes nothing: the job is gone.
+        await close_round(js, sid, 1, [])
+    stored = await stored_session_events(js, sid)
+    assert not any(isinstance(e, RoundAveraged | PeerDone | PeerFailed) for e in stored)
+    assert [e.round for e in stored if isinstance(e, ModelUpdatePublished)] == [1]
