@@ -71,7 +71,8 @@ def recompute(settings: Settings, closed: RoundClosed, averaged: RoundAveraged) 
         s, k = blob.resolve(update.uri, settings)
         return s.get_bytes(k)
 
-    average, rejected = average_round(closed, fetch, load(stored))
+    rounds_uri = averaged.uri.rsplit(f"/{closed.round}/", 1)[0]  # exactly as the peers check update URIs
+    average, rejected = average_round(closed, fetch, load(stored), rounds_uri=rounds_uri)
     if average is None:
         raise ValueError(f"round {closed.round}: every update was rejected: {rejected}")
     data = state_bytes(average)

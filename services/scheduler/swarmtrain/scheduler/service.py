@@ -25,6 +25,7 @@ from swarmtrain.common.events import (
     Train,
     decode_event,
     decode_presence,
+    new_id,
 )
 from swarmtrain.common.logging import get_logger
 from swarmtrain.common.settings import Settings
@@ -186,7 +187,7 @@ class Scheduler:
         self.barrier = max(self.barrier, await bus.append(self.js, moved))
         hyperparameters = session.request.hyperparameters[action.shard]
         command = train_command(session.request, peer_id, hyperparameters, self.store, action.shard, action.round)
-        await bus.send(self.js, command)
+        await bus.send(self.js, msgspec.structs.replace(command, event_id=new_id()))  # each hand-over is new
         log.info("shard reassigned", session_id=sid, shard=action.shard, peer_id=peer_id, round=action.round)
 
 
