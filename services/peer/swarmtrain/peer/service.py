@@ -160,6 +160,7 @@ class Peer:
         self.state_dir = Path(settings.state_dir)
         self._job: _Job | None = None
         self._finished: set[str] = set()
+        """Event ids of the Train commands this peer has run."""
         self._tasks: asyncio.TaskGroup | None = None
 
     @property
@@ -245,7 +246,9 @@ class Peer:
 
     def _on_train(self, command: Train) -> None:
         sid = command.session_id
-        if self.current_session == sid or sid in self._finished:
+        # one job per Train command: a redelivered command is ignored, a new one for the same
+        # session (its shard handed back to this peer) is not
+        if self.current_session == sid or command.event_id in self._finished:
             log.info("duplicate Train ignored", session_id=sid)
             return
         if self._job is not None:
@@ -284,7 +287,7 @@ class Peer:
                 log.exception("training failed")
                 await self._fail(command, failure_reason(exc))
             finally:
-                self._finished.add(command.session_id)
+                self._finished.add(command.event_id)
                 if self._job is job:
                     self._job = None
 
