@@ -121,9 +121,9 @@ def demo(peers: int, csv_path: Path, epochs: int) -> int:
             star = "*" if p["peer_id"] == s["best_peer_id"] else " "
             print(f" {star} {p['peer_id'][:8]}  lr {p['hyperparameters']['lr']:<7} val_acc {p['val_accuracy']:.3f}")
         model = client.get(f"/sessions/{sid}/model")
-        out = Path.cwd() / f"swarmtrain-demo-{sid[:8]}.safetensors"
-        out.write_bytes(model.content)
-        print(f"best model ({len(model.content)} bytes, safetensors) saved to {out}")
+        saved = Path.cwd() / f"swarmtrain-demo-{sid[:8]}.safetensors"
+        saved.write_bytes(model.content)
+        print(f"best model ({len(model.content)} bytes, safetensors) saved to {saved}")
         return 0
     finally:
         client.close()
