@@ -34,6 +34,7 @@ class WrongLastSequence(Exception):
 
 async def connect(settings: Settings, name: str, attempts: int = -1) -> NATS:
     """Connect to NATS; a service waits for it forever (``attempts=-1``), a one-shot command does not."""
+
     async def on_error(exc: Exception) -> None:
         log.warning("nats error", error=str(exc))
 
@@ -42,6 +43,8 @@ async def connect(settings: Settings, name: str, attempts: int = -1) -> NATS:
         name=name,
         user=settings.nats_user,
         password=settings.nats_password,
+        nkeys_seed_str=settings.nats_nkey_seed,
+        inbox_prefix=settings.nats_inbox_prefix,
         max_reconnect_attempts=attempts,
         reconnect_time_wait=0.5,
         error_cb=on_error,
@@ -49,7 +52,11 @@ async def connect(settings: Settings, name: str, attempts: int = -1) -> NATS:
 
 
 async def ensure_streams(js: JetStreamContext) -> None:
-    """Create the two streams, or bring their subjects up to date; safe to call from every service."""
+    """Create the two streams, or bring their subjects up to date; safe to call from every service.
+
+    A stream that exists with its subjects is left alone, so a client allowed only to read stream
+    info (a peer, see ``swarmtrain nats-config``) passes here once a service has created them.
+    """
     for config in (
         api.StreamConfig(
             name=EVENTS_STREAM,
@@ -68,6 +75,10 @@ async def ensure_streams(js: JetStreamContext) -> None:
             duplicate_window=120.0,
         ),
     ):
+        with contextlib.suppress(nats.js.errors.NotFoundError):
+            info = await js.stream_info(config.name or "")
+            if sorted(info.config.subjects or []) == sorted(config.subjects or []):
+                continue
         try:
             await js.add_stream(config)
         except nats.js.errors.BadRequestError:

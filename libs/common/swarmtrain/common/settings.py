@@ -20,6 +20,15 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     """NATS user name, if the server requires one (SWARMTRAIN_NATS_USER)."""
     nats_password: str | None = None
     """NATS password (SWARMTRAIN_NATS_PASSWORD)."""
+    nats_nkey_seed: str | None = None
+    """NATS nkey seed (SU...) this process authenticates with (SWARMTRAIN_NATS_NKEY_SEED); made by
+    ``swarmtrain nats-config``."""
+    nats_inbox_prefix: str = "_INBOX"
+    """Prefix of this process's reply subjects (SWARMTRAIN_NATS_INBOX_PREFIX); with generated
+    credentials ``_INBOX.<identity>``, the only inbox its NATS user may subscribe to."""
+    peer_id: str | None = None
+    """A peer's id, fixed by its NATS credential (SWARMTRAIN_PEER_ID); unset, a peer keeps one per
+    name in its state folder."""
     database_url: str = "postgresql://postgres@127.0.0.1:5432/swarmtrain"
     """PostgreSQL DSN for the read models (SWARMTRAIN_DATABASE_URL)."""
     blob_url: str = "file://" + str(Path(_state_dir()) / "blobs")
@@ -68,12 +77,19 @@ PREFIX = "SWARMTRAIN_"
 
 
 def from_env(environ: dict[str, str] | None = None) -> Settings:
+    """Each setting from ``SWARMTRAIN_<NAME>``, or read from the file named by ``SWARMTRAIN_<NAME>_FILE``
+    (for secrets: docker secrets, mounted files); the variable itself wins over the file."""
     env = os.environ if environ is None else environ
-    raw = {
-        name: env[PREFIX + name.upper()]
-        for name in Settings.__struct_fields__
-        if PREFIX + name.upper() in env and env[PREFIX + name.upper()] != ""
-    }
+    raw: dict[str, str] = {}
+    for name in Settings.__struct_fields__:
+        key = PREFIX + name.upper()
+        if env.get(key, "") != "":
+            raw[name] = env[key]
+        elif env.get(key + "_FILE", "") != "":
+            try:
+                raw[name] = Path(env[key + "_FILE"]).read_text().strip()
+            except OSError as exc:
+                raise SystemExit(f"{key}_FILE: cannot read {env[key + '_FILE']}: {exc.strerror}") from None
     try:
         return msgspec.convert(raw, Settings, strict=False)
     except msgspec.ValidationError as exc:

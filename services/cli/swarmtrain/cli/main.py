@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import signal
 import sys
@@ -54,13 +55,23 @@ def _peer(args: argparse.Namespace) -> int:
     from swarmtrain.peer.service import run
 
     settings = get_settings()
-    if args.nats:
-        settings = msgspec.structs.replace(settings, nats_url=args.nats)
+    with contextlib.ExitStack() as stack:
+        name = args.name
+        if args.credentials:
+            from swarmtrain.cli.natsconfig import claim
+            from swarmtrain.common.settings import from_env
 
-    async def main(s: Settings, stop: asyncio.Event) -> None:
-        await run(s, stop, name=args.name, device=args.device)
+            # the credential fixes the peer's id and NATS identity; it is held while the peer runs
+            claimed, env = stack.enter_context(claim(Path(args.credentials)))
+            settings = from_env({**os.environ, **env})
+            name = name or claimed
+        if args.nats:
+            settings = msgspec.structs.replace(settings, nats_url=args.nats)
 
-    return serve(main, settings)
+        async def main(s: Settings, stop: asyncio.Event) -> None:
+            await run(s, stop, name=name, device=args.device)
+
+        return serve(main, settings)
 
 
 def _rebuild(args: argparse.Namespace) -> int:
@@ -77,14 +88,17 @@ def _tap(args: argparse.Namespace) -> int:
     """Print every message on SUBJECT as one JSON line, as `nats sub` would show it."""
     import nats
 
-    url = args.nats or get_settings().nats_url
+    settings = get_settings()
+    url = args.nats or settings.nats_url
 
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        nc = await nats.connect(url.split(","))
+        nc = await nats.connect(
+            url.split(","), nkeys_seed_str=settings.nats_nkey_seed, inbox_prefix=settings.nats_inbox_prefix
+        )
 
         async def show(msg: nats.aio.msg.Msg) -> None:
             sys.stdout.write(msg.data.decode(errors="replace") + "\n")
@@ -113,6 +127,14 @@ def _replay_round(args: argparse.Namespace) -> int:
     print(f"  stored     sha256 {result.stored_sha256} ({result.stored_uri})")
     print("MATCH: bit for bit" if result.matches else "MISMATCH")
     return 0 if result.matches else 2
+
+
+def _nats_config(args: argparse.Namespace) -> int:
+    from swarmtrain.cli.natsconfig import main as nats_config
+
+    if args.peers < 0:
+        raise ValueError("--peers must be 0 or more")
+    return nats_config(Path(args.out), args.peers, args.sync, args.port)
 
 
 def _up(args: argparse.Namespace) -> int:
@@ -144,7 +166,25 @@ def parser() -> argparse.ArgumentParser:
     peer.add_argument("--nats", help="NATS URL (default: SWARMTRAIN_NATS_URL)")
     peer.add_argument("--name", help="a name for this peer; its id is kept per name (default: hostname)")
     peer.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    peer.add_argument(
+        "--credentials",
+        help="a peer-<n>.env from `swarmtrain nats-config` (its id and NATS nkey), or a folder of them: "
+        "the first one no other peer holds is taken (default: none, for an open NATS server)",
+    )
     peer.set_defaults(func=_peer)
+
+    natsconf = sub.add_parser(
+        "nats-config", help="write a NATS server configuration and least-privilege credentials (nkeys)"
+    )
+    natsconf.add_argument("--out", required=True, help="folder to write into, e.g. deploy/nats")
+    natsconf.add_argument("--peers", type=int, default=4, help="peer credentials wanted in all (default 4)")
+    natsconf.add_argument(
+        "--sync",
+        default="always",
+        help="JetStream sync_interval: 'always' (fsync before every ack; the default) or a duration such as 1s",
+    )
+    natsconf.add_argument("--port", type=int, default=4222, help="client port (default 4222)")
+    natsconf.set_defaults(func=_nats_config)
 
     tap = sub.add_parser("tap", help="print live events, one JSON per line")
     tap.add_argument("subject", nargs="?", default="session.*.events")

@@ -77,8 +77,13 @@ def identity_path(state_dir: Path, name: str) -> Path:
 
 
 @contextlib.contextmanager
-def hold_identity(state_dir: Path, name: str) -> Iterator[str]:
-    """Yield the stable peer id for ``name``, holding an exclusive ``flock`` on its file meanwhile."""
+def hold_identity(state_dir: Path, name: str, assigned: str | None = None) -> Iterator[str]:
+    """Yield the stable peer id for ``name``, holding an exclusive ``flock`` on its file meanwhile.
+
+    ``assigned``: the id fixed by the peer's NATS credential (``SWARMTRAIN_PEER_ID``), kept in the file.
+    """
+    if assigned is not None and not ID_RE.match(assigned):
+        raise SystemExit(f"invalid peer id {assigned!r} (SWARMTRAIN_PEER_ID): expected p + 16 hex digits")
     if not NAME_RE.match(name):
         raise SystemExit(f"invalid peer name {name!r}: use letters, digits, '.', '_' or '-' (at most 64)")
     path = identity_path(state_dir, name)
@@ -90,8 +95,8 @@ def hold_identity(state_dir: Path, name: str) -> Iterator[str]:
         except BlockingIOError:
             raise SystemExit(f"a peer named {name!r} is already running here; pass --name") from None
         peer_id = os.pread(fd, 64, 0).decode("ascii", errors="replace").strip()
-        if not ID_RE.match(peer_id):
-            peer_id = "p" + secrets.token_hex(8)
+        if not ID_RE.match(peer_id) or (assigned is not None and peer_id != assigned):
+            peer_id = assigned or "p" + secrets.token_hex(8)
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{peer_id}\n".encode(), 0)
             os.fsync(fd)
@@ -455,7 +460,7 @@ async def run(settings: Settings, stop: asyncio.Event, name: str | None = None, 
     except ValueError as exc:
         raise SystemExit(f"--device {device}: {exc}") from None
     async with contextlib.AsyncExitStack() as stack:
-        peer_id = stack.enter_context(hold_identity(Path(settings.state_dir), name))
+        peer_id = stack.enter_context(hold_identity(Path(settings.state_dir), name, settings.peer_id))
         stack.enter_context(structlog.contextvars.bound_contextvars(peer_id=peer_id))
         nc = await bus.connect(settings, f"swarmtrain-peer {name}")
         stack.push_async_callback(_drain, nc)
