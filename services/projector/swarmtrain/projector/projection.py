@@ -81,6 +81,9 @@ async def apply_batch(pool: asyncpg.Pool, batch: list[tuple[int, Event]]) -> int
         return await apply_in(conn, batch, await lock_position(conn))
 
 
+_ASSIGNED = "SELECT true FROM session_peers WHERE session_id = $1 AND peer_id = $2"
+
+
 async def _touch_peer(conn: asyncpg.Connection, event: Event, peer_id: str, online: bool | None) -> None:
     await conn.execute(
         """
@@ -236,17 +239,20 @@ async def apply(conn: asyncpg.Connection, seq: int, event: Event) -> None:
                 """
                 UPDATE session_rounds SET rejected = rejected || $3::jsonb
                 WHERE session_id = $1 AND round = $2 AND NOT rejected @> $4::jsonb
+                    AND EXISTS (SELECT 1 FROM session_peers WHERE session_id = $1 AND peer_id = $5)
                 """,
                 event.session_id,
                 event.round,
                 _json([{"peer_id": event.peer_id, "reason": event.reason}]),
                 _json([{"peer_id": event.peer_id}]),
+                event.reported_by,
             )
         case RoundAveraged():
             await conn.execute(
                 """
                 UPDATE session_rounds SET val_loss = $3, val_accuracy = $4, average_uri = $5, average_sha256 = $6
                 WHERE session_id = $1 AND round = $2 AND average_uri IS NULL
+                    AND EXISTS (SELECT 1 FROM session_peers WHERE session_id = $1 AND peer_id = $7)
                 """,
                 event.session_id,
                 event.round,
@@ -254,6 +260,7 @@ async def apply(conn: asyncpg.Connection, seq: int, event: Event) -> None:
                 event.val_accuracy,
                 event.uri,
                 event.sha256,
+                event.peer_id,
             )
         case Heartbeat():
             await conn.execute(
@@ -288,7 +295,8 @@ async def apply(conn: asyncpg.Connection, seq: int, event: Event) -> None:
                 event.val_accuracy,
                 event.samples_per_s,
             )
-            await _touch_peer(conn, event, event.peer_id, None)
+            if await conn.fetchval(_ASSIGNED, event.session_id, event.peer_id):  # a forged beat shows no peer
+                await _touch_peer(conn, event, event.peer_id, None)
         case PeerDone():
             await conn.execute(
                 """
