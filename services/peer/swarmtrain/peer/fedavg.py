@@ -41,8 +41,8 @@ from pathlib import Path
 from typing import TypeVar
 
 import nats.errors
+import nats.js.errors
 import torch
-from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 from torch import nn
 
@@ -214,33 +214,55 @@ class SessionLog:
         self.averaged: dict[int, RoundAveraged] = {}
         self.ended: str | None = None
         self._changed = asyncio.Event()
-        self._sub: JetStreamContext.PushSubscription | None = None
+        self._sub: JetStreamContext.PullSubscription | None = None
+        self._pump: asyncio.Task[None] | None = None
+        self._closing = False
 
     @classmethod
-    async def open(cls, js: JetStreamContext, session_id: str) -> SessionLog:
+    async def open(cls, js: JetStreamContext, session_id: str, peer_id: str) -> SessionLog:
+        """Follow the session through this peer's one reader consumer on EVENTS, ``peer-<id>``.
+
+        The name is fixed because a peer's NATS credential allows it that consumer only (filtered
+        to a session's events); a peer follows one session at a time, so it recreates it per job.
+        """
         reader = cls()
-        reader._sub = await js.subscribe(
-            f"session.{session_id}.events",
-            stream=bus.EVENTS_STREAM,
-            cb=reader._on_msg,
-            ordered_consumer=True,
+        name = f"peer-{peer_id}"
+        with contextlib.suppress(nats.js.errors.NotFoundError):
+            await js.delete_consumer(bus.EVENTS_STREAM, name)
+        config = api.ConsumerConfig(
+            name=name,
+            filter_subject=f"session.{session_id}.events",
             deliver_policy=api.DeliverPolicy.ALL,
+            ack_policy=api.AckPolicy.NONE,
+            inactive_threshold=300.0,
         )
+        await js.add_consumer(bus.EVENTS_STREAM, config)
+        reader._sub = await js.pull_subscribe_bind(consumer=name, stream=bus.EVENTS_STREAM)
+        reader._pump = asyncio.create_task(reader._read(reader._sub), name=f"session-log-{session_id}")
         return reader
 
     async def close(self) -> None:
+        if self._pump is not None:
+            # let the pending fetch finish rather than cancel it: a pull request cut short leaves
+            # a late status message behind, and the connection's drain would wait on it
+            self._closing = True
+            await self._pump
+            self._pump = None
         if self._sub is not None:
             with contextlib.suppress(nats.errors.Error):
                 await self._sub.unsubscribe()
             self._sub = None
 
-    async def _on_msg(self, msg: Msg) -> None:
-        try:
-            event = events.decode_event(msg.data)
-        except ValueError:  # msgspec's DecodeError and ValidationError are ValueErrors
-            log.warning("malformed session event ignored", subject=msg.subject)
-            return
-        self.observe(event)
+    async def _read(self, sub: JetStreamContext.PullSubscription) -> None:
+        while not self._closing:
+            try:
+                batch = await bus.fetch(sub, events.decode_event, batch=256, timeout=0.5)
+            except nats.errors.Error as exc:  # connection trouble: the client reconnects by itself
+                log.warning("session log fetch failed", error=str(exc))
+                await asyncio.sleep(0.5)
+                continue
+            for _, event in batch:
+                self.observe(event)
 
     def observe(self, event: Event) -> None:
         match event:
@@ -318,7 +340,7 @@ class FedavgRun:
         cmd = self.command
         learner = await asyncio.to_thread(LocalLearner, self.csv_path, cmd, self.device, self.settings.torch_threads)
         self._go_on()
-        self._log = await SessionLog.open(self.js, self.sid)
+        self._log = await SessionLog.open(self.js, self.sid, self.peer_id)
         try:
             if cmd.start_round > 1:
                 await self._catch_up(learner)
