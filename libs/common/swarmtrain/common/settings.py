@@ -53,6 +53,35 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     """Gateway port (SWARMTRAIN_PORT)."""
     max_upload_mb: int = 200
     """Largest dataset upload accepted, in MiB (SWARMTRAIN_MAX_UPLOAD_MB)."""
+    jwt_issuer: str = "swarmtrain"
+    """``iss`` of the access tokens the gateway issues, and the only one it accepts (SWARMTRAIN_JWT_ISSUER)."""
+    jwt_audience: str = "swarmtrain-api"
+    """``aud`` of the access tokens the gateway issues, and the only one it accepts (SWARMTRAIN_JWT_AUDIENCE)."""
+    argon2_time_cost: int = 3
+    """argon2id passes per password hash (SWARMTRAIN_ARGON2_TIME_COST); the default and
+    ``argon2_memory_kib`` are RFC 9106's second recommended option."""
+    argon2_memory_kib: int = 65536
+    """argon2id memory per password hash, in KiB (SWARMTRAIN_ARGON2_MEMORY_KIB)."""
+    signin_max_failures: int = 5
+    """Failed sign-ins for one email within ``signin_window_s`` before the gateway answers 429
+    (SWARMTRAIN_SIGNIN_MAX_FAILURES); counted in memory, per gateway process."""
+    signin_max_failures_per_address: int = 20
+    """Failed sign-ins from one client address within ``signin_window_s`` before 429
+    (SWARMTRAIN_SIGNIN_MAX_FAILURES_PER_ADDRESS)."""
+    signin_window_s: float = 300.0
+    """The sliding window of the sign-in throttle, in seconds (SWARMTRAIN_SIGNIN_WINDOW_S)."""
+    max_num_peers: int = 256
+    """Most peers one session may ask for (SWARMTRAIN_MAX_NUM_PEERS)."""
+    max_epochs: int = 1000
+    """Most epochs one peer may train in a session; for fedavg, local epochs x rounds (SWARMTRAIN_MAX_EPOCHS)."""
+    max_rounds: int = 500
+    """Most fedavg rounds in a session (SWARMTRAIN_MAX_ROUNDS)."""
+    max_model_params: int = 10_000_000
+    """Most trainable parameters a requested model may have (SWARMTRAIN_MAX_MODEL_PARAMS)."""
+    max_active_sessions: int = 5
+    """Most queued or running sessions one user may have at once; more is 429 (SWARMTRAIN_MAX_ACTIVE_SESSIONS)."""
+    max_streams_per_user: int = 8
+    """Most live event streams (SSE) one user may hold open on one gateway (SWARMTRAIN_MAX_STREAMS_PER_USER)."""
     presence_interval_s: float = 1.0
     """How often a peer beats presence (SWARMTRAIN_PRESENCE_INTERVAL_S)."""
     peer_timeout_s: float = 6.0
