@@ -9,9 +9,9 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 import asyncpg
-import msgspec
 import uvicorn
-from litestar import Litestar, get
+from litestar import Litestar
+from litestar.config.app import AppConfig
 from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
@@ -23,22 +23,18 @@ from swarmtrain.common.settings import Settings, get_settings
 from swarmtrain.gateway import errors
 from swarmtrain.gateway.auth import AuthController, make_jwt_auth
 from swarmtrain.gateway.datasets import DatasetController
+from swarmtrain.gateway.health import healthz, readyz
+from swarmtrain.gateway.inputs import reject_unknown_query_parameters
 from swarmtrain.gateway.limits import GatewayRequest
+from swarmtrain.gateway.passwords import Passwords
 from swarmtrain.gateway.peers import PeerController
 from swarmtrain.gateway.projection import ProjectionWatcher
 from swarmtrain.gateway.sessions import SessionController
 from swarmtrain.gateway.state import Gateway, provide_gateway
+from swarmtrain.gateway.throttle import SignInThrottle
 
 log = get_logger("swarmtrain.gateway")
-
-
-class Health(msgspec.Struct):
-    status: str = "ok"
-
-
-@get("/healthz", tags=["health"], summary="Liveness")
-async def healthz() -> Health:
-    return Health()
+SHUTDOWN_GRACE_S = 10
 
 
 def create_app(settings: Settings | None = None) -> Litestar:
@@ -49,7 +45,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
         lifespan=[_configure_lifespan(settings)],
         dependencies=_configure_dependencies(),
         exception_handlers=errors.handlers(),
-        on_app_init=[jwt_auth.on_app_init],
+        before_request=reject_unknown_query_parameters,
+        on_app_init=[jwt_auth.on_app_init, _security_per_route],
         request_max_body_size=settings.max_upload_mb * 1024 * 1024,
         request_class=GatewayRequest,
         openapi_config=_configure_openapi(),
@@ -58,7 +55,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
 
 
 def _configure_routes() -> list[ControllerRouterHandler]:
-    return [healthz, AuthController, DatasetController, SessionController, PeerController]
+    return [healthz, readyz, AuthController, DatasetController, SessionController, PeerController]
 
 
 def _configure_dependencies() -> dict[str, Provide]:
@@ -69,8 +66,18 @@ def _configure_openapi() -> OpenAPIConfig:
     return OpenAPIConfig(
         title="swarmtrain",
         version="0.1.0",
-        description="Train models on a swarm of peers: upload a CSV, request a session, watch it train.",
+        description="Train models on a swarm of peers: upload a CSV, request a session, watch it train. "
+        "Sign up, sign in for an access token, and send it as `Authorization: Bearer <token>` to every route "
+        "marked with the BearerToken scheme. Errors are RFC 9457 problem details (application/problem+json).",
     )
+
+
+def _security_per_route(app_config: AppConfig) -> AppConfig:
+    """The JWT plugin marks every operation as needing a token; the controllers say it themselves
+    instead, so the public routes (sign-up, sign-in, health, schema) show none."""
+    if app_config.openapi_config is not None:
+        app_config.openapi_config.security = None
+    return app_config
 
 
 def _configure_lifespan(settings: Settings) -> Callable[[Litestar], AbstractAsyncContextManager[None]]:
@@ -89,9 +96,24 @@ def _configure_lifespan(settings: Settings) -> Callable[[Litestar], AbstractAsyn
             projection = ProjectionWatcher(settings.database_url)
             await projection.start()
             stack.push_async_callback(projection.close)
-            app.state.gateway = Gateway(settings=settings, js=js, pool=pool, store=store, projection=projection)
+            passwords = Passwords(settings)
+            await passwords.start()
+            gateway = Gateway(
+                settings=settings,
+                nc=nc,
+                js=js,
+                pool=pool,
+                store=store,
+                projection=projection,
+                passwords=passwords,
+                throttle=SignInThrottle(settings),
+            )
+            app.state.gateway = gateway
             log.info("gateway ready", nats=settings.nats_url, blob=settings.blob_url)
-            yield
+            try:
+                yield
+            finally:
+                gateway.draining.set()
 
     return lifespan
 
@@ -107,12 +129,18 @@ class _Server(uvicorn.Server):
 async def run(settings: Settings, stop: asyncio.Event) -> None:
     """Serve the gateway on ``settings.host:settings.port`` until ``stop`` is set, then shut down
     gracefully (in-flight requests finish, the lifespan closes NATS and the pool)."""
-    server = _Server(uvicorn.Config(create_app(settings), host=settings.host, port=settings.port, log_level="warning"))
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app, host=settings.host, port=settings.port, log_level="warning", timeout_graceful_shutdown=SHUTDOWN_GRACE_S
+    )
+    server = _Server(config)
     serving = asyncio.create_task(server.serve(), name="gateway-uvicorn")
     stopping = asyncio.create_task(stop.wait(), name="gateway-stop")
     try:
         await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
     finally:
+        if (gateway := getattr(app.state, "gateway", None)) is not None:
+            gateway.draining.set()  # live event streams end first, or uvicorn would wait for them
         server.should_exit = True
         stopping.cancel()
         with contextlib.suppress(asyncio.CancelledError):

@@ -1,8 +1,10 @@
-"""Dataset uploads: validate the CSV as it streams, copy it into the blob store, append the event.
+"""Datasets: uploads (validate the CSV as it streams, copy it into the blob store, append the
+event) and the owner's reads.
 
 Litestar spools the multipart file to disk; the handler validates it in a worker thread (one pass,
 bounded memory), then streams it into the store (hashing as it goes). A rejected file never reaches
-the store; a failure after the copy deletes the object again.
+the store; a failure after the copy deletes the object again. A dataset is visible to its owner
+only: anyone else gets 404, as for one that does not exist.
 """
 
 from __future__ import annotations
@@ -10,23 +12,30 @@ from __future__ import annotations
 import asyncio
 import os
 from dataclasses import dataclass
-from typing import IO, Any, BinaryIO, cast
+from datetime import datetime
+from typing import IO, Annotated, Any, BinaryIO, cast
 
+import asyncpg
 import msgspec
-from litestar import Controller, Request, post
+from litestar import Controller, Request, get, post
 from litestar.datastructures import UploadFile
 from litestar.di import NamedDependency
-from litestar.exceptions import ClientException
-from litestar.params import MultipartBody
+from litestar.exceptions import ClientException, NotFoundException
+from litestar.params import FromPath, MultipartBody, QueryParameter
 from litestar.security.jwt import Token
 
 from swarmtrain.common.blob import BlobRef, BlobStore
 from swarmtrain.common.events import DatasetUploaded, new_id
-from swarmtrain.gateway.auth import User
+from swarmtrain.gateway.auth import BEARER, User
 from swarmtrain.gateway.csvcheck import CsvRejected, CsvSummary, check_csv
+from swarmtrain.gateway.errors import documented
+from swarmtrain.gateway.inputs import is_id, printable, storable
 from swarmtrain.gateway.state import Gateway
 
 DEFAULT_LABEL = "label"
+MAX_PAGE = 1000
+Limit = Annotated[int, QueryParameter(ge=1, le=MAX_PAGE, description=f"Page size (at most {MAX_PAGE}).")]
+Offset = Annotated[int, QueryParameter(ge=0, le=2**31 - 1, description="How many items to skip.")]
 
 
 @dataclass
@@ -44,6 +53,7 @@ class DatasetOut(msgspec.Struct, kw_only=True):
     size_bytes: int
     name: str
     label_column: str
+    created_at: datetime
 
 
 def dataset_out(event: DatasetUploaded) -> DatasetOut:
@@ -56,14 +66,31 @@ def dataset_out(event: DatasetUploaded) -> DatasetOut:
         size_bytes=event.size_bytes,
         name=event.name,
         label_column=event.label_column,
+        created_at=event.occurred_at,
     )
+
+
+def _dataset_row_out(row: asyncpg.Record) -> DatasetOut:
+    return DatasetOut(**{name: row[name] for name in DatasetOut.__struct_fields__})
+
+
+async def reject_unknown_form_fields(request: Request[Any, Any, Any], allowed: set[str]) -> None:
+    """A form field the route does not define is a 400, as an unknown JSON field is."""
+    unknown = sorted(set((await request.form()).keys()) - allowed)
+    if unknown:
+        raise ClientException(f"unknown form field {printable(unknown[0])}: expected {', '.join(sorted(allowed))}")
 
 
 def clean_label_column(label_column: str | None) -> str:
     label = (label_column or DEFAULT_LABEL).strip()
-    if not label or len(label) > 200:
-        raise ClientException("label_column must be 1 to 200 characters")
+    if not label or len(label) > 200 or not storable(label):
+        raise ClientException("label_column must be 1 to 200 printable characters")
     return label
+
+
+def _clean_name(filename: str | None, fallback: str) -> str:
+    name = "".join(ch for ch in os.path.basename(filename or "") if storable(ch))[:200]
+    return name or fallback
 
 
 def _validate(stream: IO[bytes], label_column: str) -> CsvSummary:
@@ -96,11 +123,10 @@ async def store_dataset(upload: UploadFile, label_column: str | None, owner_id: 
     except BaseException:
         await discard(gw, key)
         raise
-    name = os.path.basename(upload.filename or "")[:200] or f"{dataset_id}.csv"
     return DatasetUploaded(
         dataset_id=dataset_id,
         owner_id=owner_id,
-        name=name,
+        name=_clean_name(upload.filename, f"{dataset_id}.csv"),
         uri=ref.uri,
         sha256=ref.sha256,
         size_bytes=ref.size,
@@ -119,11 +145,15 @@ async def discard(gw: Gateway, key: str) -> None:
     await asyncio.shield(asyncio.to_thread(gw.store.delete, key))
 
 
+_COLUMNS = "dataset_id, rows, features, classes, sha256, size_bytes, name, label_column, created_at"
+
+
 class DatasetController(Controller):
     path = "/datasets"
     tags = ["datasets"]
+    security = BEARER
 
-    @post("/", status_code=201, summary="Upload a training CSV")
+    @post("/", status_code=201, summary="Upload a training CSV", responses=documented(400, 401, 413))
     async def upload(
         self,
         request: Request[User, Token, Any],
@@ -131,6 +161,7 @@ class DatasetController(Controller):
         gw: NamedDependency[Gateway],
     ) -> DatasetOut:
         try:
+            await reject_unknown_form_fields(request, {"file", "label_column"})
             event = await store_dataset(data.file, data.label_column, request.user.user_id, gw)
             try:
                 await gw.append(event)
@@ -140,3 +171,38 @@ class DatasetController(Controller):
         finally:
             await data.file.close()
         return dataset_out(event)
+
+    @get(
+        "/",
+        summary="My datasets, newest first",
+        description=f"Paginated with `limit` (default 100, at most {MAX_PAGE}) and `offset`.",
+        responses=documented(400, 401),
+    )
+    async def list_datasets(
+        self, request: Request[User, Token, Any], gw: NamedDependency[Gateway], limit: Limit = 100, offset: Offset = 0
+    ) -> list[DatasetOut]:
+        rows = await gw.pool.fetch(
+            f"""SELECT {_COLUMNS} FROM datasets WHERE owner_id = $1
+                ORDER BY created_at DESC, dataset_id LIMIT $2 OFFSET $3""",
+            request.user.user_id,
+            limit,
+            offset,
+        )
+        return [_dataset_row_out(row) for row in rows]
+
+    @get("/{dataset_id:str}", summary="One of my datasets", responses=documented(400, 401, 404))
+    async def get_dataset(
+        self, request: Request[User, Token, Any], dataset_id: FromPath[str], gw: NamedDependency[Gateway]
+    ) -> DatasetOut:
+        row = (
+            await gw.pool.fetchrow(
+                f"SELECT {_COLUMNS} FROM datasets WHERE dataset_id = $1 AND owner_id = $2",
+                dataset_id,
+                request.user.user_id,
+            )
+            if is_id(dataset_id)
+            else None
+        )
+        if row is None:
+            raise NotFoundException(f"no dataset {printable(dataset_id)}")
+        return _dataset_row_out(row)

@@ -1,4 +1,10 @@
-"""Errors as RFC 9457 problem JSON (``type, title, status, detail``); never a stack trace."""
+"""Errors as RFC 9457 problem JSON (``type, title, status, detail``); never a stack trace.
+
+Every 4xx/5xx the gateway sends goes through these handlers, whichever layer raised it (routing,
+authentication, body parsing, a handler). An exception nobody expected is logged with its
+traceback on the server and answered as a bare 500 problem, so no internal detail reaches a client.
+``documented`` gives route handlers the matching OpenAPI ``responses``.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +12,12 @@ from http import HTTPStatus
 from typing import Any
 
 import asyncpg
+import msgspec
 import nats.errors
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.exceptions.http_exceptions import RequestEntityTooLarge
+from litestar.openapi.datastructures import ResponseSpec
 from litestar.types import ExceptionHandlersMap
 
 from swarmtrain.common.logging import get_logger
@@ -17,6 +25,36 @@ from swarmtrain.gateway.limits import body_too_large
 
 PROBLEM_JSON = "application/problem+json"
 log = get_logger("swarmtrain.gateway")
+
+
+class Problem(msgspec.Struct, kw_only=True):
+    """RFC 9457 problem details."""
+
+    type: str = "about:blank"
+    title: str
+    """The HTTP status phrase."""
+    status: int
+    detail: str
+    """What was wrong, for a person."""
+
+
+class TooManyRequests(HTTPException):
+    status_code = 429
+
+    def __init__(self, detail: str, retry_after_s: float | None = None) -> None:
+        headers = {"Retry-After": str(max(1, int(retry_after_s + 0.999)))} if retry_after_s is not None else None
+        super().__init__(detail=detail, headers=headers)
+
+
+class Conflict(HTTPException):
+    status_code = 409
+
+
+class Unavailable(HTTPException):
+    status_code = 503
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail=detail, headers={"Retry-After": "1"})
 
 
 def problem(status: int, detail: str, headers: dict[str, str] | None = None, **extra: Any) -> Response[Any]:
@@ -28,6 +66,32 @@ def problem(status: int, detail: str, headers: dict[str, str] | None = None, **e
         **extra,
     }
     return Response(content=body, status_code=status, media_type=PROBLEM_JSON, headers=headers)
+
+
+_DESCRIPTIONS = {
+    400: "The request is malformed or breaks a rule; `detail` names the first problem.",
+    401: "No valid access token (missing, expired, wrong issuer or audience, bad signature), or wrong credentials.",
+    404: "No such resource, or it belongs to someone else.",
+    409: "The resource is in a state that forbids this.",
+    413: "The request body is larger than the limit.",
+    429: "Too many requests of this kind; `Retry-After` says when to try again, where known.",
+    500: "An unexpected error; the server logged it.",
+    503: "A backend (event store, read models, blob store) is unavailable; retry shortly.",
+}
+ALWAYS = (500, 503)
+
+
+def documented(*statuses: int) -> dict[int, ResponseSpec]:
+    """OpenAPI ``responses`` for the problem statuses a route answers (500 and 503 always)."""
+    return {
+        status: ResponseSpec(
+            data_container=Problem,
+            description=_DESCRIPTIONS[status],
+            media_type=PROBLEM_JSON,
+            generate_examples=False,
+        )
+        for status in sorted({*statuses, *ALWAYS})
+    }
 
 
 def _validation_detail(exc: ValidationException) -> str:
@@ -42,8 +106,9 @@ def _on_http_exception(request: Request[Any, Any, Any], exc: HTTPException) -> R
     if isinstance(exc, ValidationException):
         return problem(exc.status_code, _validation_detail(exc), exc.headers)
     if isinstance(exc, RequestEntityTooLarge):
-        limit = request.app.state.settings.max_upload_mb
-        return problem(exc.status_code, f"request body larger than the {limit} MiB limit", exc.headers)
+        limit = request.route_handler.resolve_request_max_body_size() if "route_handler" in request.scope else None
+        size = f"{limit // (1 << 20)} MiB" if limit and limit % (1 << 20) == 0 else f"{limit} bytes"
+        return problem(exc.status_code, f"request body larger than the {size} limit", exc.headers)
     if exc.status_code >= 500:
         log.error("request failed", path=request.url.path, status=exc.status_code, error=exc.detail)
     return problem(exc.status_code, exc.detail, exc.headers)

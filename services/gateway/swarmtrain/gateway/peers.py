@@ -10,6 +10,9 @@ import msgspec
 from litestar import Controller, get
 from litestar.di import NamedDependency
 
+from swarmtrain.gateway.auth import BEARER
+from swarmtrain.gateway.datasets import MAX_PAGE, Limit, Offset
+from swarmtrain.gateway.errors import documented
 from swarmtrain.gateway.state import Gateway
 
 PeerStatus = Literal["online", "training", "offline"]
@@ -44,10 +47,21 @@ def _peer_out(row: asyncpg.Record) -> PeerOut:
 class PeerController(Controller):
     path = "/peers"
     tags = ["peers"]
+    security = BEARER
 
-    @get("/", summary="Every peer the swarm has seen, with its status")
-    async def list_peers(self, gw: NamedDependency[Gateway]) -> list[PeerOut]:
+    @get(
+        "/",
+        summary="Every peer the swarm has seen, with its status",
+        description=f"Paginated with `limit` (default {MAX_PAGE}, at most {MAX_PAGE}) and `offset`.",
+        responses=documented(400, 401),
+    )
+    async def list_peers(
+        self, gw: NamedDependency[Gateway], limit: Limit = MAX_PAGE, offset: Offset = 0
+    ) -> list[PeerOut]:
         rows = await gw.pool.fetch(
-            "SELECT peer_id, name, device, online, session_id, last_seen FROM peers ORDER BY name, peer_id"
+            """SELECT peer_id, name, device, online, session_id, last_seen FROM peers
+               ORDER BY name, peer_id LIMIT $1 OFFSET $2""",
+            limit,
+            offset,
         )
         return [_peer_out(row) for row in rows]
