@@ -6,15 +6,25 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import asyncpg
+import msgspec
 import pytest
 from litestar import Litestar
+from nats.js import JetStreamContext
 
 from swarmtrain.common import bus
 from swarmtrain.common.events import Event, PeerRegistered, PeerWentOnline
 from swarmtrain.common.settings import Settings
 from swarmtrain.gateway import create_app
+from swarmtrain.gateway.projection import ProjectionWatcher
 from swarmtrain.gateway.state import Gateway
 from tests.gateway.helpers import Client, Headers, serving, sign_up_and_in, to_csv
+
+
+@pytest.fixture
+def settings(settings: Settings) -> Settings:
+    """The shared settings with a cheap argon2id (8 MiB, one pass): every test signs users up and
+    in, and the production cost (64 MiB, three passes) would make that most of the suite's time."""
+    return msgspec.structs.replace(settings, argon2_memory_kib=8192, argon2_time_cost=1)
 
 
 @pytest.fixture
@@ -68,24 +78,38 @@ async def bob(client: Client) -> Headers:
 
 
 Append = Callable[..., Awaitable[int]]
+OnlinePeers = Callable[[int], Awaitable[list[str]]]
 
 
 @pytest.fixture
-def append(gateway: Gateway) -> Append:
+async def projected(database_url: str, projector: None) -> AsyncIterator[Callable[[int], Awaitable[None]]]:
+    """Wait until the read models hold stream sequence ``seq``."""
+    watcher = ProjectionWatcher(database_url)
+    await watcher.start()
+
+    async def projected(seq: int) -> None:
+        assert await watcher.wait_for(seq, max_wait_s=10), "projection did not catch up"
+
+    yield projected
+    await watcher.close()
+
+
+@pytest.fixture
+def append(js: JetStreamContext, projected: Callable[[int], Awaitable[None]]) -> Append:
     """Append events as another service would, then wait until they are projected."""
 
     async def append(*events: Event) -> int:
         seq = 0
         for event in events:
-            seq = await bus.append(gateway.js, event)
-        assert await gateway.projection.wait_for(seq, max_wait_s=10), "projection did not catch up"
+            seq = await bus.append(js, event)
+        await projected(seq)
         return seq
 
     return append
 
 
 @pytest.fixture
-def online_peers(append: Append) -> Callable[[int], Awaitable[list[str]]]:
+def online_peers(append: Append) -> OnlinePeers:
     async def online_peers(n: int) -> list[str]:
         ids = [f"peer{i}" for i in range(n)]
         events: list[Event] = []

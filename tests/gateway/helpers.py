@@ -6,15 +6,19 @@ import asyncio
 import contextlib
 import csv
 import io
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import httpx
+import msgspec
 from litestar import Litestar
+
+from swarmtrain.common.settings import Settings
 
 Client = httpx.AsyncClient
 Headers = dict[str, str]
+T = TypeVar("T")
 
 
 async def sign_up_and_in(client: Client, email: str, password: str = "correct horse battery") -> Headers:
@@ -81,3 +85,49 @@ async def serving(app: Litestar) -> AsyncIterator[Client]:
     transport = httpx.ASGITransport(app=cast(Any, app))
     async with running(app), httpx.AsyncClient(transport=transport, base_url="http://gateway.test") as client:
         yield client
+
+
+@contextlib.asynccontextmanager
+async def live(settings: Settings) -> AsyncIterator[str]:
+    """The gateway served by ``run`` (uvicorn) on a free port: real HTTP, for what ASGI in-process
+    cannot show (a response streamed while the client reads it). Yields the base URL."""
+    from swarmtrain.common import servers
+    from swarmtrain.gateway import run
+
+    port = servers.free_port()
+    stop = asyncio.Event()
+    task = asyncio.create_task(run(msgspec.structs.replace(settings, port=port), stop))
+    base = f"http://127.0.0.1:{port}"
+    try:
+        async with httpx.AsyncClient(base_url=base) as http, asyncio.timeout(30):
+            while True:
+                assert not task.done(), task.exception()
+                try:
+                    if (await http.get("/healthz")).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    await asyncio.sleep(0.05)
+        yield base
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 20)
+
+
+def blocking(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, T]) -> T:
+    """Run ``coro`` on ``loop`` (the test's, serving the app) from a worker thread and wait for it:
+    how a synchronous driver (hypothesis, schemathesis) talks to the app under test."""
+    return asyncio.run_coroutine_threadsafe(coro, loop).result(timeout=60)
+
+
+async def sse_frames(response: httpx.Response) -> AsyncIterator[dict[str, str]]:
+    """Server-Sent Events messages (``{"id": ..., "event": ..., "data": ...}``); comments and
+    ``retry`` advice left out."""
+    frame: dict[str, str] = {}
+    async for line in response.aiter_lines():
+        if line == "":
+            if "data" in frame or "event" in frame:
+                yield frame
+            frame = {}
+        elif not line.startswith(":"):
+            name, _, value = line.partition(":")
+            frame[name] = value.removeprefix(" ")

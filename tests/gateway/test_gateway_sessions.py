@@ -2,29 +2,52 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 from nats.js import JetStreamContext
 
 from swarmtrain.common import bus
 from swarmtrain.common.events import (
+    Event,
+    Heartbeat,
     Hyperparameters,
+    ModelSpec,
+    ModelUpdatePublished,
     PeerDone,
+    PeerFailed,
     PeerLocked,
+    RoundAveraged,
+    RoundClosed,
+    RoundUpdate,
+    SessionCancelled,
     SessionCompleted,
+    SessionFailed,
     SessionRequested,
     SessionStarted,
+    ShardReassigned,
+    UpdateRejected,
     decode_event,
 )
+from swarmtrain.common.settings import Settings
+from swarmtrain.gateway import create_app
 from swarmtrain.gateway.state import Gateway
-from tests.gateway.conftest import Append
-from tests.gateway.helpers import HP, Client, Headers, small_csv, stored_objects, upload
-
-OnlinePeers = Callable[[int], Awaitable[list[str]]]
+from tests.gateway.conftest import Append, OnlinePeers
+from tests.gateway.helpers import (
+    HP,
+    Client,
+    Headers,
+    serving,
+    sign_up_and_in,
+    small_csv,
+    stored_objects,
+    upload,
+)
 
 
 @pytest.fixture
@@ -106,32 +129,56 @@ async def test_one_hyperparameter_object_applies_to_every_peer(
     assert (event.model.hidden, event.validation_split, event.seed) == ([128, 64], 0.2, 0)
 
 
-@pytest.mark.parametrize(
-    ("overrides", "needle"),
-    [
-        ({"hyperparameters": [HP | {"epochs": 0}] * 2}, "hyperparameters[0].epochs must be at least 1"),
-        ({"hyperparameters": HP | {"batch_size": 0}}, "hyperparameters.batch_size must be at least 1"),
-        ({"hyperparameters": [HP, HP | {"lr": 0}]}, "hyperparameters[1].lr must be a positive"),
-        ({"hyperparameters": [HP, HP | {"lr": -0.1}]}, "lr must be a positive"),
-        ({"hyperparameters": [HP]}, "1 entries for 2 peers"),
-        ({"hyperparameters": [HP] * 3}, "3 entries for 2 peers"),
-        ({"num_peers": 0, "hyperparameters": []}, "num_peers must be between 1"),
-        ({"validation_split": 0}, "validation_split"),
-        ({"validation_split": 0.95}, "validation_split"),
-        ({"model": {"kind": "mlp", "hidden": [16, 0]}}, "model.hidden"),
-        ({"model": {"kind": "cnn"}}, "unknown model kind"),
-        ({"strategy": "fedavg"}, "unknown strategy 'fedavg'"),
-        ({"hyperparameters": [HP | {"epochs": 1.5}] * 2}, "Expected `int`"),
-        ({"colour": "blue"}, "unknown field `colour`"),
-    ],
-)
-async def test_bad_session_request_is_400(
-    client: Client, alice: Headers, dataset_id: str, online_peers: OnlinePeers, overrides: dict[str, Any], needle: str
+BAD_REQUESTS: list[tuple[dict[str, Any], str]] = [
+    ({"hyperparameters": [HP | {"epochs": 0}] * 2}, "hyperparameters[0].epochs must be at least 1"),
+    ({"hyperparameters": HP | {"batch_size": 0}}, "hyperparameters.batch_size must be between 1 and"),
+    ({"hyperparameters": [HP, HP | {"lr": 0}]}, "hyperparameters[1].lr must be a positive"),
+    ({"hyperparameters": [HP, HP | {"lr": -0.1}]}, "lr must be a positive"),
+    ({"hyperparameters": [HP]}, "1 entries for 2 peers"),
+    ({"hyperparameters": [HP] * 3}, "3 entries for 2 peers"),
+    ({"num_peers": 0, "hyperparameters": []}, "num_peers must be between 1"),
+    ({"validation_split": 0}, "validation_split"),
+    ({"validation_split": 0.95}, "validation_split"),
+    ({"seed": -1}, "seed must be between 0"),
+    ({"seed": 2**63}, "seed must be between 0"),
+    ({"model": {"kind": "mlp", "hidden": [16, 0]}}, "model.hidden"),
+    ({"model": {"kind": "mlp", "hidden": [4] * 33}}, "model.hidden has 33 layers"),
+    ({"model": {"kind": "transformer"}}, "Invalid enum value 'transformer'"),
+    ({"model": {"kind": "cnn"}}, "a cnn needs model.input_shape"),
+    ({"model": {"kind": "cnn", "input_shape": [1, 2]}}, "a cnn needs model.input_shape"),
+    ({"model": {"kind": "cnn", "input_shape": [1, 1, 0]}}, "model.input_shape sizes"),
+    ({"model": {"kind": "cnn", "input_shape": [1, 1, 2], "channels": []}}, "model.channels needs at least one"),
+    ({"model": {"kind": "cnn", "input_shape": [1, 1, 3]}}, "input_shape 1x1x3 holds 3 values but the dataset has 2"),
+    ({"model": {"kind": "mlp", "input_shape": [1, 1, 2]}}, "apply to a cnn only"),
+    ({"strategy": "gossip"}, "Invalid enum value 'gossip'"),
+    ({"strategy": "fedavg"}, "fedavg takes one hyperparameters object"),
+    ({"strategy": "fedavg", "hyperparameters": HP, "rounds": 0}, "rounds must be between 1 and"),
+    ({"rounds": 3}, "rounds applies to fedavg only"),
+    ({"strategy": "fedavg", "hyperparameters": HP, "on_peer_failure": "panic"}, "Invalid enum value 'panic'"),
+    ({"hyperparameters": [HP | {"epochs": 1.5}] * 2}, "Expected `int`"),
+    ({"colour": "blue"}, "unknown field `colour`"),
+    # server-owned fields cannot be set by a request
+    ({"owner_id": "someone"}, "unknown field `owner_id`"),
+    ({"status": "completed"}, "unknown field `status`"),
+    ({"session_id": "0" * 32}, "unknown field `session_id`"),
+    ({"model": {"kind": "mlp", "hidden": [8], "owner": "x"}}, "unknown field `owner`"),
+    ({"hyperparameters": HP | {"peer_id": "p"}}, "unknown field `peer_id`"),
+]
+
+
+async def test_bad_session_requests_are_400_naming_the_problem(
+    client: Client, alice: Headers, dataset_id: str, online_peers: OnlinePeers
 ) -> None:
     await online_peers(2)
-    r = await client.post("/sessions", json=session_body(dataset_id) | overrides, headers=alice)
-    assert r.status_code == 400, r.text
-    assert needle in r.json()["detail"]
+    wrong: list[tuple[dict[str, Any], object, str]] = []
+    for overrides, needle in BAD_REQUESTS:
+        r = await client.post("/sessions", json=session_body(dataset_id) | overrides, headers=alice)
+        if r.status_code != 400 or needle not in r.json()["detail"]:
+            wrong.append((overrides, r.status_code, r.text))
+        elif not r.headers["content-type"].startswith("application/problem+json"):
+            wrong.append((overrides, "content-type", r.headers["content-type"]))
+    assert wrong == []
+    assert (await client.get("/sessions", headers=alice)).json() == []
 
 
 async def test_non_finite_lr_is_400(client: Client, alice: Headers, dataset_id: str) -> None:
@@ -282,3 +329,337 @@ async def test_start_rejects_and_leaves_nothing(
     assert needle in r.json()["detail"]
     assert stored_objects(blob_dir) == []
     assert (await client.get("/sessions", headers=alice)).json() == []
+
+
+# ------------------------------------------------------------------ fedavg, caps
+
+
+async def test_request_a_fedavg_session(
+    client: Client, alice: Headers, dataset_id: str, online_peers: OnlinePeers, gateway: Gateway
+) -> None:
+    await online_peers(3)
+    body = session_body(
+        dataset_id,
+        3,
+        strategy="fedavg",
+        hyperparameters=HP,
+        rounds=4,
+        on_peer_failure="continue",
+        model={"kind": "cnn", "input_shape": [1, 1, 2], "channels": [4], "hidden": [8]},
+    )
+    r = await client.post("/sessions", json=body, headers=alice)
+    assert r.status_code == 201, r.text
+    sid = r.json()["session_id"]
+    event = await requested(gateway, sid)
+    assert (event.strategy, event.rounds, event.on_peer_failure, event.num_peers) == ("fedavg", 4, "continue", 3)
+    assert event.hyperparameters == [Hyperparameters(**HP)] * 3
+    assert event.model == ModelSpec(kind="cnn", hidden=[8], input_shape=[1, 1, 2], channels=[4])
+    session = (await client.get(f"/sessions/{sid}", headers=alice)).json()
+    assert (session["strategy"], session["rounds"], session["on_peer_failure"]) == ("fedavg", 4, "continue")
+    assert session["round_figures"] == [] and session["val_accuracy"] is None
+
+
+async def test_fedavg_defaults_and_cnn_default_channels(
+    client: Client, alice: Headers, dataset_id: str, online_peers: OnlinePeers, gateway: Gateway
+) -> None:
+    await online_peers(2)
+    body = {
+        "dataset_id": dataset_id,
+        "num_peers": 2,
+        "strategy": "fedavg",
+        "hyperparameters": HP,
+        "model": {"kind": "cnn", "input_shape": [2, 1, 1]},
+    }
+    r = await client.post("/sessions", json=body, headers=alice)
+    assert r.status_code == 201, r.text
+    event = await requested(gateway, r.json()["session_id"])
+    assert (event.rounds, event.on_peer_failure, event.model.channels) == (1, "reassign", [16, 32])
+
+
+async def test_fedavg_shards_may_not_be_empty(client: Client, alice: Headers, online_peers: OnlinePeers) -> None:
+    r = await upload(client, alice, small_csv(rows=12))  # 12 rows: 2 for validation, 10 to share out
+    dataset_id = r.json()["dataset_id"]
+    await online_peers(11)
+    body = session_body(dataset_id, 11, strategy="fedavg", hyperparameters=HP)
+    r = await client.post("/sessions", json=body, headers=alice)
+    assert r.status_code == 400
+    assert "11 fedavg shards of 10 training rows would leave a shard empty" in r.json()["detail"]
+    body = session_body(dataset_id, 10, strategy="fedavg", hyperparameters=HP)
+    assert (await client.post("/sessions", json=body, headers=alice)).status_code == 201
+
+
+@pytest.fixture
+async def capped(settings: Settings, projector: None) -> AsyncIterator[Client]:
+    caps = {
+        "max_num_peers": 4,
+        "max_epochs": 12,
+        "max_rounds": 3,
+        "max_model_params": 2_000,
+        "max_active_sessions": 2,
+    }
+    async with serving(create_app(msgspec.structs.replace(settings, **caps))) as client:
+        yield client
+
+
+async def test_caps_on_peers_epochs_rounds_and_model_size(capped: Client, online_peers: OnlinePeers) -> None:
+    client = capped
+    alice = await sign_up_and_in(client, "alice@example.com")
+    dataset_id = (await upload(client, alice, small_csv(rows=40, classes=3))).json()["dataset_id"]
+    await online_peers(5)
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"num_peers": 5, "hyperparameters": HP}, "num_peers must be between 1 and 4, not 5"),
+        ({"hyperparameters": HP | {"epochs": 13}}, "epochs must be at most 12"),
+        (
+            {"strategy": "fedavg", "rounds": 3, "hyperparameters": HP | {"epochs": 5}},
+            "epochs must be at most 4 per round (3 rounds)",
+        ),
+        ({"strategy": "fedavg", "rounds": 4, "hyperparameters": HP}, "rounds must be between 1 and 3, not 4"),
+        # 2 features -> 64 -> 3 classes is 2*64+64 + 64*3+3 = 387 parameters; -> 64 -> 64 -> 3 is 4,547
+        ({"model": {"kind": "mlp", "hidden": [64, 64]}}, "the model would have 4,547 parameters on this dataset"),
+        ({"model": {"kind": "mlp", "hidden": [65536, 65536]}}, "at most 2,000"),
+    ]
+    for overrides, needle in cases:
+        r = await client.post("/sessions", json=session_body(dataset_id) | overrides, headers=alice)
+        assert (r.status_code, needle in r.json()["detail"]) == (400, True), (overrides, r.text)
+    body = session_body(dataset_id, hyperparameters=HP, model={"kind": "mlp", "hidden": [64]})
+    assert (await client.post("/sessions", json=body, headers=alice)).status_code == 201
+
+
+async def test_too_many_active_sessions_is_429_until_one_ends(capped: Client, online_peers: OnlinePeers) -> None:
+    client = capped
+    alice = await sign_up_and_in(client, "alice@example.com")
+    bob = await sign_up_and_in(client, "bob@example.com")
+    dataset_id = (await upload(client, alice, small_csv())).json()["dataset_id"]
+    await online_peers(2)
+    body = session_body(dataset_id, 1, hyperparameters=HP)
+    first, second, third = await asyncio.gather(*(client.post("/sessions", json=body, headers=alice) for _ in range(3)))
+    assert sorted(r.status_code for r in (first, second, third)) == [201, 201, 429]
+    refused = next(r for r in (first, second, third) if r.status_code == 429)
+    assert "2 queued or running sessions: at most 2" in refused.json()["detail"]
+    # another user's room is their own
+    bobs = (await upload(client, bob, small_csv())).json()["dataset_id"]
+    assert (
+        await client.post("/sessions", json=session_body(bobs, 1, hyperparameters=HP), headers=bob)
+    ).status_code == 201
+    done = next(r for r in (first, second, third) if r.status_code == 201).json()["session_id"]
+    assert (await client.post(f"/sessions/{done}/cancel", headers=alice)).status_code == 202
+    assert (await client.post("/sessions", json=body, headers=alice)).status_code == 201
+
+
+# ------------------------------------------------------------------ fedavg figures, metrics
+
+
+async def test_fedavg_figures_shards_and_final_accuracy(
+    client: Client, alice: Headers, dataset_id: str, online_peers: OnlinePeers, append: Append
+) -> None:
+    peers = await online_peers(3)
+    body = session_body(dataset_id, 2, strategy="fedavg", hyperparameters=HP, rounds=2)
+    sid = (await client.post("/sessions", json=body, headers=alice)).json()["session_id"]
+    hp = Hyperparameters(**HP)
+
+    def update(rnd: int, peer: str, n: int, loss: float) -> ModelUpdatePublished:
+        return ModelUpdatePublished(
+            session_id=sid,
+            round=rnd,
+            peer_id=peer,
+            uri=f"file:///r/{rnd}/{peer}",
+            sha256="0" * 64,
+            num_samples=n,
+            loss=loss,
+            accuracy=1 - loss,
+        )
+
+    await append(
+        SessionStarted(session_id=sid, assignments={peers[0]: hp, peers[1]: hp}, shards={peers[0]: 0, peers[1]: 1}),
+        update(1, peers[0], 10, 0.5),
+        update(1, peers[1], 30, 0.1),
+        RoundClosed(
+            session_id=sid,
+            round=1,
+            updates=[RoundUpdate(peer_id=p, uri="u", sha256="0", num_samples=1) for p in peers[:2]],
+        ),
+        RoundAveraged(
+            session_id=sid,
+            round=1,
+            uri="file:///avg1",
+            sha256="1" * 64,
+            peer_id=peers[0],
+            val_loss=0.3,
+            val_accuracy=0.7,
+        ),
+        PeerFailed(session_id=sid, peer_id=peers[1], reason="missed round 2"),
+        ShardReassigned(session_id=sid, shard=1, from_peer_id=peers[1], to_peer_id=peers[2], round=2),
+        update(2, peers[0], 10, 0.2),
+        update(2, peers[2], 30, 0.2),
+        RoundClosed(
+            session_id=sid,
+            round=2,
+            updates=[RoundUpdate(peer_id=p, uri="u", sha256="0", num_samples=1) for p in (peers[0], peers[2])],
+            left_out=[peers[1]],
+        ),
+        UpdateRejected(session_id=sid, round=2, peer_id=peers[2], reason="NaN in fc.weight", reported_by=peers[0]),
+        RoundAveraged(
+            session_id=sid,
+            round=2,
+            uri="file:///avg2",
+            sha256="2" * 64,
+            peer_id=peers[0],
+            val_loss=0.2,
+            val_accuracy=0.85,
+        ),
+        SessionCompleted(session_id=sid, best_peer_id=peers[0], best_val_accuracy=0.85, model_uri="file:///avg2"),
+    )
+    session = (await client.get(f"/sessions/{sid}", headers=alice)).json()
+    assert session["status"] == "completed" and session["val_accuracy"] == 0.85
+    assert {p["peer_id"]: p["shard"] for p in session["peers"]} == {peers[0]: 0, peers[1]: 1, peers[2]: 1}
+    figures = session["round_figures"]
+    assert [f["round"] for f in figures] == [1, 2]
+    first, second = figures
+    assert (first["included"], first["left_out"], first["rejected"]) == ([peers[0], peers[1]], [], [])
+    assert first["num_samples"] == 40
+    assert first["loss"] == pytest.approx((10 * 0.5 + 30 * 0.1) / 40)
+    assert (first["val_loss"], first["val_accuracy"]) == (0.3, 0.7)
+    assert (second["included"], second["left_out"]) == ([peers[0], peers[2]], [peers[1]])
+    assert second["rejected"] == [{"peer_id": peers[2], "reason": "NaN in fc.weight"}]
+    assert second["val_accuracy"] == 0.85 and second["closed_at"]
+
+
+async def test_metrics_are_per_peer_series(
+    client: Client, alice: Headers, bob: Headers, dataset_id: str, online_peers: OnlinePeers, append: Append
+) -> None:
+    peers = await online_peers(2)
+    sid = (await client.post("/sessions", json=session_body(dataset_id, hyperparameters=HP), headers=alice)).json()[
+        "session_id"
+    ]
+    r = await client.get(f"/sessions/{sid}/metrics", headers=alice)
+    assert r.json() == {"session_id": sid, "peers": []}
+    hp = Hyperparameters(**HP)
+    beats = [
+        Heartbeat(
+            session_id=sid,
+            peer_id=p,
+            epoch=e,
+            epochs=2,
+            loss=1.0 / e,
+            accuracy=0.4 * e,
+            val_loss=1.1 / e,
+            val_accuracy=0.3 * e,
+            samples_per_s=100.0 * e,
+        )
+        for e in (1, 2)
+        for p in peers
+    ]
+    await append(SessionStarted(session_id=sid, assignments={p: hp for p in peers}), *beats)
+    r = await client.get(f"/sessions/{sid}/metrics", headers=alice)
+    assert r.status_code == 200
+    body = r.json()
+    assert [p["peer_id"] for p in body["peers"]] == peers
+    for series in body["peers"]:
+        assert [(pt["epoch"], pt["loss"], pt["val_accuracy"], pt["samples_per_s"]) for pt in series["points"]] == [
+            (1, 1.0, 0.3, 100.0),
+            (2, 0.5, 0.6, 200.0),
+        ]
+        assert all(pt["at"] and pt["accuracy"] and pt["val_loss"] for pt in series["points"])
+    assert (await client.get(f"/sessions/{sid}/metrics", headers=bob)).status_code == 404
+
+
+# ------------------------------------------------------------------ cancel
+
+
+async def last_event(gateway: Gateway, sid: str) -> Event:
+    msg = await gateway.js.get_last_msg(bus.EVENTS_STREAM, f"session.{sid}.events")
+    assert msg.data is not None
+    return decode_event(msg.data)
+
+
+async def test_cancel_a_queued_session(
+    client: Client, alice: Headers, dataset_id: str, online_peers: OnlinePeers, gateway: Gateway
+) -> None:
+    await online_peers(2)
+    sid = (await client.post("/sessions", json=session_body(dataset_id), headers=alice)).json()["session_id"]
+    r = await client.post(f"/sessions/{sid}/cancel", headers=alice)
+    assert (r.status_code, r.json()) == (202, {"session_id": sid, "status": "cancelled"})
+    assert isinstance(await last_event(gateway, sid), SessionCancelled)
+    assert (await client.get(f"/sessions/{sid}", headers=alice)).json()["status"] == "cancelled"
+    r = await client.post(f"/sessions/{sid}/cancel", headers=alice)
+    assert r.status_code == 409 and r.json()["detail"] == "the session is cancelled already"
+
+
+async def test_cancel_an_ended_session_is_409_and_appends_nothing(
+    client: Client, alice: Headers, dataset_id: str, online_peers: OnlinePeers, append: Append, gateway: Gateway
+) -> None:
+    await online_peers(2)
+    for ending in ("completed", "failed"):
+        sid = (await client.post("/sessions", json=session_body(dataset_id), headers=alice)).json()["session_id"]
+        await append(
+            SessionCompleted(session_id=sid, best_peer_id="peer0", best_val_accuracy=0.5, model_uri="file:///m")
+            if ending == "completed"
+            else SessionFailed(session_id=sid, reason="no peer finished")
+        )
+        before = await last_event(gateway, sid)
+        r = await client.post(f"/sessions/{sid}/cancel", headers=alice)
+        assert (r.status_code, r.json()["detail"]) == (409, f"the session is {ending} already")
+        assert await last_event(gateway, sid) == before
+
+
+async def test_concurrent_cancels_append_one_event(
+    client: Client, alice: Headers, dataset_id: str, online_peers: OnlinePeers, gateway: Gateway
+) -> None:
+    await online_peers(2)
+    sid = (await client.post("/sessions", json=session_body(dataset_id), headers=alice)).json()["session_id"]
+    answers = await asyncio.gather(*(client.post(f"/sessions/{sid}/cancel", headers=alice) for _ in range(4)))
+    assert sorted(r.status_code for r in answers) == [202, 409, 409, 409]
+    page = (await client.get(f"/sessions/{sid}/events", headers=alice)).json()
+    assert [e["event"]["type"] for e in page["events"]] == ["SessionRequested", "SessionCancelled"]
+
+
+# ------------------------------------------------------------------ event history
+
+
+async def test_event_history_is_paginated_by_sequence(
+    client: Client, alice: Headers, bob: Headers, dataset_id: str, online_peers: OnlinePeers, append: Append
+) -> None:
+    peers = await online_peers(2)
+    sid = (await client.post("/sessions", json=session_body(dataset_id, hyperparameters=HP), headers=alice)).json()[
+        "session_id"
+    ]
+    hp = Hyperparameters(**HP)
+    beats = [
+        Heartbeat(session_id=sid, peer_id=p, epoch=e, epochs=2, loss=0.5, accuracy=0.5, samples_per_s=1.0)
+        for e in (1, 2)
+        for p in peers
+    ]
+    # another session's events interleave in the stream, and must not show up
+    other = (await client.post("/sessions", json=session_body(dataset_id, hyperparameters=HP), headers=alice)).json()[
+        "session_id"
+    ]
+    await append(
+        SessionStarted(session_id=sid, assignments={p: hp for p in peers}),
+        SessionStarted(session_id=other, assignments={}),
+        *beats,
+        SessionFailed(session_id=sid, reason="test"),
+    )
+    seen: list[dict[str, Any]] = []
+    after, pages = 0, 0
+    while True:
+        r = await client.get(f"/sessions/{sid}/events", params={"after": after, "limit": 3}, headers=alice)
+        assert r.status_code == 200, r.text
+        page = r.json()
+        pages += 1
+        seen += page["events"]
+        after = page["next_after"]
+        if not page["more"]:
+            break
+    assert pages == 3
+    assert [e["event"]["type"] for e in seen] == ["SessionRequested", "SessionStarted"] + ["Heartbeat"] * 4 + [
+        "SessionFailed"
+    ]
+    seqs = [e["seq"] for e in seen]
+    assert seqs == sorted(seqs) and len(set(seqs)) == 7 and after == seqs[-1]
+    assert all(e["event"]["session_id"] == sid for e in seen)
+    r = await client.get(f"/sessions/{sid}/events", params={"after": after}, headers=alice)
+    assert r.json() == {"events": [], "next_after": after, "more": False}
+    for params in ({"limit": 0}, {"limit": 5000}, {"after": -1}, {"after": "x"}):
+        r = await client.get(f"/sessions/{sid}/events", params=params, headers=alice)
+        assert r.status_code == 400, params
+    assert (await client.get(f"/sessions/{sid}/events", headers=bob)).status_code == 404

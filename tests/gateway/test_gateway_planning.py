@@ -1,0 +1,121 @@
+"""Session planning and the sign-in throttle as plain function calls: no servers."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+from litestar.exceptions import ClientException
+
+from swarmtrain.common.events import ModelSpec
+from swarmtrain.common.settings import Settings
+from swarmtrain.gateway.planning import (
+    HyperparametersIn,
+    ModelIn,
+    SessionIn,
+    check_against_dataset,
+    model_parameters,
+    plan_session,
+    training_rows,
+)
+from swarmtrain.gateway.throttle import FailureWindow, SignInThrottle
+
+SETTINGS = Settings(jwt_secret="x" * 32)
+HP = HyperparametersIn(epochs=2, batch_size=32, lr=0.01)
+
+
+def test_mlp_parameters() -> None:
+    # 64 -> 128 -> 64 -> 10, weights and biases
+    assert model_parameters(ModelSpec(kind="mlp", hidden=[128, 64]), 64, 10) == (
+        64 * 128 + 128 + 128 * 64 + 64 + 64 * 10 + 10
+    )
+    assert model_parameters(ModelSpec(kind="mlp", hidden=[]), 5, 3) == 5 * 3 + 3
+
+
+def test_cnn_parameters_follow_the_peers_layers() -> None:
+    """3x3 convolutions (padding 1), a 2x2 max-pool while the image is at least 2x2; the same
+    count torch gives for the peer's model."""
+    spec = ModelSpec(kind="cnn", hidden=[32], input_shape=[1, 8, 8], channels=[4, 8, 16, 16])
+    # 8x8 -> 4x4 -> 2x2 -> 1x1 -> 1x1 (no pool once below 2x2)
+    conv = (9 * 1 * 4 + 4) + (9 * 4 * 8 + 8) + (9 * 8 * 16 + 16) + (9 * 16 * 16 + 16)
+    assert model_parameters(spec, 64, 10) == conv + (16 * 32 + 32) + (32 * 10 + 10)
+    from swarmtrain.peer.model import build_model
+
+    model = build_model(spec, 64, 10)
+    assert model_parameters(spec, 64, 10) == sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def test_training_rows_match_the_peers_split() -> None:
+    assert training_rows(12, 0.2) == 10
+    assert training_rows(10, 0.01) == 9  # at least one validation row
+    assert training_rows(2, 0.9) == 1  # never all of them
+
+
+def test_sweep_takes_a_cnn_and_fedavg_expands_its_one_hyperparameter_set() -> None:
+    cnn = ModelIn(kind="cnn", input_shape=[1, 8, 8])
+    plan = plan_session(SessionIn(dataset_id="d", num_peers=2, hyperparameters=[HP, HP], model=cnn), SETTINGS)
+    assert plan.model == ModelSpec(kind="cnn", hidden=[128, 64], input_shape=[1, 8, 8], channels=[16, 32])
+    plan = plan_session(
+        SessionIn(dataset_id="d", num_peers=3, hyperparameters=HP, strategy="fedavg", rounds=5), SETTINGS
+    )
+    assert (plan.strategy, plan.rounds, plan.on_peer_failure, len(plan.hyperparameters)) == ("fedavg", 5, "reassign", 3)
+    check_against_dataset(plan, rows=100, features=4, classes=2, settings=SETTINGS)
+
+
+def test_fedavg_epochs_cap_counts_every_round() -> None:
+    settings = msgspec.structs.replace(SETTINGS, max_epochs=100)
+    data = SessionIn(dataset_id="d", num_peers=1, hyperparameters=HP, strategy="fedavg", rounds=50)
+    assert plan_session(data, settings).rounds == 50
+    with pytest.raises(ClientException, match="at most 2 per round"):
+        plan_session(
+            msgspec.structs.replace(data, hyperparameters=HyperparametersIn(epochs=3, batch_size=8, lr=0.1)), settings
+        )
+
+
+# ------------------------------------------------------------------ throttle
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_window_refuses_at_the_limit_until_the_oldest_failure_ages_out() -> None:
+    clock = Clock()
+    window = FailureWindow(3, 60.0, clock=clock)
+    for _ in range(3):
+        assert window.retry_after("k") is None
+        window.failed("k")
+        clock.now += 10
+    assert window.retry_after("k") == pytest.approx(30.0)  # the first failure (t=1000) leaves at 1060
+    clock.now = 1060.0
+    assert window.retry_after("k") is None
+    window.clear("k")
+    assert len(window) == 0
+
+
+def test_window_forgets_the_oldest_keys_past_its_bound() -> None:
+    window = FailureWindow(1, 60.0, max_keys=2, clock=Clock())
+    for key in ("a", "b", "c"):
+        window.failed(key)
+    assert len(window) == 2
+    assert window.retry_after("a") is None and window.retry_after("c") is not None
+
+
+def test_signin_throttle_counts_email_and_address_and_success_clears_the_email() -> None:
+    clock = Clock()
+    settings = msgspec.structs.replace(
+        SETTINGS, signin_max_failures=2, signin_max_failures_per_address=3, signin_window_s=100
+    )
+    throttle = SignInThrottle(settings, clock=clock)
+    throttle.failed("a@x.io", "1.1.1.1")
+    throttle.succeeded("a@x.io")
+    throttle.failed("a@x.io", "1.1.1.1")
+    assert throttle.retry_after("a@x.io", "2.2.2.2") is None
+    throttle.failed("a@x.io", "2.2.2.2")
+    assert throttle.retry_after("a@x.io", "3.3.3.3") == pytest.approx(100.0)
+    assert throttle.retry_after("b@x.io", "1.1.1.1") is None
+    throttle.failed("b@x.io", "1.1.1.1")
+    assert throttle.retry_after("c@x.io", "1.1.1.1") == pytest.approx(100.0)  # three from 1.1.1.1
