@@ -44,8 +44,11 @@ def _json(value: Any) -> str:
 
 
 async def ensure_schema(conn: asyncpg.Connection) -> None:
-    await conn.execute(resources.files("swarmtrain.projector").joinpath("schema.sql").read_text())
-    await conn.execute("INSERT INTO projection_position (name, position) VALUES ($1, 0) ON CONFLICT DO NOTHING", NAME)
+    async with conn.transaction():  # the position table never shows without its row
+        await conn.execute(resources.files("swarmtrain.projector").joinpath("schema.sql").read_text())
+        await conn.execute(
+            "INSERT INTO projection_position (name, position) VALUES ($1, 0) ON CONFLICT DO NOTHING", NAME
+        )
 
 
 async def position(conn: asyncpg.Connection) -> int:
@@ -64,11 +67,18 @@ async def apply_in(conn: asyncpg.Connection, batch: list[tuple[int, Event]], rea
     whose ack was lost), so they are skipped: the position makes a replay idempotent.
     """
     start = reached
+    heartbeats: list[tuple[int, Heartbeat]] = []  # the bulk of the log: applied a run at a time
     for seq, event in batch:
         if seq <= reached:
             continue
-        await apply(conn, seq, event)
+        if isinstance(event, Heartbeat):
+            heartbeats.append((seq, event))
+        else:
+            await apply_heartbeats(conn, heartbeats)
+            heartbeats = []
+            await apply(conn, seq, event)
         reached = seq
+    await apply_heartbeats(conn, heartbeats)
     if reached > start:
         await conn.execute("UPDATE projection_position SET position = $2 WHERE name = $1", NAME, reached)
         await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, str(reached))
@@ -81,7 +91,64 @@ async def apply_batch(pool: asyncpg.Pool, batch: list[tuple[int, Event]]) -> int
         return await apply_in(conn, batch, await lock_position(conn))
 
 
-_ASSIGNED = "SELECT true FROM session_peers WHERE session_id = $1 AND peer_id = $2"
+_INSERT_HEARTBEATS = """
+    INSERT INTO heartbeats
+    SELECT b.* FROM unnest($1::bigint[], $2::text[], $3::text[], $4::integer[], $5::float8[], $6::float8[],
+                           $7::float8[], $8::float8[], $9::float8[], $10::timestamptz[])
+        AS b(seq, session_id, peer_id, epoch, loss, accuracy, val_loss, val_accuracy, samples_per_s, occurred_at)
+    WHERE EXISTS (SELECT 1 FROM session_peers sp WHERE sp.session_id = b.session_id AND sp.peer_id = b.peer_id)
+    ON CONFLICT DO NOTHING
+"""
+_UPDATE_PROGRESS = """
+    UPDATE session_peers sp SET epoch = b.epoch, loss = b.loss, accuracy = b.accuracy, val_loss = b.val_loss,
+        val_accuracy = b.val_accuracy, samples_per_s = b.samples_per_s
+    FROM unnest($1::text[], $2::text[], $3::integer[], $4::float8[], $5::float8[], $6::float8[], $7::float8[],
+                $8::float8[]) AS b(session_id, peer_id, epoch, loss, accuracy, val_loss, val_accuracy, samples_per_s)
+    WHERE sp.session_id = b.session_id AND sp.peer_id = b.peer_id AND sp.status = 'training'
+"""
+_TOUCH_ASSIGNED_PEERS = """
+    INSERT INTO peers (peer_id, name, device, online, last_seen)
+    SELECT b.peer_id, b.peer_id, 'unknown', false, max(b.at)
+    FROM unnest($1::text[], $2::text[], $3::timestamptz[]) AS b(session_id, peer_id, at)
+    WHERE EXISTS (SELECT 1 FROM session_peers sp WHERE sp.session_id = b.session_id AND sp.peer_id = b.peer_id)
+    GROUP BY b.peer_id
+    ON CONFLICT (peer_id) DO UPDATE SET last_seen = GREATEST(peers.last_seen, EXCLUDED.last_seen)
+"""
+
+
+def _columns(rows: list[tuple[Any, ...]], width: int) -> list[list[Any]]:
+    return [[row[i] for row in rows] for i in range(width)]
+
+
+async def apply_heartbeats(conn: asyncpg.Connection, heartbeats: list[tuple[int, Heartbeat]]) -> None:
+    """Apply a run of consecutive heartbeats in three statements, however long the run.
+
+    The same as applying them one by one: nothing in a run of heartbeats changes which peers a
+    session has or their status, so each beat's row stands alone, a peer's progress is its last
+    beat's (every beat overwrites it), and ``last_seen`` is the latest (it only ever grows). Only a
+    peer assigned to the beat's session is touched: a forged beat shows no peer.
+    """
+    if not heartbeats:
+        return
+    rows = [
+        (
+            seq,
+            e.session_id,
+            e.peer_id,
+            e.epoch,
+            e.loss,
+            e.accuracy,
+            e.val_loss,
+            e.val_accuracy,
+            e.samples_per_s,
+            e.occurred_at,
+        )
+        for seq, e in heartbeats
+    ]
+    await conn.execute(_INSERT_HEARTBEATS, *_columns(rows, 10))
+    last = {(row[1], row[2]): row for row in rows}  # a peer's last beat in the run
+    await conn.execute(_UPDATE_PROGRESS, *_columns([row[1:9] for row in last.values()], 8))
+    await conn.execute(_TOUCH_ASSIGNED_PEERS, *_columns([(row[1], row[2], row[9]) for row in rows], 3))
 
 
 async def _touch_peer(conn: asyncpg.Connection, event: Event, peer_id: str, online: bool | None) -> None:
@@ -263,40 +330,7 @@ async def apply(conn: asyncpg.Connection, seq: int, event: Event) -> None:
                 event.peer_id,
             )
         case Heartbeat():
-            await conn.execute(
-                """
-                INSERT INTO heartbeats SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10 WHERE EXISTS (
-                    SELECT 1 FROM session_peers WHERE session_id = $2 AND peer_id = $3)
-                ON CONFLICT DO NOTHING
-                """,
-                seq,
-                event.session_id,
-                event.peer_id,
-                event.epoch,
-                event.loss,
-                event.accuracy,
-                event.val_loss,
-                event.val_accuracy,
-                event.samples_per_s,
-                event.occurred_at,
-            )
-            await conn.execute(
-                """
-                UPDATE session_peers SET epoch = $3, loss = $4, accuracy = $5, val_loss = $6, val_accuracy = $7,
-                    samples_per_s = $8
-                WHERE session_id = $1 AND peer_id = $2 AND status = 'training'
-                """,
-                event.session_id,
-                event.peer_id,
-                event.epoch,
-                event.loss,
-                event.accuracy,
-                event.val_loss,
-                event.val_accuracy,
-                event.samples_per_s,
-            )
-            if await conn.fetchval(_ASSIGNED, event.session_id, event.peer_id):  # a forged beat shows no peer
-                await _touch_peer(conn, event, event.peer_id, None)
+            await apply_heartbeats(conn, [(seq, event)])
         case PeerDone():
             await conn.execute(
                 """

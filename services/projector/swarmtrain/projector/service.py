@@ -7,10 +7,11 @@ import contextlib
 import itertools
 
 import asyncpg
+from nats.aio.msg import Msg
 from nats.js import api
 
 from swarmtrain.common import bus
-from swarmtrain.common.events import decode_event
+from swarmtrain.common.events import Event, decode_event
 from swarmtrain.common.logging import get_logger
 from swarmtrain.common.settings import Settings
 from swarmtrain.projector.projection import (
@@ -56,23 +57,40 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
         )
         stack.push_async_callback(sub.unsubscribe)
         log.info("projector started", position=reached)
-        while not stop.is_set():
-            items = await bus.fetch(sub, decode_event, batch=512, timeout=0.5)
-            if not items:
-                continue
-            batch = [(bus.stream_seq(msg), event) for msg, event in items]
-            for attempt in itertools.count():
-                try:
-                    reached = await apply_batch(pool, batch)
-                    break
-                except (asyncpg.PostgresError, OSError) as exc:
-                    # never skip an event: retry the batch, loudly, until the database takes it
-                    log.error("projection failed; retrying", first_seq=batch[0][0], attempt=attempt, error=repr(exc))
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(stop.wait(), min(30.0, 0.5 * 2**attempt))
-                    if stop.is_set():
+        # The next fetch overlaps the commit of the batch before it; batches still commit, and
+        # are acknowledged, one after the other and in order.
+        applying: asyncio.Task[bool] | None = None
+        try:
+            while not stop.is_set():
+                items = await bus.fetch(sub, decode_event, batch=512, timeout=0.5)
+                if applying is not None:
+                    previous, applying = applying, None
+                    if not await previous:
                         return
-            await items[-1][0].ack()  # AckAll: acknowledges the whole batch, after the commit
+                if items:
+                    applying = asyncio.create_task(_apply_and_ack(pool, items, stop))
+        finally:
+            if applying is not None:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await applying
+
+
+async def _apply_and_ack(pool: asyncpg.Pool, items: list[tuple[Msg, Event]], stop: asyncio.Event) -> bool:
+    """Commit one fetched batch, then acknowledge it; False if stopped before the database took it."""
+    batch = [(bus.stream_seq(msg), event) for msg, event in items]
+    for attempt in itertools.count():
+        try:
+            await apply_batch(pool, batch)
+            break
+        except (asyncpg.PostgresError, OSError) as exc:
+            # never skip an event: retry the batch, loudly, until the database takes it
+            log.error("projection failed; retrying", first_seq=batch[0][0], attempt=attempt, error=repr(exc))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), min(30.0, 0.5 * 2**attempt))
+            if stop.is_set():
+                return False
+    await items[-1][0].ack()  # AckAll: acknowledges the whole batch, after the commit
+    return True
 
 
 async def rebuild(settings: Settings) -> tuple[int, int]:
