@@ -167,7 +167,10 @@ Action = Append | Send | Start | Reassign
 
 
 def _peer(state: State, peer_id: str) -> Peer:
-    return state.peers.setdefault(peer_id, Peer(peer_id=peer_id))
+    peer = state.peers.get(peer_id)
+    if peer is None:
+        peer = state.peers[peer_id] = Peer(peer_id=peer_id)
+    return peer
 
 
 def evolve(state: State, seq: int, event: Event) -> State:
@@ -287,8 +290,12 @@ def decide(state: State, now: float, wall: float = 0.0, timing: Timing | None = 
         if session.rounds_open:
             actions += _rounds(session, wall, timing)
         actions += _failures(session, idle)
+    locked: dict[str, list[Peer]] = {}  # one pass over the peers, not one per session
+    for peer in state.peers.values():
+        if peer.session_id is not None:
+            locked.setdefault(peer.session_id, []).append(peer)
     for session in state.sessions.values():
-        actions += _finish(state, session)
+        actions += _finish(session, locked.get(session.request.session_id, []))
     actions += _schedule(state, idle)
     return actions
 
@@ -369,8 +376,9 @@ def _failures(session: Session, idle: list[str]) -> list[Action]:
     return actions
 
 
-def _finish(state: State, session: Session) -> list[Action]:
-    """Complete or fail a session whose runs have all ended; stop and free the peers of ended runs."""
+def _finish(session: Session, locked: list[Peer]) -> list[Action]:
+    """Complete or fail a session whose runs have all ended; stop and free the peers of ended runs
+    (``locked``: the peers whose lock names the session)."""
     sid = session.request.session_id
     actions: list[Action] = []
     all_ended = session.runs and all(r.status != "training" for r in session.runs.values())
@@ -395,9 +403,7 @@ def _finish(state: State, session: Session) -> list[Action]:
         else:
             actions.append(Append(SessionFailed(event_id=f"{sid}.failed", session_id=sid, reason="every peer failed")))
         return actions  # the peers are released once the terminal event is back in the state
-    for peer in state.peers.values():
-        if peer.session_id != sid:
-            continue
+    for peer in locked:
         run = session.runs.get(peer.peer_id)
         if session.status == "queued" or run is None or (session.status == "running" and run.status == "training"):
             continue  # locks of a start or reassignment in progress, or a peer still at work
