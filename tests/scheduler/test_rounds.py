@@ -237,3 +237,11 @@ def test_fedavg_session_model_is_the_one_most_peers_agree_on_not_a_claim() -> No
         )
     [done] = [e for e in events(state, 3) if isinstance(e, SessionCompleted)]
     assert done.best_peer_id in ("a", "b") and done.best_val_accuracy == 0.8
+
+
+def test_no_hand_over_into_a_round_that_closes_in_the_same_decision() -> None:
+    state = fedavg(rounds=1)
+    replay(state, update("a", 1, 1), update("b", 1, 1), PeerFailed(session_id="s", peer_id="c", reason="gone"))
+    actions = decide(state, 0.0, T0.timestamp() + 2, TIMING)
+    assert [a for a in actions if isinstance(a, Append) and isinstance(a.event, RoundClosed)]
+    assert not [a for a in actions if isinstance(a, Reassign)]  # the last round closed: nothing to hand over

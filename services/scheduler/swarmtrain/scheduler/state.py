@@ -287,9 +287,11 @@ def decide(state: State, now: float, wall: float = 0.0, timing: Timing | None = 
     for session in state.sessions.values():
         if session.status != "running":
             continue
-        if session.rounds_open:
-            actions += _rounds(session, wall, timing)
-        actions += _failures(session, idle)
+        closing = _rounds(session, wall, timing) if session.rounds_open else []
+        actions += closing
+        if not any(isinstance(a, Append) and isinstance(a.event, RoundClosed) for a in closing):
+            # a shard is handed over only into a round that stays open until the newcomer publishes
+            actions += _failures(session, idle)
     locked: dict[str, list[Peer]] = {}  # one pass over the peers, not one per session
     for peer in state.peers.values():
         if peer.session_id is not None:
