@@ -15,6 +15,7 @@ from typing import Any
 import nats
 import pytest
 import torch
+from nats.js.api import AckPolicy
 from safetensors.torch import load, save
 
 from swarmtrain.common import blob, bus, servers
@@ -119,15 +120,17 @@ def start(api: Api, body: dict[str, Any]) -> str:
 
 
 def history(stack: Stack, sid: str) -> list[Event]:
+    """The session's events as stored, read with a short-lived consumer."""
+
     async def read() -> list[Event]:
         nc = await nats.connect(stack.nats_url)
-        sub = await nc.jetstream().subscribe(f"session.{sid}.events", ordered_consumer=True)
+        js = nc.jetstream()
+        sub = await bus.pull_consumer(js, bus.EVENTS_STREAM, ack=AckPolicy.NONE, filter_subject=f"session.{sid}.events")
         out: list[Event] = []
-        try:
-            while True:
-                out.append(decode_event((await sub.next_msg(timeout=1)).data))
-        except nats.errors.TimeoutError:
-            pass
+        while batch := await bus.fetch(sub, decode_event, batch=1024, timeout=0.5):
+            out += [event for _, event in batch]
+            if batch[-1][0].metadata.num_pending == 0:
+                break  # everything stored when we asked: a live session never goes quiet
         await sub.unsubscribe()
         await nc.drain()
         return out
@@ -169,10 +172,13 @@ def test_fedavg_on_three_peers_gives_every_peer_the_same_model_and_replays_bit_f
     assert "MATCH: bit for bit" in replay.stdout
 
 
+SLOW = {"epochs": 25, "batch_size": 16, "lr": 0.003}  # rounds of a few seconds: time to die and to join
+
+
 def test_peer_killed_mid_round_hands_its_shard_to_the_idle_spare(stack: Stack, api: Api, swarm: Swarm) -> None:
     swarm.start("ka", "kb", "kc", "kd")
     ds = api.upload()
-    sid = start(api, fedavg(ds["dataset_id"], 3, rounds=4, local={"epochs": 6, "batch_size": 16, "lr": 0.003}))
+    sid = start(api, fedavg(ds["dataset_id"], 3, rounds=4, local=SLOW))
     session = wait_for(lambda: (s := api.session(sid))["peers"] and s, 30, "the session to start")
     participants = {p["peer_id"] for p in session["peers"]}
     [spare] = set(swarm.ids.values()) - participants
@@ -183,8 +189,8 @@ def test_peer_killed_mid_round_hands_its_shard_to_the_idle_spare(stack: Stack, a
     done = api.wait_ended(sid)
     assert done["status"] == "completed", done
     events = history(stack, sid)
-    [moved] = of(events, ShardReassigned)
-    assert (moved.from_peer_id, moved.to_peer_id) == (victim, spare)
+    moved = of(events, ShardReassigned)
+    assert [(m.from_peer_id, m.to_peer_id) for m in moved] == [(victim, spare)], [type(e).__name__ for e in events]
     assert victim in {e.peer_id for e in of(events, PeerFailed)}
     finals = {e.peer_id: e.model_sha256 for e in of(events, PeerDone)}
     assert spare in finals and victim not in finals and len(set(finals.values())) == 1
@@ -216,8 +222,10 @@ def test_stalled_peer_is_left_out_and_its_late_update_is_ignored(stack: Stack, a
     assert done["status"] == "completed", done
     events = history(stack, sid)
     failed_at = next(i for i, e in enumerate(events) if isinstance(e, PeerFailed) and e.peer_id == stalled)
+    before = {e.round for e in of(events[:failed_at], ModelUpdatePublished) if e.peer_id == stalled}
     for closed in of(events[failed_at:], RoundClosed):
-        assert stalled not in {u.peer_id for u in closed.updates}
+        if closed.round not in before:  # nothing it published after it was failed counts
+            assert stalled not in {u.peer_id for u in closed.updates}, closed
     finals = {e.peer_id: e.model_sha256 for e in of(events, PeerDone)}
     assert stalled not in finals and len(finals) == 2 and len(set(finals.values())) == 1
 
@@ -324,12 +332,11 @@ def test_poisoned_updates_are_rejected_and_the_session_completes(stack: Stack, a
 def test_late_joiner_takes_an_orphan_shard_and_catches_up(stack: Stack, api: Api, swarm: Swarm) -> None:
     swarm.start("la", "lb", "lc")
     ds = api.upload()
-    sid = start(api, fedavg(ds["dataset_id"], 3, rounds=4, local={"epochs": 6, "batch_size": 16, "lr": 0.003}))
+    sid = start(api, fedavg(ds["dataset_id"], 3, rounds=5, local=SLOW))
     wait_for(lambda: of(history(stack, sid), RoundClosed), 60, "round 1 to close")
     victim = sorted(swarm.ids.values())[-1]
     swarm.procs[swarm.name_of(victim)].kill()
-    wait_for(lambda: victim in {e.peer_id for e in of(history(stack, sid), PeerFailed)}, 30, "the death noticed")
-    swarm.start("late")  # joins the swarm while the session runs
+    swarm.start("late")  # joins the swarm while the session runs, as the death is noticed
     done = api.wait_ended(sid)
     assert done["status"] == "completed", done
     events = history(stack, sid)
