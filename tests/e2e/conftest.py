@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -45,10 +46,23 @@ class Stack:
             "SWARMTRAIN_PEER_TIMEOUT_S": "2.0",
             "SWARMTRAIN_LOG_LEVEL": "debug",
         }
-        cmd = [sys.executable, "-m", "swarmtrain.cli.main", "up", "--peers", str(peers), "--port", str(self.port),
-               "--nats-port", str(self.nats_port), "--data-dir", str(data_dir / "data")]
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=self.env,
-                                     start_new_session=True)
+        cmd = [
+            sys.executable,
+            "-m",
+            "swarmtrain.cli.main",
+            "up",
+            "--peers",
+            str(peers),
+            "--port",
+            str(self.port),
+            "--nats-port",
+            str(self.nats_port),
+            "--data-dir",
+            str(data_dir / "data"),
+        ]
+        self.proc = subprocess.Popen(
+            cmd, stdout=self.log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
+        )
         self.url = f"http://127.0.0.1:{self.port}"
         self.nats_url = f"nats://127.0.0.1:{self.nats_port}"
         self.extra: list[subprocess.Popen[bytes]] = []
@@ -72,7 +86,9 @@ class Stack:
     def start_peer(self, name: str) -> subprocess.Popen[bytes]:
         proc = subprocess.Popen(
             [sys.executable, "-m", "swarmtrain.cli.main", "peer", "--nats", self.nats_url, "--name", name],
-            stdout=self.log, stderr=subprocess.STDOUT, env={**self.env, "SWARMTRAIN_STATE_DIR": str(self.data_dir / "x")},
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env={**self.env, "SWARMTRAIN_STATE_DIR": str(self.data_dir / "x")},
         )
         self.extra.append(proc)
         return proc
@@ -85,10 +101,8 @@ class Stack:
                 proc.wait()
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGINT)
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                pass
         left = subprocess.run(["pgrep", "-g", str(self.proc.pid)], capture_output=True, text=True).stdout.split()
         if left:
             os.killpg(self.proc.pid, signal.SIGKILL)
@@ -122,8 +136,11 @@ class Api:
         return body
 
     def wait_idle_peers(self, n: int) -> list[dict[str, Any]]:
-        return wait_for(lambda: (p := [x for x in self.peers() if x["status"] == "online"]) and len(p) >= n and p,
-                        90, f"{n} idle peers")
+        return wait_for(
+            lambda: (p := [x for x in self.peers() if x["status"] == "online"]) and len(p) >= n and p,
+            90,
+            f"{n} idle peers",
+        )
 
     def session(self, sid: str) -> dict[str, Any]:
         resp = self.client.get(f"/sessions/{sid}")
@@ -132,8 +149,11 @@ class Api:
         return body
 
     def wait_ended(self, sid: str, timeout: float = 180) -> dict[str, Any]:
-        return wait_for(lambda: (s := self.session(sid))["status"] in ("completed", "failed", "cancelled") and s,
-                        timeout, f"session {sid} to end")
+        return wait_for(
+            lambda: (s := self.session(sid))["status"] in ("completed", "failed", "cancelled") and s,
+            timeout,
+            f"session {sid} to end",
+        )
 
 
 @pytest.fixture(scope="module")

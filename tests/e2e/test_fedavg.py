@@ -243,7 +243,7 @@ class Poisoner(threading.Thread):
     def run(self) -> None:
         try:
             asyncio.run(self.main())
-        except BaseException as exc:  # noqa: BLE001 - surfaced by the test
+        except BaseException as exc:
             self.error = exc
 
     async def main(self) -> None:

@@ -19,14 +19,23 @@ from swarmtrain.projector.projection import TABLES
 
 from .conftest import Api, Stack, wait_for
 
-HP = [{"epochs": 4, "batch_size": 32, "lr": 0.003}, {"epochs": 4, "batch_size": 64, "lr": 0.01},
-      {"epochs": 3, "batch_size": 32, "lr": 0.001}]
+HP = [
+    {"epochs": 4, "batch_size": 32, "lr": 0.003},
+    {"epochs": 4, "batch_size": 64, "lr": 0.01},
+    {"epochs": 3, "batch_size": 32, "lr": 0.001},
+]
 
 
 def sweep(dataset_id: str, hps: list[dict[str, Any]]) -> dict[str, Any]:
-    return {"dataset_id": dataset_id, "num_peers": len(hps), "strategy": "sweep",
-            "model": {"kind": "mlp", "hidden": [64, 32]}, "hyperparameters": hps,
-            "validation_split": 0.2, "seed": 7}
+    return {
+        "dataset_id": dataset_id,
+        "num_peers": len(hps),
+        "strategy": "sweep",
+        "model": {"kind": "mlp", "hidden": [64, 32]},
+        "hyperparameters": hps,
+        "validation_split": 0.2,
+        "seed": 7,
+    }
 
 
 async def stored_events(nats_url: str, sid: str) -> list[bytes]:
@@ -47,8 +56,12 @@ async def stored_events(nats_url: str, sid: str) -> list[bytes]:
 
 
 def test_sweep_on_three_peers_completes_with_results_and_a_model(stack: Stack, api: Api) -> None:
-    tap = subprocess.Popen([sys.executable, "-m", "swarmtrain.cli.main", "tap", "--nats", stack.nats_url],
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    tap = subprocess.Popen(
+        [sys.executable, "-m", "swarmtrain.cli.main", "tap", "--nats", stack.nats_url],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert "listening" in (tap.stderr.readline() if tap.stderr else "")
         api.wait_idle_peers(3)
@@ -100,8 +113,11 @@ def test_peer_killed_mid_training_fails_alone_and_the_session_completes(stack: S
     sid = resp.json()["session_id"]
     session = wait_for(lambda: (s := api.session(sid))["peers"] and s, 30, "the session to start")
     assert victim_id in {p["peer_id"] for p in session["peers"]}
-    wait_for(lambda: next(p for p in api.session(sid)["peers"] if p["peer_id"] == victim_id)["epoch"] >= 1,
-             60, "the victim's first epoch")
+    wait_for(
+        lambda: next(p for p in api.session(sid)["peers"] if p["peer_id"] == victim_id)["epoch"] >= 1,
+        60,
+        "the victim's first epoch",
+    )
     victim.send_signal(signal.SIGKILL)
     victim.wait()
     done = api.wait_ended(sid)
@@ -129,8 +145,13 @@ def test_projections_rebuild_to_identical_state(stack: Stack, api: Api) -> None:
 
     # settle: no event may land between the two snapshots except presence-driven peer updates
     before = asyncio.run(snapshot())
-    result = subprocess.run([sys.executable, "-m", "swarmtrain.cli.main", "projections", "rebuild"],
-                            env=stack.env, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "swarmtrain.cli.main", "projections", "rebuild"],
+        env=stack.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     assert "projections rebuilt" in result.stdout
     after = asyncio.run(snapshot())

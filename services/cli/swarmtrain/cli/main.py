@@ -87,6 +87,7 @@ def _rebuild(args: argparse.Namespace) -> int:
 def _tap(args: argparse.Namespace) -> int:
     """Print every message on SUBJECT as one JSON line, as `nats sub` would show it."""
     import nats
+    from nats.aio.msg import Msg
 
     settings = get_settings()
     url = args.nats or settings.nats_url
@@ -100,7 +101,7 @@ def _tap(args: argparse.Namespace) -> int:
             url.split(","), nkeys_seed_str=settings.nats_nkey_seed, inbox_prefix=settings.nats_inbox_prefix
         )
 
-        async def show(msg: nats.aio.msg.Msg) -> None:
+        async def show(msg: Msg) -> None:
             sys.stdout.write(msg.data.decode(errors="replace") + "\n")
             sys.stdout.flush()
 
