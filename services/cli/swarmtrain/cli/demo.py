@@ -1,13 +1,14 @@
 """``swarmtrain demo``: the whole product in one command, against a fresh local stack.
 
 Starts ``swarmtrain up`` on free ports, signs up a user, uploads the sample dataset, runs a sweep
-across the local peers (one learning rate each), shows progress live, then downloads the best
-model and stops the stack.
+across the local peers (one learning rate each), shows every epoch live from the session's event
+stream, then the leaderboard, downloads the best model and stops the stack.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -21,6 +22,7 @@ import httpx
 
 from swarmtrain.common.servers import free_port
 
+TERMINAL = ("completed", "failed", "cancelled")
 LEARNING_RATES = [0.001, 0.003, 0.01, 0.03, 0.0003, 0.1]
 
 
@@ -98,21 +100,24 @@ def demo(peers: int, csv_path: Path, epochs: int) -> int:
         }
         sid = _check(client.post("/sessions", json=body), "session")["session_id"]
         print(f"session {sid}: sweep over {peers} peers, lr = {[h['lr'] for h in hps]}", flush=True)
-        shown: dict[str, int] = {}
-        while True:
-            s = _check(client.get(f"/sessions/{sid}"), "session status")
-            for p in s["peers"]:
-                if p["epoch"] and shown.get(p["peer_id"]) != p["epoch"]:
-                    shown[p["peer_id"]] = p["epoch"]
-                    va = p["val_accuracy"]
+        # every event of the session, live, from the gateway's Server-Sent Events stream
+        with client.stream("GET", f"/sessions/{sid}/stream", timeout=None) as events:
+            for line in events.iter_lines():
+                if not line.startswith("data:"):
+                    continue
+                event = json.loads(line[5:])
+                if event["type"] == "Heartbeat":
+                    va = event["val_accuracy"]
                     print(
-                        f"  {p['peer_id'][:8]}  epoch {p['epoch']:>3}/{epochs}  loss {p['loss']:.4f}"
-                        f"  val_acc {va if va is None else f'{va:.3f}'}",
+                        f"  {event['peer_id'][:8]}  epoch {event['epoch']:>3}/{event['epochs']}"
+                        f"  loss {event['loss']:.4f}  val_acc {va if va is None else f'{va:.3f}'}"
+                        f"  {event['samples_per_s']:,.0f} samples/s",
                         flush=True,
                     )
-            if s["status"] in ("completed", "failed", "cancelled"):
-                break
-            time.sleep(0.5)
+                elif event["type"] in ("PeerDone", "PeerFailed", "SessionStarted"):
+                    print(f"  {event['type']} {event.get('peer_id', '')[:8]} {event.get('reason', '')}", flush=True)
+        while (s := _check(client.get(f"/sessions/{sid}"), "session status"))["status"] not in TERMINAL:
+            time.sleep(0.2)  # the stream ended on the terminal event; the read model follows within moments
         print(f"session {s['status']}")
         if s["status"] != "completed":
             return 1
