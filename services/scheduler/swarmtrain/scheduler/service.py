@@ -16,6 +16,7 @@ from nats.js import JetStreamContext, api
 from swarmtrain.common import blob, bus
 from swarmtrain.common.events import (
     PRESENCE_SUBJECTS,
+    Event,
     Hyperparameters,
     PeerLocked,
     PeerReleased,
@@ -104,7 +105,8 @@ class Scheduler:
         """Replay the log up to its current end, then undo what a dead scheduler left half done."""
         target = await bus.last_sequence(self.js)
         while self.state.position < target:
-            await self.read(sub, timeout=2.0)
+            if not await self.read(sub, timeout=2.0):
+                break  # what is left is malformed: terminated, never evolved
         log.info("state rebuilt", position=self.state.position, sessions=len(self.state.sessions))
         for session in self.state.sessions.values():
             if session.status != "running":
@@ -118,9 +120,12 @@ class Scheduler:
                     await bus.send(self.js, command)
         await self.execute(stale_locks(self.state))
 
-    async def read(self, sub: JetStreamContext.PullSubscription, timeout: float) -> None:
-        for msg, event in await bus.fetch(sub, decode_event, batch=512, timeout=timeout):
+    async def read(self, sub: JetStreamContext.PullSubscription, timeout: float) -> int:
+        """Evolve the state with what arrives within ``timeout``; returns how many events came."""
+        batch = await bus.fetch(sub, decode_event, batch=512, timeout=timeout)
+        for msg, event in batch:
             evolve(self.state, bus.stream_seq(msg), event)
+        return len(batch)
 
     async def step(self) -> None:
         if self.state.position >= self.barrier:
@@ -142,22 +147,37 @@ class Scheduler:
             except Exception as exc:
                 log.warning("action failed; will retry", action=repr(action)[:200], error=repr(exc))
 
+    async def cas_append(self, event: Event, expected: int) -> int:
+        """Append ``event`` if its subject is still at ``expected``.
+
+        A malformed message that landed on the subject since (anyone allowed to publish there can
+        put junk on it) does not count as a competing write: the append is retried past it.
+        """
+        for _ in range(5):
+            try:
+                return await bus.append(self.js, event, expected_last_subject_seq=expected)
+            except bus.WrongLastSequence:
+                last = await self.js.get_last_msg(bus.EVENTS_STREAM, event.subject)
+                try:
+                    decode_event(last.data or b"")
+                except (msgspec.DecodeError, msgspec.ValidationError):
+                    expected = int(last.seq or 0)
+                    continue
+                raise
+        raise bus.WrongLastSequence(event.subject)
+
     async def start(self, session: Session, peer_ids: tuple[str, ...]) -> None:
         sid = session.request.session_id
         locked: list[str] = []
         try:
             for peer_id in peer_ids:
-                seq = await bus.append(
-                    self.js,
-                    PeerLocked(peer_id=peer_id, session_id=sid),
-                    expected_last_subject_seq=self.state.peers[peer_id].seq,
-                )
+                seq = await self.cas_append(PeerLocked(peer_id=peer_id, session_id=sid), self.state.peers[peer_id].seq)
                 locked.append(peer_id)
                 self.barrier = max(self.barrier, seq)
             assignments = dict(zip(peer_ids, session.request.hyperparameters, strict=True))
             shards = {p: i for i, p in enumerate(peer_ids)} if session.fedavg else {}
             started = SessionStarted(event_id=f"{sid}.started", session_id=sid, assignments=assignments, shards=shards)
-            self.barrier = max(self.barrier, await bus.append(self.js, started, expected_last_subject_seq=session.seq))
+            self.barrier = max(self.barrier, await self.cas_append(started, session.seq))
         except bus.WrongLastSequence as exc:
             log.info("start lost a race; releasing and retrying", session_id=sid, subject=str(exc))
             for peer_id in locked:
@@ -173,11 +193,7 @@ class Scheduler:
         session = self.state.sessions[action.session_id]
         sid, peer_id = action.session_id, action.peer_id
         try:
-            seq = await bus.append(
-                self.js,
-                PeerLocked(peer_id=peer_id, session_id=sid),
-                expected_last_subject_seq=self.state.peers[peer_id].seq,
-            )
+            seq = await self.cas_append(PeerLocked(peer_id=peer_id, session_id=sid), self.state.peers[peer_id].seq)
         except bus.WrongLastSequence:
             return  # the peer moved on; the next decision picks again
         self.barrier = max(self.barrier, seq)
