@@ -7,7 +7,7 @@ TORCH_CPU ?= torch==2.13.0
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup demo up test fuzz lint typecheck smoke clean
+.PHONY: help setup demo up test fuzz lint typecheck smoke bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -44,6 +44,9 @@ typecheck: setup ## mypy (strict)
 
 smoke: setup ## the outside-in acceptance check in ../shared/acceptance
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python ../shared/acceptance/smoke.py
+
+bench: setup ## run the benchmarks in bench/ (about 4 minutes on 2 cores; see BENCHMARKS.md)
+	$(BIN)/python -m bench.run
 
 clean: ## remove the virtualenv and local state
 	rm -rf $(VENV) .swarmtrain .pytest_cache .mypy_cache .ruff_cache
