@@ -21,6 +21,7 @@ from safetensors.torch import load, save
 from swarmtrain.common import blob, bus, servers
 from swarmtrain.common.events import (
     Event,
+    Heartbeat,
     ModelUpdatePublished,
     PeerDone,
     PeerFailed,
@@ -172,18 +173,26 @@ def test_fedavg_on_three_peers_gives_every_peer_the_same_model_and_replays_bit_f
     assert "MATCH: bit for bit" in replay.stdout
 
 
-SLOW = {"epochs": 25, "batch_size": 16, "lr": 0.003}  # rounds of a few seconds: time to die and to join
+def first_heartbeat(stack: Stack, sid: str, peer_id: str) -> None:
+    """Wait until ``peer_id`` is mid-way through round 1. The round it dies in stays open until the
+    scheduler notices the death (participants wait for each other), so no test needs slow training."""
+    wait_for(
+        lambda: any(isinstance(e, Heartbeat) and e.peer_id == peer_id for e in history(stack, sid)),
+        60,
+        f"{peer_id}'s first epoch",
+        interval=0.05,
+    )
 
 
 def test_peer_killed_mid_round_hands_its_shard_to_the_idle_spare(stack: Stack, api: Api, swarm: Swarm) -> None:
     swarm.start("ka", "kb", "kc", "kd")
     ds = api.upload()
-    sid = start(api, fedavg(ds["dataset_id"], 3, rounds=4, local=SLOW))
+    sid = start(api, fedavg(ds["dataset_id"], 3, rounds=4))
     session = wait_for(lambda: (s := api.session(sid))["peers"] and s, 30, "the session to start")
     participants = {p["peer_id"] for p in session["peers"]}
     [spare] = set(swarm.ids.values()) - participants
     victim = sorted(participants)[0]
-    wait_for(lambda: of(history(stack, sid), RoundClosed), 60, "round 1 to close")
+    first_heartbeat(stack, sid, victim)
     swarm.procs[swarm.name_of(victim)].kill()
 
     done = api.wait_ended(sid)
@@ -201,18 +210,9 @@ def test_peer_killed_mid_round_hands_its_shard_to_the_idle_spare(stack: Stack, a
 def test_stalled_peer_is_left_out_and_its_late_update_is_ignored(stack: Stack, api: Api, swarm: Swarm) -> None:
     swarm.start("sa", "sb", "sc")
     ds = api.upload()
-    sid = start(
-        api,
-        fedavg(
-            ds["dataset_id"],
-            3,
-            rounds=4,
-            local={"epochs": 6, "batch_size": 16, "lr": 0.003},
-            on_peer_failure="continue",
-        ),
-    )
-    wait_for(lambda: of(history(stack, sid), RoundClosed), 60, "round 1 to close")
+    sid = start(api, fedavg(ds["dataset_id"], 3, rounds=4, on_peer_failure="continue"))
     stalled = sorted(swarm.ids.values())[0]
+    first_heartbeat(stack, sid, stalled)
     proc = swarm.procs[swarm.name_of(stalled)]
     proc.send_signal(signal.SIGSTOP)
     wait_for(lambda: stalled in {e.peer_id for e in of(history(stack, sid), PeerFailed)}, 60, "the stall noticed")
@@ -233,9 +233,11 @@ def test_stalled_peer_is_left_out_and_its_late_update_is_ignored(stack: Stack, a
 class Poisoner(threading.Thread):
     """A peer that follows the protocol but sends poison: NaN in odd rounds, a wrong shape in even ones."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, delay_s: float = 0.0) -> None:
         super().__init__(daemon=True)
         self.settings = settings
+        self.delay_s = delay_s
+        """How long it sits on each round before publishing: a slow participant keeps rounds open."""
         self.peer_id = "p" + uuid.uuid4().hex[:16]
         self.stop = threading.Event()
         self.error: BaseException | None = None
@@ -262,6 +264,10 @@ class Poisoner(threading.Thread):
         events = await js.subscribe(f"session.{train.session_id}.events", ordered_consumer=True) if train else None
         for r in range(1, (train.rounds if train else 0) + 1):
             assert train is not None and events is not None
+            deadline = asyncio.get_running_loop().time() + self.delay_s
+            while asyncio.get_running_loop().time() < deadline:
+                await nc.publish(beat.subject, encode(beat))
+                await asyncio.sleep(0.2)
             from swarmtrain.peer.model import build_model
 
             tensors = {
@@ -330,17 +336,28 @@ def test_poisoned_updates_are_rejected_and_the_session_completes(stack: Stack, a
 
 
 def test_late_joiner_takes_an_orphan_shard_and_catches_up(stack: Stack, api: Api, swarm: Swarm) -> None:
-    swarm.start("la", "lb", "lc")
-    ds = api.upload()
-    sid = start(api, fedavg(ds["dataset_id"], 3, rounds=5, local=SLOW))
-    wait_for(lambda: of(history(stack, sid), RoundClosed), 60, "round 1 to close")
-    victim = sorted(swarm.ids.values())[-1]
-    swarm.procs[swarm.name_of(victim)].kill()
-    swarm.start("late")  # joins the swarm while the session runs, as the death is noticed
-    done = api.wait_ended(sid)
+    swarm.start("la", "lb")
+    pacer = Poisoner(Settings(nats_url=stack.nats_url), delay_s=4.0)  # rounds stay open while "late" boots
+    pacer.start()
+    try:
+        wait_for(
+            lambda: pacer.peer_id in {p["peer_id"] for p in api.peers() if p["status"] == "online"},
+            30,
+            "the pacer online",
+        )
+        ds = api.upload()
+        sid = start(api, fedavg(ds["dataset_id"], 3, rounds=3))
+        victim = swarm.ids["lb"]
+        wait_for(lambda: of(history(stack, sid), RoundClosed), 60, "round 1 to close", interval=0.05)
+        swarm.procs["lb"].kill()  # in round 2, which the pacer holds open: the newcomer starts from round 1's average
+        swarm.start("late")  # joins the swarm while the session runs
+        done = api.wait_ended(sid)
+    finally:
+        pacer.stop.set()
+        pacer.join(30)
     assert done["status"] == "completed", done
     events = history(stack, sid)
     [moved] = of(events, ShardReassigned)
-    assert moved.to_peer_id == swarm.ids["late"] and moved.round >= 2
+    assert (moved.from_peer_id, moved.to_peer_id) == (victim, swarm.ids["late"]) and moved.round >= 2
     finals = {e.peer_id: e.model_sha256 for e in of(events, PeerDone)}
-    assert swarm.ids["late"] in finals and len(set(finals.values())) == 1
+    assert set(finals) == {swarm.ids["la"], swarm.ids["late"]} and len(set(finals.values())) == 1
