@@ -69,9 +69,24 @@ def main() -> None:
     data = Path(tempfile.mkdtemp(prefix="swarmtrain-bench-"))
     env = {**os.environ, "SWARMTRAIN_TORCH_THREADS": "1"}
     up = subprocess.Popen(
-        [sys.executable, "-m", "swarmtrain.cli.main", "up", "--peers", "4", "--port", str(port),
-         "--nats-port", str(nats_port), "--data-dir", str(data / "data")],
-        stdout=(data / "up.log").open("wb"), stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "swarmtrain.cli.main",
+            "up",
+            "--peers",
+            "4",
+            "--port",
+            str(port),
+            "--nats-port",
+            str(nats_port),
+            "--data-dir",
+            str(data / "data"),
+        ],
+        stdout=(data / "up.log").open("wb"),
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
     )
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
     try:
@@ -84,15 +99,32 @@ def main() -> None:
             ds = client.post("/datasets", files={"file": ("digits.csv", f, "text/csv")}).json()
         hp = {"batch_size": args.batch_size, "lr": args.lr}
         gaps = []
-        print(f"digits, MLP {MODEL['hidden']}, {args.rounds} rounds x {args.local_epochs} local epochs, "
-              f"batch {args.batch_size}, lr {args.lr}, validation split 0.2")
+        print(
+            f"digits, MLP {MODEL['hidden']}, {args.rounds} rounds x {args.local_epochs} local epochs, "
+            f"batch {args.batch_size}, lr {args.lr}, validation split 0.2"
+        )
         print(f"{'seed':>4}  {'1 peer, all data':>16}  {'fedavg, 4 peers':>15}  {'gap (points)':>12}")
         for seed in args.seeds:
             common = {"dataset_id": ds["dataset_id"], "model": MODEL, "validation_split": 0.2, "seed": seed}
-            single = run_session(client, {**common, "strategy": "sweep", "num_peers": 1,
-                                          "hyperparameters": [{**hp, "epochs": args.rounds * args.local_epochs}]})
-            federated = run_session(client, {**common, "strategy": "fedavg", "num_peers": 4, "rounds": args.rounds,
-                                             "hyperparameters": {**hp, "epochs": args.local_epochs}})
+            single = run_session(
+                client,
+                {
+                    **common,
+                    "strategy": "sweep",
+                    "num_peers": 1,
+                    "hyperparameters": [{**hp, "epochs": args.rounds * args.local_epochs}],
+                },
+            )
+            federated = run_session(
+                client,
+                {
+                    **common,
+                    "strategy": "fedavg",
+                    "num_peers": 4,
+                    "rounds": args.rounds,
+                    "hyperparameters": {**hp, "epochs": args.local_epochs},
+                },
+            )
             gaps.append(100 * (single - federated))
             print(f"{seed:>4}  {single:>16.4f}  {federated:>15.4f}  {gaps[-1]:>12.2f}")
         print(f"median gap: {statistics.median(gaps):.2f} points (target: at most 1)")
