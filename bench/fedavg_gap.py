@@ -5,7 +5,7 @@ each seed runs, interleaved, (a) a `sweep` on 1 peer over all the training data 
 (b) `fedavg` on 4 peers for R rounds of E local epochs (the same sample-epochs in total), with the
 same model, validation split and seed. Prints both validation accuracies per seed and the median gap.
 
-    .venv/bin/python bench/fedavg_gap.py [--rounds 10] [--local-epochs 3] [--seeds 0 1 2]
+    .venv/bin/python bench/fedavg_gap.py [--rounds 20] [--local-epochs 2] [--seeds 0 1 2]
 """
 
 from __future__ import annotations
@@ -58,8 +58,8 @@ def run_session(client: httpx.Client, body: dict[str, Any]) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rounds", type=int, default=10)
-    ap.add_argument("--local-epochs", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--local-epochs", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=0.003)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
