@@ -49,7 +49,6 @@ from torch import nn
 from swarmtrain.common import blob, bus, events
 from swarmtrain.common.events import (
     Event,
-    Heartbeat,
     ModelUpdatePublished,
     PeerDone,
     RoundAveraged,
@@ -66,6 +65,7 @@ from swarmtrain.common.settings import Settings
 from swarmtrain.peer.averaging import Tensors, UpdateUnavailable, average_round, sha256_hex, state_bytes
 from swarmtrain.peer.data import DataError, shard_indices
 from swarmtrain.peer.model import ModelMetadata, Standardize, model_bytes
+from swarmtrain.peer.progress import heartbeat, train_reporting
 from swarmtrain.peer.trainer import (
     EpochStats,
     TrainingStopped,
@@ -437,38 +437,12 @@ class FedavgRun:
 
     async def _train_round(self, learner: LocalLearner, r: int) -> RoundStats:
         """The local epochs in a worker thread; their heartbeats are all appended when it returns."""
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[EpochStats | None] = asyncio.Queue()
 
-        def on_epoch(stats: EpochStats) -> None:  # runs in the worker thread
-            loop.call_soon_threadsafe(queue.put_nowait, stats)
+        async def report(stats: EpochStats) -> None:
+            if not self.stopped.is_set():
+                await self._append(heartbeat(self.sid, self.peer_id, stats))
 
-        publisher = asyncio.create_task(self._publish_heartbeats(queue), name="heartbeats")
-        try:
-            return await asyncio.to_thread(learner.train_round, r, on_epoch, self.stop)
-        finally:
-            # Every on_epoch callback was scheduled before the thread's result was.
-            queue.put_nowait(None)
-            await publisher
-
-    async def _publish_heartbeats(self, queue: asyncio.Queue[EpochStats | None]) -> None:
-        while (stats := await queue.get()) is not None:
-            if self.stopped.is_set():
-                continue
-            await self._append(
-                Heartbeat(
-                    event_id=f"{self.sid}.{self.peer_id}.epoch{stats.epoch}",
-                    session_id=self.sid,
-                    peer_id=self.peer_id,
-                    epoch=stats.epoch,
-                    epochs=stats.epochs,
-                    loss=stats.loss,
-                    accuracy=stats.accuracy,
-                    val_loss=stats.val_loss,
-                    val_accuracy=stats.val_accuracy,
-                    samples_per_s=stats.samples_per_s,
-                )
-            )
+        return await train_reporting(lambda on_epoch: learner.train_round(r, on_epoch, self.stop), report)
 
     async def _finish(self, learner: LocalLearner) -> None:
         cmd = self.command

@@ -45,7 +45,6 @@ from nats.js import JetStreamContext, api
 from swarmtrain.common import blob, bus, events
 from swarmtrain.common.events import (
     Event,
-    Heartbeat,
     PeerDone,
     PeerFailed,
     PeerRegistered,
@@ -58,6 +57,7 @@ from swarmtrain.common.settings import Settings
 from swarmtrain.peer import fedavg, trainer
 from swarmtrain.peer.data import DataError
 from swarmtrain.peer.model import save_model
+from swarmtrain.peer.progress import heartbeat, train_reporting
 from swarmtrain.peer.trainer import EpochStats, TrainingStopped, TrainJob, TrainResult
 
 log = get_logger("swarmtrain.peer")
@@ -317,34 +317,21 @@ class Peer:
             ).run()
             return
 
-        loop = asyncio.get_running_loop()
-        stats_queue: asyncio.Queue[EpochStats | None] = asyncio.Queue()
+        job_spec = TrainJob(
+            csv_path=csv_path,
+            label_column=command.label_column,
+            model=command.model,
+            hyperparameters=hp,
+            validation_split=command.validation_split,
+            seed=command.seed,
+            device=str(self.device),
+            torch_threads=self.settings.torch_threads,
+        )
 
-        def on_epoch(stats: EpochStats) -> None:  # runs in the worker thread
-            loop.call_soon_threadsafe(stats_queue.put_nowait, stats)
+        async def report(stats: EpochStats) -> None:
+            await self._append(heartbeat(command.session_id, self.peer_id, stats), attempts=2)
 
-        publisher = asyncio.create_task(self._publish_heartbeats(command, stats_queue), name="heartbeats")
-        try:
-            result = await asyncio.to_thread(
-                trainer.train,
-                TrainJob(
-                    csv_path=csv_path,
-                    label_column=command.label_column,
-                    model=command.model,
-                    hyperparameters=hp,
-                    validation_split=command.validation_split,
-                    seed=command.seed,
-                    device=str(self.device),
-                    torch_threads=self.settings.torch_threads,
-                ),
-                on_epoch,
-                job.stop,
-            )
-        finally:
-            # Every on_epoch callback was scheduled before the thread's result was, so the
-            # sentinel goes in after the last epoch's stats: heartbeats all precede PeerDone.
-            stats_queue.put_nowait(None)
-            await publisher
+        result = await train_reporting(lambda on_epoch: trainer.train(job_spec, on_epoch, job.stop), report)
 
         ref = await asyncio.to_thread(self._upload, command, result)
         final = result.final
@@ -368,24 +355,6 @@ class Peer:
             train_seconds=round(result.train_seconds, 3),
             model=command.output_uri,
         )
-
-    async def _publish_heartbeats(self, command: Train, queue: asyncio.Queue[EpochStats | None]) -> None:
-        while (stats := await queue.get()) is not None:
-            await self._append(
-                Heartbeat(
-                    event_id=f"{command.session_id}.{self.peer_id}.epoch{stats.epoch}",
-                    session_id=command.session_id,
-                    peer_id=self.peer_id,
-                    epoch=stats.epoch,
-                    epochs=stats.epochs,
-                    loss=stats.loss,
-                    accuracy=stats.accuracy,
-                    val_loss=stats.val_loss,
-                    val_accuracy=stats.val_accuracy,
-                    samples_per_s=stats.samples_per_s,
-                ),
-                attempts=2,
-            )
 
     async def _fail(self, command: Train, reason: str) -> None:
         log.warning("training failed", reason=reason)
