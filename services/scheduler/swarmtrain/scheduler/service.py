@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Sequence
 
 import msgspec
 import structlog
@@ -131,7 +132,13 @@ class Scheduler:
         if self.state.position >= self.barrier:
             await self.execute(decide(self.state, time.monotonic(), time.time(), self.timing))
 
-    async def execute(self, actions: list[Action]) -> None:
+    async def execute(self, actions: Sequence[Action]) -> None:
+        starts = [a for a in actions if isinstance(a, Start)]  # disjoint peers: run side by side
+        if len(starts) > 1:
+            others = [a for a in actions if not isinstance(a, Start)]
+            await self.execute(others)
+            await asyncio.gather(*(self.execute([a]) for a in starts))
+            return
         for action in actions:
             try:
                 match action:
@@ -167,26 +174,36 @@ class Scheduler:
         raise bus.WrongLastSequence(event.subject)
 
     async def start(self, session: Session, peer_ids: tuple[str, ...]) -> None:
+        """Lock every peer (all at once), start the session, send the Trains (all at once)."""
         sid = session.request.session_id
-        locked: list[str] = []
+
+        async def lock(peer_id: str) -> int:
+            return await self.cas_append(PeerLocked(peer_id=peer_id, session_id=sid), self.state.peers[peer_id].seq)
+
+        results = await asyncio.gather(*(lock(p) for p in peer_ids), return_exceptions=True)
+        locked = [p for p, r in zip(peer_ids, results, strict=True) if isinstance(r, int)]
+        self.barrier = max([self.barrier, *(r for r in results if isinstance(r, int))])
+        failed = [r for r in results if not isinstance(r, int)]
+        assignments = dict(zip(peer_ids, session.request.hyperparameters, strict=True))
+        shards = {p: i for i, p in enumerate(peer_ids)} if session.fedavg else {}
         try:
-            for peer_id in peer_ids:
-                seq = await self.cas_append(PeerLocked(peer_id=peer_id, session_id=sid), self.state.peers[peer_id].seq)
-                locked.append(peer_id)
-                self.barrier = max(self.barrier, seq)
-            assignments = dict(zip(peer_ids, session.request.hyperparameters, strict=True))
-            shards = {p: i for i, p in enumerate(peer_ids)} if session.fedavg else {}
+            if failed:
+                raise failed[0]
             started = SessionStarted(event_id=f"{sid}.started", session_id=sid, assignments=assignments, shards=shards)
             self.barrier = max(self.barrier, await self.cas_append(started, session.seq))
         except bus.WrongLastSequence as exc:
             log.info("start lost a race; releasing and retrying", session_id=sid, subject=str(exc))
-            for peer_id in locked:
-                released = PeerReleased(peer_id=peer_id, session_id=sid)
-                self.barrier = max(self.barrier, await bus.append(self.js, released))
+            released = await asyncio.gather(
+                *(bus.append(self.js, PeerReleased(peer_id=p, session_id=sid)) for p in locked)
+            )
+            self.barrier = max([self.barrier, *released])
             return
-        for peer_id, hyperparameters in assignments.items():
-            command = train_command(session.request, peer_id, hyperparameters, self.store, shards.get(peer_id, 0))
-            await bus.send(self.js, command)
+        await asyncio.gather(
+            *(
+                bus.send(self.js, train_command(session.request, p, hp, self.store, shards.get(p, 0)))
+                for p, hp in assignments.items()
+            )
+        )
         log.info("session started", session_id=sid, peers=list(peer_ids))
 
     async def reassign(self, action: Reassign) -> None:
