@@ -116,6 +116,8 @@ class Stack:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._on_signal)
         (self.data_dir / "logs").mkdir(parents=True, exist_ok=True)
+        servers.ensure_free(self.nats_port, "NATS (--nats-port)")
+        servers.ensure_free(self.port, "gateway (--port)")
         try:
             shared = self._start_servers()
             self._plan(shared)
