@@ -247,3 +247,18 @@ async def test_projects_fedavg_rounds_and_ignores_unassigned_peers(
     assert await db.fetchval("SELECT count(*) FROM heartbeats WHERE peer_id = 'intruder'") == 0
     peers = await db.fetch("SELECT peer_id, shard, epochs FROM session_peers WHERE session_id = 'f' ORDER BY 1")
     assert [tuple(p) for p in peers] == [("a", 0, 6), ("b", 1, 6), ("c", 1, 6)]
+
+
+async def test_the_first_terminal_event_of_a_session_wins(js: Any, projector: None, db: asyncpg.Connection) -> None:
+    from swarmtrain.common.events import SessionCancelled, SessionFailed
+
+    seq = 0
+    for event in [
+        *session_story("s9"),
+        SessionFailed(session_id="s9", reason="late"),
+        SessionCancelled(session_id="s9"),
+    ]:
+        seq = await bus.append(js, event)
+    await wait_position(db, seq)
+    row = await db.fetchrow("SELECT status, reason, model_uri FROM sessions WHERE session_id = 's9'")
+    assert tuple(row) == ("completed", None, "file:///m")  # as the scheduler's state machine has it

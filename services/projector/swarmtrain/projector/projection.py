@@ -360,7 +360,7 @@ async def apply(conn: asyncpg.Connection, seq: int, event: Event) -> None:
                 """
                 UPDATE sessions SET status = 'completed', ended_at = $2, best_peer_id = $3,
                     best_val_accuracy = $4, val_accuracy = $4, model_uri = $5
-                WHERE session_id = $1
+                WHERE session_id = $1 AND status IN ('queued', 'running')
                 """,
                 event.session_id,
                 event.occurred_at,
@@ -371,7 +371,10 @@ async def apply(conn: asyncpg.Connection, seq: int, event: Event) -> None:
         case SessionFailed() | SessionCancelled():
             status = "failed" if isinstance(event, SessionFailed) else "cancelled"
             await conn.execute(
-                "UPDATE sessions SET status = $2, ended_at = $3, reason = $4 WHERE session_id = $1",
+                """
+                UPDATE sessions SET status = $2, ended_at = $3, reason = $4
+                WHERE session_id = $1 AND status IN ('queued', 'running')
+                """,
                 event.session_id,
                 status,
                 event.occurred_at,
