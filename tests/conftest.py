@@ -3,12 +3,14 @@ a fresh database per test. Nothing is mocked; nothing that happens to be running
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import signal
 import subprocess
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import asyncpg
 import pytest
 
 from swarmtrain.common import servers
@@ -78,3 +80,23 @@ async def js(nats_url: str) -> AsyncIterator[object]:
     await bus.ensure_streams(ctx)
     yield ctx
     await nc.drain()
+
+
+@pytest.fixture
+async def projector(settings: Settings) -> AsyncIterator[None]:
+    """The real projector as a task, with its schema in place, until the test ends."""
+    from swarmtrain.projector.service import run
+
+    stop = asyncio.Event()
+    task = asyncio.create_task(run(settings, stop))
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        async with asyncio.timeout(30):
+            while await conn.fetchval("SELECT to_regclass('projection_position')") is None:
+                assert not task.done(), task.exception()
+                await asyncio.sleep(0.05)
+    finally:
+        await conn.close()
+    yield
+    stop.set()
+    await asyncio.wait_for(task, 15)

@@ -24,12 +24,12 @@ from swarmtrain.common.events import (
     RoundAveraged,
     RoundClosed,
     RoundUpdate,
-    SessionRequested,
     SessionStarted,
     UpdateRejected,
 )
 from swarmtrain.projector import projection
 from swarmtrain.scheduler.state import Append, State, decide, evolve, observe_presence
+from tests.factories import session_requested
 
 HP = Hyperparameters(epochs=2, batch_size=32, lr=0.01)
 SID, A, B, MALLORY = "s1", "pa", "pb", "pm"
@@ -38,18 +38,8 @@ SID, A, B, MALLORY = "s1", "pa", "pb", "pm"
 def story(rounds_closed: bool) -> list[Event]:
     events: list[Event] = [PeerRegistered(peer_id=p, name=p, device="cpu") for p in (A, B, MALLORY)]
     events += [
-        SessionRequested(
-            session_id=SID,
-            owner_id="u",
-            dataset_id="d",
-            dataset_uri="file:///d",
-            dataset_sha256="0",
-            label_column="label",
-            num_peers=2,
-            strategy="fedavg",
-            rounds=3,
-            model=ModelSpec(hidden=[4]),
-            hyperparameters=[HP, HP],
+        session_requested(
+            SID, 2, HP, dataset_uri="file:///d", strategy="fedavg", rounds=3, model=ModelSpec(hidden=[4])
         ),
         SessionStarted(session_id=SID, assignments={A: HP, B: HP}, shards={A: 0, B: 1}),
         ModelUpdatePublished(

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-import asyncpg
 import msgspec
 import pytest
 from litestar import Litestar
@@ -25,26 +23,6 @@ def settings(settings: Settings) -> Settings:
     """The shared settings with a cheap argon2id (8 MiB, one pass): every test signs users up and
     in, and the production cost (64 MiB, three passes) would make that most of the suite's time."""
     return msgspec.structs.replace(settings, argon2_memory_kib=8192, argon2_time_cost=1)
-
-
-@pytest.fixture
-async def projector(settings: Settings) -> AsyncIterator[None]:
-    """The real projector, running beside the gateway until the test ends."""
-    from swarmtrain.projector.service import run
-
-    stop = asyncio.Event()
-    task = asyncio.create_task(run(settings, stop))
-    conn = await asyncpg.connect(settings.database_url)
-    try:
-        async with asyncio.timeout(30):
-            while await conn.fetchval("SELECT to_regclass('projection_position')") is None:
-                assert not task.done(), task.exception()
-                await asyncio.sleep(0.05)
-    finally:
-        await conn.close()
-    yield
-    stop.set()
-    await asyncio.wait_for(task, 15)
 
 
 @pytest.fixture

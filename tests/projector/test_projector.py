@@ -20,12 +20,12 @@ from swarmtrain.common.events import (
     PeerReleased,
     PeerWentOnline,
     SessionCompleted,
-    SessionRequested,
     SessionStarted,
     UserRegistered,
 )
 from swarmtrain.common.settings import Settings
 from swarmtrain.projector import projection, service
+from tests.factories import session_requested
 
 HP = Hyperparameters(epochs=2, batch_size=8, lr=0.01)
 
@@ -35,16 +35,8 @@ def session_story(sid: str = "s1") -> list[Any]:
         UserRegistered(user_id="u1", email="a@example.org", username="a", password_hash="h"),
         PeerRegistered(peer_id="p1", name="one", device="cpu"),
         PeerWentOnline(peer_id="p1"),
-        SessionRequested(
-            session_id=sid,
-            owner_id="u1",
-            dataset_id="d1",
-            dataset_uri="file:///x",
-            dataset_sha256="0",
-            label_column="label",
-            num_peers=1,
-            model=ModelSpec(hidden=[4]),
-            hyperparameters=[HP],
+        session_requested(
+            sid, 1, HP, owner_id="u1", dataset_id="d1", dataset_uri="file:///x", model=ModelSpec(hidden=[4])
         ),
         PeerLocked(peer_id="p1", session_id=sid),
         SessionStarted(session_id=sid, assignments={"p1": HP}),
@@ -100,15 +92,6 @@ async def db(settings: Settings) -> AsyncIterator[asyncpg.Connection]:
     conn = await asyncpg.connect(settings.database_url)
     yield conn
     await conn.close()
-
-
-@pytest.fixture
-async def projector(settings: Settings) -> AsyncIterator[None]:
-    stop = asyncio.Event()
-    task = asyncio.create_task(service.run(settings, stop))
-    yield
-    stop.set()
-    await asyncio.wait_for(task, 10)
 
 
 async def wait_position(db: asyncpg.Connection, seq: int, timeout: float = 10) -> None:
@@ -204,18 +187,16 @@ async def test_projects_fedavg_rounds_and_ignores_unassigned_peers(
         )
 
     story = [
-        SessionRequested(
-            session_id="f",
+        session_requested(
+            "f",
+            2,
+            HP,
             owner_id="u1",
             dataset_id="d1",
             dataset_uri="file:///x",
-            dataset_sha256="0",
-            label_column="label",
-            num_peers=2,
             strategy="fedavg",
             rounds=3,
             model=ModelSpec(hidden=[4]),
-            hyperparameters=[HP, HP],
         ),
         SessionStarted(session_id="f", assignments={"a": HP, "b": HP}, shards={"a": 0, "b": 1}),
         upd("a", 100, 0.2),

@@ -7,7 +7,6 @@ from datetime import UTC, datetime, timedelta
 from swarmtrain.common.events import (
     Event,
     Hyperparameters,
-    ModelSpec,
     ModelUpdatePublished,
     PeerDone,
     PeerFailed,
@@ -18,7 +17,6 @@ from swarmtrain.common.events import (
     RoundClosed,
     SessionCompleted,
     SessionFailed,
-    SessionRequested,
     SessionStarted,
     ShardReassigned,
 )
@@ -32,6 +30,7 @@ from swarmtrain.scheduler.state import (
     observe_presence,
     round_deadline,
 )
+from tests.factories import session_requested
 
 HP = Hyperparameters(epochs=1, batch_size=8, lr=0.01)
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -53,19 +52,13 @@ def fedavg(peers: tuple[str, ...] = ("a", "b", "c"), rounds: int = 2, on_failure
     for p in (*peers, "spare"):
         replay(state, PeerRegistered(peer_id=p, name=p, device="cpu"), PeerWentOnline(peer_id=p))
         observe_presence(state, Presence(peer_id=p, name=p, device="cpu"), 0.0)
-    request = SessionRequested(
-        session_id="s",
-        owner_id="u",
-        dataset_id="d",
+    request = session_requested(
+        "s",
+        len(peers),
         dataset_uri="file:///d",
-        dataset_sha256="0",
-        label_column="label",
-        num_peers=len(peers),
         strategy="fedavg",
-        model=ModelSpec(),
-        hyperparameters=[HP] * len(peers),
         rounds=rounds,
-        on_peer_failure=on_failure,  # type: ignore[arg-type]
+        on_peer_failure=on_failure,
     )
     replay(state, request, *(PeerLocked(peer_id=p, session_id="s") for p in peers))
     shards = {p: i for i, p in enumerate(peers)}

@@ -15,7 +15,6 @@ from swarmtrain.common import bus
 from swarmtrain.common.events import (
     Event,
     Hyperparameters,
-    ModelSpec,
     PeerLocked,
     PeerRegistered,
     PeerReleased,
@@ -27,22 +26,13 @@ from swarmtrain.common.events import (
 )
 from swarmtrain.common.settings import Settings
 from swarmtrain.scheduler import service
+from tests.factories import session_requested
 
 HP = Hyperparameters(epochs=1, batch_size=8, lr=0.01)
 
 
 def request(sid: str, n: int) -> SessionRequested:
-    return SessionRequested(
-        session_id=sid,
-        owner_id="u",
-        dataset_id="d",
-        dataset_uri="file:///d.csv",
-        dataset_sha256="0",
-        label_column="label",
-        num_peers=n,
-        model=ModelSpec(),
-        hyperparameters=[HP] * n,
-    )
+    return session_requested(sid, n)
 
 
 @contextlib.asynccontextmanager

@@ -6,7 +6,6 @@ from swarmtrain.common.events import (
     Event,
     Heartbeat,
     Hyperparameters,
-    ModelSpec,
     PeerDone,
     PeerFailed,
     PeerLocked,
@@ -31,6 +30,7 @@ from swarmtrain.scheduler.state import (
     observe_presence,
     stale_locks,
 )
+from tests.factories import session_requested
 
 HP = Hyperparameters(epochs=1, batch_size=8, lr=0.01)
 TIMEOUT = 5.0
@@ -38,17 +38,7 @@ TIMING = Timing(peer_timeout=TIMEOUT)
 
 
 def requested(sid: str = "s1", n: int = 2) -> SessionRequested:
-    return SessionRequested(
-        session_id=sid,
-        owner_id="u",
-        dataset_id="d",
-        dataset_uri="file:///d.csv",
-        dataset_sha256="0",
-        label_column="label",
-        num_peers=n,
-        model=ModelSpec(),
-        hyperparameters=[HP] * n,
-    )
+    return session_requested(sid, n)
 
 
 def replay(*events: Event, state: State | None = None) -> State:
