@@ -7,7 +7,6 @@ import json
 import signal
 import subprocess
 import sys
-import time
 from typing import Any
 
 import asyncpg
@@ -94,11 +93,17 @@ def test_sweep_on_three_peers_completes_with_results_and_a_model(stack: Stack, a
         for kind in ("SessionRequested", "SessionStarted", "Heartbeat", "PeerDone", "SessionCompleted"):
             assert kind in kinds
         assert kinds.count("Heartbeat") == sum(h["epochs"] for h in HP)
+
+        # the tap subscribed before the session began: read until it has shown as many of the
+        # session's events as JetStream stored (the pytest timeout bounds a tap that falls short)
+        tapped: list[str] = []
+        assert tap.stdout is not None
+        while len(tapped) < len(stored) and (line := tap.stdout.readline()):
+            if json.loads(line).get("session_id") == sid:
+                tapped.append(line.rstrip("\n"))
     finally:
-        time.sleep(0.5)
         tap.send_signal(signal.SIGINT)
-        out, _ = tap.communicate(timeout=10)
-    tapped = [line for line in out.splitlines() if json.loads(line).get("session_id") == sid]
+        tap.communicate(timeout=10)
     assert tapped == [d.decode() for d in stored]  # `swarmtrain tap` prints exactly what is on the wire
 
 
