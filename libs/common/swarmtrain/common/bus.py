@@ -14,14 +14,15 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 
+from swarmtrain.common import subjects
 from swarmtrain.common.events import Command, Event, encode
 from swarmtrain.common.logging import get_logger
 from swarmtrain.common.settings import Settings
 
 EVENTS_STREAM = "EVENTS"
 COMMANDS_STREAM = "COMMANDS"
-EVENT_SUBJECTS = ["session.*.events", "peer.*.events", "user.*.events", "dataset.*.events"]
-COMMAND_SUBJECTS = ["peer.*.command"]
+EVENT_SUBJECTS = subjects.EVENT_SUBJECTS
+COMMAND_SUBJECTS = subjects.COMMAND_SUBJECTS
 WRONG_LAST_SEQUENCE = 10071
 
 log = get_logger("swarmtrain.bus")

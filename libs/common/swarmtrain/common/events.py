@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 import msgspec
 
+from swarmtrain.common import subjects
+
 
 def new_id() -> str:
     return uuid.uuid4().hex
@@ -67,7 +69,7 @@ class UserRegistered(_Message, frozen=True, kw_only=True, tag="UserRegistered"):
 
     @property
     def subject(self) -> str:
-        return f"user.{self.user_id}.events"
+        return subjects.user_events(self.user_id)
 
 
 class DatasetUploaded(_Message, frozen=True, kw_only=True, tag="DatasetUploaded"):
@@ -84,7 +86,7 @@ class DatasetUploaded(_Message, frozen=True, kw_only=True, tag="DatasetUploaded"
 
     @property
     def subject(self) -> str:
-        return f"dataset.{self.dataset_id}.events"
+        return subjects.dataset_events(self.dataset_id)
 
 
 # ------------------------------------------------------------------ peers
@@ -95,7 +97,7 @@ class _PeerEvent(_Message, frozen=True, kw_only=True):
 
     @property
     def subject(self) -> str:
-        return f"peer.{self.peer_id}.events"
+        return subjects.peer_events(self.peer_id)
 
 
 class PeerRegistered(_PeerEvent, frozen=True, kw_only=True, tag="PeerRegistered"):
@@ -127,7 +129,7 @@ class _SessionEvent(_Message, frozen=True, kw_only=True):
 
     @property
     def subject(self) -> str:
-        return f"session.{self.session_id}.events"
+        return subjects.session_events(self.session_id)
 
 
 class SessionRequested(_SessionEvent, frozen=True, kw_only=True, tag="SessionRequested"):
@@ -294,7 +296,7 @@ class _Command(_Message, frozen=True, kw_only=True):
 
     @property
     def subject(self) -> str:
-        return f"peer.{self.peer_id}.command"
+        return subjects.peer_command(self.peer_id)
 
 
 class Train(_Command, frozen=True, kw_only=True, tag="Train"):
@@ -336,10 +338,10 @@ class Presence(msgspec.Struct, frozen=True, kw_only=True):
 
     @property
     def subject(self) -> str:
-        return f"peer.{self.peer_id}.presence"
+        return subjects.peer_presence(self.peer_id)
 
 
-PRESENCE_SUBJECTS = "peer.*.presence"
+PRESENCE_SUBJECTS = subjects.PEER_PRESENCE
 
 _event_decoder = msgspec.json.Decoder(Event)
 _command_decoder = msgspec.json.Decoder(Command)

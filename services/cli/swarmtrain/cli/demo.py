@@ -21,8 +21,9 @@ from pathlib import Path
 import httpx
 
 from swarmtrain.common.servers import free_port
+from swarmtrain.common.status import SESSION_TERMINAL
 
-TERMINAL = ("completed", "failed", "cancelled")
+TERMINAL = SESSION_TERMINAL
 LEARNING_RATES = [0.001, 0.003, 0.01, 0.03, 0.0003, 0.1]
 
 

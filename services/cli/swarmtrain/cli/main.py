@@ -13,6 +13,7 @@ from pathlib import Path
 
 import msgspec
 
+from swarmtrain.common import subjects
 from swarmtrain.common.logging import configure
 from swarmtrain.common.settings import Settings, get_settings
 
@@ -188,7 +189,7 @@ def parser() -> argparse.ArgumentParser:
     natsconf.set_defaults(func=_nats_config)
 
     tap = sub.add_parser("tap", help="print live events, one JSON per line")
-    tap.add_argument("subject", nargs="?", default="session.*.events")
+    tap.add_argument("subject", nargs="?", default=subjects.SESSION_EVENTS)
     tap.add_argument("--nats", help="NATS URL (default: SWARMTRAIN_NATS_URL)")
     tap.set_defaults(func=_tap)
 

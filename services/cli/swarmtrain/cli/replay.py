@@ -13,7 +13,7 @@ import hashlib
 import msgspec
 from nats.js import api
 
-from swarmtrain.common import blob, bus
+from swarmtrain.common import blob, bus, subjects
 from swarmtrain.common.events import RoundAveraged, RoundClosed, RoundUpdate, decode_event
 from swarmtrain.common.settings import Settings
 
@@ -37,7 +37,7 @@ async def read_round(settings: Settings, session_id: str, round_: int) -> tuple[
     try:
         js = nc.jetstream()
         sub = await bus.pull_consumer(
-            js, bus.EVENTS_STREAM, ack=api.AckPolicy.NONE, filter_subject=f"session.{session_id}.events"
+            js, bus.EVENTS_STREAM, ack=api.AckPolicy.NONE, filter_subject=subjects.session_events(session_id)
         )
         closed: RoundClosed | None = None
         averaged: RoundAveraged | None = None

@@ -24,7 +24,7 @@ import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 
-from swarmtrain.common import bus
+from swarmtrain.common import bus, subjects
 from swarmtrain.common.events import TERMINAL_SESSION_EVENTS, SessionEvent, decode_event
 from swarmtrain.common.logging import get_logger
 
@@ -35,8 +35,7 @@ SESSION_EVENT_TYPES: tuple[type, ...] = typing.get_args(SessionEvent)
 log = get_logger("swarmtrain.gateway.eventlog")
 
 
-def session_subject(session_id: str) -> str:
-    return f"session.{session_id}.events"
+session_subject = subjects.session_events
 
 
 class _Reader:

@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
 
 import asyncpg
 import msgspec
 from litestar import Controller, get
 from litestar.di import NamedDependency
 
+from swarmtrain.common.status import PeerStatus
 from swarmtrain.gateway.auth import BEARER
 from swarmtrain.gateway.datasets import MAX_PAGE, Limit, Offset
 from swarmtrain.gateway.errors import documented
 from swarmtrain.gateway.state import Gateway
-
-PeerStatus = Literal["online", "training", "offline"]
 
 
 class PeerOut(msgspec.Struct, kw_only=True):

@@ -33,6 +33,7 @@ from swarmtrain.common.events import (
     SessionRequested,
     new_id,
 )
+from swarmtrain.common.status import SESSION_ACTIVE, SESSION_TERMINAL
 from swarmtrain.gateway import eventlog
 from swarmtrain.gateway.auth import BEARER, User
 from swarmtrain.gateway.datasets import (
@@ -55,8 +56,8 @@ from swarmtrain.gateway.planning import (
 )
 from swarmtrain.gateway.state import Gateway
 
-TERMINAL = ("completed", "failed", "cancelled")
-ACTIVE = ("queued", "running")
+TERMINAL = tuple(sorted(SESSION_TERMINAL))
+ACTIVE = tuple(sorted(SESSION_ACTIVE))
 JSON_BODY_LIMIT = 64 * 1024
 CANCEL_ATTEMPTS = 20
 KEEPALIVE_S = 15.0

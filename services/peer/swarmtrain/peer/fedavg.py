@@ -46,7 +46,7 @@ import torch
 from nats.js import JetStreamContext, api
 from torch import nn
 
-from swarmtrain.common import blob, bus, events
+from swarmtrain.common import blob, bus, events, subjects
 from swarmtrain.common.events import (
     Event,
     ModelUpdatePublished,
@@ -231,7 +231,7 @@ class SessionLog:
             await js.delete_consumer(bus.EVENTS_STREAM, name)
         config = api.ConsumerConfig(
             name=name,
-            filter_subject=f"session.{session_id}.events",
+            filter_subject=subjects.session_events(session_id),
             deliver_policy=api.DeliverPolicy.ALL,
             ack_policy=api.AckPolicy.NONE,
             inactive_threshold=300.0,

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Literal
 
 from swarmtrain.common.events import (
     Event,
@@ -39,10 +38,9 @@ from swarmtrain.common.events import (
     ShardReassigned,
     Stop,
 )
+from swarmtrain.common.status import SESSION_TERMINAL, RunStatus, SessionStatus
 
-RunStatus = Literal["training", "done", "failed"]
-SessionStatus = Literal["queued", "running", "completed", "failed", "cancelled"]
-TERMINAL: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
+TERMINAL = SESSION_TERMINAL
 
 
 @dataclass(frozen=True)
