@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import csv
-import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from swarmtrain.common import shapes
 
 
 class DataError(ValueError):
@@ -125,29 +126,25 @@ def _first_bad_cell(rows: list[list[str]], names: list[str]) -> str:
 def split_indices(n: int, validation_split: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Deterministic (train, validation) row indexes for ``n`` rows.
 
-    A seeded permutation; validation is its first ``round(n * validation_split)`` rows, at least one
-    when ``validation_split > 0`` and ``n >= 2``, and never all of them.
+    A seeded permutation; validation is its first ``shapes.validation_rows(n, validation_split)`` rows.
     """
-    if not (math.isfinite(validation_split) and 0.0 <= validation_split < 1.0):
-        raise DataError(f"validation_split must be in [0, 1), got {validation_split}")
+    try:
+        n_val = shapes.validation_rows(n, validation_split)
+    except shapes.ShapeError as exc:
+        raise DataError(str(exc)) from None
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    n_val = round(n * validation_split)
-    if validation_split > 0 and n >= 2:
-        n_val = max(1, n_val)
-    n_val = min(n_val, max(n - 1, 0))
     return perm[n_val:], perm[:n_val]
 
 
 def shard_indices(train_idx: torch.Tensor, num_shards: int, shard: int, seed: int) -> torch.Tensor:
     """Shard ``shard`` of ``num_shards`` of the training rows ``train_idx``.
 
-    A seeded permutation of ``train_idx`` cut into ``num_shards`` contiguous chunks whose sizes
-    differ by at most one (the first ones are the larger): disjoint, together all of ``train_idx``,
-    and the same on every machine for the same seed.
+    A seeded permutation of ``train_idx`` cut at ``shapes.shard_bounds``: disjoint, together all of
+    ``train_idx``, and the same on every machine for the same seed.
     """
-    if num_shards < 1 or not 0 <= shard < num_shards:
-        raise DataError(f"shard {shard} of {num_shards} does not exist")
-    if num_shards > len(train_idx):
-        raise DataError(f"{num_shards} shards of {len(train_idx)} training rows would leave a shard empty")
+    try:
+        start, stop = shapes.shard_bounds(len(train_idx), num_shards, shard)
+    except shapes.ShapeError as exc:
+        raise DataError(str(exc)) from None
     perm = torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(seed))
-    return torch.tensor_split(train_idx[perm], num_shards)[shard]
+    return train_idx[perm][start:stop]

@@ -4,7 +4,6 @@ inside), never pickled, and written byte-for-byte deterministically."""
 from __future__ import annotations
 
 import json
-import math
 import struct
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from swarmtrain.common import shapes
 from swarmtrain.common.events import ModelSpec
 from swarmtrain.peer import tensorfile
 
@@ -48,9 +48,9 @@ def build_model(spec: ModelSpec, n_features: int, n_classes: int) -> nn.Sequenti
     """``Standardize``, then the body ``spec.kind`` names, then ``n_classes`` logits.
 
     - ``mlp``: Linear layers of ``spec.hidden`` sizes with ReLU between.
-    - ``cnn``: the features reshaped to ``spec.input_shape`` ``[C, H, W]``; per width in
-      ``spec.channels`` a 3x3 convolution (padding 1), ReLU and a 2x2 max-pool while the image is
-      at least 2x2; flattened; then Linear layers of ``spec.hidden`` sizes with ReLU.
+    - ``cnn``: the features reshaped to ``spec.input_shape`` ``[C, H, W]``; the convolutions
+      ``shapes.conv_layers`` lists (3x3 with padding 1, ReLU, then a 2x2 max-pool where it says);
+      flattened; then Linear layers of ``spec.hidden`` sizes with ReLU.
 
     Built from torch's global generator: seed it first for reproducible initial weights.
     """
@@ -59,51 +59,22 @@ def build_model(spec: ModelSpec, n_features: int, n_classes: int) -> nn.Sequenti
     if n_features < 1 or n_classes < 1 or any(h < 1 for h in spec.hidden):
         raise ValueError(f"bad model shape: {n_features} features, hidden {spec.hidden}, {n_classes} classes")
     layers: list[nn.Module] = [Standardize(n_features)]
-    width = n_features
-    if spec.kind == "cnn":
-        layers += _conv_body(spec, n_features)
-        width = _conv_out_features(spec)
-    for h in spec.hidden:
-        layers += [nn.Linear(width, h), nn.ReLU()]
-        width = h
-    layers.append(nn.Linear(width, n_classes))
+    convs, flat = shapes.conv_layers(spec, n_features)
+    if convs:
+        layers.append(nn.Unflatten(1, tuple(shapes.cnn_input(spec, n_features))))
+        for conv in convs:
+            layers += [
+                nn.Conv2d(conv.in_channels, conv.out_channels, kernel_size=shapes.KERNEL, padding=shapes.KERNEL // 2),
+                nn.ReLU(),
+            ]
+            if conv.pool:
+                layers.append(nn.MaxPool2d(shapes.POOL))
+        layers.append(nn.Flatten())
+    linears = shapes.linear_widths(spec, flat, n_classes)
+    for n_in, n_out in linears[:-1]:
+        layers += [nn.Linear(n_in, n_out), nn.ReLU()]
+    layers.append(nn.Linear(*linears[-1]))
     return nn.Sequential(*layers)
-
-
-def _check_cnn(spec: ModelSpec, n_features: int) -> tuple[int, int, int]:
-    shape = spec.input_shape
-    if shape is None or len(shape) != 3 or any(d < 1 for d in shape):
-        raise ValueError(f"a cnn needs input_shape [C, H, W] of positive sizes, got {shape}")
-    if math.prod(shape) != n_features:
-        c, h, w = shape
-        raise ValueError(
-            f"input_shape {c}x{h}x{w} holds {c * h * w} values but the data has {n_features} feature columns"
-        )
-    if not spec.channels or any(c < 1 for c in spec.channels):
-        raise ValueError(f"a cnn needs at least one positive channel width, got {spec.channels}")
-    return shape[0], shape[1], shape[2]
-
-
-def _conv_body(spec: ModelSpec, n_features: int) -> list[nn.Module]:
-    c, h, w = _check_cnn(spec, n_features)
-    layers: list[nn.Module] = [nn.Unflatten(1, (c, h, w))]
-    for out in spec.channels:
-        layers += [nn.Conv2d(c, out, kernel_size=3, padding=1), nn.ReLU()]
-        if h >= 2 and w >= 2:
-            layers.append(nn.MaxPool2d(2))
-            h, w = h // 2, w // 2
-        c = out
-    layers.append(nn.Flatten())
-    return layers
-
-
-def _conv_out_features(spec: ModelSpec) -> int:
-    assert spec.input_shape is not None
-    _, h, w = spec.input_shape
-    for _ in spec.channels:
-        if h >= 2 and w >= 2:
-            h, w = h // 2, w // 2
-    return spec.channels[-1] * h * w
 
 
 class ModelMetadata(msgspec.Struct, frozen=True, kw_only=True):
