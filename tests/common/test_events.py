@@ -7,6 +7,7 @@ Strategies are derived from each Struct's msgspec type info, so a field added la
 from __future__ import annotations
 
 import json
+import math
 import string
 import typing
 from datetime import UTC, datetime, timedelta
@@ -19,6 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from swarmtrain.common import bus, events
+from tests.factories import session_requested
 
 EVENT_TYPES: tuple[type[Any], ...] = typing.get_args(events.Event)
 COMMAND_TYPES: tuple[type[Any], ...] = typing.get_args(events.Command)
@@ -50,15 +52,40 @@ floats = st.floats(allow_nan=False, allow_infinity=False)  # JSON has neither
 utc_datetimes = st.datetimes(timezones=st.just(UTC))
 
 
+def _bounds(t: mi.IntType | mi.FloatType, low: float, high: float) -> tuple[float, float]:
+    """The range a constrained number may take (``gt``/``lt`` of an int made inclusive)."""
+    if t.ge is not None:
+        low = t.ge
+    elif t.gt is not None:
+        low = t.gt + 1 if isinstance(t, mi.IntType) else t.gt
+    if t.le is not None:
+        high = t.le
+    elif t.lt is not None:
+        high = t.lt - 1 if isinstance(t, mi.IntType) else t.lt
+    return low, high
+
+
 def strategy(t: mi.Type, name: str = "") -> st.SearchStrategy[Any]:
-    """A strategy for any value of msgspec type ``t``; ``name`` is the field it fills."""
+    """A strategy for any valid value of msgspec type ``t`` (its constraints honoured); ``name`` is
+    the field it fills."""
     match t:
         case mi.StrType():
-            return ids if name.endswith("_id") else st.text(max_size=20)
+            if name.endswith("_id"):
+                return ids
+            return st.text(min_size=t.min_length or 0, max_size=min(t.max_length or 20, 20))
         case mi.IntType():
-            return st.integers(min_value=-(2**63), max_value=2**63 - 1)
+            low, high = _bounds(t, -(2**63), 2**63 - 1)
+            return st.integers(min_value=int(low), max_value=int(high))
         case mi.FloatType():
-            return floats
+            low, high = _bounds(t, -math.inf, math.inf)
+            return st.floats(
+                min_value=None if math.isinf(low) else low,
+                max_value=None if math.isinf(high) else high,
+                exclude_min=t.gt is not None,
+                exclude_max=t.lt is not None,
+                allow_nan=False,
+                allow_infinity=False,  # JSON has neither
+            )
         case mi.BoolType():
             return st.booleans()
         case mi.NoneType():
@@ -68,7 +95,8 @@ def strategy(t: mi.Type, name: str = "") -> st.SearchStrategy[Any]:
         case mi.LiteralType():
             return st.sampled_from(t.values)
         case mi.ListType():
-            return st.lists(strategy(t.item_type, name), max_size=3)
+            low = t.min_length or 0
+            return st.lists(strategy(t.item_type, name), min_size=low, max_size=max(low, min(t.max_length or 3, 3)))
         case mi.DictType():
             return st.dictionaries(strategy(t.key_type, "key_id"), strategy(t.value_type), max_size=3)
         case mi.UnionType():
@@ -249,3 +277,35 @@ def test_the_tag_is_the_class_name(cls: type[Any]) -> None:
     info = mi.type_info(cls)
     assert isinstance(info, mi.StructType)
     assert (info.tag_field, info.tag) == ("type", cls.__name__)
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "message"),
+    [
+        (("hyperparameters", 0, "epochs"), 0, "Expected `int` >= 1"),
+        (("hyperparameters", 0, "batch_size"), 1 << 17, "Expected `int` <= 65536"),
+        (("hyperparameters", 0, "lr"), 0.0, "Expected `float` > 0"),
+        (("model", "hidden"), [1] * 33, "length <= 32"),
+        (("model", "input_shape"), [1, 8], "length >= 3"),
+        (("model", "channels"), [], "length >= 1"),
+        (("validation_split",), 0.0, "Expected `float` > 0"),
+        (("seed",), -1, "Expected `int` >= 0"),
+        (("num_peers",), 0, "Expected `int` >= 1"),
+        (("label_column",), "", "length >= 1"),
+    ],
+)
+def test_the_contract_refuses_values_out_of_its_bounds(path: tuple[str | int, ...], value: Any, message: str) -> None:
+    body = wire(session_requested())
+    events.decode_event(json.dumps(body).encode())
+    target: Any = body
+    for key in path[:-1]:
+        target = target[key]
+    target[path[-1]] = value
+    with pytest.raises(msgspec.ValidationError, match=message):
+        events.decode_event(json.dumps(body).encode())
+
+
+def test_non_finite_learning_rates_are_refused() -> None:
+    for lr in (math.nan, math.inf):
+        with pytest.raises(msgspec.ValidationError, match="lr"):
+            msgspec.convert({"epochs": 1, "batch_size": 1, "lr": lr}, events.Hyperparameters)

@@ -7,9 +7,10 @@ with defaults; a breaking change is a new type plus an upcaster.
 
 from __future__ import annotations
 
+import sys
 import uuid
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Final, Literal
 
 import msgspec
 
@@ -24,24 +25,62 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+# ------------------------------------------------------------------ value rules
+#
+# Declared once here, checked by msgspec wherever these types are decoded: the gateway's request
+# bodies (which reuse them) and every stored event. So a rule added here must hold for every event
+# ever stored; a limit that depends on configuration (max epochs, peers, rounds) is the gateway's.
+
+MAX_BATCH_SIZE: Final = 1 << 16
+MAX_WIDTH: Final = 1 << 16
+MAX_LAYERS: Final = 32
+MAX_SEED: Final = 2**63 - 1
+MAX_VALIDATION_SPLIT: Final = 0.9
+MAX_LABEL_COLUMN: Final = 200
+
+Epochs = Annotated[int, msgspec.Meta(ge=1)]
+BatchSize = Annotated[int, msgspec.Meta(ge=1, le=MAX_BATCH_SIZE)]
+LearningRate = Annotated[float, msgspec.Meta(gt=0, le=sys.float_info.max)]
+"""Positive and finite (NaN fails ``gt``, infinity ``le``)."""
+Width = Annotated[int, msgspec.Meta(ge=1, le=MAX_WIDTH)]
+"""A layer's units, a convolution's channels, one side of an input shape."""
+Widths = Annotated[list[Width], msgspec.Meta(max_length=MAX_LAYERS)]
+Channels = Annotated[list[Width], msgspec.Meta(min_length=1, max_length=MAX_LAYERS)]
+InputShape = Annotated[list[Width], msgspec.Meta(min_length=3, max_length=3)]
+"""[C, H, W]."""
+NumPeers = Annotated[int, msgspec.Meta(ge=1)]
+Rounds = Annotated[int, msgspec.Meta(ge=1)]
+Seed = Annotated[int, msgspec.Meta(ge=0, le=MAX_SEED)]
+ValidationSplit = Annotated[float, msgspec.Meta(gt=0, le=MAX_VALIDATION_SPLIT)]
+"""The share of the rows held out for validation: more than none, and at most 0.9."""
+LabelColumn = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_LABEL_COLUMN)]
+
+ModelKind = Literal["mlp", "cnn"]
+Strategy = Literal["sweep", "fedavg"]
+"""How a swarm trains; each strategy's rules live in a module of its own on each side that needs them."""
+SWEEP: Final = "sweep"
+FEDAVG: Final = "fedavg"
+OnPeerFailure = Literal["reassign", "continue", "fail"]
+
+
 class Hyperparameters(msgspec.Struct, frozen=True, kw_only=True):
-    epochs: int
-    batch_size: int
-    lr: float
+    epochs: Epochs
+    batch_size: BatchSize
+    lr: LearningRate
+
+
+DEFAULT_HIDDEN: Final = (128, 64)
+DEFAULT_CHANNELS: Final = (16, 32)
 
 
 class ModelSpec(msgspec.Struct, frozen=True, kw_only=True):
-    kind: Literal["mlp", "cnn"] = "mlp"
-    hidden: list[int] = msgspec.field(default_factory=lambda: [128, 64])
+    kind: ModelKind = "mlp"
+    hidden: Widths = msgspec.field(default_factory=lambda: list(DEFAULT_HIDDEN))
     """Fully connected layer widths (after the convolutions, for a cnn)."""
-    input_shape: list[int] | None = None
+    input_shape: InputShape | None = None
     """[C, H, W] of image data given as flat pixel columns; required for a cnn."""
-    channels: list[int] = msgspec.field(default_factory=lambda: [16, 32])
+    channels: Channels = msgspec.field(default_factory=lambda: list(DEFAULT_CHANNELS))
     """A cnn's convolution widths: 3x3 conv, ReLU, then 2x2 max-pool while the image is at least 2x2."""
-
-
-Strategy = Literal["sweep", "fedavg"]
-OnPeerFailure = Literal["reassign", "continue", "fail"]
 
 
 class RoundUpdate(msgspec.Struct, frozen=True, kw_only=True):
@@ -82,7 +121,7 @@ class DatasetUploaded(_Message, frozen=True, kw_only=True, tag="DatasetUploaded"
     rows: int
     features: int
     classes: int
-    label_column: str
+    label_column: LabelColumn
 
     @property
     def subject(self) -> str:
@@ -137,14 +176,14 @@ class SessionRequested(_SessionEvent, frozen=True, kw_only=True, tag="SessionReq
     dataset_id: str
     dataset_uri: str
     dataset_sha256: str
-    label_column: str
-    num_peers: int
-    strategy: Strategy = "sweep"
+    label_column: LabelColumn
+    num_peers: NumPeers
+    strategy: Strategy = SWEEP
     model: ModelSpec
     hyperparameters: list[Hyperparameters]
-    validation_split: float = 0.2
-    seed: int = 0
-    rounds: int = 1
+    validation_split: ValidationSplit = 0.2
+    seed: Seed = 0
+    rounds: Rounds = 1
     """fedavg: number of averaging rounds (``hyperparameters[i].epochs`` local epochs each)."""
     on_peer_failure: OnPeerFailure = "reassign"
     """fedavg: what a dead or stalled participant means for the session."""
@@ -303,16 +342,16 @@ class Train(_Command, frozen=True, kw_only=True, tag="Train"):
     session_id: str
     dataset_uri: str
     dataset_sha256: str
-    label_column: str
+    label_column: LabelColumn
     model: ModelSpec
     hyperparameters: Hyperparameters
-    validation_split: float
-    seed: int
+    validation_split: ValidationSplit
+    seed: Seed
     output_uri: str
-    strategy: Strategy = "sweep"
+    strategy: Strategy = SWEEP
     shard: int = 0
     num_shards: int = 1
-    rounds: int = 1
+    rounds: Rounds = 1
     start_round: int = 1
     """fedavg: the first round this peer trains; it starts from the average of the round before."""
     rounds_uri: str = ""
