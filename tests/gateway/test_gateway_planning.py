@@ -8,46 +8,12 @@ from litestar.exceptions import ClientException
 
 from swarmtrain.common.events import ModelSpec
 from swarmtrain.common.settings import Settings
-from swarmtrain.gateway.planning import (
-    HyperparametersIn,
-    ModelIn,
-    SessionIn,
-    check_against_dataset,
-    model_parameters,
-    plan_session,
-    training_rows,
-)
+from swarmtrain.gateway.sessions.planning import check_against_dataset, plan_session
+from swarmtrain.gateway.sessions.schemas import HyperparametersIn, ModelIn, SessionIn
 from swarmtrain.gateway.throttle import FailureWindow, SignInThrottle
 
 SETTINGS = Settings(jwt_secret="x" * 32)
 HP = HyperparametersIn(epochs=2, batch_size=32, lr=0.01)
-
-
-def test_mlp_parameters() -> None:
-    # 64 -> 128 -> 64 -> 10, weights and biases
-    assert model_parameters(ModelSpec(kind="mlp", hidden=[128, 64]), 64, 10) == (
-        64 * 128 + 128 + 128 * 64 + 64 + 64 * 10 + 10
-    )
-    assert model_parameters(ModelSpec(kind="mlp", hidden=[]), 5, 3) == 5 * 3 + 3
-
-
-def test_cnn_parameters_follow_the_peers_layers() -> None:
-    """3x3 convolutions (padding 1), a 2x2 max-pool while the image is at least 2x2; the same
-    count torch gives for the peer's model."""
-    spec = ModelSpec(kind="cnn", hidden=[32], input_shape=[1, 8, 8], channels=[4, 8, 16, 16])
-    # 8x8 -> 4x4 -> 2x2 -> 1x1 -> 1x1 (no pool once below 2x2)
-    conv = (9 * 1 * 4 + 4) + (9 * 4 * 8 + 8) + (9 * 8 * 16 + 16) + (9 * 16 * 16 + 16)
-    assert model_parameters(spec, 64, 10) == conv + (16 * 32 + 32) + (32 * 10 + 10)
-    from swarmtrain.peer.model import build_model
-
-    model = build_model(spec, 64, 10)
-    assert model_parameters(spec, 64, 10) == sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-def test_training_rows_match_the_peers_split() -> None:
-    assert training_rows(12, 0.2) == 10
-    assert training_rows(10, 0.01) == 9  # at least one validation row
-    assert training_rows(2, 0.9) == 1  # never all of them
 
 
 def test_sweep_takes_a_cnn_and_fedavg_expands_its_one_hyperparameter_set() -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import IO, Annotated, Any, BinaryIO, cast
@@ -20,16 +21,17 @@ import msgspec
 from litestar import Controller, Request, get, post
 from litestar.datastructures import UploadFile
 from litestar.di import NamedDependency
-from litestar.exceptions import ClientException, NotFoundException
+from litestar.exceptions import ClientException
 from litestar.params import FromPath, MultipartBody, QueryParameter
 from litestar.security.jwt import Token
 
 from swarmtrain.common.blob import BlobRef, BlobStore
-from swarmtrain.common.events import DatasetUploaded, new_id
+from swarmtrain.common.events import MAX_LABEL_COLUMN, DatasetUploaded, new_id
 from swarmtrain.gateway.auth import BEARER, User
 from swarmtrain.gateway.csvcheck import CsvRejected, CsvSummary, check_csv
 from swarmtrain.gateway.errors import documented
-from swarmtrain.gateway.inputs import is_id, printable, storable
+from swarmtrain.gateway.inputs import printable, storable
+from swarmtrain.gateway.ownership import owned
 from swarmtrain.gateway.state import Gateway
 
 DEFAULT_LABEL = "label"
@@ -83,8 +85,8 @@ async def reject_unknown_form_fields(request: Request[Any, Any, Any], allowed: s
 
 def clean_label_column(label_column: str | None) -> str:
     label = (label_column or DEFAULT_LABEL).strip()
-    if not label or len(label) > 200 or not storable(label):
-        raise ClientException("label_column must be 1 to 200 printable characters")
+    if not label or len(label) > MAX_LABEL_COLUMN or not storable(label):
+        raise ClientException(f"label_column must be 1 to {MAX_LABEL_COLUMN} printable characters")
     return label
 
 
@@ -105,17 +107,26 @@ def _copy(store: BlobStore, key: str, stream: IO[bytes]) -> BlobRef:
     return store.put_stream(key, cast(BinaryIO, stream), length)
 
 
-async def store_dataset(upload: UploadFile, label_column: str | None, owner_id: str, gw: Gateway) -> DatasetUploaded:
+async def store_dataset(
+    upload: UploadFile,
+    label_column: str | None,
+    owner_id: str,
+    gw: Gateway,
+    check: Callable[[CsvSummary], None] | None = None,
+) -> DatasetUploaded:
     """Validate and store an uploaded CSV; returns the (not yet appended) ``DatasetUploaded``.
 
-    Raises ``ClientException`` (400) for a file that is not a usable training CSV, with nothing
-    left in the store. The caller appends the event and calls ``discard`` if that fails.
+    Raises ``ClientException`` (400) for a file that is not a usable training CSV, or that ``check``
+    (given the CSV's shape) refuses, with nothing left in the store. The caller appends the event
+    with ``append_or_discard``.
     """
     label = clean_label_column(label_column)
     try:
         summary = await asyncio.to_thread(_validate, upload.file, label)
     except CsvRejected as exc:
         raise ClientException(str(exc)) from None
+    if check is not None:
+        check(summary)
     dataset_id = new_id()
     key = dataset_key(dataset_id)
     try:
@@ -145,7 +156,28 @@ async def discard(gw: Gateway, key: str) -> None:
     await asyncio.shield(asyncio.to_thread(gw.store.delete, key))
 
 
+async def append_or_discard(gw: Gateway, event: DatasetUploaded) -> None:
+    """Append ``event``; if that fails (or is cancelled), delete the object it names, so no blob is
+    left that no event refers to."""
+    try:
+        await gw.append(event)
+    except BaseException:
+        await discard(gw, dataset_key(event.dataset_id))
+        raise
+
+
 _COLUMNS = "dataset_id, rows, features, classes, sha256, size_bytes, name, label_column, created_at"
+
+
+async def owned_dataset(gw: Gateway, owner_id: str, dataset_id: str) -> asyncpg.Record:
+    """The dataset's row (``DatasetOut``'s columns and its ``uri``); 404 unless it is ``owner_id``'s."""
+
+    async def find(dataset_id: str) -> asyncpg.Record | None:
+        return await gw.pool.fetchrow(
+            f"SELECT uri, {_COLUMNS} FROM datasets WHERE dataset_id = $1 AND owner_id = $2", dataset_id, owner_id
+        )
+
+    return await owned("dataset", dataset_id, find)
 
 
 class DatasetController(Controller):
@@ -163,11 +195,7 @@ class DatasetController(Controller):
         try:
             await reject_unknown_form_fields(request, {"file", "label_column"})
             event = await store_dataset(data.file, data.label_column, request.user.user_id, gw)
-            try:
-                await gw.append(event)
-            except BaseException:
-                await discard(gw, dataset_key(event.dataset_id))
-                raise
+            await append_or_discard(gw, event)
         finally:
             await data.file.close()
         return dataset_out(event)
@@ -194,15 +222,4 @@ class DatasetController(Controller):
     async def get_dataset(
         self, request: Request[User, Token, Any], dataset_id: FromPath[str], gw: NamedDependency[Gateway]
     ) -> DatasetOut:
-        row = (
-            await gw.pool.fetchrow(
-                f"SELECT {_COLUMNS} FROM datasets WHERE dataset_id = $1 AND owner_id = $2",
-                dataset_id,
-                request.user.user_id,
-            )
-            if is_id(dataset_id)
-            else None
-        )
-        if row is None:
-            raise NotFoundException(f"no dataset {printable(dataset_id)}")
-        return _dataset_row_out(row)
+        return _dataset_row_out(await owned_dataset(gw, request.user.user_id, dataset_id))

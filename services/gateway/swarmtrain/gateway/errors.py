@@ -8,6 +8,8 @@ traceback on the server and answered as a bare 500 problem, so no internal detai
 
 from __future__ import annotations
 
+import re
+import sys
 from http import HTTPStatus
 from typing import Any
 
@@ -94,9 +96,49 @@ def documented(*statuses: int) -> dict[int, ResponseSpec]:
     }
 
 
+_BOUND = re.compile(r"^Expected `\w+` (>=|<=|>|<) (\S+)$")
+_LENGTH = re.compile(r"^Expected `(\w+)` of length (>=|<=) (\d+)$")
+_AT = re.compile(r"^(?P<message>.*) - at `\$(?P<path>[^`]*)`$")
+_WORDS = {">=": "at least", "<=": "at most", ">": "greater than", "<": "less than"}
+
+
+def _number(text: str) -> str:
+    value = float(text)
+    return str(int(value)) if value.is_integer() and abs(value) < 2**63 else text
+
+
+def validation_message(message: str, field: str | None) -> str:
+    """A msgspec validation message as a sentence that names the field: ``Expected `int` >= 1`` at
+    ``hyperparameters[0].epochs`` reads "hyperparameters[0].epochs must be at least 1"; a message
+    that is not about a bound keeps msgspec's words, after the field's name."""
+    if field and (bound := _BOUND.match(message)):
+        op, value = bound.groups()
+        if op in ("<=", "<") and float(value) >= sys.float_info.max:
+            return f"{field} must be a finite number"
+        return f"{field} must be {_WORDS[op]} {_number(value)}"
+    if field and (length := _LENGTH.match(message)):
+        kind, op, count = length.groups()
+        unit = "character" if kind == "str" else "item"
+        return f"{field} must have {_WORDS[op]} {count} {unit}{'' if count == '1' else 's'}"
+    return f"{field}: {message}" if field else message
+
+
+def describe(exc: msgspec.ValidationError, root: str = "") -> str:
+    """``validation_message`` for an error msgspec raised itself, its path read from the message
+    (``$[0].epochs`` under ``root`` "hyperparameters" names "hyperparameters[0].epochs")."""
+    at = _AT.match(str(exc))
+    if at is None:
+        return validation_message(str(exc), root or None)
+    path = at["path"].removeprefix(".") if not root else at["path"]
+    return validation_message(at["message"], f"{root}{path}" or None)
+
+
 def _validation_detail(exc: ValidationException) -> str:
-    messages = [str(e.get("message", "")) for e in exc.extra or [] if isinstance(e, dict)]  # type: ignore[union-attr]
-    messages = [m for m in messages if m]
+    messages = [
+        validation_message(str(e.get("message", "")), None if e.get("key") in (None, "data") else str(e["key"]))
+        for e in exc.extra or []  # type: ignore[union-attr]
+        if isinstance(e, dict) and e.get("message")
+    ]
     return "; ".join(messages) if messages else exc.detail
 
 

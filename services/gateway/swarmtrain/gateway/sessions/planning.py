@@ -1,0 +1,132 @@
+"""Checking a session request, as pure functions.
+
+msgspec has checked each value against the contract's rules when it decoded the body (see
+``swarmtrain.common.events``); what is left here are the rules that join values, or that depend on
+the configured caps, the strategy (``strategies``) or the dataset's shape (``common.shapes``).
+``plan_session`` checks what the request alone decides; ``check_against_dataset`` what needs the
+dataset's shape too. Both raise ``ClientException`` (400) naming the first bad value.
+"""
+
+from __future__ import annotations
+
+import msgspec
+from litestar.exceptions import ClientException
+
+from swarmtrain.common import shapes
+from swarmtrain.common.events import DEFAULT_CHANNELS, Hyperparameters, ModelSpec, OnPeerFailure, Strategy
+from swarmtrain.common.settings import Settings
+from swarmtrain.gateway.errors import describe
+from swarmtrain.gateway.sessions.schemas import HyperparametersIn, ModelIn, SessionIn
+from swarmtrain.gateway.sessions.strategies import rules, with_rounds
+
+
+class SessionPlan(msgspec.Struct, frozen=True, kw_only=True):
+    strategy: Strategy
+    num_peers: int
+    model: ModelSpec
+    hyperparameters: list[Hyperparameters]
+    validation_split: float
+    seed: int
+    rounds: int
+    on_peer_failure: OnPeerFailure
+
+
+def _at_most(name: str, value: int, cap: int) -> None:
+    if value > cap:
+        raise ClientException(f"{name} must be between 1 and {cap}, not {value}")
+
+
+def _model(model: ModelIn) -> ModelSpec:
+    if model.kind != "cnn":
+        if model.input_shape is not None or model.channels is not None:
+            raise ClientException("model.input_shape and model.channels apply to a cnn only")
+        return ModelSpec(kind=model.kind, hidden=list(model.hidden))
+    if model.input_shape is None:
+        raise ClientException("a cnn needs model.input_shape [C, H, W]")
+    channels = list(DEFAULT_CHANNELS) if model.channels is None else model.channels
+    return ModelSpec(kind="cnn", hidden=list(model.hidden), input_shape=list(model.input_shape), channels=channels)
+
+
+def _hyperparameters(data: SessionIn, settings: Settings) -> list[Hyperparameters]:
+    hps, strategy = data.hyperparameters, rules(data.strategy)
+    if isinstance(hps, list):
+        if strategy.shared_model:
+            raise ClientException(
+                f"{data.strategy} takes one hyperparameters object (the peers train one model together), not a list"
+            )
+        if len(hps) != data.num_peers:
+            raise ClientException(
+                f"hyperparameters has {len(hps)} entries for {data.num_peers} peers: "
+                "give one per peer, or a single object for all"
+            )
+        sets = hps
+    else:
+        sets = [hps] * data.num_peers
+    max_epochs = settings.max_epochs // data.rounds
+    for i, hp in enumerate(sets):
+        if hp.epochs > max_epochs:
+            where = f"hyperparameters[{i}]" if isinstance(hps, list) else "hyperparameters"
+            per = f" per round ({data.rounds} rounds)" if strategy.rounds else ""
+            raise ClientException(
+                f"{where}.epochs must be at most {max_epochs}{per}: a peer trains at most {settings.max_epochs} epochs"
+            )
+    return [Hyperparameters(epochs=h.epochs, batch_size=h.batch_size, lr=h.lr) for h in sets]
+
+
+def plan_session(data: SessionIn, settings: Settings) -> SessionPlan:
+    """Check a decoded session request; raises ``ClientException`` (400) naming the first bad value."""
+    _at_most("num_peers", data.num_peers, settings.max_num_peers)
+    if rules(data.strategy).rounds:
+        _at_most("rounds", data.rounds, settings.max_rounds)
+    elif data.rounds != 1:
+        raise ClientException(
+            f"rounds applies to {', '.join(with_rounds())} only: a {data.strategy} has 1 round, not {data.rounds}"
+        )
+    return SessionPlan(
+        strategy=data.strategy,
+        num_peers=data.num_peers,
+        model=_model(data.model),
+        hyperparameters=_hyperparameters(data, settings),
+        validation_split=data.validation_split,
+        seed=data.seed,
+        rounds=data.rounds,
+        on_peer_failure=data.on_peer_failure,
+    )
+
+
+def parse_session(fields: dict[str, object]) -> SessionIn:
+    """A ``SessionIn`` from values that did not come as a JSON body (a form), checked as a body is."""
+    try:
+        return msgspec.convert(fields, SessionIn)
+    except msgspec.ValidationError as exc:
+        raise ClientException(describe(exc)) from None
+
+
+def parse_hyperparameters(raw: str) -> list[HyperparametersIn] | HyperparametersIn:
+    """The form's ``hyperparameters`` field: JSON of one set or a list of them."""
+    try:
+        return msgspec.json.decode(raw, type=list[HyperparametersIn] | HyperparametersIn)
+    except msgspec.ValidationError as exc:  # a DecodeError too: first
+        raise ClientException(describe(exc, "hyperparameters")) from None
+    except msgspec.DecodeError as exc:
+        raise ClientException(
+            f"hyperparameters is not valid JSON of [{{epochs, batch_size, lr}}, ...]: {exc}"
+        ) from None
+
+
+def check_against_dataset(plan: SessionPlan, *, rows: int, features: int, classes: int, settings: Settings) -> None:
+    """What needs the dataset: a cnn's input shape, the model's size, the shards."""
+    try:
+        params = shapes.parameter_count(plan.model, features, classes)
+    except shapes.ShapeError as exc:
+        raise ClientException(f"model: {exc}") from None
+    if params > settings.max_model_params:
+        raise ClientException(
+            f"the model would have {params:,} parameters on this dataset: at most {settings.max_model_params:,}"
+        )
+    if rules(plan.strategy).sharded:
+        train = shapes.training_rows(rows, plan.validation_split)
+        try:
+            shapes.shard_sizes(train, plan.num_peers)
+        except shapes.ShapeError as exc:
+            raise ClientException(f"{plan.strategy}: {exc}: ask for at most {train} peers") from None

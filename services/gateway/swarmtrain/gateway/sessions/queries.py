@@ -1,0 +1,196 @@
+"""The session routes' reads of the read models (PostgreSQL, written by the projector only).
+
+Every function that takes a ``session_id`` looks among ``owner_id``'s sessions only and returns
+``None`` for anything else: the routes turn that into 404 with ``ownership.owned``.
+"""
+
+from __future__ import annotations
+
+import asyncpg
+import msgspec
+from litestar.exceptions import ClientException
+
+from swarmtrain.common.events import Hyperparameters, ModelSpec
+from swarmtrain.common.status import SESSION_ACTIVE
+from swarmtrain.gateway.errors import TooManyRequests
+from swarmtrain.gateway.sessions.schemas import (
+    MetricPoint,
+    MetricsOut,
+    PeerResult,
+    PeerSeries,
+    RejectedUpdate,
+    RoundFigures,
+    SessionOut,
+)
+
+ACTIVE = tuple(sorted(SESSION_ACTIVE))
+
+_SESSION_COLUMNS = """session_id, owner_id, dataset_id, strategy, num_peers, status, model, validation_split,
+    seed, rounds, on_peer_failure, val_accuracy, created_at, started_at, ended_at, best_peer_id,
+    best_val_accuracy, model_uri, reason"""
+
+
+# ------------------------------------------------------------------ caps
+
+
+async def require_idle_peers(pool: asyncpg.Pool, num_peers: int) -> None:
+    idle = int(await pool.fetchval("SELECT count(*) FROM peers WHERE online AND session_id IS NULL"))
+    if idle < num_peers:
+        raise ClientException(f"not enough online peers: {num_peers} requested, {idle} idle online")
+
+
+async def require_session_room(pool: asyncpg.Pool, owner_id: str, cap: int) -> None:
+    active = await pool.fetchval(
+        "SELECT count(*) FROM sessions WHERE owner_id = $1 AND status = ANY($2::text[])", owner_id, list(ACTIVE)
+    )
+    if active >= cap:
+        raise TooManyRequests(f"you have {active} queued or running sessions: at most {cap}; cancel one or wait")
+
+
+# ------------------------------------------------------------------ one session's status and model
+
+
+async def status(pool: asyncpg.Pool, session_id: str) -> str:
+    """The session's status as the read models have it (``queued`` until they have it at all)."""
+    found = await pool.fetchval("SELECT status FROM sessions WHERE session_id = $1", session_id)
+    return str(found) if found is not None else "queued"
+
+
+async def owned_status(pool: asyncpg.Pool, owner_id: str, session_id: str) -> str | None:
+    found = await pool.fetchval(
+        "SELECT status FROM sessions WHERE session_id = $1 AND owner_id = $2", session_id, owner_id
+    )
+    return None if found is None else str(found)
+
+
+async def model_row(pool: asyncpg.Pool, owner_id: str, session_id: str) -> asyncpg.Record | None:
+    """``status`` and ``model_uri`` (``NULL`` until the session has a model)."""
+    row: asyncpg.Record | None = await pool.fetchrow(
+        "SELECT status, model_uri FROM sessions WHERE session_id = $1 AND owner_id = $2", session_id, owner_id
+    )
+    return row
+
+
+# ------------------------------------------------------------------ sessions with peers and rounds
+
+
+def _peer_result(row: asyncpg.Record) -> PeerResult:
+    return PeerResult(
+        peer_id=row["peer_id"],
+        status=row["status"],
+        hyperparameters=msgspec.json.decode(row["hyperparameters"], type=Hyperparameters),
+        shard=row["shard"],
+        epoch=row["epoch"],
+        epochs=row["epochs"],
+        loss=row["loss"],
+        accuracy=row["accuracy"],
+        val_loss=row["val_loss"],
+        val_accuracy=row["val_accuracy"],
+        samples_per_s=row["samples_per_s"],
+        reason=row["reason"],
+    )
+
+
+def _round_figures(row: asyncpg.Record) -> RoundFigures:
+    return RoundFigures(
+        round=row["round"],
+        closed_at=row["closed_at"],
+        included=msgspec.json.decode(row["included"], type=list[str]),
+        left_out=msgspec.json.decode(row["left_out"], type=list[str]),
+        rejected=msgspec.json.decode(row["rejected"], type=list[RejectedUpdate]),
+        num_samples=row["num_samples"],
+        loss=row["loss"],
+        accuracy=row["accuracy"],
+        val_loss=row["val_loss"],
+        val_accuracy=row["val_accuracy"],
+    )
+
+
+def _session_out(row: asyncpg.Record, peers: list[PeerResult], rounds: list[RoundFigures]) -> SessionOut:
+    return SessionOut(
+        session_id=row["session_id"],
+        status=row["status"],
+        strategy=row["strategy"],
+        num_peers=row["num_peers"],
+        dataset_id=row["dataset_id"],
+        created_at=row["created_at"],
+        started_at=row["started_at"],
+        ended_at=row["ended_at"],
+        model=msgspec.json.decode(row["model"], type=ModelSpec),
+        validation_split=row["validation_split"],
+        seed=row["seed"],
+        rounds=row["rounds"],
+        on_peer_failure=row["on_peer_failure"],
+        peers=peers,
+        round_figures=rounds,
+        best_peer_id=row["best_peer_id"],
+        best_val_accuracy=row["best_val_accuracy"],
+        val_accuracy=row["val_accuracy"],
+        model_available=row["model_uri"] is not None,
+        reason=row["reason"],
+    )
+
+
+async def load_sessions(
+    pool: asyncpg.Pool, owner_id: str, session_id: str | None = None, limit: int = 100, offset: int = 0
+) -> list[SessionOut]:
+    """The owner's sessions, newest first (or the one with ``session_id``), with peers and rounds."""
+    async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+        rows = await conn.fetch(
+            f"""SELECT {_SESSION_COLUMNS} FROM sessions
+                WHERE owner_id = $1 AND ($2::text IS NULL OR session_id = $2)
+                ORDER BY created_at DESC, session_id LIMIT $3 OFFSET $4""",
+            owner_id,
+            session_id,
+            limit,
+            offset,
+        )
+        ids = [row["session_id"] for row in rows]
+        peer_rows = await conn.fetch(
+            "SELECT * FROM session_peers WHERE session_id = ANY($1::text[]) ORDER BY session_id, peer_id", ids
+        )
+        round_rows = await conn.fetch(
+            "SELECT * FROM session_rounds WHERE session_id = ANY($1::text[]) ORDER BY session_id, round", ids
+        )
+    peers: dict[str, list[PeerResult]] = {}
+    for peer_row in peer_rows:
+        peers.setdefault(peer_row["session_id"], []).append(_peer_result(peer_row))
+    rounds: dict[str, list[RoundFigures]] = {}
+    for round_row in round_rows:
+        rounds.setdefault(round_row["session_id"], []).append(_round_figures(round_row))
+    return [_session_out(row, peers.get(row["session_id"], []), rounds.get(row["session_id"], [])) for row in rows]
+
+
+async def load_session(pool: asyncpg.Pool, owner_id: str, session_id: str) -> SessionOut | None:
+    found = await load_sessions(pool, owner_id, session_id=session_id, limit=1)
+    return found[0] if found else None
+
+
+# ------------------------------------------------------------------ metrics
+
+
+async def metrics(pool: asyncpg.Pool, session_id: str) -> MetricsOut:
+    """Every peer of the session with its heartbeats, one point per epoch."""
+    async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+        peers = await conn.fetch("SELECT peer_id FROM session_peers WHERE session_id = $1 ORDER BY peer_id", session_id)
+        beats = await conn.fetch(
+            """SELECT peer_id, epoch, loss, accuracy, val_loss, val_accuracy, samples_per_s, occurred_at
+               FROM heartbeats WHERE session_id = $1 ORDER BY peer_id, seq""",
+            session_id,
+        )
+    series: dict[str, list[MetricPoint]] = {row["peer_id"]: [] for row in peers}
+    for b in beats:
+        series.setdefault(b["peer_id"], []).append(
+            MetricPoint(
+                epoch=b["epoch"],
+                loss=b["loss"],
+                accuracy=b["accuracy"],
+                val_loss=b["val_loss"],
+                val_accuracy=b["val_accuracy"],
+                samples_per_s=b["samples_per_s"],
+                at=b["occurred_at"],
+            )
+        )
+    return MetricsOut(
+        session_id=session_id, peers=[PeerSeries(peer_id=p, points=pts) for p, pts in sorted(series.items())]
+    )

@@ -1,0 +1,266 @@
+"""The session routes: request one (JSON, or the one-shot upload form), list them, read one, cancel
+one, its event history, its live events (SSE), its per-peer metrics, and its model.
+
+Each route checks, reads (``queries``), appends (``commands``) or streams (``live``) by calling the
+module for that job. Every route answers 404 for a session of someone else's, exactly as for one
+that does not exist (``ownership.owned``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from functools import partial
+from typing import Annotated, Any
+
+from litestar import Controller, Request, get, post
+from litestar.di import NamedDependency
+from litestar.exceptions import NotFoundException
+from litestar.params import FromPath, JSONBody, MultipartBody, Parameter, QueryParameter
+from litestar.response import ServerSentEvent, Stream
+from litestar.security.jwt import Token
+
+from swarmtrain.common import blob
+from swarmtrain.gateway import eventlog
+from swarmtrain.gateway.auth import BEARER, User
+from swarmtrain.gateway.csvcheck import CsvSummary
+from swarmtrain.gateway.datasets import (
+    Limit,
+    Offset,
+    append_or_discard,
+    owned_dataset,
+    reject_unknown_form_fields,
+    store_dataset,
+)
+from swarmtrain.gateway.errors import documented
+from swarmtrain.gateway.ownership import owned
+from swarmtrain.gateway.sessions import commands, live, queries
+from swarmtrain.gateway.sessions.planning import (
+    SessionPlan,
+    check_against_dataset,
+    parse_hyperparameters,
+    parse_session,
+    plan_session,
+)
+from swarmtrain.gateway.sessions.schemas import (
+    EventPage,
+    EventRecord,
+    MetricsOut,
+    SessionCancelRequested,
+    SessionCreated,
+    SessionIn,
+    SessionOut,
+    SessionStartedOut,
+    SessionStartForm,
+)
+from swarmtrain.gateway.state import Gateway
+
+JSON_BODY_LIMIT = 64 * 1024
+MAX_EVENTS_PAGE = 1000
+FORM_FIELDS = frozenset({"file", "num_peers", "hyperparameters", "label_column"})
+
+SessionId = Annotated[str, Parameter(description="A session id (32 hex digits).")]
+After = Annotated[int, QueryParameter(ge=0, le=2**63 - 1, description="Only events past this stream sequence.")]
+EventsLimit = Annotated[
+    int, QueryParameter(ge=1, le=MAX_EVENTS_PAGE, description=f"Page size (at most {MAX_EVENTS_PAGE}).")
+]
+
+
+async def _owned_status(gw: Gateway, owner_id: str, session_id: str) -> str:
+    """The session's status; 404 unless it is ``owner_id``'s."""
+    return await owned("session", session_id, partial(queries.owned_status, gw.pool, owner_id))
+
+
+async def _require_room(gw: Gateway, owner_id: str, plan: SessionPlan) -> None:
+    await queries.require_session_room(gw.pool, owner_id, gw.settings.max_active_sessions)
+    await queries.require_idle_peers(gw.pool, plan.num_peers)
+
+
+class SessionController(Controller):
+    path = "/sessions"
+    tags = ["sessions"]
+    security = BEARER
+
+    @post(
+        "/",
+        status_code=201,
+        summary="Request a training session on an uploaded dataset",
+        description="`strategy: sweep` trains one model per peer (hyperparameters: one set per peer, or one for "
+        "all); `strategy: fedavg` trains one model on disjoint shards, averaged after each of `rounds` rounds "
+        "(hyperparameters: one set). Capped: num_peers, epochs, rounds, model size, and queued or running "
+        "sessions per user (429).",
+        request_max_body_size=JSON_BODY_LIMIT,
+        responses=documented(400, 401, 404, 413, 429),
+    )
+    async def create(
+        self, request: Request[User, Token, Any], data: JSONBody[SessionIn], gw: NamedDependency[Gateway]
+    ) -> SessionCreated:
+        plan = plan_session(data, gw.settings)
+        owner_id = request.user.user_id
+        dataset = await owned_dataset(gw, owner_id, data.dataset_id)
+        check_against_dataset(
+            plan, rows=dataset["rows"], features=dataset["features"], classes=dataset["classes"], settings=gw.settings
+        )
+        async with gw.session_locks.hold(owner_id):
+            await _require_room(gw, owner_id, plan)
+            session_id = await commands.request_session(
+                gw,
+                owner_id,
+                plan,
+                dataset_id=data.dataset_id,
+                uri=dataset["uri"],
+                sha256=dataset["sha256"],
+                label_column=dataset["label_column"],
+            )
+        return SessionCreated(session_id=session_id, status=await queries.status(gw.pool, session_id))
+
+    @post(
+        "/start",
+        status_code=201,
+        summary="Upload a CSV and request a sweep on it, in one go",
+        responses=documented(400, 401, 413, 429),
+    )
+    async def start(
+        self,
+        request: Request[User, Token, Any],
+        data: MultipartBody[SessionStartForm],
+        gw: NamedDependency[Gateway],
+    ) -> SessionStartedOut:
+        owner_id = request.user.user_id
+        try:
+            await reject_unknown_form_fields(request, set(FORM_FIELDS))
+            hps = parse_hyperparameters(data.hyperparameters)
+            session = parse_session({"dataset_id": "", "num_peers": data.num_peers, "hyperparameters": hps})
+            plan = plan_session(session, gw.settings)
+
+            def fits(csv: CsvSummary) -> None:
+                check_against_dataset(
+                    plan, rows=csv.rows, features=csv.features, classes=csv.classes, settings=gw.settings
+                )
+
+            async with gw.session_locks.hold(owner_id):
+                await _require_room(gw, owner_id, plan)
+                dataset = await store_dataset(data.file, data.label_column, owner_id, gw, check=fits)
+                await append_or_discard(gw, dataset)
+                session_id = await commands.request_session(
+                    gw,
+                    owner_id,
+                    plan,
+                    dataset_id=dataset.dataset_id,
+                    uri=dataset.uri,
+                    sha256=dataset.sha256,
+                    label_column=dataset.label_column,
+                )
+        finally:
+            await data.file.close()
+        status = await queries.status(gw.pool, session_id)
+        return SessionStartedOut(session_id=session_id, status=status, dataset_id=dataset.dataset_id)
+
+    @get(
+        "/",
+        summary="My sessions, newest first",
+        description="Paginated with `limit` (default 100, at most 1000) and `offset`.",
+        responses=documented(400, 401),
+    )
+    async def list_sessions(
+        self, request: Request[User, Token, Any], gw: NamedDependency[Gateway], limit: Limit = 100, offset: Offset = 0
+    ) -> list[SessionOut]:
+        return await queries.load_sessions(gw.pool, request.user.user_id, limit=limit, offset=offset)
+
+    @get(
+        "/{session_id:str}",
+        summary="One session: its peers' progress, its rounds, its results",
+        responses=documented(400, 401, 404),
+    )
+    async def get_session(
+        self, request: Request[User, Token, Any], session_id: FromPath[SessionId], gw: NamedDependency[Gateway]
+    ) -> SessionOut:
+        return await owned("session", session_id, partial(queries.load_session, gw.pool, request.user.user_id))
+
+    @post(
+        "/{session_id:str}/cancel",
+        status_code=202,
+        summary="Cancel a queued or running session",
+        description="Appends SessionCancelled; the scheduler then stops the session's peers and releases them. "
+        "A session that has ended already is 409.",
+        responses=documented(400, 401, 404, 409),
+    )
+    async def cancel(
+        self, request: Request[User, Token, Any], session_id: FromPath[SessionId], gw: NamedDependency[Gateway]
+    ) -> SessionCancelRequested:
+        await commands.cancel(gw, request.user.user_id, session_id)
+        return SessionCancelRequested(session_id=session_id, status=await queries.status(gw.pool, session_id))
+
+    @get(
+        "/{session_id:str}/events",
+        summary="The session's event history, from the event log",
+        description="Paginated by stream sequence: pass the page's `next_after` as `after` for the next one.",
+        responses=documented(400, 401, 404),
+    )
+    async def events(
+        self,
+        request: Request[User, Token, Any],
+        session_id: FromPath[SessionId],
+        gw: NamedDependency[Gateway],
+        after: After = 0,
+        limit: EventsLimit = 100,
+    ) -> EventPage:
+        await _owned_status(gw, request.user.user_id, session_id)
+        events, last, more = await eventlog.page(gw.js, session_id, after, limit)
+        return EventPage(
+            events=[EventRecord(seq=seq, event=event) for seq, event in events], next_after=last, more=more
+        )
+
+    @get(
+        "/{session_id:str}/stream",
+        media_type="text/event-stream",
+        summary="The session's events, live (Server-Sent Events)",
+        description="The history past `after` (or the `Last-Event-ID` header), then live events, until the "
+        "session completes, fails or is cancelled. Each message: `id:` the stream sequence, `event:` the event "
+        "type, `data:` the event as JSON; a comment every 15 s keeps the connection alive. "
+        "Try `curl -N -H 'Authorization: Bearer …' …/stream`. At most SWARMTRAIN_MAX_STREAMS_PER_USER at once "
+        "(429).",
+        responses=documented(400, 401, 404, 429),
+    )
+    async def stream(
+        self,
+        request: Request[User, Token, Any],
+        session_id: FromPath[SessionId],
+        gw: NamedDependency[Gateway],
+        after: After = 0,
+    ) -> ServerSentEvent:
+        user_id = request.user.user_id
+        await _owned_status(gw, user_id, session_id)
+        start = live.last_event_id(request)
+        return live.open_stream(gw, user_id, session_id, after if start is None else start)
+
+    @get(
+        "/{session_id:str}/metrics",
+        summary="Per-peer training curves: one point per epoch",
+        responses=documented(400, 401, 404),
+    )
+    async def metrics(
+        self, request: Request[User, Token, Any], session_id: FromPath[SessionId], gw: NamedDependency[Gateway]
+    ) -> MetricsOut:
+        await _owned_status(gw, request.user.user_id, session_id)
+        return await queries.metrics(gw.pool, session_id)
+
+    @get(
+        "/{session_id:str}/model",
+        media_type="application/octet-stream",
+        summary="The session's model (safetensors): the best peer's (sweep) or the final average (fedavg)",
+        responses=documented(400, 401, 404),
+    )
+    async def model(
+        self, request: Request[User, Token, Any], session_id: FromPath[SessionId], gw: NamedDependency[Gateway]
+    ) -> Stream:
+        row = await owned("session", session_id, partial(queries.model_row, gw.pool, request.user.user_id))
+        if row["model_uri"] is None:
+            raise NotFoundException(f"no model yet: the session is {row['status']}")
+        store, key = blob.resolve(row["model_uri"], gw.settings)
+        if not await asyncio.to_thread(store.exists, key):
+            raise NotFoundException("the session's model is missing from the blob store")
+        return Stream(
+            store.iter_chunks(key),
+            media_type="application/octet-stream",
+            headers={"Content-Disposition": f'attachment; filename="{session_id}.safetensors"'},
+        )

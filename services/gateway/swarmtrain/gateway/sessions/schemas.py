@@ -1,0 +1,196 @@
+"""What the session routes take and give: request bodies (their value rules are the contract's, see
+``swarmtrain.common.events``) and the JSON they answer with."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+import msgspec
+from litestar.datastructures import UploadFile
+
+from swarmtrain.common.events import (
+    DEFAULT_HIDDEN,
+    SWEEP,
+    BatchSize,
+    Channels,
+    Epochs,
+    Hyperparameters,
+    InputShape,
+    LearningRate,
+    ModelKind,
+    ModelSpec,
+    NumPeers,
+    OnPeerFailure,
+    Rounds,
+    Seed,
+    SessionEvent,
+    Strategy,
+    ValidationSplit,
+    Widths,
+)
+from swarmtrain.gateway.datasets import DEFAULT_LABEL
+
+# ------------------------------------------------------------------ in
+
+
+class HyperparametersIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    epochs: Epochs
+    """Epochs per peer (sweep), or local epochs per round (fedavg)."""
+    batch_size: BatchSize
+    lr: LearningRate
+
+
+class ModelIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    kind: ModelKind = "mlp"
+    hidden: Widths = msgspec.field(default_factory=lambda: list(DEFAULT_HIDDEN))
+    """Fully connected layer widths (after the convolutions, for a cnn)."""
+    input_shape: InputShape | None = None
+    """cnn only, required: [C, H, W] of the image each row's feature columns hold (C*H*W = features)."""
+    channels: Channels | None = None
+    """cnn only: convolution widths (default [16, 32])."""
+
+
+class SessionIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    dataset_id: str
+    num_peers: NumPeers
+    hyperparameters: list[HyperparametersIn] | HyperparametersIn
+    """sweep: one set per peer, or one set for all of them; fedavg: one set (the peers train one model)."""
+    strategy: Strategy = SWEEP
+    model: ModelIn = msgspec.field(default_factory=ModelIn)
+    validation_split: ValidationSplit = 0.2
+    seed: Seed = 0
+    rounds: Rounds = 1
+    """fedavg: averaging rounds (each of ``hyperparameters.epochs`` local epochs); sweep: 1."""
+    on_peer_failure: OnPeerFailure = "reassign"
+    """fedavg: what a dead or stalled peer means: hand its shard to an idle peer, go on without it, or fail."""
+
+
+@dataclass
+class SessionStartForm:
+    file: UploadFile
+    num_peers: int
+    hyperparameters: str
+    """A JSON list of {epochs, batch_size, lr}, one per peer (or one JSON object for all)."""
+    label_column: str = DEFAULT_LABEL
+
+
+# ------------------------------------------------------------------ out
+
+
+class SessionCreated(msgspec.Struct, kw_only=True):
+    session_id: str
+    status: str
+
+
+class SessionCancelRequested(msgspec.Struct, kw_only=True):
+    """The cancellation is in the event log; ``status`` is the session's as the read models have it."""
+
+    session_id: str
+    status: str
+
+
+class SessionStartedOut(msgspec.Struct, kw_only=True):
+    session_id: str
+    status: str
+    dataset_id: str
+
+
+class PeerResult(msgspec.Struct, kw_only=True):
+    peer_id: str
+    status: str
+    """training, done, failed or stopped."""
+    hyperparameters: Hyperparameters
+    shard: int | None
+    """fedavg: the shard of the training rows this peer trains."""
+    epoch: int
+    epochs: int
+    loss: float | None
+    accuracy: float | None
+    val_loss: float | None
+    val_accuracy: float | None
+    samples_per_s: float | None
+    reason: str | None
+
+
+class RejectedUpdate(msgspec.Struct, kw_only=True):
+    peer_id: str
+    reason: str
+
+
+class RoundFigures(msgspec.Struct, kw_only=True):
+    """fedavg: one closed round."""
+
+    round: int
+    closed_at: datetime
+    included: list[str]
+    """Peers whose updates make the round's average."""
+    left_out: list[str]
+    """Participants awaited in vain."""
+    rejected: list[RejectedUpdate]
+    num_samples: int
+    loss: float | None
+    """Sample-weighted mean training loss of the included updates."""
+    accuracy: float | None
+    val_loss: float | None
+    """The averaged model on the validation split."""
+    val_accuracy: float | None
+
+
+class SessionOut(msgspec.Struct, kw_only=True):
+    session_id: str
+    status: str
+    """queued, running, completed, failed or cancelled."""
+    strategy: str
+    num_peers: int
+    dataset_id: str
+    created_at: datetime
+    started_at: datetime | None
+    ended_at: datetime | None
+    model: ModelSpec
+    validation_split: float
+    seed: int
+    rounds: int
+    on_peer_failure: str
+    peers: list[PeerResult]
+    round_figures: list[RoundFigures]
+    best_peer_id: str | None
+    best_val_accuracy: float | None
+    val_accuracy: float | None
+    """The session's model's accuracy on the validation split (fedavg: the final average's)."""
+    model_available: bool
+    reason: str | None
+
+
+class EventRecord(msgspec.Struct, kw_only=True):
+    seq: int
+    """The event's sequence in the event stream."""
+    event: SessionEvent
+
+
+class EventPage(msgspec.Struct, kw_only=True):
+    events: list[EventRecord]
+    next_after: int
+    """Pass as ``after`` for the next page."""
+    more: bool
+    """Whether events past ``next_after`` exist already."""
+
+
+class MetricPoint(msgspec.Struct, kw_only=True):
+    epoch: int
+    loss: float
+    accuracy: float
+    val_loss: float | None
+    val_accuracy: float | None
+    samples_per_s: float
+    at: datetime
+
+
+class PeerSeries(msgspec.Struct, kw_only=True):
+    peer_id: str
+    points: list[MetricPoint]
+
+
+class MetricsOut(msgspec.Struct, kw_only=True):
+    session_id: str
+    peers: list[PeerSeries]
