@@ -220,6 +220,26 @@ async def test_readyz_is_503_while_nats_does_not_answer(
     assert (await client.get("/readyz")).status_code == 200
 
 
+async def test_readyz_is_never_500_when_postgres_drops_the_gateways_connection(
+    client: Client, gateway: Gateway, settings: Settings
+) -> None:
+    """A killed server ends its sessions under the pool: the probe answers 503 while it cannot reach
+    PostgreSQL, 200 once the pool has replaced the connection, and never 500."""
+    async with gateway.pool.acquire() as conn:
+        pid = conn.get_server_pid()
+    admin = await asyncpg.connect(settings.database_url)
+    try:
+        assert await admin.fetchval("SELECT pg_terminate_backend($1)", pid)
+    finally:
+        await admin.close()
+    r = await client.get("/readyz")
+    assert r.status_code in (200, 503), r.text
+    if r.status_code == 503:
+        assert is_problem(r, 503) and r.json()["postgres"].startswith("unreachable"), r.text
+        r = await client.get("/readyz")  # the pool replaced the dead connection
+    assert r.status_code == 200, r.text
+
+
 # ------------------------------------------------------------------ OpenAPI
 
 
