@@ -269,6 +269,8 @@ async def test_openapi_describes_every_route_its_auth_and_its_errors(client: Cli
                 assert "application/problem+json" in content, (method, path, status)
     assert "404" in operations[("get", "/sessions/{session_id}")]["responses"]
     assert "409" in operations[("post", "/sessions/{session_id}/cancel")]["responses"]
+    cancelled = operations[("post", "/sessions/{session_id}/cancel")]["responses"]["202"]["content"]
+    assert cancelled["application/json"]["schema"]["$ref"].endswith("/SessionCancelRequested")
     assert "429" in operations[("post", "/auth/signin")]["responses"]
     assert "413" in operations[("post", "/datasets")]["responses"]
     assert "text/event-stream" in operations[("get", "/sessions/{session_id}/stream")]["responses"]["200"]["content"]

@@ -2,18 +2,34 @@
 
 from __future__ import annotations
 
+from typing import get_args
+
 import msgspec
 import pytest
 from litestar.exceptions import ClientException
 
-from swarmtrain.common.events import ModelSpec
+from swarmtrain.common.events import ModelSpec, Strategy
 from swarmtrain.common.settings import Settings
 from swarmtrain.gateway.sessions.planning import check_against_dataset, plan_session
 from swarmtrain.gateway.sessions.schemas import HyperparametersIn, ModelIn, SessionIn
+from swarmtrain.gateway.sessions.strategies import RULES
 from swarmtrain.gateway.throttle import FailureWindow, SignInThrottle
 
 SETTINGS = Settings(jwt_secret="x" * 32)
 HP = HyperparametersIn(epochs=2, batch_size=32, lr=0.01)
+
+
+def test_every_strategy_of_the_contract_has_its_request_rules() -> None:
+    assert set(RULES) == set(get_args(Strategy))
+
+
+def test_a_model_that_does_not_fit_the_dataset_is_refused_naming_the_model() -> None:
+    plan = plan_session(
+        SessionIn(dataset_id="d", num_peers=1, hyperparameters=HP, model=ModelIn(kind="cnn", input_shape=[1, 2, 2])),
+        SETTINGS,
+    )
+    with pytest.raises(ClientException, match="model: input_shape 1x2x2 holds 4 values but the data has 5"):
+        check_against_dataset(plan, rows=100, features=5, classes=2, settings=SETTINGS)
 
 
 def test_sweep_takes_a_cnn_and_fedavg_expands_its_one_hyperparameter_set() -> None:

@@ -84,30 +84,7 @@ def _configure_lifespan(settings: Settings) -> Callable[[Litestar], AbstractAsyn
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         async with contextlib.AsyncExitStack() as stack:
-            nc = await bus.connect(settings, "gateway")
-            stack.push_async_callback(nc.drain)
-            js = nc.jetstream()
-            await bus.ensure_streams(js)
-            pool: asyncpg.Pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=10)
-            stack.push_async_callback(pool.close)
-            store = blob.open_store(settings.blob_url, settings)
-            if isinstance(store, blob.S3Store):
-                await asyncio.to_thread(store.ensure_bucket)
-            projection = ProjectionWatcher(settings.database_url)
-            await projection.start()
-            stack.push_async_callback(projection.close)
-            passwords = Passwords(settings)
-            await passwords.start()
-            gateway = Gateway(
-                settings=settings,
-                nc=nc,
-                js=js,
-                pool=pool,
-                store=store,
-                projection=projection,
-                passwords=passwords,
-                throttle=SignInThrottle(settings),
-            )
+            gateway = await _open_gateway(settings, stack)
             app.state.gateway = gateway
             log.info("gateway ready", nats=settings.nats_url, blob=settings.blob_url)
             try:
@@ -116,6 +93,34 @@ def _configure_lifespan(settings: Settings) -> Callable[[Litestar], AbstractAsyn
                 gateway.draining.set()
 
     return lifespan
+
+
+async def _open_gateway(settings: Settings, stack: contextlib.AsyncExitStack) -> Gateway:
+    """Connect to NATS, PostgreSQL and the blob store; ``stack`` closes them in reverse order."""
+    nc = await bus.connect(settings, "gateway")
+    stack.push_async_callback(nc.drain)
+    js = nc.jetstream()
+    await bus.ensure_streams(js)
+    pool: asyncpg.Pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=10)
+    stack.push_async_callback(pool.close)
+    store = blob.open_store(settings.blob_url, settings)
+    if isinstance(store, blob.S3Store):
+        await asyncio.to_thread(store.ensure_bucket)
+    projection = ProjectionWatcher(settings.database_url)
+    await projection.start()
+    stack.push_async_callback(projection.close)
+    passwords = Passwords(settings)
+    await passwords.start()
+    return Gateway(
+        settings=settings,
+        nc=nc,
+        js=js,
+        pool=pool,
+        store=store,
+        projection=projection,
+        passwords=passwords,
+        throttle=SignInThrottle(settings),
+    )
 
 
 class _Server(uvicorn.Server):
