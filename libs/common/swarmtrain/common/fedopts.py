@@ -71,7 +71,7 @@ class OuterSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     because pseudo-gradients are small and sparse)."""
 
 
-OUTER_DEFAULT_LR: dict[str, float] = {"none": 1.0, "momentum": 1.0, "nesterov": 0.7, "adam": 0.01}
+OUTER_DEFAULT_LR: dict[str, float] = {"none": 1.0, "momentum": 1.0, "nesterov": 0.7, "adam": 0.03}
 
 
 class CompressionSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
