@@ -1,0 +1,138 @@
+"""fedavg's per-session options: how updates are aggregated, stepped, compressed and sharded.
+
+Plain msgspec Structs with their constraints in ``msgspec.Meta``, meant to become optional fields
+of ``SessionRequested`` (``aggregator``, ``outer``, ``compression``, ``sharding``) whose defaults
+are today's behaviour. No torch here: the gateway validates a request with :func:`check_options`
+(a reason for a 400, or None) without importing the peer's numerics. The rules themselves live in
+``swarmtrain.peer.{aggregators,outer,compression,sharding}``.
+
+Every default that could matter to a replay is a concrete value, not "whatever the code says
+today": the gateway should store :func:`resolve_outer`'s result, so a later change of default
+never changes what an old session's log means.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import msgspec
+
+AggregatorName = Literal["mean", "trimmed_mean", "median", "krum", "multi_krum"]
+OuterName = Literal["none", "momentum", "nesterov", "adam"]
+CompressionName = Literal["none", "fp16", "bf16", "int8"]
+ShardingName = Literal["iid", "label_skew"]
+
+Fraction = Annotated[float, msgspec.Meta(ge=0.0, lt=0.5, description="Fraction trimmed from each end.")]
+Faulty = Annotated[int, msgspec.Meta(ge=0, le=1_000, description="Peers assumed faulty.")]
+Positive = Annotated[int, msgspec.Meta(ge=1, le=1_000)]
+Rate = Annotated[float, msgspec.Meta(gt=0.0, le=100.0, description="Outer learning rate.")]
+Beta = Annotated[float, msgspec.Meta(ge=0.0, lt=1.0)]
+Epsilon = Annotated[float, msgspec.Meta(gt=0.0, le=1.0)]
+Concentration = Annotated[float, msgspec.Meta(gt=0.0, le=1e6, description="Dirichlet concentration.")]
+
+
+class AggregatorSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """How a round's accepted updates become one model.
+
+    ``mean``: weighted by ``num_samples`` (today's). ``trimmed_mean``: per coordinate, drop the
+    ``floor(beta * n)`` largest and smallest values, average the rest. ``median``: per coordinate.
+    ``krum``: the one update closest to its ``n - f - 2`` nearest others. ``multi_krum``: the
+    unweighted mean of the ``m`` best-scored updates (``m`` None: ``n - f``). Krum needs
+    ``n >= 2f + 3`` participants.
+    """
+
+    name: AggregatorName = "mean"
+    beta: Fraction = 0.25
+    """trimmed_mean: the fraction of updates trimmed from each end, per coordinate."""
+    f: Faulty = 1
+    """krum, multi_krum: how many participants are assumed faulty."""
+    m: Positive | None = None
+    """multi_krum: how many updates are averaged; None is ``n - f``."""
+
+
+class OuterSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The server-side step on the round's pseudo-gradient ``g = start - aggregate``.
+
+    ``none``: the aggregate is the next model (today's). ``momentum`` (FedAvgM):
+    ``v = beta1 v + g; w = start - lr v``. ``nesterov`` (DiLoCo's outer step, torch SGD's
+    nesterov form): ``v = beta1 v + g; w = start - lr (g + beta1 v)``. ``adam`` (FedAdam, with
+    Adam's bias correction): ``w = start - lr m_hat / (sqrt(v_hat) + eps)``. ``lr`` None means
+    the rule's default (:data:`OUTER_DEFAULT_LR`); store :func:`resolve_outer`'s result.
+    """
+
+    name: OuterName = "none"
+    lr: Rate | None = None
+    beta1: Beta = 0.9
+    """momentum and nesterov: the momentum; adam: the first moment's decay."""
+    beta2: Beta = 0.99
+    """adam: the second moment's decay."""
+    eps: Epsilon = 1e-3
+    """adam: added to the root of the second moment (FedAdam's tau; larger than Adam's usual 1e-8
+    because pseudo-gradients are small and sparse)."""
+
+
+OUTER_DEFAULT_LR: dict[str, float] = {"none": 1.0, "momentum": 1.0, "nesterov": 0.7, "adam": 0.03}
+
+
+class CompressionSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """How a peer's update travels: ``none`` (full weights, today's) or its delta from the round's
+    start in ``fp16``, ``bf16`` or ``int8`` with one float32 scale per tensor."""
+
+    name: CompressionName = "none"
+
+
+class ShardingSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """How the training rows are cut into shards: ``iid`` (today's seeded equal split) or
+    ``label_skew``: per class, Dirichlet(``alpha``) proportions over the shards (small alpha,
+    few classes per shard), deterministic from the session's seed."""
+
+    name: ShardingName = "iid"
+    alpha: Concentration = 1.0
+    """label_skew: the Dirichlet concentration."""
+
+
+def check_krum(n: int, f: int) -> str | None:
+    """Why Krum cannot run with ``n`` participants assuming ``f`` faulty (it needs ``n >= 2f + 3``);
+    None when it can."""
+    if f < 0:
+        return f"f must be at least 0, got {f}"
+    if n < 2 * f + 3:
+        return f"krum with f={f} needs at least {2 * f + 3} participants (n >= 2f + 3), got {n}"
+    return None
+
+
+def check_aggregator(spec: AggregatorSpec, n: int) -> str | None:
+    """Why ``spec`` cannot aggregate ``n`` participants' updates; None when it can.
+
+    For a request, ``n`` is ``num_peers``. A trimmed mean that would trim nothing is refused too:
+    it would silently be the unweighted mean.
+    """
+    if n < 1:
+        return f"at least one participant is needed, got {n}"
+    if spec.name == "trimmed_mean" and int(spec.beta * n) < 1:
+        return f"trimmed_mean with beta={spec.beta} trims no update of {n}; beta must be at least {1 / n:.3g}"
+    if spec.name in ("krum", "multi_krum") and (reason := check_krum(n, spec.f)):
+        return reason
+    if spec.name == "multi_krum" and spec.m is not None and spec.m > n - spec.f:
+        return f"multi_krum averages at most n - f = {n - spec.f} updates, m={spec.m} asked"
+    return None
+
+
+def resolve_outer(spec: OuterSpec) -> OuterSpec:
+    """``spec`` with its learning rate filled in: what a session's log should hold."""
+    if spec.lr is not None:
+        return spec
+    return msgspec.structs.replace(spec, lr=OUTER_DEFAULT_LR[spec.name])
+
+
+def check_options(
+    num_peers: int,
+    aggregator: AggregatorSpec | None = None,
+    sharding: ShardingSpec | None = None,
+) -> str | None:
+    """Why a fedavg request with these options cannot run (a 400's reason); None when it can."""
+    if aggregator is not None and (reason := check_aggregator(aggregator, num_peers)):
+        return reason
+    if sharding is not None and sharding.name == "label_skew" and num_peers < 2:
+        return "label_skew needs at least 2 peers"
+    return None
