@@ -159,7 +159,7 @@ def test_one_process_per_gpu_started_and_stopped_together(reports: Reports, supe
     kids = children()
     sup, stop, thread, result = supervise(kids)
     assert sorted(reports.read(3)) == ["up 0 box-gpu0", "up 1 box-gpu1", "up 2 box-gpu2"]
-    assert sup.started.is_set()
+    assert sup.started.wait(30)  # set just after the last Popen returns
     procs = [c.proc for c in kids]
     assert all(p is not None and p.poll() is None for p in procs)
     stop.set()
