@@ -234,12 +234,14 @@ class FileStore(BlobStore):
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             # A folder is not an object: "a" when "a/b" exists is missing, as it is on S3.
             raise BlobNotFound(self.uri(key)) from None
-        with os.fdopen(fd, "rb") as f:
-            mode = os.fstat(fd).st_mode
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            os.close(fd)
             if stat.S_ISDIR(mode):
                 raise BlobNotFound(self.uri(key))
-            if not stat.S_ISREG(mode):  # a FIFO or device planted in the store: no endless reads
-                raise OutsideStore(f"escapes the store: {key!r} is not a regular file")
+            # a FIFO or device planted in the store: never an endless read
+            raise OutsideStore(f"escapes the store: {key!r} is not a regular file")
+        with os.fdopen(fd, "rb") as f:
             while chunk := f.read(CHUNK):
                 yield chunk
 
@@ -349,7 +351,7 @@ def _file_path_text(url: str, what: str = "file URL") -> str:
     if parts.netloc not in ("", "localhost") or parts.query or parts.fragment:
         raise ValueError(f"unsupported {what} {url[:200]!r}: use file:///absolute/path")
     path = unquote(parts.path)
-    if not path.startswith("/") or "\x00" in path:
+    if not path.startswith("/"):
         raise ValueError(f"unsupported {what} {url[:200]!r}: use file:///absolute/path")
     return path
 
