@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, cast
@@ -19,7 +19,7 @@ from typing import BinaryIO, cast
 import msgspec
 import pytest
 
-from swarmtrain.common import blob, servers
+from swarmtrain.common import blob
 from swarmtrain.common.blob import BlobNotFound, BlobStore, FileStore, IntegrityError, S3Store
 from swarmtrain.common.settings import Settings
 
@@ -76,25 +76,6 @@ class Backend:
 
     def open(self) -> BlobStore:
         return blob.open_store(self.url, self.settings)
-
-
-@pytest.fixture(scope="session")
-def s3_settings() -> Iterator[Settings]:
-    """A real S3-compatible HTTP server for the whole run; each test makes its own bucket."""
-    from moto.server import ThreadedMotoServer
-
-    port = servers.free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    try:
-        yield Settings(
-            s3_endpoint=f"127.0.0.1:{port}",
-            s3_access_key="test",
-            s3_secret_key="test",
-            s3_region="us-east-1",
-        )
-    finally:
-        server.stop()
 
 
 def _file_backend(tmp_path: Path) -> Backend:
