@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncGenerator
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 from litestar import Controller, Request, get, put
 from litestar.di import NamedDependency
 from litestar.exceptions import HTTPException, NotFoundException, PermissionDeniedException
+from litestar.params import QueryParameter
 from litestar.response import Stream
 
 from swarmtrain.common import signing
@@ -28,6 +29,9 @@ from swarmtrain.gateway.errors import documented
 from swarmtrain.gateway.state import Gateway
 
 log = get_logger("swarmtrain.gateway")
+Exp = Annotated[str | None, QueryParameter(description="When the URL expires, in Unix seconds (signed).")]
+Sig = Annotated[str | None, QueryParameter(description="HMAC-SHA256 of the method, key, expiry and size (hex).")]
+Max = Annotated[str | None, QueryParameter(description="The most bytes the upload may hold (signed).")]
 
 
 class StoredOut(msgspec.Struct, kw_only=True):
@@ -105,8 +109,8 @@ class BlobController(Controller):
         self,
         request: Request[Any, Any, Any],
         gw: NamedDependency[Gateway],
-        exp: str | None = None,
-        sig: str | None = None,
+        exp: Exp = None,
+        sig: Sig = None,
     ) -> Stream:
         key = _granted(request, gw, "GET", exp=exp, sig=sig)
         try:
@@ -121,16 +125,16 @@ class BlobController(Controller):
         "/{key:path}",
         status_code=201,
         summary="Write one object through a signed URL (handed to peers)",
-        responses=documented(400, 403, 413),
+        responses=documented(400, 403, 404, 413),
         request_max_body_size=None,  # the grant's own cap applies, below
     )
     async def write(
         self,
         request: Request[Any, Any, Any],
         gw: NamedDependency[Gateway],
-        exp: str | None = None,
-        sig: str | None = None,
-        max: str | None = None,
+        exp: Exp = None,
+        sig: Sig = None,
+        max: Max = None,
     ) -> StoredOut:
         key = _granted(request, gw, "PUT", exp=exp, sig=sig, max_bytes=max)
         cap = min(int(max or 0), gw.settings.blob_max_download_mb * MiB)
