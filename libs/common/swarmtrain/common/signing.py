@@ -207,7 +207,7 @@ def fetch_url(
             announced = response.headers.get("Content-Length")
             if announced is not None and announced.isdigit() and int(announced) > max_bytes:
                 raise TooLarge(f"{_without_query(url)}: {announced} bytes, over the {max_bytes}-byte cap")
-            for chunk in response.iter_raw(CHUNK):
+            for chunk in response.iter_bytes(CHUNK):  # decoded: the cap bounds what lands on disk
                 size += len(chunk)
                 if size > max_bytes:
                     raise TooLarge(f"{_without_query(url)}: more than the {max_bytes}-byte cap")
