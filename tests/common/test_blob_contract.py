@@ -11,14 +11,15 @@ from __future__ import annotations
 import hashlib
 import itertools
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, cast
 
+import msgspec
 import pytest
 
-from swarmtrain.common import blob, servers
+from swarmtrain.common import blob
 from swarmtrain.common.blob import BlobNotFound, BlobStore, FileStore, IntegrityError, S3Store
 from swarmtrain.common.settings import Settings
 
@@ -77,25 +78,6 @@ class Backend:
         return blob.open_store(self.url, self.settings)
 
 
-@pytest.fixture(scope="session")
-def s3_settings() -> Iterator[Settings]:
-    """A real S3-compatible HTTP server for the whole run; each test makes its own bucket."""
-    from moto.server import ThreadedMotoServer
-
-    port = servers.free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    try:
-        yield Settings(
-            s3_endpoint=f"127.0.0.1:{port}",
-            s3_access_key="test",
-            s3_secret_key="test",
-            s3_region="us-east-1",
-        )
-    finally:
-        server.stop()
-
-
 def _file_backend(tmp_path: Path) -> Backend:
     base = tmp_path / "blob base"
     base.mkdir()
@@ -103,7 +85,8 @@ def _file_backend(tmp_path: Path) -> Backend:
     def list_base() -> set[str]:
         return {str(p.relative_to(base)) for p in base.rglob("*") if p.is_file()}
 
-    return Backend("file", (base / "store").as_uri(), Settings(), list_base)
+    url = (base / "store").as_uri()
+    return Backend("file", url, Settings(blob_url=url), list_base)
 
 
 def _s3_backend(settings: Settings) -> Backend:
@@ -114,7 +97,8 @@ def _s3_backend(settings: Settings) -> Backend:
     def list_base() -> set[str]:
         return {str(o.object_name) for o in root.client.list_objects(bucket, recursive=True)}
 
-    return Backend("s3", f"s3://{bucket}/store", settings, list_base)
+    url = f"s3://{bucket}/store"
+    return Backend("s3", url, msgspec.structs.replace(settings, blob_url=url), list_base)
 
 
 @pytest.fixture(params=["file", "s3"])
@@ -327,3 +311,164 @@ def test_open_store_and_resolve_reject_unknown_schemes(url: str) -> None:
         blob.open_store(url)
     with pytest.raises(ValueError, match="unsupported"):
         blob.resolve(url)
+
+
+# ------------------------------------------------------------------ confinement and caps (issue 10)
+
+ESCAPING_KEYS = [
+    "../x",
+    "a/../../x",
+    "a/../b",
+    "/etc/passwd",
+    "a/../..",
+    "./x",
+    "a//b",
+    "a/",
+    "",
+    "..",
+    "a\x00b",
+    "x\n",
+    "%2e%2e/x",
+    "a/%2E%2E/%2e%2e/x",
+    "..\\x",
+    "k" * 1025,
+]
+
+
+@pytest.mark.parametrize("key", ESCAPING_KEYS)
+def test_every_store_refuses_keys_that_are_not_plain_relative_paths(
+    backend: Backend, store: BlobStore, key: str
+) -> None:
+    for action in (
+        lambda: store.put_bytes(key, b"x"),
+        lambda: store.get_bytes(key),
+        lambda: store.exists(key),
+        lambda: store.delete(key),
+        lambda: store.uri(key),
+    ):
+        with pytest.raises(blob.OutsideStore, match="escapes"):
+            action()
+    assert backend.list_base() == set()
+
+
+def _outside_uris(backend: Backend) -> list[str]:
+    """URIs a hostile peer could hand over as a model, update or dataset URI."""
+    base = backend.url.rstrip("/")
+    bucket = base.removeprefix("s3://").split("/")[0]
+    return [
+        "file:///proc/self/environ",
+        "file:///etc/passwd",
+        "file://localhost/proc/self/environ",
+        f"{base}/../secret",
+        f"{base}/a/../../secret",
+        f"{base}/%2e%2e/secret",
+        f"{base}/a/%2E%2E/%2e%2e/secret",
+        f"{base}/a%00b",
+        f"{base}/a%2F..%2F..%2Fsecret",
+        f"{base}/./x",
+        f"{base}" + "-sibling/x",
+        f"{base}",
+        f"{base}/",
+        "s3://another-bucket/store/x",
+        f"s3://{bucket}/x",
+        f"s3://{bucket}/other/x",
+        f"s3://{bucket}/store/../x",
+        f"s3://{bucket}/store/%2e%2e/x",
+        f"{base}/x#frag",
+        f"{base}/x?q=1",
+    ]
+
+
+def test_resolve_never_maps_a_uri_outside_the_configured_store(backend: Backend, store: BlobStore) -> None:
+    """``file:///proc/self/environ`` would hand out the gateway's environment, its JWT secret in it."""
+    store.put_bytes("x", b"inside")
+    refused = []
+    for uri in _outside_uris(backend):
+        try:
+            blob.resolve(uri, backend.settings)
+        except ValueError as exc:  # OutsideStore, or "unsupported" for a URI no store could hold
+            refused.append(uri)
+            if uri.startswith(("file:///proc", "file:///etc", f"{backend.url}/..")):
+                assert isinstance(exc, blob.OutsideStore), uri
+    assert refused == _outside_uris(backend)
+
+
+def test_resolve_maps_the_stores_own_uris_to_keys(backend: Backend, store: BlobStore) -> None:
+    ref = store.put_bytes("sessions/s1/rounds/0/p1.safetensors", b"w")
+
+    other, key = blob.resolve(ref.uri, backend.settings)
+
+    assert key == "sessions/s1/rounds/0/p1.safetensors"
+    assert store.key_of(ref.uri) == key
+    assert other.get_bytes(key) == b"w"
+
+
+def test_a_read_stops_at_the_cap_and_leaves_no_file(backend: Backend, store: BlobStore, tmp_path: Path) -> None:
+    store.put_stream("big", Source(3 * MiB).stream(), length=3 * MiB)
+    folder = tmp_path / "downloads"
+
+    with pytest.raises(blob.TooLarge):
+        store.download("big", folder / "big", max_bytes=MiB)
+    with pytest.raises(blob.TooLarge):
+        store.get_bytes("big", max_bytes=MiB)
+    with pytest.raises(blob.TooLarge):
+        list(store.iter_chunks("big", max_bytes=MiB))
+
+    assert list(folder.iterdir()) == []
+    assert len(store.get_bytes("big", max_bytes=3 * MiB)) == 3 * MiB
+
+
+def test_the_default_cap_is_the_setting(backend: Backend, tmp_path: Path) -> None:
+    settings = msgspec.structs.replace(backend.settings, blob_max_download_mb=1)
+    store = blob.open_store(backend.url, settings)
+    store.put_stream("big", Source(MiB + 1).stream(), length=MiB + 1)
+
+    with pytest.raises(blob.TooLarge):
+        store.download("big", tmp_path / "big")
+    assert not (tmp_path / "big").exists()
+
+
+def test_verify_checks_the_sha256_before_anything_is_served(store: BlobStore) -> None:
+    ref = store.put_bytes("models/m.safetensors", b"weights")
+
+    assert store.verify("models/m.safetensors", ref.sha256) == ref
+    assert store.verify("models/m.safetensors", ref.sha256.upper()) == ref
+    with pytest.raises(IntegrityError):
+        store.verify("models/m.safetensors", sha256(b"other weights"))
+    with pytest.raises(blob.TooLarge):
+        store.verify("models/m.safetensors", ref.sha256, max_bytes=3)
+    with pytest.raises(BlobNotFound):
+        store.verify("models/none.safetensors", ref.sha256)
+
+
+def test_a_symlink_out_of_a_file_store_is_refused(tmp_path: Path) -> None:
+    backend = _file_backend(tmp_path)
+    store = backend.open()
+    assert isinstance(store, FileStore)
+    store.put_bytes("datasets/real.csv", b"a,b\n")
+    secret = tmp_path / "secret.txt"
+    secret.write_bytes(b"JWT_SECRET=...")
+    links = store.root / "datasets"
+    (links / "secret.csv").symlink_to(secret)
+    (links / "zero.csv").symlink_to("/dev/zero")
+    (store.root / "escape").symlink_to(tmp_path)
+
+    for key in ("datasets/secret.csv", "datasets/zero.csv", "escape/secret.txt"):
+        with pytest.raises(blob.OutsideStore):
+            store.get_bytes(key)
+        with pytest.raises(blob.OutsideStore):
+            blob.resolve(f"{backend.url}/{key}", backend.settings)
+        with pytest.raises(blob.OutsideStore):
+            store.put_bytes(key, b"overwrite")
+    assert secret.read_bytes() == b"JWT_SECRET=..."
+
+
+def test_a_fifo_in_a_file_store_is_refused_without_hanging(tmp_path: Path) -> None:
+    """A /dev/zero-like endless source planted in the store is not read."""
+    store = _file_backend(tmp_path).open()
+    assert isinstance(store, FileStore)
+    store.put_bytes("datasets/real.csv", b"a,b\n")
+    os.mkfifo(store.root / "datasets" / "fifo.csv")
+
+    with pytest.raises(blob.OutsideStore):
+        store.get_bytes("datasets/fifo.csv")

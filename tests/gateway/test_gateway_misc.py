@@ -246,7 +246,7 @@ async def test_readyz_is_never_500_when_postgres_drops_the_gateways_connection(
 async def test_openapi_describes_every_route_its_auth_and_its_errors(client: Client) -> None:
     schema = (await client.get("/schema/openapi.json")).json()
     assert schema["components"]["securitySchemes"]["BearerToken"]["scheme"] == "Bearer"
-    public = {"/auth/signup", "/auth/signin", "/healthz", "/readyz"}
+    public = {"/auth/signup", "/auth/signin", "/healthz", "/readyz", "/blobs/{key}"}  # /blobs: signed URLs
     expected_routes = {
         ("get", "/auth/me"), ("get", "/datasets"), ("get", "/datasets/{dataset_id}"), ("get", "/sessions"),
         ("get", "/sessions/{session_id}"), ("post", "/sessions/{session_id}/cancel"),

@@ -43,6 +43,17 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     """Use HTTPS for S3 (SWARMTRAIN_S3_SECURE)."""
     s3_region: str | None = None
     """S3 region (SWARMTRAIN_S3_REGION)."""
+    blob_max_download_mb: int = 1024
+    """Largest object any process reads from the blob store or a signed URL, in MiB; a bigger or
+    endless one is refused without filling the disk (SWARMTRAIN_BLOB_MAX_DOWNLOAD_MB)."""
+    blob_signing_secret: str | None = None
+    """HMAC secret of the object-scoped URLs the gateway serves at /blobs for a file:// store; the
+    signer (scheduler) and the gateway share it (SWARMTRAIN_BLOB_SIGNING_SECRET)."""
+    blob_public_url: str | None = None
+    """Base URL at which peers reach the gateway's /blobs routes; unset, http://<host>:<port>
+    (SWARMTRAIN_BLOB_PUBLIC_URL)."""
+    blob_url_ttl_s: int = 86400
+    """Lifetime of a signed or presigned blob URL handed to a peer, in seconds (SWARMTRAIN_BLOB_URL_TTL_S)."""
     jwt_secret: str | None = None
     """HMAC secret for access tokens (SWARMTRAIN_JWT_SECRET); required by the gateway."""
     token_ttl_s: int = 3600

@@ -22,6 +22,7 @@ from swarmtrain.common.logging import get_logger
 from swarmtrain.common.settings import Settings, get_settings
 from swarmtrain.gateway import errors
 from swarmtrain.gateway.auth import AuthController, make_jwt_auth
+from swarmtrain.gateway.blobs import BlobController
 from swarmtrain.gateway.datasets import DatasetController
 from swarmtrain.gateway.health import healthz, readyz
 from swarmtrain.gateway.inputs import reject_unknown_query_parameters
@@ -55,7 +56,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
 
 
 def _configure_routes() -> list[ControllerRouterHandler]:
-    return [healthz, readyz, AuthController, DatasetController, SessionController, PeerController]
+    return [healthz, readyz, AuthController, DatasetController, SessionController, PeerController, BlobController]
 
 
 def _configure_dependencies() -> dict[str, Provide]:

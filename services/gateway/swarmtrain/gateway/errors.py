@@ -73,6 +73,7 @@ def problem(status: int, detail: str, headers: dict[str, str] | None = None, **e
 _DESCRIPTIONS = {
     400: "The request is malformed or breaks a rule; `detail` names the first problem.",
     401: "No valid access token (missing, expired, wrong issuer or audience, bad signature), or wrong credentials.",
+    403: "The signed URL does not grant this request (bad signature, expired, another method or key).",
     404: "No such resource, or it belongs to someone else.",
     409: "The resource is in a state that forbids this.",
     413: "The request body is larger than the limit.",
