@@ -15,6 +15,7 @@ import pytest
 
 from swarmtrain.common import servers
 from swarmtrain.common.settings import Settings
+from tests.support import wait_for
 
 _db_counter = itertools.count()
 
@@ -90,11 +91,13 @@ async def projector(settings: Settings) -> AsyncIterator[None]:
     stop = asyncio.Event()
     task = asyncio.create_task(run(settings, stop))
     conn = await asyncpg.connect(settings.database_url)
+
+    async def schema_in_place() -> bool:
+        assert not task.done(), task.exception()
+        return await conn.fetchval("SELECT to_regclass('projection_position')") is not None
+
     try:
-        async with asyncio.timeout(30):
-            while await conn.fetchval("SELECT to_regclass('projection_position')") is None:
-                assert not task.done(), task.exception()
-                await asyncio.sleep(0.05)
+        await wait_for(schema_in_place, "the projector's schema", timeout=30)
     finally:
         await conn.close()
     yield

@@ -9,6 +9,7 @@ faster presence beats. Everything else comes from compose.yaml, so the two canno
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -25,8 +26,9 @@ from swarmtrain.cli.natsconfig import generate, read_env_file
 from swarmtrain.common import servers
 from swarmtrain.common.blob import S3Store
 from swarmtrain.common.settings import from_env
+from tests.support import wait_for
 
-from ..e2e.conftest import Api, wait_for
+from ..e2e.conftest import Api
 from .composefile import Service, service
 
 SECRETS = {
@@ -103,9 +105,7 @@ async def create_database(port: int, name: str, password: str) -> None:
         await conn.close()
 
 
-def test_the_compose_services_run_a_sweep_as_local_processes(local: Local) -> None:
-    import asyncio
-
+async def test_the_compose_services_run_a_sweep_as_local_processes(local: Local) -> None:
     me = [sys.executable, "-m", "swarmtrain.cli.main"]
 
     # nats: the compose command's configuration file, found through its bind mount
@@ -118,8 +118,9 @@ def test_the_compose_services_run_a_sweep_as_local_processes(local: Local) -> No
     # minio-init's bucket, postgres' database and user
     gateway = service("gateway", local.vars)
     bucket_settings = from_env(local.environment(gateway))
-    S3Store(bucket_settings.blob_url.removeprefix("s3://"), "", bucket_settings).ensure_bucket()
-    asyncio.run(create_database(local.pg_port, local.database, SECRETS["POSTGRES_PASSWORD"]))
+    bucket = S3Store(bucket_settings.blob_url.removeprefix("s3://"), "", bucket_settings)
+    await asyncio.to_thread(bucket.ensure_bucket)
+    await create_database(local.pg_port, local.database, SECRETS["POSTGRES_PASSWORD"])
 
     for name in ("projector", "scheduler", "gateway"):
         svc = service(name, local.vars)
@@ -145,26 +146,26 @@ def test_the_compose_services_run_a_sweep_as_local_processes(local: Local) -> No
     api = Api(f"http://127.0.0.1:{local.gateway_port}")
     try:
 
-        def healthy() -> bool:
+        async def healthy() -> bool:
             for name, proc in local.procs:
                 assert proc.poll() is None, f"{name} exited with {proc.returncode}\n{local.logs()}"
             try:
-                return api.client.get("/healthz").status_code == 200
+                return (await api.client.get("/healthz")).status_code == 200
             except httpx.HTTPError:
                 return False
 
-        wait_for(healthy, 60, "the gateway")
-        api.signup()
+        await wait_for(healthy, "the gateway", timeout=60, interval=0.2)
+        await api.signup()
         ids = {read_env_file(p)["SWARMTRAIN_PEER_ID"] for p in credentials.glob("peer-*.env")}
         try:
-            online = api.wait_idle_peers(2)
+            online = await api.wait_idle_peers(2)
         except AssertionError:
             raise AssertionError(local.logs()) from None
         assert {p["peer_id"] for p in online} == ids  # the peers took the ids of their credentials
 
-        ds = api.upload()
+        ds = await api.upload()
         hps = [{"epochs": 2, "batch_size": 64, "lr": 0.01}, {"epochs": 2, "batch_size": 32, "lr": 0.003}]
-        resp = api.client.post(
+        resp = await api.client.post(
             "/sessions",
             json={
                 "dataset_id": ds["dataset_id"],
@@ -177,15 +178,15 @@ def test_the_compose_services_run_a_sweep_as_local_processes(local: Local) -> No
             },
         )
         assert resp.status_code == 201, resp.text
-        done = api.wait_ended(resp.json()["session_id"], timeout=60)
+        done = await api.wait_ended(resp.json()["session_id"], timeout=60)
         assert done["status"] == "completed", f"{done}\n{local.logs()}"
         assert {p["peer_id"] for p in done["peers"]} == ids
-        model = api.client.get(f"/sessions/{done['session_id']}/model")
+        model = await api.client.get(f"/sessions/{done['session_id']}/model")
         assert model.status_code == 200
         assert any(tuple(t.shape) == (32, 64) for t in load(model.content).values())
         # the dataset and both models went through the S3 API
-        bucket = S3Store(bucket_settings.blob_url.removeprefix("s3://"), "", bucket_settings)
-        keys = [o.object_name or "" for o in bucket.client.list_objects(bucket.bucket, recursive=True)]
+        listed = await asyncio.to_thread(lambda: list(bucket.client.list_objects(bucket.bucket, recursive=True)))
+        keys = [o.object_name or "" for o in listed]
         assert sum(k.endswith(".safetensors") for k in keys) == 2 and any(k.endswith(".csv") for k in keys), keys
     finally:
-        api.client.close()
+        await api.client.aclose()

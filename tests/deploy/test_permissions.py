@@ -11,7 +11,6 @@ import asyncio
 import json
 import signal
 import subprocess
-import time
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -25,15 +24,9 @@ from nats.js import api
 from swarmtrain.common import bus, servers
 from swarmtrain.common.events import Heartbeat, PeerDone, Stop, decode_event
 from swarmtrain.common.settings import from_env
+from tests.support import wait_for
 
 from .conftest import SecuredNats
-
-
-async def eventually(check: Any, what: str, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.02)
 
 
 async def refused(nc: NATS, errors: list[str], what: str, subject: str) -> None:
@@ -44,7 +37,7 @@ async def refused(nc: NATS, errors: list[str], what: str, subject: str) -> None:
         await nc.subscribe(subject)
     await nc.flush()
     expected = f'permissions violation for {what} to "{subject}"'.lower()
-    await eventually(lambda: any(expected in e.lower() for e in errors), f"{expected} (errors: {errors[-3:]})")
+    await wait_for(lambda: any(expected in e.lower() for e in errors), f"the server to report {expected!r}", timeout=5)
 
 
 async def stream_state(admin: NATS) -> dict[str, Any]:
@@ -91,7 +84,7 @@ async def test_nobody_without_credentials(secured: SecuredNats) -> None:
         await nc.close()
         if nc._transport is not None:  # nats-py leaves a refused connection's socket open
             nc._transport.close()  # type: ignore[no-untyped-call]
-            await asyncio.sleep(0)
+            await asyncio.sleep(0)  # one turn of the loop, where the transport's close callback runs
     assert any("authorization violation" in e.lower() for e in errors), errors
 
 
@@ -232,10 +225,7 @@ async def test_a_peer_with_its_credential_registers_beats_and_takes_its_commands
             info = await admin.jetstream().consumer_info(bus.COMMANDS_STREAM, f"peer-{a}")
             return bool(info.num_pending == 0 and info.num_ack_pending == 0 and (info.delivered.stream_seq or 0) > 0)
 
-        deadline = time.monotonic() + 10
-        while not await acked():
-            assert time.monotonic() < deadline, "the peer never took its command"
-            await asyncio.sleep(0.1)
+        await wait_for(acked, "the peer to take its command", timeout=10, interval=0.1)
     finally:
         stop.set()
         await asyncio.wait_for(task, 20)

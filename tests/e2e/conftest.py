@@ -2,35 +2,49 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any
 
 import httpx
 import pytest
+import pytest_asyncio
 
 from swarmtrain.common import servers
+from swarmtrain.common.status import SESSION_TERMINAL
+from tests.support import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 DIGITS = ROOT / "examples" / "digits.csv"
-T = TypeVar("T")
 
 
-def wait_for(check: Callable[[], T | Literal[False] | None], timeout: float, what: str, interval: float = 0.2) -> T:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = check()
-        if result:
-            return result
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+async def cli(*args: str, env: Mapping[str, str] | None = None, timeout: float = 60) -> tuple[int, str, str]:
+    """``swarmtrain <args>`` as a process: (exit status, stdout, stderr)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "swarmtrain.cli.main",
+        *args,
+        env=dict(env) if env is not None else None,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        async with asyncio.timeout(timeout):
+            out, err = await proc.communicate()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
 
 
 class Stack:
@@ -73,15 +87,17 @@ class Stack:
             out.append(f"--- {path.name}\n" + path.read_text(errors="replace")[-3000:])
         return "\n".join(out)
 
-    def wait_healthy(self) -> None:
-        def healthy() -> bool:
-            assert self.proc.poll() is None, f"swarmtrain up exited:\n{self.logs()}"
-            try:
-                return httpx.get(self.url + "/healthz", timeout=1).status_code == 200
-            except httpx.HTTPError:
-                return False
+    async def wait_healthy(self) -> None:
+        async with httpx.AsyncClient(base_url=self.url, timeout=1) as client:
 
-        wait_for(healthy, 120, "the gateway")
+            async def healthy() -> bool:
+                assert self.proc.poll() is None, f"swarmtrain up exited:\n{self.logs()}"
+                try:
+                    return (await client.get("/healthz")).status_code == 200
+                except httpx.HTTPError:
+                    return False
+
+            await wait_for(healthy, "the gateway", timeout=120, interval=0.2)
 
     def start_peer(self, name: str) -> subprocess.Popen[bytes]:
         proc = subprocess.Popen(
@@ -111,58 +127,71 @@ class Stack:
 
 
 class Api:
-    def __init__(self, url: str) -> None:
-        self.client = httpx.Client(base_url=url, timeout=30)
+    """A signed-in REST client of a running stack."""
 
-    def signup(self) -> str:
+    def __init__(self, url: str) -> None:
+        self.client = httpx.AsyncClient(base_url=url, timeout=30)
+
+    async def signup(self) -> str:
         email, password = f"u{uuid.uuid4().hex[:10]}@example.org", "correct horse battery staple"
-        assert self.client.post("/auth/signup", json={"email": email, "password": password}).status_code == 201
-        resp = self.client.post("/auth/signin", json={"email": email, "password": password})
+        resp = await self.client.post("/auth/signup", json={"email": email, "password": password})
+        assert resp.status_code == 201, resp.text
+        resp = await self.client.post("/auth/signin", json={"email": email, "password": password})
         assert resp.status_code == 200, resp.text
         self.client.headers["Authorization"] = f"Bearer {resp.json()['access_token']}"
         return email
 
-    def upload(self, path: Path = DIGITS) -> dict[str, Any]:
-        with path.open("rb") as f:
-            resp = self.client.post("/datasets", files={"file": (path.name, f, "text/csv")})
+    async def upload(self, path: Path = DIGITS) -> dict[str, Any]:
+        data = await asyncio.to_thread(path.read_bytes)
+        resp = await self.client.post("/datasets", files={"file": (path.name, data, "text/csv")})
         assert resp.status_code == 201, resp.text
         body: dict[str, Any] = resp.json()
         return body
 
-    def peers(self) -> list[dict[str, Any]]:
-        resp = self.client.get("/peers")
+    async def peers(self) -> list[dict[str, Any]]:
+        resp = await self.client.get("/peers")
         assert resp.status_code == 200, resp.text
         body: list[dict[str, Any]] = resp.json()
         return body
 
-    def wait_idle_peers(self, n: int) -> list[dict[str, Any]]:
-        return wait_for(
-            lambda: (p := [x for x in self.peers() if x["status"] == "online"]) and len(p) >= n and p,
-            90,
-            f"{n} idle peers",
-        )
+    async def online(self) -> list[dict[str, Any]]:
+        return [p for p in await self.peers() if p["status"] == "online"]
 
-    def session(self, sid: str) -> dict[str, Any]:
-        resp = self.client.get(f"/sessions/{sid}")
+    async def wait_idle_peers(self, n: int, timeout: float = 90) -> list[dict[str, Any]]:
+        async def enough() -> list[dict[str, Any]] | None:
+            online = await self.online()
+            return online if len(online) >= n else None
+
+        return await wait_for(enough, f"{n} idle peers", timeout=timeout, interval=0.2)
+
+    async def session(self, sid: str) -> dict[str, Any]:
+        resp = await self.client.get(f"/sessions/{sid}")
         assert resp.status_code == 200, resp.text
         body: dict[str, Any] = resp.json()
         return body
 
-    def wait_ended(self, sid: str, timeout: float = 180) -> dict[str, Any]:
-        return wait_for(
-            lambda: (s := self.session(sid))["status"] in ("completed", "failed", "cancelled") and s,
-            timeout,
-            f"session {sid} to end",
-        )
+    async def wait_started(self, sid: str) -> dict[str, Any]:
+        async def started() -> dict[str, Any] | None:
+            session = await self.session(sid)
+            return session if session["peers"] else None
+
+        return await wait_for(started, f"session {sid} to start", timeout=30, interval=0.2)
+
+    async def wait_ended(self, sid: str, timeout: float = 180) -> dict[str, Any]:
+        async def ended() -> dict[str, Any] | None:
+            session = await self.session(sid)
+            return session if session["status"] in SESSION_TERMINAL else None
+
+        return await wait_for(ended, f"session {sid} to end", timeout=timeout, interval=0.2)
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory, postgres_port: int) -> Iterator[Stack]:
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def stack(tmp_path_factory: pytest.TempPathFactory, postgres_port: int) -> AsyncIterator[Stack]:
     name = f"e2e{uuid.uuid4().hex[:8]}"
     servers.create_database(postgres_port, name)
     st = Stack(tmp_path_factory.mktemp("stack"), servers.postgres_url(postgres_port, name), peers=3)
     try:
-        st.wait_healthy()
+        await st.wait_healthy()
         yield st
     finally:
         left = st.stop()
@@ -170,8 +199,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory, postgres_port: int) -> Itera
 
 
 @pytest.fixture
-def api(stack: Stack) -> Iterator[Api]:
+async def api(stack: Stack) -> AsyncIterator[Api]:
     client = Api(stack.url)
-    client.signup()
+    await client.signup()
     yield client
-    client.client.close()
+    await client.client.aclose()

@@ -6,19 +6,20 @@ import asyncio
 import io
 import signal
 import subprocess
-import sys
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import nats
 import pytest
+import pytest_asyncio
 import torch
+from nats.aio.client import Client as NATS
 from nats.js.api import AckPolicy
 from safetensors.torch import load, save
 
-from swarmtrain.common import blob, bus, servers
+from swarmtrain.common import blob, bus, servers, subjects
 from swarmtrain.common.events import (
     Event,
     Heartbeat,
@@ -26,30 +27,29 @@ from swarmtrain.common.events import (
     PeerDone,
     PeerFailed,
     PeerRegistered,
-    Presence,
     RoundClosed,
     ShardReassigned,
     Train,
     UpdateRejected,
     decode_command,
     decode_event,
-    encode,
 )
 from swarmtrain.common.settings import Settings
+from tests.support import beating, wait_for
 
-from .conftest import Api, Stack, wait_for
+from .conftest import Api, Stack, cli
 
 LOCAL = {"epochs": 2, "batch_size": 32, "lr": 0.003}
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory, postgres_port: int) -> Iterator[Stack]:
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def stack(tmp_path_factory: pytest.TempPathFactory, postgres_port: int) -> AsyncIterator[Stack]:
     """A stack with no peers of its own: every test starts exactly the peers it needs."""
     name = f"fedavg{uuid.uuid4().hex[:8]}"
     servers.create_database(postgres_port, name)
     st = Stack(tmp_path_factory.mktemp("stack"), servers.postgres_url(postgres_port, name), peers=0)
     try:
-        st.wait_healthy()
+        await st.wait_healthy()
         yield st
     finally:
         assert not st.stop()
@@ -61,42 +61,39 @@ class Swarm:
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.ids: dict[str, str] = {}
 
-    def start(self, *names: str) -> None:
+    async def start(self, *names: str) -> None:
         for name in names:
             self.procs[name] = self.stack.start_peer(name)
-        known = wait_for(
-            lambda: (
-                (p := {x["name"]: x["peer_id"] for x in self.api.peers() if x["status"] == "online"})
-                and all(n in p for n in names)
-                and p
-            ),
-            60,
-            f"peers {names} online",
-        )
+
+        async def all_online() -> dict[str, str] | None:
+            online = {p["name"]: p["peer_id"] for p in await self.api.online()}
+            return online if all(n in online for n in names) else None
+
+        known = await wait_for(all_online, f"peers {names} online", timeout=60, interval=0.2)
         self.ids.update({n: known[n] for n in names})
 
     def name_of(self, peer_id: str) -> str:
         return next(n for n, p in self.ids.items() if p == peer_id)
 
-    def stop_all(self) -> None:
+    async def stop_all(self) -> None:
         for proc in self.procs.values():
             if proc.poll() is None:
                 proc.send_signal(signal.SIGCONT)
                 proc.kill()
-                proc.wait()
+                await asyncio.to_thread(proc.wait)
         mine = set(self.ids.values())
-        wait_for(
-            lambda: not [p for p in self.api.peers() if p["peer_id"] in mine and p["status"] != "offline"],
-            30,
-            "this test's peers to be offline",
-        )
+
+        async def all_offline() -> bool:
+            return all(p["status"] == "offline" for p in await self.api.peers() if p["peer_id"] in mine)
+
+        await wait_for(all_offline, "this test's peers to be offline", timeout=30, interval=0.2)
 
 
 @pytest.fixture
-def swarm(stack: Stack, api: Api) -> Iterator[Swarm]:
+async def swarm(stack: Stack, api: Api) -> AsyncIterator[Swarm]:
     s = Swarm(stack, api)
     yield s
-    s.stop_all()
+    await s.stop_all()
 
 
 def fedavg(dataset_id: str, num_peers: int, rounds: int, local: dict[str, Any] = LOCAL, **extra: Any) -> dict[str, Any]:
@@ -113,45 +110,43 @@ def fedavg(dataset_id: str, num_peers: int, rounds: int, local: dict[str, Any] =
     }
 
 
-def start(api: Api, body: dict[str, Any]) -> str:
-    resp = api.client.post("/sessions", json=body)
+async def start(api: Api, body: dict[str, Any]) -> str:
+    resp = await api.client.post("/sessions", json=body)
     assert resp.status_code == 201, resp.text
     sid: str = resp.json()["session_id"]
     return sid
 
 
-def history(stack: Stack, sid: str) -> list[Event]:
+async def history(stack: Stack, sid: str) -> list[Event]:
     """The session's events as stored, read with a short-lived consumer."""
-
-    async def read() -> list[Event]:
-        nc = await nats.connect(stack.nats_url)
-        js = nc.jetstream()
-        sub = await bus.pull_consumer(js, bus.EVENTS_STREAM, ack=AckPolicy.NONE, filter_subject=f"session.{sid}.events")
-        out: list[Event] = []
-        while batch := await bus.fetch(sub, decode_event, batch=1024, timeout=0.5):
-            out += [event for _, event in batch]
-            if batch[-1][0].metadata.num_pending == 0:
-                break  # everything stored when we asked: a live session never goes quiet
-        await sub.unsubscribe()
-        await nc.drain()
-        return out
-
-    return asyncio.run(read())
+    nc = await nats.connect(stack.nats_url)
+    js = nc.jetstream()
+    sub = await bus.pull_consumer(
+        js, bus.EVENTS_STREAM, ack=AckPolicy.NONE, filter_subject=subjects.session_events(sid)
+    )
+    out: list[Event] = []
+    while batch := await bus.fetch(sub, decode_event, batch=1024, timeout=0.5):
+        out += [event for _, event in batch]
+        if batch[-1][0].metadata.num_pending == 0:
+            break  # everything stored when we asked: a live session never goes quiet
+    await sub.unsubscribe()
+    await nc.drain()
+    return out
 
 
 def of(events: list[Event], kind: type[Any]) -> list[Any]:
     return [e for e in events if isinstance(e, kind)]
 
 
-def test_fedavg_on_three_peers_gives_every_peer_the_same_model_and_replays_bit_for_bit(
+async def test_fedavg_on_three_peers_gives_every_peer_the_same_model_and_replays_bit_for_bit(
     stack: Stack, api: Api, swarm: Swarm
 ) -> None:
-    swarm.start("fa", "fb", "fc")
-    ds = api.upload()
-    sid = start(api, fedavg(ds["dataset_id"], 3, rounds=3))
-    done = api.wait_ended(sid)
+    await swarm.start("fa", "fb", "fc")
+    ds = await api.upload()
+    sid = await start(api, fedavg(ds["dataset_id"], 3, rounds=3))
+    done = await api.wait_ended(sid)
     assert done["status"] == "completed", done
-    events = history(stack, sid)
+    events = await history(stack, sid)
     closed = of(events, RoundClosed)
     assert [c.round for c in closed] == [1, 2, 3]
     assert all(len(c.updates) == 3 and not c.left_out for c in closed)
@@ -159,45 +154,38 @@ def test_fedavg_on_three_peers_gives_every_peer_the_same_model_and_replays_bit_f
     assert len(finals) == 3 and len(set(finals.values())) == 1, finals  # identical weights everywhere
     assert [r["round"] for r in done["round_figures"]] == [1, 2, 3]
     assert done["val_accuracy"] > 0.85, done["val_accuracy"]
-    model = api.client.get(f"/sessions/{sid}/model")
+    model = await api.client.get(f"/sessions/{sid}/model")
     assert model.status_code == 200 and {tuple(t.shape) for t in load(model.content).values()} >= {(64, 64), (10, 32)}
 
-    replay = subprocess.run(
-        [sys.executable, "-m", "swarmtrain.cli.main", "session", "replay-round", sid, "2"],
-        env=stack.env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert replay.returncode == 0, replay.stdout + replay.stderr
-    assert "MATCH: bit for bit" in replay.stdout
+    rc, out, err = await cli("session", "replay-round", sid, "2", env=stack.env)
+    assert rc == 0, out + err
+    assert "MATCH: bit for bit" in out
 
 
-def first_heartbeat(stack: Stack, sid: str, peer_id: str) -> None:
+async def first_heartbeat(stack: Stack, sid: str, peer_id: str) -> None:
     """Wait until ``peer_id`` is mid-way through round 1. The round it dies in stays open until the
     scheduler notices the death (participants wait for each other), so no test needs slow training."""
-    wait_for(
-        lambda: any(isinstance(e, Heartbeat) and e.peer_id == peer_id for e in history(stack, sid)),
-        60,
-        f"{peer_id}'s first epoch",
-        interval=0.05,
-    )
+
+    async def trained_an_epoch() -> bool:
+        return any(isinstance(e, Heartbeat) and e.peer_id == peer_id for e in await history(stack, sid))
+
+    await wait_for(trained_an_epoch, f"{peer_id}'s first epoch", timeout=60)
 
 
-def test_peer_killed_mid_round_hands_its_shard_to_the_idle_spare(stack: Stack, api: Api, swarm: Swarm) -> None:
-    swarm.start("ka", "kb", "kc", "kd")
-    ds = api.upload()
-    sid = start(api, fedavg(ds["dataset_id"], 3, rounds=4))
-    session = wait_for(lambda: (s := api.session(sid))["peers"] and s, 30, "the session to start")
+async def test_peer_killed_mid_round_hands_its_shard_to_the_idle_spare(stack: Stack, api: Api, swarm: Swarm) -> None:
+    await swarm.start("ka", "kb", "kc", "kd")
+    ds = await api.upload()
+    sid = await start(api, fedavg(ds["dataset_id"], 3, rounds=4))
+    session = await api.wait_started(sid)
     participants = {p["peer_id"] for p in session["peers"]}
     [spare] = set(swarm.ids.values()) - participants
     victim = sorted(participants)[0]
-    first_heartbeat(stack, sid, victim)
+    await first_heartbeat(stack, sid, victim)
     swarm.procs[swarm.name_of(victim)].kill()
 
-    done = api.wait_ended(sid)
+    done = await api.wait_ended(sid)
     assert done["status"] == "completed", done
-    events = history(stack, sid)
+    events = await history(stack, sid)
     moved = of(events, ShardReassigned)
     assert [(m.from_peer_id, m.to_peer_id) for m in moved] == [(victim, spare)], [type(e).__name__ for e in events]
     assert victim in {e.peer_id for e in of(events, PeerFailed)}
@@ -207,20 +195,24 @@ def test_peer_killed_mid_round_hands_its_shard_to_the_idle_spare(stack: Stack, a
     assert spare in {u.peer_id for u in last.updates}
 
 
-def test_stalled_peer_is_left_out_and_its_late_update_is_ignored(stack: Stack, api: Api, swarm: Swarm) -> None:
-    swarm.start("sa", "sb", "sc")
-    ds = api.upload()
-    sid = start(api, fedavg(ds["dataset_id"], 3, rounds=4, on_peer_failure="continue"))
+async def test_stalled_peer_is_left_out_and_its_late_update_is_ignored(stack: Stack, api: Api, swarm: Swarm) -> None:
+    await swarm.start("sa", "sb", "sc")
+    ds = await api.upload()
+    sid = await start(api, fedavg(ds["dataset_id"], 3, rounds=4, on_peer_failure="continue"))
     stalled = sorted(swarm.ids.values())[0]
-    first_heartbeat(stack, sid, stalled)
+    await first_heartbeat(stack, sid, stalled)
     proc = swarm.procs[swarm.name_of(stalled)]
     proc.send_signal(signal.SIGSTOP)
-    wait_for(lambda: stalled in {e.peer_id for e in of(history(stack, sid), PeerFailed)}, 60, "the stall noticed")
+
+    async def stall_noticed() -> bool:
+        return stalled in {e.peer_id for e in of(await history(stack, sid), PeerFailed)}
+
+    await wait_for(stall_noticed, "the stall noticed", timeout=60)
     proc.send_signal(signal.SIGCONT)
 
-    done = api.wait_ended(sid)
+    done = await api.wait_ended(sid)
     assert done["status"] == "completed", done
-    events = history(stack, sid)
+    events = await history(stack, sid)
     failed_at = next(i for i, e in enumerate(events) if isinstance(e, PeerFailed) and e.peer_id == stalled)
     before = {e.round for e in of(events[:failed_at], ModelUpdatePublished) if e.peer_id == stalled}
     for closed in of(events[failed_at:], RoundClosed):
@@ -248,26 +240,36 @@ class Poisoner(threading.Thread):
         except BaseException as exc:
             self.error = exc
 
+    async def online(self, api: Api) -> None:
+        async def seen() -> bool:
+            return self.peer_id in {p["peer_id"] for p in await api.online()}
+
+        await wait_for(seen, f"{self.peer_id} online", timeout=30, interval=0.2)
+
     async def main(self) -> None:
         nc = await nats.connect(self.settings.nats_url)
+        try:
+            async with beating(nc, [self.peer_id], every_s=0.2):
+                await self.follow(nc)
+        finally:
+            await nc.drain()
+
+    async def follow(self, nc: NATS) -> None:
         js = nc.jetstream()
-        subject = f"peer.{self.peer_id}.command"
+        subject = subjects.peer_command(self.peer_id)
         sub = await bus.pull_consumer(js, bus.COMMANDS_STREAM, durable=f"peer-{self.peer_id}", filter_subject=subject)
-        await bus.append(js, PeerRegistered(peer_id=self.peer_id, name="poisoner", device="cpu"))
-        beat = Presence(peer_id=self.peer_id, name="poisoner", device="cpu")
+        await bus.append(js, PeerRegistered(peer_id=self.peer_id, name=self.peer_id, device="cpu"))
         train: Train | None = None
         while train is None and not self.stop.is_set():
-            await nc.publish(beat.subject, encode(beat))
             for msg, cmd in await bus.fetch(sub, decode_command, timeout=0.3):
                 await msg.ack()
                 train = cmd if isinstance(cmd, Train) else None
-        events = await js.subscribe(f"session.{train.session_id}.events", ordered_consumer=True) if train else None
+        events = await js.subscribe(subjects.session_events(train.session_id), ordered_consumer=True) if train else None
         for r in range(1, (train.rounds if train else 0) + 1):
             assert train is not None and events is not None
-            deadline = asyncio.get_running_loop().time() + self.delay_s
-            while asyncio.get_running_loop().time() < deadline:
-                await nc.publish(beat.subject, encode(beat))
-                await asyncio.sleep(0.2)
+            if self.delay_s:
+                # not a synchronisation: this fake peer is slow on purpose, so its rounds stay open
+                await asyncio.sleep(self.delay_s)
             from swarmtrain.peer.model import build_model
 
             tensors = {
@@ -292,7 +294,6 @@ class Poisoner(threading.Thread):
                 ),
             )
             while True:
-                await nc.publish(beat.subject, encode(beat))
                 try:
                     event = decode_event((await events.next_msg(timeout=0.3)).data)
                 except nats.errors.TimeoutError:
@@ -303,28 +304,23 @@ class Poisoner(threading.Thread):
             await bus.append(js, PeerFailed(session_id=train.session_id, peer_id=self.peer_id, reason="poisoner done"))
             await events.unsubscribe()
         await sub.unsubscribe()
-        await nc.drain()
 
 
-def test_poisoned_updates_are_rejected_and_the_session_completes(stack: Stack, api: Api, swarm: Swarm) -> None:
-    swarm.start("pa", "pb")
+async def test_poisoned_updates_are_rejected_and_the_session_completes(stack: Stack, api: Api, swarm: Swarm) -> None:
+    await swarm.start("pa", "pb")
     poisoner = Poisoner(Settings(nats_url=stack.nats_url))
     poisoner.start()
     try:
-        wait_for(
-            lambda: poisoner.peer_id in {p["peer_id"] for p in api.peers() if p["status"] == "online"},
-            30,
-            "the poisoner online",
-        )
-        ds = api.upload()
-        sid = start(api, fedavg(ds["dataset_id"], 3, rounds=2))
-        done = api.wait_ended(sid)
+        await poisoner.online(api)
+        ds = await api.upload()
+        sid = await start(api, fedavg(ds["dataset_id"], 3, rounds=2))
+        done = await api.wait_ended(sid)
     finally:
         poisoner.stop.set()
-        poisoner.join(30)
+        await asyncio.to_thread(poisoner.join, 30)
     assert poisoner.error is None, poisoner.error
     assert done["status"] == "completed", done
-    events = history(stack, sid)
+    events = await history(stack, sid)
     rejected = {(e.round, e.peer_id) for e in of(events, UpdateRejected)}
     assert rejected == {(1, poisoner.peer_id), (2, poisoner.peer_id)}
     reasons = " ".join(e.reason for e in of(events, UpdateRejected))
@@ -335,28 +331,28 @@ def test_poisoned_updates_are_rejected_and_the_session_completes(stack: Stack, a
     assert all(poisoner.peer_id in [r["peer_id"] for r in f["rejected"]] for f in done["round_figures"])
 
 
-def test_late_joiner_takes_an_orphan_shard_and_catches_up(stack: Stack, api: Api, swarm: Swarm) -> None:
-    swarm.start("la", "lb")
+async def test_late_joiner_takes_an_orphan_shard_and_catches_up(stack: Stack, api: Api, swarm: Swarm) -> None:
+    await swarm.start("la", "lb")
     pacer = Poisoner(Settings(nats_url=stack.nats_url), delay_s=4.0)  # rounds stay open while "late" boots
     pacer.start()
     try:
-        wait_for(
-            lambda: pacer.peer_id in {p["peer_id"] for p in api.peers() if p["status"] == "online"},
-            30,
-            "the pacer online",
-        )
-        ds = api.upload()
-        sid = start(api, fedavg(ds["dataset_id"], 3, rounds=3))
+        await pacer.online(api)
+        ds = await api.upload()
+        sid = await start(api, fedavg(ds["dataset_id"], 3, rounds=3))
         victim = swarm.ids["lb"]
-        wait_for(lambda: of(history(stack, sid), RoundClosed), 60, "round 1 to close", interval=0.05)
+
+        async def round_closed() -> list[RoundClosed]:
+            return of(await history(stack, sid), RoundClosed)
+
+        await wait_for(round_closed, "round 1 to close", timeout=60)
         swarm.procs["lb"].kill()  # in round 2, which the pacer holds open: the newcomer starts from round 1's average
-        swarm.start("late")  # joins the swarm while the session runs
-        done = api.wait_ended(sid)
+        await swarm.start("late")  # joins the swarm while the session runs
+        done = await api.wait_ended(sid)
     finally:
         pacer.stop.set()
-        pacer.join(30)
+        await asyncio.to_thread(pacer.join, 30)
     assert done["status"] == "completed", done
-    events = history(stack, sid)
+    events = await history(stack, sid)
     [moved] = of(events, ShardReassigned)
     assert (moved.from_peer_id, moved.to_peer_id) == (victim, swarm.ids["late"]) and moved.round >= 2
     finals = {e.peer_id: e.model_sha256 for e in of(events, PeerDone)}

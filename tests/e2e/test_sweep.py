@@ -11,12 +11,14 @@ from typing import Any
 
 import asyncpg
 import nats
+from nats.js.api import AckPolicy
 from safetensors.torch import load
 
-from swarmtrain.common.events import decode_event
+from swarmtrain.common import bus, subjects
 from swarmtrain.projector.projection import TABLES
+from tests.support import wait_for
 
-from .conftest import Api, Stack, wait_for
+from .conftest import Api, Stack, cli
 
 HP = [
     {"epochs": 4, "batch_size": 32, "lr": 0.003},
@@ -38,38 +40,42 @@ def sweep(dataset_id: str, hps: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 async def stored_events(nats_url: str, sid: str) -> list[bytes]:
-    """The session's events as JetStream stores them."""
+    """The session's events as JetStream stores them (everything stored when asked)."""
     nc = await nats.connect(nats_url)
-    js = nc.jetstream()
-    sub = await js.subscribe(f"session.{sid}.events", ordered_consumer=True)
+    sub = await bus.pull_consumer(
+        nc.jetstream(), bus.EVENTS_STREAM, ack=AckPolicy.NONE, filter_subject=subjects.session_events(sid)
+    )
     out: list[bytes] = []
-    try:
-        while True:
-            msg = await sub.next_msg(timeout=1)
-            out.append(msg.data)
-    except nats.errors.TimeoutError:
-        pass
+    while batch := await bus.fetch(sub, lambda data: data, batch=1024, timeout=0.5):
+        out += [msg.data for msg, _ in batch]
+        if batch[-1][0].metadata.num_pending == 0:
+            break
     await sub.unsubscribe()
     await nc.drain()
     return out
 
 
-def test_sweep_on_three_peers_completes_with_results_and_a_model(stack: Stack, api: Api) -> None:
-    tap = subprocess.Popen(
-        [sys.executable, "-m", "swarmtrain.cli.main", "tap", "--nats", stack.nats_url],
+async def test_sweep_on_three_peers_completes_with_results_and_a_model(stack: Stack, api: Api) -> None:
+    tap = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "swarmtrain.cli.main",
+        "tap",
+        "--nats",
+        stack.nats_url,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-        text=True,
     )
+    assert tap.stdout is not None and tap.stderr is not None
     try:
-        assert "listening" in (tap.stderr.readline() if tap.stderr else "")
-        api.wait_idle_peers(3)
-        ds = api.upload()
+        assert b"listening" in await asyncio.wait_for(tap.stderr.readline(), 30)
+        await api.wait_idle_peers(3)
+        ds = await api.upload()
         assert (ds["rows"], ds["features"], ds["classes"]) == (1797, 64, 10)
-        resp = api.client.post("/sessions", json=sweep(ds["dataset_id"], HP))
+        resp = await api.client.post("/sessions", json=sweep(ds["dataset_id"], HP))
         assert resp.status_code == 201, resp.text
         sid = resp.json()["session_id"]
-        done = api.wait_ended(sid)
+        done = await api.wait_ended(sid)
         assert done["status"] == "completed", done
         assert len(done["peers"]) == 3
         for peer in done["peers"]:
@@ -79,66 +85,66 @@ def test_sweep_on_three_peers_completes_with_results_and_a_model(stack: Stack, a
         best = max(done["peers"], key=lambda p: p["val_accuracy"])
         assert done["best_peer_id"] == best["peer_id"] and done["model_available"]
 
-        model = api.client.get(f"/sessions/{sid}/model")
+        model = await api.client.get(f"/sessions/{sid}/model")
         assert model.status_code == 200
         tensors = load(model.content)  # safetensors: no pickle
         shapes = {tuple(t.shape) for t in tensors.values()}
         assert (64, 64) in shapes and (10, 32) in shapes, shapes
 
         # the peers are free again, and GET /peers says so
-        wait_for(lambda: len([p for p in api.peers() if p["status"] == "online"]) >= 3, 30, "peers released")
+        await api.wait_idle_peers(3, timeout=30)
 
-        stored = asyncio.run(stored_events(stack.nats_url, sid))
-        kinds = [decode_event(d).__class__.__name__ for d in stored]
+        stored = await stored_events(stack.nats_url, sid)
+        kinds = [json.loads(d)["type"] for d in stored]
         for kind in ("SessionRequested", "SessionStarted", "Heartbeat", "PeerDone", "SessionCompleted"):
             assert kind in kinds
         assert kinds.count("Heartbeat") == sum(h["epochs"] for h in HP)
 
         # the tap subscribed before the session began: read until it has shown as many of the
         # session's events as JetStream stored (the pytest timeout bounds a tap that falls short)
-        tapped: list[str] = []
-        assert tap.stdout is not None
-        while len(tapped) < len(stored) and (line := tap.stdout.readline()):
+        tapped: list[bytes] = []
+        while len(tapped) < len(stored) and (line := await tap.stdout.readline()):
             if json.loads(line).get("session_id") == sid:
-                tapped.append(line.rstrip("\n"))
+                tapped.append(line.rstrip(b"\n"))
     finally:
         tap.send_signal(signal.SIGINT)
-        tap.communicate(timeout=10)
-    assert tapped == [d.decode() for d in stored]  # `swarmtrain tap` prints exactly what is on the wire
+        await asyncio.wait_for(tap.communicate(), 10)
+    assert tapped == stored  # `swarmtrain tap` prints exactly what is on the wire
 
 
-def test_peer_killed_mid_training_fails_alone_and_the_session_completes(stack: Stack, api: Api) -> None:
+async def test_peer_killed_mid_training_fails_alone_and_the_session_completes(stack: Stack, api: Api) -> None:
     victim = stack.start_peer("victim")
-    peers = api.wait_idle_peers(4)
+    peers = await api.wait_idle_peers(4)
     victim_id = next(p["peer_id"] for p in peers if p["name"] == "victim")
-    ds = api.upload()
+    ds = await api.upload()
     hps = [{"epochs": 25, "batch_size": 16, "lr": 0.003}] * 4  # long enough to be killed mid-run
-    resp = api.client.post("/sessions", json=sweep(ds["dataset_id"], hps))
+    resp = await api.client.post("/sessions", json=sweep(ds["dataset_id"], hps))
     assert resp.status_code == 201, resp.text
     sid = resp.json()["session_id"]
-    session = wait_for(lambda: (s := api.session(sid))["peers"] and s, 30, "the session to start")
+    session = await api.wait_started(sid)
     assert victim_id in {p["peer_id"] for p in session["peers"]}
-    wait_for(
-        lambda: next(p for p in api.session(sid)["peers"] if p["peer_id"] == victim_id)["epoch"] >= 1,
-        60,
-        "the victim's first epoch",
-    )
-    victim.send_signal(signal.SIGKILL)
-    victim.wait()
-    done = api.wait_ended(sid)
+
+    async def victim_trained_an_epoch() -> bool:
+        return any(p["peer_id"] == victim_id and p["epoch"] >= 1 for p in (await api.session(sid))["peers"])
+
+    await wait_for(victim_trained_an_epoch, "the victim's first epoch", timeout=60, interval=0.2)
+    victim.kill()
+    await asyncio.to_thread(victim.wait)
+    done = await api.wait_ended(sid)
     assert done["status"] == "completed", done
     by_id = {p["peer_id"]: p for p in done["peers"]}
     assert by_id[victim_id]["status"] == "failed"
     assert sum(p["status"] == "done" for p in done["peers"]) >= 2
     assert done["best_peer_id"] != victim_id
-    assert next(p for p in api.peers() if p["peer_id"] == victim_id)["status"] == "offline"
+    assert next(p for p in await api.peers() if p["peer_id"] == victim_id)["status"] == "offline"
 
 
-def test_projections_rebuild_to_identical_state(stack: Stack, api: Api) -> None:
-    api.wait_idle_peers(1)
-    ds = api.upload()
-    resp = api.client.post("/sessions", json=sweep(ds["dataset_id"], [{"epochs": 2, "batch_size": 64, "lr": 0.01}]))
-    assert api.wait_ended(resp.json()["session_id"])["status"] == "completed"
+async def test_projections_rebuild_to_identical_state(stack: Stack, api: Api) -> None:
+    await api.wait_idle_peers(1)
+    ds = await api.upload()
+    hps = [{"epochs": 2, "batch_size": 64, "lr": 0.01}]
+    resp = await api.client.post("/sessions", json=sweep(ds["dataset_id"], hps))
+    assert (await api.wait_ended(resp.json()["session_id"]))["status"] == "completed"
     dsn = stack.env["SWARMTRAIN_DATABASE_URL"]
 
     async def snapshot() -> dict[str, list[tuple[Any, ...]]]:
@@ -149,17 +155,11 @@ def test_projections_rebuild_to_identical_state(stack: Stack, api: Api) -> None:
             await conn.close()
 
     # settle: no event may land between the two snapshots except presence-driven peer updates
-    before = asyncio.run(snapshot())
-    result = subprocess.run(
-        [sys.executable, "-m", "swarmtrain.cli.main", "projections", "rebuild"],
-        env=stack.env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode == 0, result.stderr
-    assert "projections rebuilt" in result.stdout
-    after = asyncio.run(snapshot())
+    before = await snapshot()
+    rc, out, err = await cli("projections", "rebuild", env=stack.env)
+    assert rc == 0, err
+    assert "projections rebuilt" in out
+    after = await snapshot()
     for table in TABLES:
         if table != "peers":
             assert after[table] == before[table], table

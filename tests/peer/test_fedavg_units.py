@@ -15,8 +15,8 @@ from torch import nn
 from swarmtrain.common.events import Hyperparameters, ModelSpec, Train
 from swarmtrain.peer.averaging import state_bytes, weighted_average
 from swarmtrain.peer.data import DataError, shard_indices
-from swarmtrain.peer.fedavg import LocalLearner, check_command, round_seed
 from swarmtrain.peer.model import ModelMetadata, build_model, load_model, model_bytes, save_model
+from swarmtrain.peer.strategies.fedavg import LocalLearner, check_command, round_seed
 from swarmtrain.peer.trainer import EpochStats, TrainJob, train
 
 CNN_8 = ModelSpec(kind="cnn", input_shape=[1, 8, 8], channels=[16, 32], hidden=[64])

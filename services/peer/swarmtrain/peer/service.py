@@ -16,8 +16,10 @@
   ``PeerFailed{reason: "peer shut down"}`` instead, so its session need not wait for missed beats.
 - ``PeerDone`` / ``PeerFailed`` / ``Heartbeat`` carry deterministic event ids
   (``<session>.<peer>.done``, ``.failed``, ``.epoch<N>``): a retried append is deduplicated.
-- A ``Train`` with ``strategy="fedavg"`` runs the round protocol of :mod:`swarmtrain.peer.fedavg`
-  instead of one training; ``Stop`` and shutdown end it the same way.
+- What a ``Train`` runs is its strategy's, ``STRATEGIES[command.strategy]``
+  (:mod:`swarmtrain.peer.strategies`): the peer fetches the dataset, hands the strategy a
+  :class:`~swarmtrain.peer.strategies.JobContext`, and turns an exception into ``PeerFailed``;
+  ``Stop`` and shutdown end every strategy the same way.
 """
 
 from __future__ import annotations
@@ -30,7 +32,6 @@ import random
 import re
 import secrets
 import socket
-import tempfile
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -45,7 +46,6 @@ from nats.js import JetStreamContext, api
 from swarmtrain.common import blob, bus, events
 from swarmtrain.common.events import (
     Event,
-    PeerDone,
     PeerFailed,
     PeerRegistered,
     Presence,
@@ -54,11 +54,10 @@ from swarmtrain.common.events import (
 )
 from swarmtrain.common.logging import get_logger
 from swarmtrain.common.settings import Settings
-from swarmtrain.peer import fedavg, trainer
+from swarmtrain.peer import trainer
 from swarmtrain.peer.data import DataError
-from swarmtrain.peer.model import save_model
-from swarmtrain.peer.progress import heartbeat, train_reporting
-from swarmtrain.peer.trainer import EpochStats, TrainingStopped, TrainJob, TrainResult
+from swarmtrain.peer.strategies import STRATEGIES, JobContext
+from swarmtrain.peer.trainer import TrainingStopped
 
 log = get_logger("swarmtrain.peer")
 
@@ -303,58 +302,17 @@ class Peer:
         csv_path = await asyncio.to_thread(self._fetch_dataset, command)
         if job.stop.is_set():
             raise TrainingStopped("stopped before training began")
-        if command.strategy == "fedavg":
-            await fedavg.FedavgRun(
-                js=self.js,
-                settings=self.settings,
-                peer_id=self.peer_id,
-                device=str(self.device),
-                command=command,
-                csv_path=csv_path,
-                append=self._append,
-                stop=job.stop,
-                stopped=job.stopped,
-            ).run()
-            return
-
-        job_spec = TrainJob(
-            csv_path=csv_path,
-            label_column=command.label_column,
-            model=command.model,
-            hyperparameters=hp,
-            validation_split=command.validation_split,
-            seed=command.seed,
-            device=str(self.device),
-            torch_threads=self.settings.torch_threads,
-        )
-
-        async def report(stats: EpochStats) -> None:
-            await self._append(heartbeat(command.session_id, self.peer_id, stats), attempts=2)
-
-        result = await train_reporting(lambda on_epoch: trainer.train(job_spec, on_epoch, job.stop), report)
-
-        ref = await asyncio.to_thread(self._upload, command, result)
-        final = result.final
-        done = PeerDone(
-            event_id=f"{command.session_id}.{self.peer_id}.done",
-            session_id=command.session_id,
+        context = JobContext(
+            settings=self.settings,
+            js=self.js,
             peer_id=self.peer_id,
-            model_uri=command.output_uri,
-            model_sha256=ref.sha256,
-            epochs=final.epoch,
-            loss=final.loss,
-            accuracy=final.accuracy,
-            val_loss=final.val_loss,
-            val_accuracy=final.val_accuracy,
-            train_seconds=result.train_seconds,
+            device=self.device,
+            dataset=csv_path,
+            append=self._append,
+            stop=job.stop,
+            stopped=job.stopped,
         )
-        await self._append(done)
-        log.info(
-            "training done",
-            val_accuracy=final.val_accuracy,
-            train_seconds=round(result.train_seconds, 3),
-            model=command.output_uri,
-        )
+        await STRATEGIES[command.strategy](command, context)
 
     async def _fail(self, command: Train, reason: str) -> None:
         log.warning("training failed", reason=reason)
@@ -393,20 +351,6 @@ class Peer:
             store, key = blob.resolve(command.dataset_uri, self.settings)
             store.download(key, path, sha256=sha256)
         return path
-
-    def _upload(self, command: Train, result: TrainResult) -> blob.BlobRef:
-        tmp_dir = self.state_dir / "tmp"
-        tmp_dir.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(dir=tmp_dir, suffix=".safetensors")
-        os.close(fd)
-        tmp = Path(name)
-        try:
-            save_model(result.model, tmp, result.metadata)
-            store, key = blob.resolve(command.output_uri, self.settings)
-            with tmp.open("rb") as f:
-                return store.put_stream(key, f, tmp.stat().st_size)
-        finally:
-            tmp.unlink(missing_ok=True)
 
 
 # ------------------------------------------------------------------ entry point

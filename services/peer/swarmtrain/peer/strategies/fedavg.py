@@ -1,7 +1,9 @@
 """A peer's part in a fedavg session: local rounds on its shard, averaging what ``RoundClosed`` names.
 
-Two halves. :class:`LocalLearner` is blocking torch work, run in a worker thread; nothing in it
-touches the loop or the network. :class:`FedavgRun` is the round protocol on the event loop:
+:func:`run` is the strategy's entry point (see :mod:`swarmtrain.peer.strategies`). Two halves.
+:class:`LocalLearner` is blocking torch work, run in a worker thread; nothing in it touches the loop
+or the network. :class:`FedavgRun` is the round protocol on the event loop; the averaging itself is
+the pure :mod:`swarmtrain.peer.averaging`:
 
 1. Load the dataset, split train/validation as a sweep does, take shard ``shard`` of
    ``num_shards`` of the training rows; fit ``Standardize`` on the *whole* training split and build
@@ -35,10 +37,10 @@ import contextlib
 import hashlib
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import nats.errors
 import nats.js.errors
@@ -61,11 +63,9 @@ from swarmtrain.common.events import (
     UpdateRejected,
 )
 from swarmtrain.common.logging import get_logger
-from swarmtrain.common.settings import Settings
 from swarmtrain.peer.averaging import Tensors, UpdateUnavailable, average_round, sha256_hex, state_bytes
 from swarmtrain.peer.data import DataError, shard_indices
 from swarmtrain.peer.model import ModelMetadata, Standardize, model_bytes
-from swarmtrain.peer.progress import heartbeat, train_reporting
 from swarmtrain.peer.trainer import (
     EpochStats,
     TrainingStopped,
@@ -77,6 +77,9 @@ from swarmtrain.peer.trainer import (
     run_epoch,
     seeded_model,
 )
+
+if TYPE_CHECKING:
+    from swarmtrain.peer.strategies import JobContext
 
 log = get_logger("swarmtrain.peer.fedavg")
 T = TypeVar("T")
@@ -302,32 +305,22 @@ async def _first_of(*flags: asyncio.Event) -> None:
 # ------------------------------------------------------------------ the round protocol (event loop)
 
 
+async def run(command: Train, ctx: JobContext) -> None:
+    """The round protocol; returns after ``PeerDone`` or raises ``TrainingStopped``."""
+    await FedavgRun(command, ctx).run()
+
+
 class FedavgRun:
     """One fedavg job on one peer; :meth:`run` returns after ``PeerDone`` or raises ``TrainingStopped``."""
 
-    def __init__(
-        self,
-        *,
-        js: JetStreamContext,
-        settings: Settings,
-        peer_id: str,
-        device: str,
-        command: Train,
-        csv_path: Path,
-        append: Callable[[Event], Awaitable[bool]],
-        stop: threading.Event,
-        stopped: asyncio.Event,
-    ) -> None:
-        self.js = js
-        self.settings = settings
-        self.peer_id = peer_id
-        self.device = device
+    def __init__(self, command: Train, ctx: JobContext) -> None:
         self.command = command
-        self.csv_path = csv_path
-        self._append = append
-        self.stop = stop
+        self.ctx = ctx
+        self.peer_id = ctx.peer_id
+        self._append = ctx.append
+        self.stop = ctx.stop
         """Seen by the worker thread: set, local training ends at its next batch."""
-        self.stopped = stopped
+        self.stopped = ctx.stopped
         """Seen by the loop: set together with ``stop``."""
         self._log = SessionLog()
         self._started = time.perf_counter()
@@ -338,9 +331,10 @@ class FedavgRun:
 
     async def run(self) -> None:
         cmd = self.command
-        learner = await asyncio.to_thread(LocalLearner, self.csv_path, cmd, self.device, self.settings.torch_threads)
+        ctx = self.ctx
+        learner = await asyncio.to_thread(LocalLearner, ctx.dataset, cmd, str(ctx.device), ctx.settings.torch_threads)
         self._go_on()
-        self._log = await SessionLog.open(self.js, self.sid, self.peer_id)
+        self._log = await SessionLog.open(ctx.js, self.sid, self.peer_id)
         try:
             if cmd.start_round > 1:
                 await self._catch_up(learner)
@@ -437,12 +431,9 @@ class FedavgRun:
 
     async def _train_round(self, learner: LocalLearner, r: int) -> RoundStats:
         """The local epochs in a worker thread; their heartbeats are all appended when it returns."""
-
-        async def report(stats: EpochStats) -> None:
-            if not self.stopped.is_set():
-                await self._append(heartbeat(self.sid, self.peer_id, stats))
-
-        return await train_reporting(lambda on_epoch: learner.train_round(r, on_epoch, self.stop), report)
+        return await self.ctx.train_reporting(
+            self.command, lambda on_epoch: learner.train_round(r, on_epoch, self.stop), after_stop=False
+        )
 
     async def _finish(self, learner: LocalLearner) -> None:
         cmd = self.command
@@ -495,7 +486,7 @@ class FedavgRun:
         """An update's bytes; ``UpdateUnavailable`` when missing or larger than any update can be."""
         for attempt in range(1, FETCH_ATTEMPTS + 1):
             try:
-                store, key = blob.resolve(update.uri, self.settings)
+                store, key = self.ctx.blob(update.uri)
                 chunks: list[bytes] = []
                 size = 0
                 for chunk in store.iter_chunks(key):
@@ -516,5 +507,5 @@ class FedavgRun:
         raise AssertionError("unreachable")
 
     def _put(self, uri: str, data: bytes) -> blob.BlobRef:
-        store, key = blob.resolve(uri, self.settings)
+        store, key = self.ctx.blob(uri)
         return store.put_bytes(key, data)

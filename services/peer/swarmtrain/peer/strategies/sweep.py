@@ -1,0 +1,84 @@
+"""A peer's part in a sweep: train the whole dataset with its own hyperparameters, publish the model.
+
+1. One training of ``command.model`` on the training split (``validation_split`` held out, both
+   from ``seed``), in a worker thread; each epoch appends a ``Heartbeat``
+   (``<session>.<peer>.epoch<N>``).
+2. The trained model (safetensors, with its metadata) is uploaded to ``command.output_uri``.
+3. ``PeerDone`` (``<session>.<peer>.done``) carries its sha256 and the last epoch's figures.
+
+A stopped job raises ``TrainingStopped`` from the training and publishes nothing more.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from swarmtrain.common import blob
+from swarmtrain.common.events import PeerDone, Train
+from swarmtrain.common.logging import get_logger
+from swarmtrain.peer import trainer
+from swarmtrain.peer.model import save_model
+from swarmtrain.peer.trainer import TrainJob, TrainResult
+
+if TYPE_CHECKING:
+    from swarmtrain.peer.strategies import JobContext
+
+log = get_logger("swarmtrain.peer")
+
+
+async def run(command: Train, ctx: JobContext) -> None:
+    """Train, upload the model, append ``PeerDone``."""
+    job = TrainJob(
+        csv_path=ctx.dataset,
+        label_column=command.label_column,
+        model=command.model,
+        hyperparameters=command.hyperparameters,
+        validation_split=command.validation_split,
+        seed=command.seed,
+        device=str(ctx.device),
+        torch_threads=ctx.settings.torch_threads,
+    )
+    result = await ctx.train_reporting(command, lambda on_epoch: trainer.train(job, on_epoch, ctx.stop), attempts=2)
+
+    ref = await asyncio.to_thread(_upload, ctx, command.output_uri, result)
+    final = result.final
+    done = PeerDone(
+        event_id=f"{command.session_id}.{ctx.peer_id}.done",
+        session_id=command.session_id,
+        peer_id=ctx.peer_id,
+        model_uri=command.output_uri,
+        model_sha256=ref.sha256,
+        epochs=final.epoch,
+        loss=final.loss,
+        accuracy=final.accuracy,
+        val_loss=final.val_loss,
+        val_accuracy=final.val_accuracy,
+        train_seconds=result.train_seconds,
+    )
+    await ctx.append(done)
+    log.info(
+        "training done",
+        val_accuracy=final.val_accuracy,
+        train_seconds=round(result.train_seconds, 3),
+        model=command.output_uri,
+    )
+
+
+def _upload(ctx: JobContext, uri: str, result: TrainResult) -> blob.BlobRef:
+    """The model file, written to a temporary file under the state folder, then streamed to ``uri``."""
+    tmp_dir = Path(ctx.settings.state_dir) / "tmp"
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=tmp_dir, suffix=".safetensors")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        save_model(result.model, tmp, result.metadata)
+        store, key = ctx.blob(uri)
+        with tmp.open("rb") as f:
+            return store.put_stream(key, f, tmp.stat().st_size)
+    finally:
+        tmp.unlink(missing_ok=True)
