@@ -172,8 +172,3 @@ def recover(state: State, clocks: Clocks, config: Config) -> list[Action]:
         if stale.status == "queued" or (stale.status == "running" and peer.peer_id not in stale.runs):
             actions.append(Append(release(peer.session_id, peer.peer_id, peer.lock_seq, clocks)))
     return actions
-
-
-def stale_locks(state: State, clocks: Clocks, config: Config) -> list[Action]:
-    """The releases of ``recover``."""
-    return [a for a in recover(state, clocks, config) if isinstance(a, Append)]
