@@ -1,6 +1,8 @@
-"""The scheduler's shell: replays the log into state, then reads events and presence, and publishes
-what ``decide.decide`` returns: it decides nothing itself. Several schedulers may run: peer locks and session starts are
-compare-and-set appends, so two of them can never take the same peer or start a session twice."""
+"""The scheduler's shell: replays the log into state (``state.fold``), then reads events and
+presence and publishes what ``decide.decide`` returns; it decides nothing itself. Its own mechanics
+are the compare-and-set appends (several schedulers may run: peer locks and session starts are
+compare-and-set, so two of them can never take the same peer or start a session twice) and
+releasing what a start that lost such a race had locked."""
 
 from __future__ import annotations
 
