@@ -161,22 +161,25 @@ def time_decide() -> dict[str, float]:
         Presence,
         SessionStarted,
     )
-    from swarmtrain.scheduler.state import State, decide, evolve, observe_presence
+    from swarmtrain.scheduler.actions import Clocks, Config
+    from swarmtrain.scheduler.decide import decide
+    from swarmtrain.scheduler.state import State, evolve, observe_presence
 
     state = State(started_at=time.monotonic())
+    config = Config(uri=lambda key: f"file:///blobs/{key}")
     seq = 0
 
     def feed(event: object) -> None:
-        nonlocal seq
+        nonlocal seq, state
         seq += 1
-        evolve(state, seq, event)  # type: ignore[arg-type]
+        state = evolve(state, seq, event, time.time())  # type: ignore[arg-type]
 
     peers = [f"p{i:016x}" for i in range(PEERS)]
     now = time.monotonic()
     for p in peers:
         feed(PeerRegistered(peer_id=p, name=p, device="cpu"))
         feed(PeerWentOnline(peer_id=p))
-        observe_presence(state, Presence(peer_id=p, name=p, device="cpu"), now)
+        state = observe_presence(state, Presence(peer_id=p, name=p, device="cpu"), now)
     hp = Hyperparameters(epochs=1, batch_size=32, lr=0.01)
     for s in range(3 * SESSIONS):
         sid = f"{s:032x}"
@@ -194,7 +197,7 @@ def time_decide() -> dict[str, float]:
     calls = []
     for _ in range(20):
         t = time.perf_counter()
-        decide(state, time.monotonic(), time.time())
+        decide(state, Clocks(now=time.monotonic(), wall=time.time()), config)
         calls.append(time.perf_counter() - t)
     return {"decide_ms_median": median(calls) * 1000, "decide_ms_max": max(calls) * 1000}
 

@@ -28,7 +28,9 @@ from swarmtrain.common.events import (
     UpdateRejected,
 )
 from swarmtrain.projector import projection
-from swarmtrain.scheduler.state import Append, State, decide, evolve, observe_presence
+from swarmtrain.scheduler.actions import Append, Clocks, Config
+from swarmtrain.scheduler.decide import decide
+from swarmtrain.scheduler.state import State, evolve, observe_presence
 from tests.factories import session_requested
 
 HP = Hyperparameters(epochs=2, batch_size=32, lr=0.01)
@@ -90,7 +92,7 @@ def forged(peer: str = MALLORY) -> list[Event]:
 def decisions(state: State) -> list[Any]:
     """decide()'s actions with the fields that differ on every call (ids, timestamps) left out."""
     out: list[Any] = []
-    for action in decide(state, now=10.0, wall=0.0):
+    for action in decide(state, Clocks(now=10.0, wall=0.0), Config(uri=lambda key: f"file:///b/{key}")):
         if isinstance(action, Append):
             body = msgspec.to_builtins(action.event)
             body.pop("event_id"), body.pop("occurred_at")
@@ -109,17 +111,17 @@ def session_state(state: State) -> Any:
 def test_the_scheduler_ignores_session_events_from_unassigned_peers(rounds_closed: bool) -> None:
     state = State()
     for p in (A, B, MALLORY):
-        observe_presence(state, Presence(peer_id=p, name=p, device="cpu"), now=10.0)
+        state = observe_presence(state, Presence(peer_id=p, name=p, device="cpu"), now=10.0)
     seq = 0
     for seq, event in enumerate(story(rounds_closed), 1):
-        evolve(state, seq, event)
+        state = evolve(state, seq, event, 0.0)
     before, decided = session_state(state), decisions(state)
     for forged_seq, event in enumerate(forged(), seq + 1):
-        evolve(state, forged_seq, event)
+        state = evolve(state, forged_seq, event, 0.0)
         assert session_state(state) == before, type(event).__name__
         assert decisions(state) == decided, type(event).__name__
     # the check is on the assignment: the same events in an assigned peer's name do count
-    evolve(state, seq + len(forged()) + 1, forged(B)[-1])
+    state = evolve(state, seq + len(forged()) + 1, forged(B)[-1], 0.0)
     assert state.sessions[SID].runs[B].status == "failed"
 
 

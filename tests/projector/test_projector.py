@@ -243,3 +243,37 @@ async def test_the_first_terminal_event_of_a_session_wins(js: Any, projector: No
     await wait_position(db, seq)
     row = await db.fetchrow("SELECT status, reason, model_uri FROM sessions WHERE session_id = 's9'")
     assert tuple(row) == ("completed", None, "file:///m")  # as the scheduler's state machine has it
+
+
+async def test_a_new_schema_version_empties_the_read_models_and_replays_the_log(
+    js: Any, settings: Settings, db: asyncpg.Connection
+) -> None:
+    story, seq = session_story(), 0
+    for event in story:
+        seq = await bus.append(js, event)
+    pool = await service.connect_db(settings)
+    try:
+        async with pool.acquire() as conn:
+            await projection.ensure_schema(conn)
+        assert await projection.apply_batch(pool, list(enumerate(story, start=1))) == seq
+        expected = await snapshot(db)
+        async with pool.acquire() as conn:
+            await projection.ensure_schema(conn)  # the same version: nothing is touched
+            assert await snapshot(db) == expected and await projection.position(conn) == seq
+            # read models an older build made, and made wrong
+            await conn.execute("UPDATE sessions SET status = 'garbage'")
+            await conn.execute("UPDATE projection_schema SET version = $1", projection.SCHEMA_VERSION - 1)
+            await projection.ensure_schema(conn)
+            assert await projection.schema_version(conn) == projection.SCHEMA_VERSION
+            assert await projection.position(conn) == 0
+            assert all(not rows for rows in (await snapshot(db)).values())
+    finally:
+        await pool.close()
+    stop = asyncio.Event()
+    task = asyncio.create_task(service.run(settings, stop))  # replays from sequence 1
+    try:
+        await wait_position(db, seq)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 15)
+    assert await snapshot(db) == expected

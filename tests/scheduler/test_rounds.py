@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from dataclasses import replace
+from datetime import UTC, datetime
 
 from swarmtrain.common.events import (
     Event,
@@ -12,6 +13,7 @@ from swarmtrain.common.events import (
     PeerFailed,
     PeerLocked,
     PeerRegistered,
+    PeerWentOffline,
     PeerWentOnline,
     Presence,
     RoundClosed,
@@ -20,38 +22,47 @@ from swarmtrain.common.events import (
     SessionStarted,
     ShardReassigned,
 )
-from swarmtrain.scheduler.state import (
-    Append,
-    Reassign,
-    State,
-    Timing,
-    decide,
-    evolve,
-    observe_presence,
-    round_deadline,
-)
+from swarmtrain.scheduler.actions import Action, Append, Clocks, Config, Reassign, Timing
+from swarmtrain.scheduler.decide import decide
+from swarmtrain.scheduler.state import State, evolve, observe_presence
+from swarmtrain.scheduler.strategies.fedavg import round_deadline
 from tests.factories import session_requested
 
 HP = Hyperparameters(epochs=1, batch_size=8, lr=0.01)
-T0 = datetime(2026, 1, 1, tzinfo=UTC)
+T0 = datetime(2026, 1, 1, tzinfo=UTC).timestamp()
 TIMING = Timing(peer_timeout=1e9, first_round_timeout=600, round_factor=3, round_min=10)
+CONFIG = Config(uri=lambda key: f"file:///blobs/{key}", timing=TIMING)
 
 
-def at(seconds: float) -> datetime:
-    return T0 + timedelta(seconds=seconds)
+def seen(t: float, event: Event) -> tuple[Event, float]:
+    """``event`` as the scheduler observed it, ``t`` seconds after T0 (whatever its ``occurred_at`` says)."""
+    return event, T0 + t
 
 
-def replay(state: State, *events: Event) -> State:
-    for event in events:
-        evolve(state, state.position + 1, event)
+def replay(state: State, *events: Event | tuple[Event, float]) -> State:
+    for item in events:
+        event, observed = item if isinstance(item, tuple) else (item, T0)
+        state = evolve(state, state.position + 1, event, observed)
     return state
+
+
+def decided(state: State, wall: float) -> list[Action]:
+    return decide(state, Clocks(now=0.0, wall=T0 + wall), CONFIG)
+
+
+def reassigned(actions: list[Action]) -> list[tuple[str, int, str, str, int]]:
+    return [
+        (a.session_id, a.moved.shard, a.moved.from_peer_id, a.peer_id, a.moved.round)
+        for a in actions
+        if isinstance(a, Reassign)
+    ]
 
 
 def fedavg(peers: tuple[str, ...] = ("a", "b", "c"), rounds: int = 2, on_failure: str = "reassign") -> State:
     state = State()
     for p in (*peers, "spare"):
-        replay(state, PeerRegistered(peer_id=p, name=p, device="cpu"), PeerWentOnline(peer_id=p))
-        observe_presence(state, Presence(peer_id=p, name=p, device="cpu"), 0.0)
+        state = replay(state, PeerRegistered(peer_id=p, name=p, device="cpu"), PeerWentOnline(peer_id=p))
+        state = observe_presence(state, Presence(peer_id=p, name=p, device="cpu"), 0.0)
     request = session_requested(
         "s",
         len(peers),
@@ -60,34 +71,36 @@ def fedavg(peers: tuple[str, ...] = ("a", "b", "c"), rounds: int = 2, on_failure
         rounds=rounds,
         on_peer_failure=on_failure,
     )
-    replay(state, request, *(PeerLocked(peer_id=p, session_id="s") for p in peers))
+    state = replay(state, request, *(PeerLocked(peer_id=p, session_id="s") for p in peers))
     shards = {p: i for i, p in enumerate(peers)}
-    return replay(
-        state, SessionStarted(session_id="s", assignments=dict.fromkeys(peers, HP), shards=shards, occurred_at=at(0))
-    )
+    return replay(state, seen(0, SessionStarted(session_id="s", assignments=dict.fromkeys(peers, HP), shards=shards)))
 
 
-def offline(state: State, peer: str) -> None:
-    state.peers[peer].online = False
-    del state.beats[peer]
+def offline(state: State, peer: str) -> State:
+    state = replay(state, PeerWentOffline(peer_id=peer))
+    return replace(state, beats={p: t for p, t in state.beats.items() if p != peer})
 
 
-def update(peer: str, r: int, t: float, n: int = 100) -> ModelUpdatePublished:
-    return ModelUpdatePublished(
-        session_id="s",
-        round=r,
-        peer_id=peer,
-        uri=f"file:///{r}/{peer}",
-        sha256=peer,
-        num_samples=n,
-        loss=1.0,
-        accuracy=0.5,
-        occurred_at=at(t),
+def update(peer: str, r: int, t: float, n: int = 100) -> tuple[Event, float]:
+    """``peer``'s update of round ``r``, observed at ``t``; its own clock says something else entirely."""
+    return seen(
+        t,
+        ModelUpdatePublished(
+            session_id="s",
+            round=r,
+            peer_id=peer,
+            uri=f"file:///{r}/{peer}",
+            sha256=peer,
+            num_samples=n,
+            loss=1.0,
+            accuracy=0.5,
+            occurred_at=datetime(1999, 1, 1, tzinfo=UTC),
+        ),
     )
 
 
 def events(state: State, wall: float) -> list[Event]:
-    return [a.event for a in decide(state, 0.0, T0.timestamp() + wall, TIMING) if isinstance(a, Append)]
+    return [a.event for a in decided(state, wall) if isinstance(a, Append)]
 
 
 def closed(state: State, wall: float) -> RoundClosed | None:
@@ -97,7 +110,7 @@ def closed(state: State, wall: float) -> RoundClosed | None:
 def test_round_closes_once_every_participant_published_naming_exactly_those_updates() -> None:
     state = replay(fedavg(), update("b", 1, 2), update("a", 1, 3))
     assert closed(state, 4) is None
-    replay(state, update("c", 1, 4))
+    state = replay(state, update("c", 1, 4))
     rc = closed(state, 4)
     assert rc is not None and rc.round == 1 and rc.left_out == []
     assert [(u.peer_id, u.uri) for u in rc.updates] == [
@@ -110,18 +123,20 @@ def test_round_closes_once_every_participant_published_naming_exactly_those_upda
 
 def test_late_duplicate_and_forged_updates_are_ignored() -> None:
     state = replay(fedavg(), update("a", 1, 1), update("b", 1, 1), update("c", 1, 1))
-    replay(state, closed(state, 2))  # type: ignore[arg-type]
+    state = replay(state, seen(2, closed(state, 2)))  # type: ignore[arg-type]
     assert state.sessions["s"].round == 2
-    replay(state, update("a", 1, 3), update("spare", 2, 3), update("a", 3, 3))  # late, not a participant, future
+    state = replay(
+        state, update("a", 1, 3), update("spare", 2, 3), update("a", 3, 3)
+    )  # late, not a participant, future
     assert state.sessions["s"].updates == {}
-    replay(state, update("a", 2, 4), update("a", 2, 5, n=999))
+    state = replay(state, update("a", 2, 4), update("a", 2, 5, n=999))
     assert state.sessions["s"].updates["a"].num_samples == 100  # first one wins
 
 
 def test_deadline_adapts_to_the_first_update_and_leaves_the_stragglers_out() -> None:
     state = fedavg()
     assert round_deadline(state.sessions["s"], TIMING) == 600  # nothing known yet
-    replay(state, update("a", 1, 5), update("b", 1, 6))
+    state = replay(state, update("a", 1, 5), update("b", 1, 6))
     assert round_deadline(state.sessions["s"], TIMING) == 15  # 3 x the first update's 5 s
     assert closed(state, 14) is None
     out = events(state, 16)
@@ -135,41 +150,38 @@ def test_deadline_adapts_to_the_first_update_and_leaves_the_stragglers_out() -> 
 def test_later_rounds_get_a_deadline_from_the_longest_round_seen() -> None:
     state = replay(fedavg(), update("a", 1, 1), update("b", 1, 1), update("c", 1, 8))
     rc = closed(state, 8)
-    replay(state, RoundClosed(session_id="s", round=1, updates=rc.updates, occurred_at=at(8)))  # type: ignore[union-attr]
+    state = replay(state, seen(8, RoundClosed(session_id="s", round=1, updates=rc.updates)))  # type: ignore[union-attr]
     assert round_deadline(state.sessions["s"], TIMING) == 24  # 3 x 8 s
 
 
 def test_failed_participant_shard_goes_to_an_idle_peer_in_the_open_round() -> None:
     state = replay(fedavg(), update("a", 1, 1), PeerFailed(session_id="s", peer_id="b", reason="gone"))
-    actions = decide(state, 0.0, T0.timestamp() + 2, TIMING)
-    assert Reassign(session_id="s", shard=1, from_peer_id="b", peer_id="spare", round=1) in actions
-    replay(
+    assert reassigned(decided(state, 2)) == [("s", 1, "b", "spare", 1)]
+    state = replay(
         state,
         PeerLocked(peer_id="spare", session_id="s"),
-        ShardReassigned(session_id="s", shard=1, from_peer_id="b", to_peer_id="spare", round=1, occurred_at=at(2)),
+        seen(2, ShardReassigned(session_id="s", shard=1, from_peer_id="b", to_peer_id="spare", round=1)),
     )
     assert state.sessions["s"].orphan_shards() == []
     assert closed(state, 3) is None  # the round now waits for the newcomer too
-    replay(state, update("c", 1, 3), update("spare", 1, 4))
+    state = replay(state, update("c", 1, 3), update("spare", 1, 4))
     assert [u.peer_id for u in closed(state, 5).updates] == ["a", "c", "spare"]  # type: ignore[union-attr]
 
 
 def test_orphan_shard_waits_for_a_peer_that_joins_later() -> None:
     state = fedavg(peers=("a", "b"))
-    offline(state, "spare")
-    replay(state, PeerFailed(session_id="s", peer_id="b", reason="gone"))
-    assert not [a for a in decide(state, 0.0, T0.timestamp() + 1, TIMING) if isinstance(a, Reassign)]
-    replay(state, PeerRegistered(peer_id="late", name="late", device="cpu"), PeerWentOnline(peer_id="late"))
-    observe_presence(state, Presence(peer_id="late", name="late", device="cpu"), 0.0)
-    assert Reassign(session_id="s", shard=1, from_peer_id="b", peer_id="late", round=1) in decide(
-        state, 0.0, T0.timestamp() + 2, TIMING
-    )
+    state = offline(state, "spare")
+    state = replay(state, PeerFailed(session_id="s", peer_id="b", reason="gone"))
+    assert not reassigned(decided(state, 1))
+    state = replay(state, PeerRegistered(peer_id="late", name="late", device="cpu"), PeerWentOnline(peer_id="late"))
+    state = observe_presence(state, Presence(peer_id="late", name="late", device="cpu"), 0.0)
+    assert reassigned(decided(state, 2)) == [("s", 1, "b", "late", 1)]
 
 
 def test_continue_goes_on_without_the_shard_and_fail_fails_the_session() -> None:
     state = replay(fedavg(on_failure="continue"), PeerFailed(session_id="s", peer_id="c", reason="x"))
-    assert not [a for a in decide(state, 0.0, T0.timestamp() + 1, TIMING) if isinstance(a, Reassign)]
-    replay(state, update("a", 1, 1), update("b", 1, 1))
+    assert not reassigned(decided(state, 1))
+    state = replay(state, update("a", 1, 1), update("b", 1, 1))
     assert [u.peer_id for u in closed(state, 2).updates] == ["a", "b"]  # type: ignore[union-attr]
 
     state = replay(fedavg(on_failure="fail"), PeerFailed(session_id="s", peer_id="c", reason="x"))
@@ -178,18 +190,18 @@ def test_continue_goes_on_without_the_shard_and_fail_fails_the_session() -> None
 
 def test_session_fails_when_no_participant_is_left_and_nobody_can_take_over() -> None:
     state = fedavg(peers=("a",), on_failure="reassign")
-    offline(state, "spare")
-    replay(state, PeerFailed(session_id="s", peer_id="a", reason="x"))
+    state = offline(state, "spare")
+    state = replay(state, PeerFailed(session_id="s", peer_id="a", reason="x"))
     assert [type(e).__name__ for e in events(state, 1)] == ["SessionFailed", "PeerReleased"]
 
 
 def test_session_completes_after_the_last_round_once_every_peer_is_done() -> None:
     state = fedavg(peers=("a", "b"), rounds=1)
-    replay(state, update("a", 1, 1), update("b", 1, 1))
-    replay(state, closed(state, 2))  # type: ignore[arg-type]
+    state = replay(state, update("a", 1, 1), update("b", 1, 1))
+    state = replay(state, seen(2, closed(state, 2)))  # type: ignore[arg-type]
     assert not [e for e in events(state, 3) if isinstance(e, SessionCompleted)]
     for p in ("a", "b"):
-        replay(
+        state = replay(
             state,
             PeerDone(
                 session_id="s",
@@ -210,11 +222,11 @@ def test_session_completes_after_the_last_round_once_every_peer_is_done() -> Non
 def test_fedavg_session_model_is_the_one_most_peers_agree_on_not_a_claim() -> None:
     state = fedavg(peers=("a", "b", "c"), rounds=1)
     for p in ("a", "b", "c"):
-        replay(state, update(p, 1, 1))
-    replay(state, closed(state, 2))  # type: ignore[arg-type]
+        state = replay(state, update(p, 1, 1))
+    state = replay(state, seen(2, closed(state, 2)))  # type: ignore[arg-type]
     claims = {"a": ("same", 0.8), "b": ("same", 0.8), "c": ("forged", 1.0)}
     for p, (sha, acc) in claims.items():
-        replay(
+        state = replay(
             state,
             PeerDone(
                 session_id="s",
@@ -234,7 +246,7 @@ def test_fedavg_session_model_is_the_one_most_peers_agree_on_not_a_claim() -> No
 
 def test_no_hand_over_into_a_round_that_closes_in_the_same_decision() -> None:
     state = fedavg(rounds=1)
-    replay(state, update("a", 1, 1), update("b", 1, 1), PeerFailed(session_id="s", peer_id="c", reason="gone"))
-    actions = decide(state, 0.0, T0.timestamp() + 2, TIMING)
+    state = replay(state, update("a", 1, 1), update("b", 1, 1), PeerFailed(session_id="s", peer_id="c", reason="gone"))
+    actions = decided(state, 2)
     assert [a for a in actions if isinstance(a, Append) and isinstance(a.event, RoundClosed)]
     assert not [a for a in actions if isinstance(a, Reassign)]  # the last round closed: nothing to hand over

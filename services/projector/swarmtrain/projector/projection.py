@@ -31,12 +31,16 @@ from swarmtrain.common.events import (
     UpdateRejected,
     UserRegistered,
 )
+from swarmtrain.common.lifecycle import ends_session, run_after, session_after, starts_session, takes_new_runs
+from swarmtrain.common.status import RunStatus, SessionStatus
 
 NAME = "main"
 CHANNEL = "swarmtrain_projection"
 TABLES = ("users", "datasets", "peers", "sessions", "session_peers", "heartbeats", "session_rounds", "round_updates")
-SCHEMA_VERSION = 2
-"""Bump on any change to schema.sql: the projector then drops the read models and replays the log."""
+SCHEMA_VERSION = 3
+"""Bump on any change to schema.sql, or to how events are applied: on start (``ensure_schema``) a
+database built with another version has its read models dropped and rebuilt from sequence 1."""
+_SCHEMA_LOCK = 0x5357_5452  # pg_advisory_xact_lock key: one ensure_schema at a time
 
 
 def _json(value: Any) -> str:
@@ -44,11 +48,35 @@ def _json(value: Any) -> str:
 
 
 async def ensure_schema(conn: asyncpg.Connection) -> None:
+    """Create the read models; if they were built with another ``SCHEMA_VERSION`` (or by a build
+    that stored none), drop them first and reset the position to 0, so the projector replays the
+    log from sequence 1 into the new schema."""
     async with conn.transaction():  # the position table never shows without its row
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", _SCHEMA_LOCK)
+        await conn.execute(
+            "CREATE TABLE IF NOT EXISTS projection_schema (name text PRIMARY KEY, version integer NOT NULL)"
+        )
+        built = await conn.fetchval("SELECT version FROM projection_schema WHERE name = $1", NAME)
+        if built != SCHEMA_VERSION:
+            await conn.execute(f"DROP TABLE IF EXISTS {', '.join(TABLES)}, projection_position CASCADE")
         await conn.execute(resources.files("swarmtrain.projector").joinpath("schema.sql").read_text())
         await conn.execute(
             "INSERT INTO projection_position (name, position) VALUES ($1, 0) ON CONFLICT DO NOTHING", NAME
         )
+        await conn.execute(
+            """
+            INSERT INTO projection_schema (name, version) VALUES ($1, $2)
+            ON CONFLICT (name) DO UPDATE SET version = EXCLUDED.version
+            """,
+            NAME,
+            SCHEMA_VERSION,
+        )
+
+
+async def schema_version(conn: asyncpg.Connection) -> int | None:
+    """The ``SCHEMA_VERSION`` the read models were built with."""
+    version = await conn.fetchval("SELECT version FROM projection_schema WHERE name = $1", NAME)
+    return None if version is None else int(version)
 
 
 async def position(conn: asyncpg.Connection) -> int:
@@ -235,9 +263,13 @@ async def apply(conn: asyncpg.Connection, seq: int, event: Event) -> None:
                 event.on_peer_failure,
             )
         case SessionStarted():
+            before = await _session_status(conn, event.session_id)
+            if before is None or not starts_session(before, event):
+                return  # a second start, or one after the session ended, creates no runs
             await conn.execute(
-                "UPDATE sessions SET status = 'running', started_at = $2 WHERE session_id = $1 AND status = 'queued'",
+                "UPDATE sessions SET status = $2, started_at = $3 WHERE session_id = $1",
                 event.session_id,
+                session_after(before, event),
                 event.occurred_at,
             )
             rounds = await conn.fetchval("SELECT rounds FROM sessions WHERE session_id = $1", event.session_id) or 1
@@ -252,6 +284,9 @@ async def apply(conn: asyncpg.Connection, seq: int, event: Event) -> None:
                 ],
             )
         case ShardReassigned():
+            before = await _session_status(conn, event.session_id)
+            if before is None or not takes_new_runs(before):
+                return
             await conn.execute(
                 """
                 INSERT INTO session_peers (session_id, peer_id, status, hyperparameters, epochs, shard)
@@ -332,14 +367,18 @@ async def apply(conn: asyncpg.Connection, seq: int, event: Event) -> None:
         case Heartbeat():
             await apply_heartbeats(conn, [(seq, event)])
         case PeerDone():
+            before_run = await _run_status(conn, event.session_id, event.peer_id)
+            if before_run is None or run_after(before_run, event) == before_run:
+                return  # not a participant, or its run ended already: the first end wins
             await conn.execute(
                 """
-                UPDATE session_peers SET status = 'done', epoch = $3, loss = $4, accuracy = $5, val_loss = $6,
-                    val_accuracy = $7, model_uri = $8, model_sha256 = $9
+                UPDATE session_peers SET status = $3, epoch = $4, loss = $5, accuracy = $6, val_loss = $7,
+                    val_accuracy = $8, model_uri = $9, model_sha256 = $10
                 WHERE session_id = $1 AND peer_id = $2
                 """,
                 event.session_id,
                 event.peer_id,
+                run_after(before_run, event),
                 event.epochs,
                 event.loss,
                 event.accuracy,
@@ -349,38 +388,56 @@ async def apply(conn: asyncpg.Connection, seq: int, event: Event) -> None:
                 event.model_sha256,
             )
         case PeerFailed():
+            before_run = await _run_status(conn, event.session_id, event.peer_id)
+            if before_run is None or run_after(before_run, event) == before_run:
+                return
             await conn.execute(
-                "UPDATE session_peers SET status = 'failed', reason = $3 WHERE session_id = $1 AND peer_id = $2",
+                "UPDATE session_peers SET status = $3, reason = $4 WHERE session_id = $1 AND peer_id = $2",
                 event.session_id,
                 event.peer_id,
+                run_after(before_run, event),
                 event.reason,
             )
-        case SessionCompleted():
+        case SessionCompleted() | SessionFailed() | SessionCancelled():
+            before = await _session_status(conn, event.session_id)
+            if before is None or not ends_session(before, event):
+                return  # the first terminal event wins
+            if isinstance(event, SessionCompleted):
+                await conn.execute(
+                    """
+                    UPDATE sessions SET status = $2, ended_at = $3, best_peer_id = $4,
+                        best_val_accuracy = $5, val_accuracy = $5, model_uri = $6
+                    WHERE session_id = $1
+                    """,
+                    event.session_id,
+                    session_after(before, event),
+                    event.occurred_at,
+                    event.best_peer_id,
+                    event.best_val_accuracy,
+                    event.model_uri,
+                )
+            else:
+                await conn.execute(
+                    "UPDATE sessions SET status = $2, ended_at = $3, reason = $4 WHERE session_id = $1",
+                    event.session_id,
+                    session_after(before, event),
+                    event.occurred_at,
+                    event.reason,
+                )
             await conn.execute(
-                """
-                UPDATE sessions SET status = 'completed', ended_at = $2, best_peer_id = $3,
-                    best_val_accuracy = $4, val_accuracy = $4, model_uri = $5
-                WHERE session_id = $1 AND status IN ('queued', 'running')
-                """,
+                "UPDATE session_peers SET status = $2 WHERE session_id = $1 AND status = 'training'",
                 event.session_id,
-                event.occurred_at,
-                event.best_peer_id,
-                event.best_val_accuracy,
-                event.model_uri,
+                run_after("training", event),
             )
-        case SessionFailed() | SessionCancelled():
-            status = "failed" if isinstance(event, SessionFailed) else "cancelled"
-            await conn.execute(
-                """
-                UPDATE sessions SET status = $2, ended_at = $3, reason = $4
-                WHERE session_id = $1 AND status IN ('queued', 'running')
-                """,
-                event.session_id,
-                status,
-                event.occurred_at,
-                event.reason,
-            )
-            await conn.execute(
-                "UPDATE session_peers SET status = 'stopped' WHERE session_id = $1 AND status = 'training'",
-                event.session_id,
-            )
+
+
+async def _session_status(conn: asyncpg.Connection, session_id: str) -> SessionStatus | None:
+    status: SessionStatus | None = await conn.fetchval("SELECT status FROM sessions WHERE session_id = $1", session_id)
+    return status
+
+
+async def _run_status(conn: asyncpg.Connection, session_id: str, peer_id: str) -> RunStatus | None:
+    status: RunStatus | None = await conn.fetchval(
+        "SELECT status FROM session_peers WHERE session_id = $1 AND peer_id = $2", session_id, peer_id
+    )
+    return status

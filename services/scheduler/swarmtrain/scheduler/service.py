@@ -1,6 +1,8 @@
-"""The scheduler's shell: replays the log into state, then reads events and presence, and carries
-out what ``state.decide`` returns. Several schedulers may run: peer locks and session starts are
-compare-and-set appends, so two of them can never take the same peer or start a session twice."""
+"""The scheduler's shell: replays the log into state (``state.fold``), then reads events and
+presence and publishes what ``decide.decide`` returns; it decides nothing itself. Its own mechanics
+are the compare-and-set appends (several schedulers may run: peer locks and session starts are
+compare-and-set, so two of them can never take the same peer or start a session twice) and
+releasing what a start that lost such a race had locked."""
 
 from __future__ import annotations
 
@@ -15,82 +17,41 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 
 from swarmtrain.common import blob, bus
-from swarmtrain.common.events import (
-    PRESENCE_SUBJECTS,
-    Event,
-    Hyperparameters,
-    PeerLocked,
-    PeerReleased,
-    SessionRequested,
-    SessionStarted,
-    ShardReassigned,
-    Train,
-    decode_event,
-    decode_presence,
-    new_id,
-)
+from swarmtrain.common.events import PRESENCE_SUBJECTS, Event, decode_event, decode_presence
 from swarmtrain.common.logging import get_logger
 from swarmtrain.common.settings import Settings
-from swarmtrain.scheduler.state import (
-    Action,
-    Append,
-    Reassign,
-    Send,
-    Session,
-    Start,
-    State,
-    Timing,
-    decide,
-    evolve,
-    observe_presence,
-    stale_locks,
-)
+from swarmtrain.scheduler.actions import Action, Append, Clocks, Config, Reassign, Send, Start, Timing, release
+from swarmtrain.scheduler.decide import decide, recover
+from swarmtrain.scheduler.state import State, fold, observe_beats
 
 log = get_logger("swarmtrain.scheduler")
 TICK_S = 0.2
 
 
-def train_command(
-    req: SessionRequested,
-    peer_id: str,
-    hyperparameters: Hyperparameters,
-    store: blob.BlobStore,
-    shard: int = 0,
-    start_round: int = 1,
-) -> Train:
-    return Train(
-        event_id=f"{req.session_id}.{peer_id}.train.{start_round}",
-        peer_id=peer_id,
-        session_id=req.session_id,
-        dataset_uri=req.dataset_uri,
-        dataset_sha256=req.dataset_sha256,
-        label_column=req.label_column,
-        model=req.model,
-        hyperparameters=hyperparameters,
-        validation_split=req.validation_split,
-        seed=req.seed,
-        output_uri=store.uri(f"sessions/{req.session_id}/models/{peer_id}.safetensors"),
-        strategy=req.strategy,
-        shard=shard,
-        num_shards=req.num_peers,
-        rounds=req.rounds,
-        start_round=start_round,
-        rounds_uri=store.uri(f"sessions/{req.session_id}/rounds"),
-    )
+def clocks() -> Clocks:
+    return Clocks(now=time.monotonic(), wall=time.time())
+
+
+def observed_at(msg: Msg) -> float:
+    """When the broker stored the message (UTC seconds): the same on every replay and every
+    scheduler, and never a peer's own clock."""
+    return msg.metadata.timestamp.timestamp()
 
 
 class Scheduler:
     def __init__(self, settings: Settings, js: JetStreamContext) -> None:
         self.settings = settings
         self.js = js
-        self.store = blob.open_store(settings.blob_url)
         self.state = State(started_at=time.monotonic())
-        self.timing = Timing(
+        timing = Timing(
             peer_timeout=settings.peer_timeout_s,
             first_round_timeout=settings.round_timeout_s,
             round_factor=settings.round_factor,
             round_min=settings.round_min_s,
         )
+        self.config = Config(uri=blob.open_store(settings.blob_url).uri, timing=timing)
+        self.beats: dict[str, float] = {}
+        """Presence beats since the last decision: folded in, all at once, before the next."""
         self.barrier = 0
         """Stream sequence of our own latest write: no decision until the state has seen it."""
 
@@ -100,37 +61,29 @@ class Scheduler:
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             log.warning("malformed presence beat ignored", error=str(exc))
             return
-        observe_presence(self.state, presence, time.monotonic())
+        self.beats[presence.peer_id] = time.monotonic()
 
     async def catch_up(self, sub: JetStreamContext.PullSubscription) -> None:
-        """Replay the log up to its current end, then undo what a dead scheduler left half done."""
+        """Replay the log up to its current end, then redo what a dead scheduler may have left half done."""
         target = await bus.last_sequence(self.js)
         while self.state.position < target:
             if not await self.read(sub, timeout=2.0):
                 break  # what is left is malformed: terminated, never evolved
         log.info("state rebuilt", position=self.state.position, sessions=len(self.state.sessions))
-        for session in self.state.sessions.values():
-            if session.status != "running":
-                continue
-            for peer_id, run in session.runs.items():
-                if run.status == "training" and run.epoch == 0:  # may never have got its Train
-                    start_round = max(1, session.round)
-                    command = train_command(
-                        session.request, peer_id, run.hyperparameters, self.store, run.shard, start_round
-                    )
-                    await bus.send(self.js, command)
-        await self.execute(stale_locks(self.state))
+        await self.execute(recover(self.state, clocks(), self.config))
 
     async def read(self, sub: JetStreamContext.PullSubscription, timeout: float) -> int:
-        """Evolve the state with what arrives within ``timeout``; returns how many events came."""
+        """Fold in what arrives within ``timeout``; returns how many events came."""
         batch = await bus.fetch(sub, decode_event, batch=512, timeout=timeout)
-        for msg, event in batch:
-            evolve(self.state, bus.stream_seq(msg), event)
+        if batch:
+            self.state = fold(self.state, [(bus.stream_seq(msg), event, observed_at(msg)) for msg, event in batch])
         return len(batch)
 
     async def step(self) -> None:
+        beats, self.beats = self.beats, {}
+        self.state = observe_beats(self.state, beats)
         if self.state.position >= self.barrier:
-            await self.execute(decide(self.state, time.monotonic(), time.time(), self.timing))
+            await self.execute(decide(self.state, clocks(), self.config))
 
     async def execute(self, actions: Sequence[Action]) -> None:
         starts = [a for a in actions if isinstance(a, Start)]  # disjoint peers: run side by side
@@ -143,16 +96,22 @@ class Scheduler:
             try:
                 match action:
                     case Append(event=event):
-                        self.barrier = max(self.barrier, await bus.append(self.js, event))
+                        await self.append(event)
                         log.info("appended", type=type(event).__name__, subject=event.subject)
                     case Send(command=command):
                         await bus.send(self.js, command)
-                    case Start(session_id=session_id, peer_ids=peer_ids):
-                        await self.start(self.state.sessions[session_id], peer_ids)
+                    case Start():
+                        await self.start(action)
                     case Reassign():
                         await self.reassign(action)
             except Exception as exc:
                 log.warning("action failed; will retry", action=repr(action)[:200], error=repr(exc))
+
+    async def append(self, event: Event, expected: int | None = None) -> int:
+        """Append ``event`` (a compare-and-set with ``expected``); the next decision waits until it is read back."""
+        seq = await (bus.append(self.js, event) if expected is None else self.cas_append(event, expected))
+        self.barrier = max(self.barrier, seq)
+        return seq
 
     async def cas_append(self, event: Event, expected: int) -> int:
         """Append ``event`` if its subject is still at ``expected``.
@@ -173,55 +132,35 @@ class Scheduler:
                 raise
         raise bus.WrongLastSequence(event.subject)
 
-    async def start(self, session: Session, peer_ids: tuple[str, ...]) -> None:
+    async def start(self, action: Start) -> None:
         """Lock every peer (all at once), start the session, send the Trains (all at once)."""
-        sid = session.request.session_id
-
-        async def lock(peer_id: str) -> int:
-            return await self.cas_append(PeerLocked(peer_id=peer_id, session_id=sid), self.state.peers[peer_id].seq)
-
-        results = await asyncio.gather(*(lock(p) for p in peer_ids), return_exceptions=True)
-        locked = [p for p, r in zip(peer_ids, results, strict=True) if isinstance(r, int)]
-        self.barrier = max([self.barrier, *(r for r in results if isinstance(r, int))])
+        sid = action.session_id
+        results = await asyncio.gather(
+            *(self.append(lock.event, lock.expected) for lock in action.locks), return_exceptions=True
+        )
+        locked = [(lock.event.peer_id, r) for lock, r in zip(action.locks, results, strict=True) if isinstance(r, int)]
         failed = [r for r in results if not isinstance(r, int)]
-        assignments = dict(zip(peer_ids, session.request.hyperparameters, strict=True))
-        shards = {p: i for i, p in enumerate(peer_ids)} if session.fedavg else {}
         try:
             if failed:
                 raise failed[0]
-            started = SessionStarted(event_id=f"{sid}.started", session_id=sid, assignments=assignments, shards=shards)
-            self.barrier = max(self.barrier, await self.cas_append(started, session.seq))
+            await self.append(action.started, action.expected)
         except bus.WrongLastSequence as exc:
             log.info("start lost a race; releasing and retrying", session_id=sid, subject=str(exc))
-            released = await asyncio.gather(
-                *(bus.append(self.js, PeerReleased(peer_id=p, session_id=sid)) for p in locked)
-            )
-            self.barrier = max([self.barrier, *released])
+            now = clocks()
+            await asyncio.gather(*(self.append(release(sid, p, seq, now)) for p, seq in locked))
             return
-        await asyncio.gather(
-            *(
-                bus.send(self.js, train_command(session.request, p, hp, self.store, shards.get(p, 0)))
-                for p, hp in assignments.items()
-            )
-        )
-        log.info("session started", session_id=sid, peers=list(peer_ids))
+        await asyncio.gather(*(bus.send(self.js, train) for train in action.trains))
+        log.info("session started", session_id=sid, peers=list(action.peer_ids))
 
     async def reassign(self, action: Reassign) -> None:
-        session = self.state.sessions[action.session_id]
-        sid, peer_id = action.session_id, action.peer_id
         try:
-            seq = await self.cas_append(PeerLocked(peer_id=peer_id, session_id=sid), self.state.peers[peer_id].seq)
+            await self.append(action.lock.event, action.lock.expected)
         except bus.WrongLastSequence:
             return  # the peer moved on; the next decision picks again
-        self.barrier = max(self.barrier, seq)
-        moved = ShardReassigned(
-            session_id=sid, shard=action.shard, from_peer_id=action.from_peer_id, to_peer_id=peer_id, round=action.round
-        )
-        self.barrier = max(self.barrier, await bus.append(self.js, moved))
-        hyperparameters = session.request.hyperparameters[action.shard]
-        command = train_command(session.request, peer_id, hyperparameters, self.store, action.shard, action.round)
-        await bus.send(self.js, msgspec.structs.replace(command, event_id=new_id()))  # each hand-over is new
-        log.info("shard reassigned", session_id=sid, shard=action.shard, peer_id=peer_id, round=action.round)
+        await self.append(action.moved)
+        await bus.send(self.js, action.train)
+        moved = action.moved
+        log.info("shard reassigned", session_id=moved.session_id, shard=moved.shard, peer_id=moved.to_peer_id)
 
 
 async def run(settings: Settings, stop: asyncio.Event) -> None:

@@ -1,0 +1,134 @@
+"""fedavg: each peer trains its shard for a round; the scheduler closes a round once every training
+participant published its update, or at a deadline adapted to the rounds seen so far, and acts on
+failed participants as the session's ``on_peer_failure`` says. The session's model is the one most
+peers agree on (by sha256), not a peer's own claim of accuracy."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from swarmtrain.common.events import RoundClosed, SessionRequested, ShardReassigned
+from swarmtrain.scheduler.actions import (
+    Action,
+    Append,
+    Clocks,
+    Config,
+    Reassign,
+    Timing,
+    digest,
+    lock,
+    peer_failed,
+    session_failed,
+    train_command,
+)
+from swarmtrain.scheduler.strategies.base import Assignment, best_validated
+
+if TYPE_CHECKING:
+    from swarmtrain.scheduler.state import Peer, Session
+
+
+class FedAvg:
+    name = "fedavg"
+    rounds = True
+
+    def assign(self, request: SessionRequested, peer_ids: Sequence[str]) -> Assignment:
+        """Peer i (in the given order) trains shard i with the request's i-th hyperparameters."""
+        return Assignment(
+            dict(zip(peer_ids, request.hyperparameters, strict=True)), {p: i for i, p in enumerate(peer_ids)}
+        )
+
+    def step(self, session: Session, idle: Sequence[Peer], clocks: Clocks, config: Config) -> list[Action]:
+        if not session.rounds_open:
+            return []
+        closing = close_round(session, clocks, config.timing)
+        if any(isinstance(a, Append) and isinstance(a.event, RoundClosed) for a in closing):
+            return closing  # a shard is handed over only into a round that stays open until the newcomer publishes
+        return closing + on_failures(session, idle, clocks, config)
+
+    def model(self, session: Session) -> str | None:
+        done = {p: r for p, r in session.runs.items() if r.status == "done" and r.model_uri}
+        if not done:
+            return None
+        # every honest peer holds the same averaged model: take the most common one
+        votes = Counter(r.model_sha256 for r in done.values())
+        agreed = min(votes, key=lambda sha: (-votes[sha], sha or ""))
+        return best_validated({p: r for p, r in done.items() if r.model_sha256 == agreed})
+
+
+STRATEGY = FedAvg()
+
+
+def round_deadline(session: Session, timing: Timing) -> float:
+    """Seconds after ``round_base`` that the open round may take: adapted to the rounds seen so far."""
+    seen = max(session.longest_round, (session.first_update or session.round_opened) - session.round_opened)
+    if seen <= 0:
+        return timing.first_round_timeout
+    return max(timing.round_min, timing.round_factor * seen)
+
+
+def close_round(session: Session, clocks: Clocks, timing: Timing) -> list[Action]:
+    """Close the open round once every training participant published, or at its deadline."""
+    sid, r = session.session_id, session.round
+    waiting = sorted(p for p, run in session.runs.items() if run.status == "training" and p not in session.updates)
+    overdue = clocks.wall - session.round_base > round_deadline(session, timing)
+    if waiting and not overdue:
+        return []
+    if not session.updates and not overdue:
+        return []  # nobody left to wait for and nothing to average: failures decide the session's fate
+    actions: list[Action] = [peer_failed(sid, p, f"missed the deadline of round {r}", clocks) for p in waiting]
+    if session.updates:
+        updates = [session.updates[p] for p in sorted(session.updates)]
+        closed = RoundClosed(
+            event_id=f"{sid}.r{r}.closed",
+            occurred_at=clocks.at,
+            session_id=sid,
+            round=r,
+            updates=updates,
+            left_out=waiting,
+        )
+        actions.append(Append(closed))
+    return actions
+
+
+def on_failures(session: Session, idle: Sequence[Peer], clocks: Clocks, config: Config) -> list[Action]:
+    """Act on participants that failed, as the session's ``on_peer_failure`` says."""
+    req, sid = session.request, session.session_id
+    failed = sorted(p for p, run in session.runs.items() if run.status == "failed")
+    if failed and req.on_peer_failure == "fail":
+        return [session_failed(sid, f"peer {failed[0]} failed", clocks)]
+    actions: list[Action] = []
+    if req.on_peer_failure == "reassign":
+        free = list(idle)
+        for shard in session.orphan_shards():
+            # a peer that already failed in this session comes last
+            candidates = sorted(free, key=lambda p: p.peer_id in session.runs)
+            if not candidates:
+                break
+            free.remove(chosen := candidates[0])
+            previous = max(p for p, run in session.runs.items() if run.shard == shard)
+            actions.append(hand_over(session, shard, previous, chosen, clocks, config))
+    if not actions and not any(run.status == "training" for run in session.runs.values()):
+        actions.append(session_failed(sid, "no participant left to train", clocks))
+    return actions
+
+
+def hand_over(session: Session, shard: int, previous: str, chosen: Peer, clocks: Clocks, config: Config) -> Reassign:
+    """``chosen`` takes ``shard`` over from ``previous`` in the open round, from the last average."""
+    req, sid, peer_id = session.request, session.session_id, chosen.peer_id
+    moved = ShardReassigned(
+        event_id=f"{sid}.{peer_id}.reassigned.{shard}",
+        occurred_at=clocks.at,
+        session_id=sid,
+        shard=shard,
+        from_peer_id=previous,
+        to_peer_id=peer_id,
+        round=session.round,
+    )
+    hyperparameters = req.hyperparameters[shard]
+    return Reassign(
+        lock=lock(sid, peer_id, chosen.seq, digest(sid, shard, peer_id, chosen.seq), clocks),
+        moved=moved,
+        train=train_command(req, peer_id, hyperparameters, shard, session.round, clocks, config.uri),
+    )
