@@ -13,7 +13,7 @@ from pathlib import Path
 
 import msgspec
 
-from swarmtrain.common import subjects
+from swarmtrain.common import metrics, subjects
 from swarmtrain.common.logging import configure
 from swarmtrain.common.settings import Settings, get_settings
 
@@ -22,6 +22,7 @@ def serve(main: Callable[[Settings, asyncio.Event], Awaitable[None]], settings: 
     """Run ``main(settings, stop)`` until SIGINT or SIGTERM sets ``stop``."""
     settings = settings or get_settings()
     configure(settings.log_level, settings.log_format)
+    metrics.expose(settings.metrics_port)
 
     async def runner() -> None:
         stop = asyncio.Event()

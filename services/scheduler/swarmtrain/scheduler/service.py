@@ -14,7 +14,7 @@ import structlog
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 
-from swarmtrain.common import blob, bus
+from swarmtrain.common import blob, bus, metrics
 from swarmtrain.common.events import (
     PRESENCE_SUBJECTS,
     Event,
@@ -130,7 +130,9 @@ class Scheduler:
 
     async def step(self) -> None:
         if self.state.position >= self.barrier:
-            await self.execute(decide(self.state, time.monotonic(), time.time(), self.timing))
+            with metrics.deciding():
+                actions = decide(self.state, time.monotonic(), time.time(), self.timing)
+            await self.execute(actions)
 
     async def execute(self, actions: Sequence[Action]) -> None:
         starts = [a for a in actions if isinstance(a, Start)]  # disjoint peers: run side by side
