@@ -57,8 +57,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
 
 
 def _configure_routes() -> list[ControllerRouterHandler]:
-    api = [healthz, readyz, AuthController, DatasetController, SessionController, PeerController]
-    return [*api, prometheus_metrics, *dashboard.ROUTES]
+    ui: list[ControllerRouterHandler] = [prometheus_metrics, *dashboard.ROUTES]
+    return [healthz, readyz, AuthController, DatasetController, SessionController, PeerController, *ui]
 
 
 def _configure_dependencies() -> dict[str, Provide]:

@@ -18,6 +18,7 @@ from litestar.params import FromPath
 from litestar.response import Redirect, Template
 from litestar.static_files import create_static_files_router
 from litestar.template.config import TemplateConfig
+from litestar.types import ControllerRouterHandler
 
 from swarmtrain.gateway.inputs import is_id
 
@@ -106,4 +107,4 @@ STATIC = create_static_files_router(
     cache_control=CacheControlHeader(max_age=300),
 )
 
-ROUTES = [DashboardController, home, STATIC]
+ROUTES: list[ControllerRouterHandler] = [DashboardController, home, STATIC]
