@@ -14,7 +14,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 
-from swarmtrain.common import subjects
+from swarmtrain.common import metrics, subjects
 from swarmtrain.common.events import Command, Event, encode
 from swarmtrain.common.logging import get_logger
 from swarmtrain.common.settings import Settings
@@ -106,6 +106,7 @@ async def append(js: JetStreamContext, event: Event, expected_last_subject_seq: 
                 return seq
             raise WrongLastSequence(event.subject) from exc
         raise
+    metrics.appended(event)
     return int(ack.seq)
 
 

@@ -111,6 +111,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     """debug, info, warning or error (SWARMTRAIN_LOG_LEVEL)."""
     log_format: str = "auto"
     """auto (console on a terminal, JSON otherwise), console or json (SWARMTRAIN_LOG_FORMAT)."""
+    metrics_port: int = 0
+    """Port on which the projector, scheduler or a peer serves Prometheus metrics at /metrics; 0 = off
+    (SWARMTRAIN_METRICS_PORT). The gateway serves its own at GET /metrics/prometheus."""
 
 
 PREFIX = "SWARMTRAIN_"

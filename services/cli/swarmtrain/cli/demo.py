@@ -1,14 +1,14 @@
 """``swarmtrain demo``: the whole product in one command, against a fresh local stack.
 
-Starts ``swarmtrain up`` on free ports, signs up a user, uploads the sample dataset, runs a sweep
-across the local peers (one learning rate each), shows every epoch live from the session's event
-stream, then the leaderboard, downloads the best model and stops the stack.
+Starts ``swarmtrain up`` on free ports, signs up a user, uploads the sample dataset (shipped in the
+package), runs a sweep across the local peers (one learning rate each), shows every epoch live from
+the session's event stream, then the leaderboard, downloads the best model and stops the stack. It
+goes through ``client.Client`` and ``clientcmds.Watcher``, the code paths of the user's commands.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import subprocess
@@ -16,14 +16,16 @@ import sys
 import tempfile
 import time
 import uuid
+from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 
 import httpx
 
+from swarmtrain.cli.client import ApiError, Client
+from swarmtrain.cli.clientcmds import ProgressBar, Watcher, print_result
 from swarmtrain.common.servers import free_port
-from swarmtrain.common.status import SESSION_TERMINAL
 
-TERMINAL = SESSION_TERMINAL
 LEARNING_RATES = [0.001, 0.003, 0.01, 0.03, 0.0003, 0.1]
 
 
@@ -39,16 +41,14 @@ def _wait_healthy(client: httpx.Client, proc: subprocess.Popen[bytes], log: Path
     raise RuntimeError(f"the stack did not come up in {timeout:.0f}s:\n{log.read_text()[-2000:]}")
 
 
-def _check(resp: httpx.Response, what: str) -> dict:  # type: ignore[type-arg]
-    if resp.status_code >= 400:
-        raise RuntimeError(f"{what} failed: {resp.status_code} {resp.text[:300]}")
-    body: dict = resp.json()  # type: ignore[type-arg]
-    return body
+def sample_dataset() -> Traversable:
+    """The digits CSV shipped inside the package (so the demo works after a plain ``pip install``)."""
+    return resources.files("swarmtrain.cli") / "data" / "digits.csv"
 
 
-def demo(peers: int, csv_path: Path, epochs: int) -> int:
-    if not csv_path.is_file():
-        raise RuntimeError(f"sample dataset not found at {csv_path}; pass --dataset FILE.csv")
+def demo(peers: int, csv_path: Path | None, epochs: int) -> int:
+    if csv_path is not None and not csv_path.is_file():
+        raise RuntimeError(f"dataset not found at {csv_path}")
     port, nats_port = free_port(), free_port()
     data_dir = Path(tempfile.mkdtemp(prefix="swarmtrain-demo-"))
     log = data_dir / "up.log"
@@ -69,24 +69,27 @@ def demo(peers: int, csv_path: Path, epochs: int) -> int:
     print(f"starting the stack: {' '.join(cmd[2:])}\n  (logs in {data_dir})", flush=True)
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=os.environ.copy())
-    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
+    api = f"http://127.0.0.1:{port}"
+    client = Client(api)  # the same client the `swarmtrain login/datasets/sessions` commands use
     try:
-        _wait_healthy(client, proc, log)
+        _wait_healthy(client.http, proc, log)
         email, password = f"demo-{uuid.uuid4().hex[:6]}@example.org", "demo-password-123"
-        _check(client.post("/auth/signup", json={"email": email, "password": password}), "sign-up")
-        token = _check(client.post("/auth/signin", json={"email": email, "password": password}), "sign-in")
-        client.headers["Authorization"] = f"Bearer {token['access_token']}"
-        print(f"gateway http://127.0.0.1:{port}  nats nats://127.0.0.1:{nats_port}", flush=True)
+        client.signup(email, password)
+        client.signin(email, password)
+        print(f"gateway {api}  dashboard {api}/ui/  nats nats://127.0.0.1:{nats_port}", flush=True)
+        print(f"  sign in to the dashboard as {email} / {password}", flush=True)
         print(f"  watch live events: swarmtrain tap --nats nats://127.0.0.1:{nats_port}", flush=True)
 
         deadline = time.monotonic() + 120
-        while len([p for p in _check(client.get("/peers"), "peers") if p["status"] == "online"]) < peers:  # type: ignore[attr-defined]
+        while len([p for p in client.peers() if p["status"] == "online"]) < peers:
             if time.monotonic() > deadline:
                 raise RuntimeError("peers did not come online in 120s")
             time.sleep(0.5)
-        with csv_path.open("rb") as f:
-            ds = _check(client.post("/datasets", files={"file": (csv_path.name, f, "text/csv")}), "upload")
-        print(f"dataset {ds['dataset_id']}: {ds['rows']} rows, {ds['features']} features, {ds['classes']} classes")
+        with contextlib.ExitStack() as files:
+            path = csv_path or files.enter_context(resources.as_file(sample_dataset()))
+            bar = ProgressBar(f"uploading {path.name}")
+            ds = client.upload(path, "label", bar)
+        bar.finish(f"dataset {ds['dataset_id']}: {ds['rows']} rows, {ds['features']} features, {ds['classes']} classes")
         hps = [
             {"epochs": epochs, "batch_size": 64, "lr": LEARNING_RATES[i % len(LEARNING_RATES)]} for i in range(peers)
         ]
@@ -99,38 +102,19 @@ def demo(peers: int, csv_path: Path, epochs: int) -> int:
             "validation_split": 0.2,
             "seed": 0,
         }
-        sid = _check(client.post("/sessions", json=body), "session")["session_id"]
+        sid = client.start(body)["session_id"]
         print(f"session {sid}: sweep over {peers} peers, lr = {[h['lr'] for h in hps]}", flush=True)
-        # every event of the session, live, from the gateway's Server-Sent Events stream
-        with client.stream("GET", f"/sessions/{sid}/stream", timeout=None) as events:
-            for line in events.iter_lines():
-                if not line.startswith("data:"):
-                    continue
-                event = json.loads(line[5:])
-                if event["type"] == "Heartbeat":
-                    va = event["val_accuracy"]
-                    print(
-                        f"  {event['peer_id'][:8]}  epoch {event['epoch']:>3}/{event['epochs']}"
-                        f"  loss {event['loss']:.4f}  val_acc {va if va is None else f'{va:.3f}'}"
-                        f"  {event['samples_per_s']:,.0f} samples/s",
-                        flush=True,
-                    )
-                elif event["type"] in ("PeerDone", "PeerFailed", "SessionStarted"):
-                    print(f"  {event['type']} {event.get('peer_id', '')[:8]} {event.get('reason', '')}", flush=True)
-        while (s := _check(client.get(f"/sessions/{sid}"), "session status"))["status"] not in TERMINAL:
-            time.sleep(0.2)  # the stream ended on the terminal event; the read model follows within moments
-        print(f"session {s['status']}")
+        print(f"  live in the browser: {api}/ui/sessions/{sid}", flush=True)
+        s = Watcher(client, sid).run()  # every epoch, live, from the session's event stream
+        print_result(s)
         if s["status"] != "completed":
             return 1
-        print("leaderboard (validation accuracy):")
-        for p in sorted(s["peers"], key=lambda p: -(p["val_accuracy"] or 0)):
-            star = "*" if p["peer_id"] == s["best_peer_id"] else " "
-            print(f" {star} {p['peer_id'][:8]}  lr {p['hyperparameters']['lr']:<7} val_acc {p['val_accuracy']:.3f}")
-        model = client.get(f"/sessions/{sid}/model")
         saved = Path.cwd() / f"swarmtrain-demo-{sid[:8]}.safetensors"
-        saved.write_bytes(model.content)
-        print(f"best model ({len(model.content)} bytes, safetensors) saved to {saved}")
+        size = client.download(sid, saved)
+        print(f"best model ({size} bytes, safetensors) saved to {saved}")
         return 0
+    except ApiError as exc:
+        raise RuntimeError(str(exc)) from None
     finally:
         client.close()
         with contextlib.suppress(ProcessLookupError):

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import msgspec
 
-from swarmtrain.common import subjects
+from swarmtrain.cli import clientcmds
+from swarmtrain.common import metrics, subjects
 from swarmtrain.common.logging import configure
 from swarmtrain.common.settings import Settings, get_settings
 
@@ -22,6 +23,7 @@ def serve(main: Callable[[Settings, asyncio.Event], Awaitable[None]], settings: 
     """Run ``main(settings, stop)`` until SIGINT or SIGTERM sets ``stop``."""
     settings = settings or get_settings()
     configure(settings.log_level, settings.log_format)
+    metrics.expose(settings.metrics_port)
 
     async def runner() -> None:
         stop = asyncio.Event()
@@ -150,7 +152,7 @@ def _up(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from swarmtrain.cli.demo import demo
 
-    return demo(peers=args.peers, csv_path=Path(args.dataset), epochs=args.epochs)
+    return demo(peers=args.peers, csv_path=Path(args.dataset) if args.dataset else None, epochs=args.epochs)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -214,8 +216,9 @@ def parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="start the stack, train the sample dataset on local peers, show the result")
     demo.add_argument("--peers", type=int, default=3)
     demo.add_argument("--epochs", type=int, default=15)
-    demo.add_argument("--dataset", default=str(Path(__file__).resolve().parents[4] / "examples" / "digits.csv"))
+    demo.add_argument("--dataset", help="a CSV with a `label` column (default: the packaged digits sample)")
     demo.set_defaults(func=_demo)
+    clientcmds.register(sub)
     return p
 
 

@@ -20,7 +20,7 @@ from litestar.types import ControllerRouterHandler
 from swarmtrain.common import blob, bus
 from swarmtrain.common.logging import get_logger
 from swarmtrain.common.settings import Settings, get_settings
-from swarmtrain.gateway import errors
+from swarmtrain.gateway import dashboard, errors
 from swarmtrain.gateway.auth import AuthController, make_jwt_auth
 from swarmtrain.gateway.blobs import BlobController
 from swarmtrain.gateway.datasets import DatasetController
@@ -30,6 +30,7 @@ from swarmtrain.gateway.limits import GatewayRequest
 from swarmtrain.gateway.passwords import Passwords
 from swarmtrain.gateway.peers import PeerController
 from swarmtrain.gateway.projection import ProjectionWatcher
+from swarmtrain.gateway.prometheus import prometheus_metrics
 from swarmtrain.gateway.sessions import SessionController
 from swarmtrain.gateway.state import Gateway, provide_gateway
 from swarmtrain.gateway.throttle import SignInThrottle
@@ -52,11 +53,13 @@ def create_app(settings: Settings | None = None) -> Litestar:
         request_class=GatewayRequest,
         openapi_config=_configure_openapi(),
         state=State({"settings": settings, "jwt_auth": jwt_auth}),
+        template_config=dashboard.TEMPLATES,
     )
 
 
 def _configure_routes() -> list[ControllerRouterHandler]:
-    return [healthz, readyz, AuthController, DatasetController, SessionController, PeerController, BlobController]
+    ui: list[ControllerRouterHandler] = [prometheus_metrics, *dashboard.ROUTES]
+    return [healthz, readyz, AuthController, DatasetController, SessionController, PeerController, BlobController, *ui]
 
 
 def _configure_dependencies() -> dict[str, Provide]:

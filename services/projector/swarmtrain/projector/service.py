@@ -10,7 +10,7 @@ import asyncpg
 from nats.aio.msg import Msg
 from nats.js import api
 
-from swarmtrain.common import bus
+from swarmtrain.common import bus, metrics
 from swarmtrain.common.events import Event, decode_event
 from swarmtrain.common.logging import get_logger
 from swarmtrain.common.settings import Settings
@@ -90,6 +90,7 @@ async def _apply_and_ack(pool: asyncpg.Pool, items: list[tuple[Msg, Event]], sto
             if stop.is_set():
                 return False
     await items[-1][0].ack()  # AckAll: acknowledges the whole batch, after the commit
+    metrics.applied(items)
     return True
 
 

@@ -16,7 +16,7 @@ import structlog
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 
-from swarmtrain.common import blob, bus
+from swarmtrain.common import blob, bus, metrics
 from swarmtrain.common.events import PRESENCE_SUBJECTS, Event, decode_event, decode_presence
 from swarmtrain.common.logging import get_logger
 from swarmtrain.common.settings import Settings
@@ -83,7 +83,9 @@ class Scheduler:
         beats, self.beats = self.beats, {}
         self.state = observe_beats(self.state, beats)
         if self.state.position >= self.barrier:
-            await self.execute(decide(self.state, clocks(), self.config))
+            with metrics.deciding():
+                actions = decide(self.state, clocks(), self.config)
+            await self.execute(actions)
 
     async def execute(self, actions: Sequence[Action]) -> None:
         starts = [a for a in actions if isinstance(a, Start)]  # disjoint peers: run side by side
