@@ -15,6 +15,7 @@ import msgspec
 from litestar import Litestar
 
 from swarmtrain.common.settings import Settings
+from tests.support import wait_for
 
 Client = httpx.AsyncClient
 Headers = dict[str, str]
@@ -99,18 +100,21 @@ async def live(settings: Settings) -> AsyncIterator[str]:
     task = asyncio.create_task(run(msgspec.structs.replace(settings, port=port), stop))
     base = f"http://127.0.0.1:{port}"
     try:
-        async with httpx.AsyncClient(base_url=base) as http, asyncio.timeout(30):
-            while True:
-                assert not task.done(), task.exception()
-                try:
-                    if (await http.get("/healthz")).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    await asyncio.sleep(0.05)
+        async with httpx.AsyncClient(base_url=base) as http:
+            await wait_for(lambda: healthy(http, task), "the gateway to answer /healthz", timeout=30)
         yield base
     finally:
         stop.set()
         await asyncio.wait_for(task, 20)
+
+
+async def healthy(http: httpx.AsyncClient, task: asyncio.Task[None]) -> bool:
+    """Whether the gateway served by ``task`` answers ``/healthz`` (its startup error, if it died)."""
+    assert not task.done(), task.exception()
+    try:
+        return (await http.get("/healthz")).status_code == 200
+    except httpx.TransportError:
+        return False
 
 
 def blocking(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, T]) -> T:

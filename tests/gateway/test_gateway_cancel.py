@@ -5,17 +5,19 @@ scheduler; the peers are stood in for by their presence beats)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator
 
+import nats
 import pytest
+from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
-from swarmtrain.common import bus
-from swarmtrain.common.events import Presence, Stop, decode_command, encode
+from swarmtrain.common import bus, subjects
+from swarmtrain.common.events import Stop, decode_command
 from swarmtrain.common.settings import Settings
 from tests.gateway.conftest import OnlinePeers
 from tests.gateway.helpers import HP, Client, Headers, small_csv, upload
+from tests.support import beating, wait_for
 
 
 @pytest.fixture
@@ -29,32 +31,12 @@ async def scheduler(settings: Settings, projector: None) -> AsyncIterator[None]:
     await asyncio.wait_for(task, 15)
 
 
-@contextlib.asynccontextmanager
-async def beating(js: JetStreamContext, peers: list[str], every_s: float) -> AsyncIterator[None]:
-    """The peers' presence beats, as running peers would send them."""
-    nc = js._nc
-
-    async def beat() -> None:
-        while True:
-            for peer_id in peers:
-                await nc.publish(
-                    f"peer.{peer_id}.presence", encode(Presence(peer_id=peer_id, name=peer_id, device="cpu"))
-                )
-            await asyncio.sleep(every_s)
-
-    task = asyncio.create_task(beat())
-    try:
-        yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
-
-async def wait_for(check: object, timeout: float = 15) -> None:
-    async with asyncio.timeout(timeout):
-        while not await check():  # type: ignore[operator]  # noqa: ASYNC110
-            await asyncio.sleep(0.1)
+@pytest.fixture
+async def nc(nats_url: str) -> AsyncIterator[NATS]:
+    """A plain NATS client on the test's server, for the fake peers' presence beats."""
+    client = await nats.connect(nats_url)
+    yield client
+    await client.drain()
 
 
 async def test_cancel_stops_and_releases_the_peers(
@@ -63,10 +45,11 @@ async def test_cancel_stops_and_releases_the_peers(
     online_peers: OnlinePeers,
     scheduler: None,
     js: JetStreamContext,
+    nc: NATS,
     settings: Settings,
 ) -> None:
     peers = await online_peers(2)
-    async with beating(js, peers, settings.presence_interval_s):
+    async with beating(nc, peers, settings.presence_interval_s):
         dataset_id = (await upload(client, alice, small_csv(rows=40))).json()["dataset_id"]
         body = {"dataset_id": dataset_id, "num_peers": 2, "hyperparameters": HP}
         sid = (await client.post("/sessions", json=body, headers=alice)).json()["session_id"]
@@ -75,7 +58,7 @@ async def test_cancel_stops_and_releases_the_peers(
             session = (await client.get(f"/sessions/{sid}", headers=alice)).json()
             return bool(session["status"] == "running" and len(session["peers"]) == 2)
 
-        await wait_for(running)
+        await wait_for(running, "the session to run on both peers", timeout=15, interval=0.1)
         statuses = {p["peer_id"]: p["status"] for p in (await client.get("/peers", headers=alice)).json()}
         assert statuses == {p: "training" for p in peers}
 
@@ -86,13 +69,13 @@ async def test_cancel_stops_and_releases_the_peers(
             listed = (await client.get("/peers", headers=alice)).json()
             return all(p["status"] == "online" and p["session_id"] is None for p in listed)
 
-        await wait_for(released)
+        await wait_for(released, "the peers to be released", timeout=15, interval=0.1)
         session = (await client.get(f"/sessions/{sid}", headers=alice)).json()
         assert session["status"] == "cancelled" and session["reason"] == "cancelled by its owner"
         assert {p["status"] for p in session["peers"]} == {"stopped"}
         stops = set()
         for peer_id in peers:
-            msg = await js.get_last_msg(bus.COMMANDS_STREAM, f"peer.{peer_id}.command")
+            msg = await js.get_last_msg(bus.COMMANDS_STREAM, subjects.peer_command(peer_id))
             assert msg.data is not None
             command = decode_command(msg.data)
             if isinstance(command, Stop) and command.session_id == sid:

@@ -21,7 +21,8 @@ from swarmtrain.gateway import create_app, run
 from swarmtrain.gateway.state import Gateway
 from swarmtrain.projector.projection import ensure_schema
 from tests.gateway.conftest import Append
-from tests.gateway.helpers import Client, Headers, serving, sign_up_and_in
+from tests.gateway.helpers import Client, Headers, healthy, serving, sign_up_and_in
+from tests.support import wait_for
 
 
 async def test_peers_with_their_status(client: Client, alice: Headers, append: Append) -> None:
@@ -77,14 +78,8 @@ async def test_run_serves_until_stopped(settings: Settings, projector: None) -> 
     stop = asyncio.Event()
     task = asyncio.create_task(run(msgspec.structs.replace(settings, port=port), stop))
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
-        async with asyncio.timeout(20):
-            while True:
-                assert not task.done(), task.exception()
-                try:
-                    r = await http.get("/healthz")
-                    break
-                except httpx.ConnectError:
-                    await asyncio.sleep(0.05)
+        await wait_for(lambda: healthy(http, task), "the gateway to answer /healthz", timeout=20)
+        r = await http.get("/healthz")
         assert r.json() == {"status": "ok"}
         r = await http.post("/auth/signup", json={"email": "h@example.com", "password": "long enough"})
         assert r.status_code == 201

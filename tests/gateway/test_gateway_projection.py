@@ -9,6 +9,7 @@ import asyncpg
 import pytest
 
 from swarmtrain.gateway.projection import APPLICATION_NAME, CHANNEL, ProjectionWatcher
+from tests.support import wait_for
 
 
 @pytest.fixture
@@ -45,6 +46,8 @@ async def test_wakes_on_notify_and_times_out_otherwise(watcher: ProjectionWatche
     assert not await watcher.wait_for(4, max_wait_s=0.2)
     waiting = asyncio.create_task(watcher.wait_for(5, max_wait_s=5))
     await project(db, 4)
+    # A negative window, not synchronisation: position 4 must not wake a wait for 5, and nothing
+    # can be awaited for something that does not happen, so give it a moment to go wrong.
     await asyncio.sleep(0.1)
     assert not waiting.done()
     await project(db, 5)
@@ -71,8 +74,13 @@ async def test_without_a_schema_it_waits_for_the_first_notify(database_url: str)
         conn = await asyncpg.connect(database_url)
         try:
             waiting = asyncio.create_task(watcher.wait_for(1, max_wait_s=5))
-            await asyncio.sleep(0.3)
-            await conn.execute("SELECT pg_notify($1, '1')", CHANNEL)
+
+            async def heard() -> bool:
+                # Re-sent until heard: a NOTIFY sent before the watcher LISTENs is lost, not queued.
+                await conn.execute("SELECT pg_notify($1, '1')", CHANNEL)
+                return watcher.position >= 1
+
+            await wait_for(heard, "the watcher to hear the first NOTIFY", timeout=5)
             assert await waiting
         finally:
             await conn.close()

@@ -3,9 +3,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -18,6 +17,7 @@ from swarmtrain.common.events import Heartbeat, Hyperparameters, PeerDone, Sessi
 from swarmtrain.common.settings import Settings
 from tests.gateway.conftest import Append, OnlinePeers
 from tests.gateway.helpers import HP, Headers, live, sign_up_and_in, small_csv, sse_frames, upload
+from tests.support import wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -49,13 +49,6 @@ async def new_session(s: Live) -> str:
 
 def beat(sid: str, peer: str, epoch: int) -> Heartbeat:
     return Heartbeat(session_id=sid, peer_id=peer, epoch=epoch, epochs=2, loss=0.5, accuracy=0.5, samples_per_s=9.0)
-
-
-async def eventually(probe: Callable[[], Awaitable[int]], expected: int, timeout: float = 10) -> None:
-    async with asyncio.timeout(timeout):
-        while (value := await probe()) != expected:  # noqa: ASYNC110 (polling the server, nothing to wait on)
-            await asyncio.sleep(0.05)
-    assert value == expected
 
 
 async def consumers(js: JetStreamContext) -> int:
@@ -125,7 +118,13 @@ async def test_a_client_that_hangs_up_frees_its_stream(served: Live, js: Any) ->
     assert r.status_code == 429 and "at most 2" in r.json()["detail"]
     for h in holders:
         await h.aclose()
-    await eventually(lambda: consumers(js), baseline)  # the readers of the hung-up streams deleted theirs
+
+    async def consumers_back_to_baseline() -> bool:
+        return await consumers(js) == baseline
+
+    # the readers of the hung-up streams deleted theirs
+    await wait_for(consumers_back_to_baseline, f"the consumer count to fall back to {baseline}")
+    assert await consumers(js) == baseline
     # the hung-up streams were released: more can be opened again, one after another
     for _ in range(3):
         assert (await first_frame())["event"] == "SessionRequested"
