@@ -48,24 +48,25 @@ async def message_count(js: JetStreamContext, stream: str) -> int:
 # ------------------------------------------------------------------ streams
 
 
-async def test_ensure_streams_creates_two_streams_with_their_subjects(bare_js: JetStreamContext) -> None:
+async def test_ensure_streams_creates_three_streams_with_their_subjects(bare_js: JetStreamContext) -> None:
     await bus.ensure_streams(bare_js)
 
     streams = {info.config.name: sorted(info.config.subjects or []) for info in await bare_js.streams_info()}
     assert streams == {
         "EVENTS": sorted(["session.*.events", "peer.*.events", "user.*.events", "dataset.*.events"]),
         "COMMANDS": ["peer.*.command"],
+        "REPORTS": ["peer.*.reports"],
     }
 
 
 async def test_ensure_streams_is_idempotent(bare_js: JetStreamContext) -> None:
     await bus.ensure_streams(bare_js)
     await bus.append(bare_js, failed("s1", "kept"))
-    before = {s: await stream_config(bare_js, s) for s in (bus.EVENTS_STREAM, bus.COMMANDS_STREAM)}
+    before = {s: await stream_config(bare_js, s) for s in (bus.EVENTS_STREAM, bus.COMMANDS_STREAM, bus.REPORTS_STREAM)}
 
     await bus.ensure_streams(bare_js)
 
-    after = {s: await stream_config(bare_js, s) for s in (bus.EVENTS_STREAM, bus.COMMANDS_STREAM)}
+    after = {s: await stream_config(bare_js, s) for s in (bus.EVENTS_STREAM, bus.COMMANDS_STREAM, bus.REPORTS_STREAM)}
     assert after == before
     assert await message_count(bare_js, bus.EVENTS_STREAM) == 1
 
@@ -73,7 +74,7 @@ async def test_ensure_streams_is_idempotent(bare_js: JetStreamContext) -> None:
 async def test_services_starting_together_all_ensure_the_streams(bare_js: JetStreamContext) -> None:
     await asyncio.gather(*(bus.ensure_streams(bare_js) for _ in range(4)))
 
-    assert {info.config.name for info in await bare_js.streams_info()} == {"COMMANDS", "EVENTS"}
+    assert {info.config.name for info in await bare_js.streams_info()} == {"COMMANDS", "EVENTS", "REPORTS"}
 
 
 async def test_ensure_streams_brings_old_subjects_up_to_date(bare_js: JetStreamContext) -> None:

@@ -278,7 +278,7 @@ class Poisoner(threading.Thread):
             if r % 2 == 0:
                 tensors = {k: torch.zeros(3, 3) for k in tensors}
             buf = io.BytesIO(save(tensors))
-            store, key = blob.resolve(f"{train.rounds_uri}/{r}/{self.peer_id}.safetensors")
+            store, key = blob.resolve(f"{train.rounds_uri}/{r}/{self.peer_id}.safetensors", self.settings)
             ref = await asyncio.to_thread(store.put_stream, key, buf, len(buf.getvalue()))
             await bus.append(
                 js,

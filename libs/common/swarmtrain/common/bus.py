@@ -15,14 +15,16 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 
 from swarmtrain.common import metrics, subjects
-from swarmtrain.common.events import Command, Event, encode
+from swarmtrain.common.events import Command, Event, Report, encode
 from swarmtrain.common.logging import get_logger
 from swarmtrain.common.settings import Settings
 
 EVENTS_STREAM = "EVENTS"
 COMMANDS_STREAM = "COMMANDS"
+REPORTS_STREAM = "REPORTS"
 EVENT_SUBJECTS = subjects.EVENT_SUBJECTS
 COMMAND_SUBJECTS = subjects.COMMAND_SUBJECTS
+REPORT_SUBJECTS = subjects.REPORT_SUBJECTS
 WRONG_LAST_SEQUENCE = 10071
 
 log = get_logger("swarmtrain.bus")
@@ -53,7 +55,7 @@ async def connect(settings: Settings, name: str, attempts: int = -1) -> NATS:
 
 
 async def ensure_streams(js: JetStreamContext) -> None:
-    """Create the two streams, or bring their subjects up to date; safe to call from every service.
+    """Create the three streams, or bring their subjects up to date; safe to call from every service.
 
     A stream that exists with its subjects is left alone, so a client allowed only to read stream
     info (a peer, see ``swarmtrain nats-config``) passes here once a service has created them.
@@ -70,6 +72,14 @@ async def ensure_streams(js: JetStreamContext) -> None:
         api.StreamConfig(
             name=COMMANDS_STREAM,
             subjects=COMMAND_SUBJECTS,
+            retention=api.RetentionPolicy.LIMITS,
+            storage=api.StorageType.FILE,
+            max_age=7 * 24 * 3600.0,
+            duplicate_window=120.0,
+        ),
+        api.StreamConfig(
+            name=REPORTS_STREAM,
+            subjects=REPORT_SUBJECTS,
             retention=api.RetentionPolicy.LIMITS,
             storage=api.StorageType.FILE,
             max_age=7 * 24 * 3600.0,
@@ -124,6 +134,14 @@ async def _own_last_sequence(js: JetStreamContext, event: Event) -> int | None:
 async def send(js: JetStreamContext, command: Command) -> int:
     headers = {"Nats-Msg-Id": command.event_id}
     ack = await js.publish(command.subject, encode(command), headers=headers, stream=COMMANDS_STREAM)
+    return int(ack.seq)
+
+
+async def report(js: JetStreamContext, report: Report) -> int:
+    """A peer's report on its own ``peer.<id>.reports`` subject (deduplicated by ``event_id``)."""
+    headers = {"Nats-Msg-Id": report.event_id}
+    subject = subjects.peer_reports(report.peer_id)
+    ack = await js.publish(subject, encode(report), headers=headers, stream=REPORTS_STREAM)
     return int(ack.seq)
 
 

@@ -287,6 +287,17 @@ class SessionCancelled(_SessionEvent, frozen=True, kw_only=True, tag="SessionCan
     reason: str = "cancelled by its owner"
 
 
+class ReportRejected(_PeerEvent, frozen=True, kw_only=True, tag="ReportRejected"):
+    """A peer's report that the scheduler refused to turn into a fact, and why (not assigned, round
+    not open, a value out of bounds, a URI it was not handed, a sample count that disagrees with
+    its shard ...). Stored on the reporting peer's own subject."""
+
+    session_id: str | None = None
+    report_type: str
+    report_id: str
+    reason: str
+
+
 Event = (
     UserRegistered
     | DatasetUploaded
@@ -295,6 +306,7 @@ Event = (
     | PeerWentOffline
     | PeerLocked
     | PeerReleased
+    | ReportRejected
     | SessionRequested
     | SessionStarted
     | Heartbeat
@@ -325,6 +337,9 @@ SessionEvent = (
     | SessionCancelled
 )
 TERMINAL_SESSION_EVENTS = (SessionCompleted, SessionFailed, SessionCancelled)
+Report = PeerRegistered | Heartbeat | ModelUpdatePublished | PeerDone | PeerFailed | UpdateRejected | RoundAveraged
+"""What a peer may say, on ``peer.<its id>.reports`` only: claims that the scheduler checks against
+what it knows before it appends the same message as a fact, or a ``ReportRejected``."""
 
 
 # ------------------------------------------------------------------ commands (peer.<id>.command)
@@ -357,13 +372,34 @@ class Train(_Command, frozen=True, kw_only=True, tag="Train"):
     rounds_uri: str = ""
     """fedavg: updates go to ``<rounds_uri>/<round>/<peer_id>.safetensors``, averages to
     ``<rounds_uri>/<round>/average.safetensors``."""
+    # Object-scoped, expiring URLs (``swarmtrain.common.signing``): what the peer may read and
+    # write, so that it holds no storage credentials. The ``*_uri`` fields above stay the names of
+    # the objects, which the peer reports back and the scheduler checks.
+    dataset_url: str = ""
+    """Signed GET of the dataset."""
+    output_url: str = ""
+    """Signed PUT of this peer's model (``output_uri``)."""
+    update_urls: dict[int, str] = msgspec.field(default_factory=dict)
+    """fedavg: round -> signed PUT of this peer's update for that round."""
+    average_urls: dict[int, str] = msgspec.field(default_factory=dict)
+    """fedavg: round -> signed PUT of that round's average."""
 
 
 class Stop(_Command, frozen=True, kw_only=True, tag="Stop"):
     session_id: str
 
 
-Command = Train | Stop
+class SessionFact(_Command, frozen=True, kw_only=True, tag="SessionFact"):
+    """A fact of a session the peer is assigned to, forwarded by the scheduler: a peer reads no
+    session's events itself. ``urls`` maps each object the fact names (an update's or average's
+    ``uri``) to a signed GET URL the peer may fetch it with."""
+
+    session_id: str
+    fact: SessionEvent
+    urls: dict[str, str] = msgspec.field(default_factory=dict)
+
+
+Command = Train | Stop | SessionFact
 
 
 # ------------------------------------------------------------------ presence (plain NATS, not stored)
@@ -374,6 +410,10 @@ class Presence(msgspec.Struct, frozen=True, kw_only=True):
     name: str
     device: str
     session_id: str | None = None
+    """The session whose job the peer is working on, if any."""
+    train_id: str | None = None
+    """The ``event_id`` of the ``Train`` it is working on: the scheduler compares it with its locks
+    and re-sends a ``Train`` that no beat shows being worked on."""
 
     @property
     def subject(self) -> str:
@@ -385,6 +425,7 @@ PRESENCE_SUBJECTS = subjects.PEER_PRESENCE
 _event_decoder = msgspec.json.Decoder(Event)
 _command_decoder = msgspec.json.Decoder(Command)
 _presence_decoder = msgspec.json.Decoder(Presence)
+_report_decoder = msgspec.json.Decoder(Report)
 _encoder = msgspec.json.Encoder()
 
 
@@ -401,6 +442,11 @@ def decode_event(data: bytes) -> Event:
 def decode_command(data: bytes) -> Command:
     command: Command = _command_decoder.decode(data)
     return command
+
+
+def decode_report(data: bytes) -> Report:
+    report: Report = _report_decoder.decode(data)
+    return report
 
 
 def decode_presence(data: bytes) -> Presence:
