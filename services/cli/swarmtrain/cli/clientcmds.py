@@ -17,9 +17,10 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, get_args
 
 from swarmtrain.cli.client import DEFAULT_API, ApiError, Client, Json, Login, load_login, save_login
+from swarmtrain.common.events import FEDAVG, OnPeerFailure, Strategy
 from swarmtrain.common.status import SESSION_TERMINAL
 
 EXIT_BY_STATUS = {"completed": 0, "failed": 1, "cancelled": 2}
@@ -251,7 +252,7 @@ def _sessions_ls(args: argparse.Namespace) -> int:
                 s["status"],
                 s["strategy"],
                 s["num_peers"],
-                s["rounds"] if s["strategy"] == "fedavg" else NONE,
+                s["rounds"] if _trains_in_rounds(s) else NONE,
                 _f(s["val_accuracy"] if s["val_accuracy"] is not None else s["best_val_accuracy"]),
                 s["created_at"][:19].replace("T", " "),
             ]
@@ -260,6 +261,19 @@ def _sessions_ls(args: argparse.Namespace) -> int:
         ["SESSION", "STATUS", "STRATEGY", "PEERS", "ROUNDS", "VAL ACC", "CREATED (UTC)"],
     )
     return 0
+
+
+def _trains_in_rounds(s: Json) -> bool:
+    """Whether the session averages in rounds: it has closed one, or asked for more than one (the
+    gateway refuses ``rounds`` above 1 to every other strategy); one that asked for 1 and has not
+    closed it yet is known by the contract's name of the only strategy with rounds today."""
+    return bool(s["round_figures"]) or s["rounds"] > 1 or s["strategy"] == FEDAVG
+
+
+def _shared_model(s: Json) -> bool:
+    """Whether the peers train one model together (each trains a shard of it), so that they are
+    not ranked against each other."""
+    return any(p["shard"] is not None for p in s["peers"]) or s["strategy"] == FEDAVG
 
 
 def print_result(s: Json, out: TextIO | None = None) -> None:
@@ -271,7 +285,7 @@ def print_result(s: Json, out: TextIO | None = None) -> None:
         + (f", val accuracy {_f(s['val_accuracy'])}" if s.get("val_accuracy") is not None else "")
         + "\n"
     )
-    if s["strategy"] == "fedavg" and s["round_figures"]:
+    if s["round_figures"]:
         out.write("rounds:\n")
         _table(
             [
@@ -288,7 +302,7 @@ def print_result(s: Json, out: TextIO | None = None) -> None:
             ["ROUND", "INCLUDED", "LEFT OUT", "REJECTED", "LOSS", "VAL ACC"],
             out,
         )
-    out.write("leaderboard (validation accuracy):\n" if s["strategy"] == "sweep" else "peers:\n")
+    out.write("peers:\n" if _shared_model(s) else "leaderboard (validation accuracy):\n")
     ranked = sorted(s["peers"], key=lambda p: -(p["val_accuracy"] if p["val_accuracy"] is not None else -1))
     _table(
         [
@@ -555,12 +569,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     start.add_argument("--file", help="a JSON body for POST /sessions; flags given override its fields")
     start.add_argument("--dataset", help="dataset id")
     start.add_argument("--peers", type=int, help="number of peers")
-    start.add_argument("--strategy", choices=["sweep", "fedavg"])
+    start.add_argument("--strategy", choices=get_args(Strategy))
     start.add_argument("--epochs", type=int, help="epochs per peer (fedavg: local epochs per round; default 10)")
     start.add_argument("--batch-size", type=int, help="default 64")
     start.add_argument("--lr", help="learning rate; sweep: comma separated, one per peer (default 0.003)")
     start.add_argument("--rounds", type=int, help="fedavg: averaging rounds")
-    start.add_argument("--on-peer-failure", choices=["reassign", "continue", "fail"], help="fedavg")
+    start.add_argument("--on-peer-failure", choices=get_args(OnPeerFailure), help=FEDAVG)
     start.add_argument("--model", choices=["mlp", "cnn"])
     start.add_argument("--hidden", help="hidden layer widths, e.g. 128,64")
     start.add_argument("--input-shape", help="cnn: C,H,W")

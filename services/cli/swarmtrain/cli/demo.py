@@ -24,6 +24,7 @@ import httpx
 
 from swarmtrain.cli.client import ApiError, Client
 from swarmtrain.cli.clientcmds import ProgressBar, Watcher, print_result
+from swarmtrain.common.events import SWEEP
 from swarmtrain.common.servers import free_port
 
 LEARNING_RATES = [0.001, 0.003, 0.01, 0.03, 0.0003, 0.1]
@@ -96,14 +97,14 @@ def demo(peers: int, csv_path: Path | None, epochs: int) -> int:
         body = {
             "dataset_id": ds["dataset_id"],
             "num_peers": peers,
-            "strategy": "sweep",
+            "strategy": SWEEP,
             "model": {"kind": "mlp", "hidden": [128, 64]},
             "hyperparameters": hps,
             "validation_split": 0.2,
             "seed": 0,
         }
         sid = client.start(body)["session_id"]
-        print(f"session {sid}: sweep over {peers} peers, lr = {[h['lr'] for h in hps]}", flush=True)
+        print(f"session {sid}: {SWEEP} over {peers} peers, lr = {[h['lr'] for h in hps]}", flush=True)
         print(f"  live in the browser: {api}/ui/sessions/{sid}", flush=True)
         s = Watcher(client, sid).run()  # every epoch, live, from the session's event stream
         print_result(s)

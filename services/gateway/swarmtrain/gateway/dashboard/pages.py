@@ -5,6 +5,10 @@ needs no token. The browser keeps the access token in ``sessionStorage`` and sen
 header on every API call (never in a URL, so never in a log); the live curves read
 ``GET /sessions/{id}/stream`` with ``fetch`` and a stream reader, because ``EventSource`` cannot
 send that header. A session page of someone else's session shows the API's 404, as the API does.
+
+No page names a strategy: the new-session form lists the contract's strategies, and every page
+carries the gateway's per-strategy rules as a JSON data block (``#strategy-rules``) that the script
+asks (``rules.rounds``, ``rules.shared_model``) instead of comparing names.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from litestar.template.config import TemplateConfig
 from litestar.types import ControllerRouterHandler
 
 from swarmtrain.gateway.inputs import is_id
+from swarmtrain.gateway.sessions import strategies
 
 try:
     from litestar.plugins.jinja import JinjaTemplateEngine
@@ -54,7 +59,14 @@ TEMPLATES: TemplateConfig[JinjaTemplateEngine] = TemplateConfig(
 def _page(name: str, status_code: int = 200, **context: Any) -> Template:
     return Template(
         template_name=f"{name}.html",
-        context={"page": name, "title": PAGES.get(name, "swarmtrain"), "prefix": PREFIX, "pages": PAGES, **context},
+        context={
+            "page": name,
+            "title": PAGES.get(name, "swarmtrain"),
+            "prefix": PREFIX,
+            "pages": PAGES,
+            "strategy_rules": strategies.as_json(),
+            **context,
+        },
         status_code=status_code,
         headers=SECURITY_HEADERS,
         media_type="text/html",

@@ -6,7 +6,7 @@ checks that every strategy has them); the checks in ``planning`` read them and n
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import get_args
 
 from swarmtrain.common.events import FEDAVG, SWEEP, Strategy
@@ -14,6 +14,8 @@ from swarmtrain.common.events import FEDAVG, SWEEP, Strategy
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class StrategyRules:
+    description: str
+    """One line for a person choosing a strategy (the dashboard shows it)."""
     shared_model: bool
     """The peers train one model together: one hyperparameters set for all of them."""
     rounds: bool
@@ -23,14 +25,29 @@ class StrategyRules:
 
 
 RULES: dict[Strategy, StrategyRules] = {
-    SWEEP: StrategyRules(shared_model=False, rounds=False, sharded=False),
-    FEDAVG: StrategyRules(shared_model=True, rounds=True, sharded=True),
+    SWEEP: StrategyRules(
+        description="each peer trains all the data with its own hyperparameters",
+        shared_model=False,
+        rounds=False,
+        sharded=False,
+    ),
+    FEDAVG: StrategyRules(
+        description="peers train shards and average their weights each round",
+        shared_model=True,
+        rounds=True,
+        sharded=True,
+    ),
 }
 STRATEGIES: tuple[Strategy, ...] = get_args(Strategy)
 
 
 def rules(strategy: Strategy) -> StrategyRules:
     return RULES[strategy]
+
+
+def as_json() -> dict[str, dict[str, object]]:
+    """Every strategy's rules by name, in the contract's order: what the dashboard's pages get."""
+    return {s: asdict(RULES[s]) for s in STRATEGIES}
 
 
 def with_rounds() -> list[Strategy]:

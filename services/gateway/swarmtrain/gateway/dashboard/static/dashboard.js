@@ -9,6 +9,14 @@ const body = document.body;
 const PREFIX = body.dataset.prefix || "/ui";
 const COLORS = ["#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2", "#ca8a04", "#db2777", "#4b5563", "#65a30d"];
 const TERMINAL = new Set(["completed", "failed", "cancelled"]);
+// each strategy's rules ({description, shared_model, rounds, sharded}) by name, from the page: the
+// script asks them (rules(s.strategy).rounds) and never compares a strategy's name
+const STRATEGY_RULES = JSON.parse(document.getElementById("strategy-rules").textContent);
+const NO_RULES = { description: "", shared_model: false, rounds: false, sharded: false };
+
+function rules(strategy) {
+  return STRATEGY_RULES[strategy] || NO_RULES;
+}
 
 // ------------------------------------------------------------------ API
 
@@ -389,7 +397,8 @@ async function newPage() {
   const form = $("#session-form");
   function toggle() {
     const f = formData(form);
-    form.classList.toggle("is-fedavg", f.strategy === "fedavg");
+    form.classList.toggle("has-rounds", rules(f.strategy).rounds);
+    form.classList.toggle("shared-model", rules(f.strategy).shared_model);
     form.classList.toggle("is-cnn", f.kind === "cnn");
   }
   form.addEventListener("change", toggle);
@@ -417,11 +426,11 @@ async function newPage() {
       num_peers: numPeers,
       strategy: f.strategy,
       model,
-      hyperparameters: f.strategy === "sweep" && lrs.length > 1 ? lrs.map(hp) : hp(lrs[0]),
+      hyperparameters: !rules(f.strategy).shared_model && lrs.length > 1 ? lrs.map(hp) : hp(lrs[0]),
       validation_split: Number(f.validation_split),
       seed: Number(f.seed),
     };
-    if (f.strategy === "fedavg") {
+    if (rules(f.strategy).rounds) {
       data.rounds = Number(f.rounds);
       data.on_peer_failure = f.on_peer_failure;
     }
@@ -469,7 +478,7 @@ async function sessionPage() {
     body.dataset.status = s.status;
     const model = s.model.kind + (s.model.hidden.length ? " " + s.model.hidden.join("×") : "");
     $("#summary").textContent = `${s.strategy} over ${s.num_peers} peers · ${model} · ` +
-      (s.strategy === "fedavg" ? `${s.rounds} rounds · ` : "") +
+      (rules(s.strategy).rounds ? `${s.rounds} rounds · ` : "") +
       `dataset ${short(s.dataset_id)} · created ${when(s.created_at)}` +
       (s.ended_at ? ` · took ${seconds(s.started_at || s.created_at, s.ended_at)}` : "") +
       (s.val_accuracy !== null ? ` · val accuracy ${fmt(s.val_accuracy)}` : "") +
@@ -484,7 +493,7 @@ async function sessionPage() {
       el("td", {}, fmt(p.loss)), el("td", {}, fmt(p.val_loss)), el("td", { class: "num" }, fmt(p.val_accuracy)),
       el("td", {}, p.samples_per_s ? Math.round(p.samples_per_s).toLocaleString() : "–"),
       el("td", {}, p.peer_id === s.best_peer_id ? "★ best" : (p.reason || "")))));
-    $("#rounds-section").hidden = s.strategy !== "fedavg";
+    $("#rounds-section").hidden = !rules(s.strategy).rounds;
     let previous = s.started_at;
     fillRows($("#rounds tbody"), s.round_figures.map((r) => {
       const row = el("tr", {},
@@ -623,7 +632,7 @@ async function sessionsPage() {
       } })),
       el("td", {}, el("a", { href: `${PREFIX}/sessions/${s.session_id}` }, el("code", { text: short(s.session_id) }))),
       el("td", {}, el("span", { class: "badge " + s.status, text: s.status })),
-      el("td", {}, s.strategy), el("td", {}, s.num_peers), el("td", {}, s.strategy === "fedavg" ? s.rounds : "–"),
+      el("td", {}, s.strategy), el("td", {}, s.num_peers), el("td", {}, rules(s.strategy).rounds ? s.rounds : "–"),
       el("td", {}, fmt(s.val_accuracy ?? s.best_val_accuracy)), el("td", {}, when(s.created_at)),
       el("td", {}, seconds(s.started_at, s.ended_at)))));
     if (!sessions.length) $("#sessions tbody").append(el("tr", {}, el("td", { colspan: 9 }, "No sessions yet: ", el("a", { href: PREFIX + "/new", text: "start one" }))));
