@@ -7,10 +7,12 @@ Playwright's own browser download is not used: the browser is the system's ``/us
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +48,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory, postgres_port: int) -> Itera
     servers.create_database(postgres_port, name)
     st = Stack(tmp_path_factory.mktemp("stack"), servers.postgres_url(postgres_port, name), peers=2)
     try:
-        st.wait_healthy()
+        # Playwright's sync API holds a running loop in this thread: the async wait runs in another
+        with ThreadPoolExecutor(1) as pool:
+            pool.submit(asyncio.run, st.wait_healthy()).result()
         yield st
     finally:
         assert not st.stop(), "swarmtrain up left processes behind"

@@ -7,15 +7,16 @@ from __future__ import annotations
 
 import re
 import struct
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.e2e.conftest import DIGITS, Stack, wait_for
+from tests.e2e.conftest import DIGITS, Stack
 
 pytestmark = pytest.mark.e2e
 PASSWORD = "correct horse battery staple"
@@ -54,6 +55,15 @@ def page(browser: Any, stack: Stack, screenshots: Path) -> Iterator[Any]:
         context.close()
 
 
+def _until(check: Callable[[], object], timeout: float, what: str) -> None:
+    """Ask ``check`` (a question to the page) every 0.2 s until it says yes; fail after ``timeout`` s.
+    (The page's CSP forbids eval, so Playwright's ``wait_for_function`` cannot poll a string.)"""
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
+        time.sleep(0.2)  # the polling interval; the condition itself is what is waited for
+
+
 def _ready(pg: Any) -> None:
     pg.wait_for_selector("body[data-ready='1']")
 
@@ -81,13 +91,11 @@ def _start(pg: Any, strategy: str, **fields: str) -> str:
 
 
 def _wait_peers(pg: Any, n: int) -> None:
-    wait_for(
-        lambda: (
-            pg.evaluate(
-                "fetch('/peers', {headers: {Authorization: 'Bearer ' + sessionStorage.getItem("
-                "'swarmtrain.token')}}).then(r => r.json()).then(ps => ps.filter(p => p.status === 'online').length)"
-            )
-            >= n
+    _until(
+        lambda: pg.evaluate(
+            "n => fetch('/peers', {headers: {Authorization: 'Bearer ' + sessionStorage.getItem('swarmtrain.token')}})"
+            ".then(r => r.json()).then(ps => ps.filter(p => p.status === 'online').length >= n)",
+            n,
         ),
         90,
         f"{n} idle peers",
@@ -124,7 +132,7 @@ def test_sweep_live_curves_leaderboard_and_download(page: Any, screenshots: Path
     _wait_peers(page, 2)
     sid = _start(page, "sweep", num_peers="2", epochs="30", batch_size="16", lr="0.003,0.01", hidden="256,128")
     page.wait_for_selector("body[data-points]")  # the first point is on a curve
-    wait_for(
+    _until(
         lambda: page.evaluate(
             "Number(document.body.dataset.points) >= 10 || document.body.dataset.status !== 'running'"
         ),

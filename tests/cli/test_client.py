@@ -3,6 +3,7 @@ watch to the end with non-TTY output, download, plot, and the operator's Prometh
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import stat
@@ -31,7 +32,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, postgres_port: int) -> Itera
     servers.create_database(postgres_port, name)
     st = Stack(tmp_path_factory.mktemp("stack"), servers.postgres_url(postgres_port, name), peers=2)
     try:
-        st.wait_healthy()
+        asyncio.run(st.wait_healthy())
         yield st
     finally:
         assert not st.stop(), "swarmtrain up left processes behind"
@@ -83,12 +84,16 @@ def dataset_id(cli: Cli) -> str:
 
 def _wait_idle_peers(cli: Cli, n: int) -> None:
     config = json.loads((cli.home / "config" / "swarmtrain" / "config.json").read_text())
-    api = Api(config["api_url"])
-    try:
-        api.client.headers["Authorization"] = f"Bearer {config['token']}"
-        api.wait_idle_peers(n)
-    finally:
-        api.client.close()
+
+    async def wait() -> None:
+        api = Api(config["api_url"])
+        try:
+            api.client.headers["Authorization"] = f"Bearer {config['token']}"
+            await api.wait_idle_peers(n)
+        finally:
+            await api.client.aclose()
+
+    asyncio.run(wait())
 
 
 def _png_size(path: Path) -> tuple[int, int]:
