@@ -14,7 +14,14 @@ from swarmtrain.common.settings import PREFIX, Settings
 from .composefile import ROOT, interpolate, load, service, variables
 
 SWARMTRAIN_SERVICES = ("gateway", "projector", "scheduler", "peer", "peer-gpu")
-SECRETS = ("SWARMTRAIN_JWT_SECRET", "POSTGRES_PASSWORD", "MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD")
+SECRETS = (
+    "SWARMTRAIN_JWT_SECRET",
+    "SWARMTRAIN_BLOB_SIGNING_SECRET",
+    "POSTGRES_PASSWORD",
+    "MINIO_ROOT_USER",
+    "MINIO_ROOT_PASSWORD",
+)
+STORE = ("SWARMTRAIN_BLOB_URL", "SWARMTRAIN_S3_ENDPOINT", "SWARMTRAIN_S3_ACCESS_KEY", "SWARMTRAIN_S3_SECRET_KEY")
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +116,7 @@ def test_no_secret_has_a_default(compose: dict[str, Any], tmp_path: Path) -> Non
             "MINIO_ROOT_USER": "u",
             "MINIO_ROOT_PASSWORD": "p",
             "SWARMTRAIN_JWT_SECRET": "s",
+            "SWARMTRAIN_BLOB_SIGNING_SECRET": "b",
             "SWARMTRAIN_NATS_DIR": str(tmp_path / "nats"),
         }
         service("gateway", env).environment()
@@ -130,10 +138,18 @@ def test_environment_is_settings_and_least_privilege(compose: dict[str, Any]) ->
         for key in env:
             assert key in fields, f"{name}: {key} is not a setting"
         assert env["SWARMTRAIN_NATS_URL"] == "nats://nats:4222"
+    # the blob store's keys and the URL-signing secret: the services that read, write or sign objects
+    for name in ("gateway", "scheduler"):
+        env = compose["services"][name]["environment"]
         assert env["SWARMTRAIN_BLOB_URL"].startswith("s3://")
+        assert {*STORE, "SWARMTRAIN_BLOB_SIGNING_SECRET", "SWARMTRAIN_BLOB_PUBLIC_URL"} <= set(env)
+    assert not set(STORE) & set(compose["services"]["projector"]["environment"])  # it reads no object
     for name in ("peer", "peer-gpu"):
         svc = compose["services"][name]
-        assert "SWARMTRAIN_DATABASE_URL" not in svc["environment"]  # peers never see the database
+        env = svc["environment"]
+        assert "SWARMTRAIN_DATABASE_URL" not in env  # peers never see the database
+        # nor hold a storage credential: what they read and write comes as signed URLs in commands
+        assert not [k for k in env if k in STORE or k.startswith("SWARMTRAIN_S3_") or "SECRET" in k], env
         assert "env_file" not in svc
         assert svc["command"][svc["command"].index("--credentials") + 1] == "/run/swarmtrain/peers"
         assert any(v.endswith("/peers:/run/swarmtrain/peers:ro") for v in svc["volumes"])

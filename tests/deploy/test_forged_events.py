@@ -1,17 +1,35 @@
-"""A peer may publish on any ``session.*.events`` (static NATS permissions cannot say "only my
-sessions"), so the consumers validate: a session event from a peer not assigned to the session
-changes neither the scheduler's decisions nor the read models."""
+"""Forged events: what a hostile peer with a real credential can still try, and what comes of it.
+
+Facts are written by services only (NATS refuses a peer's publish on any ``*.events`` subject:
+``test_permissions``), so the one thing a peer assigned to a session can still send is a report on
+its own ``peer.<id>.reports``. End to end, with the real scheduler and a real nats-server running
+the generated configuration: an honest report becomes the same fact, a forged one (in another
+peer's name, for a session it is not assigned to, naming an object it was not handed) becomes a
+``ReportRejected`` on the peer's own subject and changes nothing in the session.
+
+Defence in depth, kept from before the reports existed: should a session event of a peer not
+assigned to the session reach the log anyway, neither the scheduler's decisions nor the read
+models change.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import asyncpg
 import msgspec
+import nats.errors
 import pytest
+from nats.aio.client import Client as NATS
+from nats.js import api
 
+from swarmtrain.common import blob, bus, subjects
 from swarmtrain.common.events import (
+    TERMINAL_SESSION_EVENTS,
     Event,
     Heartbeat,
     Hyperparameters,
@@ -21,17 +39,26 @@ from swarmtrain.common.events import (
     PeerFailed,
     PeerRegistered,
     Presence,
+    Report,
+    ReportRejected,
     RoundAveraged,
     RoundClosed,
     RoundUpdate,
+    SessionCancelled,
     SessionStarted,
     UpdateRejected,
+    decode_event,
+    encode,
 )
+from swarmtrain.common.settings import from_env
 from swarmtrain.projector import projection
 from swarmtrain.scheduler.actions import Append, Clocks, Config
 from swarmtrain.scheduler.decide import decide
 from swarmtrain.scheduler.state import State, evolve, observe_presence
 from tests.factories import session_requested
+from tests.support import beating, wait_for
+
+from .conftest import SecuredNats
 
 HP = Hyperparameters(epochs=2, batch_size=32, lr=0.01)
 SID, A, B, MALLORY = "s1", "pa", "pb", "pm"
@@ -149,3 +176,118 @@ async def test_the_projector_ignores_session_events_from_unassigned_peers(
     reached = await projection.apply_batch(pool, list(enumerate(forged(), len(events) + 1)))
     assert reached == len(events) + len(forged())  # ignored events still move the position
     assert await read_models(pool) == before
+
+
+# ------------------------------------------------------------------ end to end: an assigned peer's reports
+
+SECRET = "test-only-blob-signing-secret-0123456789abcdef"
+
+
+async def facts(admin: NATS, subject: str) -> list[Event]:
+    """Every fact stored on ``subject`` so far, in order (an ephemeral consumer, no acks)."""
+    js = admin.jetstream()
+    sub = await bus.pull_consumer(js, bus.EVENTS_STREAM, ack=api.AckPolicy.NONE, filter_subject=subject)
+    try:
+        info = await sub.consumer_info()
+        out: list[Event] = []
+        while len(out) < (info.num_pending or 0):
+            got = await bus.fetch(sub, decode_event, timeout=2)
+            assert got, f"{subject}: fewer facts than pending"
+            out += [event for _, event in got]
+        return out
+    finally:
+        await sub.unsubscribe()
+
+
+@contextlib.asynccontextmanager
+async def scheduler(secured: SecuredNats, blob_dir: Path, tmp_path: Path) -> AsyncIterator[None]:
+    """The real scheduler, with its own credential, until the block ends."""
+    from swarmtrain.scheduler.service import run
+
+    settings = from_env(
+        {
+            **secured.env("scheduler"),
+            "SWARMTRAIN_NATS_URL": secured.url,
+            "SWARMTRAIN_BLOB_URL": blob_dir.as_uri(),
+            "SWARMTRAIN_BLOB_SIGNING_SECRET": SECRET,
+            "SWARMTRAIN_BLOB_PUBLIC_URL": "http://gateway.invalid:8000",
+            "SWARMTRAIN_STATE_DIR": str(tmp_path / "scheduler"),
+            "SWARMTRAIN_PEER_TIMEOUT_S": "5",
+        }
+    )
+    stop = asyncio.Event()
+    task = asyncio.create_task(run(settings, stop), name="scheduler")
+    try:
+        yield
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 20)
+
+
+async def test_an_assigned_peer_can_only_report_and_a_forged_report_is_rejected(
+    secured: SecuredNats, blob_dir: Path, tmp_path: Path
+) -> None:
+    admin = await secured.connect("admin")
+    gateway = (await secured.connect("gateway")).jetstream()
+    await bus.ensure_streams(gateway)
+    a, b = secured.env("peer-1")["SWARMTRAIN_PEER_ID"], secured.env("peer-2")["SWARMTRAIN_PEER_ID"]
+    dataset = blob.FileStore(blob_dir).put_bytes("datasets/d.csv", b"a,b,label\n1,2,x\n3,4,y\n")
+    sid = "f" * 32
+    await bus.append(gateway, session_requested(sid, 1, HP, dataset_uri=dataset.uri, dataset_sha256=dataset.sha256))
+    errors: list[str] = []
+    peer = await secured.connect("peer-1", errors)
+    js = peer.jetstream(timeout=2)
+
+    async with scheduler(secured, blob_dir, tmp_path), beating(peer, [a]):
+        await bus.report(js, PeerRegistered(peer_id=a, name="peer-1", device="cpu"))
+
+        async def started() -> SessionStarted | None:
+            return next((e for e in await facts(admin, f"session.{sid}.events") if isinstance(e, SessionStarted)), None)
+
+        start = await wait_for(started, "the scheduler to start the session on peer-1", timeout=30, interval=0.2)
+        assert set(start.assignments) == {a}
+
+        # an honest report becomes the same fact (same event_id)
+        beat = Heartbeat(session_id=sid, peer_id=a, epoch=1, epochs=1, loss=0.5, accuracy=0.5, samples_per_s=10.0)
+        await bus.report(js, beat)
+
+        async def recorded() -> bool:
+            return any(e.event_id == beat.event_id for e in await facts(admin, f"session.{sid}.events"))
+
+        await wait_for(recorded, "the honest heartbeat to become a fact", timeout=20, interval=0.2)
+
+        # the one fact it would most like to write is refused by NATS itself
+        with pytest.raises(nats.errors.TimeoutError):
+            await bus.append(peer.jetstream(timeout=0.5), SessionCancelled(session_id=sid, reason="forged"))
+
+        done: dict[str, Any] = {"model_sha256": "0" * 64, "epochs": 1, "loss": 0.0, "accuracy": 1.0}
+        forgeries: list[Report] = [
+            # in another peer's name (on its own subject: the only one it may publish to)
+            PeerDone(session_id=sid, peer_id=b, model_uri=dataset.uri, train_seconds=1.0, **done),
+            # for a session it is not assigned to
+            Heartbeat(session_id="e" * 32, peer_id=a, epoch=1, epochs=1, loss=0, accuracy=1, samples_per_s=1),
+            # naming an object it was not handed: the gateway's environment, another object of the store
+            PeerDone(session_id=sid, peer_id=a, model_uri="file:///proc/self/environ", train_seconds=1, **done),
+            PeerDone(session_id=sid, peer_id=a, model_uri=dataset.uri, train_seconds=1, **done),
+        ]
+        for report in forgeries:
+            headers = {"Nats-Msg-Id": report.event_id}
+            await js.publish(subjects.peer_reports(a), encode(report), headers=headers, stream=bus.REPORTS_STREAM)
+
+        async def rejected() -> dict[str, ReportRejected] | None:
+            seen = {e.report_id: e for e in await facts(admin, f"peer.{a}.events") if isinstance(e, ReportRejected)}
+            return seen if all(r.event_id in seen for r in forgeries) else None
+
+        rejections = await wait_for(rejected, "every forged report to be rejected", timeout=30, interval=0.2)
+        for report in forgeries:
+            rejection = rejections[report.event_id]
+            assert (rejection.peer_id, rejection.report_type) == (a, type(report).__name__)
+            assert rejection.reason, rejection
+        session = await facts(admin, f"session.{sid}.events")
+        forged_ids = {r.event_id for r in forgeries}
+        assert not [e for e in session if e.event_id in forged_ids]
+        assert not [e for e in session if isinstance(e, (PeerDone, SessionCancelled, *TERMINAL_SESSION_EVENTS))]
+        assert not await facts(admin, f"peer.{b}.events")  # nothing in the other peer's name either
+    assert [e for e in errors if "permissions violation" in e.lower()] == [
+        f'nats: permissions violation for publish to "session.{sid}.events"'
+    ], errors

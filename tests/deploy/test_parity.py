@@ -2,8 +2,8 @@
 processes, against the NATS configuration and credentials `swarmtrain nats-config` generated, an
 S3-compatible server standing in for MinIO (moto) and PostgreSQL; then a sweep through REST.
 
-What differs from compose, and only this: host names and ports (nats, minio, postgres and the
-gateway's port are rewritten to where the local servers listen), the peers' state folder, and
+What differs from compose, and only this: host names and ports (nats, minio, postgres, the
+gateway's public URL and its port are rewritten to where the local servers listen), the peers' state folder, and
 faster presence beats. Everything else comes from compose.yaml, so the two cannot drift apart.
 """
 
@@ -36,6 +36,7 @@ SECRETS = {
     "MINIO_ROOT_PASSWORD": "parity-password-0123456789",
     "POSTGRES_PASSWORD": "parity-pg-password",
     "SWARMTRAIN_JWT_SECRET": "parity-jwt-secret-0123456789abcdef0123456789",
+    "SWARMTRAIN_BLOB_SIGNING_SECRET": "parity-blob-signing-secret-0123456789abcdef",
 }
 
 
@@ -55,6 +56,7 @@ class Local:
             value.replace("nats://nats:4222", f"nats://127.0.0.1:{self.nats_port}")
             .replace("minio:9000", f"127.0.0.1:{self.s3_port}")
             .replace("@postgres:5432/swarmtrain", f"@127.0.0.1:{self.pg_port}/{self.database}")
+            .replace("http://gateway:8000", f"http://127.0.0.1:{self.gateway_port}")
         )
 
     def environment(self, svc: Service) -> dict[str, str]:
@@ -140,6 +142,7 @@ async def test_the_compose_services_run_a_sweep_as_local_processes(local: Local)
         "SWARMTRAIN_PRESENCE_INTERVAL_S": "0.3",
     }
     assert "SWARMTRAIN_DATABASE_URL" not in peer_env
+    assert not [k for k in peer_env if k.startswith(("SWARMTRAIN_S3_", "SWARMTRAIN_BLOB_"))]  # no storage keys
     for i in (1, 2):  # the same command twice: each claims its own credential
         local.start(f"peer{i}", peer_argv, peer_env)
 

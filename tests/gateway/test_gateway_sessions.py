@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import msgspec
 import pytest
 from nats.js import JetStreamContext
@@ -155,6 +157,10 @@ BAD_REQUESTS: list[tuple[dict[str, Any], str]] = [
     ({"strategy": "fedavg", "hyperparameters": HP, "rounds": 0}, "rounds must be at least 1"),
     ({"rounds": 3}, "rounds applies to fedavg only"),
     ({"strategy": "fedavg", "hyperparameters": HP, "on_peer_failure": "panic"}, "Invalid enum value 'panic'"),
+    ({"strategy": "fedavg", "hyperparameters": HP, "max_update_norm": 0}, "max_update_norm must be greater than 0"),
+    ({"strategy": "fedavg", "hyperparameters": HP, "max_update_norm": -1.5}, "max_update_norm must be greater than 0"),
+    ({"strategy": "fedavg", "hyperparameters": HP, "max_update_norm": "big"}, "max_update_norm: Expected `float"),
+    ({"max_update_norm": 10.0}, "max_update_norm applies to fedavg only"),
     ({"hyperparameters": [HP | {"epochs": 1.5}] * 2}, "hyperparameters[0].epochs: Expected `int`"),
     ({"colour": "blue"}, "unknown field `colour`"),
     # server-owned fields cannot be set by a request
@@ -185,6 +191,24 @@ async def test_non_finite_lr_is_400(client: Client, alice: Headers, dataset_id: 
     raw = json.dumps(session_body(dataset_id, 1, hyperparameters=HP)).replace('"lr": 0.01', '"lr": 1e999')
     r = await client.post("/sessions", content=raw, headers={**alice, "Content-Type": "application/json"})
     assert r.status_code == 400
+
+
+async def test_max_update_norm_reaches_the_request_finite_or_not_at_all(
+    client: Client, alice: Headers, dataset_id: str, online_peers: OnlinePeers, gateway: Gateway
+) -> None:
+    await online_peers(2)
+    body = session_body(dataset_id, strategy="fedavg", hyperparameters=HP, max_update_norm=12.5)
+    r = await client.post("/sessions", json=body, headers=alice)
+    assert r.status_code == 201, r.text
+    assert (await requested(gateway, r.json()["session_id"])).max_update_norm == 12.5
+    del body["max_update_norm"]
+    r = await client.post("/sessions", json=body, headers=alice)
+    assert (await requested(gateway, r.json()["session_id"])).max_update_norm is None
+    raw = json.dumps(body | {"max_update_norm": 1.0})
+    for huge, detail in (("1e999", "Number out of range"), ("1e13", "max_update_norm must be at most")):
+        data = raw.replace('"max_update_norm": 1.0', f'"max_update_norm": {huge}')
+        r = await client.post("/sessions", content=data, headers={**alice, "Content-Type": "application/json"})
+        assert r.status_code == 400 and detail in r.json()["detail"], r.text
 
 
 async def test_unknown_or_someone_elses_dataset_is_404(
@@ -276,6 +300,88 @@ async def test_progress_results_and_model_download(
     assert r.content == weights
     assert r.headers["content-type"] == "application/octet-stream"
     assert f'filename="{sid}.safetensors"' in r.headers["content-disposition"]
+
+
+async def test_the_model_route_serves_only_the_sessions_own_checked_object(
+    client: Client,
+    alice: Headers,
+    dataset_id: str,
+    online_peers: OnlinePeers,
+    append: Append,
+    gateway: Gateway,
+    blob_dir: Path,
+) -> None:
+    """A model URI is a fact's, and facts are written by services; should one name something else
+    anyway (appended here straight to the log, as a service credential could), the route serves
+    nothing but an object under ``sessions/<that session>/`` whose bytes match the recorded sha256."""
+    (peer,) = await online_peers(1)
+
+    async def new_session() -> str:
+        r = await client.post("/sessions", json=session_body(dataset_id, 1, hyperparameters=HP), headers=alice)
+        assert r.status_code == 201, r.text
+        return str(r.json()["session_id"])
+
+    async def complete(sid: str, uri: str, sha256: str, done_uri: str | None = None) -> httpx.Response:
+        """The session completed with ``uri`` as its model (the best peer's PeerDone named
+        ``done_uri``, by default the same, with ``sha256``); then GET its model."""
+        await append(
+            SessionStarted(session_id=sid, assignments={peer: Hyperparameters(**HP)}),
+            PeerDone(
+                session_id=sid,
+                peer_id=peer,
+                model_uri=uri if done_uri is None else done_uri,
+                model_sha256=sha256,
+                epochs=2,
+                loss=0.5,
+                accuracy=0.8,
+                train_seconds=1.0,
+            ),
+            SessionCompleted(session_id=sid, best_peer_id=peer, best_val_accuracy=0.8, model_uri=uri),
+        )
+        r = await client.get(f"/sessions/{sid}/model", headers=alice)
+        assert r.status_code != 500, r.text
+        return r
+
+    weights = b"\x08\x00\x00\x00\x00\x00\x00\x00{}      "
+    other = await new_session()
+    theirs = gateway.store.put_bytes(f"sessions/{other}/{peer}.safetensors", weights)
+    r = await complete(other, theirs.uri, theirs.sha256)
+    assert r.status_code == 200 and r.content == weights  # that session's own model is served
+
+    environ = await asyncio.to_thread(Path("/proc/self/environ").read_bytes)
+    root = blob_dir.as_uri()
+    forged = {
+        "the gateway's environment": ("file:///proc/self/environ", hashlib.sha256(environ).hexdigest()),
+        "a '..' into another session": (f"{root}/sessions/{{sid}}/../{other}/{peer}.safetensors", theirs.sha256),
+        "a '..' out of the store": (f"{root}/sessions/{{sid}}/../../../../proc/self/environ", "0" * 64),
+        "another session's object": (theirs.uri, theirs.sha256),
+        "the session's folder": (f"{root}/sessions/{{sid}}", "0" * 64),
+        "another store": ("s3://swarmtrain/sessions/{sid}/m.safetensors", "0" * 64),
+        "no URI at all": ("not a uri", "0" * 64),
+    }
+    for what, (template, sha256) in forged.items():
+        sid = await new_session()
+        r = await complete(sid, template.format(sid=sid), sha256)
+        assert r.status_code == 404, (what, r.status_code, r.text[:200])
+        assert "not an object of this session" in r.json()["detail"], what
+        assert weights not in r.content and environ[:64] not in r.content
+
+    # its own object, but not the bytes the fact recorded: 409 with the reason, nothing served
+    sid = await new_session()
+    own = gateway.store.put_bytes(f"sessions/{sid}/{peer}.safetensors", weights)
+    r = await complete(sid, own.uri, hashlib.sha256(b"other bytes").hexdigest())
+    assert r.status_code == 409 and "does not match the sha256" in r.json()["detail"]
+    assert weights not in r.content
+    # nor once the object has been replaced after the fact
+    gateway.store.put_bytes(f"sessions/{other}/{peer}.safetensors", weights + b" ")
+    r = await client.get(f"/sessions/{other}/model", headers=alice)
+    assert r.status_code == 409 and weights not in r.content
+
+    # a model whose sha256 no fact records (the best peer's PeerDone named another object)
+    sid = await new_session()
+    own = gateway.store.put_bytes(f"sessions/{sid}/{peer}.safetensors", weights)
+    r = await complete(sid, own.uri, own.sha256, done_uri=f"{root}/sessions/{sid}/elsewhere.safetensors")
+    assert r.status_code == 404 and "sha256" in r.json()["detail"]
 
 
 async def test_start_uploads_and_requests_in_one_go(
@@ -670,3 +776,20 @@ async def test_event_history_is_paginated_by_sequence(
         r = await client.get(f"/sessions/{sid}/events", params=params, headers=alice)
         assert r.status_code == 400, params
     assert (await client.get(f"/sessions/{sid}/events", headers=bob)).status_code == 404
+
+
+async def test_a_model_that_changes_while_it_is_served_is_never_sent_whole(tmp_path: Path) -> None:
+    """The route checks the sha256 before it streams; should the object be replaced in between,
+    the stream holds back its last chunk until the bytes hash right, and fails instead."""
+    from swarmtrain.common import blob
+    from swarmtrain.gateway.sessions.routes import checked_chunks
+
+    store = blob.FileStore(tmp_path)
+    data = bytes(range(256)) * (5 * blob.CHUNK // 512)  # two and a half chunks
+    ref = store.put_bytes("sessions/s/m.safetensors", data)
+    assert b"".join([c async for c in checked_chunks(store, "sessions/s/m.safetensors", ref.sha256)]) == data
+    sent: list[bytes] = []
+    with pytest.raises(blob.IntegrityError, match="changed while it was served"):
+        async for chunk in checked_chunks(store, "sessions/s/m.safetensors", "0" * 64):
+            sent.append(chunk)
+    assert 0 < len(b"".join(sent)) < len(data)

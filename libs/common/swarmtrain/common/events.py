@@ -187,6 +187,9 @@ class SessionRequested(_SessionEvent, frozen=True, kw_only=True, tag="SessionReq
     """fedavg: number of averaging rounds (``hyperparameters[i].epochs`` local epochs each)."""
     on_peer_failure: OnPeerFailure = "reassign"
     """fedavg: what a dead or stalled participant means for the session."""
+    max_update_norm: float | None = None
+    """fedavg: the largest L2 norm of an update (its weights minus the round's starting model) that
+    is averaged; a larger one is rejected. None: only non-finite or misshapen updates are."""
 
 
 class SessionStarted(_SessionEvent, frozen=True, kw_only=True, tag="SessionStarted"):

@@ -34,7 +34,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from swarmtrain.common.bus import COMMANDS_STREAM, EVENTS_STREAM
+from swarmtrain.common import subjects
+from swarmtrain.common.bus import COMMANDS_STREAM, EVENTS_STREAM, REPORTS_STREAM
 
 ACCOUNT = "SWARM"
 SERVICES = ("gateway", "scheduler", "projector", "tap")
@@ -44,8 +45,12 @@ SEED_KEY = "SWARMTRAIN_NATS_NKEY_SEED"
 INBOX_KEY = "SWARMTRAIN_NATS_INBOX_PREFIX"
 PEER_ID_KEY = "SWARMTRAIN_PEER_ID"
 
-_E, _C = EVENTS_STREAM, COMMANDS_STREAM
-_STREAMS_ADMIN = [f"$JS.API.STREAM.{op}.{stream}" for op in ("INFO", "CREATE", "UPDATE") for stream in (_E, _C)]
+_E, _C, _R = EVENTS_STREAM, COMMANDS_STREAM, REPORTS_STREAM
+SCHEDULER_REPORTS = "scheduler-reports"
+"""The scheduler's durable pull consumer on REPORTS (shared by every scheduler)."""
+PROJECTOR_DURABLE = "projector"
+
+_STREAMS_ADMIN = [f"$JS.API.STREAM.{op}.{stream}" for op in ("INFO", "CREATE", "UPDATE") for stream in (_E, _C, _R)]
 _EVENTS_READER = [
     "$JS.API.INFO",
     f"$JS.API.DIRECT.GET.{_E}",
@@ -61,20 +66,54 @@ _EVENTS_READER = [
     f"$JS.FC.{_E}.>",
 ]
 
+
+def _durable(stream: str, durable: str, filter_subject: str | None = None) -> list[str]:
+    """The JetStream API calls behind one named pull consumer: create it (with ``filter_subject``
+    in the API subject when given, so the server refuses any other filter in the body), look it up,
+    delete it, fetch from it, ack what it delivered; nothing on any other consumer."""
+    create = (
+        [f"$JS.API.CONSUMER.CREATE.{stream}.{durable}.{filter_subject}"]
+        if filter_subject
+        else [f"$JS.API.CONSUMER.CREATE.{stream}.{durable}", f"$JS.API.CONSUMER.DURABLE.CREATE.{stream}.{durable}"]
+    )
+    return [
+        *create,
+        f"$JS.API.CONSUMER.INFO.{stream}.{durable}",
+        f"$JS.API.CONSUMER.DELETE.{stream}.{durable}",
+        f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}",
+        f"$JS.ACK.{stream}.{durable}.>",
+    ]
+
+
+# Who may write what (README, "Trust model"). Facts (``*.events``) are written by services only;
+# a subject permission cannot tell one event type from another, so the gateway's session events
+# are its own requests and cancellations by its code, the scheduler's the rest.
 SERVICE_PERMISSIONS: dict[str, tuple[list[str], list[str]]] = {
     # name: (may publish, may subscribe); the identity's own inbox is added to the latter
     "gateway": (
-        ["user.*.events", "dataset.*.events", "session.*.events", *_STREAMS_ADMIN, *_EVENTS_READER],
-        ["session.*.events", "peer.*.events", "peer.*.presence", "dataset.*.events"],
+        # users, datasets, SessionRequested and SessionCancelled; reads EVENTS (read models'
+        # freshness, a session's history and live events)
+        [subjects.USER_EVENTS, subjects.DATASET_EVENTS, subjects.SESSION_EVENTS, *_STREAMS_ADMIN, *_EVENTS_READER],
+        [subjects.SESSION_EVENTS, subjects.PEER_EVENTS, subjects.PEER_PRESENCE, subjects.DATASET_EVENTS],
     ),
     "scheduler": (
-        ["session.*.events", "peer.*.events", "peer.*.command", *_STREAMS_ADMIN, *_EVENTS_READER],
-        ["peer.*.presence"],
+        # session and peer facts (locks, starts, rounds, ends, accepted reports, ReportRejected)
+        # and commands; reads EVENTS, and REPORTS through its one durable
+        [
+            subjects.SESSION_EVENTS,
+            subjects.PEER_EVENTS,
+            subjects.PEER_COMMANDS,
+            *_STREAMS_ADMIN,
+            *_EVENTS_READER,
+            *_durable(_R, SCHEDULER_REPORTS),
+            f"$JS.API.STREAM.MSG.GET.{_C}",  # the last command a peer was sent (a re-send)
+        ],
+        [subjects.PEER_PRESENCE],
     ),
     "projector": ([*_STREAMS_ADMIN, *_EVENTS_READER], []),
-    # a person's tap (nats-box, `swarmtrain tap`): reads live events, publishes nothing; user
-    # events are left out (they carry password hashes)
-    "tap": ([], ["session.*.events", "peer.*.events", "peer.*.presence", "dataset.*.events"]),
+    # a person's tap (nats-box, `swarmtrain tap`): reads live session events and publishes
+    # nothing; user events are left out (they carry password hashes), peers' and datasets' too
+    "tap": ([], [subjects.SESSION_EVENTS]),
 }
 
 
@@ -85,30 +124,25 @@ def inbox_prefix(identity: str) -> str:
 def peer_permissions(peer_id: str) -> tuple[list[str], list[str]]:
     """What peer ``peer_id`` may publish and subscribe to.
 
-    Its own presence and peer events; session events (a static permission cannot say "only the
-    sessions I am assigned to": the scheduler and the projector ignore session events from peers
-    not assigned to the session); the JetStream API calls behind ``bus.append`` (stream info), its
-    own command consumer ``peer-<id>`` on ``COMMANDS`` (created with its filter in the subject,
-    so it cannot be pointed at another peer's commands; looked up, fetched from, acked), and one
-    consumer ``peer-<id>`` on ``EVENTS`` filtered to one session's events (to follow a session,
-    e.g. a fedavg round closing). No stream deletes or purges, no other consumer, no other inbox.
+    A peer writes no fact: it publishes only its reports (``peer.<id>.reports``, into the REPORTS
+    stream: a plain publish whose ack comes back to its own inbox) and its presence beats. It reads
+    only its own commands, through its own durable ``peer-<id>`` on ``COMMANDS`` created with its
+    filter in the API subject (the server refuses a body that names another filter, so it cannot
+    be pointed at another peer's commands), looked up, fetched from and acked. The facts of the
+    sessions it is assigned to come to it as ``SessionFact`` commands, so it needs no consumer on
+    EVENTS at all. The stream-info calls let ``bus.ensure_streams`` pass once a service has created
+    the streams. No stream deletes or purges, no other consumer, no other inbox, no core subscribe.
     """
     durable = f"peer-{peer_id}"
+    command = subjects.peer_command(peer_id)
     publish = [
-        f"peer.{peer_id}.presence",
-        f"peer.{peer_id}.events",
-        "session.*.events",
-        f"$JS.API.STREAM.INFO.{_E}",
-        f"$JS.API.STREAM.INFO.{_C}",
-        f"$JS.API.CONSUMER.CREATE.{_C}.{durable}.peer.{peer_id}.command",
+        subjects.peer_reports(peer_id),
+        subjects.peer_presence(peer_id),
+        *(f"$JS.API.STREAM.INFO.{stream}" for stream in (_E, _C, _R)),
+        f"$JS.API.CONSUMER.CREATE.{_C}.{durable}.{command}",
         f"$JS.API.CONSUMER.INFO.{_C}.{durable}",
         f"$JS.API.CONSUMER.MSG.NEXT.{_C}.{durable}",
         f"$JS.ACK.{_C}.{durable}.>",
-        f"$JS.API.CONSUMER.CREATE.{_E}.{durable}.session.*.events",
-        f"$JS.API.CONSUMER.INFO.{_E}.{durable}",
-        f"$JS.API.CONSUMER.DELETE.{_E}.{durable}",
-        f"$JS.API.CONSUMER.MSG.NEXT.{_E}.{durable}",
-        f"$JS.ACK.{_E}.{durable}.>",
     ]
     return publish, []
 

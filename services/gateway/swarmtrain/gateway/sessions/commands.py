@@ -40,6 +40,7 @@ async def request_session(
             seed=plan.seed,
             rounds=plan.rounds,
             on_peer_failure=plan.on_peer_failure,
+            max_update_norm=plan.max_update_norm,
         )
     )
     return session_id

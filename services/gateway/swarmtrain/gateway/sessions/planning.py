@@ -29,6 +29,7 @@ class SessionPlan(msgspec.Struct, frozen=True, kw_only=True):
     seed: int
     rounds: int
     on_peer_failure: OnPeerFailure
+    max_update_norm: float | None = None
 
 
 def _at_most(name: str, value: int, cap: int) -> None:
@@ -82,6 +83,10 @@ def plan_session(data: SessionIn, settings: Settings) -> SessionPlan:
         raise ClientException(
             f"rounds applies to {', '.join(with_rounds())} only: a {data.strategy} has 1 round, not {data.rounds}"
         )
+    if data.max_update_norm is not None and not rules(data.strategy).rounds:
+        raise ClientException(
+            f"max_update_norm applies to {', '.join(with_rounds())} only: a {data.strategy} averages no updates"
+        )
     return SessionPlan(
         strategy=data.strategy,
         num_peers=data.num_peers,
@@ -91,6 +96,7 @@ def plan_session(data: SessionIn, settings: Settings) -> SessionPlan:
         seed=data.seed,
         rounds=data.rounds,
         on_peer_failure=data.on_peer_failure,
+        max_update_norm=data.max_update_norm,
     )
 
 

@@ -64,9 +64,19 @@ async def owned_status(pool: asyncpg.Pool, owner_id: str, session_id: str) -> st
 
 
 async def model_row(pool: asyncpg.Pool, owner_id: str, session_id: str) -> asyncpg.Record | None:
-    """``status`` and ``model_uri`` (``NULL`` until the session has a model)."""
+    """``status``, ``model_uri`` (``NULL`` until the session has a model) and ``model_sha256``: the
+    sha256 that the best peer's ``PeerDone`` gave for that very URI (``NULL`` if no such fact names
+    it: ``SessionCompleted`` carries no sha256 of its own)."""
     row: asyncpg.Record | None = await pool.fetchrow(
-        "SELECT status, model_uri FROM sessions WHERE session_id = $1 AND owner_id = $2", session_id, owner_id
+        """
+        SELECT s.status, s.model_uri, p.model_sha256
+        FROM sessions s
+        LEFT JOIN session_peers p
+            ON p.session_id = s.session_id AND p.peer_id = s.best_peer_id AND p.model_uri = s.model_uri
+        WHERE s.session_id = $1 AND s.owner_id = $2
+        """,
+        session_id,
+        owner_id,
     )
     return row
 

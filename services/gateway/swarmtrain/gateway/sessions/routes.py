@@ -9,6 +9,8 @@ that does not exist (``ownership.owned``).
 from __future__ import annotations
 
 import asyncio
+import hashlib
+from collections.abc import AsyncIterator, Generator
 from functools import partial
 from typing import Annotated, Any
 
@@ -20,6 +22,7 @@ from litestar.response import ServerSentEvent, Stream
 from litestar.security.jwt import Token
 
 from swarmtrain.common import blob
+from swarmtrain.common.logging import get_logger
 from swarmtrain.gateway import eventlog
 from swarmtrain.gateway.auth import BEARER, User
 from swarmtrain.gateway.csvcheck import CsvSummary
@@ -31,7 +34,7 @@ from swarmtrain.gateway.datasets import (
     reject_unknown_form_fields,
     store_dataset,
 )
-from swarmtrain.gateway.errors import documented
+from swarmtrain.gateway.errors import Conflict, documented
 from swarmtrain.gateway.ownership import owned
 from swarmtrain.gateway.sessions import commands, live, queries
 from swarmtrain.gateway.sessions.planning import (
@@ -57,6 +60,8 @@ from swarmtrain.gateway.state import Gateway
 JSON_BODY_LIMIT = 64 * 1024
 MAX_EVENTS_PAGE = 1000
 FORM_FIELDS = frozenset({"file", "num_peers", "hyperparameters", "label_column"})
+
+log = get_logger("swarmtrain.gateway.sessions")
 
 SessionId = Annotated[str, Parameter(description="A session id (32 hex digits).")]
 After = Annotated[int, QueryParameter(ge=0, le=2**63 - 1, description="Only events past this stream sequence.")]
@@ -248,7 +253,10 @@ class SessionController(Controller):
         "/{session_id:str}/model",
         media_type="application/octet-stream",
         summary="The session's model (safetensors): the best peer's (sweep) or the final average (fedavg)",
-        responses=documented(400, 401, 404),
+        description="Served only if it is an object of this session (`sessions/<session_id>/...` in the blob "
+        "store) whose bytes hash to the sha256 that the fact naming it recorded: 404 for anything else, 409 if "
+        "the object no longer matches that sha256.",
+        responses=documented(400, 401, 404, 409),
     )
     async def model(
         self, request: Request[User, Token, Any], session_id: FromPath[SessionId], gw: NamedDependency[Gateway]
@@ -256,11 +264,66 @@ class SessionController(Controller):
         row = await owned("session", session_id, partial(queries.model_row, gw.pool, request.user.user_id))
         if row["model_uri"] is None:
             raise NotFoundException(f"no model yet: the session is {row['status']}")
-        store, key = blob.resolve(row["model_uri"], gw.settings)
-        if not await asyncio.to_thread(store.exists, key):
-            raise NotFoundException("the session's model is missing from the blob store")
+        key = model_key(gw.store, session_id, row["model_uri"])
+        if row["model_sha256"] is None:
+            raise NotFoundException("no fact records the sha256 of the session's model, so it is not served")
+        await verified(gw.store, key, row["model_sha256"])
         return Stream(
-            store.iter_chunks(key),
+            checked_chunks(gw.store, key, row["model_sha256"]),
             media_type="application/octet-stream",
             headers={"Content-Disposition": f'attachment; filename="{session_id}.safetensors"'},
         )
+
+
+def model_key(store: blob.BlobStore, session_id: str, uri: str) -> str:
+    """The store key of a session's model URI; 404 unless it names an object under
+    ``sessions/<session_id>/`` of this store (never another session's object, never a file
+    outside the store: a ``file:///proc/self/environ`` or a ``..`` is refused before any read)."""
+    try:
+        key = store.key_of(uri)
+    except ValueError:  # OutsideStore, or a URI of another scheme
+        log.warning("model URI outside the store", session_id=session_id, uri=uri[:200])
+        raise NotFoundException("the session's model is not an object of this session") from None
+    if not key.startswith(f"sessions/{session_id}/"):
+        log.warning("model URI of another session", session_id=session_id, uri=uri[:200])
+        raise NotFoundException("the session's model is not an object of this session")
+    return key
+
+
+async def verified(store: blob.BlobStore, key: str, sha256: str) -> None:
+    """Read the object through (in a worker thread) and check its sha256: 404 if missing, 409 if
+    its bytes are not those the fact named (or too many to check)."""
+    try:
+        await asyncio.to_thread(store.verify, key, sha256)
+    except blob.BlobNotFound:
+        raise NotFoundException("the session's model is missing from the blob store") from None
+    except blob.OutsideStore:  # a FIFO or device planted in the store
+        raise NotFoundException("the session's model is not an object of this session") from None
+    except blob.IntegrityError:
+        log.warning("model sha256 mismatch", key=key)
+        raise Conflict("the stored model does not match the sha256 recorded when it was made") from None
+    except blob.TooLarge:
+        raise Conflict("the stored model is larger than the gateway may read") from None
+
+
+async def checked_chunks(store: blob.BlobStore, key: str, sha256: str) -> AsyncIterator[bytes]:
+    """The object's bytes, hashed as they go; the last chunk is held back until the hash matches,
+    so an object replaced between the check and the download ends in a broken response, never a
+    complete one with other bytes."""
+    chunks = store.iter_chunks(key)
+    digest = hashlib.sha256()
+    held: bytes | None = None
+    try:
+        while (chunk := await asyncio.to_thread(next, chunks, None)) is not None:
+            digest.update(chunk)
+            if held is not None:
+                yield held
+            held = chunk
+    finally:
+        if isinstance(chunks, Generator):
+            chunks.close()  # the file, at once, even when the client hung up
+    if digest.hexdigest() != sha256.lower():
+        log.warning("model changed while it was served", key=key)
+        raise blob.IntegrityError(f"{key}: changed while it was served")
+    if held is not None:
+        yield held
