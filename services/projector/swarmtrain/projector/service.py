@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import os
 from collections.abc import AsyncIterator
 
 import asyncpg
@@ -28,6 +29,8 @@ LEADER_LOCK = 0x5357_5450
 """pg_advisory_lock key held, on a connection of its own, by the one projector that projects."""
 STANDBY_POLL_S = 1.0
 """How often a standby projector asks for the leader's lock (the leader's death frees it at once)."""
+LEADER_APP = "swarmtrain-projector"
+"""The lock connection's application_name (with ``:<pid>``): who leads shows in pg_stat_activity."""
 LEADER_CHECK_S = 1.0
 """How often the leader checks that its lock's connection is alive."""
 BATCH = 512
@@ -104,7 +107,9 @@ async def _take_lead(settings: Settings, stop: asyncio.Event) -> asyncpg.Connect
     standing_by = False
     while not stop.is_set():
         try:
-            conn: asyncpg.Connection = await asyncpg.connect(settings.database_url, timeout=5)
+            conn: asyncpg.Connection = await asyncpg.connect(
+                settings.database_url, timeout=5, server_settings={"application_name": f"{LEADER_APP}:{os.getpid()}"}
+            )
         except _PG_DOWN as exc:
             log.warning("postgresql unreachable; waiting", error=repr(exc))
             await _pause(stop, STANDBY_POLL_S)
