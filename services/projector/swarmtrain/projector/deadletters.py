@@ -114,12 +114,21 @@ async def _apply(conn: asyncpg.Connection, deliveries: Sequence[Delivery], reach
     return await apply_in(conn, run, reached), dead
 
 
-async def project(pool: asyncpg.Pool, deliveries: Sequence[Delivery]) -> int:
+class Rewound(Exception):
+    """The stored position is behind what this projector committed: the database lost commits
+    (a crash of a server that does not fsync, a restore). Project again from its position."""
+
+
+async def project(pool: asyncpg.Pool, deliveries: Sequence[Delivery], committed: int | None = None) -> int:
     """Commit one batch (poison parked, position moved) in one transaction; returns the dead
-    letters it added. Raises what is not poison (the caller retries)."""
+    letters it added. Raises what is not poison (the caller retries), and ``Rewound`` if the
+    stored position is behind ``committed``, the position the caller last committed."""
     async with pool.acquire() as conn:
         async with conn.transaction():
-            _, added = await apply_quarantining(conn, deliveries, await lock_position(conn))
+            stored = await lock_position(conn)
+            if committed is not None and stored < committed:
+                raise Rewound(f"position {stored}, but {committed} was committed")
+            _, added = await apply_quarantining(conn, deliveries, stored)
         if added:
             metrics.DEAD_LETTERS.set(await count(conn))
     return added

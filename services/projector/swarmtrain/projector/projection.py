@@ -173,13 +173,14 @@ _UPDATE_PROGRESS = """
         val_accuracy = b.val_accuracy, samples_per_s = b.samples_per_s
     FROM unnest($1::text[], $2::text[], $3::integer[], $4::float8[], $5::float8[], $6::float8[], $7::float8[],
                 $8::float8[]) AS b(session_id, peer_id, epoch, loss, accuracy, val_loss, val_accuracy, samples_per_s)
-    WHERE sp.session_id = b.session_id AND sp.peer_id = b.peer_id AND sp.status = 'training'
+    WHERE sp.session_id = b.session_id AND sp.peer_id = b.peer_id AND sp.status = 'training' AND b.epoch >= sp.epoch
 """
 _TOUCH_ASSIGNED_PEERS = """
     INSERT INTO peers (peer_id, name, device, online, last_seen)
     SELECT b.peer_id, b.peer_id, 'unknown', false, max(b.at)
     FROM unnest($1::text[], $2::text[], $3::timestamptz[]) AS b(session_id, peer_id, at)
     WHERE EXISTS (SELECT 1 FROM session_peers sp WHERE sp.session_id = b.session_id AND sp.peer_id = b.peer_id)
+        AND NOT EXISTS (SELECT 1 FROM sessions s WHERE s.session_id = b.session_id AND s.status = ANY($4::text[]))
     GROUP BY b.peer_id
     ON CONFLICT (peer_id) DO UPDATE SET last_seen = GREATEST(peers.last_seen, EXCLUDED.last_seen)
 """
@@ -193,9 +194,11 @@ async def apply_heartbeats(conn: asyncpg.Connection, heartbeats: list[tuple[int,
     """Apply a run of consecutive heartbeats in three statements, however long the run.
 
     The same as applying them one by one: nothing in a run of heartbeats changes which peers a
-    session has or their status, so each beat's row stands alone, a peer's progress is its last
-    beat's (every beat overwrites it), and ``last_seen`` is the latest (it only ever grows). Only a
-    peer assigned to the beat's session is touched: a forged beat shows no peer.
+    session has or their status, so each beat's row stands alone (the first for its epoch: one row
+    per run and epoch), a peer's progress is its last beat's unless that beat is for an earlier
+    epoch (a late copy never winds it back), and ``last_seen`` is the latest (it only ever grows).
+    Only a peer assigned to the beat's session is touched: a forged beat shows no peer; a session
+    that ended takes no more beats.
     """
     if not heartbeats:
         return
@@ -215,9 +218,13 @@ async def apply_heartbeats(conn: asyncpg.Connection, heartbeats: list[tuple[int,
         for seq, e in heartbeats
     ]
     await conn.execute(_INSERT_HEARTBEATS, *_columns(rows, 10), _TERMINAL)
-    last = {(row[1], row[2]): row for row in rows}  # a peer's last beat in the run
+    last: dict[tuple[str, str], tuple[Any, ...]] = {}  # a peer's last beat of its highest epoch in the run
+    for row in rows:
+        key = (row[1], row[2])
+        if key not in last or row[3] >= last[key][3]:
+            last[key] = row
     await conn.execute(_UPDATE_PROGRESS, *_columns([row[1:9] for row in last.values()], 8))
-    await conn.execute(_TOUCH_ASSIGNED_PEERS, *_columns([(row[1], row[2], row[9]) for row in rows], 3))
+    await conn.execute(_TOUCH_ASSIGNED_PEERS, *_columns([(row[1], row[2], row[9]) for row in rows], 3), _TERMINAL)
 
 
 async def _touch_peer(conn: asyncpg.Connection, event: Event, peer_id: str, online: bool | None) -> None:

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 
 import asyncpg
 import nats.errors
+from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext, api
 
 from swarmtrain.common import bus, metrics
@@ -69,7 +70,7 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
         async with pool.acquire() as conn:
             await ensure_schema(conn)
         nc = await bus.connect(settings, "projector")
-        stack.push_async_callback(nc.drain)
+        stack.push_async_callback(_drain, nc)
         js = nc.jetstream()
         await bus.ensure_streams(js)
         while not stop.is_set():
@@ -80,6 +81,15 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
                 await _lead(pool, js, over)
             if not stop.is_set():
                 log.warning("projector lost its lead; standing by")
+
+
+async def _drain(nc: NATS) -> None:
+    """Drain the connection; stopped while NATS is away, just close it."""
+    try:
+        await nc.drain()
+    except nats.errors.Error:
+        with contextlib.suppress(OSError, nats.errors.Error):  # its socket is gone already
+            await nc.close()
 
 
 @contextlib.asynccontextmanager
@@ -148,7 +158,7 @@ async def _lead(pool: asyncpg.Pool, js: JetStreamContext, over: asyncio.Event) -
     while not over.is_set():
         try:
             await _project(pool, js, over)
-        except (nats.errors.Error, *_PG_DOWN) as exc:
+        except (nats.errors.Error, deadletters.Rewound, *_PG_DOWN) as exc:
             log.warning("projection interrupted; resuming from the stored position", error=repr(exc))
             await _pause(over, 1.0)
 
@@ -162,6 +172,7 @@ async def _project(pool: asyncpg.Pool, js: JetStreamContext, halt: asyncio.Event
     # The next fetch overlaps the commit of the batch before it; batches still commit, and are
     # acknowledged, one after the other and in order.
     applying: asyncio.Task[bool] | None = None
+    committed = reached  # what this consumer's batches committed: a database behind it lost commits
     try:
         while not halt.is_set():
             items = await _fetch(sub, BATCH, 0.5)
@@ -170,10 +181,11 @@ async def _project(pool: asyncpg.Pool, js: JetStreamContext, halt: asyncio.Event
                 if not await previous:
                     return
             if items:
-                applying = asyncio.create_task(_apply_and_ack(pool, items, halt))
+                applying = asyncio.create_task(_apply_and_ack(pool, items, halt, committed))
+                committed = max(committed, items[-1].seq)
     finally:
         if applying is not None:
-            with contextlib.suppress(asyncio.CancelledError, *_PG_DOWN):
+            with contextlib.suppress(asyncio.CancelledError, deadletters.Rewound, *_PG_DOWN):
                 await applying
         with contextlib.suppress(nats.errors.Error):
             await sub.unsubscribe()
@@ -189,14 +201,14 @@ async def _fetch(sub: JetStreamContext.PullSubscription, batch: int, timeout: fl
     return [deadletters.delivery(msg) for msg in msgs]
 
 
-async def _apply_and_ack(pool: asyncpg.Pool, items: list[Delivery], halt: asyncio.Event) -> bool:
+async def _apply_and_ack(pool: asyncpg.Pool, items: list[Delivery], halt: asyncio.Event, committed: int) -> bool:
     """Commit one fetched batch, then acknowledge it; False if halted before the database took it.
 
     Poison is parked in ``dead_letters`` within the commit; whatever else fails (PostgreSQL
     away, the connection lost) is retried, loudly, until the database takes the batch."""
     for attempt in itertools.count():
         try:
-            dead = await deadletters.project(pool, items)
+            dead = await deadletters.project(pool, items, committed)
             break
         except _PG_DOWN as exc:
             log.error("projection failed; retrying", first_seq=items[0].seq, attempt=attempt, error=repr(exc))
