@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import string
+import sys
 import typing
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -40,11 +41,15 @@ EXPECTED_SUBJECT: dict[type[Any], tuple[str, str]] = {
     events.PeerReleased: PEER,
     **{cls: SESSION for cls in typing.get_args(events.SessionEvent)},
     events.Train: ("peer.{}.command", "peer_id"),
+    events.ReportRejected: PEER,
     events.Stop: ("peer.{}.command", "peer_id"),
+    events.SessionFact: ("peer.{}.command", "peer_id"),
 }
 
-# Per-type properties run once per message type: fewer examples each keeps the file quick.
-PER_TYPE = settings(max_examples=50)
+# Per-type properties run once per message type: fewer examples each keeps the file quick. No
+# deadline: on a loaded machine a slow example is not a failure (no timing as pass/fail).
+PER_TYPE = settings(max_examples=50, deadline=None)
+ANY = settings(deadline=None)
 
 # Ids end up as subject tokens: no dots, spaces or wildcards.
 ids = st.text(string.ascii_letters + string.digits + "-_", min_size=1, max_size=32)
@@ -70,9 +75,12 @@ def strategy(t: mi.Type, name: str = "") -> st.SearchStrategy[Any]:
     the field it fills."""
     match t:
         case mi.StrType():
-            if name.endswith("_id"):
+            if t.pattern == events.SUBJECT_TOKEN or (t.pattern is None and name.endswith("_id")):
                 return ids
-            return st.text(min_size=t.min_length or 0, max_size=min(t.max_length or 20, 20))
+            if t.pattern not in (None, events.NO_NUL):
+                raise NotImplementedError(f"no strategy for the pattern {t.pattern!r} (field {name!r})")
+            alphabet = st.characters(blacklist_categories=["Cs"], blacklist_characters="\x00" if t.pattern else "")
+            return st.text(alphabet, min_size=t.min_length or 0, max_size=min(t.max_length or 20, 20))
         case mi.IntType():
             low, high = _bounds(t, -(2**63), 2**63 - 1)
             return st.integers(min_value=int(low), max_value=int(high))
@@ -142,6 +150,7 @@ def test_every_event_round_trips(cls: type[Any], data: st.DataObject) -> None:
 
 
 @pytest.mark.parametrize("cls", COMMAND_TYPES, ids=lambda c: c.__name__)
+@ANY
 @given(data=st.data())
 def test_every_command_round_trips(cls: type[Any], data: st.DataObject) -> None:
     command = data.draw(messages_of(cls))
@@ -152,6 +161,7 @@ def test_every_command_round_trips(cls: type[Any], data: st.DataObject) -> None:
     assert decoded == command
 
 
+@ANY
 @given(presence=messages_of(events.Presence))
 def test_presence_round_trips(presence: events.Presence) -> None:
     assert events.decode_presence(events.encode(presence)) == presence
@@ -220,6 +230,7 @@ json_values = st.recursive(
 
 
 @pytest.mark.parametrize("decode", DECODERS, ids=lambda d: d.__name__)
+@ANY
 @given(data=st.binary())
 def test_garbage_bytes_are_a_decode_error(decode: Any, data: bytes) -> None:
     with pytest.raises(DECODE_ERRORS):
@@ -227,6 +238,7 @@ def test_garbage_bytes_are_a_decode_error(decode: Any, data: bytes) -> None:
 
 
 @pytest.mark.parametrize("decode", DECODERS, ids=lambda d: d.__name__)
+@ANY
 @given(value=json_values, tag=st.text().filter(lambda t: t not in TAGS))
 def test_arbitrary_json_is_a_decode_error(decode: Any, value: Any, tag: str) -> None:
     with pytest.raises(DECODE_ERRORS):
@@ -309,3 +321,152 @@ def test_non_finite_learning_rates_are_refused() -> None:
     for lr in (math.nan, math.inf):
         with pytest.raises(msgspec.ValidationError, match="lr"):
             msgspec.convert({"epochs": 1, "batch_size": 1, "lr": lr}, events.Hyperparameters)
+
+
+# ------------------------------------------------------------------ value bounds (issue 10, item 5)
+#
+# Every value a message carries is bounded where it is decoded, for every producer: integers
+# within the PostgreSQL column that stores them, strings without NUL and of bounded length, floats
+# finite (or explicitly absent). A value out of bounds is a decode error, never a stored poison.
+
+INF = "__infinity__"
+"""Stands for JSON's ``1e999`` (which decodes as an infinity) until the body is serialised."""
+
+
+def _violations(t: mi.Type, nullable: bool = False) -> st.SearchStrategy[Any] | None:
+    """Values JSON can carry that a field of type ``t`` (``| None`` if ``nullable``) must refuse;
+    None for an unbounded type."""
+    match t:
+        case mi.IntType() if t.ge is not None or t.le is not None:
+            low, high = _bounds(t, -(2**80), 2**80)
+            return st.one_of(st.integers(max_value=int(low) - 1), st.integers(min_value=int(high) + 1))
+        case mi.FloatType():
+            return st.sampled_from([INF, "-" + INF, *([] if nullable else [None])])
+        case mi.StrType() if t.pattern or t.max_length:
+            bad: list[st.SearchStrategy[str]] = []
+            if t.pattern:
+                bad.append(st.builds(lambda a, b: f"{a}\x00{b}", st.text(max_size=5), st.text(max_size=5)))
+            if t.max_length:
+                bad.append(st.just("x" * (t.max_length + 1)))
+            return st.one_of(*bad)
+        case mi.UnionType():
+            nullable = any(isinstance(m, mi.NoneType) for m in t.types)
+            members = [_violations(m, nullable) for m in t.types if not isinstance(m, mi.NoneType)]
+            found = [m for m in members if m is not None]
+            return st.one_of(*found) if found else None
+        case mi.DateTimeType() if t.tz:
+            return st.just("2024-01-01T00:00:00")  # no zone
+    return None
+
+
+def _serialise(body: dict[str, Any]) -> bytes:
+    return json.dumps(body).replace(f'"{INF}"', "1e999").replace(f'"-{INF}"', "-1e999").encode()
+
+
+def _bounded_fields(cls: type[Any]) -> list[tuple[str, st.SearchStrategy[Any]]]:
+    info = mi.type_info(cls)
+    assert isinstance(info, mi.StructType)
+    found = [(f.encode_name, _violations(f.type)) for f in info.fields]
+    return [(name, bad) for name, bad in found if bad is not None]
+
+
+def test_every_number_and_string_field_of_every_message_is_bounded() -> None:
+    """No field may escape the rules: each int, float and str (top level) carries a bound."""
+    for cls in (*ALL_TYPES, events.Presence, events.RoundUpdate, events.Hyperparameters, events.ModelSpec):
+        info = mi.type_info(cls)
+        assert isinstance(info, mi.StructType)
+        for f in info.fields:
+            t = f.type
+            plain = [m for m in t.types if not isinstance(m, mi.NoneType)] if isinstance(t, mi.UnionType) else [t]
+            for member in plain:
+                if isinstance(member, mi.IntType | mi.FloatType | mi.StrType | mi.DateTimeType):
+                    assert _violations(member) is not None, f"{cls.__name__}.{f.name} is unbounded"
+                if isinstance(member, mi.ListType | mi.DictType):
+                    assert member.max_length is not None, f"{cls.__name__}.{f.name} has no length bound"
+
+
+@pytest.mark.parametrize("cls", (*ALL_TYPES, events.Presence), ids=lambda c: c.__name__)
+@PER_TYPE
+@given(data=st.data())
+def test_a_value_out_of_its_bounds_fails_decode(cls: type[Any], data: st.DataObject) -> None:
+    decode = (
+        events.decode_presence
+        if cls is events.Presence
+        else events.decode_event
+        if cls in EVENT_TYPES
+        else events.decode_command
+    )
+    body = wire(data.draw(messages_of(cls)))
+    name, bad = data.draw(st.sampled_from(_bounded_fields(cls)))
+    value = data.draw(bad)
+
+    with pytest.raises(msgspec.ValidationError):
+        decode(_serialise({**body, name: value}))
+
+
+@pytest.mark.parametrize(
+    ("message", "field", "value"),
+    [
+        (lambda: _beat(), "epoch", 2**31),  # integer column
+        (lambda: _beat(), "epochs", -1),
+        (lambda: _beat(), "loss", None),  # NaN is written as null
+        (lambda: _beat(), "loss", INF),
+        (lambda: _beat(), "val_loss", "-" + INF),
+        (lambda: _beat(), "peer_id", "p.1"),  # would be two subject tokens
+        (lambda: events.PeerRegistered(peer_id="p", name="n", device="cpu"), "name", "evil\x00name"),
+        (lambda: events.PeerRegistered(peer_id="p", name="n", device="cpu"), "device", "d" * 257),
+        (lambda: _done(), "model_uri", "file:///m\x00"),
+        (lambda: _dataset(), "rows", 2**31),
+        (lambda: _dataset(), "size_bytes", 2**63),
+        (lambda: session_requested(), "rounds", events.MAX_ROUNDS + 1),
+        (lambda: events.PeerFailed(session_id="s", peer_id="p", reason="r"), "reason", "r" * (events.MAX_TEXT + 1)),
+    ],
+)
+def test_known_poisons_fail_decode(message: Any, field: str, value: Any) -> None:
+    body = wire(message())
+    events.decode_event(_serialise(body))
+    with pytest.raises(msgspec.ValidationError, match=field):
+        events.decode_event(_serialise({**body, field: value}))
+
+
+def test_values_at_their_bounds_round_trip() -> None:
+    edge = [
+        msgspec.structs.replace(
+            _beat(), epoch=events.INT32_MAX, epochs=0, loss=sys.float_info.max, accuracy=-sys.float_info.max
+        ),
+        msgspec.structs.replace(_dataset(), rows=events.INT32_MAX, size_bytes=events.INT64_MAX, name="n" * 256),
+        events.PeerFailed(session_id="s", peer_id="p", reason="é" * events.MAX_TEXT),
+        session_requested(rounds=events.MAX_ROUNDS, hyperparameters=events.Hyperparameters(
+            epochs=events.MAX_EPOCHS, batch_size=1, lr=sys.float_info.max
+        )),
+    ]  # fmt: skip
+    for event in edge:
+        assert events.decode_event(events.encode(event)) == event
+    assert events.MAX_EPOCHS * events.MAX_ROUNDS <= events.INT32_MAX  # a run's epochs fit its column
+
+
+def test_bounded_text_makes_any_reason_a_valid_one() -> None:
+    reason = events.bounded_text("boom\x00" + "x" * 20_000)
+    event = events.PeerFailed(session_id="s", peer_id="p", reason=reason)
+    assert events.decode_event(events.encode(event)) == event
+    assert "\x00" not in reason and len(reason) == events.MAX_TEXT
+
+
+def _beat() -> events.Heartbeat:
+    return events.Heartbeat(
+        session_id="s", peer_id="p", epoch=1, epochs=2, loss=0.5, accuracy=0.5, val_loss=0.4, samples_per_s=1.0
+    )
+
+
+def _done() -> events.PeerDone:
+    return events.PeerDone(
+        session_id="s", peer_id="p", model_uri="file:///m", model_sha256="0", epochs=1, loss=0.1, accuracy=0.9,
+        train_seconds=1.0,
+    )  # fmt: skip
+
+
+def _dataset() -> events.DatasetUploaded:
+    return events.DatasetUploaded(
+        dataset_id="d", owner_id="u", name="n", uri="file:///d", sha256="0", size_bytes=1, rows=1, features=1,
+        classes=2, label_column="label",
+    )  # fmt: skip

@@ -37,8 +37,47 @@ MAX_LAYERS: Final = 32
 MAX_SEED: Final = 2**63 - 1
 MAX_VALIDATION_SPLIT: Final = 0.9
 MAX_LABEL_COLUMN: Final = 200
+INT32_MAX: Final = 2**31 - 1
+"""PostgreSQL ``integer``: every count, epoch, round, shard and row count is stored in one."""
+INT64_MAX: Final = 2**63 - 1
+"""PostgreSQL ``bigint``: sizes in bytes, seeds."""
+MAX_EPOCHS: Final = 100_000
+MAX_ROUNDS: Final = 10_000
+"""A run's epochs are stored as ``epochs * rounds`` in an ``integer``: 10^9 fits."""
+MAX_PEERS: Final = 10_000
+"""Peers in one session: bounds every per-peer list and map a message carries."""
+MAX_ID: Final = 128
+MAX_EVENT_ID: Final = 512
+"""Event ids are derived from their cause (``<session>.<peer>.locked.<cause>``), so longer than an id."""
+MAX_NAME: Final = 256
+MAX_URI: Final = 4096
+MAX_TEXT: Final = 8192
+"""Reasons and other free text: ``bounded_text`` cuts a longer one down."""
+NO_NUL: Final = r"^[^\x00]*$"
+"""PostgreSQL ``text`` holds no NUL: a string with one could be decoded but never stored."""
+SUBJECT_TOKEN: Final = r"^[^\x00\s.*>]+$"
+"""An id that becomes a subject token (``session.<id>.events``): no dot, wildcard or whitespace."""
 
-Epochs = Annotated[int, msgspec.Meta(ge=1)]
+Int32 = Annotated[int, msgspec.Meta(ge=-(2**31), le=INT32_MAX)]
+Count = Annotated[int, msgspec.Meta(ge=0, le=INT32_MAX)]
+"""A non-negative figure stored in a PostgreSQL ``integer``: epoch, rows, samples, round, shard."""
+BigCount = Annotated[int, msgspec.Meta(ge=0, le=INT64_MAX)]
+Finite = Annotated[float, msgspec.Meta(ge=-sys.float_info.max, le=sys.float_info.max)]
+"""Any finite float: NaN fails both bounds, an infinity one (JSON's ``1e999`` decodes as one)."""
+Id = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID, pattern=SUBJECT_TOKEN)]
+"""A user, dataset, peer or session id: it names subjects, so it is one subject token."""
+EventId = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_EVENT_ID, pattern=NO_NUL)]
+Ref = Annotated[str, msgspec.Meta(max_length=MAX_EVENT_ID, pattern=NO_NUL)]
+"""A reference to an id that is not a subject token (a best peer, a report's event id)."""
+Name = Annotated[str, msgspec.Meta(max_length=MAX_NAME, pattern=NO_NUL)]
+Uri = Annotated[str, msgspec.Meta(max_length=MAX_URI, pattern=NO_NUL)]
+Digest = Annotated[str, msgspec.Meta(max_length=MAX_NAME, pattern=NO_NUL)]
+"""A sha256 (hex), kept loose in form, bounded in size."""
+Text = Annotated[str, msgspec.Meta(max_length=MAX_TEXT, pattern=NO_NUL)]
+UtcTime = Annotated[datetime, msgspec.Meta(tz=True)]
+"""A timestamp with its time zone (UTC on the wire)."""
+
+Epochs = Annotated[int, msgspec.Meta(ge=1, le=MAX_EPOCHS)]
 BatchSize = Annotated[int, msgspec.Meta(ge=1, le=MAX_BATCH_SIZE)]
 LearningRate = Annotated[float, msgspec.Meta(gt=0, le=sys.float_info.max)]
 """Positive and finite (NaN fails ``gt``, infinity ``le``)."""
@@ -48,12 +87,21 @@ Widths = Annotated[list[Width], msgspec.Meta(max_length=MAX_LAYERS)]
 Channels = Annotated[list[Width], msgspec.Meta(min_length=1, max_length=MAX_LAYERS)]
 InputShape = Annotated[list[Width], msgspec.Meta(min_length=3, max_length=3)]
 """[C, H, W]."""
-NumPeers = Annotated[int, msgspec.Meta(ge=1)]
-Rounds = Annotated[int, msgspec.Meta(ge=1)]
+NumPeers = Annotated[int, msgspec.Meta(ge=1, le=MAX_PEERS)]
+Rounds = Annotated[int, msgspec.Meta(ge=1, le=MAX_ROUNDS)]
 Seed = Annotated[int, msgspec.Meta(ge=0, le=MAX_SEED)]
 ValidationSplit = Annotated[float, msgspec.Meta(gt=0, le=MAX_VALIDATION_SPLIT)]
 """The share of the rows held out for validation: more than none, and at most 0.9."""
-LabelColumn = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_LABEL_COLUMN)]
+LabelColumn = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_LABEL_COLUMN, pattern=NO_NUL)]
+PeerIds = Annotated[list[Id], msgspec.Meta(max_length=MAX_PEERS)]
+
+
+def bounded_text(text: str, limit: int = MAX_TEXT) -> str:
+    """``text`` as a ``Text`` field takes it: NUL dropped, cut to ``limit`` characters (a reason
+    quoting an exception or a traceback must never make its event undecodable)."""
+    text = text.replace("\x00", "")
+    return text if len(text) <= limit else text[: limit - 1] + "\u2026"
+
 
 ModelKind = Literal["mlp", "cnn"]
 Strategy = Literal["sweep", "fedavg"]
@@ -86,25 +134,25 @@ class ModelSpec(msgspec.Struct, frozen=True, kw_only=True):
 class RoundUpdate(msgspec.Struct, frozen=True, kw_only=True):
     """One peer's weights for a round, as named by ``RoundClosed``."""
 
-    peer_id: str
-    uri: str
-    sha256: str
-    num_samples: int
+    peer_id: Id
+    uri: Uri
+    sha256: Digest
+    num_samples: Count
 
 
 class _Message(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
-    event_id: str = msgspec.field(default_factory=new_id)
-    occurred_at: datetime = msgspec.field(default_factory=utcnow)
+    event_id: EventId = msgspec.field(default_factory=new_id)
+    occurred_at: UtcTime = msgspec.field(default_factory=utcnow)
 
 
 # ------------------------------------------------------------------ users and datasets
 
 
 class UserRegistered(_Message, frozen=True, kw_only=True, tag="UserRegistered"):
-    user_id: str
-    email: str
-    username: str
-    password_hash: str
+    user_id: Id
+    email: Name
+    username: Name
+    password_hash: Text
 
     @property
     def subject(self) -> str:
@@ -112,15 +160,15 @@ class UserRegistered(_Message, frozen=True, kw_only=True, tag="UserRegistered"):
 
 
 class DatasetUploaded(_Message, frozen=True, kw_only=True, tag="DatasetUploaded"):
-    dataset_id: str
-    owner_id: str
-    name: str
-    uri: str
-    sha256: str
-    size_bytes: int
-    rows: int
-    features: int
-    classes: int
+    dataset_id: Id
+    owner_id: Id
+    name: Name
+    uri: Uri
+    sha256: Digest
+    size_bytes: BigCount
+    rows: Count
+    features: Count
+    classes: Count
     label_column: LabelColumn
 
     @property
@@ -132,7 +180,7 @@ class DatasetUploaded(_Message, frozen=True, kw_only=True, tag="DatasetUploaded"
 
 
 class _PeerEvent(_Message, frozen=True, kw_only=True):
-    peer_id: str
+    peer_id: Id
 
     @property
     def subject(self) -> str:
@@ -140,8 +188,8 @@ class _PeerEvent(_Message, frozen=True, kw_only=True):
 
 
 class PeerRegistered(_PeerEvent, frozen=True, kw_only=True, tag="PeerRegistered"):
-    name: str
-    device: str
+    name: Name
+    device: Name
 
 
 class PeerWentOnline(_PeerEvent, frozen=True, kw_only=True, tag="PeerWentOnline"):
@@ -153,18 +201,18 @@ class PeerWentOffline(_PeerEvent, frozen=True, kw_only=True, tag="PeerWentOfflin
 
 
 class PeerLocked(_PeerEvent, frozen=True, kw_only=True, tag="PeerLocked"):
-    session_id: str
+    session_id: Id
 
 
 class PeerReleased(_PeerEvent, frozen=True, kw_only=True, tag="PeerReleased"):
-    session_id: str
+    session_id: Id
 
 
 # ------------------------------------------------------------------ sessions
 
 
 class _SessionEvent(_Message, frozen=True, kw_only=True):
-    session_id: str
+    session_id: Id
 
     @property
     def subject(self) -> str:
@@ -172,15 +220,15 @@ class _SessionEvent(_Message, frozen=True, kw_only=True):
 
 
 class SessionRequested(_SessionEvent, frozen=True, kw_only=True, tag="SessionRequested"):
-    owner_id: str
-    dataset_id: str
-    dataset_uri: str
-    dataset_sha256: str
+    owner_id: Id
+    dataset_id: Id
+    dataset_uri: Uri
+    dataset_sha256: Digest
     label_column: LabelColumn
     num_peers: NumPeers
     strategy: Strategy = SWEEP
     model: ModelSpec
-    hyperparameters: list[Hyperparameters]
+    hyperparameters: Annotated[list[Hyperparameters], msgspec.Meta(max_length=MAX_PEERS)]
     validation_split: ValidationSplit = 0.2
     seed: Seed = 0
     rounds: Rounds = 1
@@ -193,101 +241,101 @@ class SessionRequested(_SessionEvent, frozen=True, kw_only=True, tag="SessionReq
 
 
 class SessionStarted(_SessionEvent, frozen=True, kw_only=True, tag="SessionStarted"):
-    assignments: dict[str, Hyperparameters]
-    shards: dict[str, int] = msgspec.field(default_factory=dict)
+    assignments: Annotated[dict[Id, Hyperparameters], msgspec.Meta(max_length=MAX_PEERS)]
+    shards: Annotated[dict[Id, Count], msgspec.Meta(max_length=MAX_PEERS)] = msgspec.field(default_factory=dict)
     """fedavg: peer_id -> shard index (0 .. num_peers-1)."""
 
 
 class Heartbeat(_SessionEvent, frozen=True, kw_only=True, tag="Heartbeat"):
-    peer_id: str
-    epoch: int
-    epochs: int
-    loss: float
-    accuracy: float
-    val_loss: float | None = None
-    val_accuracy: float | None = None
-    samples_per_s: float
+    peer_id: Id
+    epoch: Count
+    epochs: Count
+    loss: Finite
+    accuracy: Finite
+    val_loss: Finite | None = None
+    val_accuracy: Finite | None = None
+    samples_per_s: Finite
 
 
 class PeerDone(_SessionEvent, frozen=True, kw_only=True, tag="PeerDone"):
-    peer_id: str
-    model_uri: str
-    model_sha256: str
-    epochs: int
-    loss: float
-    accuracy: float
-    val_loss: float | None = None
-    val_accuracy: float | None = None
-    train_seconds: float
+    peer_id: Id
+    model_uri: Uri
+    model_sha256: Digest
+    epochs: Count
+    loss: Finite
+    accuracy: Finite
+    val_loss: Finite | None = None
+    val_accuracy: Finite | None = None
+    train_seconds: Finite
 
 
 class ModelUpdatePublished(_SessionEvent, frozen=True, kw_only=True, tag="ModelUpdatePublished"):
     """fedavg: a participant's weights after its local epochs of ``round``."""
 
-    round: int
-    peer_id: str
-    uri: str
-    sha256: str
-    num_samples: int
-    loss: float
-    accuracy: float
+    round: Count
+    peer_id: Id
+    uri: Uri
+    sha256: Digest
+    num_samples: Count
+    loss: Finite
+    accuracy: Finite
 
 
 class RoundClosed(_SessionEvent, frozen=True, kw_only=True, tag="RoundClosed"):
     """fedavg: exactly the updates that make round ``round``'s average; ``left_out`` were awaited in vain."""
 
-    round: int
-    updates: list[RoundUpdate]
-    left_out: list[str] = msgspec.field(default_factory=list)
+    round: Count
+    updates: Annotated[list[RoundUpdate], msgspec.Meta(max_length=MAX_PEERS)]
+    left_out: PeerIds = msgspec.field(default_factory=list)
 
 
 class UpdateRejected(_SessionEvent, frozen=True, kw_only=True, tag="UpdateRejected"):
     """fedavg: an update named by ``RoundClosed`` that no peer applies (wrong tensors, NaN/Inf, bad hash)."""
 
-    round: int
-    peer_id: str
-    reason: str
-    reported_by: str
+    round: Count
+    peer_id: Id
+    reason: Text
+    reported_by: Id
 
 
 class RoundAveraged(_SessionEvent, frozen=True, kw_only=True, tag="RoundAveraged"):
     """fedavg: the weighted average of a closed round, stored at ``uri`` (identical on every peer)."""
 
-    round: int
-    uri: str
-    sha256: str
-    peer_id: str
-    val_loss: float | None = None
-    val_accuracy: float | None = None
+    round: Count
+    uri: Uri
+    sha256: Digest
+    peer_id: Id
+    val_loss: Finite | None = None
+    val_accuracy: Finite | None = None
     """The averaged model on the whole validation split."""
 
 
 class ShardReassigned(_SessionEvent, frozen=True, kw_only=True, tag="ShardReassigned"):
     """fedavg: a failed participant's shard handed to an idle peer, from round ``round`` on."""
 
-    shard: int
-    from_peer_id: str
-    to_peer_id: str
-    round: int
+    shard: Count
+    from_peer_id: Id
+    to_peer_id: Id
+    round: Count
 
 
 class PeerFailed(_SessionEvent, frozen=True, kw_only=True, tag="PeerFailed"):
-    peer_id: str
-    reason: str
+    peer_id: Id
+    reason: Text
 
 
 class SessionCompleted(_SessionEvent, frozen=True, kw_only=True, tag="SessionCompleted"):
-    best_peer_id: str
-    best_val_accuracy: float | None
-    model_uri: str
+    best_peer_id: Ref
+    best_val_accuracy: Finite | None
+    model_uri: Uri
 
 
 class SessionFailed(_SessionEvent, frozen=True, kw_only=True, tag="SessionFailed"):
-    reason: str
+    reason: Text
 
 
 class SessionCancelled(_SessionEvent, frozen=True, kw_only=True, tag="SessionCancelled"):
-    reason: str = "cancelled by its owner"
+    reason: Text = "cancelled by its owner"
 
 
 class ReportRejected(_PeerEvent, frozen=True, kw_only=True, tag="ReportRejected"):
@@ -295,10 +343,10 @@ class ReportRejected(_PeerEvent, frozen=True, kw_only=True, tag="ReportRejected"
     not open, a value out of bounds, a URI it was not handed, a sample count that disagrees with
     its shard ...). Stored on the reporting peer's own subject."""
 
-    session_id: str | None = None
-    report_type: str
-    report_id: str
-    reason: str
+    session_id: Id | None = None
+    report_type: Name
+    report_id: Ref
+    reason: Text
 
 
 Event = (
@@ -349,7 +397,7 @@ what it knows before it appends the same message as a fact, or a ``ReportRejecte
 
 
 class _Command(_Message, frozen=True, kw_only=True):
-    peer_id: str
+    peer_id: Id
 
     @property
     def subject(self) -> str:
@@ -357,39 +405,39 @@ class _Command(_Message, frozen=True, kw_only=True):
 
 
 class Train(_Command, frozen=True, kw_only=True, tag="Train"):
-    session_id: str
-    dataset_uri: str
-    dataset_sha256: str
+    session_id: Id
+    dataset_uri: Uri
+    dataset_sha256: Digest
     label_column: LabelColumn
     model: ModelSpec
     hyperparameters: Hyperparameters
     validation_split: ValidationSplit
     seed: Seed
-    output_uri: str
+    output_uri: Uri
     strategy: Strategy = SWEEP
-    shard: int = 0
-    num_shards: int = 1
+    shard: Count = 0
+    num_shards: Count = 1
     rounds: Rounds = 1
-    start_round: int = 1
+    start_round: Count = 1
     """fedavg: the first round this peer trains; it starts from the average of the round before."""
-    rounds_uri: str = ""
+    rounds_uri: Uri = ""
     """fedavg: updates go to ``<rounds_uri>/<round>/<peer_id>.safetensors``, averages to
     ``<rounds_uri>/<round>/average.safetensors``."""
     # Object-scoped, expiring URLs (``swarmtrain.common.signing``): what the peer may read and
     # write, so that it holds no storage credentials. The ``*_uri`` fields above stay the names of
     # the objects, which the peer reports back and the scheduler checks.
-    dataset_url: str = ""
+    dataset_url: Uri = ""
     """Signed GET of the dataset."""
-    output_url: str = ""
+    output_url: Uri = ""
     """Signed PUT of this peer's model (``output_uri``)."""
-    update_urls: dict[int, str] = msgspec.field(default_factory=dict)
+    update_urls: Annotated[dict[Count, Uri], msgspec.Meta(max_length=MAX_ROUNDS)] = msgspec.field(default_factory=dict)
     """fedavg: round -> signed PUT of this peer's update for that round."""
-    average_urls: dict[int, str] = msgspec.field(default_factory=dict)
+    average_urls: Annotated[dict[Count, Uri], msgspec.Meta(max_length=MAX_ROUNDS)] = msgspec.field(default_factory=dict)
     """fedavg: round -> signed PUT of that round's average."""
 
 
 class Stop(_Command, frozen=True, kw_only=True, tag="Stop"):
-    session_id: str
+    session_id: Id
 
 
 class SessionFact(_Command, frozen=True, kw_only=True, tag="SessionFact"):
@@ -397,9 +445,9 @@ class SessionFact(_Command, frozen=True, kw_only=True, tag="SessionFact"):
     session's events itself. ``urls`` maps each object the fact names (an update's or average's
     ``uri``) to a signed GET URL the peer may fetch it with."""
 
-    session_id: str
+    session_id: Id
     fact: SessionEvent
-    urls: dict[str, str] = msgspec.field(default_factory=dict)
+    urls: Annotated[dict[Uri, Uri], msgspec.Meta(max_length=MAX_PEERS)] = msgspec.field(default_factory=dict)
 
 
 Command = Train | Stop | SessionFact
@@ -409,12 +457,12 @@ Command = Train | Stop | SessionFact
 
 
 class Presence(msgspec.Struct, frozen=True, kw_only=True):
-    peer_id: str
-    name: str
-    device: str
-    session_id: str | None = None
+    peer_id: Id
+    name: Name
+    device: Name
+    session_id: Id | None = None
     """The session whose job the peer is working on, if any."""
-    train_id: str | None = None
+    train_id: Ref | None = None
     """The ``event_id`` of the ``Train`` it is working on: the scheduler compares it with its locks
     and re-sends a ``Train`` that no beat shows being worked on."""
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import msgspec
 
-from swarmtrain.cli import clientcmds
+from swarmtrain.cli import clientcmds, deadletters
 from swarmtrain.common import metrics, subjects
 from swarmtrain.common.logging import configure
 from swarmtrain.common.settings import Settings, get_settings
@@ -219,6 +219,7 @@ def parser() -> argparse.ArgumentParser:
     demo.add_argument("--dataset", help="a CSV with a `label` column (default: the packaged digits sample)")
     demo.set_defaults(func=_demo)
     clientcmds.register(sub)
+    deadletters.register(sub)
     return p
 
 

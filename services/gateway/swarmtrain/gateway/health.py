@@ -17,6 +17,7 @@ from litestar.openapi.datastructures import ResponseSpec
 from swarmtrain.common import bus
 from swarmtrain.gateway.errors import PROBLEM_JSON, Problem, documented, problem
 from swarmtrain.gateway.projection import PROJECTION_NAME
+from swarmtrain.gateway.prometheus import DEAD_LETTER_TABLE
 from swarmtrain.gateway.state import Gateway
 
 CHECK_TIMEOUT_S = 2.0
@@ -28,7 +29,7 @@ class Health(msgspec.Struct):
 
 class Readiness(msgspec.Struct, kw_only=True):
     status: str
-    """ready, or not ready."""
+    """ready; or degraded: serving, but some events sit in the projector's dead letters."""
     nats: str
     """connected, or what is wrong."""
     postgres: str
@@ -37,6 +38,8 @@ class Readiness(msgspec.Struct, kw_only=True):
     projection_position: int | None
     projection_lag: int | None
     """Events appended but not yet in the read models: stream_last_seq - projection_position."""
+    dead_letters: int = 0
+    """Events the projector could not apply and skipped (``swarmtrain deadletters ls``)."""
 
 
 class NotReady(Problem, kw_only=True):
@@ -73,11 +76,21 @@ async def _projection_position(gw: Gateway) -> tuple[str, int | None]:
     return "reachable", int(value or 0)
 
 
+async def _dead_letters(gw: Gateway) -> int:
+    """The projector's dead letters; 0 where it has no such table yet, or where it cannot be read
+    now (readiness then rests on the position's answer, which fails the same way)."""
+    try:
+        return int(await gw.pool.fetchval(f"SELECT count(*) FROM {DEAD_LETTER_TABLE}", timeout=CHECK_TIMEOUT_S) or 0)
+    except Exception:
+        return 0
+
+
 @get(
     "/readyz",
     tags=["health"],
-    summary="Readiness: NATS connected, PostgreSQL reachable, and the projection's lag",
-    description="503 (a problem with the same `nats` and `postgres` fields) when either is not.",
+    summary="Readiness: NATS connected, PostgreSQL reachable, the projection's lag and dead letters",
+    description="503 (a problem with the same `nats` and `postgres` fields) when either is not; 200 with "
+    "`status: degraded` and the count when the projector has parked events it could not apply.",
     responses={
         **documented(),
         503: ResponseSpec(
@@ -90,11 +103,14 @@ async def _projection_position(gw: Gateway) -> tuple[str, int | None]:
 )
 async def readyz(request: Request[Any, Any, Any]) -> Response[Readiness]:
     gw: Gateway = request.app.state.gateway
-    (nats_state, last), (pg_state, position) = await asyncio.gather(_stream_last_seq(gw), _projection_position(gw))
+    (nats_state, last), (pg_state, position), dead = await asyncio.gather(
+        _stream_last_seq(gw), _projection_position(gw), _dead_letters(gw)
+    )
     if last is None or position is None:
         return problem(503, "not ready", {"Retry-After": "1"}, nats=nats_state, postgres=pg_state)
     body = Readiness(
-        status="ready",
+        status="degraded" if dead else "ready",
+        dead_letters=dead,
         nats=nats_state,
         postgres=pg_state,
         stream_last_seq=last,

@@ -32,15 +32,20 @@ from swarmtrain.common.events import (
     UserRegistered,
 )
 from swarmtrain.common.lifecycle import ends_session, run_after, session_after, starts_session, takes_new_runs
-from swarmtrain.common.status import RunStatus, SessionStatus
+from swarmtrain.common.status import SESSION_TERMINAL, RunStatus, SessionStatus
 
 NAME = "main"
 CHANNEL = "swarmtrain_projection"
 TABLES = ("users", "datasets", "peers", "sessions", "session_peers", "heartbeats", "session_rounds", "round_updates")
-SCHEMA_VERSION = 3
+"""The read models."""
+BOOKKEEPING = ("applied_events", "dead_letters")
+"""The projector's own tables, emptied and rebuilt with the read models (the gateway reads only the
+dead letters' count)."""
+SCHEMA_VERSION = 4
 """Bump on any change to schema.sql, or to how events are applied: on start (``ensure_schema``) a
 database built with another version has its read models dropped and rebuilt from sequence 1."""
 _SCHEMA_LOCK = 0x5357_5452  # pg_advisory_xact_lock key: one ensure_schema at a time
+_TERMINAL = sorted(SESSION_TERMINAL)  # a session that ended takes no more heartbeats
 
 
 def _json(value: Any) -> str:
@@ -50,7 +55,7 @@ def _json(value: Any) -> str:
 async def ensure_schema(conn: asyncpg.Connection) -> None:
     """Create the read models; if they were built with another ``SCHEMA_VERSION`` (or by a build
     that stored none), drop them first and reset the position to 0, so the projector replays the
-    log from sequence 1 into the new schema."""
+    log from sequence 1 into the new schema (dead letters and applied ids too)."""
     async with conn.transaction():  # the position table never shows without its row
         await conn.execute("SELECT pg_advisory_xact_lock($1)", _SCHEMA_LOCK)
         await conn.execute(
@@ -58,7 +63,7 @@ async def ensure_schema(conn: asyncpg.Connection) -> None:
         )
         built = await conn.fetchval("SELECT version FROM projection_schema WHERE name = $1", NAME)
         if built != SCHEMA_VERSION:
-            await conn.execute(f"DROP TABLE IF EXISTS {', '.join(TABLES)}, projection_position CASCADE")
+            await conn.execute(f"DROP TABLE IF EXISTS {', '.join(TABLES + BOOKKEEPING)}, projection_position CASCADE")
         await conn.execute(resources.files("swarmtrain.projector").joinpath("schema.sql").read_text())
         await conn.execute(
             "INSERT INTO projection_position (name, position) VALUES ($1, 0) ON CONFLICT DO NOTHING", NAME
@@ -92,25 +97,60 @@ async def apply_in(conn: asyncpg.Connection, batch: list[tuple[int, Event]], rea
     """Apply the events past ``reached`` inside the caller's transaction; store and announce the position.
 
     Events at or below the stored position were applied already (a redelivery after a commit
-    whose ack was lost), so they are skipped: the position makes a replay idempotent.
+    whose ack was lost), so they are skipped: the position makes a replay idempotent. So does the
+    event id: a copy of an applied event at a later position (stored again after the stream's
+    dedupe window) only moves the position.
     """
-    start = reached
+    fresh = [(seq, event) for seq, event in batch if seq > reached]
+    if not fresh:
+        return reached
+    await apply_new(conn, fresh)
+    return await advance(conn, fresh[-1][0])
+
+
+async def advance(conn: asyncpg.Connection, reached: int) -> int:
+    """Store and announce the position ``reached`` (inside the caller's transaction)."""
+    await conn.execute("UPDATE projection_position SET position = $2 WHERE name = $1", NAME, reached)
+    await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, str(reached))
+    return reached
+
+
+async def apply_new(conn: asyncpg.Connection, batch: list[tuple[int, Event]]) -> None:
+    """Apply the events of ``batch`` whose id was never applied, and record their ids; the
+    position is the caller's business."""
     heartbeats: list[tuple[int, Heartbeat]] = []  # the bulk of the log: applied a run at a time
-    for seq, event in batch:
-        if seq <= reached:
-            continue
+    for seq, event in await first_sightings(conn, batch):
         if isinstance(event, Heartbeat):
             heartbeats.append((seq, event))
         else:
             await apply_heartbeats(conn, heartbeats)
             heartbeats = []
             await apply(conn, seq, event)
-        reached = seq
     await apply_heartbeats(conn, heartbeats)
-    if reached > start:
-        await conn.execute("UPDATE projection_position SET position = $2 WHERE name = $1", NAME, reached)
-        await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, str(reached))
-    return reached
+
+
+async def first_sightings(conn: asyncpg.Connection, batch: list[tuple[int, Event]]) -> list[tuple[int, Event]]:
+    """Record the ids of ``batch`` in ``applied_events``; the events whose id was new (the first
+    copy of each, in order)."""
+    if not batch:
+        return []
+    new = {
+        row[0]
+        for row in await conn.fetch(
+            """
+            INSERT INTO applied_events (event_id, seq) SELECT * FROM unnest($1::text[], $2::bigint[])
+            ON CONFLICT DO NOTHING RETURNING event_id
+            """,
+            [event.event_id for _, event in batch],
+            [seq for seq, _ in batch],
+        )
+    }
+    out = []
+    for seq, event in batch:
+        if event.event_id in new:
+            new.discard(event.event_id)
+            out.append((seq, event))
+    return out
 
 
 async def apply_batch(pool: asyncpg.Pool, batch: list[tuple[int, Event]]) -> int:
@@ -125,6 +165,7 @@ _INSERT_HEARTBEATS = """
                            $7::float8[], $8::float8[], $9::float8[], $10::timestamptz[])
         AS b(seq, session_id, peer_id, epoch, loss, accuracy, val_loss, val_accuracy, samples_per_s, occurred_at)
     WHERE EXISTS (SELECT 1 FROM session_peers sp WHERE sp.session_id = b.session_id AND sp.peer_id = b.peer_id)
+        AND NOT EXISTS (SELECT 1 FROM sessions s WHERE s.session_id = b.session_id AND s.status = ANY($11::text[]))
     ON CONFLICT DO NOTHING
 """
 _UPDATE_PROGRESS = """
@@ -132,13 +173,14 @@ _UPDATE_PROGRESS = """
         val_accuracy = b.val_accuracy, samples_per_s = b.samples_per_s
     FROM unnest($1::text[], $2::text[], $3::integer[], $4::float8[], $5::float8[], $6::float8[], $7::float8[],
                 $8::float8[]) AS b(session_id, peer_id, epoch, loss, accuracy, val_loss, val_accuracy, samples_per_s)
-    WHERE sp.session_id = b.session_id AND sp.peer_id = b.peer_id AND sp.status = 'training'
+    WHERE sp.session_id = b.session_id AND sp.peer_id = b.peer_id AND sp.status = 'training' AND b.epoch >= sp.epoch
 """
 _TOUCH_ASSIGNED_PEERS = """
     INSERT INTO peers (peer_id, name, device, online, last_seen)
     SELECT b.peer_id, b.peer_id, 'unknown', false, max(b.at)
     FROM unnest($1::text[], $2::text[], $3::timestamptz[]) AS b(session_id, peer_id, at)
     WHERE EXISTS (SELECT 1 FROM session_peers sp WHERE sp.session_id = b.session_id AND sp.peer_id = b.peer_id)
+        AND NOT EXISTS (SELECT 1 FROM sessions s WHERE s.session_id = b.session_id AND s.status = ANY($4::text[]))
     GROUP BY b.peer_id
     ON CONFLICT (peer_id) DO UPDATE SET last_seen = GREATEST(peers.last_seen, EXCLUDED.last_seen)
 """
@@ -152,9 +194,11 @@ async def apply_heartbeats(conn: asyncpg.Connection, heartbeats: list[tuple[int,
     """Apply a run of consecutive heartbeats in three statements, however long the run.
 
     The same as applying them one by one: nothing in a run of heartbeats changes which peers a
-    session has or their status, so each beat's row stands alone, a peer's progress is its last
-    beat's (every beat overwrites it), and ``last_seen`` is the latest (it only ever grows). Only a
-    peer assigned to the beat's session is touched: a forged beat shows no peer.
+    session has or their status, so each beat's row stands alone (the first for its epoch: one row
+    per run and epoch), a peer's progress is its last beat's unless that beat is for an earlier
+    epoch (a late copy never winds it back), and ``last_seen`` is the latest (it only ever grows).
+    Only a peer assigned to the beat's session is touched: a forged beat shows no peer; a session
+    that ended takes no more beats.
     """
     if not heartbeats:
         return
@@ -173,10 +217,14 @@ async def apply_heartbeats(conn: asyncpg.Connection, heartbeats: list[tuple[int,
         )
         for seq, e in heartbeats
     ]
-    await conn.execute(_INSERT_HEARTBEATS, *_columns(rows, 10))
-    last = {(row[1], row[2]): row for row in rows}  # a peer's last beat in the run
+    await conn.execute(_INSERT_HEARTBEATS, *_columns(rows, 10), _TERMINAL)
+    last: dict[tuple[str, str], tuple[Any, ...]] = {}  # a peer's last beat of its highest epoch in the run
+    for row in rows:
+        key = (row[1], row[2])
+        if key not in last or row[3] >= last[key][3]:
+            last[key] = row
     await conn.execute(_UPDATE_PROGRESS, *_columns([row[1:9] for row in last.values()], 8))
-    await conn.execute(_TOUCH_ASSIGNED_PEERS, *_columns([(row[1], row[2], row[9]) for row in rows], 3))
+    await conn.execute(_TOUCH_ASSIGNED_PEERS, *_columns([(row[1], row[2], row[9]) for row in rows], 3), _TERMINAL)
 
 
 async def _touch_peer(conn: asyncpg.Connection, event: Event, peer_id: str, online: bool | None) -> None:

@@ -90,7 +90,9 @@ CREATE TABLE IF NOT EXISTS heartbeats (
     samples_per_s  double precision NOT NULL,
     occurred_at    timestamptz NOT NULL
 );
-CREATE INDEX IF NOT EXISTS heartbeats_session ON heartbeats (session_id, peer_id, epoch);
+-- one row per run and epoch: a beat stored again (a copy past the dedupe window, a peer that
+-- re-sends) adds nothing
+CREATE UNIQUE INDEX IF NOT EXISTS heartbeats_epoch ON heartbeats (session_id, peer_id, epoch);
 
 -- fedavg: one row per closed round, and every update published for a round.
 CREATE TABLE IF NOT EXISTS session_rounds (
@@ -121,4 +123,26 @@ CREATE TABLE IF NOT EXISTS round_updates (
     accuracy     double precision NOT NULL,
     occurred_at  timestamptz NOT NULL,
     PRIMARY KEY (session_id, round, peer_id)
+);
+
+-- Bookkeeping, beside the stream position and in the same transactions.
+-- Every event id applied: a copy of an event stored again (after JetStream's two-minute dedupe
+-- window) has a new stream sequence but the same id, and changes nothing.
+CREATE TABLE IF NOT EXISTS applied_events (
+    event_id  text PRIMARY KEY,
+    seq       bigint NOT NULL              -- the stream sequence it was applied at
+);
+
+-- Events the projector could not apply (undecodable, or refused by PostgreSQL): parked here with
+-- their error and raw bytes, and skipped; `swarmtrain deadletters retry` applies them again.
+CREATE TABLE IF NOT EXISTS dead_letters (
+    seq         bigint PRIMARY KEY,        -- the event's stream sequence
+    subject     text NOT NULL,
+    event_id    text,                      -- when it could be read
+    type        text,
+    error       text NOT NULL,
+    data        bytea NOT NULL,            -- the message as stored in the stream
+    first_seen  timestamptz NOT NULL DEFAULT now(),
+    last_tried  timestamptz NOT NULL DEFAULT now(),
+    attempts    integer NOT NULL DEFAULT 1
 );

@@ -1,31 +1,44 @@
-"""The projector: the only writer of PostgreSQL. Consumes EVENTS, commits, then acknowledges."""
+"""The projector: the only writer of PostgreSQL. Consumes EVENTS, commits, then acknowledges.
+
+One projector projects at a time (the holder of a PostgreSQL advisory lock); more may run as
+standbys. Even two at once could not double a row: each batch commits under the position row's
+lock and skips what the position or an event id says was applied.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import itertools
+import os
+from collections.abc import AsyncIterator
 
 import asyncpg
-from nats.aio.msg import Msg
-from nats.js import api
+import nats.errors
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext, api
 
 from swarmtrain.common import bus, metrics
-from swarmtrain.common.events import Event, decode_event
 from swarmtrain.common.logging import get_logger
 from swarmtrain.common.settings import Settings
-from swarmtrain.projector.projection import (
-    NAME,
-    TABLES,
-    apply_batch,
-    apply_in,
-    ensure_schema,
-    lock_position,
-    position,
-)
+from swarmtrain.projector import deadletters
+from swarmtrain.projector.deadletters import Delivery
+from swarmtrain.projector.projection import BOOKKEEPING, NAME, TABLES, ensure_schema, lock_position, position
 
 DURABLE = "projector"
+LEADER_LOCK = 0x5357_5450
+"""pg_advisory_lock key held, on a connection of its own, by the one projector that projects."""
+STANDBY_POLL_S = 1.0
+"""How often a standby projector asks for the leader's lock (the leader's death frees it at once)."""
+LEADER_APP = "swarmtrain-projector"
+"""The lock connection's application_name (with ``:<pid>``): who leads shows in pg_stat_activity."""
+LEADER_CHECK_S = 1.0
+"""How often the leader checks that its lock's connection is alive."""
+BATCH = 512
 log = get_logger("swarmtrain.projector")
+
+_PG_DOWN = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
+"""What reaching PostgreSQL raises while it is down or going away."""
 
 
 async def connect_db(settings: Settings, attempts: int = 60) -> asyncpg.Pool:
@@ -41,56 +54,174 @@ async def connect_db(settings: Settings, attempts: int = 60) -> asyncpg.Pool:
     raise AssertionError("unreachable")
 
 
+async def _pause(stop: asyncio.Event, seconds: float) -> None:
+    """Wait ``seconds``, or less if ``stop`` is set meanwhile."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)
+
+
 async def run(settings: Settings, stop: asyncio.Event) -> None:
+    """Project until ``stop``: one projector at a time (the holder of ``LEADER_LOCK``); others
+    stand by and take over when it dies. A NATS or PostgreSQL outage is ridden out: the projector
+    waits, then resumes from its stored position without being restarted."""
     async with contextlib.AsyncExitStack() as stack:
         pool = await connect_db(settings)
         stack.push_async_callback(pool.close)
         async with pool.acquire() as conn:
             await ensure_schema(conn)
-            reached = await position(conn)
         nc = await bus.connect(settings, "projector")
-        stack.push_async_callback(nc.drain)
+        stack.push_async_callback(_drain, nc)
         js = nc.jetstream()
         await bus.ensure_streams(js)
-        sub = await bus.pull_consumer(
-            js, bus.EVENTS_STREAM, durable=DURABLE, start_seq=reached + 1, ack=api.AckPolicy.ALL
-        )
-        stack.push_async_callback(sub.unsubscribe)
-        log.info("projector started", position=reached)
-        # The next fetch overlaps the commit of the batch before it; batches still commit, and
-        # are acknowledged, one after the other and in order.
-        applying: asyncio.Task[bool] | None = None
+        while not stop.is_set():
+            async with leadership(settings, stop) as over:
+                if over is None:
+                    return  # stopped while standing by
+                log.info("projector leads")
+                await _lead(pool, js, over)
+            if not stop.is_set():
+                log.warning("projector lost its lead; standing by")
+
+
+async def _drain(nc: NATS) -> None:
+    """Drain the connection; stopped while NATS is away, just close it."""
+    try:
+        await nc.drain()
+    except nats.errors.Error:
+        with contextlib.suppress(OSError, nats.errors.Error):  # its socket is gone already
+            await nc.close()
+
+
+@contextlib.asynccontextmanager
+async def leadership(settings: Settings, stop: asyncio.Event) -> AsyncIterator[asyncio.Event | None]:
+    """Hold ``LEADER_LOCK`` for the block: yields an event set once the lead is over (``stop``
+    set, or the lock's connection gone and the lock with it), or None if ``stop`` was set before
+    the lock was taken."""
+    conn = await _take_lead(settings, stop)
+    if conn is None:
+        yield None
+        return
+    over = asyncio.Event()
+    watch = asyncio.create_task(_watch_lead(conn, over, stop))
+    try:
+        yield over
+    finally:
+        watch.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watch
+        with contextlib.suppress(*_PG_DOWN):
+            await conn.close(timeout=2)  # ends the session: the lock is free for a standby
+
+
+async def _take_lead(settings: Settings, stop: asyncio.Event) -> asyncpg.Connection | None:
+    standing_by = False
+    while not stop.is_set():
+        try:
+            conn: asyncpg.Connection = await asyncpg.connect(
+                settings.database_url, timeout=5, server_settings={"application_name": f"{LEADER_APP}:{os.getpid()}"}
+            )
+        except _PG_DOWN as exc:
+            log.warning("postgresql unreachable; waiting", error=repr(exc))
+            await _pause(stop, STANDBY_POLL_S)
+            continue
         try:
             while not stop.is_set():
-                items = await bus.fetch(sub, decode_event, batch=512, timeout=0.5)
-                if applying is not None:
-                    previous, applying = applying, None
-                    if not await previous:
-                        return
-                if items:
-                    applying = asyncio.create_task(_apply_and_ack(pool, items, stop))
-        finally:
+                if await conn.fetchval("SELECT pg_try_advisory_lock($1)", LEADER_LOCK, timeout=5):
+                    return conn
+                if not standing_by:
+                    log.info("another projector leads; standing by")
+                    standing_by = True
+                await _pause(stop, STANDBY_POLL_S)
+        except _PG_DOWN as exc:
+            log.warning("postgresql connection lost while standing by", error=repr(exc))
+        with contextlib.suppress(*_PG_DOWN):
+            await conn.close(timeout=2)
+    return None
+
+
+async def _watch_lead(conn: asyncpg.Connection, over: asyncio.Event, stop: asyncio.Event) -> None:
+    try:
+        while not stop.is_set():
+            await _pause(stop, LEADER_CHECK_S)
+            try:
+                await conn.fetchval("SELECT 1", timeout=LEADER_CHECK_S * 5)
+            except _PG_DOWN as exc:
+                log.warning("the leader lock's connection is gone", error=repr(exc))
+                return
+    finally:
+        over.set()
+
+
+async def _lead(pool: asyncpg.Pool, js: JetStreamContext, over: asyncio.Event) -> None:
+    """Project until the lead is ``over``: (re)create the durable consumer at the stored position
+    and apply; an outage interrupts, and projecting starts again from the stored position."""
+    while not over.is_set():
+        try:
+            await _project(pool, js, over)
+        except (nats.errors.Error, deadletters.Rewound, *_PG_DOWN) as exc:
+            log.warning("projection interrupted; resuming from the stored position", error=repr(exc))
+            await _pause(over, 1.0)
+
+
+async def _project(pool: asyncpg.Pool, js: JetStreamContext, halt: asyncio.Event) -> None:
+    async with pool.acquire() as conn:
+        reached = await position(conn)
+        metrics.DEAD_LETTERS.set(await deadletters.count(conn))
+    sub = await bus.pull_consumer(js, bus.EVENTS_STREAM, durable=DURABLE, start_seq=reached + 1, ack=api.AckPolicy.ALL)
+    log.info("projecting", position=reached)
+    # The next fetch overlaps the commit of the batch before it; batches still commit, and are
+    # acknowledged, one after the other and in order.
+    applying: asyncio.Task[bool] | None = None
+    committed = reached  # what this consumer's batches committed: a database behind it lost commits
+    try:
+        while not halt.is_set():
+            items = await _fetch(sub, BATCH, 0.5)
             if applying is not None:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await applying
+                previous, applying = applying, None
+                if not await previous:
+                    return
+            if items:
+                applying = asyncio.create_task(_apply_and_ack(pool, items, halt, committed))
+                committed = max(committed, items[-1].seq)
+    finally:
+        if applying is not None:
+            with contextlib.suppress(asyncio.CancelledError, deadletters.Rewound, *_PG_DOWN):
+                await applying
+        with contextlib.suppress(nats.errors.Error):
+            await sub.unsubscribe()
 
 
-async def _apply_and_ack(pool: asyncpg.Pool, items: list[tuple[Msg, Event]], stop: asyncio.Event) -> bool:
-    """Commit one fetched batch, then acknowledge it; False if stopped before the database took it."""
-    batch = [(bus.stream_seq(msg), event) for msg, event in items]
+async def _fetch(sub: JetStreamContext.PullSubscription, batch: int, timeout: float) -> list[Delivery]:
+    """Up to ``batch`` messages; one that cannot be decoded comes as a ``Delivery`` without an
+    event (to be dead-lettered in order, never dropped)."""
+    try:
+        msgs = await sub.fetch(batch, timeout=timeout)
+    except (TimeoutError, nats.errors.TimeoutError):
+        return []
+    return [deadletters.delivery(msg) for msg in msgs]
+
+
+async def _apply_and_ack(pool: asyncpg.Pool, items: list[Delivery], halt: asyncio.Event, committed: int) -> bool:
+    """Commit one fetched batch, then acknowledge it; False if halted before the database took it.
+
+    Poison is parked in ``dead_letters`` within the commit; whatever else fails (PostgreSQL
+    away, the connection lost) is retried, loudly, until the database takes the batch."""
     for attempt in itertools.count():
         try:
-            await apply_batch(pool, batch)
+            dead = await deadletters.project(pool, items, committed)
             break
-        except (asyncpg.PostgresError, OSError) as exc:
-            # never skip an event: retry the batch, loudly, until the database takes it
-            log.error("projection failed; retrying", first_seq=batch[0][0], attempt=attempt, error=repr(exc))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), min(30.0, 0.5 * 2**attempt))
-            if stop.is_set():
+        except _PG_DOWN as exc:
+            log.error("projection failed; retrying", first_seq=items[0].seq, attempt=attempt, error=repr(exc))
+            await _pause(halt, min(30.0, 0.5 * 2**attempt))
+            if halt.is_set():
                 return False
-    await items[-1][0].ack()  # AckAll: acknowledges the whole batch, after the commit
-    metrics.applied(items)
+    if dead:
+        log.error("events parked in dead_letters", count=dead, first_seq=items[0].seq, last_seq=items[-1].seq)
+    last = items[-1].msg
+    if last is not None:
+        with contextlib.suppress(nats.errors.Error):
+            await last.ack()  # AckAll: acknowledges the whole batch, after the commit (lost: redelivered, skipped)
+    metrics.applied([(d.msg, d.event) for d in items if d.event is not None])
     return True
 
 
@@ -113,17 +244,18 @@ async def rebuild(settings: Settings) -> tuple[int, int]:
         async with pool.acquire() as conn, conn.transaction():
             await lock_position(conn)
             last = await bus.last_sequence(js)
-            await conn.execute(f"TRUNCATE {', '.join(TABLES)}")
+            await conn.execute(f"TRUNCATE {', '.join(TABLES + BOOKKEEPING)}")
             reached, seen = 0, 0
             while seen < last:
-                items = await bus.fetch(sub, decode_event, batch=1024, timeout=2.0)
+                items = await _fetch(sub, 1024, 2.0)
                 if not items:
                     break
-                batch = [(bus.stream_seq(msg), event) for msg, event in items if bus.stream_seq(msg) <= last]
-                reached = await apply_in(conn, batch, reached)
+                batch = [d for d in items if d.seq <= last]
+                reached, _ = await deadletters.apply_quarantining(conn, batch, reached)
                 replayed += len(batch)
-                seen = bus.stream_seq(items[-1][0])
+                seen = items[-1].seq
             await conn.execute("UPDATE projection_position SET position = $2 WHERE name = $1", NAME, last)
+            metrics.DEAD_LETTERS.set(await deadletters.count(conn))
         await sub.unsubscribe()
         return replayed, last
     finally:
