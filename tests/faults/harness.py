@@ -186,7 +186,7 @@ class FaultStack:
         pg_dir = self.root / "postgres"
         self.procs["postgres"] = Proc(
             "postgres",
-            lambda: servers.start_postgres(pg_dir, pg_port, self.log("postgres"), durable=False),
+            lambda: servers.start_postgres(pg_dir, pg_port, self.log("postgres")),
             signal.SIGINT,
         ).start()
         self.pg_port = pg_port
@@ -224,9 +224,7 @@ class FaultStack:
         self.nats_ports = [servers.free_port() for _ in range(self.nodes)]
         if self.nodes == 1:
             port, store = self.nats_ports[0], self.root / "nats"
-            self.procs["nats"] = Proc(
-                "nats", lambda: servers.start_nats(port, store, self.log("nats"), config)
-            ).start()
+            self.procs["nats"] = Proc("nats", lambda: servers.start_nats(port, store, self.log("nats"), config)).start()
             return
         route_ports = [servers.free_port() for _ in range(self.nodes)]
         routes = tuple(f"nats://127.0.0.1:{p}" for p in route_ports)
@@ -242,7 +240,7 @@ class FaultStack:
                     return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
 
             launches.append((node.name, port, launch))
-        for name, port, launch in launches:  # start all before waiting: they elect a leader together
+        for name, _, launch in launches:  # start all before waiting: they elect a leader together
             self.procs[name] = Proc(name, launch).start()
         for name, port, _ in launches:
             servers.wait_port(port, self.procs[name].proc, name)  # type: ignore[arg-type]
@@ -306,8 +304,8 @@ class FaultStack:
     def close(self) -> None:
         for proxy in self.proxies.values():
             proxy.close()
-        order = [n for n in self.procs if n.startswith("peer-") or n not in ("postgres",) and "nats" not in n]
-        order += [n for n in self.procs if n == "postgres"] + [n for n in self.procs if "nats" in n]
+        servers_last = [n for n in self.procs if n == "postgres" or n.startswith("nats")]
+        order = [n for n in self.procs if n not in servers_last] + servers_last
         for name in order:
             self.procs[name].stop()
         if hasattr(self, "tap"):

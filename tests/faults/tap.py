@@ -63,7 +63,8 @@ async def main(url: str, out_path: Path) -> None:
     )
     await nc.subscribe(">", cb=on_msg, pending_msgs_limit=1_000_000)
     await nc.flush()
-    Path(str(out_path) + ".ready").touch()
+    ready = out_path.with_name(out_path.name + ".ready")
+    await asyncio.to_thread(ready.touch)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
