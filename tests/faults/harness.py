@@ -172,6 +172,7 @@ class FaultStack:
     root: Path
     peers: int = 2
     nodes: int = 1
+    peer_timeout_s: float = PEER_TIMEOUT_S
     procs: dict[str, Proc] = field(default_factory=dict)
     proxies: dict[str, TcpProxy] = field(default_factory=dict)
     nats_ports: list[int] = field(default_factory=list)
@@ -199,7 +200,7 @@ class FaultStack:
             "SWARMTRAIN_JWT_SECRET": "fault-suite-secret-0123456789abcdef0123456789",
             "SWARMTRAIN_PORT": str(self.gateway_port),
             "SWARMTRAIN_PRESENCE_INTERVAL_S": str(PRESENCE_INTERVAL_S),
-            "SWARMTRAIN_PEER_TIMEOUT_S": str(PEER_TIMEOUT_S),
+            "SWARMTRAIN_PEER_TIMEOUT_S": str(self.peer_timeout_s),
             "SWARMTRAIN_STATE_DIR": str(self.root / "state"),
             "SWARMTRAIN_TORCH_THREADS": "1",
             "SWARMTRAIN_LOG_FORMAT": "json",
