@@ -1,8 +1,9 @@
 """Faults that leave a session stuck or the read models wrong on today's main (issue 11): each test
 states what must hold, and is an xfail(strict=True) until the scheduler, peer and projector fixes
 land; then remove its mark. strict: a test that starts passing fails the suite until it is switched on.
-A peer stopped or cut off past the timeout is not marked: that already holds (the peer's run fails,
-the sweep completes with the others, the peer comes back free).
+A peer stopped or cut off past the timeout, and NATS down past it, are not marked: they already
+hold in our runs (the peer's run fails and the sweep completes with the others; after the NATS
+outage both runs count).
 
 The peer timeout here is the default, 6 s, so a peer restarted at once is back within it.
 
@@ -30,7 +31,7 @@ from .conftest import make_stack
 from .harness import Api, FaultStack, Proc, wait_for
 
 PEER_TIMEOUT_S = 6.0
-STUCK_BOUND_S = 20.0
+STUCK_BOUND_S = 14.0
 """After its fault, a session must end within this (peer timeout 6 s, presence every 0.3 s)."""
 PAST_TIMEOUT_S = PEER_TIMEOUT_S + 2
 HP = {"epochs": 10, "batch_size": 16, "lr": 0.01}
@@ -89,39 +90,7 @@ def _ended_after(api: Api, sid: str, struck: float, record: dict[str, Any]) -> d
     return done
 
 
-@needs_fix
-def test_peer_sigkilled_and_restarted_at_once(
-    stack: FaultStack, api: Api, dataset: str, peers: dict[str, Proc], record: dict[str, Any]
-) -> None:
-    record["fault"] = "peer SIGKILL, restarted at once"
-    checker = Checker(stack, api)
-    sid, victim = _session(api, dataset, peers, [{**HP, "lr": 0.011}, HP])
-    peers[victim].restart()  # back within the presence timeout: nothing sees it missing
-    struck = time.monotonic()
-    done = _ended_after(api, sid, struck, record)
-    assert done["status"] in ("completed", "failed"), done
-    victim_run = next(p for p in done["peers"] if p["hyperparameters"]["lr"] == 0.011)
-    if victim_run["status"] == "failed" and victim_run["reason"] and "offline" in victim_run["reason"]:
-        pytest.skip("the peer took longer than the timeout to restart on this machine: not the case under test")
-    assert victim_run["status"] == "done", done  # its Train was sent again, and it trained
-    api.idle(list(peers), timeout=STUCK_BOUND_S)  # both peers are free again
-    _assert_whole(stack, api, checker, sid, record)
-
-
-@needs_fix
-def test_divergence_fails_that_run_and_the_sweep_goes_on(
-    stack: FaultStack, api: Api, dataset: str, peers: dict[str, Proc], record: dict[str, Any]
-) -> None:
-    record["fault"] = "lr 1e30: a run diverges (NaN loss)"
-    checker = Checker(stack, api)
-    sid, _ = _session(api, dataset, peers, [{**HP, "lr": 1e30}, HP], epoch=0)
-    struck = time.monotonic()
-    done = _ended_after(api, sid, struck, record)
-    assert done["status"] == "completed", done
-    by_lr = {p["hyperparameters"]["lr"]: p for p in done["peers"]}
-    assert by_lr[1e30]["status"] == "failed" and "diverged" in (by_lr[1e30]["reason"] or ""), done
-    assert by_lr[HP["lr"]]["status"] == "done"
-    _assert_whole(stack, api, checker, sid, record)
+# what already holds comes first: the xfails below leave sessions stuck and peers locked
 
 
 def test_peer_sigstopped_past_the_timeout_then_resumed(
@@ -162,6 +131,40 @@ def test_peer_partitioned_from_nats_past_the_timeout(
 
 
 @needs_fix
+def test_peer_sigkilled_and_restarted_at_once(
+    stack: FaultStack, api: Api, dataset: str, peers: dict[str, Proc], record: dict[str, Any]
+) -> None:
+    record["fault"] = "peer SIGKILL, restarted at once"
+    checker = Checker(stack, api)
+    sid, victim = _session(api, dataset, peers, [{**HP, "lr": 0.011}, HP])
+    peers[victim].restart()  # back within the presence timeout: nothing sees it missing
+    struck = time.monotonic()
+    done = _ended_after(api, sid, struck, record)
+    assert done["status"] in ("completed", "failed"), done
+    victim_run = next(p for p in done["peers"] if p["hyperparameters"]["lr"] == 0.011)
+    if victim_run["status"] == "failed" and victim_run["reason"] and "offline" in victim_run["reason"]:
+        pytest.skip("the peer took longer than the timeout to restart on this machine: not the case under test")
+    assert victim_run["status"] == "done", done  # its Train was sent again, and it trained
+    api.idle(list(peers), timeout=STUCK_BOUND_S)  # both peers are free again
+    _assert_whole(stack, api, checker, sid, record)
+
+
+@needs_fix
+def test_divergence_fails_that_run_and_the_sweep_goes_on(
+    stack: FaultStack, api: Api, dataset: str, peers: dict[str, Proc], record: dict[str, Any]
+) -> None:
+    record["fault"] = "lr 1e30: a run diverges (NaN loss)"
+    checker = Checker(stack, api)
+    sid, _ = _session(api, dataset, peers, [{**HP, "lr": 1e30}, HP], epoch=0)
+    struck = time.monotonic()
+    done = _ended_after(api, sid, struck, record)
+    assert done["status"] == "completed", done
+    by_lr = {p["hyperparameters"]["lr"]: p for p in done["peers"]}
+    assert by_lr[1e30]["status"] == "failed" and "diverged" in (by_lr[1e30]["reason"] or ""), done
+    assert by_lr[HP["lr"]]["status"] == "done"
+    _assert_whole(stack, api, checker, sid, record)
+
+
 def test_nats_down_longer_than_the_peer_timeout(
     stack: FaultStack, api: Api, dataset: str, peers: dict[str, Proc], record: dict[str, Any]
 ) -> None:
