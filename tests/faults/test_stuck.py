@@ -1,9 +1,9 @@
 """Faults that leave a session stuck or the read models wrong on today's main (issue 11): each test
 states what must hold, and is an xfail(strict=True) until the scheduler, peer and projector fixes
 land; then remove its mark. strict: a test that starts passing fails the suite until it is switched on.
-A peer stopped or cut off past the timeout, and NATS down past it, are not marked: they already
-hold in our runs (the peer's run fails and the sweep completes with the others; after the NATS
-outage both runs count).
+A peer stopped or cut off past the timeout is not marked: that already holds (the peer's run fails
+and the sweep completes with the others). NATS down past the timeout is racy today, so its xfail is
+not strict.
 
 The peer timeout here is the default, 6 s, so a peer restarted at once is back within it.
 
@@ -165,6 +165,11 @@ def test_divergence_fails_that_run_and_the_sweep_goes_on(
     _assert_whole(stack, api, checker, sid, record)
 
 
+@pytest.mark.xfail(
+    strict=False,
+    reason="issue 11: racy today (beats judged on stale times, no grace after reconnect): the runs count or "
+    "both peers are declared failed, depending on who reconnects first; make strict once the grace lands",
+)
 def test_nats_down_longer_than_the_peer_timeout(
     stack: FaultStack, api: Api, dataset: str, peers: dict[str, Proc], record: dict[str, Any]
 ) -> None:
