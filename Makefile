@@ -7,7 +7,7 @@ TORCH_CPU ?= torch==2.13.0
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup demo up test fuzz lint typecheck smoke bench clean
+.PHONY: help setup demo up test faults fuzz lint typecheck smoke bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -30,6 +30,9 @@ up: setup ## run the whole stack on this machine until Ctrl-C
 
 test: setup ## run the test suite (real nats-server and PostgreSQL, started by the fixtures)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+faults: setup ## the fault suite alone: real processes killed, stopped, cut off; the checker's three zeros (docs/faults.md)
+	$(BIN)/python -m pytest tests/faults $(PYTEST_ARGS)
 
 FUZZ_CASES ?= 2000
 fuzz: setup ## schemathesis fuzz of the gateway's OpenAPI, FUZZ_CASES generated requests (CI runs 300)

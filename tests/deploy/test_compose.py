@@ -32,6 +32,8 @@ def compose() -> dict[str, Any]:
 def test_every_service_is_there(compose: dict[str, Any]) -> None:
     assert set(compose["services"]) == {
         "nats",
+        "nats-2",
+        "nats-3",
         "minio",
         "minio-init",
         "postgres",
@@ -42,12 +44,13 @@ def test_every_service_is_there(compose: dict[str, Any]) -> None:
         "peer-gpu",
         "nats-box",
     }
-    assert set(compose["volumes"]) == {"nats-data", "minio-data", "pg-data"}
+    assert set(compose["volumes"]) == {"nats-data", "nats-2-data", "nats-3-data", "minio-data", "pg-data"}
     for name in SWARMTRAIN_SERVICES:
         svc = compose["services"][name]
         assert svc["build"]["dockerfile"] == "deploy/Dockerfile" and svc["image"].startswith("swarmtrain:")
     assert compose["services"]["peer-gpu"]["profiles"] == ["gpu"]
     assert compose["services"]["nats-box"]["profiles"] == ["tools"]
+    assert compose["services"]["nats-2"]["profiles"] == compose["services"]["nats-3"]["profiles"] == ["ha"]
     assert "container_name" not in compose["services"]["peer"]  # --scale needs replicas without a fixed name
 
 

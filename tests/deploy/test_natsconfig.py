@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -58,3 +59,63 @@ def test_every_setting_can_come_from_a_file(tmp_path: Path) -> None:
     assert settings.s3_access_key == "direct"  # the variable wins over its file
     with pytest.raises(SystemExit, match="SWARMTRAIN_JWT_SECRET_FILE"):
         from_env({"SWARMTRAIN_JWT_SECRET_FILE": str(tmp_path / "missing")})
+
+
+def test_cluster_3_routes_three_nodes_and_keeps_fsync(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "nats"
+    assert main(["nats-config", "--out", str(out), "--peers", "1", "--cluster", "3"]) == 0
+    assert "SWARMTRAIN_STREAM_REPLICAS=3" in capsys.readouterr().out
+    config = (out / "nats-server.conf").read_text()
+    block = config.split("cluster {", 1)[1].split("}", 1)[0]
+    assert "name: swarmtrain" in block and "listen: 0.0.0.0:6222" in block
+    routes = [f"nats-route://{host}:6222" for host in ("nats", "nats-2", "nats-3")]
+    assert f"routes: [{', '.join(routes)}]" in block  # compose.yaml's `ha` profile names them so
+    assert "sync_interval: always" in config
+    generate(out, peers=1)  # without --cluster, one server again
+    assert "cluster {" not in (out / "nats-server.conf").read_text()
+    with pytest.raises(ValueError, match="--cluster"):
+        generate(out, peers=1, cluster=1)
+
+
+async def test_three_servers_run_the_generated_cluster_file_with_r3_streams(tmp_path: Path) -> None:
+    """The file of `--cluster 3` as three real nats-servers on loopback (ports and routes from the
+    command line, which wins over the file): the streams are created with three replicas."""
+    import asyncio
+    import signal
+
+    import nats
+
+    from swarmtrain.common import bus, servers
+
+    from .conftest import ADMIN, with_admin
+
+    written = generate(tmp_path / "nats", peers=1, cluster=3)
+    config = with_admin(written.config)
+    ports = [servers.free_port() for _ in range(3)]
+    routes = tuple(f"nats://127.0.0.1:{servers.free_port()}" for _ in range(3))
+    nodes = [servers.ClusterNode(f"nats-{i + 1}", int(routes[i].rsplit(":", 1)[1]), routes) for i in range(3)]
+    procs = [
+        await asyncio.to_thread(
+            subprocess.Popen, servers.nats_command(port, tmp_path / node.name, config, node), stdout=subprocess.DEVNULL
+        )
+        for port, node in zip(ports, nodes, strict=True)
+    ]
+    try:
+        for port, proc in zip(ports, procs, strict=True):
+            await asyncio.to_thread(servers.wait_port, port, proc, "nats-server")
+        nc = await nats.connect([f"nats://127.0.0.1:{p}" for p in ports], user=ADMIN[0], password=ADMIN[1])
+        js = nc.jetstream()
+        async with asyncio.timeout(60):  # the cluster elects its meta leader first
+            while True:
+                try:
+                    await bus.ensure_streams(js, replicas=3)
+                    break
+                except nats.errors.Error:
+                    await asyncio.sleep(0.5)
+        info = await js.stream_info(bus.EVENTS_STREAM)
+        assert info.config.num_replicas == 3 and info.cluster is not None
+        assert len(info.cluster.replicas or []) == 2  # the leader and two followers
+        await nc.drain()
+    finally:
+        for proc in procs:
+            servers.stop(proc, signal.SIGTERM)

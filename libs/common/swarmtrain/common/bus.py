@@ -17,7 +17,7 @@ from nats.js import JetStreamContext, api
 from swarmtrain.common import metrics, subjects
 from swarmtrain.common.events import Command, Event, Report, encode
 from swarmtrain.common.logging import get_logger
-from swarmtrain.common.settings import Settings
+from swarmtrain.common.settings import Settings, get_settings
 
 EVENTS_STREAM = "EVENTS"
 COMMANDS_STREAM = "COMMANDS"
@@ -54,12 +54,14 @@ async def connect(settings: Settings, name: str, attempts: int = -1) -> NATS:
     )
 
 
-async def ensure_streams(js: JetStreamContext) -> None:
+async def ensure_streams(js: JetStreamContext, replicas: int | None = None) -> None:
     """Create the three streams, or bring their subjects up to date; safe to call from every service.
 
-    A stream that exists with its subjects is left alone, so a client allowed only to read stream
-    info (a peer, see ``swarmtrain nats-config``) passes here once a service has created them.
+    A stream that exists with its subjects and replicas is left alone, so a client allowed only to
+    read stream info (a peer, see ``swarmtrain nats-config``) passes here once a service has created
+    them. ``replicas`` defaults to the ``stream_replicas`` setting (3 on a three-node cluster).
     """
+    replicas = replicas or get_settings().stream_replicas
     for config in (
         api.StreamConfig(
             name=EVENTS_STREAM,
@@ -68,6 +70,7 @@ async def ensure_streams(js: JetStreamContext) -> None:
             storage=api.StorageType.FILE,
             duplicate_window=120.0,
             allow_direct=True,
+            num_replicas=replicas,
         ),
         api.StreamConfig(
             name=COMMANDS_STREAM,
@@ -76,6 +79,7 @@ async def ensure_streams(js: JetStreamContext) -> None:
             storage=api.StorageType.FILE,
             max_age=7 * 24 * 3600.0,
             duplicate_window=120.0,
+            num_replicas=replicas,
         ),
         api.StreamConfig(
             name=REPORTS_STREAM,
@@ -84,11 +88,13 @@ async def ensure_streams(js: JetStreamContext) -> None:
             storage=api.StorageType.FILE,
             max_age=7 * 24 * 3600.0,
             duplicate_window=120.0,
+            num_replicas=replicas,
         ),
     ):
         with contextlib.suppress(nats.js.errors.NotFoundError):
             info = await js.stream_info(config.name or "")
-            if sorted(info.config.subjects or []) == sorted(config.subjects or []):
+            same = sorted(info.config.subjects or []) == sorted(config.subjects or [])
+            if same and (info.config.num_replicas or 1) == replicas:
                 continue
         try:
             await js.add_stream(config)

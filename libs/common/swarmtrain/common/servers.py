@@ -10,11 +10,13 @@ import importlib.util
 import os
 import pwd
 import shutil
+import signal
 import socket
 import stat
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +60,13 @@ def stop(proc: subprocess.Popen[bytes], sig: int, timeout: float = 15.0) -> None
         proc.wait()
 
 
+def _popen(cmd: list[str], log_file: Path | None, **kwargs: Any) -> subprocess.Popen[bytes]:
+    if log_file is None:
+        return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, **kwargs)
+    with log_file.open("ab") as out:  # the child has its own copy of the descriptor
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, **kwargs)
+
+
 def nats_server_binary() -> str:
     candidate = Path(sys.executable).parent / "nats-server"
     if candidate.exists():
@@ -68,15 +77,55 @@ def nats_server_binary() -> str:
     return found
 
 
-def start_nats(
-    port: int, store_dir: Path, log_file: Path | None = None, config: Path | None = None
-) -> subprocess.Popen[bytes]:
-    store_dir.mkdir(parents=True, exist_ok=True)
+@dataclass(frozen=True)
+class ClusterNode:
+    """One node of a JetStream cluster on this machine: its name, its route port, every node's route URL."""
+
+    name: str
+    cluster_port: int
+    routes: tuple[str, ...]
+    cluster_name: str = "swarmtrain"
+
+
+def nats_command(port: int, store_dir: Path, config: Path | None = None, node: ClusterNode | None = None) -> list[str]:
+    """The nats-server command line; flags win over the configuration file's values."""
     cmd = [nats_server_binary(), "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", str(store_dir)]
     if config is not None:
         cmd += ["-c", str(config)]
-    out = log_file.open("ab") if log_file else subprocess.DEVNULL
-    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+    if node is not None:
+        cmd += [
+            "--server_name",
+            node.name,
+            "--cluster_name",
+            node.cluster_name,
+            "--cluster",
+            f"nats://127.0.0.1:{node.cluster_port}",
+            "--routes",
+            ",".join(node.routes),
+        ]
+    return cmd
+
+
+def write_durable_nats_config(path: Path, sync: str = "always") -> Path:
+    """A minimal configuration that makes JetStream fsync every write before it acknowledges it
+    (there is no command-line flag for ``sync_interval``); ``swarmtrain up`` runs NATS with it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        "# written by swarmtrain: fsync before every acknowledgement (JetStream's default is every 2 minutes)\n"
+        f"jetstream {{\n  sync_interval: {sync}\n}}\n"
+    )
+    return path
+
+
+def start_nats(
+    port: int,
+    store_dir: Path,
+    log_file: Path | None = None,
+    config: Path | None = None,
+    node: ClusterNode | None = None,
+) -> subprocess.Popen[bytes]:
+    store_dir.mkdir(parents=True, exist_ok=True)
+    proc = _popen(nats_command(port, store_dir, config, node), log_file)
     wait_port(port, proc, "nats-server")
     return proc
 
@@ -150,11 +199,54 @@ def start_postgres(
     ]
     if not durable:
         cmd += ["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]
-    out = log_file.open("ab") if log_file else subprocess.DEVNULL
-    proc: subprocess.Popen[bytes] = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, **kwargs)
-    wait_port(port, proc, "postgres")
+    clear_stale_pid(data_dir)
+    deadline = time.monotonic() + 30
+    while True:
+        proc: subprocess.Popen[bytes] = _popen(cmd, log_file, **kwargs)
+        try:
+            wait_port(port, proc, "postgres")
+            break
+        except RuntimeError:
+            # After a crash, the dead postmaster's backends may still hold its shared memory for a
+            # moment ("pre-existing shared memory block is still in use"): try again shortly.
+            if proc.poll() is None or time.monotonic() > deadline:
+                stop(proc, signal.SIGINT)
+                raise
+            clear_stale_pid(data_dir)
+            time.sleep(0.5)
     _create_database(port, "swarmtrain")
     return proc
+
+
+def clear_stale_pid(data_dir: Path) -> bool:
+    """Remove ``postmaster.pid`` if the process it names is gone; True if it did.
+
+    A postmaster killed with SIGKILL leaves its lock file behind. PostgreSQL removes a stale one by
+    itself unless the pid still exists, as an unreaped child (a zombie) of whoever started it does:
+    the supervisor reaps it first (``Popen.poll``), then this makes the restart certain.
+    """
+    lock = data_dir / "postmaster.pid"
+    try:
+        pid = int(lock.read_text().split("\n", 1)[0])
+    except (OSError, ValueError):
+        return False
+    if _alive(pid):
+        return False
+    lock.unlink(missing_ok=True)
+    return True
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie exists but runs nothing: it holds no lock
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def _create_database(port: int, name: str) -> None:

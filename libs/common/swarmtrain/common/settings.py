@@ -103,6 +103,14 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     """fedavg: later deadlines are this x the longest round seen (SWARMTRAIN_ROUND_FACTOR)."""
     round_min_s: float = 10.0
     """fedavg: the shortest adaptive round deadline (SWARMTRAIN_ROUND_MIN_S)."""
+    stream_replicas: int = 1
+    """Copies JetStream keeps of each stream (SWARMTRAIN_STREAM_REPLICAS): 1 on one NATS server, 3 on a
+    three-node cluster (``swarmtrain nats-config --cluster 3``), which then survives the loss of a node."""
+    restart_limit: int = 5
+    """``swarmtrain up``: most restarts of one process within ``restart_window_s`` before the stack
+    gives up (SWARMTRAIN_RESTART_LIMIT)."""
+    restart_window_s: float = 60.0
+    """``swarmtrain up``: the sliding window of the restart budget, in seconds (SWARMTRAIN_RESTART_WINDOW_S)."""
     state_dir: str = msgspec.field(default_factory=_state_dir)
     """Where a peer keeps its stable id (SWARMTRAIN_STATE_DIR)."""
     torch_threads: int = 0

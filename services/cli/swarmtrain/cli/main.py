@@ -138,7 +138,7 @@ def _nats_config(args: argparse.Namespace) -> int:
 
     if args.peers < 0:
         raise ValueError("--peers must be 0 or more")
-    return nats_config(Path(args.out), args.peers, args.sync, args.port)
+    return nats_config(Path(args.out), args.peers, args.sync, args.port, args.cluster)
 
 
 def _up(args: argparse.Namespace) -> int:
@@ -188,6 +188,13 @@ def parser() -> argparse.ArgumentParser:
         help="JetStream sync_interval: 'always' (fsync before every ack; the default) or a duration such as 1s",
     )
     natsconf.add_argument("--port", type=int, default=4222, help="client port (default 4222)")
+    natsconf.add_argument(
+        "--cluster",
+        type=int,
+        default=0,
+        help="nodes of a JetStream cluster (3: streams kept on three, surviving the loss of one; "
+        "compose.yaml's `ha` profile); default 0, one server",
+    )
     natsconf.set_defaults(func=_nats_config)
 
     tap = sub.add_parser("tap", help="print live events, one JSON per line")

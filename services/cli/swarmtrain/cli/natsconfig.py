@@ -223,7 +223,27 @@ def _subjects(subjects: list[str]) -> str:
     return "[" + ", ".join(_quote(s) for s in subjects) + "]"
 
 
-def server_config(identities: list[Identity], sync: str, port: int) -> str:
+CLUSTER_NAME = "swarmtrain"
+CLUSTER_PORT = 6222
+
+
+def cluster_hosts(nodes: int) -> list[str]:
+    """The nodes' host names: compose.yaml's services ``nats``, ``nats-2``, ``nats-3``, ..."""
+    return ["nats", *(f"nats-{i}" for i in range(2, nodes + 1))]
+
+
+def cluster_block(hosts: list[str]) -> str:
+    """A JetStream cluster of ``hosts`` (every node gets the same file; a route to itself is ignored).
+
+    Each node still needs its own name: ``--server_name nats-2`` on its command line, as compose.yaml's
+    ``ha`` profile passes it. With three nodes, streams are kept on three (SWARMTRAIN_STREAM_REPLICAS=3)
+    and stay writable while two are up: the loss of any one node loses nothing acknowledged.
+    """
+    routes = ", ".join(f"nats-route://{host}:{CLUSTER_PORT}" for host in hosts)
+    return f"cluster {{\n  name: {CLUSTER_NAME}\n  listen: 0.0.0.0:{CLUSTER_PORT}\n  routes: [{routes}]\n}}\n"
+
+
+def server_config(identities: list[Identity], sync: str, port: int, cluster: int = 0) -> str:
     users = []
     for ident in identities:
         publish, subscribe = ident.permissions()
@@ -246,8 +266,7 @@ def server_config(identities: list[Identity], sync: str, port: int) -> str:
         "  # fsync every write before it is acknowledged: JetStream's default (a lazy fsync every 2\n"
         "  # minutes) can lose acknowledged writes when the machine loses power (Jepsen, NATS 2.12.1, 2025).\n"
         f"  sync_interval: {sync}\n"
-        "}\n"
-        "accounts {\n"
+        "}\n" + (cluster_block(cluster_hosts(cluster)) if cluster > 1 else "") + "accounts {\n"
         f"  {ACCOUNT} {{\n"
         "    jetstream: enabled\n"
         "    users: [\n" + "\n".join(users) + "\n    ]\n"
@@ -263,8 +282,12 @@ class Written:
     kept: list[Path]
 
 
-def generate(out: Path, peers: int, sync: str = "always", port: int = 4222) -> Written:
-    """Write (or complete) the configuration and credentials in ``out``; existing identities are kept."""
+def generate(out: Path, peers: int, sync: str = "always", port: int = 4222, cluster: int = 0) -> Written:
+    """Write (or complete) the configuration and credentials in ``out``; existing identities are kept.
+
+    ``cluster`` > 1 adds a cluster block for that many nodes (see :func:`cluster_block`)."""
+    if cluster == 1 or cluster < 0:
+        raise ValueError("--cluster takes the number of nodes: 3 (or more), or 0 for one server")
     out.mkdir(parents=True, exist_ok=True)
     out.chmod(0o700)
     created: list[Path] = []
@@ -298,7 +321,7 @@ def generate(out: Path, peers: int, sync: str = "always", port: int = 4222) -> W
     tap = next(i for i in identities if i.name == "tap")
     _write_secret(out / "tap.nk", tap.seed + "\n")  # natscli (nats-box) reads a seed file: NATS_NKEY
     config = out / "nats-server.conf"
-    config.write_text(server_config(identities, sync, port))
+    config.write_text(server_config(identities, sync, port, cluster))
     config.chmod(0o644)
     (out / ".gitignore").write_text("# generated credentials: never commit them\n*\n")
     return Written(config=config, created=created, kept=kept)
@@ -335,8 +358,8 @@ def claim(path: Path) -> Iterator[tuple[str, dict[str, str]]]:
     raise SystemExit(f"every peer credential in {path} is in use: generate more with swarmtrain nats-config --peers")
 
 
-def main(out: Path, peers: int, sync: str, port: int) -> int:
-    written = generate(out, peers, sync=sync, port=port)
+def main(out: Path, peers: int, sync: str, port: int, cluster: int = 0) -> int:
+    written = generate(out, peers, sync=sync, port=port, cluster=cluster)
     print(f"wrote {written.config} (public keys only)")
     for path in written.created:
         print(f"wrote {path} (secret)")
@@ -346,4 +369,10 @@ def main(out: Path, peers: int, sync: str, port: int) -> int:
         f"\nnats-server -js -sd DATA_DIR -c {written.config}    # or: SWARMTRAIN_NATS_DIR={out} docker compose up\n"
         f"swarmtrain peer --nats nats://{socket.gethostname()}:{port} --credentials {out / 'peers'}/peer-1.env"
     )
+    if cluster > 1:
+        print(
+            f"\na cluster of {cluster} nodes ({', '.join(cluster_hosts(cluster))}), each started with its own"
+            " --server_name; keep every stream on three of them:\n"
+            f"SWARMTRAIN_STREAM_REPLICAS=3 SWARMTRAIN_NATS_DIR={out} docker compose --profile ha up"
+        )
     return 0

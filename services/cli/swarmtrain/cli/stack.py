@@ -1,12 +1,16 @@
 """``swarmtrain up``: the whole platform on one machine, as supervised child processes.
 
-nats-server (JetStream on), an embedded PostgreSQL (unless SWARMTRAIN_DATABASE_URL is set), a blob
-folder (unless SWARMTRAIN_BLOB_URL is set), then projector, scheduler, gateway and N peers. A child
-that dies is restarted; SIGINT or SIGTERM stops everything, services first, servers last.
+nats-server (JetStream on, fsync before every acknowledgement), an embedded PostgreSQL (unless
+SWARMTRAIN_DATABASE_URL is set), a blob folder (unless SWARMTRAIN_BLOB_URL is set), then
+projector, scheduler, gateway and N peers. Every child, the two servers included, is restarted
+when it dies (the servers from their own store), within a restart budget per time window
+(``SWARMTRAIN_RESTART_LIMIT`` restarts within ``SWARMTRAIN_RESTART_WINDOW_S``); SIGINT or SIGTERM
+stops everything, services first, servers last. Each child's pid is kept in ``<data-dir>/run``.
 """
 
 from __future__ import annotations
 
+import collections
 import os
 import secrets
 import signal
@@ -14,26 +18,60 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from swarmtrain.common import servers
+from swarmtrain.common.settings import get_settings
 
-RESTART_LIMIT = 5
+
+@dataclass
+class RestartBudget:
+    """At most ``limit`` restarts within any ``window_s`` seconds: a crash loop stops the stack, a
+    crash a day does not."""
+
+    limit: int
+    window_s: float
+    times: collections.deque[float] = field(default_factory=collections.deque)
+
+    def spend(self, now: float) -> bool:
+        """Take one restart at ``now`` if the window has one left; False if it has none."""
+        while self.times and now - self.times[0] >= self.window_s:
+            self.times.popleft()
+        if len(self.times) >= self.limit:
+            return False
+        self.times.append(now)
+        return True
 
 
 @dataclass
 class Child:
     name: str
-    argv: list[str]
-    env: dict[str, str]
+    launch: Callable[[], subprocess.Popen[bytes]]
     log: Path
+    budget: RestartBudget
+    stop_signal: int = signal.SIGTERM
+    pid_file: Path | None = None
     proc: subprocess.Popen[bytes] | None = None
     restarts: int = 0
 
     def start(self) -> None:
-        with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(self.argv, env=self.env, stdout=out, stderr=subprocess.STDOUT)
+        self.proc = self.launch()
+        if self.pid_file is not None:
+            self.pid_file.write_text(f"{self.proc.pid}\n")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            servers.stop(self.proc, self.stop_signal)
+
+
+def _service(argv: list[str], env: dict[str, str], log: Path) -> Callable[[], subprocess.Popen[bytes]]:
+    def launch() -> subprocess.Popen[bytes]:
+        with log.open("ab") as out:
+            return subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+    return launch
 
 
 @dataclass
@@ -42,8 +80,8 @@ class Stack:
     port: int
     nats_port: int
     data_dir: Path
+    servers: list[Child] = field(default_factory=list)
     children: list[Child] = field(default_factory=list)
-    servers: list[tuple[subprocess.Popen[bytes], int]] = field(default_factory=list)
     stopping: bool = False
 
     def _secret(self) -> str:
@@ -55,17 +93,37 @@ class Stack:
             path.chmod(0o600)
         return path.read_text().strip()
 
+    def _child(self, name: str, launch: Callable[[], subprocess.Popen[bytes]], sig: int = signal.SIGTERM) -> Child:
+        settings = get_settings()
+        return Child(
+            name,
+            launch,
+            self.data_dir / "logs" / f"{name}.log",
+            RestartBudget(settings.restart_limit, settings.restart_window_s),
+            stop_signal=sig,
+            pid_file=self.data_dir / "run" / f"{name}.pid",
+        )
+
     def _start_servers(self) -> dict[str, str]:
         logs = self.data_dir / "logs"
-        nats = servers.start_nats(self.nats_port, self.data_dir / "nats", logs / "nats.log")
-        self.servers.append((nats, signal.SIGTERM))
+        config = servers.write_durable_nats_config(self.data_dir / "nats.conf")
+        store = self.data_dir / "nats"
+        nats = self._child(
+            "nats-server", lambda: servers.start_nats(self.nats_port, store, logs / "nats-server.log", config)
+        )
+        self.servers.append(nats)
+        nats.start()
         env = {"SWARMTRAIN_NATS_URL": f"nats://127.0.0.1:{self.nats_port}"}
         if url := os.environ.get("SWARMTRAIN_DATABASE_URL"):
             env["SWARMTRAIN_DATABASE_URL"] = url
         else:
-            pg_port = servers.free_port()
-            pg = servers.start_postgres(self.data_dir / "postgres", pg_port, logs / "postgres.log")
-            self.servers.append((pg, signal.SIGINT))  # SIGINT: PostgreSQL's fast shutdown
+            pg_port, pg_dir = servers.free_port(), self.data_dir / "postgres"
+            # SIGINT: PostgreSQL's fast shutdown
+            pg = self._child(
+                "postgres", lambda: servers.start_postgres(pg_dir, pg_port, logs / "postgres.log"), signal.SIGINT
+            )
+            self.servers.append(pg)
+            pg.start()
             env["SWARMTRAIN_DATABASE_URL"] = servers.postgres_url(pg_port)
         env["SWARMTRAIN_BLOB_URL"] = os.environ.get("SWARMTRAIN_BLOB_URL") or (self.data_dir / "blobs").as_uri()
         return env
@@ -78,11 +136,11 @@ class Stack:
         logs = self.data_dir / "logs"
         gateway_env = {**base, "SWARMTRAIN_PORT": str(self.port), "SWARMTRAIN_JWT_SECRET": self._secret()}
         for name, env in (("projector", base), ("scheduler", base), ("gateway", gateway_env)):
-            self.children.append(Child(name, [*me, name], env, logs / f"{name}.log"))
+            self.children.append(self._child(name, _service([*me, name], env, logs / f"{name}.log")))
         peer_env = {**base, "SWARMTRAIN_TORCH_THREADS": base.get("SWARMTRAIN_TORCH_THREADS", "1")}
         for i in range(1, self.peers + 1):
             argv = [*me, "peer", "--nats", shared["SWARMTRAIN_NATS_URL"], "--name", f"peer-{i}"]
-            self.children.append(Child(f"peer-{i}", argv, peer_env, logs / f"peer-{i}.log"))
+            self.children.append(self._child(f"peer-{i}", _service(argv, peer_env, logs / f"peer-{i}.log")))
 
     def _wait_healthy(self, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
@@ -98,16 +156,25 @@ class Stack:
             raise RuntimeError(f"gateway not healthy after {timeout:.0f}s; see {self.data_dir / 'logs'}")
 
     def _supervise(self) -> None:
-        for child in self.children:
+        """Restart every child that has died, servers first (the services need them)."""
+        for child in (*self.servers, *self.children):
             assert child.proc is not None
-            code = child.proc.poll()
+            code = child.proc.poll()  # also reaps it: a zombie postmaster would block its restart
             if code is None or self.stopping:
                 continue
-            if child.restarts >= RESTART_LIMIT:
-                raise RuntimeError(f"{child.name} keeps dying (exit {code}); see {child.log}")
-            child.restarts += 1
-            print(f"swarmtrain: {child.name} exited with {code}; restarting ({child.restarts})", flush=True)
-            child.start()
+            print(f"swarmtrain: {child.name} exited with {code}; restarting", flush=True)
+            while True:
+                if not child.budget.spend(time.monotonic()):
+                    raise RuntimeError(
+                        f"{child.name} died {child.budget.limit + 1} times within {child.budget.window_s:.0f}s"
+                        f" (last exit {code}); see {child.log}"
+                    )
+                child.restarts += 1
+                try:
+                    child.start()
+                    break
+                except RuntimeError as exc:  # a server that could not start again: try again, within budget
+                    print(f"swarmtrain: {child.name} did not start: {exc}", flush=True)
 
     def _on_signal(self, signum: int, frame: object) -> None:
         self.stopping = True
@@ -115,7 +182,8 @@ class Stack:
     def run(self) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._on_signal)
-        (self.data_dir / "logs").mkdir(parents=True, exist_ok=True)
+        for folder in ("logs", "run"):
+            (self.data_dir / folder).mkdir(parents=True, exist_ok=True)
         servers.ensure_free(self.nats_port, "NATS (--nats-port)")
         servers.ensure_free(self.port, "gateway (--port)")
         try:
@@ -150,6 +218,9 @@ class Stack:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        for proc, sig in reversed(self.servers):
-            servers.stop(proc, sig)
+        for child in reversed(self.servers):
+            child.stop()
+        for child in (*self.servers, *self.children):
+            if child.pid_file is not None:
+                child.pid_file.unlink(missing_ok=True)
         print("swarmtrain stopped", flush=True)

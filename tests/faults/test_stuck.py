@@ -1,0 +1,254 @@
+"""Faults that leave a session stuck or the read models wrong on today's main (issue 11): each test
+states what must hold, and is an xfail(strict=True) until the scheduler, peer and projector fixes
+land; then remove its mark. strict: a test that starts passing fails the suite until it is switched on.
+A peer stopped or cut off past the timeout is not marked: that already holds (the peer's run fails
+and the sweep completes with the others). NATS down past the timeout is racy today, so its xfail is
+not strict.
+
+The peer timeout here is the default, 6 s, so a peer restarted at once is back within it.
+
+Each test starts its own peers and stops them at the end, so a peer left locked by one does not
+serve the next; the poison test comes last (today it stops the projector for good).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import msgspec
+import nats
+import pytest
+
+from swarmtrain.common import bus
+from swarmtrain.common.events import Heartbeat, new_id
+
+from .checker import Checker, read_stream, rebuild_diff
+from .conftest import make_stack
+from .harness import Api, FaultStack, Proc, wait_for
+
+PEER_TIMEOUT_S = 6.0
+STUCK_BOUND_S = 14.0
+"""After its fault, a session must end within this (peer timeout 6 s, presence every 0.3 s)."""
+PAST_TIMEOUT_S = PEER_TIMEOUT_S + 2
+HP = {"epochs": 10, "batch_size": 16, "lr": 0.01}
+
+needs_fix = pytest.mark.xfail(strict=True, reason="issue 11: needs the scheduler/peer fixes")
+needs_projector_fix = pytest.mark.xfail(strict=True, reason="issue 11: needs the projector's idempotence/dead letters")
+
+
+_tags = itertools.count(1)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FaultStack]:
+    yield from make_stack(tmp_path_factory, "stuck", peers=0, peer_timeout_s=PEER_TIMEOUT_S)
+
+
+@pytest.fixture
+def peers(stack: FaultStack, request: pytest.FixtureRequest) -> Iterator[dict[str, Proc]]:
+    """Two fresh peers of this test's own (one proxied: it can be cut off from NATS)."""
+    tag = next(_tags)
+    mine = {
+        f"peer-{tag}-a": stack.add_peer(f"peer-{tag}-a", proxied=True),
+        f"peer-{tag}-b": stack.add_peer(f"peer-{tag}-b"),
+    }
+    yield mine
+    for name, proc in mine.items():
+        proc.stop()
+        if proxy := stack.proxies.pop(name, None):
+            proxy.close()
+
+
+def _session(
+    api: Api, dataset: str, peers: dict[str, Proc], hps: list[dict[str, Any]], epoch: int = 1
+) -> tuple[str, str]:
+    """A sweep on this test's peers, once each has reported ``epoch``; (session id, the name of the
+    peer that trains hps[0])."""
+    ids = api.idle(list(peers))
+    sid = api.sweep(dataset, hps)
+    session = api.started(sid, epoch)
+    by_id = {v: k for k, v in ids.items()}
+    first = next(p for p in session["peers"] if p["hyperparameters"]["lr"] == hps[0]["lr"])
+    return sid, by_id[first["peer_id"]]
+
+
+def _assert_whole(stack: FaultStack, api: Api, checker: Checker, sid: str, record: dict[str, Any]) -> None:
+    report = checker.check([sid])
+    record.update(lost=len(report.lost), duplicated=len(report.duplicated), unexpected=len(report.unexpected))
+    assert report.counts == (0, 0, 0), str(report)
+    assert rebuild_diff(stack) == []
+
+
+def _ended_after(api: Api, sid: str, struck: float, record: dict[str, Any]) -> dict[str, Any]:
+    done = api.ended(sid, timeout=STUCK_BOUND_S)
+    record["session_end_after_fault_s"] = round(time.monotonic() - struck, 1)
+    record["status"] = done["status"]
+    return done
+
+
+# what already holds comes first: the xfails below leave sessions stuck and peers locked
+
+
+def test_peer_sigstopped_past_the_timeout_then_resumed(
+    stack: FaultStack, api: Api, dataset: str, peers: dict[str, Proc], record: dict[str, Any]
+) -> None:
+    record["fault"] = f"peer SIGSTOP {PAST_TIMEOUT_S:.0f} s (past the timeout), SIGCONT"
+    checker = Checker(stack, api)
+    sid, victim = _session(api, dataset, peers, [{**HP, "lr": 0.012}, HP])
+    peers[victim].pause()
+    paused = time.monotonic()
+    wait_for(lambda: time.monotonic() - paused >= PAST_TIMEOUT_S, 30, "the peer to be stopped past its timeout")
+    peers[victim].resume()
+    done = _ended_after(api, sid, paused, record)
+    assert done["status"] in ("completed", "failed"), done
+    api.idle(list(peers), timeout=STUCK_BOUND_S)  # the resumed peer is told its run is over, and is free
+    _assert_whole(stack, api, checker, sid, record)
+
+
+def test_peer_partitioned_from_nats_past_the_timeout(
+    stack: FaultStack, api: Api, dataset: str, peers: dict[str, Proc], record: dict[str, Any]
+) -> None:
+    record["fault"] = f"peer cut off from NATS {PAST_TIMEOUT_S:.0f} s (TCP proxy), healed"
+    checker = Checker(stack, api)
+    proxied = next(name for name in peers if name in stack.proxies)
+    ids = api.idle(list(peers))
+    sid = api.sweep(dataset, [HP, {**HP, "lr": 0.013}])
+    api.started(sid)
+    proxy = stack.proxies[proxied]
+    proxy.cut()
+    cut = time.monotonic()
+    wait_for(lambda: time.monotonic() - cut >= PAST_TIMEOUT_S, 30, "a partition past the peer timeout")
+    proxy.heal()
+    done = _ended_after(api, sid, cut, record)
+    assert done["status"] in ("completed", "failed"), done
+    assert ids[proxied] in {p["peer_id"] for p in done["peers"]}
+    api.idle(list(peers), timeout=STUCK_BOUND_S)
+    _assert_whole(stack, api, checker, sid, record)
+
+
+@needs_fix
+def test_peer_sigkilled_and_restarted_at_once(
+    stack: FaultStack, api: Api, dataset: str, peers: dict[str, Proc], record: dict[str, Any]
+) -> None:
+    record["fault"] = "peer SIGKILL, restarted at once"
+    checker = Checker(stack, api)
+    sid, victim = _session(api, dataset, peers, [{**HP, "lr": 0.011}, HP])
+    peers[victim].restart()  # back within the presence timeout: nothing sees it missing
+    struck = time.monotonic()
+    done = _ended_after(api, sid, struck, record)
+    assert done["status"] in ("completed", "failed"), done
+    victim_run = next(p for p in done["peers"] if p["hyperparameters"]["lr"] == 0.011)
+    if victim_run["status"] == "failed" and victim_run["reason"] and "offline" in victim_run["reason"]:
+        pytest.skip("the peer took longer than the timeout to restart on this machine: not the case under test")
+    assert victim_run["status"] == "done", done  # its Train was sent again, and it trained
+    api.idle(list(peers), timeout=STUCK_BOUND_S)  # both peers are free again
+    _assert_whole(stack, api, checker, sid, record)
+
+
+@needs_fix
+def test_divergence_fails_that_run_and_the_sweep_goes_on(
+    stack: FaultStack, api: Api, dataset: str, peers: dict[str, Proc], record: dict[str, Any]
+) -> None:
+    record["fault"] = "lr 1e30: a run diverges (NaN loss)"
+    checker = Checker(stack, api)
+    sid, _ = _session(api, dataset, peers, [{**HP, "lr": 1e30}, HP], epoch=0)
+    struck = time.monotonic()
+    done = _ended_after(api, sid, struck, record)
+    assert done["status"] == "completed", done
+    by_lr = {p["hyperparameters"]["lr"]: p for p in done["peers"]}
+    assert by_lr[1e30]["status"] == "failed" and "diverged" in (by_lr[1e30]["reason"] or ""), done
+    assert by_lr[HP["lr"]]["status"] == "done"
+    _assert_whole(stack, api, checker, sid, record)
+
+
+@pytest.mark.xfail(
+    strict=False,
+    reason="issue 11: racy today (beats judged on stale times, no grace after reconnect): the runs count or "
+    "both peers are declared failed, depending on who reconnects first; make strict once the grace lands",
+)
+def test_nats_down_longer_than_the_peer_timeout(
+    stack: FaultStack, api: Api, dataset: str, peers: dict[str, Proc], record: dict[str, Any]
+) -> None:
+    record["fault"] = f"nats-server down {PAST_TIMEOUT_S:.0f} s (past the peer timeout), restarted"
+    checker = Checker(stack, api)
+    sid, _ = _session(api, dataset, peers, [{**HP, "epochs": 20}, {**HP, "epochs": 20, "lr": 0.014}])
+    stack.procs["nats"].kill()
+    down = time.monotonic()
+    wait_for(lambda: time.monotonic() - down >= PAST_TIMEOUT_S, 30, "NATS down past the peer timeout")
+    stack.procs["nats"].start()
+    wait_for(stack.ready, 60, "/readyz 200 again")
+    record["recovery_s"] = round(time.monotonic() - down, 1)
+    done = _ended_after(api, sid, down, record)
+    # an outage of NATS is nobody's fault: the peers trained on, and their runs count
+    assert done["status"] == "completed", done
+    assert [p["status"] for p in done["peers"]] == ["done", "done"], done
+    _assert_whole(stack, api, checker, sid, record)
+
+
+async def _store_again_under_a_new_id(stack: FaultStack, checker: Checker, sid: str) -> None:
+    """What a retried publish after JetStream's 2-minute dedupe window does: the same event stored twice."""
+    stored = await read_stream(stack.nats_url, checker.baseline)
+    beat = next(s for s in stored if isinstance(s.event, Heartbeat) and s.event.session_id == sid)
+    copy_id = new_id()
+    checker.injected.add(copy_id)
+    nc = await nats.connect(stack.nats_url.split(","))
+    try:
+        await nc.jetstream().publish(beat.subject, beat.data, headers={"Nats-Msg-Id": copy_id})
+    finally:
+        await nc.drain()
+
+
+@needs_projector_fix
+def test_a_copy_stored_after_the_dedupe_window_changes_nothing(
+    stack: FaultStack, api: Api, dataset: str, peers: dict[str, Proc], record: dict[str, Any]
+) -> None:
+    record["fault"] = "an event stored twice (retry after the dedupe window)"
+    checker = Checker(stack, api)
+    sid, _ = _session(api, dataset, peers, [{**HP, "epochs": 3}, {**HP, "epochs": 3}])
+    asyncio.run(_store_again_under_a_new_id(stack, checker, sid))
+    done = _ended_after(api, sid, time.monotonic(), record)
+    assert done["status"] == "completed", done
+    _assert_whole(stack, api, checker, sid, record)  # the projector is idempotent by event_id
+
+
+async def _poison(stack: FaultStack, checker: Checker) -> None:
+    """A well-formed heartbeat whose epoch PostgreSQL's integer column refuses."""
+    beat = Heartbeat(
+        session_id=new_id(),
+        peer_id="p0000000000000000",
+        epoch=2**31 + 5,
+        epochs=2**31 + 5,
+        loss=0.1,
+        accuracy=0.5,
+        samples_per_s=1.0,
+    )
+    checker.injected.add(beat.event_id)
+    nc = await nats.connect(stack.nats_url.split(","))
+    try:
+        await bus.append(nc.jetstream(), beat)
+    finally:
+        await nc.drain()
+
+
+@needs_projector_fix
+def test_a_poison_event_is_quarantined_not_fatal(
+    stack: FaultStack, api: Api, dataset: str, peers: dict[str, Proc], record: dict[str, Any]
+) -> None:
+    record["fault"] = "poison event (epoch > 2^31) for the projector"
+    checker = Checker(stack, api)
+    asyncio.run(_poison(stack, checker))
+    struck = time.monotonic()
+    # the projector goes on past it: a dataset uploaded after the poison shows, the log is caught up
+    later = api.upload()
+    wait_for(stack.caught_up, STUCK_BOUND_S, "the projector to move past the poison event")
+    record["recovery_s"] = round(time.monotonic() - struck, 1)
+    assert api.client.get(f"/datasets/{later}").status_code == 200
+    ready = stack.ready()
+    assert ready is not None and "degraded" in msgspec.json.encode(ready).decode()  # it shows the dead letter
+    sid, _ = _session(api, dataset, peers, [{**HP, "epochs": 3}, {**HP, "epochs": 3}])
+    _ended_after(api, sid, struck, record)
+    _assert_whole(stack, api, checker, sid, record)
