@@ -37,7 +37,6 @@ PAST_TIMEOUT_S = PEER_TIMEOUT_S + 2
 HP = {"epochs": 10, "batch_size": 16, "lr": 0.01}
 
 needs_fix = pytest.mark.xfail(strict=True, reason="issue 11: needs the scheduler/peer fixes")
-needs_projector_fix = pytest.mark.xfail(strict=True, reason="issue 11: needs the projector's idempotence/dead letters")
 
 
 _tags = itertools.count(1)
@@ -202,7 +201,6 @@ async def _store_again_under_a_new_id(stack: FaultStack, checker: Checker, sid: 
         await nc.drain()
 
 
-@needs_projector_fix
 def test_a_copy_stored_after_the_dedupe_window_changes_nothing(
     stack: FaultStack, api: Api, dataset: str, peers: dict[str, Proc], record: dict[str, Any]
 ) -> None:
@@ -234,7 +232,6 @@ async def _poison(stack: FaultStack, checker: Checker) -> None:
         await nc.drain()
 
 
-@needs_projector_fix
 def test_a_poison_event_is_quarantined_not_fatal(
     stack: FaultStack, api: Api, dataset: str, peers: dict[str, Proc], record: dict[str, Any]
 ) -> None:
