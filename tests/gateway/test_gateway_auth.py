@@ -19,10 +19,14 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from jwt.warnings import InsecureKeyLengthWarning
 from litestar import Litestar
+from nats.js import JetStreamContext
 
+from swarmtrain.common import bus, subjects
+from swarmtrain.common.events import UserRegistered, decode_event
 from swarmtrain.common.settings import Settings
 from swarmtrain.gateway import create_app
 from swarmtrain.gateway.auth import user_id_for
+from swarmtrain.gateway.passwords import SEALED, Passwords
 from swarmtrain.gateway.state import Gateway
 from tests.gateway.helpers import Client, Headers, blocking, running, serving
 
@@ -278,6 +282,30 @@ async def test_unknown_email_and_wrong_password_cost_the_same(settings: Settings
         assert len(answers) == 1  # byte for byte the same answer
         ratio = statistics.median(times["unknown"]) / statistics.median(times["wrong"])
         assert 0.5 < ratio < 2.0, (ratio, times)
+
+
+async def test_the_log_holds_no_readable_password_hash(
+    client: Client, js: JetStreamContext, settings: Settings
+) -> None:
+    """``UserRegistered`` carries the hash sealed with the gateway's key: readers of the log see
+    ciphertext, the gateway signs in, and a sealed hash moved to another user does not open."""
+    r = await client.post("/auth/signup", json={"email": "hana@example.com", "password": PASSWORD})
+    assert r.status_code == 201
+    user_id = r.json()["user_id"]
+    stored = await js.get_last_msg(bus.EVENTS_STREAM, subjects.user_events(user_id))
+    event = decode_event(stored.data or b"")
+    assert isinstance(event, UserRegistered)
+    assert event.password_hash.startswith(SEALED) and "argon2" not in event.password_hash
+    assert (
+        await client.post("/auth/signin", json={"email": "hana@example.com", "password": PASSWORD})
+    ).status_code == 200
+
+    passwords = Passwords(settings)
+    opened = passwords.open(event.password_hash, user_id)
+    assert opened is not None and opened.startswith("$argon2id$")
+    assert passwords.open(event.password_hash, "someone-else") is None  # bound to its user
+    other = Passwords(msgspec.structs.replace(settings, jwt_secret="x" * 40))
+    assert other.open(event.password_hash, user_id) is None  # only this gateway's key opens it
 
 
 @pytest.fixture

@@ -170,7 +170,10 @@ class AuthController(Controller):
         email, username = _validate_signup(data)
         user_id = user_id_for(email)
         event = UserRegistered(
-            user_id=user_id, email=email, username=username, password_hash=await gw.passwords.hash(data.password)
+            user_id=user_id,
+            email=email,
+            username=username,
+            password_hash=await gw.passwords.hash(data.password, user_id),
         )
         try:
             await gw.append(event, expected_last_subject_seq=0)
@@ -200,7 +203,8 @@ class AuthController(Controller):
             if storable(email)
             else None
         )
-        ok = await gw.passwords.verify(None if row is None else row["password_hash"], data.password)
+        stored, user = (None, None) if row is None else (row["password_hash"], row["user_id"])
+        ok = await gw.passwords.verify(stored, data.password, user)
         if row is None or not ok:
             gw.throttle.failed(key, address)
             raise NotAuthorizedException("wrong email or password")
