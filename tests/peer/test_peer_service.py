@@ -62,7 +62,7 @@ def train_command(
 async def command_consumer_settled(js: JetStreamContext, peer_id: str) -> bool:
     """Every command delivered to the peer is acked and none waits: nothing nak-ed or pending."""
     info = await js.consumer_info(bus.COMMANDS_STREAM, f"peer-{peer_id}")
-    return info.num_pending == 0 and info.num_ack_pending == 0
+    return bool(info.num_pending == 0 and info.num_ack_pending == 0)
 
 
 # ------------------------------------------------------------------ tests
@@ -201,7 +201,7 @@ async def test_a_busy_peer_takes_the_next_train_once_free_and_ignores_a_resent_o
 
             async def held_back() -> bool:
                 info = await js.consumer_info(bus.COMMANDS_STREAM, f"peer-{reg.peer_id}")
-                return info.num_ack_pending + info.num_pending >= 1 and info.num_redelivered >= 1
+                return bool(info.num_ack_pending + info.num_pending >= 1 and info.num_redelivered >= 1)
 
             await wait_for(held_back, "the second Train nak-ed for later")
             await bus.send(js, Stop(peer_id=reg.peer_id, session_id="first"))
