@@ -310,7 +310,10 @@ class Poisoner(threading.Thread):
                 await self.publish_poison(js, train, r)
                 while r not in self.closed and not self.stop.is_set():
                     await self.take(sub)
-            await bus.report(js, PeerFailed(session_id=train.session_id, peer_id=self.peer_id, reason="poisoner done"))
+            sid = train.session_id
+            me = self.peer_id
+            done = PeerFailed(event_id=f"{sid}.{me}.failed", session_id=sid, peer_id=me, reason="poisoner done")
+            await bus.report(js, done)
         await sub.unsubscribe()
 
     async def publish_poison(self, js: Any, train: Train, r: int) -> None:
@@ -326,6 +329,7 @@ class Poisoner(threading.Thread):
         await bus.report(
             js,
             ModelUpdatePublished(
+                event_id=f"{train.session_id}.r{r}.{self.peer_id}.update",  # a report's id names its session
                 session_id=train.session_id,
                 round=r,
                 peer_id=self.peer_id,

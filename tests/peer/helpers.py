@@ -27,6 +27,7 @@ from swarmtrain.common.events import (
     RoundClosed,
     SessionEvent,
     SessionFact,
+    UpdateRejected,
 )
 from swarmtrain.common.settings import Settings
 from swarmtrain.common.signing import UrlSigner
@@ -56,7 +57,8 @@ class ReportReader:
         """The next report (None if it is of another session)."""
         msg = await self._sub.next_msg(timeout=timeout)
         report = events.decode_report(msg.data)
-        assert msg.subject == subjects.peer_reports(report.peer_id), "a report on another peer's subject"
+        speaker = report.reported_by if isinstance(report, UpdateRejected) else report.peer_id
+        assert msg.subject == subjects.peer_reports(speaker), "a report on another peer's subject"
         if self._session_id is not None and getattr(report, "session_id", None) != self._session_id:
             return None
         self.seen.append(report)
