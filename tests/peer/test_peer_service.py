@@ -9,15 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import signal
+import subprocess
 from pathlib import Path
 
 import msgspec
+import nats
+import nats.errors
 import pytest
 import torch
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
-from swarmtrain.common import bus, events
+from swarmtrain.common import bus, events, servers
 from swarmtrain.common.events import (
     Heartbeat,
     Hyperparameters,
@@ -28,6 +32,7 @@ from swarmtrain.common.events import (
     Train,
 )
 from swarmtrain.common.settings import Settings
+from swarmtrain.common.signing import UrlSigner
 from swarmtrain.peer import service
 from swarmtrain.peer.data import load_csv
 from swarmtrain.peer.model import load_model
@@ -235,6 +240,46 @@ async def test_a_train_stopped_before_it_could_start_is_dropped(
             await beats.wait_for(lambda b: b.session_id is None)
             await wait_for(lambda: command_consumer_settled(js, reg.peer_id), "every command acked")
     assert await stored_reports(js, "gone") == []
+
+
+async def test_reports_due_during_a_nats_outage_are_delivered_once_nats_is_back(
+    settings: Settings,
+    nats_server: tuple[str, subprocess.Popen[bytes]],
+    tmp_path: Path,
+    blob_dir: Path,
+    digits_sha256: str,
+    signer: UrlSigner,
+) -> None:
+    url, first = nats_server
+    restarted: list[subprocess.Popen[bytes]] = []
+    client = await nats.connect(url, max_reconnect_attempts=-1, reconnect_time_wait=0.2)
+    try:
+        js = client.jetstream()
+        await bus.ensure_streams(js)
+        scheduler = SchedulerPart(js, signer, blob_dir)
+        async with running_peer(settings):
+            reg = await registered(js, "alpha")
+            async with reports(js, "outage") as session:
+                cmd = train_command(reg.peer_id, blob_dir, "outage", sha256=digits_sha256, epochs=3)
+                await scheduler.train(cmd)
+                await session.wait_for(Heartbeat)
+            servers.stop(first, signal.SIGTERM)  # NATS goes away mid-run, its store kept
+            # The outage lasts at least one publish's timeout: long after the three short epochs
+            # ended, so the peer's later heartbeats and its PeerDone fall due while NATS is down.
+            with pytest.raises(nats.errors.Error):
+                await js.stream_info(bus.REPORTS_STREAM)  # waits out the context's 5 s timeout
+            restarted.append(servers.start_nats(int(url.rsplit(":", 1)[1]), tmp_path / "jetstream"))
+            async with reports(js, "outage") as session:
+                done = await session.wait_for(PeerDone, timeout=60)
+            assert [h.epoch for h in session.seen if isinstance(h, Heartbeat)] == [1, 2, 3]  # none lost
+            model = blob_dir / "sessions" / "outage" / f"{reg.peer_id}.safetensors"
+            assert hashlib.sha256(model.read_bytes()).hexdigest() == done.model_sha256
+        await client.drain()
+    finally:
+        if not client.is_closed:
+            await client.close()
+        for proc in restarted:
+            servers.stop(proc, signal.SIGTERM)
 
 
 async def test_stop_ends_training_promptly_and_quietly(
