@@ -7,6 +7,8 @@ import asyncio
 import itertools
 import signal
 import subprocess
+import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -53,6 +55,41 @@ def blob_dir(tmp_path: Path) -> Path:
     path = tmp_path / "blobs"
     path.mkdir()
     return path
+
+
+@pytest.fixture
+def blob_signing_secret() -> str:
+    """The secret the ``blob_server`` checks signed URLs with (``Settings.blob_signing_secret``)."""
+    return "test-blob-signing-secret-0123456789abcdef"
+
+
+@pytest.fixture
+def blob_server(blob_dir: Path, blob_signing_secret: str) -> Iterator[str]:
+    """The gateway's signed ``GET|PUT /blobs/{key}`` routes over the ``blob_dir`` store, and nothing
+    else, on a free port (uvicorn in a thread); yields its base URL (``Settings.blob_public_url``)."""
+    import uvicorn
+    from litestar import Litestar
+    from litestar.di import Provide
+
+    from swarmtrain.common.blob import FileStore
+    from swarmtrain.gateway.blobs import BlobController
+    from swarmtrain.gateway.state import Gateway
+
+    serving = Settings(blob_url=blob_dir.as_uri(), blob_signing_secret=blob_signing_secret)
+    # only .settings and .store are used by the blob routes
+    gateway = Gateway(serving, None, None, None, FileStore(blob_dir), None, None, None)  # type: ignore[arg-type]
+    app = Litestar(route_handlers=[BlobController], dependencies={"gw": Provide(lambda: gateway, sync_to_thread=False)})
+    port = servers.free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, name="blob-server", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 15
+    while not server.started:  # uvicorn's own readiness flag; a thread has no event to await
+        assert thread.is_alive() and time.monotonic() < deadline, "the blob server did not start"
+        time.sleep(0.02)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(15)
 
 
 @pytest.fixture

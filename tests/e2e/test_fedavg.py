@@ -1,14 +1,19 @@
-"""fedavg end to end: real peers as processes that die, stall, or cheat, on a real stack."""
+"""fedavg end to end: real peers as processes that die, stall, or cheat, on a real stack.
+
+Peers report on their own subjects and the scheduler writes the facts, so what these tests read
+from ``session.<id>.events`` is what the scheduler accepted."""
 
 from __future__ import annotations
 
 import asyncio
-import io
+import contextlib
 import signal
 import subprocess
+import tempfile
 import threading
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import nats
@@ -19,7 +24,7 @@ from nats.aio.client import Client as NATS
 from nats.js.api import AckPolicy
 from safetensors.torch import load, save
 
-from swarmtrain.common import blob, bus, servers, subjects
+from swarmtrain.common import bus, servers, shapes, signing, subjects
 from swarmtrain.common.events import (
     Event,
     Heartbeat,
@@ -27,17 +32,20 @@ from swarmtrain.common.events import (
     PeerDone,
     PeerFailed,
     PeerRegistered,
+    Presence,
     RoundClosed,
+    SessionFact,
     ShardReassigned,
     Train,
     UpdateRejected,
     decode_command,
     decode_event,
+    encode,
 )
 from swarmtrain.common.settings import Settings
-from tests.support import beating, wait_for
+from tests.support import wait_for
 
-from .conftest import Api, Stack, cli
+from .conftest import DIGITS, Api, Stack, cli
 
 LOCAL = {"epochs": 2, "batch_size": 32, "lr": 0.003}
 
@@ -223,7 +231,9 @@ async def test_stalled_peer_is_left_out_and_its_late_update_is_ignored(stack: St
 
 
 class Poisoner(threading.Thread):
-    """A peer that follows the protocol but sends poison: NaN in odd rounds, a wrong shape in even ones."""
+    """A peer that follows the protocol as a real one must (reports on its own subject, the round's
+    facts from forwarded ``SessionFact`` commands, blobs only through its ``Train``'s signed URLs,
+    an honest sample count) but sends poison: NaN in odd rounds, a wrong shape in even ones."""
 
     def __init__(self, settings: Settings, delay_s: float = 0.0) -> None:
         super().__init__(daemon=True)
@@ -233,6 +243,8 @@ class Poisoner(threading.Thread):
         self.peer_id = "p" + uuid.uuid4().hex[:16]
         self.stop = threading.Event()
         self.error: BaseException | None = None
+        self.train: Train | None = None
+        self.closed: set[int] = set()
 
     def run(self) -> None:
         try:
@@ -248,62 +260,93 @@ class Poisoner(threading.Thread):
 
     async def main(self) -> None:
         nc = await nats.connect(self.settings.nats_url)
+        done = asyncio.Event()
+        beats = asyncio.create_task(self.beat(nc, done))
         try:
-            async with beating(nc, [self.peer_id], every_s=0.2):
-                await self.follow(nc)
+            await self.follow(nc)
         finally:
+            done.set()
+            await beats
             await nc.drain()
+
+    async def beat(self, nc: NATS, done: asyncio.Event) -> None:
+        """Presence as a peer beats it: naming the session and the Train it works on."""
+        while not done.is_set():
+            train = self.train
+            beat = Presence(
+                peer_id=self.peer_id,
+                name=self.peer_id,
+                device="cpu",
+                session_id=train.session_id if train else None,
+                train_id=train.event_id if train else None,
+            )
+            await nc.publish(beat.subject, encode(beat))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(done.wait(), 0.2)  # the beat's period; returns at once when done
+
+    async def take(self, sub: Any) -> None:
+        for msg, cmd in await bus.fetch(sub, decode_command, timeout=0.3):
+            await msg.ack()
+            match cmd:
+                case Train() if self.train is None:
+                    self.train = cmd
+                case SessionFact(fact=RoundClosed() as closed) if self.train is not None:
+                    if closed.session_id == self.train.session_id:
+                        self.closed.add(closed.round)
 
     async def follow(self, nc: NATS) -> None:
         js = nc.jetstream()
         subject = subjects.peer_command(self.peer_id)
         sub = await bus.pull_consumer(js, bus.COMMANDS_STREAM, durable=f"peer-{self.peer_id}", filter_subject=subject)
-        await bus.append(js, PeerRegistered(peer_id=self.peer_id, name=self.peer_id, device="cpu"))
-        train: Train | None = None
-        while train is None and not self.stop.is_set():
-            for msg, cmd in await bus.fetch(sub, decode_command, timeout=0.3):
-                await msg.ack()
-                train = cmd if isinstance(cmd, Train) else None
-        events = await js.subscribe(subjects.session_events(train.session_id), ordered_consumer=True) if train else None
-        for r in range(1, (train.rounds if train else 0) + 1):
-            assert train is not None and events is not None
-            if self.delay_s:
-                # not a synchronisation: this fake peer is slow on purpose, so its rounds stay open
-                await asyncio.sleep(self.delay_s)
-            from swarmtrain.peer.model import build_model
-
-            tensors = {
-                k: torch.full_like(v, float("nan")) for k, v in build_model(train.model, 64, 10).state_dict().items()
-            }
-            if r % 2 == 0:
-                tensors = {k: torch.zeros(3, 3) for k in tensors}
-            buf = io.BytesIO(save(tensors))
-            store, key = blob.resolve(f"{train.rounds_uri}/{r}/{self.peer_id}.safetensors", self.settings)
-            ref = await asyncio.to_thread(store.put_stream, key, buf, len(buf.getvalue()))
-            await bus.append(
-                js,
-                ModelUpdatePublished(
-                    session_id=train.session_id,
-                    round=r,
-                    peer_id=self.peer_id,
-                    uri=ref.uri,
-                    sha256=ref.sha256,
-                    num_samples=10**6,
-                    loss=0.0,
-                    accuracy=1.0,
-                ),
-            )
-            while True:
-                try:
-                    event = decode_event((await events.next_msg(timeout=0.3)).data)
-                except nats.errors.TimeoutError:
-                    continue
-                if isinstance(event, RoundClosed) and event.round == r:
-                    break
-        if train is not None and events is not None:
-            await bus.append(js, PeerFailed(session_id=train.session_id, peer_id=self.peer_id, reason="poisoner done"))
-            await events.unsubscribe()
+        await bus.report(js, PeerRegistered(peer_id=self.peer_id, name=self.peer_id, device="cpu"))
+        while self.train is None and not self.stop.is_set():
+            await self.take(sub)
+        train = self.train
+        if train is not None:
+            for r in range(train.start_round, train.rounds + 1):
+                if self.delay_s:
+                    # not a synchronisation: this fake peer is slow on purpose, so its rounds stay open
+                    await asyncio.sleep(self.delay_s)
+                await self.publish_poison(js, train, r)
+                while r not in self.closed and not self.stop.is_set():
+                    await self.take(sub)
+            sid = train.session_id
+            me = self.peer_id
+            done = PeerFailed(event_id=f"{sid}.{me}.failed", session_id=sid, peer_id=me, reason="poisoner done")
+            await bus.report(js, done)
         await sub.unsubscribe()
+
+    async def publish_poison(self, js: Any, train: Train, r: int) -> None:
+        from swarmtrain.peer.model import build_model
+
+        model = build_model(train.model, 64, 10)
+        tensors = {k: torch.full_like(v, float("nan")) for k, v in model.state_dict().items()}
+        if r % 2 == 0:
+            tensors = {k: torch.zeros(3, 3) for k in tensors}
+        path = Path(tempfile.mkdtemp()) / "update.safetensors"
+        path.write_bytes(save(tensors))
+        ref = await asyncio.to_thread(signing.put_url, train.update_urls[r], path)
+        await bus.report(
+            js,
+            ModelUpdatePublished(
+                event_id=f"{train.session_id}.r{r}.{self.peer_id}.update",  # a report's id names its session
+                session_id=train.session_id,
+                round=r,
+                peer_id=self.peer_id,
+                uri=f"{train.rounds_uri.rstrip('/')}/{r}/{self.peer_id}.safetensors",
+                sha256=ref.sha256,
+                num_samples=honest_samples(train),
+                loss=0.0,
+                accuracy=1.0,
+            ),
+        )
+
+
+def honest_samples(train: Train) -> int:
+    """The size of ``train``'s shard of the digits' training rows: what the scheduler expects."""
+    rows = sum(1 for line in DIGITS.read_text().splitlines()[1:] if line.strip())
+    start, stop = shapes.shard_bounds(shapes.training_rows(rows, train.validation_split), train.num_shards, train.shard)
+    return stop - start
 
 
 async def test_poisoned_updates_are_rejected_and_the_session_completes(stack: Stack, api: Api, swarm: Swarm) -> None:

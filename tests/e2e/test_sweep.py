@@ -139,6 +139,24 @@ async def test_peer_killed_mid_training_fails_alone_and_the_session_completes(st
     assert next(p for p in await api.peers() if p["peer_id"] == victim_id)["status"] == "offline"
 
 
+async def test_a_diverging_run_fails_with_its_reason_and_the_sweep_goes_on(stack: Stack, api: Api) -> None:
+    await api.wait_idle_peers(2)
+    ds = await api.upload()
+    hps = [{"epochs": 3, "batch_size": 64, "lr": 1e30}, {"epochs": 2, "batch_size": 64, "lr": 0.01}]
+    resp = await api.client.post("/sessions", json=sweep(ds["dataset_id"], hps))
+    assert resp.status_code == 201, resp.text
+    sid = resp.json()["session_id"]
+    done = await api.wait_ended(sid)
+    assert done["status"] == "completed", done
+    by_lr = {p["hyperparameters"]["lr"]: p for p in done["peers"]}
+    assert by_lr[1e30]["status"] == "failed"
+    assert by_lr[1e30]["reason"].startswith("diverged: non-finite loss at epoch "), by_lr[1e30]
+    assert by_lr[0.01]["status"] == "done" and done["best_peer_id"] == by_lr[0.01]["peer_id"]
+    # no report carried NaN: every stored fact decodes, and the failed run's figures are all finite
+    stored = [json.loads(d) for d in await stored_events(stack.nats_url, sid)]
+    assert all(e["loss"] is not None for e in stored if e["type"] == "Heartbeat")
+
+
 async def test_projections_rebuild_to_identical_state(stack: Stack, api: Api) -> None:
     await api.wait_idle_peers(1)
     ds = await api.upload()

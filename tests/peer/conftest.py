@@ -1,4 +1,5 @@
-"""Peer fixtures: settings without PostgreSQL (the peer never touches it), a digits CSV, a NATS client."""
+"""Peer fixtures: settings without PostgreSQL (the peer never touches it), a digits CSV, a NATS client,
+and the scheduler's part a test plays (signed URLs served by the ``blob_server``)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,10 @@ from pathlib import Path
 import pytest
 from nats.aio.client import Client as NATS
 
+from swarmtrain.common.blob import FileStore
 from swarmtrain.common.settings import Settings
+from swarmtrain.common.signing import UrlSigner
+from tests.peer.helpers import SchedulerPart
 
 
 @cache
@@ -73,3 +77,15 @@ async def nc(nats_url: str) -> AsyncIterator[NATS]:
     await bus.ensure_streams(client.jetstream())
     yield client
     await client.drain()
+
+
+@pytest.fixture
+def signer(blob_dir: Path, blob_server: str, blob_signing_secret: str) -> UrlSigner:
+    """Signs URLs of the ``blob_dir`` store that the ``blob_server`` honours."""
+    signing = Settings(blob_url=blob_dir.as_uri(), blob_signing_secret=blob_signing_secret, blob_public_url=blob_server)
+    return UrlSigner(FileStore(blob_dir), signing)
+
+
+@pytest.fixture
+def scheduler(nc: NATS, signer: UrlSigner, blob_dir: Path) -> SchedulerPart:
+    return SchedulerPart(nc.jetstream(), signer, blob_dir)

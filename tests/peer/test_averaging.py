@@ -20,6 +20,7 @@ from swarmtrain.peer.averaging import (
     UpdateUnavailable,
     average_round,
     check_update,
+    l2_distance,
     state_bytes,
     weighted_average,
 )
@@ -159,6 +160,32 @@ def test_average_round_averages_the_acceptable_and_names_the_rest() -> None:
     assert "num_samples" in reasons["zero"]
     assert "not available" in reasons["gone"]
     assert rejected[-1] == ("a", "a second update from the same peer in one round")
+
+
+def test_the_norm_bound_rejects_an_update_too_far_from_the_round_start() -> None:
+    blobs = Blobs()
+    start = _state(1)
+    near = {name: t + 0.01 if t.is_floating_point() else t for name, t in start.items()}
+    far = {name: t * 1000 if t.is_floating_point() else t for name, t in start.items()}
+    updates = [blobs.put("near", state_bytes(near), n=5), blobs.put("far", state_bytes(far), n=10**6)]
+    bound = 1.0
+    assert l2_distance(near, start) < bound < l2_distance(far, start)
+    average, rejected = average_round(_closed(*updates), blobs.fetch, REFERENCE, start=start, max_norm=bound)
+    assert average is not None and state_bytes(average) == state_bytes(near)
+    [(peer, reason)] = rejected
+    assert peer == "far" and "norm" in reason and "exceeds the bound 1" in reason
+    # no bound, no rejection: the bound is the session's choice
+    unbounded, none = average_round(_closed(*updates), blobs.fetch, REFERENCE, start=start)
+    assert unbounded is not None and none == []
+
+
+def test_l2_distance_is_exact_and_independent_of_tensor_order() -> None:
+    a = {"x": torch.tensor([3.0, 0.0]), "y": torch.tensor([[4.0]]), "n": torch.tensor([9])}
+    b = {"y": torch.zeros(1, 1), "x": torch.zeros(2), "n": torch.tensor([1])}
+    assert l2_distance(a, b) == 5.0  # integer tensors are not weights: not measured
+    big = {"x": torch.randn(10_000, generator=torch.Generator().manual_seed(1))}
+    zero = {"x": torch.zeros(10_000)}
+    assert l2_distance(big, zero) == l2_distance(zero, big) > 0
 
 
 def test_average_round_order_of_naming_does_not_matter() -> None:

@@ -1,8 +1,9 @@
 """fedavg peers against a real nats-server, with the test playing the scheduler's part.
 
-The test sends each peer its ``Train``, waits for the round's ``ModelUpdatePublished`` events and
-appends the ``RoundClosed`` that names them, exactly as the scheduler would; every wait is for an
-event, with a deadline.
+The test sends each peer its ``Train`` (with URLs signed for the ``blob_server``), waits for the
+round's ``ModelUpdatePublished`` reports and forwards the ``RoundClosed`` that names them as a
+``SessionFact`` with signed GETs of the updates, exactly as the scheduler would; every wait is for
+a report, with a deadline. The peers write nothing to EVENTS and read nothing from it.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from swarmtrain.common.events import (
     RoundAveraged,
     RoundClosed,
     RoundUpdate,
+    SessionCancelled,
     Stop,
     Train,
     UpdateRejected,
@@ -37,7 +39,16 @@ from swarmtrain.common.settings import Settings
 from swarmtrain.peer.averaging import average_round, state_bytes
 from swarmtrain.peer.model import load_model
 from swarmtrain.peer.tensorfile import loads
-from tests.peer.helpers import EventReader, presence, reader, registered, running_peer, stored_session_events
+from tests.peer.helpers import (
+    ReportReader,
+    SchedulerPart,
+    events_stored,
+    presence,
+    registered,
+    reports,
+    running_peer,
+    stored_reports,
+)
 
 LOCAL_EPOCHS = 2
 
@@ -53,6 +64,7 @@ def fedavg_command(
     rounds: int,
     start_round: int = 1,
     model: ModelSpec | None = None,
+    max_update_norm: float | None = None,
 ) -> Train:
     return Train(
         peer_id=peer_id,
@@ -71,6 +83,7 @@ def fedavg_command(
         rounds=rounds,
         start_round=start_round,
         rounds_uri=(blob_dir / "sessions" / sid / "rounds").as_uri(),
+        max_update_norm=max_update_norm,
     )
 
 
@@ -83,7 +96,7 @@ async def peers(settings: Settings, js: JetStreamContext, *names: str) -> AsyncI
         yield [(await registered(js, name)).peer_id for name in names]
 
 
-async def updates_of(session: EventReader, r: int, peer_ids: list[str]) -> dict[str, ModelUpdatePublished]:
+async def updates_of(session: ReportReader, r: int, peer_ids: list[str]) -> dict[str, ModelUpdatePublished]:
     found = await session.collect(
         ModelUpdatePublished, lambda e: e.round == r and e.peer_id in peer_ids, count=len(peer_ids)
     )
@@ -95,11 +108,21 @@ def named(*updates: ModelUpdatePublished) -> list[RoundUpdate]:
 
 
 async def close_round(
-    js: JetStreamContext, sid: str, r: int, updates: list[RoundUpdate], left_out: list[str] | None = None
+    scheduler: SchedulerPart,
+    to: list[str],
+    sid: str,
+    r: int,
+    updates: list[RoundUpdate],
+    left_out: list[str] | None = None,
 ) -> RoundClosed:
+    """The scheduler's ``RoundClosed``, forwarded to the peers ``to`` with signed GETs of its updates."""
     closed = RoundClosed(session_id=sid, round=r, updates=updates, left_out=left_out or [])
-    await bus.append(js, closed)
+    await scheduler.forward(to, closed)
     return closed
+
+
+def rounds_uri(blob_dir: Path, sid: str) -> str:
+    return (blob_dir / "sessions" / sid / "rounds").as_uri()
 
 
 def read_uri(uri: str) -> bytes:
@@ -119,19 +142,19 @@ def reference_of(update_uri: str) -> dict[str, torch.Tensor]:
 
 
 async def test_three_peers_average_every_round_and_end_identical(
-    settings: Settings, nc: NATS, blob_dir: Path, digits_sha256: str
+    settings: Settings, nc: NATS, blob_dir: Path, digits_sha256: str, scheduler: SchedulerPart
 ) -> None:
     js = nc.jetstream()
     sid, rounds = "fa", 3
-    async with peers(settings, js, "alpha", "beta", "gamma") as ids, reader(js, f"session.{sid}.events") as session:
+    async with peers(settings, js, "alpha", "beta", "gamma") as ids, reports(js, sid) as session:
         for shard, peer_id in enumerate(ids):
             cmd = fedavg_command(peer_id, blob_dir, sid, sha256=digits_sha256, shard=shard, num_shards=3, rounds=rounds)
-            await bus.send(js, cmd)
+            await scheduler.train(cmd)
         for r in range(1, rounds + 1):
             ups = await updates_of(session, r, ids)
-            closed = await close_round(js, sid, r, named(*ups.values()))
+            closed = await close_round(scheduler, ids, sid, r, named(*ups.values()))
             [averaged] = await session.collect(RoundAveraged, lambda e, r=r: e.round == r)  # type: ignore[misc]
-            # Anyone can recompute the round from the log and the blobs, bit for bit.
+            # Anyone can recompute the round from the facts and the blobs, bit for bit.
             expected, rejected = average_round(closed, fetch, reference_of(next(iter(ups.values())).uri))
             assert rejected == [] and expected is not None
             data = read_uri(averaged.uri)
@@ -151,54 +174,61 @@ async def test_three_peers_average_every_round_and_end_identical(
     last_average = loads(read_uri(averaged.uri))
     assert all(torch.equal(t, last_average[name]) for name, t in model.state_dict().items())
 
-    stored = await stored_session_events(js, sid)
+    stored = await stored_reports(js, sid)
     for peer_id in ids:
         mine = [e for e in stored if isinstance(e, ModelUpdatePublished) and e.peer_id == peer_id]
         assert [u.round for u in mine] == [1, 2, 3]
         assert all(u.event_id == f"{sid}.r{u.round}.{peer_id}.update" for u in mine)
-        assert all(u.uri.endswith(f"/rounds/{u.round}/{peer_id}.safetensors") for u in mine)
+        assert all(u.uri == f"{rounds_uri(blob_dir, sid)}/{u.round}/{peer_id}.safetensors" for u in mine)
         heartbeats = [e for e in stored if isinstance(e, Heartbeat) and e.peer_id == peer_id]
         assert [(b.epoch, b.epochs) for b in heartbeats] == [(e, rounds * LOCAL_EPOCHS) for e in range(1, 7)]
     assert sum(u.num_samples for u in stored if isinstance(u, ModelUpdatePublished) and u.round == 1) == 1438
     assert [e.round for e in stored if isinstance(e, RoundAveraged)] == [1, 2, 3]  # one per round (deduplicated)
     assert not any(isinstance(e, UpdateRejected | PeerFailed) for e in stored)
+    assert await events_stored(js) == 0
 
 
 async def test_poisoned_updates_are_rejected_and_the_session_still_ends_identical(
-    settings: Settings, nc: NATS, blob_dir: Path, digits_sha256: str
+    settings: Settings, nc: NATS, blob_dir: Path, digits_sha256: str, scheduler: SchedulerPart
 ) -> None:
     js = nc.jetstream()
     sid = "poison"
     rounds_dir = blob_dir / "sessions" / sid / "rounds"
-    async with peers(settings, js, "alpha", "beta") as ids, reader(js, f"session.{sid}.events") as session:
+    async with peers(settings, js, "alpha", "beta") as ids, reports(js, sid) as session:
         for shard, peer_id in enumerate(ids):
-            cmd = fedavg_command(peer_id, blob_dir, sid, sha256=digits_sha256, shard=shard, num_shards=2, rounds=2)
-            await bus.send(js, cmd)
+            cmd = fedavg_command(
+                peer_id, blob_dir, sid, sha256=digits_sha256, shard=shard, num_shards=2, rounds=2, max_update_norm=1e4
+            )
+            await scheduler.train(cmd)
 
         ups = await updates_of(session, 1, ids)
         genuine = loads(read_uri(ups[ids[0]].uri))
         nan = {name: t.clone() for name, t in genuine.items()}
         next(t for name, t in nan.items() if name.endswith("weight"))[0, 0] = float("nan")
         bent = {**genuine, "1.bias": torch.zeros(3)}
+        huge = {name: t * 1e6 if t.is_floating_point() else t for name, t in genuine.items()}  # finite, far away
         poison = []
-        for name, tensors in (("evil", nan), ("bent", bent)):
+        for name, tensors in (("evil", nan), ("bent", bent), ("huge", huge), ("stranger", genuine)):
             ref = blob.FileStore(rounds_dir).put_bytes(f"1/{name}.safetensors", state_bytes(tensors))
             poison.append(RoundUpdate(peer_id=name, uri=ref.uri, sha256=ref.sha256, num_samples=10_000))
-        closed = await close_round(js, sid, 1, [*named(*ups.values()), *poison])
-        rejected = await session.collect(UpdateRejected, count=2)
-        assert {(e.peer_id, e.round) for e in rejected} == {("evil", 1), ("bent", 1)}
+        closed = RoundClosed(session_id=sid, round=1, updates=[*named(*ups.values()), *poison])
+        urls = scheduler.urls_of(closed)
+        del urls[poison[-1].uri]  # an object the fact's URLs do not cover is never fetched
+        await scheduler.forward(ids, closed, urls)
+        rejected = await session.collect(UpdateRejected, count=4)
+        assert {(e.peer_id, e.round) for e in rejected} == {("evil", 1), ("bent", 1), ("huge", 1), ("stranger", 1)}
         reasons = {e.peer_id: e.reason for e in rejected}
         assert "NaN or Inf" in reasons["evil"] and "shape" in reasons["bent"]
+        assert "norm" in reasons["huge"] and "not handed out" in reasons["stranger"]
         assert all(e.reported_by in ids and e.event_id == f"{sid}.r1.{e.peer_id}.rejected" for e in rejected)
         [first] = await session.collect(RoundAveraged, lambda e: e.round == 1)
         honest = RoundClosed(session_id=sid, round=1, updates=named(*ups.values()))
         expected, _ = average_round(honest, fetch, genuine)
         assert expected is not None and read_uri(first.uri) == state_bytes(expected)
-        assert closed.updates[-1].peer_id == "bent"
 
         # Round 2 names nothing acceptable: every peer keeps the round-start weights (round 1's average).
         await updates_of(session, 2, ids)
-        await close_round(js, sid, 2, poison[:1])
+        await close_round(scheduler, ids, sid, 2, poison[:1])
         [second] = await session.collect(RoundAveraged, lambda e: e.round == 2)
         assert second.sha256 == first.sha256
         done = await session.collect(PeerDone, count=2)
@@ -208,39 +238,41 @@ async def test_poisoned_updates_are_rejected_and_the_session_still_ends_identica
 
 
 async def test_late_joiner_rebuilds_the_last_average_and_trains_the_shard_as_its_owner_would(
-    settings: Settings, nc: NATS, blob_dir: Path, digits_sha256: str
+    settings: Settings, nc: NATS, blob_dir: Path, digits_sha256: str, scheduler: SchedulerPart
 ) -> None:
     js = nc.jetstream()
     sid = "late"
-    async with peers(settings, js, "alpha", "beta", "gamma") as ids, reader(js, f"session.{sid}.events") as session:
+    async with peers(settings, js, "alpha", "beta", "gamma") as ids, reports(js, sid) as session:
         alpha, beta, gamma = ids
         for shard, peer_id in enumerate((alpha, beta)):
             cmd = fedavg_command(peer_id, blob_dir, sid, sha256=digits_sha256, shard=shard, num_shards=2, rounds=2)
-            await bus.send(js, cmd)
+            await scheduler.train(cmd)
         ups = await updates_of(session, 1, [alpha, beta])
-        await close_round(js, sid, 1, named(*ups.values()))
+        closed = await close_round(scheduler, [alpha, beta], sid, 1, named(*ups.values()))
         await session.collect(RoundAveraged, lambda e: e.round == 1)
 
-        # gamma joins for round 2 on beta's shard, as a reassignment would hand it.
+        # gamma joins for round 2 on beta's shard, as a reassignment would hand it, with the facts it
+        # needs to rebuild round 1's average (forwarded here before its Train: the peer keeps them).
+        await scheduler.forward([gamma], closed)
         late = fedavg_command(
             gamma, blob_dir, sid, sha256=digits_sha256, shard=1, num_shards=2, rounds=2, start_round=2
         )
-        await bus.send(js, late)
+        await scheduler.train(late)
         round2 = await updates_of(session, 2, ids)
-        # Same round-start weights (round 1's average, rebuilt from the log), same shard, same round:
-        # the same bytes as the shard's first owner.
+        # Same round-start weights (round 1's average, rebuilt from the facts), same shard, same
+        # round: the same bytes as the shard's first owner.
         assert round2[gamma].sha256 == round2[beta].sha256
         assert round2[gamma].num_samples == round2[beta].num_samples
 
         # The round closes without beta (as if it had stalled): beta stops, the others finish.
-        await close_round(js, sid, 2, named(round2[alpha], round2[gamma]), left_out=[beta])
+        await close_round(scheduler, ids, sid, 2, named(round2[alpha], round2[gamma]), left_out=[beta])
         done = await session.collect(PeerDone, count=2)
         assert {d.peer_id for d in done} == {alpha, gamma}
         assert done[0].model_sha256 == done[1].model_sha256
         async with presence(nc, beta) as beats:
             await beats.wait_for(lambda b: b.session_id is None)
 
-    stored = await stored_session_events(js, sid)
+    stored = await stored_reports(js, sid)
     assert not any(isinstance(e, PeerDone | PeerFailed) and e.peer_id == beta for e in stored)
     heartbeats = [e for e in stored if isinstance(e, Heartbeat) and e.peer_id == gamma]
     assert [b.epoch for b in heartbeats] == [3, 4]  # round 2's epochs only
@@ -248,22 +280,38 @@ async def test_late_joiner_rebuilds_the_last_average_and_trains_the_shard_as_its
 
 
 async def test_stop_while_waiting_for_a_round_ends_the_job_at_once_and_quietly(
-    settings: Settings, nc: NATS, blob_dir: Path, digits_sha256: str
+    settings: Settings, nc: NATS, blob_dir: Path, digits_sha256: str, scheduler: SchedulerPart
 ) -> None:
     js = nc.jetstream()
     sid = "halt"
-    async with peers(settings, js, "alpha") as [alpha], reader(js, f"session.{sid}.events") as session:
+    async with peers(settings, js, "alpha") as [alpha], reports(js, sid) as session:
         cnn = ModelSpec(kind="cnn", input_shape=[1, 8, 8], channels=[8], hidden=[16])
         cmd = fedavg_command(alpha, blob_dir, sid, sha256=digits_sha256, shard=0, num_shards=1, rounds=3, model=cnn)
         async with presence(nc, alpha) as beats:
-            await bus.send(js, cmd)
+            await scheduler.train(cmd)
             await updates_of(session, 1, [alpha])
             await beats.wait_for(lambda b: b.session_id == sid)
             await bus.send(js, Stop(peer_id=alpha, session_id=sid))
             # the job waits for a RoundClosed that never comes: only the Stop can make the peer idle
             await beats.wait_for(lambda b: b.session_id is None)
         # Closing the round now changes nothing: the job is gone.
-        await close_round(js, sid, 1, [])
-    stored = await stored_session_events(js, sid)
+        await close_round(scheduler, [alpha], sid, 1, [])
+    stored = await stored_reports(js, sid)
     assert not any(isinstance(e, RoundAveraged | PeerDone | PeerFailed) for e in stored)
     assert [e.round for e in stored if isinstance(e, ModelUpdatePublished)] == [1]
+
+
+async def test_the_forwarded_end_of_the_session_ends_the_job_quietly(
+    settings: Settings, nc: NATS, blob_dir: Path, digits_sha256: str, scheduler: SchedulerPart
+) -> None:
+    js = nc.jetstream()
+    sid = "ended"
+    async with peers(settings, js, "alpha") as [alpha], reports(js, sid) as session:
+        cmd = fedavg_command(alpha, blob_dir, sid, sha256=digits_sha256, shard=0, num_shards=1, rounds=3)
+        async with presence(nc, alpha) as beats:
+            await scheduler.train(cmd)
+            await updates_of(session, 1, [alpha])
+            await scheduler.forward([alpha], SessionCancelled(session_id=sid))
+            await beats.wait_for(lambda b: b.session_id is None)
+    stored = await stored_reports(js, sid)
+    assert not any(isinstance(e, RoundAveraged | PeerDone | PeerFailed) for e in stored)

@@ -15,7 +15,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 
 from swarmtrain.common import metrics, subjects
-from swarmtrain.common.events import Command, Event, Report, encode
+from swarmtrain.common.events import Command, Event, Report, UpdateRejected, encode
 from swarmtrain.common.logging import get_logger
 from swarmtrain.common.settings import Settings, get_settings
 
@@ -144,9 +144,13 @@ async def send(js: JetStreamContext, command: Command) -> int:
 
 
 async def report(js: JetStreamContext, report: Report) -> int:
-    """A peer's report on its own ``peer.<id>.reports`` subject (deduplicated by ``event_id``)."""
+    """A peer's report on its own ``peer.<id>.reports`` subject (deduplicated by ``event_id``).
+
+    The reporting peer is ``peer_id``, except for ``UpdateRejected``, whose ``peer_id`` names the
+    update's author and ``reported_by`` the peer that says so."""
     headers = {"Nats-Msg-Id": report.event_id}
-    subject = subjects.peer_reports(report.peer_id)
+    speaker = report.reported_by if isinstance(report, UpdateRejected) else report.peer_id
+    subject = subjects.peer_reports(speaker)
     ack = await js.publish(subject, encode(report), headers=headers, stream=REPORTS_STREAM)
     return int(ack.seq)
 

@@ -434,6 +434,9 @@ class Train(_Command, frozen=True, kw_only=True, tag="Train"):
     """fedavg: round -> signed PUT of this peer's update for that round."""
     average_urls: Annotated[dict[Count, Uri], msgspec.Meta(max_length=MAX_ROUNDS)] = msgspec.field(default_factory=dict)
     """fedavg: round -> signed PUT of that round's average."""
+    max_update_norm: float | None = None
+    """fedavg: an update whose L2 distance from its round's start weights exceeds this is rejected
+    (like NaN or a wrong shape), by every peer alike; None: no bound."""
 
 
 class Stop(_Command, frozen=True, kw_only=True, tag="Stop"):

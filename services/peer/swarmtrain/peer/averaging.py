@@ -10,6 +10,8 @@ back. Bytes come only from :func:`state_bytes`, whose file carries a fixed metad
 from __future__ import annotations
 
 import hashlib
+import itertools
+import math
 from collections.abc import Callable, Mapping
 
 import torch
@@ -54,6 +56,21 @@ def check_update(tensors: Mapping[str, torch.Tensor], reference: Mapping[str, to
     return None
 
 
+def l2_distance(tensors: Mapping[str, torch.Tensor], start: Mapping[str, torch.Tensor]) -> float:
+    """The L2 norm of ``tensors - start`` over every float tensor, the same to the last bit on any
+    machine: elementwise float64 differences and squares (IEEE, exactly rounded), summed with
+    ``math.fsum`` (exactly rounded, so no reduction order can change it). Names and shapes must
+    agree (see :func:`check_update`)."""
+    squares = (
+        ((tensors[name].detach().to("cpu", torch.float64) - start[name].detach().to("cpu", torch.float64)) ** 2)
+        .reshape(-1)
+        .tolist()
+        for name in sorted(start)
+        if start[name].is_floating_point()
+    )
+    return math.sqrt(math.fsum(itertools.chain.from_iterable(squares)))
+
+
 def weighted_average(updates: list[tuple[str, Mapping[str, torch.Tensor], int]]) -> Tensors:
     """The ``num_samples``-weighted mean of ``(peer_id, tensors, num_samples)`` updates.
 
@@ -91,6 +108,8 @@ def average_round(
     reference: Mapping[str, torch.Tensor],
     *,
     rounds_uri: str | None = None,
+    start: Mapping[str, torch.Tensor] | None = None,
+    max_norm: float | None = None,
 ) -> tuple[Tensors | None, list[tuple[str, str]]]:
     """Average the updates ``closed`` names: ``(average or None if none was acceptable, rejected)``.
 
@@ -99,8 +118,10 @@ def average_round(
     sha256 with the promised one, parse them as safetensors (never pickle), and
     :func:`check_update` them against ``reference``. A second update from the same peer, or one
     with ``num_samples < 1``, is rejected too. With ``rounds_uri``, an update whose uri does not
-    lie under ``<rounds_uri>/<round>/`` is rejected without being fetched. ``rejected`` lists
-    ``(peer_id, reason)`` in the order named.
+    lie under ``<rounds_uri>/<round>/`` is rejected without being fetched. With ``max_norm`` and
+    ``start`` (the weights the round started from), an update farther than ``max_norm`` from
+    ``start`` (:func:`l2_distance`) is rejected. ``rejected`` lists ``(peer_id, reason)`` in the
+    order named.
     """
     accepted: list[tuple[str, Mapping[str, torch.Tensor], int]] = []
     rejected: list[tuple[str, str]] = []
@@ -110,6 +131,10 @@ def average_round(
             outcome: Tensors | str = "a second update from the same peer in one round"
         else:
             outcome = _load_update(update, closed.round, fetch, reference, rounds_uri)
+            if not isinstance(outcome, str) and max_norm is not None and start is not None:
+                distance = l2_distance(outcome, start)
+                if not distance <= max_norm:
+                    outcome = f"update norm {distance:.6g} from the round's start exceeds the bound {max_norm:.6g}"
         seen.add(update.peer_id)
         if isinstance(outcome, str):
             rejected.append((update.peer_id, outcome[:MAX_REASON]))

@@ -1,25 +1,40 @@
-"""The peer process: registers, beats presence, takes ``Train``/``Stop`` commands, trains off the loop.
+"""The peer process: registers, beats presence, takes commands, trains off the loop, reports.
 
 ``swarmtrain peer --nats URL [--name NAME] [--device auto|cpu|cuda]`` calls :func:`run`.
 
 - Identity: ``<state_dir>/peers/<name>.id`` holds a stable id (``p`` + 16 hex digits), kept across
   restarts and ``flock``-ed while the peer runs, so two peers cannot share a name on one machine.
+- Reports, not facts: everything the peer has to say (``PeerRegistered``, ``Heartbeat``,
+  ``ModelUpdatePublished``, ``UpdateRejected``, ``RoundAveraged``, ``PeerDone``, ``PeerFailed``) goes
+  with ``bus.report`` to ``peer.<peer_id>.reports``; the scheduler checks it and writes the fact.
+  The peer never publishes on, nor reads, a ``*.events`` subject. A report is retried with backoff
+  for as long as the peer runs (a NATS outage of minutes loses nothing); its deterministic
+  ``event_id`` (``<session>.<peer>.done``, ``.failed``, ``.epoch<N>``, ...) deduplicates a retry.
 - Commands come from a durable pull consumer ``peer-<peer_id>`` on ``peer.<peer_id>.command``
   (stream ``COMMANDS``), created with ``DeliverPolicy.NEW``; a restarted peer resumes it and still
-  gets what was sent while it was away. A command is acked as soon as it is taken.
+  gets what was sent while it was away. A ``Train`` is acked only once its job has started: one
+  that arrives while another job runs or winds down is nak-ed with a delay and so comes again (a
+  ``Stop`` of its session sent after it drops it); a ``Train`` this peer already runs or ran (its
+  ``event_id``) is acked and ignored. ``SessionFact`` goes to the running job of its session
+  (fedavg follows its rounds there); facts of another session are acked and kept, a few sessions'
+  worth, for a ``Train`` that may come next (a newcomer's catch-up facts can arrive before its
+  nak-ed ``Train`` comes back).
+- Presence beats name the session and the ``Train`` (``train_id``) in progress, so the scheduler can
+  re-send a ``Train`` no beat shows being worked on.
+- Blobs only through signed URLs: the dataset through ``Train.dataset_url`` (cached by sha256,
+  size-capped by ``SWARMTRAIN_BLOB_MAX_DOWNLOAD_MB``, checked against ``dataset_sha256``), the
+  rest by the strategy (:class:`~swarmtrain.peer.strategies.JobContext`). No storage credential.
 - Training runs in a worker thread; per-epoch stats cross into the loop with
-  ``call_soon_threadsafe`` and are appended as ``Heartbeat`` by a task, so NATS is only ever used
+  ``call_soon_threadsafe`` and are reported as ``Heartbeat`` by a task, so NATS is only ever used
   from the event loop and presence beats never stall.
-- ``Stop`` for the session being trained ends it at the next batch and **appends nothing**: the
-  scheduler that sent it has already decided the session's fate, and the peer's presence beats go
-  back to ``session_id=None``. A peer *shut down* mid-training (its ``stop`` event set) appends
-  ``PeerFailed{reason: "peer shut down"}`` instead, so its session need not wait for missed beats.
-- ``PeerDone`` / ``PeerFailed`` / ``Heartbeat`` carry deterministic event ids
-  (``<session>.<peer>.done``, ``.failed``, ``.epoch<N>``): a retried append is deduplicated.
+- ``Stop`` for the session being trained (or the forwarded end of that session) ends it at the
+  next batch and **reports nothing**: the scheduler has already decided the session's fate. A peer
+  *shut down* mid-training (its ``stop`` event set) reports ``PeerFailed{reason: "peer shut
+  down"}`` instead, so its session need not wait for missed beats. A non-finite loss ends the job
+  with ``PeerFailed{reason: "diverged: non-finite loss at epoch N"}``: no report carries NaN.
 - What a ``Train`` runs is its strategy's, ``STRATEGIES[command.strategy]``
-  (:mod:`swarmtrain.peer.strategies`): the peer fetches the dataset, hands the strategy a
-  :class:`~swarmtrain.peer.strategies.JobContext`, and turns an exception into ``PeerFailed``;
-  ``Stop`` and shutdown end every strategy the same way.
+  (:mod:`swarmtrain.peer.strategies`); an exception becomes ``PeerFailed``; ``Stop`` and shutdown
+  end every strategy the same way.
 """
 
 from __future__ import annotations
@@ -33,22 +48,28 @@ import re
 import secrets
 import socket
 import threading
+import time
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
 import nats.errors
 import structlog
 import torch
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 
-from swarmtrain.common import blob, bus, events
+from swarmtrain.common import blob, bus, events, signing, subjects
+from swarmtrain.common.blob import MiB
 from swarmtrain.common.events import (
-    Event,
     PeerFailed,
     PeerRegistered,
     Presence,
+    Report,
+    SessionFact,
     Stop,
     Train,
 )
@@ -56,8 +77,9 @@ from swarmtrain.common.logging import get_logger
 from swarmtrain.common.settings import Settings
 from swarmtrain.peer import trainer
 from swarmtrain.peer.data import DataError
-from swarmtrain.peer.strategies import STRATEGIES, JobContext
-from swarmtrain.peer.trainer import TrainingStopped
+from swarmtrain.peer.facts import TERMINAL, SessionFacts
+from swarmtrain.peer.strategies import STRATEGIES, JobContext, with_retries
+from swarmtrain.peer.trainer import Diverged, TrainingStopped
 
 log = get_logger("swarmtrain.peer")
 
@@ -65,6 +87,14 @@ ID_RE = re.compile(r"^p[0-9a-f]{16}$")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 COMMAND_ACK_WAIT_S = 30.0
+BUSY_RETRY_S = 1.0
+"""How long a ``Train`` that arrived while another job runs waits before it is delivered again."""
+REPORT_BACKOFF_MAX_S = 5.0
+SHUTDOWN_REPORT_S = 10.0
+"""Once the peer is shutting down, how much longer an undelivered report is tried."""
+KEPT_SESSIONS = 8
+"""Sessions not running whose forwarded facts are kept, for a ``Train`` that may still come."""
+KEPT_FACTS = 4096
 MAX_REASON = 500
 
 
@@ -110,12 +140,13 @@ def hold_identity(state_dir: Path, name: str, assigned: str | None = None) -> It
 @dataclass(eq=False)
 class _Job:
     command: Train
+    facts: SessionFacts
     stop: threading.Event = field(default_factory=threading.Event)
     """Seen by the worker thread: training ends at its next batch."""
     stopped: asyncio.Event = field(default_factory=asyncio.Event)
     """Seen by the loop (a fedavg job waiting for its round to close): set together with ``stop``."""
     stop_reason: str | None = None
-    """None while running; "stop" (a Stop command) or "shutdown" (the peer is going away)."""
+    """None while running; "stop" (a Stop command or the session's end) or "shutdown"."""
 
     @property
     def session_id(self) -> str:
@@ -131,10 +162,17 @@ class _Job:
 def failure_reason(exc: BaseException) -> str:
     """A short reason for ``PeerFailed``: no traceback (that goes to the log)."""
     match exc:
+        case Diverged():
+            reason = str(exc)
         case blob.IntegrityError():
             reason = f"dataset sha256 mismatch ({exc})"
+        case blob.TooLarge():
+            reason = f"download too large: {exc}"
         case blob.BlobNotFound():
             reason = f"object not found: {exc.args[0] if exc.args else exc}"
+        case httpx.HTTPStatusError():
+            where = str(exc.request.url).split("?", 1)[0]  # the query is the credential: never reported
+            reason = f"blob URL refused: HTTP {exc.response.status_code} for {where}"
         case DataError():
             reason = f"bad data: {exc}"
         case _:
@@ -165,11 +203,17 @@ class Peer:
         self._job: _Job | None = None
         self._finished: set[str] = set()
         """Event ids of the Train commands this peer has run."""
+        self._stops: dict[str, int] = {}
+        """session id -> stream sequence of the last Stop for it: an earlier Train of it is dropped."""
+        self._kept: OrderedDict[str, SessionFacts] = OrderedDict()
+        """Forwarded facts of sessions this peer is not running (the most recent few)."""
         self._tasks: asyncio.TaskGroup | None = None
+        self._stopping = asyncio.Event()
+        self._stopping_since: float | None = None
 
     @property
     def command_subject(self) -> str:
-        return f"peer.{self.peer_id}.command"
+        return subjects.peer_command(self.peer_id)
 
     @property
     def current_session(self) -> str | None:
@@ -189,14 +233,19 @@ class Peer:
                 ack_wait=COMMAND_ACK_WAIT_S,
             ),
         )
-        await self._append(PeerRegistered(peer_id=self.peer_id, name=self.name, device=self.device_label))
         log.info("peer started", name=self.name, device=self.device_label)
         try:
             async with asyncio.TaskGroup() as tasks:
                 self._tasks = tasks
                 tasks.create_task(self._beat(stop), name="presence")
+                tasks.create_task(
+                    self._report(PeerRegistered(peer_id=self.peer_id, name=self.name, device=self.device_label)),
+                    name="register",
+                )
                 commands = tasks.create_task(self._take_commands(sub), name="commands")
                 await stop.wait()
+                self._stopping_since = time.monotonic()
+                self._stopping.set()
                 commands.cancel()
                 if self._job is not None:
                     self._job.halt("shutdown")
@@ -214,11 +263,13 @@ class Peer:
     async def _beat(self, stop: asyncio.Event) -> None:
         interval = self.settings.presence_interval_s
         while not stop.is_set():
+            job = self._job
             presence = Presence(
                 peer_id=self.peer_id,
                 name=self.name,
                 device=self.device_label,
-                session_id=self.current_session,
+                session_id=job.session_id if job else None,
+                train_id=job.command.event_id if job else None,
             )
             try:
                 await self.nc.publish(presence.subject, events.encode(presence))
@@ -226,6 +277,32 @@ class Peer:
                 log.warning("presence beat not sent", error=str(exc))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), interval * random.uniform(0.9, 1.1))
+
+    # ---------------------------------------------------------------- reports
+
+    async def _report(self, report: Report) -> bool:
+        """Send ``report`` on this peer's reports subject, retried with backoff for as long as the
+        peer runs (its event id deduplicates a retry); once it is shutting down, for at most
+        ``SHUTDOWN_REPORT_S`` more. False, logged, if it never got through."""
+        delay = 0.25
+        while True:
+            try:
+                await bus.report(self.js, report)
+                return True
+            except (nats.errors.Error, TimeoutError, OSError) as exc:
+                since = self._stopping_since
+                if since is not None and time.monotonic() - since > SHUTDOWN_REPORT_S:
+                    log.error("report not sent", report_type=type(report).__name__, error=str(exc))
+                    return False
+                log.warning("report failed; retrying", report_type=type(report).__name__, error=str(exc))
+            with contextlib.suppress(TimeoutError):
+                # a backoff, cut short by shutdown (which bounds the remaining tries)
+                await asyncio.wait_for(self._stopping.wait(), delay * random.uniform(0.8, 1.2))
+            delay = min(delay * 2, REPORT_BACKOFF_MAX_S)
+
+    async def _send(self, report: Report) -> None:
+        """The strategies' report (:data:`~swarmtrain.peer.strategies.ReportFn`)."""
+        await self._report(report)
 
     # ---------------------------------------------------------------- commands
 
@@ -238,32 +315,50 @@ class Peer:
                 await asyncio.sleep(0.5)
                 continue
             for msg, command in batch:
-                try:
-                    await msg.ack()
-                except nats.errors.Error as exc:  # a redelivery is harmless: duplicates are ignored
-                    log.warning("command ack failed", error=str(exc))
                 match command:
                     case Train():
-                        self._on_train(command)
+                        started = self._on_train(command, bus.stream_seq(msg))
                     case Stop():
-                        self._on_stop(command)
+                        self._on_stop(command, bus.stream_seq(msg))
+                        started = True
+                    case SessionFact():
+                        self._on_fact(command)
+                        started = True
+                await self._settle(msg, done=started)
 
-    def _on_train(self, command: Train) -> None:
+    async def _settle(self, msg: Msg, done: bool) -> None:
+        """Ack a command that is dealt with; nak (delayed) one to be delivered again later."""
+        try:
+            if done:
+                await msg.ack()
+            else:
+                await msg.nak(delay=BUSY_RETRY_S)
+        except nats.errors.Error as exc:  # a redelivery is harmless: duplicates are ignored
+            log.warning("command ack failed", error=str(exc))
+
+    def _on_train(self, command: Train, seq: int) -> bool:
+        """Start ``command``'s job if this peer is free; True when it is dealt with (started or
+        ignored for good), False when it must come again later (busy)."""
         sid = command.session_id
-        # one job per Train command: a redelivered command is ignored, a new one for the same
-        # session (its shard handed back to this peer) is not
-        if self.current_session == sid or command.event_id in self._finished:
-            log.info("duplicate Train ignored", session_id=sid)
-            return
-        if self._job is not None:
-            log.warning("Train ignored: busy with another session", session_id=sid, busy_with=self.current_session)
-            return
+        job = self._job
+        if command.event_id in self._finished or (job is not None and job.command.event_id == command.event_id):
+            log.info("Train already run or running; ignored", session_id=sid, train_id=command.event_id)
+            return True
+        if self._stops.get(sid, -1) > seq:
+            log.info("Train dropped: its session was stopped after it was sent", session_id=sid)
+            return True
+        if job is not None:
+            log.info("busy; the Train will come again", session_id=sid, busy_with=job.session_id)
+            return False
         assert self._tasks is not None
-        job = _Job(command)
+        facts = self._kept.pop(sid, None) or SessionFacts(sid)
+        job = _Job(command, facts)
         self._job = job
         self._tasks.create_task(self._run_job(job), name=f"train-{sid}")
+        return True
 
-    def _on_stop(self, command: Stop) -> None:
+    def _on_stop(self, command: Stop, seq: int) -> None:
+        self._stops[command.session_id] = seq
         job = self._job
         if job is None or job.session_id != command.session_id:
             log.debug("Stop ignored: not training that session", session_id=command.session_id)
@@ -271,6 +366,25 @@ class Peer:
         if job.stop_reason is None:
             log.info("stopping training", session_id=command.session_id)
             job.halt("stop")
+
+    def _on_fact(self, command: SessionFact) -> None:
+        sid = command.session_id
+        if command.fact.session_id != sid:
+            log.warning("SessionFact dropped: its fact is of another session", session_id=sid)
+            return
+        job = self._job
+        if job is not None and job.session_id == sid:
+            job.facts.observe(command.fact, command.urls)
+            if isinstance(command.fact, TERMINAL) and job.stop_reason is None:
+                log.info("the session ended; stopping", session_id=sid, fact=type(command.fact).__name__)
+                job.halt("stop")
+            return
+        facts = self._kept.pop(sid, None) or SessionFacts(sid)
+        if len(facts.closed) + len(facts.averaged) < KEPT_FACTS:
+            facts.observe(command.fact, command.urls)
+        self._kept[sid] = facts
+        while len(self._kept) > KEPT_SESSIONS:
+            self._kept.popitem(last=False)
 
     # ---------------------------------------------------------------- a training job
 
@@ -288,7 +402,10 @@ class Peer:
                 job.stop.set()  # the worker thread ends at its next batch
                 raise
             except Exception as exc:
-                log.exception("training failed")
+                if isinstance(exc, Diverged):
+                    log.warning("training diverged", epoch=exc.epoch)
+                else:
+                    log.exception("training failed")
                 await self._fail(command, failure_reason(exc))
             finally:
                 self._finished.add(command.event_id)
@@ -304,11 +421,11 @@ class Peer:
             raise TrainingStopped("stopped before training began")
         context = JobContext(
             settings=self.settings,
-            js=self.js,
             peer_id=self.peer_id,
             device=self.device,
             dataset=csv_path,
-            append=self._append,
+            report=self._send,
+            facts=job.facts,
             stop=job.stop,
             stopped=job.stopped,
         )
@@ -316,7 +433,7 @@ class Peer:
 
     async def _fail(self, command: Train, reason: str) -> None:
         log.warning("training failed", reason=reason)
-        await self._append(
+        await self._report(
             PeerFailed(
                 event_id=f"{command.session_id}.{self.peer_id}.failed",
                 session_id=command.session_id,
@@ -325,31 +442,20 @@ class Peer:
             )
         )
 
-    async def _append(self, event: Event, attempts: int = 5) -> bool:
-        """Append with retries (safe: event ids deduplicate); False, logged, if it never got through."""
-        for attempt in range(1, attempts + 1):
-            try:
-                await bus.append(self.js, event)
-                return True
-            except nats.errors.Error as exc:
-                if attempt == attempts:
-                    log.error("event not appended", event_type=type(event).__name__, error=str(exc))
-                    return False
-                log.warning("append failed; retrying", event_type=type(event).__name__, error=str(exc))
-                await asyncio.sleep(min(0.25 * 2**attempt, 5.0))
-        return False
-
     # ---------------------------------------------------------------- blocking helpers (threads)
 
     def _fetch_dataset(self, command: Train) -> Path:
-        """The dataset as a local file, cached by sha256 (checked on download)."""
+        """The dataset as a local file, cached by sha256: fetched through the Train's signed URL,
+        size-capped, checked against its sha256."""
         sha256 = command.dataset_sha256.lower()
         if not SHA256_RE.match(sha256):
             raise DataError(f"dataset_sha256 is not a sha256 hex digest: {command.dataset_sha256[:80]!r}")
         path = self.state_dir / "cache" / "datasets" / f"{sha256}.csv"
         if not path.is_file():
-            store, key = blob.resolve(command.dataset_uri, self.settings)
-            store.download(key, path, sha256=sha256)
+            if not command.dataset_url:
+                raise DataError("the Train carries no dataset_url to fetch the dataset from")
+            cap = self.settings.blob_max_download_mb * MiB
+            with_retries("dataset", lambda: signing.fetch_url(command.dataset_url, path, cap, sha256))
         return path
 
 

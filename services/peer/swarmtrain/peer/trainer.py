@@ -30,6 +30,23 @@ class TrainingStopped(Exception):
     """The stop flag was set; the training ended before its last epoch."""
 
 
+class Diverged(Exception):
+    """A loss that is not a finite number: the run diverged (most often a learning rate far too high).
+
+    Its message is the ``PeerFailed`` reason; no figure of the epoch is reported (a report never
+    carries NaN or Inf)."""
+
+    def __init__(self, epoch: int) -> None:
+        super().__init__(f"diverged: non-finite loss at epoch {epoch}")
+        self.epoch = epoch
+
+
+def check_finite(epoch: int, *losses: float | None) -> None:
+    """``Diverged`` at ``epoch`` if a loss is NaN or infinite (``None``: no rows to measure on)."""
+    if any(loss is not None and not math.isfinite(loss) for loss in losses):
+        raise Diverged(epoch)
+
+
 @dataclass(frozen=True, kw_only=True)
 class TrainJob:
     csv_path: Path
@@ -143,7 +160,8 @@ def run_epoch(
 ) -> tuple[float, float, float]:
     """One pass over ``(x, y)`` in a shuffled order: ``(mean loss, accuracy, seconds)``, both running.
 
-    Raises ``TrainingStopped`` before any batch once ``stop`` is set.
+    Raises ``TrainingStopped`` before any batch once ``stop`` is set, ``Diverged`` when the epoch's
+    loss is not finite.
     """
     device = x.device
     n = int(y.shape[0])
@@ -166,6 +184,7 @@ def run_epoch(
         loss_sum += loss.detach() * yb.shape[0]
         correct += (logits.detach().argmax(dim=1) == yb).sum()
     train_loss, train_correct = loss_sum.item() / n, int(correct.item())  # syncs the device
+    check_finite(epoch, train_loss)
     return train_loss, train_correct / n, time.perf_counter() - t0
 
 
@@ -198,7 +217,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float 
 
 def train(job: TrainJob, on_epoch: Callable[[EpochStats], None], stop: threading.Event) -> TrainResult:
     """Train ``job`` to its last epoch; raises ``TrainingStopped`` when ``stop`` is set, ``DataError``
-    for data or hyperparameters that cannot be trained on."""
+    for data or hyperparameters that cannot be trained on, ``Diverged`` for a non-finite loss."""
     hp = job.hyperparameters
     if job.torch_threads > 0:
         torch.set_num_threads(job.torch_threads)
@@ -224,6 +243,7 @@ def train(job: TrainJob, on_epoch: Callable[[EpochStats], None], stop: threading
     for epoch in range(1, hp.epochs + 1):
         loss, accuracy, seconds = run_epoch(model, optimizer, x_train, y_train, hp.batch_size, shuffle, stop, epoch)
         val_loss, val_accuracy = evaluate(model, x_val, y_val)
+        check_finite(epoch, val_loss)
         stats = EpochStats(
             epoch=epoch,
             epochs=hp.epochs,

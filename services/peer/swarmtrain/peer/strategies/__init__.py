@@ -4,12 +4,15 @@ A strategy module has a single entry point::
 
     async def run(command: Train, ctx: JobContext) -> None
 
-It trains what ``command`` asks for and appends what the strategy publishes (``Heartbeat``,
-``ModelUpdatePublished``, ``PeerDone``, ...) through ``ctx.append``. It returns once its work is
-done, raises ``TrainingStopped`` when ``ctx.stop`` ended it (it then appends nothing more), or
-raises any other exception, which the peer turns into ``PeerFailed``. Registration, presence, the
-command consumer, ``Stop`` and ``PeerFailed`` belong to the peer (:mod:`swarmtrain.peer.service`),
-never to a strategy.
+It trains what ``command`` asks for and reports what the strategy has to say (``Heartbeat``,
+``ModelUpdatePublished``, ``PeerDone``, ...) through ``ctx.report``, on the peer's own reports
+subject (never on a session's events: the scheduler checks each report and writes the fact). It
+reads and writes blobs only through the signed URLs of its ``Train`` and of the forwarded facts
+(``ctx.facts.urls``), with ``ctx.download`` / ``ctx.upload``: the peer holds no storage credential.
+It returns once its work is done, raises ``TrainingStopped`` when ``ctx.stop`` ended it (it then
+reports nothing more), or raises any other exception, which the peer turns into ``PeerFailed``.
+Registration, presence, the command consumer, ``Stop`` and ``PeerFailed`` belong to the peer
+(:mod:`swarmtrain.peer.service`), never to a strategy.
 
 The registry :data:`STRATEGIES` is keyed by the module's name, which is the contract's name of the
 strategy (``events.Strategy``): adding a strategy is adding ``<name>.py`` here with its ``run``,
@@ -20,17 +23,21 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, TypeVar, get_args
 
+import httpx
 import torch
-from nats.js import JetStreamContext
 
-from swarmtrain.common import blob, events
-from swarmtrain.common.events import Event, Train
+from swarmtrain.common import events, signing
+from swarmtrain.common.blob import BlobRef, MiB
+from swarmtrain.common.events import Report, Train
+from swarmtrain.common.logging import get_logger
 from swarmtrain.common.settings import Settings
+from swarmtrain.peer.facts import SessionFacts
 from swarmtrain.peer.progress import heartbeat, train_reporting
 from swarmtrain.peer.strategies import fedavg, sweep  # they name JobContext for type checking only
 from swarmtrain.peer.trainer import EpochStats
@@ -38,10 +45,32 @@ from swarmtrain.peer.trainer import EpochStats
 T = TypeVar("T")
 
 
-class Append(Protocol):
-    """The peer's append: retried (event ids deduplicate), False, logged, if it never got through."""
+log = get_logger("swarmtrain.peer")
+TRANSFER_ATTEMPTS = 3
 
-    def __call__(self, event: Event, attempts: int = ...) -> Awaitable[bool]: ...
+
+ReportFn = Callable[[Report], Awaitable[None]]
+"""The peer's report: retried with backoff (event ids deduplicate) for as long as the peer runs."""
+
+
+def _transient(exc: BaseException) -> bool:
+    """A transfer error worth another try: the network, or the server's fault (5xx)."""
+    if isinstance(exc, httpx.HTTPStatusError):
+        return exc.response.status_code >= 500
+    return isinstance(exc, httpx.TransportError)
+
+
+def with_retries(what: str, work: Callable[[], T], attempts: int = TRANSFER_ATTEMPTS) -> T:
+    """``work()``, tried again (blocking, with a short backoff) after a transient transfer error."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return work()
+        except Exception as exc:
+            if attempt == attempts or not _transient(exc):
+                raise
+            log.warning("transfer failed; retrying", what=what, error=str(exc))
+            time.sleep(0.5 * attempt)
+    raise AssertionError("unreachable")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -49,39 +78,57 @@ class JobContext:
     """What the peer hands a strategy for one ``Train`` command."""
 
     settings: Settings
-    js: JetStreamContext
-    """JetStream, for a strategy that reads the session's log (fedavg follows its rounds)."""
     peer_id: str
     device: torch.device
     dataset: Path
     """The command's dataset as a local file, already fetched and checked against its sha256."""
-    append: Append
+    report: ReportFn
+    facts: SessionFacts
+    """The session's facts as the scheduler forwards them (fedavg follows its rounds there)."""
     stop: threading.Event
     """Seen by worker threads: set, training ends at its next batch (``TrainingStopped``)."""
     stopped: asyncio.Event
-    """Seen by the loop: set together with ``stop``, so a strategy waiting on the log wakes up."""
+    """Seen by the loop: set together with ``stop``, so a strategy waiting on a fact wakes up."""
 
-    def blob(self, uri: str) -> tuple[blob.BlobStore, str]:
-        """The store that holds ``uri`` and its key (blocking I/O on it belongs in a thread)."""
-        return blob.resolve(uri, self.settings)
+    @property
+    def max_download_bytes(self) -> int:
+        """The cap of every download (``SWARMTRAIN_BLOB_MAX_DOWNLOAD_MB``)."""
+        return self.settings.blob_max_download_mb * MiB
+
+    @property
+    def tmp_dir(self) -> Path:
+        path = Path(self.settings.state_dir) / "tmp"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def download(self, url: str, dest: Path, sha256: str | None, max_bytes: int | None = None) -> BlobRef:
+        """Blocking: ``url`` to ``dest``, capped (default ``max_download_bytes``) and checked against
+        ``sha256``; transient failures are tried again."""
+        cap = self.max_download_bytes if max_bytes is None else min(max_bytes, self.max_download_bytes)
+        return with_retries("download", lambda: signing.fetch_url(url, dest, cap, sha256))
+
+    def upload(self, url: str, path: Path) -> BlobRef:
+        """Blocking: the file at ``path`` PUT to the signed ``url``; transient failures are tried again."""
+        if not url:
+            raise ValueError("the Train carries no URL to write this object to")
+        return with_retries("upload", lambda: signing.put_url(url, path))
 
     async def train_reporting(
         self,
         command: Train,
         work: Callable[[Callable[[EpochStats], None]], T],
         *,
-        attempts: int = 5,
         after_stop: bool = True,
     ) -> T:
         """The heartbeat bridge: run blocking ``work(on_epoch)`` in a worker thread; each epoch's
-        figures are appended as this job's ``Heartbeat``, in order, all before this returns.
+        figures are reported as this job's ``Heartbeat``, in order, all before this returns.
 
         ``after_stop=False``: epochs that end once the job is stopping are not reported.
         """
 
         async def report(stats: EpochStats) -> None:
             if after_stop or not self.stopped.is_set():
-                await self.append(heartbeat(command.session_id, self.peer_id, stats), attempts=attempts)
+                await self.report(heartbeat(command.session_id, self.peer_id, stats))
 
         return await train_reporting(work, report)
 

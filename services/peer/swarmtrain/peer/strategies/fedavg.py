@@ -9,56 +9,58 @@ the pure :mod:`swarmtrain.peer.averaging`:
    ``num_shards`` of the training rows; fit ``Standardize`` on the *whole* training split and build
    the model from ``torch.manual_seed(seed)``, so every peer starts from identical weights.
 2. ``start_round > 1`` (a reassigned shard, a late joiner): rebuild the average of round
-   ``start_round - 1`` from its ``RoundClosed`` and the blobs, exactly as every peer computed it
-   (walking further back while a round had no acceptable update).
+   ``start_round - 1`` from the ``RoundClosed`` facts the scheduler forwards and the blobs, exactly
+   as every peer computed it (walking further back while a round had no acceptable update; with a
+   norm bound, forward from round 1, since a bound is measured from each round's start).
 3. Per round ``r``: ``hyperparameters.epochs`` local epochs (a ``Heartbeat`` each, ``epoch``
-   counted over the whole session); upload ``<rounds_uri>/<r>/<peer_id>.safetensors``; append
-   ``ModelUpdatePublished``; wait for ``RoundClosed{r}``; average exactly the updates it names,
-   appending ``UpdateRejected`` for each refused one; with none acceptable keep the round-start
-   weights; upload ``<rounds_uri>/<r>/average.safetensors`` (identical bytes on every peer) and
-   append ``RoundAveraged`` with the average's figures on the whole validation split.
-4. After the last round: the final average as a model file at ``output_uri`` (identical bytes on
-   every peer) and ``PeerDone`` with its figures on the whole training and validation splits.
+   counted over the whole session); PUT ``<rounds_uri>/<r>/<peer_id>.safetensors`` through
+   ``update_urls[r]``; report ``ModelUpdatePublished``; wait for the forwarded ``RoundClosed{r}``;
+   average exactly the updates it names, reporting ``UpdateRejected`` for each refused one (wrong
+   tensors, NaN/Inf, bad sha256, farther than ``max_update_norm`` from the round's start, or a uri
+   the fact's ``urls`` do not sign: never fetched); with none acceptable keep the round-start
+   weights; PUT ``<rounds_uri>/<r>/average.safetensors`` (identical bytes on every peer) through
+   ``average_urls[r]`` and report ``RoundAveraged`` with the average's figures on the validation split.
+4. After the last round: the final average as a model file PUT to ``output_url`` (identical bytes
+   on every peer) and ``PeerDone`` with its figures on the whole training and validation splits.
+
+Every download goes through a signed URL, capped (this model's weights file plus an allowance, and
+never more than ``SWARMTRAIN_BLOB_MAX_DOWNLOAD_MB``) and checked against the sha256 the fact names.
 
 Local training is a pure function of (round-start weights, seed, shard, round): a fresh Adam per
 round and a shuffle generator seeded from (seed, shard, round). So a peer that takes over a shard
 trains it exactly as its first owner would have, and a round can be recomputed from the log.
 
-The protocol reads ``session.<sid>.events`` from its start through an ordered consumer held for the
-whole job. It ends quietly (``TrainingStopped``, nothing more appended) on ``Stop``, on peer
-shutdown, when the session ended, or when a ``RoundClosed`` leaves this peer out (it was too late:
-the scheduler has marked it failed).
+The protocol reads no session events: it follows ``ctx.facts``, which the peer's command consumer
+fills from the scheduler's ``SessionFact`` commands. It ends quietly (``TrainingStopped``, nothing
+more reported) on ``Stop``, on peer shutdown, when the session ended, or when a ``RoundClosed``
+leaves this peer out (it was too late: the scheduler has marked it failed).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
+import math
+import os
+import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING
 
-import nats.errors
-import nats.js.errors
+import httpx
 import torch
-from nats.js import JetStreamContext, api
 from torch import nn
 
-from swarmtrain.common import blob, bus, events, subjects
+from swarmtrain.common import blob
 from swarmtrain.common.events import (
-    Event,
     ModelUpdatePublished,
     PeerDone,
     RoundAveraged,
     RoundClosed,
     RoundUpdate,
-    SessionCancelled,
-    SessionCompleted,
-    SessionFailed,
     Train,
     UpdateRejected,
 )
@@ -70,6 +72,7 @@ from swarmtrain.peer.trainer import (
     EpochStats,
     TrainingStopped,
     TrainJob,
+    check_finite,
     evaluate,
     load_data,
     metadata_for,
@@ -82,9 +85,7 @@ if TYPE_CHECKING:
     from swarmtrain.peer.strategies import JobContext
 
 log = get_logger("swarmtrain.peer.fedavg")
-T = TypeVar("T")
 
-FETCH_ATTEMPTS = 3
 HEADER_ALLOWANCE = 1 << 20
 """How much larger than this model's own weights file an update may be before it is refused unread."""
 
@@ -111,6 +112,16 @@ def check_command(command: Train) -> None:
         raise DataError(f"start_round {command.start_round} is not within rounds 1..{command.rounds}")
     if command.num_shards < 1 or not 0 <= command.shard < command.num_shards:
         raise DataError(f"shard {command.shard} of {command.num_shards} does not exist")
+    norm = command.max_update_norm
+    if norm is not None and not (math.isfinite(norm) and norm > 0):
+        raise DataError(f"max_update_norm must be a positive finite number, got {norm}")
+
+
+def check_urls(command: Train) -> None:
+    """A DataError for a fedavg ``Train`` without the signed URLs its rounds need to write."""
+    missing = [r for r in range(command.start_round, command.rounds + 1) if not command.update_urls.get(r)]
+    if missing or not command.output_url:
+        raise DataError(f"the Train carries no signed URL for the update of rounds {missing} or the model")
 
 
 # ------------------------------------------------------------------ torch (worker thread)
@@ -177,6 +188,7 @@ class LocalLearner:
                 self.model, optimizer, self.x_shard, self.y_shard, hp.batch_size, shuffle, stop, epoch
             )
             val_loss, val_accuracy = evaluate(self.model, self.x_val, self.y_val)
+            check_finite(epoch, val_loss)
             on_epoch(
                 EpochStats(
                     epoch=epoch,
@@ -202,106 +214,6 @@ class LocalLearner:
         return model_bytes(self.model, self.metadata)
 
 
-# ------------------------------------------------------------------ the session's log
-
-
-class SessionLog:
-    """What this job needs from ``session.<sid>.events``, read from its start by an ordered consumer.
-
-    The first ``RoundClosed`` (and ``RoundAveraged``) of a round in log order is the one that counts,
-    so every reader agrees.
-    """
-
-    def __init__(self) -> None:
-        self.closed: dict[int, RoundClosed] = {}
-        self.averaged: dict[int, RoundAveraged] = {}
-        self.ended: str | None = None
-        self._changed = asyncio.Event()
-        self._sub: JetStreamContext.PullSubscription | None = None
-        self._pump: asyncio.Task[None] | None = None
-        self._closing = False
-
-    @classmethod
-    async def open(cls, js: JetStreamContext, session_id: str, peer_id: str) -> SessionLog:
-        """Follow the session through this peer's one reader consumer on EVENTS, ``peer-<id>``.
-
-        The name is fixed because a peer's NATS credential allows it that consumer only (filtered
-        to a session's events); a peer follows one session at a time, so it recreates it per job.
-        """
-        reader = cls()
-        name = f"peer-{peer_id}"
-        with contextlib.suppress(nats.js.errors.NotFoundError):
-            await js.delete_consumer(bus.EVENTS_STREAM, name)
-        config = api.ConsumerConfig(
-            name=name,
-            filter_subject=subjects.session_events(session_id),
-            deliver_policy=api.DeliverPolicy.ALL,
-            ack_policy=api.AckPolicy.NONE,
-            inactive_threshold=300.0,
-        )
-        await js.add_consumer(bus.EVENTS_STREAM, config)
-        reader._sub = await js.pull_subscribe_bind(consumer=name, stream=bus.EVENTS_STREAM)
-        reader._pump = asyncio.create_task(reader._read(reader._sub), name=f"session-log-{session_id}")
-        return reader
-
-    async def close(self) -> None:
-        if self._pump is not None:
-            # let the pending fetch finish rather than cancel it: a pull request cut short leaves
-            # a late status message behind, and the connection's drain would wait on it
-            self._closing = True
-            await self._pump
-            self._pump = None
-        if self._sub is not None:
-            with contextlib.suppress(nats.errors.Error):
-                await self._sub.unsubscribe()
-            self._sub = None
-
-    async def _read(self, sub: JetStreamContext.PullSubscription) -> None:
-        while not self._closing:
-            try:
-                batch = await bus.fetch(sub, events.decode_event, batch=256, timeout=0.5)
-            except nats.errors.Error as exc:  # connection trouble: the client reconnects by itself
-                log.warning("session log fetch failed", error=str(exc))
-                await asyncio.sleep(0.5)
-                continue
-            for _, event in batch:
-                self.observe(event)
-
-    def observe(self, event: Event) -> None:
-        match event:
-            case RoundClosed():
-                self.closed.setdefault(event.round, event)
-            case RoundAveraged():
-                self.averaged.setdefault(event.round, event)
-            case SessionCompleted() | SessionFailed() | SessionCancelled():
-                self.ended = self.ended or type(event).__name__
-            case _:
-                return
-        self._changed.set()
-
-    async def wait(self, ready: Callable[[], T | None], stopped: asyncio.Event) -> T:
-        """Wait until ``ready()`` answers; ``TrainingStopped`` at once on ``stopped`` or the session's end."""
-        while True:
-            self._changed.clear()
-            if stopped.is_set():
-                raise TrainingStopped("stopped")
-            if self.ended:
-                raise TrainingStopped(f"the session ended ({self.ended})")
-            value = ready()
-            if value is not None:
-                return value
-            await _first_of(self._changed, stopped)
-
-
-async def _first_of(*flags: asyncio.Event) -> None:
-    waiters = [asyncio.ensure_future(flag.wait()) for flag in flags]
-    try:
-        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for waiter in waiters:
-            waiter.cancel()
-
-
 # ------------------------------------------------------------------ the round protocol (event loop)
 
 
@@ -317,12 +229,12 @@ class FedavgRun:
         self.command = command
         self.ctx = ctx
         self.peer_id = ctx.peer_id
-        self._append = ctx.append
+        self._report = ctx.report
+        self.facts = ctx.facts
         self.stop = ctx.stop
         """Seen by the worker thread: set, local training ends at its next batch."""
         self.stopped = ctx.stopped
         """Seen by the loop: set together with ``stop``."""
-        self._log = SessionLog()
         self._started = time.perf_counter()
 
     @property
@@ -332,36 +244,47 @@ class FedavgRun:
     async def run(self) -> None:
         cmd = self.command
         ctx = self.ctx
+        check_urls(cmd)
         learner = await asyncio.to_thread(LocalLearner, ctx.dataset, cmd, str(ctx.device), ctx.settings.torch_threads)
         self._go_on()
-        self._log = await SessionLog.open(ctx.js, self.sid, self.peer_id)
-        try:
-            if cmd.start_round > 1:
-                await self._catch_up(learner)
-            for r in range(cmd.start_round, cmd.rounds + 1):
-                await self._round(learner, r)
-            await self._finish(learner)
-        finally:
-            await self._log.close()
+        if cmd.start_round > 1:
+            await self._catch_up(learner)
+        for r in range(cmd.start_round, cmd.rounds + 1):
+            await self._round(learner, r)
+        await self._finish(learner)
 
     # ---------------------------------------------------------------- steps
 
     async def _catch_up(self, learner: LocalLearner) -> None:
-        """Start from the average of round ``start_round - 1``, rebuilt as every peer built it."""
-        for k in range(self.command.start_round - 1, 0, -1):
-            closed = await self._closed(k)
-            average, _ = await asyncio.to_thread(self._average, closed, learner.reference)
-            if average is None:
+        """Start from the average of round ``start_round - 1``, rebuilt as every peer built it.
+
+        Without a norm bound a round's average does not depend on its start, so the walk goes back
+        from the last round until one had an acceptable update. With one, whether an update is
+        accepted depends on the weights its round started from: the walk goes forward from round 1.
+        """
+        last = self.command.start_round - 1
+        if self.command.max_update_norm is None:
+            for k in range(last, 0, -1):
+                average, _ = await asyncio.to_thread(self._average, await self._closed(k), learner.reference, None)
+                if average is not None:
+                    await self._adopt(learner, k, average)
+                    return
                 log.info("round had no acceptable update; looking one round further back", round=k)
-                continue
-            data = await asyncio.to_thread(state_bytes, average)
-            stored = self._log.averaged.get(k)
-            if stored is not None and stored.sha256 != sha256_hex(data):
-                log.error("rebuilt average differs from the stored one", round=k, stored=stored.sha256)
-            await asyncio.to_thread(learner.load, average)
-            log.info("caught up from a round's average", round=k, sha256=sha256_hex(data))
+            log.info("no round had an acceptable update; starting from the initial weights")
             return
-        log.info("no round had an acceptable update; starting from the initial weights")
+        weights: Tensors = learner.reference
+        for k in range(1, last + 1):
+            average, _ = await asyncio.to_thread(self._average, await self._closed(k), learner.reference, weights)
+            weights = weights if average is None else average
+        await self._adopt(learner, last, weights)
+
+    async def _adopt(self, learner: LocalLearner, k: int, average: Tensors) -> None:
+        data = await asyncio.to_thread(state_bytes, average)
+        stored = self.facts.averaged.get(k)
+        if stored is not None and stored.sha256 != sha256_hex(data):
+            log.error("rebuilt average differs from the stored one", round=k, stored=stored.sha256)
+        await asyncio.to_thread(learner.load, average)
+        log.info("caught up from a round's average", round=k, sha256=sha256_hex(data))
 
     async def _round(self, learner: LocalLearner, r: int) -> None:
         cmd = self.command
@@ -371,16 +294,15 @@ class FedavgRun:
         # Too late (the round closed without us) means the scheduler has left us out: stop quietly.
         self._go_on(r)
         data = await asyncio.to_thread(lambda: state_bytes(learner.state()))
-        uri = update_uri(cmd.rounds_uri, r, self.peer_id)
-        ref = await asyncio.to_thread(self._put, uri, data)
+        ref = await asyncio.to_thread(self._put, cmd.update_urls[r], data)
         self._go_on(r)
-        await self._append(
+        await self._report(
             ModelUpdatePublished(
                 event_id=f"{self.sid}.r{r}.{self.peer_id}.update",
                 session_id=self.sid,
                 round=r,
                 peer_id=self.peer_id,
-                uri=ref.uri,
+                uri=update_uri(cmd.rounds_uri, r, self.peer_id),
                 sha256=ref.sha256,
                 num_samples=learner.num_samples,
                 loss=stats.loss,
@@ -391,11 +313,11 @@ class FedavgRun:
         closed = await self._closed(r)
         if self.peer_id in closed.left_out:
             raise TrainingStopped(f"left out of round {r}")
-        average, rejected = await asyncio.to_thread(self._average, closed, learner.reference)
+        average, rejected = await asyncio.to_thread(self._average, closed, learner.reference, round_start)
         self._go_on()
         for author, reason in rejected:
             log.warning("update rejected", round=r, author=author, reason=reason)
-            await self._append(
+            await self._report(
                 UpdateRejected(
                     event_id=f"{self.sid}.r{r}.{author}.rejected",
                     session_id=self.sid,
@@ -410,15 +332,20 @@ class FedavgRun:
             average = round_start
         await asyncio.to_thread(learner.load, average)
         val_loss, val_accuracy = await asyncio.to_thread(learner.evaluate_val)
+        check_finite(r * cmd.hyperparameters.epochs, val_loss)
+        url = cmd.average_urls.get(r)
+        if not url:
+            log.warning("no URL to store the round's average; not reporting it", round=r)
+            return
         data = await asyncio.to_thread(state_bytes, average)
-        ref = await asyncio.to_thread(self._put, average_uri(cmd.rounds_uri, r), data)
+        ref = await asyncio.to_thread(self._put, url, data)
         self._go_on()
-        await self._append(
+        await self._report(
             RoundAveraged(
                 event_id=f"{self.sid}.r{r}.averaged",
                 session_id=self.sid,
                 round=r,
-                uri=ref.uri,
+                uri=average_uri(cmd.rounds_uri, r),
                 sha256=ref.sha256,
                 peer_id=self.peer_id,
                 val_loss=val_loss,
@@ -430,7 +357,7 @@ class FedavgRun:
         )
 
     async def _train_round(self, learner: LocalLearner, r: int) -> RoundStats:
-        """The local epochs in a worker thread; their heartbeats are all appended when it returns."""
+        """The local epochs in a worker thread; their heartbeats are all reported when it returns."""
         return await self.ctx.train_reporting(
             self.command, lambda on_epoch: learner.train_round(r, on_epoch, self.stop), after_stop=False
         )
@@ -438,20 +365,24 @@ class FedavgRun:
     async def _finish(self, learner: LocalLearner) -> None:
         cmd = self.command
         data = await asyncio.to_thread(learner.model_file)
-        ref = await asyncio.to_thread(self._put, cmd.output_uri, data)
+        ref = await asyncio.to_thread(self._put, cmd.output_url, data)
         loss, accuracy = await asyncio.to_thread(learner.evaluate_train)
         val_loss, val_accuracy = await asyncio.to_thread(learner.evaluate_val)
+        epochs = cmd.rounds * cmd.hyperparameters.epochs
+        if loss is None or accuracy is None:
+            raise DataError("no training rows to measure the final model on")
+        check_finite(epochs, loss, val_loss)
         self._go_on()
-        await self._append(
+        await self._report(
             PeerDone(
                 event_id=f"{self.sid}.{self.peer_id}.done",
                 session_id=self.sid,
                 peer_id=self.peer_id,
                 model_uri=cmd.output_uri,
                 model_sha256=ref.sha256,
-                epochs=cmd.rounds * cmd.hyperparameters.epochs,
-                loss=loss if loss is not None else float("nan"),
-                accuracy=accuracy if accuracy is not None else 0.0,
+                epochs=epochs,
+                loss=loss,
+                accuracy=accuracy,
                 val_loss=val_loss,
                 val_accuracy=val_accuracy,
                 train_seconds=time.perf_counter() - self._started,
@@ -460,52 +391,67 @@ class FedavgRun:
         log.info("fedavg done", val_accuracy=val_accuracy, model=cmd.output_uri, sha256=ref.sha256)
 
     async def _closed(self, round_: int) -> RoundClosed:
-        """The round's ``RoundClosed``, once it is in the log."""
-        return await self._log.wait(lambda: self._log.closed.get(round_), self.stopped)
+        """The round's ``RoundClosed``, once the scheduler has forwarded it."""
+        return await self.facts.wait(lambda: self.facts.closed.get(round_), self.stopped)
 
     def _go_on(self, round_: int | None = None) -> None:
-        """Raise ``TrainingStopped`` if this job must publish nothing more."""
+        """Raise ``TrainingStopped`` if this job must report nothing more."""
         if self.stopped.is_set() or self.stop.is_set():
             raise TrainingStopped("stopped")
-        if self._log.ended:
-            raise TrainingStopped(f"the session ended ({self._log.ended})")
+        if self.facts.ended:
+            raise TrainingStopped(f"the session ended ({self.facts.ended})")
         if round_ is not None:
-            closed = self._log.closed.get(round_)
+            closed = self.facts.closed.get(round_)
             if closed is not None and all(u.peer_id != self.peer_id for u in closed.updates):
                 raise TrainingStopped(f"round {round_} closed without this peer")
 
     # ---------------------------------------------------------------- blocking helpers (threads)
 
-    def _average(self, closed: RoundClosed, reference: Tensors) -> tuple[Tensors | None, list[tuple[str, str]]]:
+    def _average(
+        self, closed: RoundClosed, reference: Tensors, start: Mapping[str, torch.Tensor] | None
+    ) -> tuple[Tensors | None, list[tuple[str, str]]]:
+        """The round's average; with the command's norm bound measured from ``start``."""
         limit = len(state_bytes(reference)) + HEADER_ALLOWANCE
         return average_round(
-            closed, lambda update: self._fetch(update, limit), reference, rounds_uri=self.command.rounds_uri
+            closed,
+            lambda update: self._fetch(update, limit),
+            reference,
+            rounds_uri=self.command.rounds_uri,
+            start=start,
+            max_norm=self.command.max_update_norm,
         )
 
     def _fetch(self, update: RoundUpdate, limit: int) -> bytes:
-        """An update's bytes; ``UpdateUnavailable`` when missing or larger than any update can be."""
-        for attempt in range(1, FETCH_ATTEMPTS + 1):
-            try:
-                store, key = self.ctx.blob(update.uri)
-                chunks: list[bytes] = []
-                size = 0
-                for chunk in store.iter_chunks(key):
-                    size += len(chunk)
-                    if size > limit:
-                        raise UpdateUnavailable(f"larger than {limit} bytes")
-                    chunks.append(chunk)
-                return b"".join(chunks)
-            except ValueError as exc:  # an URI no store serves
-                raise UpdateUnavailable(str(exc)) from None
-            except (UpdateUnavailable, blob.BlobNotFound):
+        """An update's bytes through the signed URL the fact came with; ``UpdateUnavailable`` for a
+        uri no URL was handed out for (never fetched), a refusal, a size over ``limit`` or a sha256
+        that differs. A network failure that outlasts the retries propagates (the job fails)."""
+        url = self.facts.urls.get(update.uri)
+        if not url:
+            raise UpdateUnavailable("its uri was not handed out with the round's fact")
+        fd, name = tempfile.mkstemp(dir=self.ctx.tmp_dir, suffix=".safetensors")
+        os.close(fd)
+        tmp = Path(name)
+        try:
+            self.ctx.download(url, tmp, update.sha256, max_bytes=limit)
+            return tmp.read_bytes()
+        except blob.TooLarge:
+            raise UpdateUnavailable(f"larger than {limit} bytes") from None
+        except blob.IntegrityError:
+            raise UpdateUnavailable("sha256 mismatch") from None
+        except httpx.HTTPStatusError as exc:
+            if exc.response.status_code >= 500:
                 raise
-            except Exception as exc:
-                if attempt == FETCH_ATTEMPTS:
-                    raise
-                log.warning("update download failed; retrying", uri=update.uri, error=str(exc))
-                time.sleep(0.5 * attempt)
-        raise AssertionError("unreachable")
+            raise UpdateUnavailable(f"refused with HTTP {exc.response.status_code}") from None
+        finally:
+            tmp.unlink(missing_ok=True)
 
-    def _put(self, uri: str, data: bytes) -> blob.BlobRef:
-        store, key = self.ctx.blob(uri)
-        return store.put_bytes(key, data)
+    def _put(self, url: str, data: bytes) -> blob.BlobRef:
+        """``data`` PUT to the signed ``url`` (through a temporary file: the upload streams)."""
+        fd, name = tempfile.mkstemp(dir=self.ctx.tmp_dir, suffix=".safetensors")
+        tmp = Path(name)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            return self.ctx.upload(url, tmp)
+        finally:
+            tmp.unlink(missing_ok=True)

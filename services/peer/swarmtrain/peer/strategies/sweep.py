@@ -1,12 +1,15 @@
 """A peer's part in a sweep: train the whole dataset with its own hyperparameters, publish the model.
 
 1. One training of ``command.model`` on the training split (``validation_split`` held out, both
-   from ``seed``), in a worker thread; each epoch appends a ``Heartbeat``
+   from ``seed``), in a worker thread; each epoch is reported as a ``Heartbeat``
    (``<session>.<peer>.epoch<N>``).
-2. The trained model (safetensors, with its metadata) is uploaded to ``command.output_uri``.
-3. ``PeerDone`` (``<session>.<peer>.done``) carries its sha256 and the last epoch's figures.
+2. The trained model (safetensors, with its metadata) is PUT to ``command.output_url``, the signed
+   URL of ``command.output_uri``.
+3. ``PeerDone`` (``<session>.<peer>.done``) names ``output_uri`` with the sha256 of the bytes sent
+   and the last epoch's figures.
 
-A stopped job raises ``TrainingStopped`` from the training and publishes nothing more.
+A stopped job raises ``TrainingStopped`` from the training and reports nothing more; a non-finite
+loss raises ``Diverged`` (the peer reports ``PeerFailed``) before any figure of that epoch goes out.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ log = get_logger("swarmtrain.peer")
 
 
 async def run(command: Train, ctx: JobContext) -> None:
-    """Train, upload the model, append ``PeerDone``."""
+    """Train, upload the model, report ``PeerDone``."""
     job = TrainJob(
         csv_path=ctx.dataset,
         label_column=command.label_column,
@@ -42,9 +45,9 @@ async def run(command: Train, ctx: JobContext) -> None:
         device=str(ctx.device),
         torch_threads=ctx.settings.torch_threads,
     )
-    result = await ctx.train_reporting(command, lambda on_epoch: trainer.train(job, on_epoch, ctx.stop), attempts=2)
+    result = await ctx.train_reporting(command, lambda on_epoch: trainer.train(job, on_epoch, ctx.stop))
 
-    ref = await asyncio.to_thread(_upload, ctx, command.output_uri, result)
+    ref = await asyncio.to_thread(_upload, ctx, command.output_url, result)
     final = result.final
     done = PeerDone(
         event_id=f"{command.session_id}.{ctx.peer_id}.done",
@@ -59,7 +62,7 @@ async def run(command: Train, ctx: JobContext) -> None:
         val_accuracy=final.val_accuracy,
         train_seconds=result.train_seconds,
     )
-    await ctx.append(done)
+    await ctx.report(done)
     log.info(
         "training done",
         val_accuracy=final.val_accuracy,
@@ -68,17 +71,13 @@ async def run(command: Train, ctx: JobContext) -> None:
     )
 
 
-def _upload(ctx: JobContext, uri: str, result: TrainResult) -> blob.BlobRef:
-    """The model file, written to a temporary file under the state folder, then streamed to ``uri``."""
-    tmp_dir = Path(ctx.settings.state_dir) / "tmp"
-    tmp_dir.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=tmp_dir, suffix=".safetensors")
+def _upload(ctx: JobContext, url: str, result: TrainResult) -> blob.BlobRef:
+    """The model file, written to a temporary file under the state folder, then PUT to ``url``."""
+    fd, name = tempfile.mkstemp(dir=ctx.tmp_dir, suffix=".safetensors")
     os.close(fd)
     tmp = Path(name)
     try:
         save_model(result.model, tmp, result.metadata)
-        store, key = ctx.blob(uri)
-        with tmp.open("rb") as f:
-            return store.put_stream(key, f, tmp.stat().st_size)
+        return ctx.upload(url, tmp)
     finally:
         tmp.unlink(missing_ok=True)
