@@ -277,6 +277,22 @@ class SessionCompleted(_SessionEvent, frozen=True, kw_only=True, tag="SessionCom
     best_peer_id: str
     best_val_accuracy: float | None
     model_uri: str
+    checked_val_accuracy: float | None = None
+    """The best model's validation accuracy as a service measured it (``ModelEvaluated``), beside
+    the peer's own claim in ``best_val_accuracy``; None where nothing re-evaluated it."""
+
+
+class ModelEvaluated(_SessionEvent, frozen=True, kw_only=True, tag="ModelEvaluated"):
+    """A peer's finished model, re-evaluated by the scheduler on the session's validation split
+    (the peer's claim is not believed). ``val_accuracy`` None: it could not be evaluated (its bytes
+    differ from the sha256 of its ``PeerDone``, it does not load or does not fit the data), and
+    ``reason`` says why; such a model never wins."""
+
+    peer_id: str
+    val_loss: float | None = None
+    val_accuracy: float | None = None
+    model_sha256: str
+    reason: str | None = None
 
 
 class SessionFailed(_SessionEvent, frozen=True, kw_only=True, tag="SessionFailed"):
@@ -317,6 +333,7 @@ Event = (
     | UpdateRejected
     | RoundAveraged
     | ShardReassigned
+    | ModelEvaluated
     | SessionCompleted
     | SessionFailed
     | SessionCancelled
@@ -332,6 +349,7 @@ SessionEvent = (
     | UpdateRejected
     | RoundAveraged
     | ShardReassigned
+    | ModelEvaluated
     | SessionCompleted
     | SessionFailed
     | SessionCancelled
