@@ -20,7 +20,18 @@ from swarmtrain.common.events import (
     SessionRequested,
     SessionStarted,
 )
-from swarmtrain.scheduler.actions import Action, Append, AppendIf, Clocks, Config, Evaluate, Forward, Send, Start, Timing
+from swarmtrain.scheduler.actions import (
+    Action,
+    Append,
+    AppendIf,
+    Clocks,
+    Config,
+    Evaluate,
+    Forward,
+    Send,
+    Start,
+    Timing,
+)
 from swarmtrain.scheduler.decide import decide, recover
 from swarmtrain.scheduler.state import State, evolve, observe_presence
 from tests.factories import session_requested
@@ -79,7 +90,7 @@ def appended(actions: list[Action]) -> list[Event]:
 
 def summary(actions: list[Action]) -> list[tuple[str, str | None, str | None]]:
     """What each action is and whom it concerns, without ids and timestamps."""
-    out = []
+    out: list[tuple[str, str | None, str | None]] = []
     for a in actions:
         if isinstance(a, Forward):
             out.append((f"Forward {type(a.fact).__name__}", a.peer_id, a.fact.session_id))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import get_args
 
 import msgspec
@@ -24,7 +25,7 @@ def checked(peer: str, acc: float | None, sha: str = "h") -> ModelEvaluated:
     return ModelEvaluated(session_id="s", peer_id=peer, val_accuracy=acc, model_sha256=sha)
 
 
-def session(runs: dict[str, Run], evaluations: dict[str, float | None] | None = None) -> Session:
+def session(runs: dict[str, Run], evaluations: Mapping[str, float | None] | None = None) -> Session:
     figures = {p: checked(p, acc) for p, acc in (evaluations or {}).items()}
     return Session(request=session_requested("s", len(runs)), status="running", runs=runs, evaluations=figures)
 
