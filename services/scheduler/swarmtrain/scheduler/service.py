@@ -417,10 +417,9 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
                 try:
                     if await scheduler.read(events, timeout=TICK_S / 2):
                         idle_since = time.monotonic()
-                    elif time.monotonic() - idle_since > 5.0:  # is the consumer still there?
+                    elif time.monotonic() - idle_since > 5.0:  # is the consumer still there? (raises if not)
                         idle_since = time.monotonic()
-                        if await bus.last_sequence(js) > scheduler.state.position:
-                            raise nats.js.errors.NotFoundError(description="the events consumer fell behind")
+                        await events.consumer_info()
                     await scheduler.take_reports(reports, events, timeout=TICK_S / 2)
                     await scheduler.step()
                     if faulted:

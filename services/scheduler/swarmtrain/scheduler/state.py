@@ -357,15 +357,21 @@ def _evolve_session(session: Session, seq: int, event: Event, wall: float) -> Se
                 )
                 session = replace(session, facts=(*session.facts, event))
                 return replace(_with_run(session, event.to_peer_id, run), round_base=max(session.round_base, wall))
-        case UpdateRejected():
-            if event.round in session.closed and not any(
-                isinstance(f, UpdateRejected) and (f.round, f.peer_id) == (event.round, event.peer_id)
-                for f in session.facts
+        case UpdateRejected():  # as every fact a peer reported: kept only from a training participant
+            if (
+                session.training(event.reported_by)
+                and event.round in session.closed
+                and not any(
+                    isinstance(f, UpdateRejected) and (f.round, f.peer_id) == (event.round, event.peer_id)
+                    for f in session.facts
+                )
             ):
                 return replace(session, facts=(*session.facts, event))
         case RoundAveraged():
-            if event.round in session.closed and not any(
-                isinstance(f, RoundAveraged) and f.round == event.round for f in session.facts
+            if (
+                session.training(event.peer_id)
+                and event.round in session.closed
+                and not any(isinstance(f, RoundAveraged) and f.round == event.round for f in session.facts)
             ):
                 return replace(session, facts=(*session.facts, event))
         case ModelEvaluated():
