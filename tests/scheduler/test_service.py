@@ -5,17 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
+import subprocess
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 import msgspec
 import nats
+import nats.errors
 import pytest
 from nats.js.api import AckPolicy
 
-from swarmtrain.common import blob, bus, subjects
+from swarmtrain.common import blob, bus, servers, subjects
 from swarmtrain.common.events import (
     Command,
     DatasetUploaded,
@@ -24,9 +27,11 @@ from swarmtrain.common.events import (
     Hyperparameters,
     ModelEvaluated,
     PeerDone,
+    PeerFailed,
     PeerLocked,
     PeerRegistered,
     PeerReleased,
+    PeerWentOffline,
     Presence,
     ReportRejected,
     SessionCompleted,
@@ -155,10 +160,12 @@ async def test_two_schedulers_never_take_the_same_peer(js: Any, settings: Settin
 
 
 @contextlib.asynccontextmanager
-async def presence(nats_url: str, doing: dict[str, str | None]) -> AsyncIterator[None]:
+async def presence(
+    nats_url: str, doing: dict[str, str | None], paused: asyncio.Event | None = None
+) -> AsyncIterator[None]:
     """Fake peers (registered by report) beating presence that names the Train each one works on
-    (``doing``, changed by the test as it goes) until the block ends."""
-    nc = await nats.connect(nats_url)
+    (``doing``, changed by the test as it goes) until the block ends; silent while ``paused`` is set."""
+    nc = await nats.connect(nats_url, reconnect_time_wait=0.2, max_reconnect_attempts=-1)
     js = nc.jetstream()
     for p in doing:
         await bus.report(js, PeerRegistered(peer_id=p, name=p, device="cpu"))
@@ -166,9 +173,10 @@ async def presence(nats_url: str, doing: dict[str, str | None]) -> AsyncIterator
 
     async def beat() -> None:
         while not stop.is_set():
-            for p, train in doing.items():
+            for p, train in doing.items() if paused is None or not paused.is_set() else ():
                 beat = Presence(peer_id=p, name=p, device="cpu", session_id=None, train_id=train)
-                await nc.publish(subjects.peer_presence(p), encode(beat))
+                with contextlib.suppress(nats.errors.Error):  # an outage: beats resume with the connection
+                    await nc.publish(subjects.peer_presence(p), encode(beat))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 0.1)  # the beat's period; returns at once on stop
 
@@ -301,3 +309,78 @@ async def test_a_train_no_beat_shows_at_work_is_re_sent_under_a_fresh_id(js: Any
     assert isinstance(first, Train) and isinstance(again, Train)
     assert again.event_id == first.event_id == first_id == "s1.pa.train.1"  # the same job to the peer
     assert again_id == "s1.pa.train.1.resend.1"
+
+
+async def sweep_of_two(js: Any, settings: Settings, csv: Path) -> SessionRequested:
+    store = blob.open_store(settings.blob_url, settings)
+    data = dataset_csv()
+    csv.write_bytes(data)  # noqa: ASYNC240  # a few bytes, in a test
+    ref = store.put_bytes("datasets/d.csv", data)
+    await bus.append(
+        js,
+        DatasetUploaded(
+            dataset_id="d", owner_id="u", name="d", uri=ref.uri, sha256=ref.sha256, size_bytes=ref.size, rows=80,
+            features=2, classes=2, label_column="label",
+        ),
+    )  # fmt: skip
+    return session_requested("s1", 2, dataset_uri=ref.uri, dataset_sha256=ref.sha256)
+
+
+async def model_done(settings: Settings, csv: Path, train: Train) -> PeerDone:
+    """Train ``train``'s model, upload it where the peer would, and return the report of it."""
+    store = blob.open_store(settings.blob_url, settings)
+    data, accuracy = await asyncio.to_thread(trained_model, csv, train, True)
+    model = store.put_bytes(store.key_of(train.output_uri), data)
+    return PeerDone(
+        event_id=f"{train.session_id}.{train.peer_id}.done", session_id=train.session_id, peer_id=train.peer_id,
+        model_uri=train.output_uri, model_sha256=model.sha256, epochs=train.hyperparameters.epochs, loss=0.5,
+        accuracy=0.5, val_accuracy=accuracy, train_seconds=1.0,
+    )  # fmt: skip
+
+
+@pytest.fixture
+def restart_nats(nats_server: tuple[str, Any], tmp_path: Path) -> Iterator[Callable[[], None]]:
+    """Kill the test's nats-server now; calling what this yields starts it again on its port and
+    store (stopped after every fixture that talks to it is torn down)."""
+    nats_url = nats_server[0]
+    restarted: list[subprocess.Popen[bytes]] = []
+
+    def restart() -> None:
+        restarted.append(servers.start_nats(int(nats_url.rsplit(":", 1)[1]), tmp_path / "jetstream"))
+
+    yield restart
+    for p in restarted:
+        servers.stop(p, signal.SIGTERM)
+
+
+async def test_a_nats_outage_longer_than_the_presence_timeout_fails_no_peer(
+    restart_nats: Callable[[], None], nats_server: tuple[str, Any], js: Any, tmp_path: Path
+) -> None:
+    nats_url, proc = nats_server
+    settings = Settings(nats_url=nats_url, blob_url=(tmp_path / "blobs").as_uri(), peer_timeout_s=3.0)
+    request = await sweep_of_two(js, settings, tmp_path / "d.csv")
+    doing: dict[str, str | None] = {"pa": None, "pb": None}
+    silent = asyncio.Event()
+    async with presence(nats_url, doing, silent), schedulers(settings, 1):
+        await bus.append(js, request)
+        done: dict[str, PeerDone] = {}
+        for p in doing:
+            command, _ = await next_command(js, p, f"{p}-commands")
+            assert isinstance(command, Train)
+            doing[p] = command.event_id
+            done[p] = await model_done(settings, tmp_path / "d.csv", command)
+        silent.set()  # the peers' beats stop with the outage ...
+        servers.stop(proc, signal.SIGKILL)
+        await asyncio.sleep(4.5)  # the fault itself: an outage longer than the presence timeout
+        restart_nats()
+        nc = await nats.connect(nats_url)  # the test's own connection may still be reconnecting
+        after = nc.jetstream()
+        await bus.report(after, done["pa"])
+        await wait_for_event(after, PeerDone, timeout=30)  # the scheduler reads and decides again ...
+        silent.clear()  # ... and only then do the peers beat again: long after their last beat
+        await bus.report(after, done["pb"])
+        completed = await wait_for_event(after, SessionCompleted)
+        events = await log(after)
+        await nc.drain()
+    assert completed.session_id == "s1"
+    assert not [e for e in events if isinstance(e, (PeerWentOffline, PeerFailed))]

@@ -415,6 +415,17 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
                 if now - last_tick > gap_s:
                     scheduler.regrace(f"no reading for {now - last_tick:.1f}s")
                 try:
+                    if not nc.is_connected:  # nothing is decided on what could not be seen meanwhile
+                        raise nats.errors.ConnectionReconnectingError
+                    if faulted:  # back: renew the consumers (an ephemeral one may be gone), then judge afresh
+                        for old in (events, reports):
+                            with contextlib.suppress(Exception):
+                                await old.unsubscribe()
+                        start = scheduler.state.position + 1
+                        events = await bus.pull_consumer(js, bus.EVENTS_STREAM, ack=api.AckPolicy.NONE, start_seq=start)
+                        reports = await reports_consumer(js)
+                        scheduler.regrace("reading again after a fault")
+                        faulted = False
                     if await scheduler.read(events, timeout=TICK_S / 2):
                         idle_since = time.monotonic()
                     elif time.monotonic() - idle_since > 5.0:  # is the consumer still there? (raises if not)
@@ -422,19 +433,12 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
                         await events.consumer_info()
                     await scheduler.take_reports(reports, events, timeout=TICK_S / 2)
                     await scheduler.step()
-                    if faulted:
-                        faulted = False
-                        scheduler.regrace("reading again after a fault")
                 except (nats.errors.Error, nats.js.errors.Error, OSError) as exc:
+                    if not faulted:
+                        log.warning("reading failed; riding it out", error=repr(exc))
                     faulted = True
-                    log.warning("reading failed; riding it out", error=repr(exc))
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(stop.wait(), 0.5)  # back off, but stop at once
-                    with contextlib.suppress(Exception):  # an ephemeral consumer may be gone: renew it
-                        await events.unsubscribe()
-                        start = scheduler.state.position + 1
-                        events = await bus.pull_consumer(js, bus.EVENTS_STREAM, ack=api.AckPolicy.NONE, start_seq=start)
-                        reports = await reports_consumer(js)
                 last_tick = time.monotonic()
         finally:
             with contextlib.suppress(Exception):
