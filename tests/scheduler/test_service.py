@@ -357,7 +357,7 @@ async def test_a_nats_outage_longer_than_the_presence_timeout_fails_no_peer(
     restart_nats: Callable[[], None], nats_server: tuple[str, Any], js: Any, tmp_path: Path
 ) -> None:
     nats_url, proc = nats_server
-    settings = Settings(nats_url=nats_url, blob_url=(tmp_path / "blobs").as_uri(), peer_timeout_s=3.0)
+    settings = Settings(nats_url=nats_url, blob_url=(tmp_path / "blobs").as_uri(), peer_timeout_s=4.0)
     request = await sweep_of_two(js, settings, tmp_path / "d.csv")
     doing: dict[str, str | None] = {"pa": None, "pb": None}
     silent = asyncio.Event()
@@ -371,7 +371,7 @@ async def test_a_nats_outage_longer_than_the_presence_timeout_fails_no_peer(
             done[p] = await model_done(settings, tmp_path / "d.csv", command)
         silent.set()  # the peers' beats stop with the outage ...
         servers.stop(proc, signal.SIGKILL)
-        await asyncio.sleep(4.5)  # the fault itself: an outage longer than the presence timeout
+        await asyncio.sleep(5.0)  # the fault itself: an outage longer than the presence timeout
         restart_nats()
         nc = await nats.connect(nats_url)  # the test's own connection may still be reconnecting
         after = nc.jetstream()

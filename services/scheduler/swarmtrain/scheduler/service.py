@@ -380,13 +380,39 @@ async def reports_consumer(js: JetStreamContext) -> JetStreamContext.PullSubscri
         durable_name=REPORTS_CONSUMER,
         deliver_policy=api.DeliverPolicy.ALL,
         ack_policy=api.AckPolicy.EXPLICIT,
-        ack_wait=30.0,
+        ack_wait=10.0,
         max_ack_pending=20_000,
         filter_subject=subjects.PEER_REPORTS,
     )
     with contextlib.suppress(nats.js.errors.BadRequestError):  # it exists (with another config): use it
         await js.add_consumer(bus.REPORTS_STREAM, config)
     return await js.pull_subscribe_bind(consumer=REPORTS_CONSUMER, stream=bus.REPORTS_STREAM)
+
+
+async def renewed(
+    js: JetStreamContext,
+    events: JetStreamContext.PullSubscription,
+    reports: JetStreamContext.PullSubscription,
+    start: int,
+) -> tuple[JetStreamContext.PullSubscription, JetStreamContext.PullSubscription]:
+    """The subscriptions to read after a fault: the same ones where the server still has their
+    consumers (a report already on its way to one is not lost), new ones where it lost them (a
+    restarted server may forget an ephemeral consumer); the events' new one starts at ``start``."""
+
+    async def lost(sub: JetStreamContext.PullSubscription) -> bool:
+        try:
+            await sub.consumer_info()
+        except nats.js.errors.NotFoundError:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+            return True
+        return False
+
+    if await lost(events):
+        events = await bus.pull_consumer(js, bus.EVENTS_STREAM, ack=api.AckPolicy.NONE, start_seq=start)
+    if await lost(reports):
+        reports = await reports_consumer(js)
+    return events, reports
 
 
 async def run(settings: Settings, stop: asyncio.Event) -> None:
@@ -417,13 +443,8 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
                 try:
                     if not nc.is_connected:  # nothing is decided on what could not be seen meanwhile
                         raise nats.errors.ConnectionReconnectingError
-                    if faulted:  # back: renew the consumers (an ephemeral one may be gone), then judge afresh
-                        for old in (events, reports):
-                            with contextlib.suppress(Exception):
-                                await old.unsubscribe()
-                        start = scheduler.state.position + 1
-                        events = await bus.pull_consumer(js, bus.EVENTS_STREAM, ack=api.AckPolicy.NONE, start_seq=start)
-                        reports = await reports_consumer(js)
+                    if faulted:  # back: renew a consumer the server lost, then judge every peer afresh
+                        events, reports = await renewed(js, events, reports, scheduler.state.position + 1)
                         scheduler.regrace("reading again after a fault")
                         faulted = False
                     if await scheduler.read(events, timeout=TICK_S / 2):
@@ -434,7 +455,7 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
                     await scheduler.take_reports(reports, events, timeout=TICK_S / 2)
                     await scheduler.step()
                 except (nats.errors.Error, nats.js.errors.Error, OSError) as exc:
-                    if not faulted:
+                    if not faulted or nc.is_connected:  # once per outage, and on every failure once back
                         log.warning("reading failed; riding it out", error=repr(exc))
                     faulted = True
                     with contextlib.suppress(TimeoutError):
