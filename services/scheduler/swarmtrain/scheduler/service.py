@@ -29,7 +29,6 @@ import nats.js.errors
 import structlog
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
-from prometheus_client import Counter
 
 from swarmtrain.common import blob, bus, metrics, signing, subjects
 from swarmtrain.common.events import (
@@ -74,10 +73,6 @@ SENT_MEMORY = 100_000
 """Ids of commands sent by this process that it remembers, so a level-triggered decision is
 published once, not every tick."""
 EVALUATION_RETRY_S = 5.0
-QUARANTINED = Counter(
-    "swarmtrain_scheduler_quarantined_events", "Events the scheduler could not apply and skipped, by type", ["type"]
-)
-REPORTS = Counter("swarmtrain_scheduler_reports", "Peer reports checked, by type and outcome", ["type", "outcome"])
 
 
 def clocks() -> Clocks:
@@ -138,6 +133,8 @@ class Scheduler:
         self.sent: OrderedDict[str, None] = OrderedDict()
         self.evaluating: dict[str, asyncio.Task[None]] = {}
         self.evaluate_after: dict[str, float] = {}
+        self.quarantined = 0
+        """Events this process could not apply and skipped (each one logged with its error)."""
 
     def on_presence(self, data: bytes) -> None:
         try:
@@ -171,7 +168,7 @@ class Scheduler:
             items = [(bus.stream_seq(msg), event, observed_at(msg)) for msg, event in batch]
             self.state, quarantined = fold_safely(self.state, items)
             for seq, event, error in quarantined:
-                QUARANTINED.labels(type(event).__name__).inc()
+                self.quarantined += 1
                 log.error("event quarantined: it cannot be applied", seq=seq, type=type(event).__name__, error=error)
         return len(batch)
 
@@ -191,7 +188,6 @@ class Scheduler:
                 await msg.term()
                 continue
             outcome = check(self.state, sender, report, self.config, clocks().at)
-            rejected = isinstance(outcome, ReportRejected)
             try:
                 await self.append(outcome)
             except Exception as exc:
@@ -199,7 +195,6 @@ class Scheduler:
                 await msg.nak(delay=1.0)
                 continue
             await msg.ack()
-            REPORTS.labels(type(report).__name__, "rejected" if rejected else "accepted").inc()
             if isinstance(outcome, ReportRejected):
                 log.info("report rejected", peer_id=sender, type=outcome.report_type, reason=outcome.reason)
         return len(batch)
