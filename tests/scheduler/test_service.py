@@ -1,32 +1,53 @@
-"""The scheduler's shell against a real nats-server: malformed input, fake peers, two schedulers."""
+"""The scheduler's shell against a real nats-server: malformed input, fake peers (beating, reading
+their commands, publishing reports), two schedulers."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
-from typing import Any
+import signal
+import subprocess
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
 
+import msgspec
 import nats
+import nats.errors
 import pytest
 from nats.js.api import AckPolicy
 
-from swarmtrain.common import bus
+from swarmtrain.common import blob, bus, servers, subjects
 from swarmtrain.common.events import (
+    Command,
+    DatasetUploaded,
     Event,
+    Heartbeat,
     Hyperparameters,
+    ModelEvaluated,
+    PeerDone,
+    PeerFailed,
     PeerLocked,
     PeerRegistered,
     PeerReleased,
+    PeerWentOffline,
     Presence,
+    ReportRejected,
+    SessionCompleted,
     SessionRequested,
     SessionStarted,
+    Train,
+    decode_command,
     decode_event,
     encode,
 )
 from swarmtrain.common.settings import Settings
 from swarmtrain.scheduler import service
+from tests import support
 from tests.factories import session_requested
+
+E = TypeVar("E", bound=Event)
 
 HP = Hyperparameters(epochs=1, batch_size=8, lr=0.01)
 
@@ -90,7 +111,13 @@ async def wait_started(js: Any, count: int, timeout: float = 20) -> list[Event]:
 
 @pytest.fixture
 def settings(nats_url: str, tmp_path: Any) -> Settings:  # no PostgreSQL needed here
-    return Settings(nats_url=nats_url, blob_url=(tmp_path / "blobs").as_uri(), peer_timeout_s=5.0)
+    return Settings(
+        nats_url=nats_url,
+        blob_url=(tmp_path / "blobs").as_uri(),
+        peer_timeout_s=5.0,
+        blob_signing_secret="s" * 32,
+        blob_public_url="http://gateway.test",
+    )
 
 
 async def test_malformed_messages_at_the_end_of_the_log_do_not_stop_the_start(js: Any, settings: Settings) -> None:
@@ -127,3 +154,233 @@ async def test_two_schedulers_never_take_the_same_peer(js: Any, settings: Settin
     assert len(started) == 3 and len({s.session_id for s in started}) == 3  # each started once
     assigned = [p for s in started for p in s.assignments]
     assert sorted(assigned) == peers  # six peers, each in exactly one session
+
+
+# ------------------------------------------------------------------ reports, checked figures, re-sends
+
+
+@contextlib.asynccontextmanager
+async def presence(
+    nats_url: str, doing: dict[str, str | None], paused: asyncio.Event | None = None
+) -> AsyncIterator[None]:
+    """Fake peers (registered by report) beating presence that names the Train each one works on
+    (``doing``, changed by the test as it goes) until the block ends; silent while ``paused`` is set."""
+    nc = await nats.connect(nats_url, reconnect_time_wait=0.2, max_reconnect_attempts=-1)
+    js = nc.jetstream()
+    for p in doing:
+        await bus.report(js, PeerRegistered(peer_id=p, name=p, device="cpu"))
+    stop = asyncio.Event()
+
+    async def beat() -> None:
+        while not stop.is_set():
+            for p, train in doing.items() if paused is None or not paused.is_set() else ():
+                beat = Presence(peer_id=p, name=p, device="cpu", session_id=None, train_id=train)
+                with contextlib.suppress(nats.errors.Error):  # an outage: beats resume with the connection
+                    await nc.publish(subjects.peer_presence(p), encode(beat))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 0.1)  # the beat's period; returns at once on stop
+
+    task = asyncio.create_task(beat(), name="fake-presence")
+    try:
+        yield
+    finally:
+        stop.set()
+        await task
+        await nc.drain()
+
+
+async def next_command(js: Any, peer_id: str, durable: str) -> tuple[Command, str]:
+    """The peer's next command and the ``Nats-Msg-Id`` it was stored under."""
+    sub = await js.pull_subscribe(subjects.peer_command(peer_id), durable=durable, stream=bus.COMMANDS_STREAM)
+    [msg] = await sub.fetch(1, timeout=20)
+    await msg.ack()
+    return decode_command(msg.data), (msg.headers or {}).get("Nats-Msg-Id", "")
+
+
+async def wait_for_event(js: Any, what: type[E], timeout: float = 60) -> E:
+    async def found() -> E | None:
+        return next((e for e in await log(js) if isinstance(e, what)), None)
+
+    return await support.wait_for(found, what.__name__, timeout=timeout, interval=0.2)
+
+
+def dataset_csv(rows: int = 80) -> bytes:
+    """Two features; the class is mostly the sign of the first (every 7th label flipped, so no model
+    is perfect): a model that learned it is mostly right, a random one is not."""
+    lines = ["x0,x1,label"]
+    for i in range(rows):
+        x0 = (i % 17 - 8) / 4 + (0.5 if i % 2 else -0.5)
+        positive = (x0 > 0) != (i % 7 == 0)
+        lines.append(f"{x0:.3f},{(i * 7) % 5 - 2},{'pos' if positive else 'neg'}")
+    return ("\n".join(lines) + "\n").encode()
+
+
+def trained_model(csv: Path, train: Train, learn: bool) -> tuple[bytes, float | None]:
+    """The model file a peer would upload, and its true validation accuracy; ``learn=False``: its
+    untrained initial weights."""
+    from swarmtrain.peer import trainer
+    from swarmtrain.peer.model import model_bytes
+
+    job = trainer.TrainJob(
+        csv_path=csv, label_column=train.label_column, model=train.model, hyperparameters=train.hyperparameters,
+        validation_split=train.validation_split, seed=train.seed, device="cpu",
+    )  # fmt: skip
+    if learn:
+        result = trainer.train(job, lambda _: None, threading.Event())
+        return model_bytes(result.model, result.metadata), result.final.val_accuracy
+    data, _, _ = trainer.load_data(job)
+    model = trainer.seeded_model(train.model, len(data.feature_names), len(data.classes), train.seed)
+    return model_bytes(model, trainer.metadata_for(train.model, data)), None
+
+
+async def test_reports_become_facts_and_a_sweep_is_won_by_the_checked_figure_not_the_claim(
+    js: Any, settings: Settings, tmp_path: Path
+) -> None:
+    store = blob.open_store(settings.blob_url, settings)
+    csv = tmp_path / "d.csv"
+    csv.write_bytes(dataset_csv())
+    ref = store.put_bytes("datasets/d.csv", csv.read_bytes())
+    await bus.append(
+        js,
+        DatasetUploaded(
+            dataset_id="d", owner_id="u", name="d", uri=ref.uri, sha256=ref.sha256, size_bytes=ref.size, rows=80,
+            features=2, classes=2, label_column="label",
+        ),
+    )  # fmt: skip
+    hps = [Hyperparameters(epochs=30, batch_size=16, lr=0.05), Hyperparameters(epochs=1, batch_size=16, lr=0.05)]
+    request = session_requested("s1", 2, dataset_uri=ref.uri, dataset_sha256=ref.sha256, hyperparameters=hps[0])
+    doing: dict[str, str | None] = {"pa": None, "pb": None}
+    async with presence(settings.nats_url, doing), schedulers(settings, 1):
+        await bus.append(js, msgspec.structs.replace(request, hyperparameters=hps))
+        trains: dict[str, Train] = {}
+        honest: float | None = None
+        for p in doing:
+            command, _ = await next_command(js, p, f"{p}-commands")
+            assert isinstance(command, Train)
+            trains[p] = command
+            doing[p] = command.event_id  # at work on it
+        assert trains["pa"].dataset_url.startswith("http://gateway.test/blobs/datasets/d.csv?")
+        assert "max=" in trains["pa"].output_url
+        # a forged report (pc speaks for pa) and one from a peer not in the session
+        forged = Heartbeat(
+            event_id="s1.pa.epoch1", session_id="s1", peer_id="pa", epoch=1, epochs=30, loss=0.1, accuracy=1.0,
+            samples_per_s=1.0,
+        )  # fmt: skip
+        await js.publish(subjects.peer_reports("pc"), encode(forged), stream=bus.REPORTS_STREAM)
+        await bus.report(js, msgspec.structs.replace(forged, event_id="s1.pc.epoch1", peer_id="pc"))
+        for p, learn, claim in (("pa", True, None), ("pb", False, 0.99)):  # pb claims more than it has
+            data, true_accuracy = await asyncio.to_thread(trained_model, csv, trains[p], learn)
+            model = store.put_bytes(store.key_of(trains[p].output_uri), data)
+            claimed = true_accuracy if claim is None else claim
+            await bus.report(
+                js,
+                PeerDone(
+                    event_id=f"s1.{p}.done", session_id="s1", peer_id=p, model_uri=trains[p].output_uri,
+                    model_sha256=model.sha256, epochs=trains[p].hyperparameters.epochs, loss=0.5, accuracy=0.5,
+                    val_accuracy=claimed, train_seconds=1.0,
+                ),
+            )  # fmt: skip
+            if p == "pa":
+                honest = true_accuracy
+        completed = await wait_for_event(js, SessionCompleted)
+        events = await log(js)
+    assert honest is not None and honest < 0.99
+    assert completed.best_peer_id == "pa" and completed.checked_val_accuracy == pytest.approx(honest)
+    assert completed.best_val_accuracy == pytest.approx(honest)
+    checked = {e.peer_id: e for e in events if isinstance(e, ModelEvaluated)}
+    assert sorted(checked) == ["pa", "pb"]  # the higher claim was checked first, and found wanting
+    assert checked["pb"].val_accuracy is not None and checked["pb"].val_accuracy < 0.99
+    done_ids = [e.event_id for e in events if isinstance(e, PeerDone)]
+    assert sorted(done_ids) == ["s1.pa.done", "s1.pb.done"]  # the reports' own ids: the same messages
+    rejected = [e for e in events if isinstance(e, ReportRejected)]
+    assert sorted((e.peer_id, e.report_id) for e in rejected) == [("pc", "s1.pa.epoch1"), ("pc", "s1.pc.epoch1")]
+    assert {e.subject for e in rejected} == {"peer.pc.events"}
+    reasons = sorted(e.reason for e in rejected)
+    assert "in the name of 'pa'" in reasons[1] and "holds no training run" in reasons[0]
+
+
+async def test_a_train_no_beat_shows_at_work_is_re_sent_under_a_fresh_id(js: Any, nats_url: str, tmp_path: Any) -> None:
+    settings = Settings(nats_url=nats_url, blob_url=(tmp_path / "blobs").as_uri(), peer_timeout_s=1.0)
+    doing: dict[str, str | None] = {"pa": None}  # beating, but never naming the Train
+    async with presence(nats_url, doing), schedulers(settings, 1):
+        await bus.append(js, request("s1", 1))
+        first, first_id = await next_command(js, "pa", "pa-commands")
+        again, again_id = await next_command(js, "pa", "pa-commands")
+    assert isinstance(first, Train) and isinstance(again, Train)
+    assert again.event_id == first.event_id == first_id == "s1.pa.train.1"  # the same job to the peer
+    assert again_id == "s1.pa.train.1.resend.1"
+
+
+async def sweep_of_two(js: Any, settings: Settings, csv: Path) -> SessionRequested:
+    store = blob.open_store(settings.blob_url, settings)
+    data = dataset_csv()
+    csv.write_bytes(data)  # noqa: ASYNC240  # a few bytes, in a test
+    ref = store.put_bytes("datasets/d.csv", data)
+    await bus.append(
+        js,
+        DatasetUploaded(
+            dataset_id="d", owner_id="u", name="d", uri=ref.uri, sha256=ref.sha256, size_bytes=ref.size, rows=80,
+            features=2, classes=2, label_column="label",
+        ),
+    )  # fmt: skip
+    return session_requested("s1", 2, dataset_uri=ref.uri, dataset_sha256=ref.sha256)
+
+
+async def model_done(settings: Settings, csv: Path, train: Train) -> PeerDone:
+    """Train ``train``'s model, upload it where the peer would, and return the report of it."""
+    store = blob.open_store(settings.blob_url, settings)
+    data, accuracy = await asyncio.to_thread(trained_model, csv, train, True)
+    model = store.put_bytes(store.key_of(train.output_uri), data)
+    return PeerDone(
+        event_id=f"{train.session_id}.{train.peer_id}.done", session_id=train.session_id, peer_id=train.peer_id,
+        model_uri=train.output_uri, model_sha256=model.sha256, epochs=train.hyperparameters.epochs, loss=0.5,
+        accuracy=0.5, val_accuracy=accuracy, train_seconds=1.0,
+    )  # fmt: skip
+
+
+@pytest.fixture
+def restart_nats(nats_server: tuple[str, Any], tmp_path: Path) -> Iterator[Callable[[], None]]:
+    """Kill the test's nats-server now; calling what this yields starts it again on its port and
+    store (stopped after every fixture that talks to it is torn down)."""
+    nats_url = nats_server[0]
+    restarted: list[subprocess.Popen[bytes]] = []
+
+    def restart() -> None:
+        restarted.append(servers.start_nats(int(nats_url.rsplit(":", 1)[1]), tmp_path / "jetstream"))
+
+    yield restart
+    for p in restarted:
+        servers.stop(p, signal.SIGTERM)
+
+
+async def test_a_nats_outage_longer_than_the_presence_timeout_fails_no_peer(
+    restart_nats: Callable[[], None], nats_server: tuple[str, Any], js: Any, tmp_path: Path
+) -> None:
+    nats_url, proc = nats_server
+    settings = Settings(nats_url=nats_url, blob_url=(tmp_path / "blobs").as_uri(), peer_timeout_s=4.0)
+    request = await sweep_of_two(js, settings, tmp_path / "d.csv")
+    doing: dict[str, str | None] = {"pa": None, "pb": None}
+    silent = asyncio.Event()
+    async with presence(nats_url, doing, silent), schedulers(settings, 1):
+        await bus.append(js, request)
+        done: dict[str, PeerDone] = {}
+        for p in doing:
+            command, _ = await next_command(js, p, f"{p}-commands")
+            assert isinstance(command, Train)
+            doing[p] = command.event_id
+            done[p] = await model_done(settings, tmp_path / "d.csv", command)
+        silent.set()  # the peers' beats stop with the outage ...
+        servers.stop(proc, signal.SIGKILL)
+        await asyncio.sleep(5.0)  # the fault itself: an outage longer than the presence timeout
+        restart_nats()
+        nc = await nats.connect(nats_url)  # the test's own connection may still be reconnecting
+        after = nc.jetstream()
+        await bus.report(after, done["pa"])
+        await wait_for_event(after, PeerDone, timeout=30)  # the scheduler reads and decides again ...
+        silent.clear()  # ... and only then do the peers beat again: long after their last beat
+        await bus.report(after, done["pb"])
+        completed = await wait_for_event(after, SessionCompleted)
+        events = await log(after)
+        await nc.drain()
+    assert completed.session_id == "s1"
+    assert not [e for e in events if isinstance(e, (PeerWentOffline, PeerFailed))]

@@ -6,6 +6,7 @@ from swarmtrain.common.events import (
     Event,
     Heartbeat,
     Hyperparameters,
+    ModelEvaluated,
     PeerDone,
     PeerFailed,
     PeerLocked,
@@ -19,7 +20,18 @@ from swarmtrain.common.events import (
     SessionRequested,
     SessionStarted,
 )
-from swarmtrain.scheduler.actions import Action, Append, Clocks, Config, Send, Start, Timing
+from swarmtrain.scheduler.actions import (
+    Action,
+    Append,
+    AppendIf,
+    Clocks,
+    Config,
+    Evaluate,
+    Forward,
+    Send,
+    Start,
+    Timing,
+)
 from swarmtrain.scheduler.decide import decide, recover
 from swarmtrain.scheduler.state import State, evolve, observe_presence
 from tests.factories import session_requested
@@ -78,11 +90,30 @@ def appended(actions: list[Action]) -> list[Event]:
 
 def summary(actions: list[Action]) -> list[tuple[str, str | None, str | None]]:
     """What each action is and whom it concerns, without ids and timestamps."""
-    out = []
+    out: list[tuple[str, str | None, str | None]] = []
     for a in actions:
+        if isinstance(a, Forward):
+            out.append((f"Forward {type(a.fact).__name__}", a.peer_id, a.fact.session_id))
+            continue
         m = a.event if isinstance(a, Append) else a.command if isinstance(a, Send) else a
         out.append((type(m).__name__, getattr(m, "peer_id", None), getattr(m, "session_id", None)))
     return out
+
+
+def evaluated(state: State, figures: dict[str, float | None]) -> State:
+    """The scheduler's own evaluations (``figures``: what it measures of each peer's model), appended
+    as the shell appends them, until the decision asks for no more."""
+    while asks := [a for a in decided(state, 1.0) if isinstance(a, Evaluate)]:
+        state = replay(
+            *(
+                ModelEvaluated(
+                    session_id=a.session_id, peer_id=a.peer_id, val_accuracy=figures[a.peer_id], model_sha256=a.sha256
+                )
+                for a in asks
+            ),
+            state=state,
+        )
+    return state
 
 
 def done(peer: str, acc: float | None, sid: str = "s1") -> PeerDone:
@@ -145,12 +176,17 @@ def test_session_completes_with_the_best_peer_when_every_run_ended() -> None:
     state = replay(done("a", 0.8), state=running())
     assert summary(decided(state, 1.0)) == [("PeerReleased", "a", "s1")]
     state = replay(done("b", 0.9), state=state)
+    assert [(a.peer_id, a.model_uri) for a in decided(state, 1.0) if isinstance(a, Evaluate)] == [("b", "file:///b")]
+    state = evaluated(state, {"a": 0.8, "b": 0.89})
     [completed] = [e for e in appended(decided(state, 1.0)) if isinstance(e, SessionCompleted)]
     assert (completed.best_peer_id, completed.best_val_accuracy, completed.model_uri) == ("b", 0.9, "file:///b")
+    assert completed.checked_val_accuracy == 0.89
+    assert list(state.sessions["s1"].evaluations) == ["b"]  # a's claim (0.8) cannot beat b's checked 0.89
 
 
 def test_session_with_a_failed_peer_completes_with_the_others() -> None:
     state = replay(PeerFailed(session_id="s1", peer_id="a", reason="boom"), done("b", 0.5), state=running())
+    state = evaluated(state, {"b": 0.5})
     [completed] = [e for e in appended(decided(state, 1.0)) if isinstance(e, SessionCompleted)]
     assert completed.best_peer_id == "b"
 
@@ -167,7 +203,13 @@ def test_session_fails_when_every_peer_failed() -> None:
 def test_ended_session_stops_and_releases_its_peers() -> None:
     state = replay(done("a", 0.8), SessionCancelled(session_id="s1"), state=running())
     actions = decided(state, 1.0)
-    assert sorted(summary(actions)) == [("PeerReleased", "a", "s1"), ("PeerReleased", "b", "s1"), ("Stop", "b", "s1")]
+    assert sorted(summary(actions)) == [
+        ("Forward SessionCancelled", "a", "s1"),  # the end, told to every peer the session held
+        ("Forward SessionCancelled", "b", "s1"),
+        ("PeerReleased", "a", "s1"),
+        ("PeerReleased", "b", "s1"),
+        ("Stop", "b", "s1"),
+    ]
     state = replay(*appended(actions), state=state)
     assert decided(state, 1.0) == []
 
@@ -189,7 +231,10 @@ def test_evolve_tracks_subject_sequences_for_compare_and_set() -> None:
     assert state.position == 3
 
 
-def test_locks_of_a_session_that_never_started_are_released_at_start_up() -> None:
+def test_stale_locks_of_a_session_that_never_started_are_released_at_start_up_with_compare_and_set() -> None:
     state = replay(*online("a"), requested(n=2), PeerLocked(peer_id="a", session_id="s1"))
-    released = appended(recover(state, Clocks(now=0.0, wall=0.0), CONFIG))
-    assert [(e.peer_id, e.session_id) for e in released] == [("a", "s1")]  # type: ignore[union-attr]
+    stale = CONFIG.timing.stale_lock
+    assert recover(state, Clocks(now=0.0, wall=stale), CONFIG) == []  # young: maybe a start in progress elsewhere
+    [release] = [a for a in recover(state, Clocks(now=0.0, wall=stale + 1), CONFIG) if isinstance(a, AppendIf)]
+    assert (release.event.peer_id, release.event.session_id, release.expected) == ("a", "s1", state.peers["a"].seq)  # type: ignore[union-attr]
+    assert release.event.event_id == f"s1.a.released.{state.peers['a'].lock_seq}"

@@ -63,6 +63,17 @@ Count = Annotated[int, msgspec.Meta(ge=0, le=INT32_MAX)]
 """A non-negative figure stored in a PostgreSQL ``integer``: epoch, rows, samples, round, shard."""
 BigCount = Annotated[int, msgspec.Meta(ge=0, le=INT64_MAX)]
 Finite = Annotated[float, msgspec.Meta(ge=-sys.float_info.max, le=sys.float_info.max)]
+MAX_UPDATE_NORM: Final = 1e12
+UpdateNorm = Annotated[
+    float,
+    msgspec.Meta(
+        gt=0,
+        le=MAX_UPDATE_NORM,
+        description="fedavg: reject an update whose L2 norm (minus the round's starting model) exceeds this.",
+    ),
+]
+"""A bound on an update's L2 norm: positive, and finite by its upper bound (JSON's ``1e999`` decodes
+to infinity, which ``gt=0`` alone lets by)."""
 """Any finite float: NaN fails both bounds, an infinity one (JSON's ``1e999`` decodes as one)."""
 Id = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID, pattern=SUBJECT_TOKEN)]
 """A user, dataset, peer or session id: it names subjects, so it is one subject token."""
@@ -235,7 +246,7 @@ class SessionRequested(_SessionEvent, frozen=True, kw_only=True, tag="SessionReq
     """fedavg: number of averaging rounds (``hyperparameters[i].epochs`` local epochs each)."""
     on_peer_failure: OnPeerFailure = "reassign"
     """fedavg: what a dead or stalled participant means for the session."""
-    max_update_norm: float | None = None
+    max_update_norm: UpdateNorm | None = None
     """fedavg: the largest L2 norm of an update (its weights minus the round's starting model) that
     is averaged; a larger one is rejected. None: only non-finite or misshapen updates are."""
 
@@ -328,6 +339,22 @@ class SessionCompleted(_SessionEvent, frozen=True, kw_only=True, tag="SessionCom
     best_peer_id: Ref
     best_val_accuracy: Finite | None
     model_uri: Uri
+    checked_val_accuracy: Finite | None = None
+    """The best model's validation accuracy as a service measured it (``ModelEvaluated``), beside
+    the peer's own claim in ``best_val_accuracy``; None where nothing re-evaluated it."""
+
+
+class ModelEvaluated(_SessionEvent, frozen=True, kw_only=True, tag="ModelEvaluated"):
+    """A peer's finished model, re-evaluated by the scheduler on the session's validation split
+    (the peer's claim is not believed). ``val_accuracy`` None: it could not be evaluated (its bytes
+    differ from the sha256 of its ``PeerDone``, it does not load or does not fit the data), and
+    ``reason`` says why; such a model never wins."""
+
+    peer_id: Ref
+    val_loss: Finite | None = None
+    val_accuracy: Finite | None = None
+    model_sha256: Digest
+    reason: Text | None = None
 
 
 class SessionFailed(_SessionEvent, frozen=True, kw_only=True, tag="SessionFailed"):
@@ -368,6 +395,7 @@ Event = (
     | UpdateRejected
     | RoundAveraged
     | ShardReassigned
+    | ModelEvaluated
     | SessionCompleted
     | SessionFailed
     | SessionCancelled
@@ -383,6 +411,7 @@ SessionEvent = (
     | UpdateRejected
     | RoundAveraged
     | ShardReassigned
+    | ModelEvaluated
     | SessionCompleted
     | SessionFailed
     | SessionCancelled
@@ -434,7 +463,7 @@ class Train(_Command, frozen=True, kw_only=True, tag="Train"):
     """fedavg: round -> signed PUT of this peer's update for that round."""
     average_urls: Annotated[dict[Count, Uri], msgspec.Meta(max_length=MAX_ROUNDS)] = msgspec.field(default_factory=dict)
     """fedavg: round -> signed PUT of that round's average."""
-    max_update_norm: float | None = None
+    max_update_norm: UpdateNorm | None = None
     """fedavg: an update whose L2 distance from its round's start weights exceeds this is rejected
     (like NaN or a wrong shape), by every peer alike; None: no bound."""
 

@@ -9,13 +9,19 @@ import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Literal
 
 from swarmtrain.common.events import (
     Event,
     Hyperparameters,
+    ModelEvaluated,
     PeerFailed,
     PeerLocked,
     PeerReleased,
+    RoundAveraged,
+    RoundClosed,
+    SessionEvent,
+    SessionFact,
     SessionFailed,
     SessionRequested,
     SessionStarted,
@@ -47,10 +53,24 @@ class Timing:
     """Rounds: deadline = this x the longest round (or first update) seen so far ..."""
     round_min: float = 10.0
     """... but never less than this many seconds."""
+    resend_after: float = 10.0
+    """A training run whose peer no presence beat shows working on its ``Train`` for this long gets
+    the ``Train`` again, and again every as long after ..."""
+    max_resends: int = 5
+    """... at most this many times; then the run fails with the reason."""
+    stale_lock: float = 30.0
+    """A lock that no start or reassignment completed (its session is queued, gone, or has no run
+    for the peer) is released once it is this old: the start that took it failed half-way."""
 
 
 UriFor = Callable[[str], str]
 """Blob key -> the URI a peer reads or writes it at (the blob store's ``uri``)."""
+Method = Literal["GET", "PUT"]
+Signer = Callable[[Method, str, int | None], str]
+"""``(method, key, max_bytes)`` -> an object-scoped, expiring URL (``signing.UrlSigner``); the
+shell builds it, tests pass a pure one."""
+MAX_MODEL_BYTES = 1 << 30
+"""The PUT bound of a model or update file when the dataset's shape is unknown."""
 
 
 @dataclass(frozen=True)
@@ -59,6 +79,20 @@ class Config:
 
     uri: UriFor
     timing: Timing = Timing()
+    signer: Signer | None = None
+    """None: commands carry no signed URLs (a store the peers reach themselves)."""
+
+    def key_of(self, uri: str) -> str | None:
+        """The key of an object URI of this store, or None for a URI outside it."""
+        prefix = self.uri("k")[:-1]
+        return uri[len(prefix) :] if uri.startswith(prefix) and len(uri) > len(prefix) else None
+
+    def sign(self, method: Method, uri: str, max_bytes: int | None = None) -> str:
+        """A signed URL of ``uri``, or "" without a signer or for a URI outside the store."""
+        key = self.key_of(uri)
+        if self.signer is None or key is None:
+            return ""
+        return self.signer(method, key, max_bytes if method == "PUT" else None)
 
 
 # ------------------------------------------------------------------ actions
@@ -70,8 +104,48 @@ class Append:
 
 
 @dataclass(frozen=True)
+class AppendIf:
+    """Append ``event`` if its subject is still at ``expected`` (a compare-and-set); skipped otherwise."""
+
+    event: Event
+    expected: int
+
+
+@dataclass(frozen=True)
 class Send:
-    command: Train | Stop
+    command: Train | Stop | SessionFact
+    msg_id: str | None = None
+    """The ``Nats-Msg-Id`` to publish with, when not the command's own ``event_id``: a re-send of
+    a ``Train`` is the same command (same ``event_id``, so the peer knows it) under a fresh id (so
+    JetStream stores it again)."""
+
+    @property
+    def id(self) -> str:
+        return self.msg_id or self.command.event_id
+
+
+@dataclass(frozen=True)
+class Forward:
+    """Send ``fact`` to ``peer_id`` as a ``SessionFact`` (``session_fact``), with its signed URLs:
+    the shell builds and signs it only when it has not sent that id yet."""
+
+    peer_id: str
+    fact: SessionEvent
+
+    @property
+    def id(self) -> str:
+        return forward_id(self.fact, self.peer_id)
+
+
+@dataclass(frozen=True)
+class Evaluate:
+    """Re-evaluate ``peer_id``'s finished model on the session's validation split and append the
+    ``ModelEvaluated`` (``evaluated``) the shell measures: a sweep's winner is checked, not believed."""
+
+    session_id: str
+    peer_id: str
+    model_uri: str
+    sha256: str
 
 
 @dataclass(frozen=True)
@@ -116,7 +190,7 @@ class Reassign:
         return self.moved.to_peer_id
 
 
-Action = Append | Send | Start | Reassign
+Action = Append | AppendIf | Send | Forward | Evaluate | Start | Reassign
 
 
 # ------------------------------------------------------------------ events and commands
@@ -172,6 +246,30 @@ def session_failed(session_id: str, reason: str, clocks: Clocks) -> Append:
     )
 
 
+def train_id(session_id: str, peer_id: str, start_round: int) -> str:
+    """The id of the ``Train`` that starts ``peer_id``'s run at ``start_round``: what its presence
+    beats name while it works on it."""
+    return f"{session_id}.{peer_id}.train.{start_round}"
+
+
+def resend_id(train: Train, n: int) -> str:
+    """The ``Nats-Msg-Id`` of the ``n``-th re-send of ``train``."""
+    return f"{train.event_id}.resend.{n}"
+
+
+def forward_id(fact: SessionEvent, peer_id: str) -> str:
+    return f"{fact.event_id}.to.{peer_id}"
+
+
+def update_uri(rounds_uri: str, round_: int, peer_id: str) -> str:
+    """Where ``peer_id`` writes its update of ``round_``: the only URI its report may name."""
+    return f"{rounds_uri.rstrip('/')}/{round_}/{peer_id}.safetensors"
+
+
+def average_uri(rounds_uri: str, round_: int) -> str:
+    return f"{rounds_uri.rstrip('/')}/{round_}/average.safetensors"
+
+
 def train_command(
     req: SessionRequested,
     peer_id: str,
@@ -179,11 +277,21 @@ def train_command(
     shard: int,
     start_round: int,
     clocks: Clocks,
-    uri: UriFor,
+    config: Config | UriFor,
+    max_model_bytes: int = MAX_MODEL_BYTES,
 ) -> Train:
+    """The ``Train`` of ``peer_id``'s run from ``start_round``, with the signed URLs of what it reads
+    and writes (``config``'s signer; a bare ``UriFor`` signs nothing)."""
+    config = config if isinstance(config, Config) else Config(uri=config)
+    uri = config.uri
     sid = req.session_id
+    output_uri = uri(f"sessions/{sid}/models/{peer_id}.safetensors")
+    rounds_uri = uri(f"sessions/{sid}/rounds")
+    rounds = range(start_round, req.rounds + 1) if req.strategy == "fedavg" else range(0)
+    update_urls = {r: config.sign("PUT", update_uri(rounds_uri, r, peer_id), max_model_bytes) for r in rounds}
+    average_urls = {r: config.sign("PUT", average_uri(rounds_uri, r), max_model_bytes) for r in rounds}
     return Train(
-        event_id=f"{sid}.{peer_id}.train.{start_round}",
+        event_id=train_id(sid, peer_id, start_round),
         occurred_at=clocks.at,
         peer_id=peer_id,
         session_id=sid,
@@ -194,11 +302,51 @@ def train_command(
         hyperparameters=hyperparameters,
         validation_split=req.validation_split,
         seed=req.seed,
-        output_uri=uri(f"sessions/{sid}/models/{peer_id}.safetensors"),
+        output_uri=output_uri,
         strategy=req.strategy,
         shard=shard,
         num_shards=req.num_peers,
         rounds=req.rounds,
         start_round=start_round,
-        rounds_uri=uri(f"sessions/{sid}/rounds"),
+        rounds_uri=rounds_uri,
+        dataset_url=config.sign("GET", req.dataset_uri),
+        output_url=config.sign("PUT", output_uri, max_model_bytes),
+        update_urls={r: u for r, u in update_urls.items() if u},
+        average_urls={r: u for r, u in average_urls.items() if u},
+    )
+
+
+def session_fact(forward: Forward, clocks: Clocks, config: Config) -> SessionFact:
+    """The ``SessionFact`` a ``Forward`` sends: the fact, and a signed GET of every object it names."""
+    fact = forward.fact
+    named: list[str] = []
+    match fact:
+        case RoundClosed():
+            named = [u.uri for u in fact.updates]
+        case RoundAveraged():
+            named = [fact.uri]
+    urls = {u: url for u in named if (url := config.sign("GET", u))}
+    return SessionFact(
+        event_id=forward.id,
+        occurred_at=clocks.at,
+        peer_id=forward.peer_id,
+        session_id=fact.session_id,
+        fact=fact,
+        urls=urls,
+    )
+
+
+def evaluated(
+    action: Evaluate, val_loss: float | None, val_accuracy: float | None, reason: str | None, clocks: Clocks
+) -> ModelEvaluated:
+    """The fact of one evaluation: one per finished run (a model is evaluated once)."""
+    return ModelEvaluated(
+        event_id=f"{action.session_id}.{action.peer_id}.evaluated",
+        occurred_at=clocks.at,
+        session_id=action.session_id,
+        peer_id=action.peer_id,
+        val_loss=val_loss,
+        val_accuracy=val_accuracy,
+        model_sha256=action.sha256,
+        reason=reason,
     )

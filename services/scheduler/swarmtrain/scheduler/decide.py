@@ -12,24 +12,37 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from swarmtrain.common.events import PeerWentOffline, PeerWentOnline, SessionCompleted, SessionStarted
+from swarmtrain.common.events import (
+    PeerFailed,
+    PeerWentOffline,
+    PeerWentOnline,
+    SessionCompleted,
+    SessionStarted,
+    Train,
+)
 from swarmtrain.scheduler.actions import (
     Action,
     Append,
+    AppendIf,
     Clocks,
     Config,
+    Evaluate,
+    Forward,
     Reassign,
     Send,
     Start,
+    Timing,
     digest,
     lock,
     peer_failed,
     release,
+    resend_id,
     session_failed,
     stop,
     train_command,
+    train_id,
 )
-from swarmtrain.scheduler.state import Peer, Session, State
+from swarmtrain.scheduler.state import Peer, Run, Session, State
 from swarmtrain.scheduler.strategies import strategy_of
 
 
@@ -41,6 +54,7 @@ def decide(state: State, clocks: Clocks, config: Config) -> list[Action]:
         (p for p in state.peers.values() if p.online and p.session_id is None and p.peer_id not in unavailable),
         key=lambda p: p.peer_id,
     )
+    failing = {a.event.peer_id for a in actions if isinstance(a, Append) and isinstance(a.event, PeerFailed)}
     for session in state.sessions.values():
         if session.status != "running":
             continue
@@ -48,14 +62,102 @@ def decide(state: State, clocks: Clocks, config: Config) -> list[Action]:
         taken = {a.peer_id for a in step if isinstance(a, Reassign)}
         if taken:
             idle = [p for p in idle if p.peer_id not in taken]
+        failing |= {a.event.peer_id for a in step if isinstance(a, Append) and isinstance(a.event, PeerFailed)}
         actions += step
+        actions += resend(state, session, clocks, config, skip=unavailable | failing)
+        actions += forward(session)
     locked: dict[str, list[Peer]] = {}  # one pass over the peers, not one per session
     for peer in state.peers.values():
         if peer.session_id is not None:
             locked.setdefault(peer.session_id, []).append(peer)
     for session in state.sessions.values():
         actions += _finish(session, locked.get(session.session_id, []), clocks)
+    actions += stale_locks(state, clocks, config.timing)
     actions += _schedule(state, idle, clocks, config)
+    return actions
+
+
+def resend(
+    state: State, session: Session, clocks: Clocks, config: Config, skip: set[str] | None = None
+) -> list[Action]:
+    """Never stuck on a lost ``Train``: a training run whose peer no presence beat has shown working
+    on its ``Train`` for ``resend_after`` gets it again (the same command, so the peer knows it as
+    the same job, under the ``Nats-Msg-Id`` of the ``n``-th re-send, so JetStream stores it), every
+    ``resend_after``; after ``max_resends`` the run fails with the reason. The wait counts from the
+    run's start, the latest beat that named the ``Train``, and the scheduler's latest grace, whichever
+    is latest. ``skip``: peers whose run fails in this decision anyway (offline, left out)."""
+    timing = config.timing
+    actions: list[Action] = []
+    for peer_id, run in sorted(session.runs.items()):
+        peer = state.peers.get(peer_id)
+        if run.status != "training" or peer is None or not peer.online or peer_id in (skip or ()):
+            continue
+        train = train_id(session.session_id, peer_id, run.start_round)
+        unseen = min(clocks.wall - run.since, clocks.now - state.seen_working(peer_id, train))
+        if unseen <= timing.resend_after:
+            continue
+        n = int(unseen // timing.resend_after)
+        if n > timing.max_resends:
+            doing = state.doing.get(peer_id)
+            reason = (
+                f"not seen working on its Train {train} for {unseen:.0f}s after {timing.max_resends} re-sends "
+                f"(its beats name {'no Train' if doing is None else repr(doing)})"
+            )
+            actions.append(peer_failed(session.session_id, peer_id, reason, clocks))
+            continue
+        command = _train(session, peer_id, run, clocks, config)
+        actions.append(Send(command, msg_id=resend_id(command, n)))
+    return actions
+
+
+def _train(session: Session, peer_id: str, run: Run, clocks: Clocks, config: Config) -> Train:
+    return train_command(
+        session.request,
+        peer_id,
+        run.hyperparameters,
+        run.shard,
+        run.start_round,
+        clocks,
+        config,
+        session.max_model_bytes(),
+    )
+
+
+def forward(session: Session) -> list[Action]:
+    """The facts each training participant needs, as ``Forward`` actions (a peer reads no session
+    events): every fact of the last closed round and later, and to a newcomer that has not started
+    training yet also the earlier rounds' facts it rebuilds the last average from. Sent once each
+    (the shell remembers; the id is the fact's and the peer's)."""
+    if not session.facts:
+        return []
+    recent = session.round - 1
+    actions: list[Action] = []
+    for peer_id, run in sorted(session.runs.items()):
+        if run.status != "training":
+            continue
+        for fact in session.facts:
+            round_ = getattr(fact, "round", 0)
+            if round_ >= recent or (round_ < run.start_round and run.epoch == 0):
+                actions.append(Forward(peer_id, fact))
+    return actions
+
+
+def stale_locks(state: State, clocks: Clocks, timing: Timing) -> list[Action]:
+    """Release, with a compare-and-set on the peer's subject, every lock older than ``stale_lock``
+    that no start or reassignment completed (its session is gone, queued, or has no run for the
+    peer): the start that took it failed half-way, or its scheduler died. A younger one may be a
+    start in progress, here or in another scheduler."""
+    actions: list[Action] = []
+    for peer in state.peers.values():
+        sid = peer.session_id
+        if sid is None:
+            continue
+        session = state.sessions.get(sid)
+        if session is not None and peer.peer_id in session.runs and session.status != "queued":
+            continue  # a run's lock: released once the run ends (``_finish``)
+        if clocks.wall - peer.locked_at <= timing.stale_lock:
+            continue
+        actions.append(AppendIf(release(sid, peer.peer_id, peer.lock_seq, clocks), expected=peer.seq))
     return actions
 
 
@@ -70,7 +172,7 @@ def _presence(state: State, clocks: Clocks, timeout: float) -> list[Action]:
                 Append(PeerWentOnline(event_id=f"{peer_id}.online.{seq}", occurred_at=clocks.at, peer_id=peer_id))
             )
     for peer in state.peers.values():
-        last = state.beats.get(peer.peer_id, state.started_at)
+        last = state.last_beat(peer.peer_id)
         if not peer.online or now - last <= timeout:
             continue
         offline = PeerWentOffline(
@@ -90,10 +192,17 @@ def _finish(session: Session, locked: list[Peer], clocks: Clocks) -> list[Action
     sid = session.session_id
     all_ended = session.runs and all(r.status != "training" for r in session.runs.values())
     if session.status == "running" and all_ended and not session.rounds_open:
-        best = strategy_of(session.request.strategy).model(session)
+        strategy = strategy_of(session.request.strategy)
+        pending = strategy.evaluate(session)
+        if pending:  # checked, not believed: the figures that name the winner are measured first
+            return [_evaluate(session, p) for p in pending]
+        best = strategy.model(session)
         if best is None:
-            return [session_failed(sid, "every peer failed", clocks)]
+            finished = any(r.status == "done" for r in session.runs.values())
+            reason = "no finished model passed the scheduler's evaluation" if finished else "every peer failed"
+            return [session_failed(sid, reason, clocks)]
         model = session.runs[best]
+        checked = session.evaluations.get(best)
         completed = SessionCompleted(
             event_id=f"{sid}.completed",
             occurred_at=clocks.at,
@@ -101,6 +210,7 @@ def _finish(session: Session, locked: list[Peer], clocks: Clocks) -> list[Action
             best_peer_id=best,
             best_val_accuracy=model.val_accuracy,
             model_uri=model.model_uri or "",
+            checked_val_accuracy=None if checked is None else checked.val_accuracy,
         )
         return [Append(completed)]  # the peers are released once the terminal event is back in the state
     actions: list[Action] = []
@@ -108,10 +218,17 @@ def _finish(session: Session, locked: list[Peer], clocks: Clocks) -> list[Action
         run = session.runs.get(peer.peer_id)
         if session.status == "queued" or run is None or run.status == "training":
             continue  # locks of a start or reassignment in progress, or a peer still at work
+        if session.ended is not None:
+            actions.append(Forward(peer.peer_id, session.ended))
         if run.status in ("failed", "stopped"):  # it may still be at work: tell it to stop
             actions.append(Send(stop(sid, peer.peer_id, peer.lock_seq, clocks)))
         actions.append(Append(release(sid, peer.peer_id, peer.lock_seq, clocks)))
     return actions
+
+
+def _evaluate(session: Session, peer_id: str) -> Evaluate:
+    run = session.runs[peer_id]
+    return Evaluate(session.session_id, peer_id, run.model_uri or "", run.model_sha256 or "")
 
 
 def _schedule(state: State, idle: Sequence[Peer], clocks: Clocks, config: Config) -> list[Action]:
@@ -142,8 +259,9 @@ def start(session: Session, peers: Sequence[Peer], clocks: Clocks, config: Confi
         assignments=assignment.hyperparameters,
         shards=assignment.shards,
     )
+    max_bytes = session.max_model_bytes()
     trains = tuple(
-        train_command(req, p, hp, assignment.shards.get(p, 0), 1, clocks, config.uri)
+        train_command(req, p, hp, assignment.shards.get(p, 0), 1, clocks, config, max_bytes)
         for p, hp in assignment.hyperparameters.items()
     )
     locks = tuple(lock(sid, p.peer_id, p.seq, cause, clocks) for p in peers)
@@ -151,24 +269,15 @@ def start(session: Session, peers: Sequence[Peer], clocks: Clocks, config: Confi
 
 
 def recover(state: State, clocks: Clocks, config: Config) -> list[Action]:
-    """At start-up, once the log is replayed: re-send the ``Train`` of every run not seen at work
-    (it may never have got it; the same id, so one that did is not sent twice), and release the
-    locks that no start or reassignment completed (a scheduler died half-way)."""
+    """At start-up, once the log is replayed: send the ``Train`` of every run not seen at work
+    again (it may never have got it; the same id, so one that did is not sent twice), and release,
+    with a compare-and-set, the stale locks that no start or reassignment completed (a scheduler
+    died half-way; ``stale_locks``). Later, ``resend`` and ``stale_locks`` keep doing both."""
     actions: list[Action] = []
     for session in state.sessions.values():
         if session.status != "running":
             continue
         for peer_id, run in session.runs.items():
             if run.status == "training" and run.epoch == 0:
-                start_round = max(1, session.round)
-                train = train_command(
-                    session.request, peer_id, run.hyperparameters, run.shard, start_round, clocks, config.uri
-                )
-                actions.append(Send(train))
-    for peer in state.peers.values():
-        stale = state.sessions.get(peer.session_id or "")
-        if stale is None or peer.session_id is None:
-            continue
-        if stale.status == "queued" or (stale.status == "running" and peer.peer_id not in stale.runs):
-            actions.append(Append(release(peer.session_id, peer.peer_id, peer.lock_seq, clocks)))
-    return actions
+                actions.append(Send(_train(session, peer_id, run, clocks, config)))
+    return actions + stale_locks(state, clocks, config.timing)

@@ -1,31 +1,78 @@
-"""The scheduler's shell: replays the log into state (``state.fold``), then reads events and
-presence and publishes what ``decide.decide`` returns; it decides nothing itself. Its own mechanics
-are the compare-and-set appends (several schedulers may run: peer locks and session starts are
-compare-and-set, so two of them can never take the same peer or start a session twice) and
-releasing what a start that lost such a race had locked."""
+"""The scheduler's shell: replays the log into state (``state.fold_safely``), then reads events,
+presence and the peers' reports, and publishes what ``decide.decide`` and ``reports.check`` return;
+it decides nothing itself. Its own mechanics:
+
+- compare-and-set appends (several schedulers may run: peer locks and session starts are
+  compare-and-set, so two of them can never take the same peer or start a session twice), and
+  releasing what a start that failed had locked;
+- reports: one durable pull consumer (``scheduler-reports``) shared by every scheduler; each report
+  is checked once the state has read the log to its end, its fact or rejection appended, and only
+  then acked;
+- commands sent once per process (``Send``/``Forward`` ids remembered), ``SessionFact`` signed only
+  when sent, evaluations run in worker threads;
+- riding out faults: an event whose evolve raises is quarantined (logged, counted, skipped); a
+  NATS error ends no loop; after a reconnect or a gap in its reading every peer gets a fresh
+  timeout window (``state.regrace``).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import msgspec
+import nats.errors
+import nats.js.errors
 import structlog
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 
-from swarmtrain.common import blob, bus, metrics
-from swarmtrain.common.events import PRESENCE_SUBJECTS, Event, decode_event, decode_presence
+from swarmtrain.common import blob, bus, metrics, signing, subjects
+from swarmtrain.common.events import (
+    PRESENCE_SUBJECTS,
+    Command,
+    Event,
+    ReportRejected,
+    decode_event,
+    decode_presence,
+    decode_report,
+    encode,
+)
 from swarmtrain.common.logging import get_logger
 from swarmtrain.common.settings import Settings
-from swarmtrain.scheduler.actions import Action, Append, Clocks, Config, Reassign, Send, Start, Timing, release
+from swarmtrain.scheduler import evaluation
+from swarmtrain.scheduler.actions import (
+    Action,
+    Append,
+    AppendIf,
+    Clocks,
+    Config,
+    Evaluate,
+    Forward,
+    Method,
+    Reassign,
+    Send,
+    Signer,
+    Start,
+    Timing,
+    evaluated,
+    release,
+    session_fact,
+)
 from swarmtrain.scheduler.decide import decide, recover
-from swarmtrain.scheduler.state import State, fold, observe_beats
+from swarmtrain.scheduler.reports import check
+from swarmtrain.scheduler.state import State, fold_safely, observe_beats, regrace
 
 log = get_logger("swarmtrain.scheduler")
 TICK_S = 0.2
+REPORTS_CONSUMER = "scheduler-reports"
+SENT_MEMORY = 100_000
+"""Ids of commands sent by this process that it remembers, so a level-triggered decision is
+published once, not every tick."""
+EVALUATION_RETRY_S = 5.0
 
 
 def clocks() -> Clocks:
@@ -38,22 +85,56 @@ def observed_at(msg: Msg) -> float:
     return msg.metadata.timestamp.timestamp()
 
 
+def sender_of(subject: str) -> str | None:
+    """The peer id of a ``peer.<id>.reports`` subject."""
+    parts = subject.split(".")
+    return parts[1] if len(parts) == 3 and parts[0] == "peer" and parts[2] == "reports" else None
+
+
+def timing_of(settings: Settings) -> Timing:
+    return Timing(
+        peer_timeout=settings.peer_timeout_s,
+        first_round_timeout=settings.round_timeout_s,
+        round_factor=settings.round_factor,
+        round_min=settings.round_min_s,
+        resend_after=2 * settings.peer_timeout_s,
+        stale_lock=max(30.0, 5 * settings.peer_timeout_s),
+    )
+
+
+def url_signer(store: blob.BlobStore, settings: Settings) -> Signer | None:
+    """The signer of the URLs the commands carry; None (and a warning) where the store cannot be
+    signed for: a ``file://`` store without ``SWARMTRAIN_BLOB_SIGNING_SECRET``."""
+    try:
+        signer = signing.UrlSigner(store, settings)
+    except ValueError as exc:
+        log.warning("commands carry no signed URLs", error=str(exc))
+        return None
+
+    def sign(method: Method, key: str, max_bytes: int | None) -> str:
+        return signer.get_url(key) if method == "GET" else signer.put_url(key, max_bytes or 0)
+
+    return sign
+
+
 class Scheduler:
     def __init__(self, settings: Settings, js: JetStreamContext) -> None:
         self.settings = settings
         self.js = js
         self.state = State(started_at=time.monotonic())
-        timing = Timing(
-            peer_timeout=settings.peer_timeout_s,
-            first_round_timeout=settings.round_timeout_s,
-            round_factor=settings.round_factor,
-            round_min=settings.round_min_s,
-        )
-        self.config = Config(uri=blob.open_store(settings.blob_url).uri, timing=timing)
+        self.store = blob.open_store(settings.blob_url, settings)
+        self.config = Config(uri=self.store.uri, timing=timing_of(settings), signer=url_signer(self.store, settings))
         self.beats: dict[str, float] = {}
         """Presence beats since the last decision: folded in, all at once, before the next."""
+        self.doing: dict[str, str | None] = {}
+        """The ``Train`` id each of those beats named."""
         self.barrier = 0
         """Stream sequence of our own latest write: no decision until the state has seen it."""
+        self.sent: OrderedDict[str, None] = OrderedDict()
+        self.evaluating: dict[str, asyncio.Task[None]] = {}
+        self.evaluate_after: dict[str, float] = {}
+        self.quarantined = 0
+        """Events this process could not apply and skipped (each one logged with its error)."""
 
     def on_presence(self, data: bytes) -> None:
         try:
@@ -62,26 +143,66 @@ class Scheduler:
             log.warning("malformed presence beat ignored", error=str(exc))
             return
         self.beats[presence.peer_id] = time.monotonic()
+        self.doing[presence.peer_id] = presence.train_id
+
+    def regrace(self, why: str) -> None:
+        """Judge no peer on beats this scheduler could not see: every timeout starts again now."""
+        self.state = regrace(self.state, time.monotonic())
+        log.info("fresh timeout window for every peer", why=why)
 
     async def catch_up(self, sub: JetStreamContext.PullSubscription) -> None:
         """Replay the log up to its current end, then redo what a dead scheduler may have left half done."""
-        target = await bus.last_sequence(self.js)
+        await self.read_to(sub, await bus.last_sequence(self.js))
+        log.info("state rebuilt", position=self.state.position, sessions=len(self.state.sessions))
+        await self.execute(recover(self.state, clocks(), self.config))
+
+    async def read_to(self, sub: JetStreamContext.PullSubscription, target: int) -> None:
         while self.state.position < target:
             if not await self.read(sub, timeout=2.0):
                 break  # what is left is malformed: terminated, never evolved
-        log.info("state rebuilt", position=self.state.position, sessions=len(self.state.sessions))
-        await self.execute(recover(self.state, clocks(), self.config))
 
     async def read(self, sub: JetStreamContext.PullSubscription, timeout: float) -> int:
         """Fold in what arrives within ``timeout``; returns how many events came."""
         batch = await bus.fetch(sub, decode_event, batch=512, timeout=timeout)
         if batch:
-            self.state = fold(self.state, [(bus.stream_seq(msg), event, observed_at(msg)) for msg, event in batch])
+            items = [(bus.stream_seq(msg), event, observed_at(msg)) for msg, event in batch]
+            self.state, quarantined = fold_safely(self.state, items)
+            for seq, event, error in quarantined:
+                self.quarantined += 1
+                log.error("event quarantined: it cannot be applied", seq=seq, type=type(event).__name__, error=error)
+        return len(batch)
+
+    async def take_reports(
+        self, reports: JetStreamContext.PullSubscription, events: JetStreamContext.PullSubscription, timeout: float
+    ) -> int:
+        """Check the reports that arrive within ``timeout`` against a state that has read the log
+        to its end (another scheduler may have started the session), append each one's fact or
+        rejection, then ack it."""
+        batch = await bus.fetch(reports, decode_report, batch=256, timeout=timeout)
+        if not batch:
+            return 0
+        await self.read_to(events, max(self.barrier, await bus.last_sequence(self.js)))
+        for msg, report in batch:
+            sender = sender_of(msg.subject)
+            if sender is None:
+                await msg.term()
+                continue
+            outcome = check(self.state, sender, report, self.config, clocks().at)
+            try:
+                await self.append(outcome)
+            except Exception as exc:
+                log.warning("report not recorded; it comes again", report_id=report.event_id, error=repr(exc))
+                await msg.nak(delay=1.0)
+                continue
+            await msg.ack()
+            if isinstance(outcome, ReportRejected):
+                log.info("report rejected", peer_id=sender, type=outcome.report_type, reason=outcome.reason)
         return len(batch)
 
     async def step(self) -> None:
         beats, self.beats = self.beats, {}
-        self.state = observe_beats(self.state, beats)
+        doing, self.doing = self.doing, {}
+        self.state = observe_beats(self.state, beats, doing)
         if self.state.position >= self.barrier:
             with metrics.deciding():
                 actions = decide(self.state, clocks(), self.config)
@@ -100,14 +221,32 @@ class Scheduler:
                     case Append(event=event):
                         await self.append(event)
                         log.info("appended", type=type(event).__name__, subject=event.subject)
+                    case AppendIf(event=event, expected=expected):
+                        with contextlib.suppress(bus.WrongLastSequence):  # moved on: decided again
+                            await self.append(event, expected)
+                            log.info("appended", type=type(event).__name__, subject=event.subject)
                     case Send(command=command):
-                        await bus.send(self.js, command)
+                        await self.send_once(action.id, command)
+                    case Forward() if action.id not in self.sent:  # signed only when sent
+                        await self.send_once(action.id, session_fact(action, clocks(), self.config))
+                    case Evaluate():
+                        self.evaluate(action)
                     case Start():
                         await self.start(action)
                     case Reassign():
                         await self.reassign(action)
             except Exception as exc:
                 log.warning("action failed; will retry", action=repr(action)[:200], error=repr(exc))
+
+    async def send_once(self, msg_id: str, command: Command) -> None:
+        """Publish ``command`` under ``msg_id`` unless this process sent that id already."""
+        if msg_id in self.sent:
+            return
+        headers = {"Nats-Msg-Id": msg_id}
+        await self.js.publish(command.subject, encode(command), headers=headers, stream=bus.COMMANDS_STREAM)
+        self.sent[msg_id] = None
+        while len(self.sent) > SENT_MEMORY:
+            self.sent.popitem(last=False)
 
     async def append(self, event: Event, expected: int | None = None) -> int:
         """Append ``event`` (a compare-and-set with ``expected``); the next decision waits until it is read back."""
@@ -134,8 +273,24 @@ class Scheduler:
                 raise
         raise bus.WrongLastSequence(event.subject)
 
+    async def landed(self, event: Event) -> bool | None:
+        """Whether ``event`` is the last message on its subject (its append's answer was lost);
+        None when that cannot be known now."""
+        try:
+            last = await self.js.get_last_msg(bus.EVENTS_STREAM, event.subject)
+        except nats.js.errors.NotFoundError:
+            return False
+        except Exception:
+            return None
+        return bool(last.headers and last.headers.get("Nats-Msg-Id") == event.event_id)
+
     async def start(self, action: Start) -> None:
-        """Lock every peer (all at once), start the session, send the Trains (all at once)."""
+        """Lock every peer (all at once), start the session, send the Trains (all at once).
+
+        A start that lost a race, or whose ``SessionStarted`` is known not to have landed (refused,
+        timed out), releases the locks it took; where that cannot be known now, ``stale_locks``
+        releases them later if the session is still queued, and ``resend`` sends the Trains if it
+        started."""
         sid = action.session_id
         results = await asyncio.gather(
             *(self.append(lock.event, lock.expected) for lock in action.locks), return_exceptions=True
@@ -146,11 +301,19 @@ class Scheduler:
             if failed:
                 raise failed[0]
             await self.append(action.started, action.expected)
-        except bus.WrongLastSequence as exc:
-            log.info("start lost a race; releasing and retrying", session_id=sid, subject=str(exc))
-            now = clocks()
-            await asyncio.gather(*(self.append(release(sid, p, seq, now)) for p, seq in locked))
-            return
+        except Exception as exc:
+            lost_race = isinstance(exc, bus.WrongLastSequence)
+            landed = False if lost_race or failed else await self.landed(action.started)
+            if landed is None:
+                log.warning("start's outcome unknown; stale locks are released later", session_id=sid, error=repr(exc))
+                return
+            if not landed:
+                log.info("start failed; releasing its locks", session_id=sid, error=repr(exc))
+                now = clocks()
+                await asyncio.gather(
+                    *(self.append(release(sid, p, seq, now)) for p, seq in locked), return_exceptions=True
+                )
+                return
         await asyncio.gather(*(bus.send(self.js, train) for train in action.trains))
         log.info("session started", session_id=sid, peers=list(action.peer_ids))
 
@@ -164,6 +327,88 @@ class Scheduler:
         moved = action.moved
         log.info("shard reassigned", session_id=moved.session_id, shard=moved.shard, peer_id=moved.to_peer_id)
 
+    def evaluate(self, action: Evaluate) -> None:
+        """Measure the model in a worker thread (once at a time per model; again later if the
+        dataset could not be read), then append its ``ModelEvaluated``."""
+        key = f"{action.session_id}.{action.peer_id}"
+        session = self.state.sessions.get(action.session_id)
+        if key in self.evaluating or self.evaluate_after.get(key, 0.0) > time.monotonic() or session is None:
+            return
+        request, max_bytes = session.request, session.max_model_bytes()
+
+        async def run() -> None:
+            try:
+                measured = await asyncio.to_thread(
+                    evaluation.measure, self.store, request, action.model_uri, action.sha256, max_bytes
+                )
+            except Exception as exc:
+                self.evaluate_after[key] = time.monotonic() + EVALUATION_RETRY_S
+                log.warning(
+                    "evaluation could not run; tried again later", session_id=action.session_id, error=repr(exc)
+                )
+                return
+            fact = evaluated(action, measured.val_loss, measured.val_accuracy, measured.reason, clocks())
+            await self.append(fact)
+            log.info(
+                "model evaluated",
+                session_id=action.session_id,
+                peer_id=action.peer_id,
+                val_accuracy=measured.val_accuracy,
+                reason=measured.reason,
+            )
+
+        task = asyncio.create_task(run(), name=f"evaluate-{key}")
+        self.evaluating[key] = task
+        task.add_done_callback(lambda _: self.evaluating.pop(key, None))
+
+    async def close(self) -> None:
+        tasks = list(self.evaluating.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def reports_consumer(js: JetStreamContext) -> JetStreamContext.PullSubscription:
+    """The one durable consumer of the peers' reports that every scheduler shares: created if
+    missing, never deleted or reset (a restarted scheduler goes on where the acks left off)."""
+    config = api.ConsumerConfig(
+        durable_name=REPORTS_CONSUMER,
+        deliver_policy=api.DeliverPolicy.ALL,
+        ack_policy=api.AckPolicy.EXPLICIT,
+        ack_wait=10.0,
+        max_ack_pending=20_000,
+        filter_subject=subjects.PEER_REPORTS,
+    )
+    with contextlib.suppress(nats.js.errors.BadRequestError):  # it exists (with another config): use it
+        await js.add_consumer(bus.REPORTS_STREAM, config)
+    return await js.pull_subscribe_bind(consumer=REPORTS_CONSUMER, stream=bus.REPORTS_STREAM)
+
+
+async def renewed(
+    js: JetStreamContext,
+    events: JetStreamContext.PullSubscription,
+    reports: JetStreamContext.PullSubscription,
+    start: int,
+) -> tuple[JetStreamContext.PullSubscription, JetStreamContext.PullSubscription]:
+    """The subscriptions to read after a fault: the same ones where the server still has their
+    consumers (a report already on its way to one is not lost), new ones where it lost them (a
+    restarted server may forget an ephemeral consumer); the events' new one starts at ``start``."""
+
+    async def lost(sub: JetStreamContext.PullSubscription) -> bool:
+        try:
+            await sub.consumer_info()
+        except nats.js.errors.NotFoundError:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+            return True
+        return False
+
+    if await lost(events):
+        events = await bus.pull_consumer(js, bus.EVENTS_STREAM, ack=api.AckPolicy.NONE, start_seq=start)
+    if await lost(reports):
+        reports = await reports_consumer(js)
+    return events, reports
+
 
 async def run(settings: Settings, stop: asyncio.Event) -> None:
     async with contextlib.AsyncExitStack() as stack:
@@ -172,16 +417,47 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
         js = nc.jetstream()
         await bus.ensure_streams(js)
         scheduler = Scheduler(settings, js)
+        stack.push_async_callback(scheduler.close)
 
         async def on_presence(msg: Msg) -> None:
             scheduler.on_presence(msg.data)
 
         presence = await nc.subscribe(PRESENCE_SUBJECTS, cb=on_presence)
         stack.push_async_callback(presence.unsubscribe)
-        sub = await bus.pull_consumer(js, bus.EVENTS_STREAM, ack=api.AckPolicy.NONE)
-        stack.push_async_callback(sub.unsubscribe)
+        events = await bus.pull_consumer(js, bus.EVENTS_STREAM, ack=api.AckPolicy.NONE)
+        reports = await reports_consumer(js)
         structlog.contextvars.bind_contextvars(service="scheduler")
-        await scheduler.catch_up(sub)
-        while not stop.is_set():
-            await scheduler.read(sub, timeout=TICK_S)
-            await scheduler.step()
+        await scheduler.catch_up(events)
+        gap_s = max(2.0, settings.peer_timeout_s / 2)
+        last_tick, faulted, idle_since = time.monotonic(), False, time.monotonic()
+        try:
+            while not stop.is_set():
+                now = time.monotonic()
+                if now - last_tick > gap_s:
+                    scheduler.regrace(f"no reading for {now - last_tick:.1f}s")
+                try:
+                    if not nc.is_connected:  # nothing is decided on what could not be seen meanwhile
+                        raise nats.errors.ConnectionReconnectingError
+                    if faulted:  # back: renew a consumer the server lost, then judge every peer afresh
+                        events, reports = await renewed(js, events, reports, scheduler.state.position + 1)
+                        scheduler.regrace("reading again after a fault")
+                        faulted = False
+                    if await scheduler.read(events, timeout=TICK_S / 2):
+                        idle_since = time.monotonic()
+                    elif time.monotonic() - idle_since > 5.0:  # is the consumer still there? (raises if not)
+                        idle_since = time.monotonic()
+                        await events.consumer_info()
+                    await scheduler.take_reports(reports, events, timeout=TICK_S / 2)
+                    await scheduler.step()
+                except (nats.errors.Error, nats.js.errors.Error, OSError) as exc:
+                    if not faulted or nc.is_connected:  # once per outage, and on every failure once back
+                        log.warning("reading failed; riding it out", error=repr(exc))
+                    faulted = True
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), 0.5)  # back off, but stop at once
+                last_tick = time.monotonic()
+        finally:
+            with contextlib.suppress(Exception):
+                await events.unsubscribe()
+            with contextlib.suppress(Exception):
+                await reports.unsubscribe()

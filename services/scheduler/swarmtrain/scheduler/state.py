@@ -13,13 +13,17 @@ what it changes plus one shallow copy of a mapping per batch, never a deep copy.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
+from swarmtrain.common import shapes
 from swarmtrain.common.events import (
+    TERMINAL_SESSION_EVENTS,
+    DatasetUploaded,
     Event,
     Heartbeat,
     Hyperparameters,
+    ModelEvaluated,
     ModelUpdatePublished,
     PeerDone,
     PeerFailed,
@@ -29,14 +33,19 @@ from swarmtrain.common.events import (
     PeerWentOffline,
     PeerWentOnline,
     Presence,
+    ReportRejected,
+    RoundAveraged,
     RoundClosed,
     RoundUpdate,
+    SessionEvent,
     SessionRequested,
     SessionStarted,
     ShardReassigned,
+    UpdateRejected,
 )
 from swarmtrain.common.lifecycle import ends_session, run_after, session_after, starts_session, takes_new_runs
 from swarmtrain.common.status import RunStatus, SessionStatus
+from swarmtrain.scheduler.actions import MAX_MODEL_BYTES
 from swarmtrain.scheduler.strategies import strategy_of
 
 
@@ -51,6 +60,18 @@ class Peer:
     """Stream sequence of the last event on ``peer.<id>.events``: the lock's compare-and-set."""
     lock_seq: int = 0
     """Stream sequence of the peer's latest ``PeerLocked``: what the ids of its release and stop derive from."""
+    locked_at: float = 0.0
+    """Observed time of the peer's latest ``PeerLocked``: a lock no start completed is stale after a while."""
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """What the scheduler knows of an uploaded dataset (``DatasetUploaded``): enough to compute each
+    shard's training rows and to bound a model file's size."""
+
+    rows: int
+    features: int
+    classes: int
 
 
 @dataclass(frozen=True)
@@ -64,6 +85,10 @@ class Run:
     model_uri: str | None = None
     model_sha256: str | None = None
     shard: int = 0
+    start_round: int = 1
+    """The round its ``Train`` starts at (a reassignment's round): names the ``Train`` (``train_id``)."""
+    since: float = 0.0
+    """Observed time the run began (its session's start or its reassignment)."""
 
 
 @dataclass(frozen=True)
@@ -85,10 +110,49 @@ class Session:
     longest_round: float = 0.0
     updates: Mapping[str, RoundUpdate] = field(default_factory=dict)
     """The open round's updates by peer."""
+    dataset: Dataset | None = None
+    """The requested dataset's shape, when its ``DatasetUploaded`` is in the log."""
+    closed: Mapping[int, RoundClosed] = field(default_factory=dict)
+    """Every closed round's ``RoundClosed``."""
+    facts: tuple[SessionEvent, ...] = ()
+    """The facts the participants need, in log order (``RoundClosed``, ``UpdateRejected``,
+    ``RoundAveraged``, ``ShardReassigned``): forwarded to them, a peer reads no session events."""
+    evaluations: Mapping[str, ModelEvaluated] = field(default_factory=dict)
+    """The scheduler's own evaluation of each finished model, by peer."""
+    ended: SessionEvent | None = None
+    """The session's terminal event."""
 
     @property
     def session_id(self) -> str:
         return self.request.session_id
+
+    def training_rows(self, shard: int | None = None) -> int | None:
+        """Rows a peer trains on: the whole training split, or ``shard``'s part of it (fedavg);
+        None while the dataset is unknown or the shape cannot exist."""
+        if self.dataset is None:
+            return None
+        try:
+            rows = shapes.training_rows(self.dataset.rows, self.request.validation_split)
+            if shard is None:
+                return rows
+            return (
+                shapes.shard_sizes(rows, self.request.num_peers)[shard] if 0 <= shard < self.request.num_peers else None
+            )
+        except shapes.ShapeError:
+            return None
+
+    def max_model_bytes(self) -> int:
+        """The most bytes a model or update file of this session may hold: its tensors in float32,
+        the standardization buffers, and room for the header's metadata."""
+        if self.dataset is None:
+            return MAX_MODEL_BYTES
+        try:
+            params = shapes.parameter_count(self.request.model, self.dataset.features, self.dataset.classes)
+        except shapes.ShapeError:
+            return MAX_MODEL_BYTES
+        return (
+            4 * (params + 2 * self.dataset.features) + (1 << 20) + 512 * (self.dataset.features + self.dataset.classes)
+        )
 
     @property
     def rounds_open(self) -> bool:
@@ -111,9 +175,32 @@ class State:
     sessions: Mapping[str, Session] = field(default_factory=dict)
     beats: Mapping[str, float] = field(default_factory=dict)
     """peer_id -> monotonic time of its last presence beat (not stored in the log)."""
+    working: Mapping[str, tuple[str, float]] = field(default_factory=dict)
+    """peer_id -> (the ``Train`` id its latest beat that named one named, monotonic time of that beat)."""
+    doing: Mapping[str, str | None] = field(default_factory=dict)
+    """peer_id -> the ``Train`` id its latest beat named (None: idle)."""
+    datasets: Mapping[str, Dataset] = field(default_factory=dict)
     position: int = 0
     started_at: float = 0.0
     """Monotonic time the scheduler started: a peer known from the log gets its grace period from here."""
+    grace_from: float = 0.0
+    """Monotonic time of the scheduler's latest reconnect or gap in its reading: beats it could not
+    see then count against nobody, every peer gets a fresh timeout from here (``regrace``)."""
+
+    @property
+    def beats_since(self) -> float:
+        """Monotonic time from which a peer never seen beating is judged."""
+        return max(self.started_at, self.grace_from)
+
+    def last_beat(self, peer_id: str) -> float:
+        """When ``peer_id`` was last seen, for judging it: never before the latest grace."""
+        return max(self.beats.get(peer_id, self.started_at), self.grace_from)
+
+    def seen_working(self, peer_id: str, train: str) -> float:
+        """When a beat of ``peer_id`` last named ``train`` (for judging: never before the latest grace)."""
+        working = self.working.get(peer_id)
+        seen = working[1] if working is not None and working[0] == train else float("-inf")
+        return max(seen, self.beats_since)
 
 
 # ------------------------------------------------------------------ fold
@@ -128,20 +215,35 @@ def fold(state: State, items: Iterable[tuple[int, Event, float]]) -> State:
     """``state`` with every ``(seq, event, observed_at)`` applied in order."""
     peers: dict[str, Peer] | None = None  # copied on the batch's first change
     sessions: dict[str, Session] | None = None
+    datasets: dict[str, Dataset] | None = None
     position = state.position
     for seq, event, observed_at in items:
         position = max(position, seq)
         match event:
-            case PeerRegistered() | PeerWentOnline() | PeerWentOffline() | PeerLocked() | PeerReleased():
+            case (
+                PeerRegistered()
+                | PeerWentOnline()
+                | PeerWentOffline()
+                | PeerLocked()
+                | PeerReleased()
+                | ReportRejected()
+            ):
                 if peers is None:
                     peers = dict(state.peers)
-                peers[event.peer_id] = _evolve_peer(peers.get(event.peer_id), seq, event)
+                peers[event.peer_id] = _evolve_peer(peers.get(event.peer_id), seq, event, observed_at)
+            case DatasetUploaded():
+                if datasets is None:
+                    datasets = dict(state.datasets)
+                datasets.setdefault(
+                    event.dataset_id, Dataset(rows=event.rows, features=event.features, classes=event.classes)
+                )
             case SessionRequested():
                 known = (state.sessions if sessions is None else sessions).get(event.session_id)
                 if sessions is None:
                     sessions = dict(state.sessions)
+                dataset = (state.datasets if datasets is None else datasets).get(event.dataset_id)
                 sessions[event.session_id] = (
-                    Session(request=event, seq=seq) if known is None else replace(known, seq=seq)
+                    Session(request=event, seq=seq, dataset=dataset) if known is None else replace(known, seq=seq)
                 )
             case _:
                 session_id = getattr(event, "session_id", None)
@@ -157,12 +259,34 @@ def fold(state: State, items: Iterable[tuple[int, Event, float]]) -> State:
         state,
         peers=state.peers if peers is None else peers,
         sessions=state.sessions if sessions is None else sessions,
+        datasets=state.datasets if datasets is None else datasets,
         position=position,
     )
 
 
+def fold_safely(state: State, items: Sequence[tuple[int, Event, float]]) -> tuple[State, list[tuple[int, Event, str]]]:
+    """``fold``, but an event whose evolve raises is quarantined instead of stopping the fold: the
+    state without it, and ``(seq, event, error)`` of each one left out. The batch is folded whole
+    first; only a batch that fails is folded one event at a time."""
+    try:
+        return fold(state, items), []
+    except Exception:  # narrowed down below, event by event
+        pass
+    quarantined: list[tuple[int, Event, str]] = []
+    for seq, event, observed_at in items:
+        try:
+            state = evolve(state, seq, event, observed_at)
+        except Exception as exc:
+            quarantined.append((seq, event, repr(exc)))
+            state = replace(state, position=max(state.position, seq))
+    return state, quarantined
+
+
 def _evolve_peer(
-    peer: Peer | None, seq: int, event: PeerRegistered | PeerWentOnline | PeerWentOffline | PeerLocked | PeerReleased
+    peer: Peer | None,
+    seq: int,
+    event: PeerRegistered | PeerWentOnline | PeerWentOffline | PeerLocked | PeerReleased | ReportRejected,
+    wall: float,
 ) -> Peer:
     peer = Peer(peer_id=event.peer_id) if peer is None else peer
     match event:
@@ -173,10 +297,12 @@ def _evolve_peer(
         case PeerWentOffline():
             return replace(peer, online=False, seq=seq)
         case PeerLocked():
-            return replace(peer, session_id=event.session_id, seq=seq, lock_seq=seq)
+            return replace(peer, session_id=event.session_id, seq=seq, lock_seq=seq, locked_at=wall)
         case PeerReleased():
             freed = peer.session_id == event.session_id
             return replace(peer, session_id=None if freed else peer.session_id, seq=seq)
+        case ReportRejected():  # on the peer's subject: only its compare-and-set sequence moves
+            return replace(peer, seq=seq)
 
 
 def _evolve_session(session: Session, seq: int, event: Event, wall: float) -> Session:
@@ -185,7 +311,10 @@ def _evolve_session(session: Session, seq: int, event: Event, wall: float) -> Se
     match event:
         case SessionStarted():
             if starts_session(session.status, event):
-                runs = {p: Run(hyperparameters=h, shard=event.shards.get(p, 0)) for p, h in event.assignments.items()}
+                runs = {
+                    p: Run(hyperparameters=h, shard=event.shards.get(p, 0), since=wall)
+                    for p, h in event.assignments.items()
+                }
                 session = replace(session, status=status, runs=runs)
                 if strategy_of(session.request.strategy).rounds:
                     session = replace(session, round=1, round_opened=wall, round_base=wall)
@@ -209,6 +338,8 @@ def _evolve_session(session: Session, seq: int, event: Event, wall: float) -> Se
             if event.round == session.round:
                 return replace(
                     session,
+                    closed={**session.closed, event.round: event},
+                    facts=(*session.facts, event),
                     longest_round=max(session.longest_round, wall - session.round_opened),
                     round=event.round + 1,
                     round_opened=wall,
@@ -218,8 +349,34 @@ def _evolve_session(session: Session, seq: int, event: Event, wall: float) -> Se
                 )
         case ShardReassigned():
             if takes_new_runs(session.status) and event.to_peer_id not in session.runs:
-                run = Run(hyperparameters=session.request.hyperparameters[event.shard], shard=event.shard)
+                run = Run(
+                    hyperparameters=session.request.hyperparameters[event.shard],
+                    shard=event.shard,
+                    start_round=event.round,
+                    since=wall,
+                )
+                session = replace(session, facts=(*session.facts, event))
                 return replace(_with_run(session, event.to_peer_id, run), round_base=max(session.round_base, wall))
+        case UpdateRejected():  # as every fact a peer reported: kept only from a training participant
+            if (
+                session.training(event.reported_by)
+                and event.round in session.closed
+                and not any(
+                    isinstance(f, UpdateRejected) and (f.round, f.peer_id) == (event.round, event.peer_id)
+                    for f in session.facts
+                )
+            ):
+                return replace(session, facts=(*session.facts, event))
+        case RoundAveraged():
+            if (
+                session.training(event.peer_id)
+                and event.round in session.closed
+                and not any(isinstance(f, RoundAveraged) and f.round == event.round for f in session.facts)
+            ):
+                return replace(session, facts=(*session.facts, event))
+        case ModelEvaluated():
+            if event.peer_id not in session.evaluations:
+                return replace(session, evaluations={**session.evaluations, event.peer_id: event})
         case PeerDone():
             if (run := session.training(event.peer_id)) is not None:
                 done = replace(
@@ -237,7 +394,8 @@ def _evolve_session(session: Session, seq: int, event: Event, wall: float) -> Se
         case _:
             if ends_session(session.status, event):
                 runs = {p: replace(r, status=run_after(r.status, event)) for p, r in session.runs.items()}
-                return replace(session, status=status, runs=runs)
+                ended = event if isinstance(event, TERMINAL_SESSION_EVENTS) else None
+                return replace(session, status=status, runs=runs, ended=ended)
     return session
 
 
@@ -246,10 +404,25 @@ def _with_run(session: Session, peer_id: str, run: Run) -> Session:
 
 
 def observe_presence(state: State, presence: Presence, now: float) -> State:
-    """``state`` with ``presence``'s beat seen at monotonic time ``now``."""
-    return observe_beats(state, {presence.peer_id: now})
+    """``state`` with ``presence``'s beat (and the ``Train`` it names) seen at monotonic time ``now``."""
+    return observe_beats(state, {presence.peer_id: now}, {presence.peer_id: presence.train_id})
 
 
-def observe_beats(state: State, beats: Mapping[str, float]) -> State:
-    """``state`` with several beats (peer_id -> monotonic time) seen at once."""
-    return replace(state, beats={**state.beats, **beats}) if beats else state
+def observe_beats(state: State, beats: Mapping[str, float], doing: Mapping[str, str | None] | None = None) -> State:
+    """``state`` with several beats (peer_id -> monotonic time) seen at once; ``doing``: peer_id ->
+    the ``Train`` id that peer's beat named (None: none)."""
+    if not beats:
+        return state
+    doing = doing or {}
+    working = dict(state.working)
+    for peer_id, train in doing.items():
+        if train is not None and peer_id in beats:
+            working[peer_id] = (train, beats[peer_id])
+    return replace(state, beats={**state.beats, **beats}, working=working, doing={**state.doing, **doing})
+
+
+def regrace(state: State, now: float) -> State:
+    """``state`` after the scheduler reconnected or found a gap in its reading at monotonic ``now``:
+    every peer's silence and every run's wait for a beat count from ``now`` (never a mass failure
+    for an outage that hid the beats)."""
+    return replace(state, grace_from=max(state.grace_from, now))

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Annotated
 
 import msgspec
 from litestar.datastructures import UploadFile
@@ -27,23 +26,13 @@ from swarmtrain.common.events import (
     Seed,
     SessionEvent,
     Strategy,
+    UpdateNorm,
     ValidationSplit,
     Widths,
 )
 from swarmtrain.gateway.datasets import DEFAULT_LABEL
 
 # ------------------------------------------------------------------ in
-
-MAX_UPDATE_NORM = 1e12
-MaxUpdateNorm = Annotated[
-    float,
-    msgspec.Meta(
-        gt=0.0,
-        le=MAX_UPDATE_NORM,
-        description="fedavg: reject an update whose L2 norm (minus the round's starting model) exceeds this.",
-    ),
-]
-"""Finite by its upper bound (JSON's ``1e999`` decodes to infinity, which ``gt=0`` alone lets by)."""
 
 
 class HyperparametersIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -76,7 +65,7 @@ class SessionIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """fedavg: averaging rounds (each of ``hyperparameters.epochs`` local epochs); sweep: 1."""
     on_peer_failure: OnPeerFailure = "reassign"
     """fedavg: what a dead or stalled peer means: hand its shard to an idle peer, go on without it, or fail."""
-    max_update_norm: MaxUpdateNorm | None = None
+    max_update_norm: UpdateNorm | None = None
     """fedavg: the largest L2 norm of a peer's update (its weights minus the round's starting model)
     that is averaged; a larger one is rejected. Unset: only non-finite or misshapen updates are."""
 

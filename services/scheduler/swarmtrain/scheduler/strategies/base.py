@@ -38,8 +38,14 @@ class Strategy(Protocol):
         """What to do now for a ``running`` session; ``idle`` are the peers free to take over work."""
         ...
 
+    def evaluate(self, session: Session) -> list[str]:
+        """Once every run ended: the peers whose models the scheduler must evaluate itself
+        (``ModelEvaluated``) before ``model`` can answer; [] when ``model`` can answer now."""
+        ...
+
     def model(self, session: Session) -> str | None:
-        """The peer whose model is the session's, once every run ended; None fails the session."""
+        """The peer whose model is the session's, once every run ended and ``evaluate`` asks for
+        nothing more; None fails the session."""
         ...
 
 
@@ -49,3 +55,42 @@ def best_validated(runs: Mapping[str, Run]) -> str | None:
     if not done:
         return None
     return max(done, key=lambda p: (done[p].val_accuracy or float("-inf"), p))
+
+
+def _finished(session: Session) -> dict[str, Run]:
+    return {p: r for p, r in session.runs.items() if r.status == "done" and r.model_uri and r.model_sha256}
+
+
+def _checked(session: Session, peer_id: str, run: Run) -> float | None:
+    """The scheduler's own figure of ``peer_id``'s model: None if unevaluated or failed, or if it
+    measured other bytes than the run's ``PeerDone`` named."""
+    evaluation = session.evaluations.get(peer_id)
+    if evaluation is None or evaluation.model_sha256 != run.model_sha256:
+        return None
+    return evaluation.val_accuracy
+
+
+def best_checked(session: Session) -> str | None:
+    """The finished run whose model the scheduler measured best (ties: the greatest peer id)."""
+    scored = {p: acc for p, r in _finished(session).items() if (acc := _checked(session, p, r)) is not None}
+    return max(scored, key=lambda p: (scored[p], p)) if scored else None
+
+
+def to_evaluate(session: Session) -> list[str]:
+    """The next model to evaluate: the unevaluated finished run with the highest claim, while that
+    claim beats the best figure measured so far (or nothing was measured yet); [] once the best
+    checked model cannot be beaten by any claim left."""
+    done = _finished(session)
+    best = best_checked(session)
+    measured = max((session.evaluations[p].val_accuracy or 0.0 for p in [best] if p is not None), default=None)
+    waiting = sorted(
+        (p for p in done if p not in session.evaluations),
+        key=lambda p: (done[p].val_accuracy if done[p].val_accuracy is not None else float("-inf"), p),
+        reverse=True,
+    )
+    if not waiting:
+        return []
+    claim = done[waiting[0]].val_accuracy
+    if measured is None or (claim is not None and claim > measured):
+        return [waiting[0]]
+    return []

@@ -47,6 +47,10 @@ class FedAvg:
             return closing  # a shard is handed over only into a round that stays open until the newcomer publishes
         return closing + on_failures(session, idle, clocks, config)
 
+    def evaluate(self, session: Session) -> list[str]:
+        """Nothing: the session's model is the one most peers agree on, not anyone's claim."""
+        return []
+
     def model(self, session: Session) -> str | None:
         done = {p: r for p, r in session.runs.items() if r.status == "done" and r.model_uri}
         if not done:
@@ -130,5 +134,7 @@ def hand_over(session: Session, shard: int, previous: str, chosen: Peer, clocks:
     return Reassign(
         lock=lock(sid, peer_id, chosen.seq, digest(sid, shard, peer_id, chosen.seq), clocks),
         moved=moved,
-        train=train_command(req, peer_id, hyperparameters, shard, session.round, clocks, config.uri),
+        train=train_command(
+            req, peer_id, hyperparameters, shard, session.round, clocks, config, session.max_model_bytes()
+        ),
     )

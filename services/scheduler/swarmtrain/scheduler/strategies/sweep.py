@@ -1,5 +1,7 @@
 """sweep: every peer trains the whole dataset with its own hyperparameters; the session's model is
-the best validated one."""
+the best one by the scheduler's own evaluation on the validation split (``ModelEvaluated``), never
+by a peer's claim: the finished models are evaluated in the order of their claims until no model
+left unevaluated claims more than the best figure measured (a lie costs the liar one evaluation)."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from swarmtrain.common.events import SessionRequested
-from swarmtrain.scheduler.strategies.base import Assignment, best_validated
+from swarmtrain.scheduler.strategies.base import Assignment, best_checked, to_evaluate
 
 if TYPE_CHECKING:
     from swarmtrain.scheduler.actions import Action, Clocks, Config
@@ -26,8 +28,11 @@ class Sweep:
         """Nothing: a failed peer ends only its own run; the session goes on with the others."""
         return []
 
+    def evaluate(self, session: Session) -> list[str]:
+        return to_evaluate(session)
+
     def model(self, session: Session) -> str | None:
-        return best_validated(session.runs)
+        return best_checked(session)
 
 
 STRATEGY = Sweep()

@@ -1,0 +1,83 @@
+"""The scheduler's own measure of a finished model (issue 10: figures are checked, not believed).
+
+Blocking (torch): the shell runs ``measure`` in a worker thread. It reuses the peer's own code, so
+the figure is the one a peer computes for ``val_accuracy``: the model file loaded as the peer
+loads it (``peer.model.load_model``: safetensors, never unpickled), the dataset parsed as the peer
+parses it (``peer.data.load_csv``), the same seeded validation split (``peer.data.split_indices``
+with the session's ``validation_split`` and ``seed``), and ``peer.trainer.evaluate`` on it.
+
+What is wrong with the MODEL (missing, other bytes than its ``PeerDone`` named, too large, not a
+model file, not fitting the dataset's columns or classes) is an answer: ``Measured`` with no
+accuracy and the reason, and such a model never wins. What is wrong around it (the dataset cannot
+be read now) raises, and the shell tries again later.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from swarmtrain.common import blob
+from swarmtrain.common.events import SessionRequested
+
+if TYPE_CHECKING:
+    from swarmtrain.peer.data import Dataset
+
+
+@dataclass(frozen=True)
+class Measured:
+    val_loss: float | None
+    val_accuracy: float | None
+    reason: str | None = None
+    """Why the model could not be evaluated; None when it was."""
+
+
+def measure(
+    store: blob.BlobStore, request: SessionRequested, model_uri: str, model_sha256: str, max_model_bytes: int
+) -> Measured:
+    """Evaluate the model at ``model_uri`` (which must hash to ``model_sha256``) on ``request``'s
+    validation split."""
+    from swarmtrain.peer import data as peer_data
+    from swarmtrain.peer.model import load_model
+    from swarmtrain.peer.trainer import evaluate
+
+    try:
+        raw = store.get_bytes(store.key_of(model_uri), max_bytes=max_model_bytes)
+    except blob.BlobNotFound:
+        return Measured(None, None, "no model file at its model_uri")
+    except blob.TooLarge:
+        return Measured(None, None, f"the model file is larger than {max_model_bytes} bytes")
+    except ValueError as exc:  # outside the store
+        return Measured(None, None, f"its model_uri is not in the store: {exc}")
+    if hashlib.sha256(raw).hexdigest() != model_sha256:
+        return Measured(None, None, "the model file's sha256 differs from the one its PeerDone named")
+    try:
+        model, metadata = load_model(raw)
+    except Exception as exc:  # anything a hostile file can make the loader raise
+        return Measured(None, None, f"the model file does not load: {type(exc).__name__}: {str(exc)[:300]}")
+
+    dataset = _dataset(store, request)  # raises: not the model's fault, tried again later
+    if metadata.feature_names != dataset.feature_names or metadata.classes != dataset.classes:
+        return Measured(None, None, "the model's feature columns or classes differ from the dataset's")
+    _, val_idx = peer_data.split_indices(len(dataset), request.validation_split, request.seed)
+    try:
+        val_loss, val_accuracy = evaluate(model, dataset.features[val_idx], dataset.labels[val_idx])
+    except Exception as exc:  # shapes a forged file can get wrong despite its metadata
+        return Measured(None, None, f"the model does not evaluate: {type(exc).__name__}: {str(exc)[:300]}")
+    if val_accuracy is None:
+        return Measured(None, None, "the validation split is empty")
+    finite_loss = val_loss if val_loss is not None and math.isfinite(val_loss) else None
+    return Measured(finite_loss, val_accuracy)
+
+
+def _dataset(store: blob.BlobStore, request: SessionRequested) -> Dataset:
+    from swarmtrain.peer import data as peer_data
+
+    with tempfile.TemporaryDirectory(prefix="swarmtrain-eval-") as tmp:
+        path = Path(tmp) / "data.csv"
+        store.download(store.key_of(request.dataset_uri), path, sha256=request.dataset_sha256)
+        return peer_data.load_csv(path, request.label_column)
