@@ -118,17 +118,18 @@ def joined_settings(token: JoinToken, settings: Settings) -> Settings:
 # ------------------------------------------------------------------ NATS's answer to a credential
 
 
-async def refusal(urls: list[str], seed: str, inbox: str) -> str | None:
+async def refusal(urls: list[str], seed: str | None, inbox: str) -> str | None:
     """NATS's refusal of this credential (``'Authorization Violation'``), or None when it is accepted
     or the server cannot be reached at all (a peer then waits for it, as it would anyway)."""
-    import nats
     import nats.errors
+    from nats.aio.client import Client
 
     async def quiet(exc: Exception) -> None:
         pass
 
+    nc = Client()
     try:
-        nc = await nats.connect(
+        await nc.connect(
             servers=urls,
             nkeys_seed_str=seed,
             inbox_prefix=inbox,
@@ -142,7 +143,8 @@ async def refusal(urls: list[str], seed: str, inbox: str) -> str | None:
         return text if "authorization" in text.lower() or "authentication" in text.lower() else None
     except (OSError, TimeoutError):
         return None
-    await nc.close()
+    finally:
+        await nc.close()  # also after a refusal: the socket is closed, not left to the collector
     return None
 
 

@@ -146,6 +146,8 @@ class Stack:
     credentials: natsconfig.StackCredentials | None = None
     metrics: dict[str, int] = field(default_factory=dict)
     """Each process's Prometheus port (on loopback), by child name."""
+    envs: dict[str, dict[str, str]] = field(default_factory=dict)
+    """Each service's and peer's environment, by child name (as planned)."""
 
     @property
     def bind(self) -> str:
@@ -223,8 +225,6 @@ class Stack:
             pg.start()
             env["SWARMTRAIN_DATABASE_URL"] = servers.postgres_url(pg_port)
         env["SWARMTRAIN_BLOB_URL"] = os.environ.get("SWARMTRAIN_BLOB_URL") or (self.data_dir / "blobs").as_uri()
-        # every blob a peer reads or writes is a URL the scheduler signs and the gateway honours
-        env["SWARMTRAIN_BLOB_PUBLIC_URL"] = os.environ.get("SWARMTRAIN_BLOB_PUBLIC_URL") or self.gateway_url
         return env
 
     @property
@@ -240,6 +240,8 @@ class Stack:
 
     def _plan(self, shared: dict[str, str]) -> None:
         base = {**os.environ, **shared}
+        # every blob a peer reads or writes is a URL the scheduler signs and the gateway honours
+        base["SWARMTRAIN_BLOB_PUBLIC_URL"] = os.environ.get("SWARMTRAIN_BLOB_PUBLIC_URL") or self.gateway_url
         base.setdefault("SWARMTRAIN_LOG_FORMAT", "json")
         base["SWARMTRAIN_STATE_DIR"] = str(self.data_dir / "state")
         me = [sys.executable, "-m", "swarmtrain.cli.main"]
@@ -260,6 +262,7 @@ class Stack:
             ("scheduler", {**base, **signing, **self._identity("scheduler"), **self._metrics("scheduler")}),
             ("gateway", gateway_env),
         ):
+            self.envs[name] = env
             self.children.append(self._child(name, _service([*me, name], env, logs / f"{name}.log")))
         peer_base = {k: v for k, v in base.items() if k not in PEER_WITHHELD}
         peer_base["SWARMTRAIN_TORCH_THREADS"] = base.get("SWARMTRAIN_TORCH_THREADS", "1")
@@ -269,6 +272,7 @@ class Stack:
             if self.credentials is not None:
                 argv += ["--credentials", str(self.credentials.peers[i - 1])]
             env = {**peer_base, **self._metrics(name)}
+            self.envs[name] = env
             self.children.append(self._child(name, _service(argv, env, logs / f"{name}.log")))
 
     def _announce(self, shared: dict[str, str]) -> None:
