@@ -182,6 +182,12 @@ def test_invites_never_hand_out_a_local_peers_credential(tmp_path: Path) -> None
     assert restarted_ids[:2] == local and restarted_ids[2] not in ids
     config = restarted.config.read_text()
     assert all(f"({peer_id})" in config for peer_id in [*ids, *restarted_ids])
+    # revoked: its file deleted; the restarted stack no longer lists it and never reuses its name locally
+    revoked = handed[0]
+    (out / "peers" / f"{revoked.name}.env").unlink()
+    later = natsconfig.stack_credentials(out, 4, 4222)
+    assert revoked.name not in {p.stem for p in later.peers} and len(later.peers) == 4
+    assert f"({revoked.peer_id})" not in later.config.read_text()
 
 
 def test_every_stack_signs_blob_urls_and_its_peers_hold_no_secret(

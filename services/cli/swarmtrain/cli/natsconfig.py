@@ -373,10 +373,14 @@ def stack_credentials(out: Path, local_peers: int, port: int) -> StackCredential
     ones already there are kept, so a restarted stack keeps its identities."""
     with _locked(out):
         invited = _invited(out)
-        have = _peer_files(out)
-        free = [p for p in have if p.stem not in invited]
-        generate(out, len(have) + max(0, local_peers - len(free)), port=port)
-        local = [p for p in _peer_files(out) if p.stem not in invited][:local_peers]
+        wanted = len(_peer_files(out))
+        while True:  # a name freed by a deleted (revoked) invite comes back as invited: ask again
+            generate(out, wanted, port=port)
+            have = _peer_files(out)
+            local = [p for p in have if p.stem not in invited][:local_peers]
+            if len(local) == local_peers:
+                break
+            wanted = len(have) + local_peers - len(local)
         services = {name: read_env_file(out / f"{name}.env") for name in SERVICES}
         return StackCredentials(config=out / "nats-server.conf", services=services, peers=local)
 
