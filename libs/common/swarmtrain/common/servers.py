@@ -36,17 +36,25 @@ def ensure_free(port: int, what: str) -> None:
             raise RuntimeError(f"{what} port {port} is already in use; choose another") from None
 
 
-def wait_port(port: int, proc: subprocess.Popen[bytes], what: str, timeout: float = 30.0) -> None:
+def wait_port(
+    port: int, proc: subprocess.Popen[bytes], what: str, timeout: float = 30.0, host: str = "127.0.0.1"
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"{what} exited with code {proc.returncode} while starting")
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            with socket.create_connection((host, port), timeout=0.5):
                 return
         except OSError:
             time.sleep(0.05)
     raise RuntimeError(f"{what} did not open port {port} within {timeout:.0f}s")
+
+
+def local_host(host: str) -> str:
+    """Where a process on this machine reaches a server listening on ``host``: loopback for a
+    wildcard (``0.0.0.0``, ``::``), else ``host`` itself."""
+    return "127.0.0.1" if host in ("", "0.0.0.0", "::") else host
 
 
 def stop(proc: subprocess.Popen[bytes], sig: int, timeout: float = 15.0) -> None:
@@ -87,9 +95,16 @@ class ClusterNode:
     cluster_name: str = "swarmtrain"
 
 
-def nats_command(port: int, store_dir: Path, config: Path | None = None, node: ClusterNode | None = None) -> list[str]:
-    """The nats-server command line; flags win over the configuration file's values."""
-    cmd = [nats_server_binary(), "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", str(store_dir)]
+def nats_command(
+    port: int,
+    store_dir: Path,
+    config: Path | None = None,
+    node: ClusterNode | None = None,
+    host: str = "127.0.0.1",
+) -> list[str]:
+    """The nats-server command line, listening on ``host`` (loopback unless told); flags win over
+    the configuration file's values."""
+    cmd = [nats_server_binary(), "-js", "-a", host, "-p", str(port), "-sd", str(store_dir)]
     if config is not None:
         cmd += ["-c", str(config)]
     if node is not None:
@@ -123,10 +138,13 @@ def start_nats(
     log_file: Path | None = None,
     config: Path | None = None,
     node: ClusterNode | None = None,
+    host: str = "127.0.0.1",
 ) -> subprocess.Popen[bytes]:
+    """nats-server on ``host:port``; returns once the port takes connections (at ``local``: where
+    this machine reaches ``host``, loopback for a wildcard)."""
     store_dir.mkdir(parents=True, exist_ok=True)
-    proc = _popen(nats_command(port, store_dir, config, node), log_file)
-    wait_port(port, proc, "nats-server")
+    proc = _popen(nats_command(port, store_dir, config, node, host), log_file)
+    wait_port(port, proc, "nats-server", host=local_host(host))
     return proc
 
 

@@ -122,6 +122,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     metrics_port: int = 0
     """Port on which the projector, scheduler or a peer serves Prometheus metrics at /metrics; 0 = off
     (SWARMTRAIN_METRICS_PORT). The gateway serves its own at GET /metrics/prometheus."""
+    metrics_host: str = "0.0.0.0"
+    """Address the ``metrics_port`` server listens on (SWARMTRAIN_METRICS_HOST); ``swarmtrain up``
+    keeps its processes' on loopback."""
 
 
 PREFIX = "SWARMTRAIN_"

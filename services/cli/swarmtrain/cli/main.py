@@ -23,7 +23,7 @@ def serve(main: Callable[[Settings, asyncio.Event], Awaitable[None]], settings: 
     """Run ``main(settings, stop)`` until SIGINT or SIGTERM sets ``stop``."""
     settings = settings or get_settings()
     configure(settings.log_level, settings.log_format)
-    metrics.expose(settings.metrics_port)
+    metrics.expose(settings.metrics_port, settings.metrics_host)
 
     async def runner() -> None:
         stop = asyncio.Event()
@@ -60,7 +60,14 @@ def _peer(args: argparse.Namespace) -> int:
     settings = get_settings()
     with contextlib.ExitStack() as stack:
         name = args.name
-        if args.credentials:
+        if args.join:
+            from swarmtrain.cli import invite
+
+            token = invite.decode_token(sys.stdin.read() if args.join == "-" else args.join)
+            if why := asyncio.run(invite.refusal(token.nats, token.seed, token.inbox)):
+                raise RuntimeError(f"NATS at {', '.join(token.nats)} refuses this invite's credential: {why}")
+            settings = invite.joined_settings(token, settings)
+        elif args.credentials:
             from swarmtrain.cli.natsconfig import claim
             from swarmtrain.common.settings import from_env
 
@@ -145,8 +152,19 @@ def _up(args: argparse.Namespace) -> int:
     from swarmtrain.cli.stack import Stack
 
     return Stack(
-        peers=args.peers, port=args.port, nats_port=args.nats_port, data_dir=Path(args.data_dir).resolve()
+        peers=args.peers,
+        port=args.port,
+        nats_port=args.nats_port,
+        data_dir=Path(args.data_dir).resolve(),
+        listen=args.listen,
+        advertise=args.advertise,
     ).run()
+
+
+def _invite(args: argparse.Namespace) -> int:
+    from swarmtrain.cli.invite import main as invite
+
+    return invite(Path(args.data_dir).resolve(), args.peers)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -164,7 +182,27 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument("--port", type=int, default=8000, help="gateway port (default 8000)")
     up.add_argument("--nats-port", type=int, default=4222, help="NATS port (default 4222)")
     up.add_argument("--data-dir", default=".swarmtrain", help="where state lives (default ./.swarmtrain)")
+    up.add_argument(
+        "--listen",
+        metavar="ADDRESS",
+        help="let other machines join: NATS and the gateway listen on ADDRESS (0.0.0.0: every interface), "
+        "with NATS authentication and least-privilege credentials on; then `swarmtrain invite` "
+        "(default: loopback only)",
+    )
+    up.add_argument(
+        "--advertise",
+        metavar="HOST",
+        help="with --listen: the host name or address other machines reach this one at "
+        "(default: the listen address, or this machine's primary address for 0.0.0.0)",
+    )
     up.set_defaults(func=_up)
+
+    invite = sub.add_parser(
+        "invite", help="print a `swarmtrain peer --join` command that lets another machine join this stack"
+    )
+    invite.add_argument("--peers", type=int, default=1, help="peer credentials to hand out, one line each (default 1)")
+    invite.add_argument("--data-dir", default=".swarmtrain", help="the stack's --data-dir (default ./.swarmtrain)")
+    invite.set_defaults(func=_invite)
 
     peer = sub.add_parser("peer", help="join the swarm as a training peer")
     peer.add_argument("--nats", help="NATS URL (default: SWARMTRAIN_NATS_URL)")
@@ -174,6 +212,12 @@ def parser() -> argparse.ArgumentParser:
         "--credentials",
         help="a peer-<n>.env from `swarmtrain nats-config` (its id and NATS nkey), or a folder of them: "
         "the first one no other peer holds is taken (default: none, for an open NATS server)",
+    )
+    peer.add_argument(
+        "--join",
+        metavar="TOKEN",
+        help="the token `swarmtrain invite` printed on the stack's machine ('-': read it from stdin): "
+        "the stack's NATS address and this peer's credential; state under <state dir>/joined/<peer id>",
     )
     peer.set_defaults(func=_peer)
 

@@ -327,6 +327,84 @@ def generate(out: Path, peers: int, sync: str = "always", port: int = 4222, clus
     return Written(config=config, created=created, kept=kept)
 
 
+# ------------------------------------------------------------------ the credentials of a `swarmtrain up` stack
+
+INVITED = "invited"
+"""A stack's ledger of the peer credentials handed out by ``swarmtrain invite``, one name a line:
+never given to a local peer nor to another invite."""
+
+
+@dataclass(frozen=True)
+class StackCredentials:
+    config: Path
+    """The server configuration (public keys only)."""
+    services: dict[str, dict[str, str]]
+    """Each service's environment (its nkey seed and inbox), by name."""
+    peers: list[Path]
+    """One credential file per local peer, none of them handed out by an invite."""
+
+
+def _peer_files(out: Path) -> list[Path]:
+    found = (p for p in (out / "peers").glob("peer-*.env") if PEER_NAME_RE.match(p.stem))
+    return sorted(found, key=lambda p: int(p.stem.split("-")[1]))
+
+
+def _invited(out: Path) -> set[str]:
+    path = out / INVITED
+    return set(path.read_text().split()) if path.is_file() else set()
+
+
+@contextmanager
+def _locked(out: Path) -> Iterator[None]:
+    """One writer of ``out`` at a time (the stack starting, invites)."""
+    out.mkdir(parents=True, exist_ok=True)
+    out.chmod(0o700)
+    fd = os.open(out / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def stack_credentials(out: Path, local_peers: int, port: int) -> StackCredentials:
+    """Write (or complete) the credentials of a ``swarmtrain up`` stack in ``out``: one per service
+    and ``local_peers`` peer credentials that no invite has handed out (created when missing); the
+    ones already there are kept, so a restarted stack keeps its identities."""
+    with _locked(out):
+        invited = _invited(out)
+        wanted = len(_peer_files(out))
+        while True:  # a name freed by a deleted (revoked) invite comes back as invited: ask again
+            generate(out, wanted, port=port)
+            have = _peer_files(out)
+            local = [p for p in have if p.stem not in invited][:local_peers]
+            if len(local) == local_peers:
+                break
+            wanted = len(have) + local_peers - len(local)
+        services = {name: read_env_file(out / f"{name}.env") for name in SERVICES}
+        return StackCredentials(config=out / "nats-server.conf", services=services, peers=local)
+
+
+def invite_peers(out: Path, count: int, port: int) -> list[Identity]:
+    """``count`` fresh peer credentials for other machines, added to the server configuration in
+    ``out`` (the running server must reload it) and written to the stack's ledger, so neither a
+    local peer nor a later invite is ever given one of them."""
+    if count < 1:
+        raise ValueError("--peers must be 1 or more")
+    with _locked(out):
+        if not (out / "nats-server.conf").is_file():
+            raise ValueError(f"{out}: no stack credentials here")
+        have = _peer_files(out)
+        written = generate(out, len(have) + count, port=port)
+        fresh = [p for p in written.created if p.parent == out / "peers"]
+        identities = [ident for p in fresh if (ident := _load(p, p.stem)) is not None]
+        with (out / INVITED).open("a") as ledger:
+            ledger.write("".join(f"{ident.name}\n" for ident in identities))
+            ledger.flush()
+            os.fsync(ledger.fileno())
+        return identities
+
+
 # ------------------------------------------------------------------ a peer taking its credential
 
 

@@ -6,6 +6,17 @@ projector, scheduler, gateway and N peers. Every child, the two servers included
 when it dies (the servers from their own store), within a restart budget per time window
 (``SWARMTRAIN_RESTART_LIMIT`` restarts within ``SWARMTRAIN_RESTART_WINDOW_S``); SIGINT or SIGTERM
 stops everything, services first, servers last. Each child's pid is kept in ``<data-dir>/run``.
+
+Peers get every blob as an object-scoped, expiring URL signed for the gateway's ``/blobs`` routes:
+the stack makes a signing secret of its own (``<data-dir>/blob-signing-secret``, unless
+SWARMTRAIN_BLOB_SIGNING_SECRET is set) and points SWARMTRAIN_BLOB_PUBLIC_URL at its gateway. Its
+peers hold no storage location, no database URL and no secret.
+
+``--listen ADDRESS`` lets other machines join (``swarmtrain invite``): NATS and the gateway listen
+on ADDRESS, and NATS authenticates every process by its own nkey with least-privilege permissions
+(``swarmtrain nats-config``'s, kept in ``<data-dir>/nats-auth``). A data folder that once ran with
+authentication keeps it (its streams live in the authenticated account), loopback only when started
+without ``--listen``; one whose streams were made without cannot be switched on.
 """
 
 from __future__ import annotations
@@ -14,6 +25,7 @@ import collections
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -22,8 +34,52 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import msgspec
+
+from swarmtrain.cli import natsconfig
+from swarmtrain.cli.invite import AUTH_DIR, LISTENING, Listening
 from swarmtrain.common import servers
 from swarmtrain.common.settings import get_settings
+
+WILDCARDS = ("0.0.0.0", "::", "")
+PEER_WITHHELD = (
+    "SWARMTRAIN_DATABASE_URL",
+    "SWARMTRAIN_BLOB_URL",
+    "SWARMTRAIN_BLOB_SIGNING_SECRET",
+    "SWARMTRAIN_JWT_SECRET",
+    "SWARMTRAIN_S3_ACCESS_KEY",
+    "SWARMTRAIN_S3_SECRET_KEY",
+    "SWARMTRAIN_NATS_USER",
+    "SWARMTRAIN_NATS_PASSWORD",
+    "SWARMTRAIN_NATS_NKEY_SEED",
+)
+"""What a local peer is not given: it reaches blobs through signed URLs only, as a remote one does."""
+
+
+def url_host(host: str) -> str:
+    """``host`` as a URL writes it (an IPv6 address in brackets)."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def primary_address() -> str:
+    """This machine's address on its default route (a UDP socket's local end after ``connect``,
+    which sends nothing), or its host name where it has no route."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("192.0.2.1", 9))  # TEST-NET-1: only the routing table is consulted
+            return str(s.getsockname()[0])
+        except OSError:
+            return socket.gethostname()
+
+
+def advertised(listen: str | None, advertise: str | None) -> str:
+    """The host other machines reach the stack at: ``--advertise``, else the listen address, else
+    (a wildcard) this machine's primary address; loopback for a stack that does not listen."""
+    if advertise:
+        return advertise
+    if listen is None:
+        return "127.0.0.1"
+    return primary_address() if listen in WILDCARDS else listen
 
 
 @dataclass
@@ -80,17 +136,46 @@ class Stack:
     port: int
     nats_port: int
     data_dir: Path
+    listen: str | None = None
+    """``--listen``: the address NATS and the gateway listen on for other machines; None, loopback."""
+    advertise: str | None = None
+    """``--advertise``: the host other machines reach this one at (see :func:`advertised`)."""
     servers: list[Child] = field(default_factory=list)
     children: list[Child] = field(default_factory=list)
     stopping: bool = False
+    credentials: natsconfig.StackCredentials | None = None
+    metrics: dict[str, int] = field(default_factory=dict)
+    """Each process's Prometheus port (on loopback), by child name."""
+    envs: dict[str, dict[str, str]] = field(default_factory=dict)
+    """Each service's and peer's environment, by child name (as planned)."""
 
-    def _secret(self) -> str:
-        if secret := os.environ.get("SWARMTRAIN_JWT_SECRET"):
+    @property
+    def bind(self) -> str:
+        return self.listen if self.listen is not None else "127.0.0.1"
+
+    @property
+    def local(self) -> str:
+        """Where the stack's own processes reach NATS and the gateway."""
+        return servers.local_host(self.bind)
+
+    @property
+    def public(self) -> str:
+        return url_host(advertised(self.listen, self.advertise))
+
+    @property
+    def auth_dir(self) -> Path:
+        return self.data_dir / AUTH_DIR
+
+    def _secret(self, variable: str, filename: str) -> str:
+        """``variable`` from the environment, else a throwaway secret of this stack's own
+        (``<data-dir>/<filename>``, 0600, kept across restarts)."""
+        if secret := os.environ.get(variable):
             return secret
-        path = self.data_dir / "jwt-secret"  # a throwaway secret for this local stack only
+        path = self.data_dir / filename
         if not path.exists():
-            path.write_text(secrets.token_urlsafe(48))
-            path.chmod(0o600)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_urlsafe(48))
         return path.read_text().strip()
 
     def _child(self, name: str, launch: Callable[[], subprocess.Popen[bytes]], sig: int = signal.SIGTERM) -> Child:
@@ -104,16 +189,30 @@ class Stack:
             pid_file=self.data_dir / "run" / f"{name}.pid",
         )
 
+    def _nats_config(self, store: Path) -> Path:
+        """The durable configuration; with authentication, ``nats-config``'s (fsync before every ack too)."""
+        secured = self.auth_dir.exists()
+        if self.listen is not None and not secured and store.exists():
+            raise RuntimeError(
+                f"{self.data_dir} holds streams made without NATS authentication, which --listen turns on "
+                "(they would be out of the authenticated account's reach): use a new --data-dir"
+            )
+        if self.listen is None and not secured:
+            return servers.write_durable_nats_config(self.data_dir / "nats.conf")
+        self.credentials = natsconfig.stack_credentials(self.auth_dir, self.peers, self.nats_port)
+        return self.credentials.config
+
     def _start_servers(self) -> dict[str, str]:
         logs = self.data_dir / "logs"
-        config = servers.write_durable_nats_config(self.data_dir / "nats.conf")
         store = self.data_dir / "nats"
+        config = self._nats_config(store)
         nats = self._child(
-            "nats-server", lambda: servers.start_nats(self.nats_port, store, logs / "nats-server.log", config)
+            "nats-server",
+            lambda: servers.start_nats(self.nats_port, store, logs / "nats-server.log", config, host=self.bind),
         )
         self.servers.append(nats)
         nats.start()
-        env = {"SWARMTRAIN_NATS_URL": f"nats://127.0.0.1:{self.nats_port}"}
+        env = {"SWARMTRAIN_NATS_URL": f"nats://{url_host(self.local)}:{self.nats_port}"}
         if url := os.environ.get("SWARMTRAIN_DATABASE_URL"):
             env["SWARMTRAIN_DATABASE_URL"] = url
         else:
@@ -128,25 +227,95 @@ class Stack:
         env["SWARMTRAIN_BLOB_URL"] = os.environ.get("SWARMTRAIN_BLOB_URL") or (self.data_dir / "blobs").as_uri()
         return env
 
+    @property
+    def gateway_url(self) -> str:
+        return f"http://{self.public}:{self.port}"
+
+    def _metrics(self, name: str) -> dict[str, str]:
+        self.metrics[name] = servers.free_port()
+        return {"SWARMTRAIN_METRICS_PORT": str(self.metrics[name]), "SWARMTRAIN_METRICS_HOST": "127.0.0.1"}
+
+    def _identity(self, name: str) -> dict[str, str]:
+        return self.credentials.services[name] if self.credentials is not None else {}
+
     def _plan(self, shared: dict[str, str]) -> None:
         base = {**os.environ, **shared}
+        # every blob a peer reads or writes is a URL the scheduler signs and the gateway honours
+        base["SWARMTRAIN_BLOB_PUBLIC_URL"] = os.environ.get("SWARMTRAIN_BLOB_PUBLIC_URL") or self.gateway_url
         base.setdefault("SWARMTRAIN_LOG_FORMAT", "json")
         base["SWARMTRAIN_STATE_DIR"] = str(self.data_dir / "state")
         me = [sys.executable, "-m", "swarmtrain.cli.main"]
         logs = self.data_dir / "logs"
-        gateway_env = {**base, "SWARMTRAIN_PORT": str(self.port), "SWARMTRAIN_JWT_SECRET": self._secret()}
-        for name, env in (("projector", base), ("scheduler", base), ("gateway", gateway_env)):
+        signing = {
+            "SWARMTRAIN_BLOB_SIGNING_SECRET": self._secret("SWARMTRAIN_BLOB_SIGNING_SECRET", "blob-signing-secret")
+        }
+        gateway_env = {
+            **base,
+            **signing,
+            **self._identity("gateway"),
+            "SWARMTRAIN_HOST": self.bind,
+            "SWARMTRAIN_PORT": str(self.port),
+            "SWARMTRAIN_JWT_SECRET": self._secret("SWARMTRAIN_JWT_SECRET", "jwt-secret"),
+        }
+        for name, env in (
+            ("projector", {**base, **self._identity("projector"), **self._metrics("projector")}),
+            ("scheduler", {**base, **signing, **self._identity("scheduler"), **self._metrics("scheduler")}),
+            ("gateway", gateway_env),
+        ):
+            self.envs[name] = env
             self.children.append(self._child(name, _service([*me, name], env, logs / f"{name}.log")))
-        peer_env = {**base, "SWARMTRAIN_TORCH_THREADS": base.get("SWARMTRAIN_TORCH_THREADS", "1")}
+        peer_base = {k: v for k, v in base.items() if k not in PEER_WITHHELD}
+        peer_base["SWARMTRAIN_TORCH_THREADS"] = base.get("SWARMTRAIN_TORCH_THREADS", "1")
         for i in range(1, self.peers + 1):
-            argv = [*me, "peer", "--nats", shared["SWARMTRAIN_NATS_URL"], "--name", f"peer-{i}"]
-            self.children.append(self._child(f"peer-{i}", _service(argv, peer_env, logs / f"peer-{i}.log")))
+            name = f"peer-{i}"
+            argv = [*me, "peer", "--nats", shared["SWARMTRAIN_NATS_URL"], "--name", name]
+            if self.credentials is not None:
+                argv += ["--credentials", str(self.credentials.peers[i - 1])]
+            env = {**peer_base, **self._metrics(name)}
+            self.envs[name] = env
+            self.children.append(self._child(name, _service(argv, env, logs / f"{name}.log")))
+
+    def _announce(self, shared: dict[str, str]) -> None:
+        """Where everything is: the gateway, its dashboard and API docs, NATS, the metrics, the logs."""
+        gateway = f"http://{url_host(self.local)}:{self.port}" if self.listen is None else self.gateway_url
+        nats = shared["SWARMTRAIN_NATS_URL"] if self.listen is None else f"nats://{self.public}:{self.nats_port}"
+        auth = "on" if self.credentials is not None else "off"
+        where = f"listening on {self.listen} for other machines" if self.listen is not None else "loopback only"
+        metrics = "\n".join(f"    {name:<10} http://127.0.0.1:{port}/metrics" for name, port in self.metrics.items())
+        lines = [
+            f"swarmtrain is up ({where}; NATS authentication {auth}), peers {self.peers}",
+            f"  dashboard  {gateway}/ui/",
+            f"  gateway    {gateway}   API docs {gateway}/schema",
+            f"  nats       {nats}",
+            f"  metrics    {gateway}/metrics/prometheus (gateway)",
+            metrics,
+            f"  logs       {self.data_dir / 'logs'}",
+        ]
+        if self.listen is not None:
+            lines.append(
+                f"  another machine joins with the line printed by: swarmtrain invite --data-dir {self.data_dir}"
+            )
+        lines.append("  Ctrl-C stops everything.")
+        print("\n".join(line for line in lines if line), flush=True)
+
+    def _write_listening(self) -> None:
+        path = self.data_dir / LISTENING
+        if self.listen is None:
+            path.unlink(missing_ok=True)
+            return
+        listening = Listening(
+            nats=[f"nats://{self.public}:{self.nats_port}"],
+            local_nats=f"nats://{url_host(self.local)}:{self.nats_port}",
+            gateway=self.gateway_url,
+            nats_port=self.nats_port,
+        )
+        path.write_bytes(msgspec.json.encode(listening))
 
     def _wait_healthy(self, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and not self.stopping:
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz", timeout=1) as resp:
+                with urllib.request.urlopen(f"http://{url_host(self.local)}:{self.port}/healthz", timeout=1) as resp:
                     if resp.status == 200:
                         return
             except OSError:
@@ -193,12 +362,8 @@ class Stack:
                 child.start()
             self._wait_healthy()
             if not self.stopping:
-                print(
-                    f"swarmtrain is up: gateway http://127.0.0.1:{self.port}  nats {shared['SWARMTRAIN_NATS_URL']}"
-                    f"  peers {self.peers}\n  API docs http://127.0.0.1:{self.port}/schema"
-                    f"  logs {self.data_dir / 'logs'}\n  Ctrl-C stops everything.",
-                    flush=True,
-                )
+                self._write_listening()
+                self._announce(shared)
             while not self.stopping:
                 self._supervise()
                 time.sleep(0.5)
@@ -208,6 +373,7 @@ class Stack:
         return 0
 
     def shutdown(self) -> None:
+        (self.data_dir / LISTENING).unlink(missing_ok=True)  # no invite for a stack that is gone
         live = [c.proc for c in self.children if c.proc is not None and c.proc.poll() is None]
         for proc in live:
             proc.send_signal(signal.SIGTERM)
