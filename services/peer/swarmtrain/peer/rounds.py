@@ -26,16 +26,13 @@ from dataclasses import dataclass, field
 import torch
 
 from swarmtrain.common.blob import BlobNotFound
-from swarmtrain.common.events import RoundClosed, RoundUpdate, Train
-from swarmtrain.common.fedopts import AggregatorSpec, CompressionName, OuterSpec, check_aggregator
+from swarmtrain.common.events import RoundClosed, RoundUpdate, SessionRequested, Train
+from swarmtrain.common.fedopts import AggregatorSpec, CompressionName, OuterSpec, applied_rule
 from swarmtrain.peer import tensorfile
 from swarmtrain.peer.aggregators import aggregate
 from swarmtrain.peer.averaging import MAX_REASON, Tensors, UpdateUnavailable, l2_distance, state_bytes
 from swarmtrain.peer.compression import check_payload, decode_update
 from swarmtrain.peer.outer import State, outer_step
-
-FALLBACK = AggregatorSpec(name="median")
-"""What a Krum round with too few acceptable updates for its ``f`` aggregates with instead."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -48,7 +45,7 @@ class RoundOptions:
     max_norm: float | None = None
 
     @classmethod
-    def of(cls, source: Train) -> RoundOptions:
+    def of(cls, source: Train | SessionRequested) -> RoundOptions:
         return cls(
             aggregator=source.aggregator,
             outer=source.outer,
@@ -119,9 +116,7 @@ def apply_round(
     if not accepted:
         kept = {name: t.detach().to("cpu").clone() for name, t in sorted(start.items())}
         return RoundResult(kept, dict(state), None, rejected, options.aggregator.name, (), nbytes)
-    spec = options.aggregator
-    if check_aggregator(spec, len(accepted)) is not None and spec.name in ("krum", "multi_krum"):
-        spec = FALLBACK
+    spec = applied_rule(options.aggregator, len(accepted))
     agg = aggregate(spec, accepted)
     model, new_state = outer_step(options.outer, start, agg.tensors, state)
     return RoundResult(model, new_state, agg.tensors, rejected, spec.name, agg.selected, nbytes)

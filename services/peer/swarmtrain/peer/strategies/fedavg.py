@@ -56,18 +56,20 @@ from torch import nn
 
 from swarmtrain.common import blob
 from swarmtrain.common.events import (
+    ModelSpec,
     ModelUpdatePublished,
     PeerDone,
     RoundAveraged,
     RoundClosed,
     RoundUpdate,
+    SessionRequested,
     Train,
     UpdateRejected,
 )
 from swarmtrain.common.logging import get_logger
 from swarmtrain.peer.averaging import Tensors, UpdateUnavailable, sha256_hex, state_bytes
 from swarmtrain.peer.compression import encode_update
-from swarmtrain.peer.data import DataError
+from swarmtrain.peer.data import DataError, Dataset, load_csv, split_indices
 from swarmtrain.peer.model import ModelMetadata, Standardize, model_bytes
 from swarmtrain.peer.outer import State
 from swarmtrain.peer.rounds import RoundOptions, RoundResult, apply_round, replay_rounds, update_file
@@ -131,6 +133,24 @@ def check_urls(command: Train) -> None:
 # ------------------------------------------------------------------ torch (worker thread)
 
 
+def initial_model(spec: ModelSpec, data: Dataset, train_idx: torch.Tensor, seed: int) -> nn.Sequential:
+    """Round 1's starting model, the same on every peer: built from ``torch.manual_seed(seed)``, its
+    ``Standardize`` fitted on the whole training split (not the shard)."""
+    model = seeded_model(spec, data.features.shape[1], len(data.classes), seed)
+    standardize = model[0]
+    assert isinstance(standardize, Standardize)
+    standardize.fit(data.features[train_idx])
+    return model
+
+
+def initial_weights(csv_path: Path, request: SessionRequested) -> Tensors:
+    """The weights :func:`initial_model` gives ``request``'s session (``replay-round`` starts there)."""
+    data = load_csv(csv_path, request.label_column)
+    train_idx, _ = split_indices(len(data), request.validation_split, request.seed)
+    model = initial_model(request.model, data, train_idx, request.seed)
+    return {name: t.detach().to("cpu").clone() for name, t in model.state_dict().items()}
+
+
 @dataclass(frozen=True, kw_only=True)
 class RoundStats:
     loss: float
@@ -166,10 +186,7 @@ class LocalLearner:
         """The local optimizer kept from round to round (``keep_local_optimizer``)."""
         self.metadata: ModelMetadata = metadata_for(command.model, data)
 
-        self.model: nn.Sequential = seeded_model(command.model, data.features.shape[1], len(data.classes), command.seed)
-        standardize = self.model[0]
-        assert isinstance(standardize, Standardize)
-        standardize.fit(data.features[train_idx])  # the whole training split: the same on every peer
+        self.model = initial_model(command.model, data, train_idx, command.seed)
         self.reference: Tensors = self.state()
         """The initial weights: every update must have their names, shapes and dtypes."""
 

@@ -1,7 +1,14 @@
 """fedavg: each peer trains its shard for a round; the scheduler closes a round once every training
 participant published its update, or at a deadline adapted to the rounds seen so far, and acts on
 failed participants as the session's ``on_peer_failure`` says. The session's model is the one most
-peers agree on (by sha256), not a peer's own claim of accuracy."""
+peers agree on (by sha256), not a peer's own claim of accuracy.
+
+The session's round options (aggregator, outer optimizer, compression, sharding, keeping the
+local optimizer, the norm bound) travel in every ``Train`` (``actions.train_command``); the peers
+apply them. ``label_skew`` shards are not a function of the row count alone: the shell computes
+their label histograms from the dataset (``evaluation.shard_histograms``, the peers' own sharding
+code) before it appends ``SessionStarted``, which carries them, so each shard's sample count is
+checked exactly as an ``iid`` one is (``Session.training_rows``)."""
 
 from __future__ import annotations
 
@@ -62,6 +69,12 @@ class FedAvg:
 
 
 STRATEGY = FedAvg()
+
+
+def needs_histograms(request: SessionRequested) -> bool:
+    """Whether the session's ``SessionStarted`` must carry its shards' label histograms: a fedavg
+    whose shards' sizes depend on the labels (``label_skew``)."""
+    return request.strategy == STRATEGY.name and request.sharding.name != "iid"
 
 
 def round_deadline(session: Session, timing: Timing) -> float:
