@@ -119,8 +119,9 @@ def on_failures(session: Session, idle: Sequence[Peer], clocks: Clocks, config: 
     if req.on_peer_failure == "reassign":
         free = list(idle)
         for shard in session.orphan_shards():
-            # a peer that already failed in this session comes last
-            candidates = sorted(free, key=lambda p: p.peer_id in session.runs)
+            # never a peer that already ran in this session: a run is a peer's once (``state`` ignores a
+            # reassignment to it), so handing it a shard again would lock and release it forever
+            candidates = [p for p in free if p.peer_id not in session.runs]
             if not candidates:
                 break
             free.remove(chosen := candidates[0])
