@@ -436,9 +436,8 @@ class SignFlipper(Poisoner):
 
         tmp = Path(tempfile.mkdtemp())
         if self.learner is None:
-            await asyncio.to_thread(
-                signing.fetch_url, train.dataset_url, tmp / "data.csv", 1 << 26, train.dataset_sha256
-            )
+            csv = tmp / "data.csv"
+            await asyncio.to_thread(signing.fetch_url, train.dataset_url, csv, 1 << 26, train.dataset_sha256)
             # one torch thread: spinning intra-op threads would starve this fake peer's presence beats
             self.learner = await asyncio.to_thread(LocalLearner, csv, train, "cpu", 1)
         start = self.learner.reference
@@ -531,7 +530,8 @@ async def test_median_keeps_a_sign_flipping_peer_out_of_the_model_and_replays_bi
     assert "MATCH: bit for bit" in out and "rule median" in out
 
 
-OPTION_SESSIONS = [
+# one short session each (3 peers, 2 rounds): every aggregator, lossy compression and outer step, label_skew
+OPTION_SESSIONS: list[dict[str, Any]] = [
     {
         "aggregator": {"name": "trimmed_mean", "beta": 0.34},
         "compression": {"name": "int8"},
