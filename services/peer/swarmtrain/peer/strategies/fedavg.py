@@ -8,10 +8,11 @@ the pure :mod:`swarmtrain.peer.averaging`:
 1. Load the dataset, split train/validation as a sweep does, take shard ``shard`` of
    ``num_shards`` of the training rows; fit ``Standardize`` on the *whole* training split and build
    the model from ``torch.manual_seed(seed)``, so every peer starts from identical weights.
-2. ``start_round > 1`` (a reassigned shard, a late joiner): rebuild the average of round
+2. ``start_round > 1`` (a reassigned shard, a late joiner): rebuild the model after round
    ``start_round - 1`` from the ``RoundClosed`` facts the scheduler forwards and the blobs, exactly
    as every peer computed it (walking further back while a round had no acceptable update; with a
-   norm bound, forward from round 1, since a bound is measured from each round's start).
+   norm bound, compression or an outer optimizer, forward from round 1, since each round then
+   depends on its start, and the outer optimizer's state on every round before).
 3. Per round ``r``: ``hyperparameters.epochs`` local epochs (a ``Heartbeat`` each, ``epoch``
    counted over the whole session); PUT ``<rounds_uri>/<r>/<peer_id>.safetensors`` through
    ``update_urls[r]``; report ``ModelUpdatePublished``; wait for the forwarded ``RoundClosed{r}``;
@@ -26,8 +27,16 @@ the pure :mod:`swarmtrain.peer.averaging`:
 Every download goes through a signed URL, capped (this model's weights file plus an allowance, and
 never more than ``SWARMTRAIN_BLOB_MAX_DOWNLOAD_MB``) and checked against the sha256 the fact names.
 
+The session's round options travel in the ``Train`` (:class:`rounds.RoundOptions`): the update is
+published as ``compression`` encodes it (the whole weights, or the delta from the round's start),
+every named update is decoded from the round's start, aggregated with ``aggregator`` and stepped
+with ``outer`` (whose state the peer carries from round to round, and a newcomer rebuilds by
+walking the rounds from the first): :func:`rounds.apply_round`. The shard is cut by ``sharding``
+(:mod:`swarmtrain.peer.sharding`). ``RoundAveraged`` names the rule applied, the updates selected
+and the round's bytes.
+
 Local training is a pure function of (round-start weights, seed, shard, round): a fresh Adam per
-round and a shuffle generator seeded from (seed, shard, round). So a peer that takes over a shard
+round (unless ``keep_local_optimizer``) and a shuffle generator seeded from (seed, shard, round). So a peer that takes over a shard
 trains it exactly as its first owner would have, and a round can be recomputed from the log.
 
 The protocol reads no session events: it follows ``ctx.facts``, which the peer's command consumer
