@@ -36,8 +36,9 @@ walking the rounds from the first): :func:`rounds.apply_round`. The shard is cut
 and the round's bytes.
 
 Local training is a pure function of (round-start weights, seed, shard, round): a fresh Adam per
-round (unless ``keep_local_optimizer``) and a shuffle generator seeded from (seed, shard, round). So a peer that takes over a shard
-trains it exactly as its first owner would have, and a round can be recomputed from the log.
+round (unless ``keep_local_optimizer``) and a shuffle generator seeded from (seed, shard, round).
+So a peer that takes over a shard trains it exactly as its first owner would have (with a kept
+optimizer, its first round with a fresh one), and a round can be recomputed from the log.
 
 The protocol reads no session events: it follows ``ctx.facts``, which the peer's command consumer
 fills from the scheduler's ``SessionFact`` commands. It ends quietly (``TrainingStopped``, nothing
