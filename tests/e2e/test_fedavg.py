@@ -33,8 +33,11 @@ from swarmtrain.common.events import (
     PeerFailed,
     PeerRegistered,
     Presence,
+    RoundAveraged,
     RoundClosed,
     SessionFact,
+    SessionRequested,
+    SessionStarted,
     ShardReassigned,
     Train,
     UpdateRejected,
@@ -400,3 +403,169 @@ async def test_late_joiner_takes_an_orphan_shard_and_catches_up(stack: Stack, ap
     assert (moved.from_peer_id, moved.to_peer_id) == (victim, swarm.ids["late"]) and moved.round >= 2
     finals = {e.peer_id: e.model_sha256 for e in of(events, PeerDone)}
     assert set(finals) == {swarm.ids["la"], swarm.ids["late"]} and len(set(finals.values())) == 1
+
+
+# ------------------------------------------------------------------ round options (issue 13)
+
+
+class SignFlipper(Poisoner):
+    """A participant that trains its shard honestly, then publishes the sign-flipped update scaled
+    x100 (``start - 100 * (local - start)``): finite, the right tensors, an honest sample count,
+    and within the session's norm bound, so only the aggregator can keep it out of the model."""
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        self.averages: dict[int, str] = {}
+        """round -> the signed GET of its stored model, from the forwarded ``RoundAveraged``."""
+        self.learner: Any = None
+
+    async def take(self, sub: Any) -> None:
+        for msg, cmd in await bus.fetch(sub, decode_command, timeout=0.3):
+            await msg.ack()
+            match cmd:
+                case Train() if self.train is None:
+                    self.train = cmd
+                case SessionFact(fact=RoundClosed() as closed) if self.train is not None:
+                    self.closed.add(closed.round)
+                case SessionFact(fact=RoundAveraged() as averaged, urls=urls) if averaged.uri in urls:
+                    self.averages.setdefault(averaged.round, urls[averaged.uri])
+
+    async def publish_poison(self, js: Any, train: Train, r: int) -> None:
+        from swarmtrain.peer.averaging import state_bytes
+        from swarmtrain.peer.strategies.fedavg import LocalLearner
+
+        tmp = Path(tempfile.mkdtemp())
+        if self.learner is None:
+            csv = tmp / "data.csv"
+            await asyncio.to_thread(signing.fetch_url, train.dataset_url, csv, 1 << 26, train.dataset_sha256)
+            # one torch thread: spinning intra-op threads would starve this fake peer's presence beats
+            self.learner = await asyncio.to_thread(LocalLearner, csv, train, "cpu", 1)
+        start = self.learner.reference
+        if r > 1:
+            while r - 1 not in self.averages and not self.stop.is_set():
+                await self.take(self.sub)
+            await asyncio.to_thread(signing.fetch_url, self.averages[r - 1], tmp / "start.safetensors", 1 << 26, None)
+            start = load((tmp / "start.safetensors").read_bytes())
+        self.learner.load(start)
+        await asyncio.to_thread(self.learner.train_round, r, lambda _: None, threading.Event())
+        local = self.learner.state()
+        flipped = {k: start[k] - 100.0 * (v - start[k]) if v.is_floating_point() else v for k, v in local.items()}
+        path = tmp / "update.safetensors"
+        path.write_bytes(state_bytes(flipped))
+        ref = await asyncio.to_thread(signing.put_url, train.update_urls[r], path)
+        await bus.report(
+            js,
+            ModelUpdatePublished(
+                event_id=f"{train.session_id}.r{r}.{self.peer_id}.update",
+                session_id=train.session_id,
+                round=r,
+                peer_id=self.peer_id,
+                uri=f"{train.rounds_uri.rstrip('/')}/{r}/{self.peer_id}.safetensors",
+                sha256=ref.sha256,
+                num_samples=self.learner.num_samples,
+                loss=0.5,
+                accuracy=0.5,
+                nbytes=path.stat().st_size,
+            ),
+        )
+
+    async def follow(self, nc: NATS) -> None:
+        js = nc.jetstream()
+        subject = subjects.peer_command(self.peer_id)
+        self.sub = await bus.pull_consumer(
+            js, bus.COMMANDS_STREAM, durable=f"peer-{self.peer_id}", filter_subject=subject
+        )
+        await bus.report(js, PeerRegistered(peer_id=self.peer_id, name=self.peer_id, device="cpu"))
+        while self.train is None and not self.stop.is_set():
+            await self.take(self.sub)
+        train = self.train
+        if train is not None:
+            for r in range(train.start_round, train.rounds + 1):
+                await self.publish_poison(js, train, r)
+                while r not in self.closed and not self.stop.is_set():
+                    await self.take(self.sub)
+            sid, me = train.session_id, self.peer_id
+            await bus.report(js, PeerFailed(event_id=f"{sid}.{me}.failed", session_id=sid, peer_id=me, reason="done"))
+        await self.sub.unsubscribe()
+
+
+SMALL = {"epochs": 1, "batch_size": 32, "lr": 0.003}
+
+
+def replayed(stack: Stack, sid: str, round_: int) -> Any:
+    """``replay-round`` in this process (the CLI's own function; the CLI itself is run once below)."""
+    from swarmtrain.cli.replay import replay_round
+
+    settings = Settings(nats_url=stack.nats_url, blob_url=stack.env["SWARMTRAIN_BLOB_URL"])
+    return replay_round(settings, sid, round_)
+
+
+async def test_median_keeps_a_sign_flipping_peer_out_of_the_model_and_replays_bit_for_bit(
+    stack: Stack, api: Api, swarm: Swarm
+) -> None:
+    await swarm.start("ma", "mb", "mc")
+    flipper = SignFlipper(Settings(nats_url=stack.nats_url))
+    flipper.start()
+    try:
+        await flipper.online(api)
+        ds = await api.upload()
+        body = fedavg(ds["dataset_id"], 4, rounds=3, aggregator={"name": "median"}, max_update_norm=1e4)
+        sid = await start(api, body)
+        done = await api.wait_ended(sid)
+    finally:
+        flipper.stop.set()
+        await asyncio.to_thread(flipper.join, 30)
+    assert flipper.error is None, flipper.error
+    assert done["status"] == "completed", done
+    events = await history(stack, sid)
+    assert not of(events, UpdateRejected)  # the flipped updates pass every check: only the rule stops them
+    closed = of(events, RoundClosed)
+    assert all(flipper.peer_id in {u.peer_id for u in c.updates} for c in closed)
+    averaged = of(events, RoundAveraged)
+    assert [a.aggregator for a in averaged] == ["median"] * 3 and all(len(a.selected) == 4 for a in averaged)
+    assert done["val_accuracy"] > 0.8, done["val_accuracy"]  # the poison never took the model over
+
+    rc, out, err = await cli("session", "replay-round", sid, "3", env=stack.env)
+    assert rc == 0, out + err
+    assert "MATCH: bit for bit" in out and "rule median" in out
+
+
+# one short session each (3 peers, 2 rounds): every aggregator, lossy compression and outer step, label_skew
+OPTION_SESSIONS: list[dict[str, Any]] = [
+    {
+        "aggregator": {"name": "trimmed_mean", "beta": 0.34},
+        "compression": {"name": "int8"},
+        "outer": {"name": "momentum"},
+    },
+    {"aggregator": {"name": "krum", "f": 0}, "compression": {"name": "fp16"}},
+    {"aggregator": {"name": "multi_krum", "f": 0, "m": 2}, "compression": {"name": "bf16"}, "outer": {"name": "adam"}},
+    {"aggregator": {"name": "mean"}, "sharding": {"name": "label_skew", "alpha": 0.5}, "outer": {"name": "nesterov"}},
+]
+
+
+async def test_replay_round_matches_under_every_aggregator_compression_and_outer_step(
+    stack: Stack, api: Api, swarm: Swarm
+) -> None:
+    await swarm.start("oa", "ob", "oc")
+    ds = await api.upload()
+    for options in OPTION_SESSIONS:
+        sid = await start(api, fedavg(ds["dataset_id"], 3, rounds=2, local=SMALL, **options))
+        done = await api.wait_ended(sid)
+        assert done["status"] == "completed", (options, done)
+        events = await history(stack, sid)
+        [requested] = of(events, SessionRequested)
+        assert requested.outer.lr is not None  # the default resolved into the log
+        updates = of(events, ModelUpdatePublished)
+        averaged = of(events, RoundAveraged)
+        rule = options["aggregator"]["name"]
+        assert [a.aggregator for a in averaged] == [rule, rule]
+        assert averaged[1].update_bytes == sum(u.nbytes for u in updates if u.round == 2) > 0
+        if rule == "krum":
+            assert all(len(a.selected) == 1 for a in averaged)
+        if "sharding" in options:  # the scheduler counted the skewed shards; each count matched its shard
+            [started] = of(events, SessionStarted)
+            sizes = sorted(sum(h) for h in started.shard_histograms)
+            assert len(sizes) == 3 and sorted(u.num_samples for u in updates if u.round == 1) == sizes
+        for r in (1, 2):
+            result = await asyncio.to_thread(replayed, stack, sid, r)
+            assert result.matches, (options, r, result)

@@ -76,6 +76,14 @@ def test_a_failed_participant_hands_its_shard_with_its_train_to_an_idle_peer() -
     assert train.rounds_uri == "s3://bucket/sessions/s/rounds"
 
 
+def test_a_shard_is_never_handed_to_a_peer_that_already_ran_in_the_session() -> None:
+    s = _with(session(round=2), "b", status="failed")
+    back = [Peer(peer_id="b", online=True, seq=9)]  # the failed peer itself, online again
+    assert [type(a).__name__ for a in FEDAVG.step(s, back, Clocks(now=0.0, wall=101.0), CONFIG)] == []
+    [action] = FEDAVG.step(s, [*back, Peer(peer_id="spare", online=True)], Clocks(now=0.0, wall=101.0), CONFIG)
+    assert isinstance(action, Reassign) and action.moved.to_peer_id == "spare"
+
+
 def test_on_peer_failure_continue_and_fail() -> None:
     clocks = Clocks(now=0.0, wall=101.0)
     idle = [Peer(peer_id="spare", online=True)]

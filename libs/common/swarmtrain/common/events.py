@@ -15,6 +15,7 @@ from typing import Annotated, Any, Final, Literal
 import msgspec
 
 from swarmtrain.common import subjects
+from swarmtrain.common.fedopts import AggregatorSpec, CompressionSpec, OuterSpec, ShardingSpec
 
 
 def new_id() -> str:
@@ -105,6 +106,9 @@ ValidationSplit = Annotated[float, msgspec.Meta(gt=0, le=MAX_VALIDATION_SPLIT)]
 """The share of the rows held out for validation: more than none, and at most 0.9."""
 LabelColumn = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_LABEL_COLUMN, pattern=NO_NUL)]
 PeerIds = Annotated[list[Id], msgspec.Meta(max_length=MAX_PEERS)]
+MAX_CLASSES: Final = 1 << 16
+Histogram = Annotated[list[Count], msgspec.Meta(max_length=MAX_CLASSES)]
+"""Rows per class index, ``0 .. classes - 1``."""
 
 
 def bounded_text(text: str, limit: int = MAX_TEXT) -> str:
@@ -249,12 +253,30 @@ class SessionRequested(_SessionEvent, frozen=True, kw_only=True, tag="SessionReq
     max_update_norm: UpdateNorm | None = None
     """fedavg: the largest L2 norm of an update (its weights minus the round's starting model) that
     is averaged; a larger one is rejected. None: only non-finite or misshapen updates are."""
+    aggregator: AggregatorSpec = msgspec.field(default_factory=AggregatorSpec)
+    """fedavg: how a round's accepted updates become one model (``mean``: today's)."""
+    outer: OuterSpec = msgspec.field(default_factory=OuterSpec)
+    """fedavg: the outer step on the round's pseudo-gradient, its ``lr`` resolved by the gateway
+    (``fedopts.resolve_outer``) so a later change of default never changes what this log means."""
+    compression: CompressionSpec = msgspec.field(default_factory=CompressionSpec)
+    """fedavg: how an update travels (``none``: whole weights; else the delta in fp16/bf16/int8)."""
+    sharding: ShardingSpec = msgspec.field(default_factory=ShardingSpec)
+    """fedavg: how the training rows are cut into shards (``iid`` or ``label_skew``)."""
+    keep_local_optimizer: bool = False
+    """fedavg: each peer keeps its local optimizer's state across rounds (a fresh one per round
+    otherwise; a peer that takes a shard over starts with a fresh one either way)."""
 
 
 class SessionStarted(_SessionEvent, frozen=True, kw_only=True, tag="SessionStarted"):
     assignments: Annotated[dict[Id, Hyperparameters], msgspec.Meta(max_length=MAX_PEERS)]
     shards: Annotated[dict[Id, Count], msgspec.Meta(max_length=MAX_PEERS)] = msgspec.field(default_factory=dict)
     """fedavg: peer_id -> shard index (0 .. num_peers-1)."""
+    shard_histograms: Annotated[list[Histogram], msgspec.Meta(max_length=MAX_PEERS)] = msgspec.field(
+        default_factory=list
+    )
+    """fedavg with ``label_skew`` sharding: per shard index, its training rows per class index, as
+    the scheduler computed them from the dataset (empty otherwise: ``iid`` shards' sizes follow
+    from the dataset's row count)."""
 
 
 class Heartbeat(_SessionEvent, frozen=True, kw_only=True, tag="Heartbeat"):
@@ -290,6 +312,9 @@ class ModelUpdatePublished(_SessionEvent, frozen=True, kw_only=True, tag="ModelU
     num_samples: Count
     loss: Finite
     accuracy: Finite
+    nbytes: BigCount = 0
+    """The size of the update file the peer published (compressed, per the session's
+    ``compression``); 0 in events from before it was recorded."""
 
 
 class RoundClosed(_SessionEvent, frozen=True, kw_only=True, tag="RoundClosed"):
@@ -319,6 +344,14 @@ class RoundAveraged(_SessionEvent, frozen=True, kw_only=True, tag="RoundAveraged
     val_loss: Finite | None = None
     val_accuracy: Finite | None = None
     """The averaged model on the whole validation split."""
+    aggregator: Name = "mean"
+    """The rule that made the aggregate: the session's, or ``median`` where Krum had too few
+    acceptable updates for its ``f`` (``n < 2f + 3``)."""
+    selected: PeerIds = msgspec.field(default_factory=list)
+    """The peers whose updates went into the aggregate, sorted: every accepted one for the
+    coordinate-wise rules, Krum's choice for ``krum`` / ``multi_krum``."""
+    update_bytes: BigCount = 0
+    """The bytes of the round's update files that matched their sha256 (what each peer fetched)."""
 
 
 class ShardReassigned(_SessionEvent, frozen=True, kw_only=True, tag="ShardReassigned"):
@@ -466,6 +499,16 @@ class Train(_Command, frozen=True, kw_only=True, tag="Train"):
     max_update_norm: UpdateNorm | None = None
     """fedavg: an update whose L2 distance from its round's start weights exceeds this is rejected
     (like NaN or a wrong shape), by every peer alike; None: no bound."""
+    aggregator: AggregatorSpec = msgspec.field(default_factory=AggregatorSpec)
+    """fedavg: the session's aggregation rule (``SessionRequested.aggregator``)."""
+    outer: OuterSpec = msgspec.field(default_factory=OuterSpec)
+    """fedavg: the session's outer optimizer, ``lr`` resolved."""
+    compression: CompressionSpec = msgspec.field(default_factory=CompressionSpec)
+    """fedavg: how this peer publishes its updates and decodes everyone's."""
+    sharding: ShardingSpec = msgspec.field(default_factory=ShardingSpec)
+    """fedavg: how the training rows are cut into ``num_shards`` shards."""
+    keep_local_optimizer: bool = False
+    """fedavg: keep the local optimizer's state from one round to the next."""
 
 
 class Stop(_Command, frozen=True, kw_only=True, tag="Stop"):

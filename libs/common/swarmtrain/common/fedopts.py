@@ -118,6 +118,24 @@ def check_aggregator(spec: AggregatorSpec, n: int) -> str | None:
     return None
 
 
+KRUM_FALLBACK = AggregatorSpec(name="median")
+"""What a round aggregates with where Krum cannot run on the updates left acceptable (``n < 2f + 3``,
+or fewer than ``m + f`` for multi_krum): a robust rule that needs no ``f``. The round's fact names it."""
+
+
+def applied_rule(spec: AggregatorSpec, accepted: int) -> AggregatorSpec:
+    """The rule a round with ``accepted`` acceptable updates applies: ``spec``, or
+    :data:`KRUM_FALLBACK` where ``spec`` is a Krum that cannot run on that many."""
+    if spec.name in ("krum", "multi_krum") and check_aggregator(spec, accepted) is not None:
+        return KRUM_FALLBACK
+    return spec
+
+
+def possible_rules(spec: AggregatorSpec) -> set[str]:
+    """The names a round of a session with ``spec`` may say it applied."""
+    return {spec.name, KRUM_FALLBACK.name} if spec.name in ("krum", "multi_krum") else {spec.name}
+
+
 def resolve_outer(spec: OuterSpec) -> OuterSpec:
     """``spec`` with its learning rate filled in: what a session's log should hold."""
     if spec.lr is not None:

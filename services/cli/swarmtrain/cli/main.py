@@ -134,6 +134,12 @@ def _replay_round(args: argparse.Namespace) -> int:
     )
     for peer_id, reason in result.rejected:
         print(f"  rejected {peer_id}: {reason}")
+    print(
+        f"  rule {result.aggregator} (stored: {result.stored_aggregator}), selected {', '.join(result.selected)}, "
+        f"{result.update_bytes} update bytes (stored: {result.stored_update_bytes})"
+    )
+    for k in result.earlier_mismatches:
+        print(f"  round {k} on the way differs from its stored model")
     print(f"  recomputed sha256 {result.recomputed_sha256}")
     print(f"  stored     sha256 {result.stored_sha256} ({result.stored_uri})")
     print("MATCH: bit for bit" if result.matches else "MISMATCH")

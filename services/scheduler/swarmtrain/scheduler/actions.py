@@ -313,6 +313,12 @@ def train_command(
         output_url=config.sign("PUT", output_uri, max_model_bytes),
         update_urls={r: u for r, u in update_urls.items() if u},
         average_urls={r: u for r, u in average_urls.items() if u},
+        max_update_norm=req.max_update_norm,
+        aggregator=req.aggregator,
+        outer=req.outer,
+        compression=req.compression,
+        sharding=req.sharding,
+        keep_local_optimizer=req.keep_local_optimizer,
     )
 
 

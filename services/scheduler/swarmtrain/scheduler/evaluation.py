@@ -74,6 +74,19 @@ def measure(
     return Measured(finite_loss, val_accuracy)
 
 
+def shard_histograms(store: blob.BlobStore, request: SessionRequested) -> list[list[int]]:
+    """Per shard of ``request``'s training rows, its rows per class index, cut as the peers cut
+    them (``peer.sharding.make_shards`` on the same split and seed). Raises ``DataError`` when the
+    dataset cannot be sharded so (the session fails), anything else when it cannot be read now."""
+    from swarmtrain.peer import data as peer_data
+    from swarmtrain.peer.sharding import make_shards
+
+    dataset = _dataset(store, request)
+    train_idx, _ = peer_data.split_indices(len(dataset), request.validation_split, request.seed)
+    sharding = make_shards(request.sharding, train_idx, dataset.labels, request.num_peers, request.seed)
+    return sharding.histograms
+
+
 def _dataset(store: blob.BlobStore, request: SessionRequested) -> Dataset:
     from swarmtrain.peer import data as peer_data
 

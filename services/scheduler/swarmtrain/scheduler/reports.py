@@ -39,6 +39,7 @@ from swarmtrain.common.events import (
     RoundAveraged,
     UpdateRejected,
 )
+from swarmtrain.common.fedopts import possible_rules
 from swarmtrain.scheduler.actions import Config, average_uri, digest, update_uri
 from swarmtrain.scheduler.state import Run, Session, State
 
@@ -156,6 +157,12 @@ def _check(state: State, sender: str, report: Report, config: Config) -> None:
                 raise Refused(f"uri {report.uri[:300]!r} is not the round's average URI it was handed")
             _sha256(report.sha256)
             _figures(0.0, 0.0, report.val_loss, report.val_accuracy)
+            rules = possible_rules(session.request.aggregator)
+            if report.aggregator not in rules:
+                raise Refused(f"aggregator {report.aggregator[:MAX_NAME_CHARS]!r} is not one of {sorted(rules)}")
+            named = {u.peer_id for u in session.closed[report.round].updates}
+            if not set(report.selected) <= named:
+                raise Refused(f"selected names peers round {report.round} has no update of")
 
 
 def _update(session: Session, run: Run, sender: str, report: ModelUpdatePublished, config: Config) -> None:
@@ -173,6 +180,8 @@ def _update(session: Session, run: Run, sender: str, report: ModelUpdatePublishe
         raise Refused("the dataset's size is unknown: no sample count can be checked")
     if report.num_samples != rows:
         raise Refused(f"num_samples {report.num_samples}: shard {run.shard} holds {rows} training rows")
+    if report.nbytes > session.max_model_bytes():
+        raise Refused(f"nbytes {report.nbytes}: an update of this model holds at most {session.max_model_bytes()}")
     _figures(report.loss, report.accuracy, None, None)
 
 

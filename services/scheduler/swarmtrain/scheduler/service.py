@@ -61,10 +61,12 @@ from swarmtrain.scheduler.actions import (
     evaluated,
     release,
     session_fact,
+    session_failed,
 )
 from swarmtrain.scheduler.decide import decide, recover
 from swarmtrain.scheduler.reports import check
 from swarmtrain.scheduler.state import State, fold_safely, observe_beats, regrace
+from swarmtrain.scheduler.strategies.fedavg import needs_histograms
 
 log = get_logger("swarmtrain.scheduler")
 TICK_S = 0.2
@@ -133,6 +135,10 @@ class Scheduler:
         self.sent: OrderedDict[str, None] = OrderedDict()
         self.evaluating: dict[str, asyncio.Task[None]] = {}
         self.evaluate_after: dict[str, float] = {}
+        self.histograms: dict[str, list[list[int]]] = {}
+        """session_id -> its shards' label histograms (``label_skew``), once computed."""
+        self.counting: dict[str, asyncio.Task[None]] = {}
+        self.count_after: dict[str, float] = {}
         self.quarantined = 0
         """Events this process could not apply and skipped (each one logged with its error)."""
 
@@ -292,6 +298,14 @@ class Scheduler:
         releases them later if the session is still queued, and ``resend`` sends the Trains if it
         started."""
         sid = action.session_id
+        started = action.started
+        session = self.state.sessions.get(sid)
+        if session is not None and needs_histograms(session.request):
+            histograms = self.histograms.get(sid)
+            if histograms is None:
+                self.count_shards(sid)
+                return  # a later tick decides the start again, once they are known
+            started = msgspec.structs.replace(started, shard_histograms=histograms)
         results = await asyncio.gather(
             *(self.append(lock.event, lock.expected) for lock in action.locks), return_exceptions=True
         )
@@ -300,10 +314,10 @@ class Scheduler:
         try:
             if failed:
                 raise failed[0]
-            await self.append(action.started, action.expected)
+            await self.append(started, action.expected)
         except Exception as exc:
             lost_race = isinstance(exc, bus.WrongLastSequence)
-            landed = False if lost_race or failed else await self.landed(action.started)
+            landed = False if lost_race or failed else await self.landed(started)
             if landed is None:
                 log.warning("start's outcome unknown; stale locks are released later", session_id=sid, error=repr(exc))
                 return
@@ -326,6 +340,30 @@ class Scheduler:
         await bus.send(self.js, action.train)
         moved = action.moved
         log.info("shard reassigned", session_id=moved.session_id, shard=moved.shard, peer_id=moved.to_peer_id)
+
+    def count_shards(self, sid: str) -> None:
+        """Compute the session's shard histograms in a worker thread (once at a time; again later if
+        the dataset could not be read); a dataset that cannot be sharded so fails the session."""
+        session = self.state.sessions.get(sid)
+        if sid in self.counting or self.count_after.get(sid, 0.0) > time.monotonic() or session is None:
+            return
+        request = session.request
+
+        async def run() -> None:
+            from swarmtrain.peer.data import DataError
+
+            try:
+                self.histograms[sid] = await asyncio.to_thread(evaluation.shard_histograms, self.store, request)
+            except DataError as exc:
+                log.warning("the dataset cannot be sharded as asked", session_id=sid, error=str(exc))
+                await self.execute([session_failed(sid, f"sharding: {exc}", clocks())])
+            except Exception as exc:
+                self.count_after[sid] = time.monotonic() + EVALUATION_RETRY_S
+                log.warning("shards could not be counted; tried again later", session_id=sid, error=repr(exc))
+
+        task = asyncio.create_task(run(), name=f"shards-{sid}")
+        self.counting[sid] = task
+        task.add_done_callback(lambda _: self.counting.pop(sid, None))
 
     def evaluate(self, action: Evaluate) -> None:
         """Measure the model in a worker thread (once at a time per model; again later if the
@@ -362,7 +400,7 @@ class Scheduler:
         task.add_done_callback(lambda _: self.evaluating.pop(key, None))
 
     async def close(self) -> None:
-        tasks = list(self.evaluating.values())
+        tasks = [*self.evaluating.values(), *self.counting.values()]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

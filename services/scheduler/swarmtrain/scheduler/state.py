@@ -121,6 +121,8 @@ class Session:
     """The scheduler's own evaluation of each finished model, by peer."""
     ended: SessionEvent | None = None
     """The session's terminal event."""
+    shard_rows: tuple[int, ...] = ()
+    """fedavg with ``label_skew``: each shard's training rows, from ``SessionStarted.shard_histograms``."""
 
     @property
     def session_id(self) -> str:
@@ -135,6 +137,8 @@ class Session:
             rows = shapes.training_rows(self.dataset.rows, self.request.validation_split)
             if shard is None:
                 return rows
+            if self.request.sharding.name != "iid":  # the scheduler counted them at the start
+                return self.shard_rows[shard] if 0 <= shard < len(self.shard_rows) else None
             return (
                 shapes.shard_sizes(rows, self.request.num_peers)[shard] if 0 <= shard < self.request.num_peers else None
             )
@@ -315,7 +319,8 @@ def _evolve_session(session: Session, seq: int, event: Event, wall: float) -> Se
                     p: Run(hyperparameters=h, shard=event.shards.get(p, 0), since=wall)
                     for p, h in event.assignments.items()
                 }
-                session = replace(session, status=status, runs=runs)
+                shard_rows = tuple(sum(h) for h in event.shard_histograms)
+                session = replace(session, status=status, runs=runs, shard_rows=shard_rows)
                 if strategy_of(session.request.strategy).rounds:
                     session = replace(session, round=1, round_opened=wall, round_base=wall)
             return session

@@ -41,6 +41,11 @@ async def request_session(
             rounds=plan.rounds,
             on_peer_failure=plan.on_peer_failure,
             max_update_norm=plan.max_update_norm,
+            aggregator=plan.aggregator,
+            outer=plan.outer,
+            compression=plan.compression,
+            sharding=plan.sharding,
+            keep_local_optimizer=plan.keep_local_optimizer,
         )
     )
     return session_id

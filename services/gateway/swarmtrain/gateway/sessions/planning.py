@@ -14,6 +14,14 @@ from litestar.exceptions import ClientException
 
 from swarmtrain.common import shapes
 from swarmtrain.common.events import DEFAULT_CHANNELS, Hyperparameters, ModelSpec, OnPeerFailure, Strategy
+from swarmtrain.common.fedopts import (
+    AggregatorSpec,
+    CompressionSpec,
+    OuterSpec,
+    ShardingSpec,
+    check_options,
+    resolve_outer,
+)
 from swarmtrain.common.settings import Settings
 from swarmtrain.gateway.errors import describe
 from swarmtrain.gateway.sessions.schemas import HyperparametersIn, ModelIn, SessionIn
@@ -30,6 +38,29 @@ class SessionPlan(msgspec.Struct, frozen=True, kw_only=True):
     rounds: int
     on_peer_failure: OnPeerFailure
     max_update_norm: float | None = None
+    aggregator: AggregatorSpec = msgspec.field(default_factory=AggregatorSpec)
+    outer: OuterSpec = msgspec.field(default_factory=lambda: resolve_outer(OuterSpec()))
+    """Resolved (``fedopts.resolve_outer``): the log holds the learning rate, not "the default"."""
+    compression: CompressionSpec = msgspec.field(default_factory=CompressionSpec)
+    sharding: ShardingSpec = msgspec.field(default_factory=ShardingSpec)
+    keep_local_optimizer: bool = False
+
+
+ROUND_OPTIONS = ("aggregator", "outer", "compression", "sharding", "keep_local_optimizer")
+"""The request's options of averaging rounds: a strategy without rounds takes none of them."""
+
+
+def _round_options(data: SessionIn) -> None:
+    """400 for a round option asked of a strategy without rounds, or one its peers cannot follow."""
+    if not rules(data.strategy).rounds:
+        given = [name for name in ROUND_OPTIONS if getattr(data, name) is not None]
+        if given:
+            raise ClientException(
+                f"{given[0]} applies to {', '.join(with_rounds())} only: a {data.strategy} averages no updates"
+            )
+        return
+    if reason := check_options(data.num_peers, data.aggregator, data.sharding):
+        raise ClientException(reason)
 
 
 def _at_most(name: str, value: int, cap: int) -> None:
@@ -87,6 +118,7 @@ def plan_session(data: SessionIn, settings: Settings) -> SessionPlan:
         raise ClientException(
             f"max_update_norm applies to {', '.join(with_rounds())} only: a {data.strategy} averages no updates"
         )
+    _round_options(data)
     return SessionPlan(
         strategy=data.strategy,
         num_peers=data.num_peers,
@@ -97,6 +129,11 @@ def plan_session(data: SessionIn, settings: Settings) -> SessionPlan:
         rounds=data.rounds,
         on_peer_failure=data.on_peer_failure,
         max_update_norm=data.max_update_norm,
+        aggregator=data.aggregator or AggregatorSpec(),
+        outer=resolve_outer(data.outer or OuterSpec()),
+        compression=data.compression or CompressionSpec(),
+        sharding=data.sharding or ShardingSpec(),
+        keep_local_optimizer=bool(data.keep_local_optimizer),
     )
 
 

@@ -30,6 +30,7 @@ from swarmtrain.common.events import (
     ValidationSplit,
     Widths,
 )
+from swarmtrain.common.fedopts import AggregatorSpec, CompressionSpec, OuterSpec, ShardingSpec
 from swarmtrain.gateway.datasets import DEFAULT_LABEL
 
 # ------------------------------------------------------------------ in
@@ -68,6 +69,18 @@ class SessionIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_update_norm: UpdateNorm | None = None
     """fedavg: the largest L2 norm of a peer's update (its weights minus the round's starting model)
     that is averaged; a larger one is rejected. Unset: only non-finite or misshapen updates are."""
+    aggregator: AggregatorSpec | None = None
+    """fedavg: ``{"name": "mean" | "trimmed_mean" | "median" | "krum" | "multi_krum", "beta", "f", "m"}``;
+    unset: ``mean`` weighted by sample count. Krum needs ``num_peers >= 2f + 3``."""
+    outer: OuterSpec | None = None
+    """fedavg: ``{"name": "none" | "momentum" | "nesterov" | "adam", "lr", "beta1", "beta2", "eps"}``;
+    unset: ``none`` (the aggregate is the next model)."""
+    compression: CompressionSpec | None = None
+    """fedavg: ``{"name": "none" | "fp16" | "bf16" | "int8"}``: how the updates travel."""
+    sharding: ShardingSpec | None = None
+    """fedavg: ``{"name": "iid" | "label_skew", "alpha"}``: how the training rows are cut into shards."""
+    keep_local_optimizer: bool | None = None
+    """fedavg: keep each peer's local optimizer state across rounds (unset: a fresh one per round)."""
 
 
 @dataclass

@@ -8,10 +8,11 @@ the pure :mod:`swarmtrain.peer.averaging`:
 1. Load the dataset, split train/validation as a sweep does, take shard ``shard`` of
    ``num_shards`` of the training rows; fit ``Standardize`` on the *whole* training split and build
    the model from ``torch.manual_seed(seed)``, so every peer starts from identical weights.
-2. ``start_round > 1`` (a reassigned shard, a late joiner): rebuild the average of round
+2. ``start_round > 1`` (a reassigned shard, a late joiner): rebuild the model after round
    ``start_round - 1`` from the ``RoundClosed`` facts the scheduler forwards and the blobs, exactly
    as every peer computed it (walking further back while a round had no acceptable update; with a
-   norm bound, forward from round 1, since a bound is measured from each round's start).
+   norm bound, compression or an outer optimizer, forward from round 1, since each round then
+   depends on its start, and the outer optimizer's state on every round before).
 3. Per round ``r``: ``hyperparameters.epochs`` local epochs (a ``Heartbeat`` each, ``epoch``
    counted over the whole session); PUT ``<rounds_uri>/<r>/<peer_id>.safetensors`` through
    ``update_urls[r]``; report ``ModelUpdatePublished``; wait for the forwarded ``RoundClosed{r}``;
@@ -26,9 +27,18 @@ the pure :mod:`swarmtrain.peer.averaging`:
 Every download goes through a signed URL, capped (this model's weights file plus an allowance, and
 never more than ``SWARMTRAIN_BLOB_MAX_DOWNLOAD_MB``) and checked against the sha256 the fact names.
 
+The session's round options travel in the ``Train`` (:class:`rounds.RoundOptions`): the update is
+published as ``compression`` encodes it (the whole weights, or the delta from the round's start),
+every named update is decoded from the round's start, aggregated with ``aggregator`` and stepped
+with ``outer`` (whose state the peer carries from round to round, and a newcomer rebuilds by
+walking the rounds from the first): :func:`rounds.apply_round`. The shard is cut by ``sharding``
+(:mod:`swarmtrain.peer.sharding`). ``RoundAveraged`` names the rule applied, the updates selected
+and the round's bytes.
+
 Local training is a pure function of (round-start weights, seed, shard, round): a fresh Adam per
-round and a shuffle generator seeded from (seed, shard, round). So a peer that takes over a shard
-trains it exactly as its first owner would have, and a round can be recomputed from the log.
+round (unless ``keep_local_optimizer``) and a shuffle generator seeded from (seed, shard, round).
+So a peer that takes over a shard trains it exactly as its first owner would have (with a kept
+optimizer, its first round with a fresh one), and a round can be recomputed from the log.
 
 The protocol reads no session events: it follows ``ctx.facts``, which the peer's command consumer
 fills from the scheduler's ``SessionFact`` commands. It ends quietly (``TrainingStopped``, nothing
@@ -56,18 +66,24 @@ from torch import nn
 
 from swarmtrain.common import blob
 from swarmtrain.common.events import (
+    ModelSpec,
     ModelUpdatePublished,
     PeerDone,
     RoundAveraged,
     RoundClosed,
     RoundUpdate,
+    SessionRequested,
     Train,
     UpdateRejected,
 )
 from swarmtrain.common.logging import get_logger
-from swarmtrain.peer.averaging import Tensors, UpdateUnavailable, average_round, sha256_hex, state_bytes
-from swarmtrain.peer.data import DataError, shard_indices
+from swarmtrain.peer.averaging import Tensors, UpdateUnavailable, sha256_hex, state_bytes
+from swarmtrain.peer.compression import encode_update
+from swarmtrain.peer.data import DataError, Dataset, load_csv, split_indices
 from swarmtrain.peer.model import ModelMetadata, Standardize, model_bytes
+from swarmtrain.peer.outer import State
+from swarmtrain.peer.rounds import RoundOptions, RoundResult, apply_round, replay_rounds, update_file
+from swarmtrain.peer.sharding import make_shards
 from swarmtrain.peer.trainer import (
     EpochStats,
     TrainingStopped,
@@ -127,6 +143,24 @@ def check_urls(command: Train) -> None:
 # ------------------------------------------------------------------ torch (worker thread)
 
 
+def initial_model(spec: ModelSpec, data: Dataset, train_idx: torch.Tensor, seed: int) -> nn.Sequential:
+    """Round 1's starting model, the same on every peer: built from ``torch.manual_seed(seed)``, its
+    ``Standardize`` fitted on the whole training split (not the shard)."""
+    model = seeded_model(spec, data.features.shape[1], len(data.classes), seed)
+    standardize = model[0]
+    assert isinstance(standardize, Standardize)
+    standardize.fit(data.features[train_idx])
+    return model
+
+
+def initial_weights(csv_path: Path, request: SessionRequested) -> Tensors:
+    """The weights :func:`initial_model` gives ``request``'s session (``replay-round`` starts there)."""
+    data = load_csv(csv_path, request.label_column)
+    train_idx, _ = split_indices(len(data), request.validation_split, request.seed)
+    model = initial_model(request.model, data, train_idx, request.seed)
+    return {name: t.detach().to("cpu").clone() for name, t in model.state_dict().items()}
+
+
 @dataclass(frozen=True, kw_only=True)
 class RoundStats:
     loss: float
@@ -153,14 +187,16 @@ class LocalLearner:
             seed=command.seed,
         )
         data, train_idx, val_idx = load_data(job)
-        shard = shard_indices(train_idx, command.num_shards, command.shard, command.seed)
+        sharding = make_shards(command.sharding, train_idx, data.labels, command.num_shards, command.seed)
+        shard = sharding.shards[command.shard]
         self.num_samples = len(shard)
+        self.histograms = sharding.histograms
+        """Every shard's rows per class index (the scheduler computes the same for ``label_skew``)."""
+        self._optimizer: torch.optim.Optimizer | None = None
+        """The local optimizer kept from round to round (``keep_local_optimizer``)."""
         self.metadata: ModelMetadata = metadata_for(command.model, data)
 
-        self.model: nn.Sequential = seeded_model(command.model, data.features.shape[1], len(data.classes), command.seed)
-        standardize = self.model[0]
-        assert isinstance(standardize, Standardize)
-        standardize.fit(data.features[train_idx])  # the whole training split: the same on every peer
+        self.model = initial_model(command.model, data, train_idx, command.seed)
         self.reference: Tensors = self.state()
         """The initial weights: every update must have their names, shapes and dtypes."""
 
@@ -179,7 +215,9 @@ class LocalLearner:
     def train_round(self, round_: int, on_epoch: Callable[[EpochStats], None], stop: threading.Event) -> RoundStats:
         """The round's local epochs on the shard, from the current weights; raises ``TrainingStopped``."""
         hp = self.command.hyperparameters
-        optimizer = torch.optim.Adam(self.model.parameters(), lr=hp.lr)
+        optimizer = self._optimizer or torch.optim.Adam(self.model.parameters(), lr=hp.lr)
+        if self.command.keep_local_optimizer:
+            self._optimizer = optimizer  # loading an average copies into the same parameters
         shuffle = torch.Generator().manual_seed(round_seed(self.command.seed, self.command.shard, round_))
         loss = accuracy = 0.0
         for e in range(1, hp.epochs + 1):
@@ -236,6 +274,9 @@ class FedavgRun:
         self.stopped = ctx.stopped
         """Seen by the loop: set together with ``stop``."""
         self._started = time.perf_counter()
+        self.options = RoundOptions.of(command)
+        self.outer_state: State = {}
+        """The outer optimizer's state after the last round applied (``{}`` before the first)."""
 
     @property
     def sid(self) -> str:
@@ -256,26 +297,35 @@ class FedavgRun:
     # ---------------------------------------------------------------- steps
 
     async def _catch_up(self, learner: LocalLearner) -> None:
-        """Start from the average of round ``start_round - 1``, rebuilt as every peer built it.
+        """Start from the model after round ``start_round - 1``, rebuilt as every peer built it.
 
-        Without a norm bound a round's average does not depend on its start, so the walk goes back
-        from the last round until one had an acceptable update. With one, whether an update is
-        accepted depends on the weights its round started from: the walk goes forward from round 1.
+        Where a round's result does not depend on its start (no compression, no norm bound, no
+        outer optimizer), the walk goes back from the last round until one had an acceptable
+        update. Otherwise it goes forward from round 1 and the initial weights, carrying the outer
+        optimizer's state: the state a newcomer rebuilds from the log.
         """
         last = self.command.start_round - 1
-        if self.command.max_update_norm is None:
+        if not self.options.needs_start:
             for k in range(last, 0, -1):
-                average, _ = await asyncio.to_thread(self._average, await self._closed(k), learner.reference, None)
-                if average is not None:
-                    await self._adopt(learner, k, average)
+                closed_k = await self._closed(k)
+                result = await asyncio.to_thread(self._apply, closed_k, learner.reference, learner.reference)
+                if result.aggregate is not None:
+                    await self._adopt(learner, k, result.model)
                     return
                 log.info("round had no acceptable update; looking one round further back", round=k)
             log.info("no round had an acceptable update; starting from the initial weights")
             return
-        weights: Tensors = learner.reference
-        for k in range(1, last + 1):
-            average, _ = await asyncio.to_thread(self._average, await self._closed(k), learner.reference, weights)
-            weights = weights if average is None else average
+        closed = {k: await self._closed(k) for k in range(1, last + 1)}
+        limit = self._limit(learner.reference)
+        weights, self.outer_state = await asyncio.to_thread(
+            replay_rounds,
+            closed,
+            last,
+            lambda update: self._fetch(update, limit),
+            learner.reference,
+            self.options,
+            rounds_uri=self.command.rounds_uri,
+        )
         await self._adopt(learner, last, weights)
 
     async def _adopt(self, learner: LocalLearner, k: int, average: Tensors) -> None:
@@ -293,7 +343,7 @@ class FedavgRun:
 
         # Too late (the round closed without us) means the scheduler has left us out: stop quietly.
         self._go_on(r)
-        data = await asyncio.to_thread(lambda: state_bytes(learner.state()))
+        data = await asyncio.to_thread(self._encode, learner, round_start)
         ref = await asyncio.to_thread(self._put, cmd.update_urls[r], data)
         self._go_on(r)
         await self._report(
@@ -307,15 +357,17 @@ class FedavgRun:
                 num_samples=learner.num_samples,
                 loss=stats.loss,
                 accuracy=stats.accuracy,
+                nbytes=len(data),
             )
         )
 
         closed = await self._closed(r)
         if self.peer_id in closed.left_out:
             raise TrainingStopped(f"left out of round {r}")
-        average, rejected = await asyncio.to_thread(self._average, closed, learner.reference, round_start)
+        result = await asyncio.to_thread(self._apply, closed, learner.reference, round_start)
+        self.outer_state = result.state
         self._go_on()
-        for author, reason in rejected:
+        for author, reason in result.rejected:
             log.warning("update rejected", round=r, author=author, reason=reason)
             await self._report(
                 UpdateRejected(
@@ -327,9 +379,9 @@ class FedavgRun:
                     reported_by=self.peer_id,
                 )
             )
-        if average is None:
+        if result.aggregate is None:
             log.warning("no acceptable update; keeping the round-start weights", round=r)
-            average = round_start
+        average = result.model
         await asyncio.to_thread(learner.load, average)
         val_loss, val_accuracy = await asyncio.to_thread(learner.evaluate_val)
         check_finite(r * cmd.hyperparameters.epochs, val_loss)
@@ -350,10 +402,19 @@ class FedavgRun:
                 peer_id=self.peer_id,
                 val_loss=val_loss,
                 val_accuracy=val_accuracy,
+                aggregator=result.aggregator,
+                selected=list(result.selected),
+                update_bytes=result.update_bytes,
             )
         )
         log.info(
-            "round averaged", round=r, updates=len(closed.updates), rejected=len(rejected), val_accuracy=val_accuracy
+            "round averaged",
+            round=r,
+            updates=len(closed.updates),
+            rejected=len(result.rejected),
+            aggregator=result.aggregator,
+            update_bytes=result.update_bytes,
+            val_accuracy=val_accuracy,
         )
 
     async def _train_round(self, learner: LocalLearner, r: int) -> RoundStats:
@@ -407,18 +468,26 @@ class FedavgRun:
 
     # ---------------------------------------------------------------- blocking helpers (threads)
 
-    def _average(
-        self, closed: RoundClosed, reference: Tensors, start: Mapping[str, torch.Tensor] | None
-    ) -> tuple[Tensors | None, list[tuple[str, str]]]:
-        """The round's average; with the command's norm bound measured from ``start``."""
-        limit = len(state_bytes(reference)) + HEADER_ALLOWANCE
-        return average_round(
+    def _limit(self, reference: Tensors) -> int:
+        """The most bytes an update of this model may have: its whole weights file and a header."""
+        return len(state_bytes(reference)) + HEADER_ALLOWANCE
+
+    def _encode(self, learner: LocalLearner, round_start: Mapping[str, torch.Tensor]) -> bytes:
+        """This peer's update file for the round: its weights, or their delta compressed."""
+        method = self.options.compression
+        return update_file(encode_update(learner.state(), round_start, method).payload, method)
+
+    def _apply(self, closed: RoundClosed, reference: Tensors, start: Mapping[str, torch.Tensor]) -> RoundResult:
+        """The round from ``start`` and the outer state carried so far (:func:`rounds.apply_round`)."""
+        limit = self._limit(reference)
+        return apply_round(
             closed,
             lambda update: self._fetch(update, limit),
             reference,
+            start,
+            self.outer_state,
+            self.options,
             rounds_uri=self.command.rounds_uri,
-            start=start,
-            max_norm=self.command.max_update_norm,
         )
 
     def _fetch(self, update: RoundUpdate, limit: int) -> bytes:

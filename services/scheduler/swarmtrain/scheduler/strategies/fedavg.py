@@ -1,7 +1,14 @@
 """fedavg: each peer trains its shard for a round; the scheduler closes a round once every training
 participant published its update, or at a deadline adapted to the rounds seen so far, and acts on
 failed participants as the session's ``on_peer_failure`` says. The session's model is the one most
-peers agree on (by sha256), not a peer's own claim of accuracy."""
+peers agree on (by sha256), not a peer's own claim of accuracy.
+
+The session's round options (aggregator, outer optimizer, compression, sharding, keeping the
+local optimizer, the norm bound) travel in every ``Train`` (``actions.train_command``); the peers
+apply them. ``label_skew`` shards are not a function of the row count alone: the shell computes
+their label histograms from the dataset (``evaluation.shard_histograms``, the peers' own sharding
+code) before it appends ``SessionStarted``, which carries them, so each shard's sample count is
+checked exactly as an ``iid`` one is (``Session.training_rows``)."""
 
 from __future__ import annotations
 
@@ -64,6 +71,12 @@ class FedAvg:
 STRATEGY = FedAvg()
 
 
+def needs_histograms(request: SessionRequested) -> bool:
+    """Whether the session's ``SessionStarted`` must carry its shards' label histograms: a fedavg
+    whose shards' sizes depend on the labels (``label_skew``)."""
+    return request.strategy == STRATEGY.name and request.sharding.name != "iid"
+
+
 def round_deadline(session: Session, timing: Timing) -> float:
     """Seconds after ``round_base`` that the open round may take: adapted to the rounds seen so far."""
     seen = max(session.longest_round, (session.first_update or session.round_opened) - session.round_opened)
@@ -106,8 +119,9 @@ def on_failures(session: Session, idle: Sequence[Peer], clocks: Clocks, config: 
     if req.on_peer_failure == "reassign":
         free = list(idle)
         for shard in session.orphan_shards():
-            # a peer that already failed in this session comes last
-            candidates = sorted(free, key=lambda p: p.peer_id in session.runs)
+            # never a peer that already ran in this session: a run is a peer's once (``state`` ignores a
+            # reassignment to it), so handing it a shard again would lock and release it forever
+            candidates = [p for p in free if p.peer_id not in session.runs]
             if not candidates:
                 break
             free.remove(chosen := candidates[0])

@@ -1,0 +1,190 @@
+"""One fedavg round as a pure function: the updates a ``RoundClosed`` names -> the next model.
+
+Every peer runs :func:`apply_round` over exactly the updates a ``RoundClosed`` names; a newcomer
+runs it over every closed round from the first (:func:`replay_rounds`) to rebuild the model and
+the outer optimizer's state; so does ``swarmtrain session replay-round``. The steps, each a pure
+function of its inputs (see their modules for why each is bit for bit on any machine):
+
+1. per update, in the order named: fetch its bytes, check their sha256, parse them (safetensors,
+   never pickle), check them as the session's ``compression`` encodes an update
+   (:func:`compression.check_payload`), rebuild the weights from the round's start
+   (:func:`compression.decode_update`), and reject one farther than ``max_norm`` from the start;
+2. the session's aggregator over the accepted ones (:func:`aggregators.aggregate`); Krum with too
+   few acceptable updates for its ``f`` falls back to ``median``, and the result names the rule
+   applied;
+3. the outer step from the round's start (:func:`outer.outer_step`), carrying its state.
+
+A round with no acceptable update keeps the start and the state as they were.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from swarmtrain.common.blob import BlobNotFound
+from swarmtrain.common.events import RoundClosed, RoundUpdate, SessionRequested, Train
+from swarmtrain.common.fedopts import AggregatorSpec, CompressionName, OuterSpec, applied_rule
+from swarmtrain.peer import tensorfile
+from swarmtrain.peer.aggregators import aggregate
+from swarmtrain.peer.averaging import MAX_REASON, Tensors, UpdateUnavailable, l2_distance, state_bytes
+from swarmtrain.peer.compression import check_payload, decode_update
+from swarmtrain.peer.outer import State, outer_step
+
+
+@dataclass(frozen=True, kw_only=True)
+class RoundOptions:
+    """The session's rules for its rounds, as its ``Train`` (or ``SessionRequested``) names them."""
+
+    aggregator: AggregatorSpec = field(default_factory=AggregatorSpec)
+    outer: OuterSpec = field(default_factory=OuterSpec)
+    compression: CompressionName = "none"
+    max_norm: float | None = None
+
+    @classmethod
+    def of(cls, source: Train | SessionRequested) -> RoundOptions:
+        return cls(
+            aggregator=source.aggregator,
+            outer=source.outer,
+            compression=source.compression.name,
+            max_norm=source.max_update_norm,
+        )
+
+    @property
+    def needs_start(self) -> bool:
+        """Whether a round's result depends on the weights it started from (else a newcomer may
+        take the latest round's result alone)."""
+        return self.compression != "none" or self.max_norm is not None or self.outer.name != "none"
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    model: Tensors
+    """The next round's weights: the outer step's result (the aggregate itself for ``none``), or
+    the round's start where no update was acceptable."""
+    state: State
+    """The outer optimizer's state after the round."""
+    aggregate: Tensors | None
+    """The aggregate, before the outer step; None where no update was acceptable."""
+    rejected: list[tuple[str, str]]
+    """``(peer_id, reason)`` in the order the fact names them."""
+    aggregator: str
+    """The rule applied (the session's, or ``median`` for a Krum that could not run)."""
+    selected: tuple[str, ...]
+    """The peers whose updates went into the aggregate, sorted."""
+    update_bytes: int
+    """The bytes of every update whose file matched its sha256."""
+
+
+Fetch = Callable[[RoundUpdate], bytes]
+
+
+def apply_round(
+    closed: RoundClosed,
+    fetch: Fetch,
+    reference: Mapping[str, torch.Tensor],
+    start: Mapping[str, torch.Tensor],
+    state: State,
+    options: RoundOptions,
+    *,
+    rounds_uri: str | None = None,
+) -> RoundResult:
+    """Round ``closed.round`` from the weights ``start`` and the outer ``state`` it began with.
+
+    ``fetch`` raising :class:`UpdateUnavailable`, ``BlobNotFound`` or ``FileNotFoundError`` rejects
+    that update; anything else propagates. With ``rounds_uri``, an update whose uri is not under
+    ``<rounds_uri>/<round>/`` is rejected unfetched. ``state`` is not modified.
+    """
+    accepted: list[tuple[str, Mapping[str, torch.Tensor], int]] = []
+    rejected: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    nbytes = 0
+    for update in closed.updates:
+        if update.peer_id in seen:
+            outcome: Tensors | str = "a second update from the same peer in one round"
+        else:
+            outcome, size = _load(update, closed.round, fetch, reference, start, options, rounds_uri)
+            nbytes += size
+        seen.add(update.peer_id)
+        if isinstance(outcome, str):
+            rejected.append((update.peer_id, outcome[:MAX_REASON]))
+        else:
+            accepted.append((update.peer_id, outcome, update.num_samples))
+    if not accepted:
+        kept = {name: t.detach().to("cpu").clone() for name, t in sorted(start.items())}
+        return RoundResult(kept, dict(state), None, rejected, options.aggregator.name, (), nbytes)
+    spec = applied_rule(options.aggregator, len(accepted))
+    agg = aggregate(spec, accepted)
+    model, new_state = outer_step(options.outer, start, agg.tensors, state)
+    return RoundResult(model, new_state, agg.tensors, rejected, spec.name, agg.selected, nbytes)
+
+
+def replay_rounds(
+    closed: Mapping[int, RoundClosed],
+    last: int,
+    fetch: Fetch,
+    initial: Mapping[str, torch.Tensor],
+    options: RoundOptions,
+    *,
+    rounds_uri: str | None = None,
+    on_round: Callable[[int, RoundResult], None] | None = None,
+) -> tuple[Tensors, State]:
+    """Rounds ``1 .. last`` from the ``initial`` weights and an empty outer state: the model and
+    state after round ``last``, as every peer that took part computed them. ``on_round`` sees each
+    round's result (a replay compares each with what was stored)."""
+    weights: Tensors = {name: t.detach().to("cpu").clone() for name, t in sorted(initial.items())}
+    state: State = {}
+    for k in range(1, last + 1):
+        result = apply_round(closed[k], fetch, initial, weights, state, options, rounds_uri=rounds_uri)
+        if on_round is not None:
+            on_round(k, result)
+        weights, state = result.model, result.state
+    return weights, state
+
+
+def _load(
+    update: RoundUpdate,
+    round_: int,
+    fetch: Fetch,
+    reference: Mapping[str, torch.Tensor],
+    start: Mapping[str, torch.Tensor],
+    options: RoundOptions,
+    rounds_uri: str | None,
+) -> tuple[Tensors | str, int]:
+    """The update's weights, or why it is rejected; and the bytes fetched that matched their sha256."""
+    if update.num_samples < 1:
+        return f"num_samples must be at least 1, got {update.num_samples}", 0
+    if rounds_uri is not None and not update.uri.startswith(f"{rounds_uri.rstrip('/')}/{round_}/"):
+        return "uri is outside the session's folder for this round", 0
+    try:
+        data = fetch(update)
+    except (UpdateUnavailable, BlobNotFound, FileNotFoundError) as exc:
+        return f"update not available: {exc}", 0
+    if hashlib.sha256(data).hexdigest() != update.sha256.lower():
+        return "sha256 mismatch", 0
+    try:
+        payload = tensorfile.loads(data)
+    except Exception as exc:  # untrusted bytes: whatever the parser says, the update is unusable
+        return f"not a safetensors file: {type(exc).__name__}: {exc}", len(data)
+    if reason := check_payload(payload, reference, options.compression):
+        return reason, len(data)
+    weights = decode_update(payload, start, options.compression)
+    if options.max_norm is not None:
+        distance = l2_distance(weights, start)
+        if not distance <= options.max_norm:
+            return (
+                f"update norm {distance:.6g} from the round's start exceeds the bound {options.max_norm:.6g}",
+                len(data),
+            )
+    return weights, len(data)
+
+
+def update_file(payload: Mapping[str, torch.Tensor], compression: CompressionName) -> bytes:
+    """The bytes a peer publishes for an encoded update: fixed metadata, so the same on any machine;
+    ``none`` is the weights file of today (:func:`averaging.state_bytes`)."""
+    if compression == "none":
+        return state_bytes(payload)
+    return tensorfile.dumps(payload, {"format": f"swarmtrain-update/{compression}"})
