@@ -39,28 +39,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import msgspec
 import torch
 
-from swarmtrain.common.events import Hyperparameters, ModelSpec
+from swarmtrain.common.events import FEDAVG, Hyperparameters, ModelSpec, RoundClosed, RoundUpdate, Train
 from swarmtrain.common.fedopts import (
     AggregatorSpec,
     CompressionName,
+    CompressionSpec,
     OuterSpec,
     ShardingSpec,
     check_aggregator,
     resolve_outer,
 )
-from swarmtrain.peer.aggregators import aggregate
 from swarmtrain.peer.averaging import Tensors
-from swarmtrain.peer.compression import METHODS, decode_update, encode_update
-from swarmtrain.peer.model import Standardize
-from swarmtrain.peer.outer import outer_step
-from swarmtrain.peer.sharding import make_shards
-from swarmtrain.peer.trainer import TrainJob, evaluate, load_data, run_epoch, seeded_model, train
+from swarmtrain.peer.compression import METHODS, encode_update
+from swarmtrain.peer.outer import State
+from swarmtrain.peer.rounds import RoundOptions, apply_round, update_file
+from swarmtrain.peer.strategies.fedavg import LocalLearner, update_uri
+from swarmtrain.peer.trainer import TrainJob, train
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ModelSpec(hidden=[128, 64])
 PEERS = 4
+VALIDATION_SPLIT = 0.2
 Attack = Literal["signflip", "scale100"]
 ATTACK_FACTOR: dict[str, float] = {"signflip": -1.0, "scale100": 100.0}
 
@@ -116,6 +118,8 @@ class Setting:
     compression: CompressionName = "none"
     sharding: ShardingSpec = field(default_factory=ShardingSpec)
     attack: Attack | None = None
+    max_norm: float | None = None
+    keep_local_optimizer: bool = False
 
     def label(self) -> str:
         a = self.aggregator
@@ -132,8 +136,12 @@ class Setting:
             parts.append(self.compression)
         if self.sharding.name != "iid":
             parts.append(f"label_skew({self.sharding.alpha})")
+        if self.keep_local_optimizer:
+            parts.append("keep_local_optimizer")
         if self.attack:
             parts.append(f"attack={self.attack}")
+        if self.max_norm is not None:
+            parts.append(f"max_update_norm={self.max_norm:g}")
         return " + ".join(parts)
 
 
@@ -144,40 +152,57 @@ class Outcome:
     bytes_per_round: float
     selected: list[list[str]] = field(default_factory=list)
     histograms: list[list[int]] = field(default_factory=list)
+    rejected: int = 0
 
 
-def round_seed(seed: int, shard: int, round_: int) -> int:
-    """As the peer's ``fedavg.round_seed``: the shuffle seed of a shard's round."""
-    digest = hashlib.sha256(f"swarmtrain-fedavg/{seed}/{shard}/{round_}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-def simulate(csv_path: Path, label: str, hp: Hyperparameters, rounds: int, seed: int, s: Setting) -> Outcome:
-    """One fedavg session of ``rounds`` rounds on ``PEERS`` peers, in this process."""
-    job = TrainJob(csv_path=csv_path, label_column=label, model=MODEL, hyperparameters=hp, seed=seed)
-    data, train_idx, val_idx = load_data(job)
-    sharding = make_shards(s.sharding, train_idx, data.labels, PEERS, seed)
-    model = seeded_model(MODEL, data.features.shape[1], len(data.classes), seed)
-    standardize = model[0]
-    assert isinstance(standardize, Standardize)
-    standardize.fit(data.features[train_idx])
-    x_val, y_val = data.features[val_idx], data.labels[val_idx]
-    state: Tensors = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    outer_state: dict[str, torch.Tensor] = {}
+def simulate(
+    csv_path: Path, label: str, hp: Hyperparameters, rounds: int, seed: int, s: Setting, peers: int = PEERS
+) -> Outcome:
+    """One fedavg session of ``rounds`` rounds on ``peers`` peers, in this process, with the peer's
+    own code: one :class:`LocalLearner` per shard (built from a ``Train`` as the peer builds it) and
+    :func:`rounds.apply_round` over a ``RoundClosed`` naming every update, fetched from memory."""
+    rounds_uri = "file:///bench/rounds"
+    command = Train(
+        peer_id="peer-0",
+        session_id="bench",
+        dataset_uri="file:///bench/data.csv",
+        dataset_sha256="0" * 64,
+        label_column=label,
+        model=MODEL,
+        hyperparameters=hp,
+        validation_split=VALIDATION_SPLIT,
+        seed=seed,
+        output_uri="file:///bench/model.safetensors",
+        strategy=FEDAVG,
+        num_shards=peers,
+        rounds=rounds,
+        rounds_uri=rounds_uri,
+        max_update_norm=s.max_norm,
+        aggregator=s.aggregator,
+        outer=resolve_outer(s.outer),
+        compression=CompressionSpec(name=s.compression),
+        sharding=s.sharding,
+        keep_local_optimizer=s.keep_local_optimizer,
+    )
+    learners = [
+        LocalLearner(csv_path, msgspec.structs.replace(command, peer_id=f"peer-{k}", shard=k)) for k in range(peers)
+    ]
+    options = RoundOptions.of(command)
+    reference = learners[0].reference
+    state: Tensors = dict(reference)
+    outer_state: State = {}
     stop = threading.Event()
     sent = 0
-    selected = []
+    selected: list[list[str]] = []
+    rejected = 0
     for r in range(1, rounds + 1):
-        updates = []
-        for k, rows in enumerate(sharding.shards):
+        files: dict[str, bytes] = {}
+        updates: list[RoundUpdate] = []
+        for k, learner in enumerate(learners):
             peer_id = f"peer-{k}"
-            model.load_state_dict(state)
-            optimizer = torch.optim.Adam(model.parameters(), lr=hp.lr)
-            shuffle = torch.Generator().manual_seed(round_seed(seed, k, r))
-            x, y = data.features[rows], data.labels[rows]
-            for e in range(hp.epochs):
-                run_epoch(model, optimizer, x, y, hp.batch_size, shuffle, stop, e + 1)
-            local = {name: t.detach().clone() for name, t in model.state_dict().items()}
+            learner.load(state)
+            learner.train_round(r, lambda stats: None, stop)
+            local = learner.state()
             if s.attack and k == 0:
                 factor = ATTACK_FACTOR[s.attack]
                 local = {
@@ -186,20 +211,28 @@ def simulate(csv_path: Path, label: str, hp: Hyperparameters, rounds: int, seed:
                     else t
                     for n, t in local.items()
                 }
-            encoded = encode_update(local, state, s.compression)
-            sent += encoded.nbytes
-            updates.append((peer_id, decode_update(encoded.payload, state, s.compression), len(rows)))
-        result = aggregate(s.aggregator, updates)
+            data = update_file(encode_update(local, state, s.compression).payload, s.compression)
+            uri = update_uri(rounds_uri, r, peer_id)
+            files[uri] = data
+            sha = hashlib.sha256(data).hexdigest()
+            updates.append(RoundUpdate(peer_id=peer_id, uri=uri, sha256=sha, num_samples=learner.num_samples))
+        closed = RoundClosed(session_id="bench", round=r, updates=updates)
+        result = apply_round(
+            closed, lambda u, files=files: files[u.uri], reference, state, outer_state, options, rounds_uri=rounds_uri
+        )
+        sent += result.update_bytes
+        rejected += len(result.rejected)
         selected.append(list(result.selected))
-        state, outer_state = outer_step(s.outer, state, result.tensors, outer_state)
-    model.load_state_dict(state)
-    _, acc = evaluate(model, x_val, y_val)
+        state, outer_state = result.model, result.state
+    learners[0].load(state)
+    _, acc = learners[0].evaluate_val()
     return Outcome(
         val_accuracy=float(acc or 0.0),
-        bytes_per_update=sent / (rounds * PEERS),
+        bytes_per_update=sent / (rounds * peers),
         bytes_per_round=sent / rounds,
         selected=selected,
-        histograms=sharding.histograms,
+        histograms=learners[0].histograms,
+        rejected=rejected,
     )
 
 
@@ -209,6 +242,7 @@ def single_peer(csv_path: Path, label: str, hp: Hyperparameters, rounds: int, se
         csv_path=csv_path,
         label_column=label,
         model=MODEL,
+        validation_split=VALIDATION_SPLIT,
         hyperparameters=Hyperparameters(epochs=rounds * hp.epochs, batch_size=hp.batch_size, lr=hp.lr),
         seed=seed,
     )
@@ -226,6 +260,8 @@ class Bench:
         self.hp = Hyperparameters(epochs=args.local_epochs, batch_size=args.batch_size, lr=args.lr)
         self.results: dict[str, Any] = {}
         self._single: dict[tuple[str, int], float] = {}
+        self.rejected = 0
+        """Updates the norm bound (or anything else) rejected in the runs of the current row."""
 
     def single(self, dataset: str, seed: int) -> float:
         if (dataset, seed) not in self._single:
@@ -233,10 +269,11 @@ class Bench:
             self._single[dataset, seed] = single_peer(path, label, self.hp, self.args.rounds, seed)
         return self._single[dataset, seed]
 
-    def run(self, dataset: str, setting: Setting) -> tuple[float, float, Outcome]:
+    def run(self, dataset: str, setting: Setting, peers: int = PEERS) -> tuple[float, float, Outcome]:
         """(mean accuracy over the seeds, mean gap to one peer in points, the first seed's outcome)."""
         path, label = self.data[dataset]
-        outcomes = [simulate(path, label, self.hp, self.args.rounds, seed, setting) for seed in self.args.seeds]
+        outcomes = [simulate(path, label, self.hp, self.args.rounds, seed, setting, peers) for seed in self.args.seeds]
+        self.rejected += sum(o.rejected for o in outcomes)
         accs = [o.val_accuracy for o in outcomes]
         gaps = [100 * (self.single(dataset, seed) - a) for seed, a in zip(self.args.seeds, accs, strict=True)]
         return statistics.fmean(accs), statistics.fmean(gaps), outcomes[0]
@@ -278,7 +315,13 @@ class Bench:
         )
 
     def poison(self) -> None:
+        """Peer 0 sign-flips or scales x100 its delta every round. Every run here, the clean ones
+        included, has ``max_update_norm`` = ``--max-norm``: loose enough that no x100 update is
+        rejected (the table's last column says so), so the robust rules, not the bound, must hold.
+        Krum with 4 peers may only assume f = 0 (n >= 2f + 3); Krum with f = 1 runs on 5 peers,
+        against a clean run on 5 peers."""
         dataset = "digits"
+        bound = self.args.max_norm
         rules = [
             AggregatorSpec(name="mean"),
             AggregatorSpec(name="median"),
@@ -288,22 +331,36 @@ class Bench:
         ]
         for rule in rules:
             assert check_aggregator(rule, PEERS) is None, rule
-        clean, _, _ = self.run(dataset, Setting())
-        rows = [["(clean run)", "mean", f"{clean:.4f}", "", ""]]
-        found: dict[str, Any] = {"clean": clean}
+        five = [AggregatorSpec(name="krum", f=1), AggregatorSpec(name="multi_krum", f=1)]
+        for rule in five:
+            assert check_aggregator(rule, PEERS + 1) is None, rule
+        assert check_aggregator(AggregatorSpec(name="krum", f=1), PEERS) is not None
+        head = ["peers", "attack", "aggregator", "accuracy", "vs clean (points)", "poisoned update selected"]
+        head += ["updates rejected"]
+        clean: dict[int, float] = {}
+        rows: list[list[str]] = []
+        found: dict[str, Any] = {}
+        for peers in (PEERS, PEERS + 1):
+            self.rejected = 0
+            clean[peers], _, _ = self.run(dataset, Setting(max_norm=bound), peers)
+            found[f"clean/{peers}"] = clean[peers]
+            rows.append([str(peers), "(clean run)", "mean", f"{clean[peers]:.4f}", "", "", str(self.rejected)])
         for attack in ("signflip", "scale100"):
-            for rule in rules:
-                s = Setting(aggregator=rule, attack=attack)
-                acc, _, first = self.run(dataset, s)
+            for peers, rule in [(PEERS, r) for r in rules] + [(PEERS + 1, r) for r in five]:
+                self.rejected = 0
+                s = Setting(aggregator=rule, attack=attack, max_norm=bound)
+                acc, _, first = self.run(dataset, s, peers)
                 poisoned_in = sum("peer-0" in sel for sel in first.selected)
-                chosen = f"{poisoned_in}/{len(first.selected)}" if rule.name in ("krum", "multi_krum") else "-"
-                found[s.label()] = {"accuracy": acc, "vs_clean_points": 100 * (acc - clean)}
-                rows.append([attack, s.label().split(" + ")[0], f"{acc:.4f}", f"{100 * (acc - clean):+.2f}", chosen])
-                print(f"  {s.label():<50} acc {acc:.4f}", file=sys.stderr, flush=True)
+                chosen = f"{poisoned_in}/{len(first.selected)} rounds" if rule.name in ("krum", "multi_krum") else "-"
+                vs = 100 * (acc - clean[peers])
+                found[f"{peers}/{s.label()}"] = {"accuracy": acc, "vs_clean_points": vs, "rejected": self.rejected}
+                name = s.label().split(" + ")[0]
+                rows.append([str(peers), attack, name, f"{acc:.4f}", f"{vs:+.2f}", chosen, str(self.rejected)])
+                print(f"  {peers} {s.label():<60} acc {acc:.4f} rejected {self.rejected}", file=sys.stderr, flush=True)
         self.results["poison"] = found
         self.table(
-            f"One of {PEERS} peers poisoned, {dataset} (target: robust rules within 2 points of clean)",
-            ["attack", "aggregator", "accuracy", "vs clean (points)", "rounds the poisoned update was selected"],
+            f"One peer poisoned, {dataset}, max_update_norm {bound:g} (target: robust rules within 2 points of clean)",
+            head,
             rows,
         )
 
@@ -341,7 +398,7 @@ class Bench:
             print(f"  {method:<6} acc {acc:.4f}", file=sys.stderr, flush=True)
         self.results["compression"] = found
         self.table(
-            f"Compression on {dataset} (tensor bytes, safetensors header aside)",
+            f"Compression on {dataset} (bytes of the update files, as the round facts count them)",
             ["compression", "bytes / update", "bytes / round", "accuracy", "gap"],
             rows,
         )
@@ -360,6 +417,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--datasets", nargs="+", default=["digits", "breast_cancer", "generated7"])
     ap.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    ap.add_argument("--max-norm", type=float, default=1000.0, help="max_update_norm in the poison runs")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     ap.add_argument("--json", type=Path, help="also write the figures here")
     args = ap.parse_args()
