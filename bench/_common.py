@@ -198,6 +198,9 @@ class Stack:
             "SWARMTRAIN_LOG_FORMAT": "json",
             "SWARMTRAIN_LOG_LEVEL": log_level,
             "SWARMTRAIN_TORCH_THREADS": "1",
+            # peers read and write blobs through signed URLs served by the gateway (trust model)
+            "SWARMTRAIN_BLOB_SIGNING_SECRET": "bench-blob-signing-0123456789abcdef0123456789abcdef",
+            "SWARMTRAIN_BLOB_PUBLIC_URL": self.gateway_url,
         }
 
     @property
