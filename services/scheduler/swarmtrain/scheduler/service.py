@@ -70,6 +70,7 @@ from swarmtrain.scheduler.strategies.fedavg import needs_histograms
 
 log = get_logger("swarmtrain.scheduler")
 TICK_S = 0.2
+EVENTS_WAIT_S = 0.02
 REPORTS_CONSUMER = "scheduler-reports"
 SENT_MEMORY = 100_000
 """Ids of commands sent by this process that it remembers, so a level-triggered decision is
@@ -204,6 +205,18 @@ class Scheduler:
             if isinstance(outcome, ReportRejected):
                 log.info("report rejected", peer_id=sender, type=outcome.report_type, reason=outcome.reason)
         return len(batch)
+
+    async def settle(self, events: JetStreamContext.PullSubscription, rounds: int = 4) -> None:
+        """Decide, then read back what that wrote and decide again at once, until nothing new is
+        written (at most ``rounds`` times): a fact that follows from another (an update recorded ->
+        its round closed -> the close forwarded to the peers) is not held back by a tick."""
+        for _ in range(rounds):
+            if self.state.position < self.barrier:  # our own writes (facts of reports, decisions) first
+                await self.read_to(events, self.barrier)
+            before = self.barrier
+            await self.step()
+            if self.barrier <= before:
+                return
 
     async def step(self) -> None:
         beats, self.beats = self.beats, {}
@@ -480,13 +493,15 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
                         events, reports = await renewed(js, events, reports, scheduler.state.position + 1)
                         scheduler.regrace("reading again after a fault")
                         faulted = False
-                    if await scheduler.read(events, timeout=TICK_S / 2):
+                    # most of a tick waits on the reports (a round's progress), the log is only
+                    # looked at: what arrives there is ours, the gateway's, or waits a tick at most
+                    if await scheduler.read(events, timeout=EVENTS_WAIT_S):
                         idle_since = time.monotonic()
                     elif time.monotonic() - idle_since > 5.0:  # is the consumer still there? (raises if not)
                         idle_since = time.monotonic()
                         await events.consumer_info()
-                    await scheduler.take_reports(reports, events, timeout=TICK_S / 2)
-                    await scheduler.step()
+                    await scheduler.take_reports(reports, events, timeout=TICK_S - EVENTS_WAIT_S)
+                    await scheduler.settle(events)
                 except (nats.errors.Error, nats.js.errors.Error, OSError) as exc:
                     if not faulted or nc.is_connected:  # once per outage, and on every failure once back
                         log.warning("reading failed; riding it out", error=repr(exc))
