@@ -151,6 +151,19 @@ class RoundUpdate(msgspec.Struct, frozen=True, kw_only=True):
     num_samples: Count
 
 
+class InitFrom(msgspec.Struct, frozen=True, kw_only=True):
+    """Where a session's starting model comes from (fine-tuning, a fork): an earlier session of the
+    same owner. Also the session's lineage: its parent and the parent's round."""
+
+    session_id: Id
+    """The parent session (the same owner's: the gateway 404s, the scheduler fails, otherwise)."""
+    round: Count | None = None
+    """fedavg parent: start from this round's average; None: the parent's final model."""
+    exclude_peers: PeerIds = msgspec.field(default_factory=list)
+    """A fork's ``exclude_peers``: the starting model is ``round``'s average recomputed without
+    these peers' updates (the parent's rule), and the new session never places them."""
+
+
 class _Message(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
     event_id: EventId = msgspec.field(default_factory=new_id)
     occurred_at: UtcTime = msgspec.field(default_factory=utcnow)
@@ -249,12 +262,18 @@ class SessionRequested(_SessionEvent, frozen=True, kw_only=True, tag="SessionReq
     max_update_norm: UpdateNorm | None = None
     """fedavg: the largest L2 norm of an update (its weights minus the round's starting model) that
     is averaged; a larger one is rejected. None: only non-finite or misshapen updates are."""
+    init_from: InitFrom | None = None
+    """Start from an earlier session's model instead of seeded weights (its lineage too)."""
 
 
 class SessionStarted(_SessionEvent, frozen=True, kw_only=True, tag="SessionStarted"):
     assignments: Annotated[dict[Id, Hyperparameters], msgspec.Meta(max_length=MAX_PEERS)]
     shards: Annotated[dict[Id, Count], msgspec.Meta(max_length=MAX_PEERS)] = msgspec.field(default_factory=dict)
     """fedavg: peer_id -> shard index (0 .. num_peers-1)."""
+    init_uri: Uri = ""
+    """The starting model the scheduler resolved from ``init_from`` ("" for seeded weights): a
+    parent's final model, a round's stored average, or an ``InitModelPrepared`` recomputation."""
+    init_sha256: Digest = ""
 
 
 class Heartbeat(_SessionEvent, frozen=True, kw_only=True, tag="Heartbeat"):
@@ -319,6 +338,20 @@ class RoundAveraged(_SessionEvent, frozen=True, kw_only=True, tag="RoundAveraged
     val_loss: Finite | None = None
     val_accuracy: Finite | None = None
     """The averaged model on the whole validation split."""
+
+
+class InitModelPrepared(_SessionEvent, frozen=True, kw_only=True, tag="InitModelPrepared"):
+    """A fork's starting model, recomputed by the scheduler: round ``round`` of ``parent_session_id``
+    averaged again from the updates its ``RoundClosed`` named, without ``excluded`` (the parent's
+    rule), stored under this session's prefix at ``uri``."""
+
+    parent_session_id: Id
+    round: Count
+    excluded: PeerIds = msgspec.field(default_factory=list)
+    included: PeerIds = msgspec.field(default_factory=list)
+    """The updates the recomputed average holds (none: the round's starting weights)."""
+    uri: Uri
+    sha256: Digest
 
 
 class ShardReassigned(_SessionEvent, frozen=True, kw_only=True, tag="ShardReassigned"):
@@ -395,6 +428,7 @@ Event = (
     | UpdateRejected
     | RoundAveraged
     | ShardReassigned
+    | InitModelPrepared
     | ModelEvaluated
     | SessionCompleted
     | SessionFailed
@@ -411,6 +445,7 @@ SessionEvent = (
     | UpdateRejected
     | RoundAveraged
     | ShardReassigned
+    | InitModelPrepared
     | ModelEvaluated
     | SessionCompleted
     | SessionFailed
@@ -466,6 +501,13 @@ class Train(_Command, frozen=True, kw_only=True, tag="Train"):
     max_update_norm: UpdateNorm | None = None
     """fedavg: an update whose L2 distance from its round's start weights exceeds this is rejected
     (like NaN or a wrong shape), by every peer alike; None: no bound."""
+    init_uri: Uri = ""
+    """The starting model (``SessionStarted.init_uri``): "" trains from seeded weights."""
+    init_url: Uri = ""
+    """Signed GET of ``init_uri``."""
+    init_sha256: Digest = ""
+    """The starting model's sha256: the peer checks the bytes and loads its tensors (which must
+    match the model's names and shapes) after fitting the standardization, before training."""
 
 
 class Stop(_Command, frozen=True, kw_only=True, tag="Stop"):

@@ -23,6 +23,7 @@ from swarmtrain.common.events import (
     Event,
     Heartbeat,
     Hyperparameters,
+    InitModelPrepared,
     ModelEvaluated,
     ModelUpdatePublished,
     PeerDone,
@@ -121,6 +122,10 @@ class Session:
     """The scheduler's own evaluation of each finished model, by peer."""
     ended: SessionEvent | None = None
     """The session's terminal event."""
+    init: tuple[str, str] | None = None
+    """The starting model ``(uri, sha256)`` its ``SessionStarted`` named; None: seeded weights."""
+    prepared: InitModelPrepared | None = None
+    """A fork's recomputed starting model (``lineage``), once recorded."""
 
     @property
     def session_id(self) -> str:
@@ -315,7 +320,8 @@ def _evolve_session(session: Session, seq: int, event: Event, wall: float) -> Se
                     p: Run(hyperparameters=h, shard=event.shards.get(p, 0), since=wall)
                     for p, h in event.assignments.items()
                 }
-                session = replace(session, status=status, runs=runs)
+                init = (event.init_uri, event.init_sha256) if event.init_uri else None
+                session = replace(session, status=status, runs=runs, init=init)
                 if strategy_of(session.request.strategy).rounds:
                     session = replace(session, round=1, round_opened=wall, round_base=wall)
             return session
@@ -374,6 +380,9 @@ def _evolve_session(session: Session, seq: int, event: Event, wall: float) -> Se
                 and not any(isinstance(f, RoundAveraged) and f.round == event.round for f in session.facts)
             ):
                 return replace(session, facts=(*session.facts, event))
+        case InitModelPrepared():
+            if session.prepared is None:
+                return replace(session, prepared=event)
         case ModelEvaluated():
             if event.peer_id not in session.evaluations:
                 return replace(session, evaluations={**session.evaluations, event.peer_id: event})
