@@ -67,6 +67,7 @@ from swarmtrain.common.events import (
 from swarmtrain.common.logging import get_logger
 from swarmtrain.peer.averaging import Tensors, UpdateUnavailable, average_round, sha256_hex, state_bytes
 from swarmtrain.peer.data import DataError, shard_indices
+from swarmtrain.peer.init import apply_init, fetch_init
 from swarmtrain.peer.model import ModelMetadata, Standardize, model_bytes
 from swarmtrain.peer.trainer import (
     EpochStats,
@@ -138,7 +139,14 @@ class RoundStats:
 class LocalLearner:
     """One peer's model and data for a fedavg session. Blocking: call it from a worker thread."""
 
-    def __init__(self, csv_path: Path, command: Train, device: str = "cpu", torch_threads: int = 0) -> None:
+    def __init__(
+        self,
+        csv_path: Path,
+        command: Train,
+        device: str = "cpu",
+        torch_threads: int = 0,
+        init: Mapping[str, torch.Tensor] | None = None,
+    ) -> None:
         check_command(command)
         if torch_threads > 0:
             torch.set_num_threads(torch_threads)
@@ -161,6 +169,8 @@ class LocalLearner:
         standardize = self.model[0]
         assert isinstance(standardize, Standardize)
         standardize.fit(data.features[train_idx])  # the whole training split: the same on every peer
+        if init is not None:  # the session's starting model (init_from, a fork)
+            apply_init(self.model, init)
         self.reference: Tensors = self.state()
         """The initial weights: every update must have their names, shapes and dtypes."""
 
@@ -245,7 +255,10 @@ class FedavgRun:
         cmd = self.command
         ctx = self.ctx
         check_urls(cmd)
-        learner = await asyncio.to_thread(LocalLearner, ctx.dataset, cmd, str(ctx.device), ctx.settings.torch_threads)
+        init = await fetch_init(cmd, ctx)
+        learner = await asyncio.to_thread(
+            LocalLearner, ctx.dataset, cmd, str(ctx.device), ctx.settings.torch_threads, init
+        )
         self._go_on()
         if cmd.start_round > 1:
             await self._catch_up(learner)
