@@ -7,7 +7,8 @@ the pure :mod:`swarmtrain.peer.averaging`:
 
 1. Load the dataset, split train/validation as a sweep does, take shard ``shard`` of
    ``num_shards`` of the training rows; fit ``Standardize`` on the *whole* training split and build
-   the model from ``torch.manual_seed(seed)``, so every peer starts from identical weights.
+   the model from ``torch.manual_seed(seed)``, so every peer starts from identical weights; with
+   ``init_url`` (``init_from``, a fork) the session's starting model is loaded over them.
 2. ``start_round > 1`` (a reassigned shard, a late joiner): rebuild the average of round
    ``start_round - 1`` from the ``RoundClosed`` facts the scheduler forwards and the blobs, exactly
    as every peer computed it (walking further back while a round had no acceptable update; with a
