@@ -20,6 +20,7 @@ from swarmtrain.common.events import (
     SessionStarted,
     Train,
 )
+from swarmtrain.scheduler import lineage
 from swarmtrain.scheduler.actions import (
     Action,
     Append,
@@ -43,7 +44,6 @@ from swarmtrain.scheduler.actions import (
     train_command,
     train_id,
 )
-from swarmtrain.scheduler import lineage
 from swarmtrain.scheduler.state import Peer, Run, Session, State
 from swarmtrain.scheduler.strategies import strategy_of
 

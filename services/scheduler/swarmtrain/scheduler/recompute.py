@@ -98,14 +98,14 @@ def average_without(
     return (start, []) if average is None else (average, included)
 
 
-def prepare(store: blob.BlobStore, recompute: Recompute, max_bytes: int | None = None) -> tuple[blob.BlobRef, list[str]]:
+def prepare(
+    store: blob.BlobStore, recompute: Recompute, max_bytes: int | None = None
+) -> tuple[blob.BlobRef, list[str]]:
     """Recompute a fork's starting model and store it under the new session's prefix: its
     reference and the peers whose updates it holds."""
     from swarmtrain.peer.averaging import state_bytes
 
     start = start_weights(store, recompute.parent, recompute.start)
-    weights, included = average_without(
-        store, recompute.parent, recompute.closed, recompute.excluded, start, max_bytes
-    )
+    weights, included = average_without(store, recompute.parent, recompute.closed, recompute.excluded, start, max_bytes)
     ref = store.put_bytes(prepared_key(recompute.session_id), state_bytes(weights))
     return ref, included

@@ -41,6 +41,7 @@ async def request_session(
             rounds=plan.rounds,
             on_peer_failure=plan.on_peer_failure,
             max_update_norm=plan.max_update_norm,
+            init_from=plan.init_from,
         )
     )
     return session_id

@@ -13,7 +13,7 @@ import msgspec
 from litestar.exceptions import ClientException
 
 from swarmtrain.common import shapes
-from swarmtrain.common.events import DEFAULT_CHANNELS, Hyperparameters, ModelSpec, OnPeerFailure, Strategy
+from swarmtrain.common.events import DEFAULT_CHANNELS, Hyperparameters, InitFrom, ModelSpec, OnPeerFailure, Strategy
 from swarmtrain.common.settings import Settings
 from swarmtrain.gateway.errors import describe
 from swarmtrain.gateway.sessions.schemas import HyperparametersIn, ModelIn, SessionIn
@@ -30,6 +30,7 @@ class SessionPlan(msgspec.Struct, frozen=True, kw_only=True):
     rounds: int
     on_peer_failure: OnPeerFailure
     max_update_norm: float | None = None
+    init_from: InitFrom | None = None
 
 
 def _at_most(name: str, value: int, cap: int) -> None:
@@ -97,6 +98,9 @@ def plan_session(data: SessionIn, settings: Settings) -> SessionPlan:
         rounds=data.rounds,
         on_peer_failure=data.on_peer_failure,
         max_update_norm=data.max_update_norm,
+        init_from=None
+        if data.init_from is None
+        else InitFrom(session_id=data.init_from.session_id, round=data.init_from.round),
     )
 
 
