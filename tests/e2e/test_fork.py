@@ -89,21 +89,9 @@ async def test_fork_init_from_and_backtest(stack: Stack, api: Api) -> None:
     assert included == peers[1:]
 
     # a fork at round 3 without a peer: the recomputed round, and no part for that peer
-    fork = (await post(api, f"/sessions/{parent}/fork", {"round": 3, "exclude_peers": [excluded], "num_peers": 2}))[
-        "session_id"
-    ]
-    # a fork at round 3 with everyone: exactly round 3's stored average
-    whole = (await post(api, f"/sessions/{parent}/fork", {"round": 3, "rounds": 1, "num_peers": 1}))["session_id"]
-    # a sweep from the parent's final model (fine-tuning)
-    sweep_body = {
-        "dataset_id": ds["dataset_id"],
-        "num_peers": 2,
-        "model": MODEL,
-        "hyperparameters": LOCAL,
-        "init_from": {"session_id": parent},
-    }
-    sweep = (await post(api, "/sessions", sweep_body))["session_id"]
-
+    await api.wait_idle_peers(3)
+    body = {"round": 3, "exclude_peers": [excluded], "num_peers": 2}
+    fork = (await post(api, f"/sessions/{parent}/fork", body))["session_id"]
     done = await api.wait_ended(fork)
     assert done["status"] == "completed", done
     assert (done["parent_session_id"], done["parent_round"], done["excluded_peers"]) == (parent, 3, [excluded])
@@ -117,10 +105,23 @@ async def test_fork_init_from_and_backtest(stack: Stack, api: Api) -> None:
     assert started.init_sha256 == prepared[0].sha256 and excluded not in started.assignments
     assert all(u.peer_id != excluded for c in of(forked, RoundClosed) for u in c.updates)
 
+    # a fork at round 3 with everyone: exactly round 3's stored average
+    await api.wait_idle_peers(3)
+    whole = (await post(api, f"/sessions/{parent}/fork", {"round": 3, "rounds": 1, "num_peers": 1}))["session_id"]
     done = await api.wait_ended(whole)
     assert done["status"] == "completed", done
     assert of(await history(stack, whole), SessionStarted)[0].init_sha256 == averaged[3].sha256
 
+    # a sweep from the parent's final model (fine-tuning)
+    await api.wait_idle_peers(3)
+    sweep_body = {
+        "dataset_id": ds["dataset_id"],
+        "num_peers": 2,
+        "model": MODEL,
+        "hyperparameters": LOCAL,
+        "init_from": {"session_id": parent},
+    }
+    sweep = (await post(api, "/sessions", sweep_body))["session_id"]
     done = await api.wait_ended(sweep)
     assert done["status"] == "completed", done
     assert (done["parent_session_id"], done["parent_round"]) == (parent, None)
@@ -135,6 +136,7 @@ async def test_fork_init_from_and_backtest(stack: Stack, api: Api) -> None:
 
 
 async def test_lineage_is_the_owners_only_and_shapes_must_fit(stack: Stack, api: Api) -> None:
+    await api.wait_idle_peers(3)
     ds = await api.upload()
     body = {"dataset_id": ds["dataset_id"], "num_peers": 1, "model": MODEL, "hyperparameters": LOCAL}
     mine = (await post(api, "/sessions", body))["session_id"]
