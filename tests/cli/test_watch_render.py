@@ -101,3 +101,12 @@ def test_body_from_flags_and_from_a_file(tmp_path: Path) -> None:
     assert body["hyperparameters"] == {"epochs": 5, "batch_size": 16, "lr": 0.003}
     untouched = clientcmds.session_body(_args(file=str(path)))
     assert untouched["hyperparameters"] == hps
+
+
+def test_a_sessions_lineage_is_one_line_and_none_without_a_parent() -> None:
+    assert clientcmds.lineage_line({"parent_session_id": None}) == ""
+    fork = {"parent_session_id": "p" * 32, "parent_round": 3, "excluded_peers": ["pabcdef0123456789"]}
+    line = clientcmds.lineage_line(fork)
+    assert line.startswith(f"started from session {'p' * 32} at round 3, without ")
+    final = clientcmds.lineage_line({"parent_session_id": "q", "parent_round": None, "excluded_peers": []})
+    assert final == "started from session q (its final model)"

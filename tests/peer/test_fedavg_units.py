@@ -247,3 +247,19 @@ def test_impossible_fedavg_commands_are_refused(change: dict[str, object], messa
 
     with pytest.raises(DataError, match=message):
         check_command(msgspec.structs.replace(_fedavg(0), **change))
+
+
+# ------------------------------------------------------------------ a starting model (init_from, forks)
+
+
+def test_a_starting_model_is_loaded_whole_and_one_that_does_not_fit_is_a_data_error() -> None:
+    from swarmtrain.peer.init import apply_init
+
+    model = build_model(ModelSpec(hidden=[4]), 3, 2)
+    init = {name: torch.full_like(t, 0.5) for name, t in build_model(ModelSpec(hidden=[4]), 3, 2).state_dict().items()}
+    apply_init(model, init)
+    assert all(torch.equal(t, init[name]) for name, t in model.state_dict().items())
+    other = build_model(ModelSpec(hidden=[5]), 3, 2).state_dict()
+    with pytest.raises(DataError, match="does not fit"):
+        apply_init(model, other)
+    assert all(torch.equal(t, init[name]) for name, t in model.state_dict().items())  # untouched

@@ -155,6 +155,19 @@ class RoundUpdate(msgspec.Struct, frozen=True, kw_only=True):
     num_samples: Count
 
 
+class InitFrom(msgspec.Struct, frozen=True, kw_only=True):
+    """Where a session's starting model comes from (fine-tuning, a fork): an earlier session of the
+    same owner. Also the session's lineage: its parent and the parent's round."""
+
+    session_id: Id
+    """The parent session (the same owner's: the gateway 404s, the scheduler fails, otherwise)."""
+    round: Count | None = None
+    """fedavg parent: start from this round's average; None: the parent's final model."""
+    exclude_peers: PeerIds = msgspec.field(default_factory=list)
+    """A fork's ``exclude_peers``: the starting model is ``round``'s average recomputed without
+    these peers' updates (the parent's rule), and the new session never places them."""
+
+
 class _Message(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
     event_id: EventId = msgspec.field(default_factory=new_id)
     occurred_at: UtcTime = msgspec.field(default_factory=utcnow)
@@ -265,6 +278,8 @@ class SessionRequested(_SessionEvent, frozen=True, kw_only=True, tag="SessionReq
     keep_local_optimizer: bool = False
     """fedavg: each peer keeps its local optimizer's state across rounds (a fresh one per round
     otherwise; a peer that takes a shard over starts with a fresh one either way)."""
+    init_from: InitFrom | None = None
+    """Start from an earlier session's model instead of seeded weights (its lineage too)."""
 
 
 class SessionStarted(_SessionEvent, frozen=True, kw_only=True, tag="SessionStarted"):
@@ -277,6 +292,10 @@ class SessionStarted(_SessionEvent, frozen=True, kw_only=True, tag="SessionStart
     """fedavg with ``label_skew`` sharding: per shard index, its training rows per class index, as
     the scheduler computed them from the dataset (empty otherwise: ``iid`` shards' sizes follow
     from the dataset's row count)."""
+    init_uri: Uri = ""
+    """The starting model the scheduler resolved from ``init_from`` ("" for seeded weights): a
+    parent's final model, a round's stored average, or an ``InitModelPrepared`` recomputation."""
+    init_sha256: Digest = ""
 
 
 class Heartbeat(_SessionEvent, frozen=True, kw_only=True, tag="Heartbeat"):
@@ -354,6 +373,20 @@ class RoundAveraged(_SessionEvent, frozen=True, kw_only=True, tag="RoundAveraged
     """The bytes of the round's update files that matched their sha256 (what each peer fetched)."""
 
 
+class InitModelPrepared(_SessionEvent, frozen=True, kw_only=True, tag="InitModelPrepared"):
+    """A fork's starting model, recomputed by the scheduler: round ``round`` of ``parent_session_id``
+    averaged again from the updates its ``RoundClosed`` named, without ``excluded`` (the parent's
+    rule), stored under this session's prefix at ``uri``."""
+
+    parent_session_id: Id
+    round: Count
+    excluded: PeerIds = msgspec.field(default_factory=list)
+    included: PeerIds = msgspec.field(default_factory=list)
+    """The updates the recomputed average holds (none: the round's starting weights)."""
+    uri: Uri
+    sha256: Digest
+
+
 class ShardReassigned(_SessionEvent, frozen=True, kw_only=True, tag="ShardReassigned"):
     """fedavg: a failed participant's shard handed to an idle peer, from round ``round`` on."""
 
@@ -428,6 +461,7 @@ Event = (
     | UpdateRejected
     | RoundAveraged
     | ShardReassigned
+    | InitModelPrepared
     | ModelEvaluated
     | SessionCompleted
     | SessionFailed
@@ -444,6 +478,7 @@ SessionEvent = (
     | UpdateRejected
     | RoundAveraged
     | ShardReassigned
+    | InitModelPrepared
     | ModelEvaluated
     | SessionCompleted
     | SessionFailed
@@ -509,6 +544,13 @@ class Train(_Command, frozen=True, kw_only=True, tag="Train"):
     """fedavg: how the training rows are cut into ``num_shards`` shards."""
     keep_local_optimizer: bool = False
     """fedavg: keep the local optimizer's state from one round to the next."""
+    init_uri: Uri = ""
+    """The starting model (``SessionStarted.init_uri``): "" trains from seeded weights."""
+    init_url: Uri = ""
+    """Signed GET of ``init_uri``."""
+    init_sha256: Digest = ""
+    """The starting model's sha256: the peer checks the bytes and loads its tensors (which must
+    match the model's names and shapes) after fitting the standardization, before training."""
 
 
 class Stop(_Command, frozen=True, kw_only=True, tag="Stop"):

@@ -276,6 +276,16 @@ def _shared_model(s: Json) -> bool:
     return any(p["shard"] is not None for p in s["peers"]) or s["strategy"] == FEDAVG
 
 
+def lineage_line(s: Json) -> str:
+    """Where the session's starting model came from ("" for seeded weights)."""
+    parent = s.get("parent_session_id")
+    if not parent:
+        return ""
+    at = f" at round {s['parent_round']}" if s.get("parent_round") is not None else " (its final model)"
+    without = f", without {', '.join(_short(p) for p in s['excluded_peers'])}" if s.get("excluded_peers") else ""
+    return f"started from session {parent}{at}{without}"
+
+
 def print_result(s: Json, out: TextIO | None = None) -> None:
     """The session's final figures: the leaderboard (sweep) or the rounds and the model's accuracy (fedavg)."""
     out = out or sys.stdout
@@ -285,6 +295,8 @@ def print_result(s: Json, out: TextIO | None = None) -> None:
         + (f", val accuracy {_f(s['val_accuracy'])}" if s.get("val_accuracy") is not None else "")
         + "\n"
     )
+    if lineage := lineage_line(s):
+        out.write(lineage + "\n")
     if s["round_figures"]:
         out.write("rounds:\n")
         _table(

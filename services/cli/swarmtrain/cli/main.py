@@ -8,6 +8,7 @@ import contextlib
 import os
 import signal
 import sys
+import typing
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import msgspec
 
 from swarmtrain.cli import clientcmds, deadletters
 from swarmtrain.common import metrics, subjects
+from swarmtrain.common.fedopts import AggregatorName
 from swarmtrain.common.logging import configure
 from swarmtrain.common.settings import Settings, get_settings
 
@@ -146,6 +148,15 @@ def _replay_round(args: argparse.Namespace) -> int:
     return 0 if result.matches else 2
 
 
+def _backtest(args: argparse.Namespace) -> int:
+    from swarmtrain.cli.backtest import backtest, render
+    from swarmtrain.common.fedopts import AggregatorSpec
+
+    spec = msgspec.convert({"name": args.aggregator, "beta": args.beta, "f": args.f, "m": args.m}, AggregatorSpec)
+    print(render(backtest(get_settings(), args.session_id, spec)))
+    return 0
+
+
 def _nats_config(args: argparse.Namespace) -> int:
     from swarmtrain.cli.natsconfig import main as nats_config
 
@@ -269,6 +280,17 @@ def parser() -> argparse.ArgumentParser:
     replay.add_argument("session_id")
     replay.add_argument("round", type=int)
     replay.set_defaults(func=_replay_round)
+    backtest = session_sub.add_parser(
+        "backtest",
+        help="per round, aggregate a fedavg session's recorded updates with another rule and compare on the "
+        "validation split (a counterfactual on the same updates, not a retraining)",
+    )
+    backtest.add_argument("session_id")
+    backtest.add_argument("--aggregator", required=True, choices=typing.get_args(AggregatorName))
+    backtest.add_argument("--f", type=int, default=1, help="krum, multi_krum: peers assumed faulty")
+    backtest.add_argument("--beta", type=float, default=0.25, help="trimmed_mean: fraction trimmed from each end")
+    backtest.add_argument("--m", type=int, default=None, help="multi_krum: updates averaged (default n - f)")
+    backtest.set_defaults(func=_backtest)
 
     demo = sub.add_parser("demo", help="start the stack, train the sample dataset on local peers, show the result")
     demo.add_argument("--peers", type=int, default=3)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,6 +59,8 @@ class TrainJob:
     """``auto`` (CUDA when there is one), ``cpu``, ``cuda`` or ``cuda:N``."""
     torch_threads: int = 0
     """Torch intra-op threads; 0 leaves torch's default."""
+    init: Mapping[str, torch.Tensor] | None = None
+    """The starting model's tensors (``Train.init_url``), loaded after the standardization is fitted."""
 
 
 class EpochStats(msgspec.Struct, frozen=True, kw_only=True):
@@ -231,6 +233,10 @@ def train(job: TrainJob, on_epoch: Callable[[EpochStats], None], stop: threading
     standardize = model[0]
     assert isinstance(standardize, Standardize)
     standardize.fit(x_train)
+    if job.init is not None:
+        from swarmtrain.peer.init import apply_init
+
+        apply_init(model, job.init)
 
     model.to(device)
     x_train, y_train = x_train.to(device), y_train.to(device)

@@ -41,7 +41,7 @@ TABLES = ("users", "datasets", "peers", "sessions", "session_peers", "heartbeats
 BOOKKEEPING = ("applied_events", "dead_letters")
 """The projector's own tables, emptied and rebuilt with the read models (the gateway reads only the
 dead letters' count)."""
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 """Bump on any change to schema.sql, or to how events are applied: on start (``ensure_schema``) a
 database built with another version has its read models dropped and rebuilt from sequence 1."""
 _SCHEMA_LOCK = 0x5357_5452  # pg_advisory_xact_lock key: one ensure_schema at a time
@@ -295,8 +295,10 @@ async def apply(conn: asyncpg.Connection, seq: int, event: Event) -> None:
             await conn.execute(
                 """
                 INSERT INTO sessions (session_id, owner_id, dataset_id, strategy, num_peers, status, model,
-                                      validation_split, seed, created_at, rounds, on_peer_failure)
-                VALUES ($1, $2, $3, $4, $5, 'queued', $6::jsonb, $7, $8, $9, $10, $11) ON CONFLICT DO NOTHING
+                                      validation_split, seed, created_at, rounds, on_peer_failure,
+                                      parent_session_id, parent_round, excluded_peers)
+                VALUES ($1, $2, $3, $4, $5, 'queued', $6::jsonb, $7, $8, $9, $10, $11, $12, $13, $14::jsonb)
+                ON CONFLICT DO NOTHING
                 """,
                 event.session_id,
                 event.owner_id,
@@ -309,6 +311,7 @@ async def apply(conn: asyncpg.Connection, seq: int, event: Event) -> None:
                 event.occurred_at,
                 event.rounds,
                 event.on_peer_failure,
+                *_lineage(event),
             )
         case SessionStarted():
             before = await _session_status(conn, event.session_id)
@@ -477,6 +480,14 @@ async def apply(conn: asyncpg.Connection, seq: int, event: Event) -> None:
                 event.session_id,
                 run_after("training", event),
             )
+
+
+def _lineage(event: SessionRequested) -> tuple[str | None, int | None, str]:
+    """``parent_session_id``, ``parent_round``, ``excluded_peers`` (JSON) of a session request."""
+    init = event.init_from
+    if init is None:
+        return None, None, "[]"
+    return init.session_id, init.round, _json(init.exclude_peers)
 
 
 async def _session_status(conn: asyncpg.Connection, session_id: str) -> SessionStatus | None:

@@ -55,7 +55,10 @@ CREATE TABLE IF NOT EXISTS sessions (
     best_peer_id      text,
     best_val_accuracy double precision,
     model_uri         text,
-    reason            text
+    reason            text,
+    parent_session_id text,                     -- lineage (init_from / fork): the parent session ...
+    parent_round      integer,                  -- ... and its round (NULL: its final model)
+    excluded_peers    jsonb NOT NULL DEFAULT '[]'::jsonb  -- a fork's peers left out
 );
 CREATE INDEX IF NOT EXISTS sessions_owner ON sessions (owner_id, created_at);
 

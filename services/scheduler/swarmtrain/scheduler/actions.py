@@ -6,14 +6,15 @@ decision is deduplicated by JetStream (``Nats-Msg-Id``)."""
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from swarmtrain.common.events import (
     Event,
     Hyperparameters,
+    InitModelPrepared,
     ModelEvaluated,
     PeerFailed,
     PeerLocked,
@@ -29,6 +30,9 @@ from swarmtrain.common.events import (
     Stop,
     Train,
 )
+
+if TYPE_CHECKING:
+    from swarmtrain.scheduler.lineage import Recompute
 
 
 @dataclass(frozen=True)
@@ -149,6 +153,14 @@ class Evaluate:
 
 
 @dataclass(frozen=True)
+class Prepare:
+    """Recompute a fork's starting model (``lineage.Recompute``) in a worker thread, store it under
+    the new session's prefix and append its ``InitModelPrepared`` (``init_prepared``)."""
+
+    recompute: Recompute
+
+
+@dataclass(frozen=True)
 class Lock:
     """Append ``event`` if the peer's subject is still at ``expected``."""
 
@@ -190,7 +202,7 @@ class Reassign:
         return self.moved.to_peer_id
 
 
-Action = Append | AppendIf | Send | Forward | Evaluate | Start | Reassign
+Action = Append | AppendIf | Send | Forward | Evaluate | Prepare | Start | Reassign
 
 
 # ------------------------------------------------------------------ events and commands
@@ -279,9 +291,11 @@ def train_command(
     clocks: Clocks,
     config: Config | UriFor,
     max_model_bytes: int = MAX_MODEL_BYTES,
+    init: tuple[str, str] | None = None,
 ) -> Train:
     """The ``Train`` of ``peer_id``'s run from ``start_round``, with the signed URLs of what it reads
-    and writes (``config``'s signer; a bare ``UriFor`` signs nothing)."""
+    and writes (``config``'s signer; a bare ``UriFor`` signs nothing); ``init``: the session's
+    starting model ``(uri, sha256)``, None for seeded weights."""
     config = config if isinstance(config, Config) else Config(uri=config)
     uri = config.uri
     sid = req.session_id
@@ -319,6 +333,9 @@ def train_command(
         compression=req.compression,
         sharding=req.sharding,
         keep_local_optimizer=req.keep_local_optimizer,
+        init_uri=init[0] if init else "",
+        init_url=config.sign("GET", init[0]) if init else "",
+        init_sha256=init[1] if init else "",
     )
 
 
@@ -339,6 +356,24 @@ def session_fact(forward: Forward, clocks: Clocks, config: Config) -> SessionFac
         session_id=fact.session_id,
         fact=fact,
         urls=urls,
+    )
+
+
+def init_prepared(
+    recompute: Recompute, uri: str, sha256: str, included: Sequence[str], clocks: Clocks
+) -> InitModelPrepared:
+    """The fact of a fork's recomputed starting model: one per session."""
+    closed = recompute.closed
+    return InitModelPrepared(
+        event_id=f"{recompute.session_id}.init.prepared",
+        occurred_at=clocks.at,
+        session_id=recompute.session_id,
+        parent_session_id=closed.session_id,
+        round=closed.round,
+        excluded=list(recompute.excluded),
+        included=list(included),
+        uri=uri,
+        sha256=sha256,
     )
 
 

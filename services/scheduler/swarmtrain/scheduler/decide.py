@@ -20,6 +20,7 @@ from swarmtrain.common.events import (
     SessionStarted,
     Train,
 )
+from swarmtrain.scheduler import lineage
 from swarmtrain.scheduler.actions import (
     Action,
     Append,
@@ -28,6 +29,7 @@ from swarmtrain.scheduler.actions import (
     Config,
     Evaluate,
     Forward,
+    Prepare,
     Reassign,
     Send,
     Start,
@@ -120,6 +122,7 @@ def _train(session: Session, peer_id: str, run: Run, clocks: Clocks, config: Con
         clocks,
         config,
         session.max_model_bytes(),
+        session.init,
     )
 
 
@@ -232,21 +235,41 @@ def _evaluate(session: Session, peer_id: str) -> Evaluate:
 
 
 def _schedule(state: State, idle: Sequence[Peer], clocks: Clocks, config: Config) -> list[Action]:
-    """First fit, oldest request first: start every queued session that enough idle peers can take."""
+    """First fit, oldest request first: start every queued session that enough idle peers can take,
+    once its starting model is known (``lineage``: a refused one fails, a fork's is recomputed first)."""
     actions: list[Action] = []
     free = list(idle)
     for session in sorted(state.sessions.values(), key=lambda s: s.seq):
         if session.status != "queued":
             continue
+        init = lineage.starting_model(session, state.sessions)
+        match init:
+            case lineage.Refused(reason=reason):
+                actions.append(session_failed(session.session_id, reason, clocks))
+                continue
+            case lineage.Recompute():
+                actions.append(Prepare(init))
+                continue
+            case lineage.Pending():
+                continue
         need = session.request.num_peers
-        if len(free) >= need:
-            actions.append(start(session, free[:need], clocks, config))
-            del free[:need]
+        fit = lineage.eligible(session, free)
+        if len(fit) >= need:
+            taken = fit[:need]
+            actions.append(start(session, taken, clocks, config, None if init is None else (init.uri, init.sha256)))
+            free = [p for p in free if p not in taken]
     return actions
 
 
-def start(session: Session, peers: Sequence[Peer], clocks: Clocks, config: Config) -> Start:
-    """Start ``session`` on ``peers``: their locks, the start with the strategy's assignment, the Trains."""
+def start(
+    session: Session,
+    peers: Sequence[Peer],
+    clocks: Clocks,
+    config: Config,
+    init: tuple[str, str] | None = None,
+) -> Start:
+    """Start ``session`` on ``peers``: their locks, the start with the strategy's assignment, the
+    Trains; ``init``: its starting model ``(uri, sha256)``."""
     req, sid = session.request, session.session_id
     peer_ids = [p.peer_id for p in peers]
     assignment = strategy_of(req.strategy).assign(req, peer_ids)
@@ -258,10 +281,12 @@ def start(session: Session, peers: Sequence[Peer], clocks: Clocks, config: Confi
         session_id=sid,
         assignments=assignment.hyperparameters,
         shards=assignment.shards,
+        init_uri=init[0] if init else "",
+        init_sha256=init[1] if init else "",
     )
     max_bytes = session.max_model_bytes()
     trains = tuple(
-        train_command(req, p, hp, assignment.shards.get(p, 0), 1, clocks, config, max_bytes)
+        train_command(req, p, hp, assignment.shards.get(p, 0), 1, clocks, config, max_bytes, init)
         for p, hp in assignment.hyperparameters.items()
     )
     locks = tuple(lock(sid, p.peer_id, p.seq, cause, clocks) for p in peers)

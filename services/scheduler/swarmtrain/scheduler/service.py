@@ -44,6 +44,7 @@ from swarmtrain.common.events import (
 from swarmtrain.common.logging import get_logger
 from swarmtrain.common.settings import Settings
 from swarmtrain.scheduler import evaluation
+from swarmtrain.scheduler import recompute as recompute_model
 from swarmtrain.scheduler.actions import (
     Action,
     Append,
@@ -53,12 +54,14 @@ from swarmtrain.scheduler.actions import (
     Evaluate,
     Forward,
     Method,
+    Prepare,
     Reassign,
     Send,
     Signer,
     Start,
     Timing,
     evaluated,
+    init_prepared,
     release,
     session_fact,
     session_failed,
@@ -250,6 +253,8 @@ class Scheduler:
                         await self.send_once(action.id, session_fact(action, clocks(), self.config))
                     case Evaluate():
                         self.evaluate(action)
+                    case Prepare():
+                        self.prepare(action)
                     case Start():
                         await self.start(action)
                     case Reassign():
@@ -409,6 +414,34 @@ class Scheduler:
             )
 
         task = asyncio.create_task(run(), name=f"evaluate-{key}")
+        self.evaluating[key] = task
+        task.add_done_callback(lambda _: self.evaluating.pop(key, None))
+
+    def prepare(self, action: Prepare) -> None:
+        """Recompute a fork's starting model in a worker thread (once at a time per session; again
+        later if it could not run), then append its ``InitModelPrepared``; a round whose blobs are
+        gone fails the session."""
+        recompute = action.recompute
+        key = f"{recompute.session_id}.init"
+        session = self.state.sessions.get(recompute.session_id)
+        if key in self.evaluating or self.evaluate_after.get(key, 0.0) > time.monotonic() or session is None:
+            return
+        max_bytes = session.max_model_bytes()
+
+        async def run() -> None:
+            try:
+                ref, included = await asyncio.to_thread(recompute_model.prepare, self.store, recompute, max_bytes)
+            except blob.BlobNotFound as exc:
+                await self.append(session_failed(recompute.session_id, f"init_from: {exc!r}", clocks()).event)
+                return
+            except Exception as exc:
+                self.evaluate_after[key] = time.monotonic() + EVALUATION_RETRY_S
+                log.warning("starting model not recomputed; tried again later", key=key, error=repr(exc))
+                return
+            await self.append(init_prepared(recompute, ref.uri, ref.sha256, included, clocks()))
+            log.info("starting model recomputed", session_id=recompute.session_id, included=included)
+
+        task = asyncio.create_task(run(), name=f"prepare-{key}")
         self.evaluating[key] = task
         task.add_done_callback(lambda _: self.evaluating.pop(key, None))
 

@@ -23,6 +23,7 @@ from swarmtrain.common.events import (
     Event,
     Heartbeat,
     Hyperparameters,
+    InitModelPrepared,
     ModelEvaluated,
     ModelUpdatePublished,
     PeerDone,
@@ -123,6 +124,10 @@ class Session:
     """The session's terminal event."""
     shard_rows: tuple[int, ...] = ()
     """fedavg with ``label_skew``: each shard's training rows, from ``SessionStarted.shard_histograms``."""
+    init: tuple[str, str] | None = None
+    """The starting model ``(uri, sha256)`` its ``SessionStarted`` named; None: seeded weights."""
+    prepared: InitModelPrepared | None = None
+    """A fork's recomputed starting model (``lineage``), once recorded."""
 
     @property
     def session_id(self) -> str:
@@ -320,7 +325,8 @@ def _evolve_session(session: Session, seq: int, event: Event, wall: float) -> Se
                     for p, h in event.assignments.items()
                 }
                 shard_rows = tuple(sum(h) for h in event.shard_histograms)
-                session = replace(session, status=status, runs=runs, shard_rows=shard_rows)
+                init = (event.init_uri, event.init_sha256) if event.init_uri else None
+                session = replace(session, status=status, runs=runs, shard_rows=shard_rows, init=init)
                 if strategy_of(session.request.strategy).rounds:
                     session = replace(session, round=1, round_opened=wall, round_base=wall)
             return session
@@ -379,6 +385,9 @@ def _evolve_session(session: Session, seq: int, event: Event, wall: float) -> Se
                 and not any(isinstance(f, RoundAveraged) and f.round == event.round for f in session.facts)
             ):
                 return replace(session, facts=(*session.facts, event))
+        case InitModelPrepared():
+            if session.prepared is None:
+                return replace(session, prepared=event)
         case ModelEvaluated():
             if event.peer_id not in session.evaluations:
                 return replace(session, evaluations={**session.evaluations, event.peer_id: event})

@@ -46,6 +46,7 @@ async def request_session(
             compression=plan.compression,
             sharding=plan.sharding,
             keep_local_optimizer=plan.keep_local_optimizer,
+            init_from=plan.init_from,
         )
     )
     return session_id

@@ -13,7 +13,14 @@ import msgspec
 from litestar.exceptions import ClientException
 
 from swarmtrain.common import shapes
-from swarmtrain.common.events import DEFAULT_CHANNELS, Hyperparameters, ModelSpec, OnPeerFailure, Strategy
+from swarmtrain.common.events import (
+    DEFAULT_CHANNELS,
+    Hyperparameters,
+    InitFrom,
+    ModelSpec,
+    OnPeerFailure,
+    Strategy,
+)
 from swarmtrain.common.fedopts import (
     AggregatorSpec,
     CompressionSpec,
@@ -44,6 +51,8 @@ class SessionPlan(msgspec.Struct, frozen=True, kw_only=True):
     compression: CompressionSpec = msgspec.field(default_factory=CompressionSpec)
     sharding: ShardingSpec = msgspec.field(default_factory=ShardingSpec)
     keep_local_optimizer: bool = False
+
+    init_from: InitFrom | None = None
 
 
 ROUND_OPTIONS = ("aggregator", "outer", "compression", "sharding", "keep_local_optimizer")
@@ -134,6 +143,9 @@ def plan_session(data: SessionIn, settings: Settings) -> SessionPlan:
         compression=data.compression or CompressionSpec(),
         sharding=data.sharding or ShardingSpec(),
         keep_local_optimizer=bool(data.keep_local_optimizer),
+        init_from=None
+        if data.init_from is None
+        else InitFrom(session_id=data.init_from.session_id, round=data.init_from.round),
     )
 
 

@@ -27,7 +27,7 @@ ACTIVE = tuple(sorted(SESSION_ACTIVE))
 
 _SESSION_COLUMNS = """session_id, owner_id, dataset_id, strategy, num_peers, status, model, validation_split,
     seed, rounds, on_peer_failure, val_accuracy, created_at, started_at, ended_at, best_peer_id,
-    best_val_accuracy, model_uri, reason"""
+    best_val_accuracy, model_uri, reason, parent_session_id, parent_round, excluded_peers"""
 
 
 # ------------------------------------------------------------------ caps
@@ -138,6 +138,9 @@ def _session_out(row: asyncpg.Record, peers: list[PeerResult], rounds: list[Roun
         val_accuracy=row["val_accuracy"],
         model_available=row["model_uri"] is not None,
         reason=row["reason"],
+        parent_session_id=row["parent_session_id"],
+        parent_round=row["parent_round"],
+        excluded_peers=msgspec.json.decode(row["excluded_peers"], type=list[str]),
     )
 
 

@@ -36,7 +36,7 @@ from swarmtrain.gateway.datasets import (
 )
 from swarmtrain.gateway.errors import Conflict, documented
 from swarmtrain.gateway.ownership import owned
-from swarmtrain.gateway.sessions import commands, live, queries
+from swarmtrain.gateway.sessions import commands, lineage, live, queries
 from swarmtrain.gateway.sessions.planning import (
     SessionPlan,
     check_against_dataset,
@@ -47,6 +47,7 @@ from swarmtrain.gateway.sessions.planning import (
 from swarmtrain.gateway.sessions.schemas import (
     EventPage,
     EventRecord,
+    ForkIn,
     MetricsOut,
     SessionCancelRequested,
     SessionCreated,
@@ -105,6 +106,7 @@ class SessionController(Controller):
         check_against_dataset(
             plan, rows=dataset["rows"], features=dataset["features"], classes=dataset["classes"], settings=gw.settings
         )
+        await lineage.check_init_from(gw, owner_id, plan, (dataset["features"], dataset["classes"]))
         async with gw.session_locks.hold(owner_id):
             await _require_room(gw, owner_id, plan)
             session_id = await commands.request_session(
@@ -194,6 +196,25 @@ class SessionController(Controller):
     ) -> SessionCancelRequested:
         await commands.cancel(gw, request.user.user_id, session_id)
         return SessionCancelRequested(session_id=session_id, status=await queries.status(gw.pool, session_id))
+
+    @post(
+        "/{session_id:str}/fork",
+        status_code=201,
+        summary="Fork a fedavg session at a round: a new session from that round's averaged model",
+        description="Every setting is the parent's unless the body gives it. With `exclude_peers`, the starting "
+        "model is the round's average recomputed from the recorded updates without those peers (by the parent's "
+        "rule), and the new session trains without them. The new session records its parent and round.",
+        request_max_body_size=JSON_BODY_LIMIT,
+        responses=documented(400, 401, 404, 413, 429),
+    )
+    async def fork(
+        self,
+        request: Request[User, Token, Any],
+        session_id: FromPath[SessionId],
+        data: JSONBody[ForkIn],
+        gw: NamedDependency[Gateway],
+    ) -> SessionCreated:
+        return await lineage.fork(gw, request.user.user_id, session_id, data)
 
     @get(
         "/{session_id:str}/events",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 import msgspec
 from litestar.datastructures import UploadFile
@@ -22,6 +23,7 @@ from swarmtrain.common.events import (
     ModelSpec,
     NumPeers,
     OnPeerFailure,
+    PeerIds,
     Rounds,
     Seed,
     SessionEvent,
@@ -81,6 +83,34 @@ class SessionIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """fedavg: ``{"name": "iid" | "label_skew", "alpha"}``: how the training rows are cut into shards."""
     keep_local_optimizer: bool | None = None
     """fedavg: keep each peer's local optimizer state across rounds (unset: a fresh one per round)."""
+    init_from: InitFromIn | None = None
+    """Start from an earlier session's model (fine-tuning): one of yours, with the same model spec
+    on a dataset of the same shape."""
+
+
+class InitFromIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    session_id: str
+    """One of your sessions."""
+    round: Rounds | None = None
+    """A fedavg session's round: start from that round's averaged model. Unset: its final model."""
+
+
+class ForkIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """A new session from a fedavg session's round; every other setting is the parent's unless given."""
+
+    round: Rounds
+    """Start from this round's averaged model."""
+    exclude_peers: PeerIds = msgspec.field(default_factory=list)
+    """Peers whose updates of that round are left out of the starting model (recomputed from the
+    recorded updates by the parent's rule), and who take no part in the new session."""
+    rounds: Rounds | None = None
+    """Rounds to train; unset: the parent's rounds left after ``round`` (at least 1)."""
+    hyperparameters: HyperparametersIn | None = None
+    num_peers: NumPeers | None = None
+    aggregator: dict[str, Any] | None = None
+    """As the session request's ``aggregator``; unset: the parent's."""
+    outer: dict[str, Any] | None = None
+    """As the session request's ``outer``; unset: the parent's."""
 
 
 @dataclass
@@ -177,6 +207,12 @@ class SessionOut(msgspec.Struct, kw_only=True):
     """The session's model's accuracy on the validation split (fedavg: the final average's)."""
     model_available: bool
     reason: str | None
+    parent_session_id: str | None = None
+    """Lineage (``init_from``, a fork): the session this one started from ..."""
+    parent_round: int | None = None
+    """... and its round (None: its final model)."""
+    excluded_peers: list[str] = msgspec.field(default_factory=list)
+    """A fork's peers left out of its starting model and of its training."""
 
 
 class EventRecord(msgspec.Struct, kw_only=True):

@@ -7,7 +7,8 @@ the pure :mod:`swarmtrain.peer.averaging`:
 
 1. Load the dataset, split train/validation as a sweep does, take shard ``shard`` of
    ``num_shards`` of the training rows; fit ``Standardize`` on the *whole* training split and build
-   the model from ``torch.manual_seed(seed)``, so every peer starts from identical weights.
+   the model from ``torch.manual_seed(seed)``, so every peer starts from identical weights; with
+   ``init_url`` (``init_from``, a fork) the session's starting model is loaded over them.
 2. ``start_round > 1`` (a reassigned shard, a late joiner): rebuild the model after round
    ``start_round - 1`` from the ``RoundClosed`` facts the scheduler forwards and the blobs, exactly
    as every peer computed it (walking further back while a round had no acceptable update; with a
@@ -80,6 +81,7 @@ from swarmtrain.common.logging import get_logger
 from swarmtrain.peer.averaging import Tensors, UpdateUnavailable, sha256_hex, state_bytes
 from swarmtrain.peer.compression import encode_update
 from swarmtrain.peer.data import DataError, Dataset, load_csv, split_indices
+from swarmtrain.peer.init import apply_init, fetch_init
 from swarmtrain.peer.model import ModelMetadata, Standardize, model_bytes
 from swarmtrain.peer.outer import State
 from swarmtrain.peer.rounds import RoundOptions, RoundResult, apply_round, replay_rounds, update_file
@@ -172,7 +174,14 @@ class RoundStats:
 class LocalLearner:
     """One peer's model and data for a fedavg session. Blocking: call it from a worker thread."""
 
-    def __init__(self, csv_path: Path, command: Train, device: str = "cpu", torch_threads: int = 0) -> None:
+    def __init__(
+        self,
+        csv_path: Path,
+        command: Train,
+        device: str = "cpu",
+        torch_threads: int = 0,
+        init: Mapping[str, torch.Tensor] | None = None,
+    ) -> None:
         check_command(command)
         if torch_threads > 0:
             torch.set_num_threads(torch_threads)
@@ -197,6 +206,8 @@ class LocalLearner:
         self.metadata: ModelMetadata = metadata_for(command.model, data)
 
         self.model = initial_model(command.model, data, train_idx, command.seed)
+        if init is not None:  # the session's starting model (init_from, a fork)
+            apply_init(self.model, init)
         self.reference: Tensors = self.state()
         """The initial weights: every update must have their names, shapes and dtypes."""
 
@@ -286,7 +297,10 @@ class FedavgRun:
         cmd = self.command
         ctx = self.ctx
         check_urls(cmd)
-        learner = await asyncio.to_thread(LocalLearner, ctx.dataset, cmd, str(ctx.device), ctx.settings.torch_threads)
+        init = await fetch_init(cmd, ctx)
+        learner = await asyncio.to_thread(
+            LocalLearner, ctx.dataset, cmd, str(ctx.device), ctx.settings.torch_threads, init
+        )
         self._go_on()
         if cmd.start_round > 1:
             await self._catch_up(learner)

@@ -24,6 +24,7 @@ from swarmtrain.common import blob
 from swarmtrain.common.events import PeerDone, Train
 from swarmtrain.common.logging import get_logger
 from swarmtrain.peer import trainer
+from swarmtrain.peer.init import fetch_init
 from swarmtrain.peer.model import save_model
 from swarmtrain.peer.trainer import TrainJob, TrainResult
 
@@ -35,6 +36,7 @@ log = get_logger("swarmtrain.peer")
 
 async def run(command: Train, ctx: JobContext) -> None:
     """Train, upload the model, report ``PeerDone``."""
+    init = await fetch_init(command, ctx)
     job = TrainJob(
         csv_path=ctx.dataset,
         label_column=command.label_column,
@@ -44,6 +46,7 @@ async def run(command: Train, ctx: JobContext) -> None:
         seed=command.seed,
         device=str(ctx.device),
         torch_threads=ctx.settings.torch_threads,
+        init=init,
     )
     result = await ctx.train_reporting(command, lambda on_epoch: trainer.train(job, on_epoch, ctx.stop))
 

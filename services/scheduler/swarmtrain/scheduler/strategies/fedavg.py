@@ -30,6 +30,7 @@ from swarmtrain.scheduler.actions import (
     session_failed,
     train_command,
 )
+from swarmtrain.scheduler.lineage import eligible
 from swarmtrain.scheduler.strategies.base import Assignment, best_validated
 
 if TYPE_CHECKING:
@@ -117,7 +118,7 @@ def on_failures(session: Session, idle: Sequence[Peer], clocks: Clocks, config: 
         return [session_failed(sid, f"peer {failed[0]} failed", clocks)]
     actions: list[Action] = []
     if req.on_peer_failure == "reassign":
-        free = list(idle)
+        free = eligible(session, idle)  # a fork's excluded peers never take a shard
         for shard in session.orphan_shards():
             # never a peer that already ran in this session: a run is a peer's once (``state`` ignores a
             # reassignment to it), so handing it a shard again would lock and release it forever
@@ -149,6 +150,6 @@ def hand_over(session: Session, shard: int, previous: str, chosen: Peer, clocks:
         lock=lock(sid, peer_id, chosen.seq, digest(sid, shard, peer_id, chosen.seq), clocks),
         moved=moved,
         train=train_command(
-            req, peer_id, hyperparameters, shard, session.round, clocks, config, session.max_model_bytes()
+            req, peer_id, hyperparameters, shard, session.round, clocks, config, session.max_model_bytes(), session.init
         ),
     )

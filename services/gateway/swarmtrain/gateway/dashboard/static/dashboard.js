@@ -483,6 +483,14 @@ async function sessionPage() {
       (s.ended_at ? ` · took ${seconds(s.started_at || s.created_at, s.ended_at)}` : "") +
       (s.val_accuracy !== null ? ` · val accuracy ${fmt(s.val_accuracy)}` : "") +
       (s.reason ? ` · ${s.reason}` : "");
+    $("#lineage").hidden = !s.parent_session_id;
+    if (s.parent_session_id) {
+      const link = $("#parent-link");
+      link.textContent = short(s.parent_session_id);
+      link.href = `${PREFIX}/sessions/${encodeURIComponent(s.parent_session_id)}`;
+      $("#parent-detail").textContent = (s.parent_round !== null ? ` at round ${s.parent_round}` : " (its final model)") +
+        (s.excluded_peers.length ? `, without ${s.excluded_peers.map(short).join(", ")}` : "");
+    }
     $("#cancel").hidden = TERMINAL.has(s.status);
     $("#download").hidden = !s.model_available;
     const ranked = [...s.peers].sort((a, b) => (b.val_accuracy ?? -1) - (a.val_accuracy ?? -1));

@@ -1,0 +1,111 @@
+"""A round's model recomputed from the log and the blobs: a fork's starting model without some
+peers (``lineage.Recompute``), and the weights a session started from.
+
+Blocking (torch): the shell runs :func:`prepare` in a worker thread, as it runs ``evaluation``. It
+reuses the peers' own code, so the rule is the one the parent's peers applied: the updates its
+``RoundClosed`` named, fetched from the store and checked against their sha256, averaged by
+``peer.averaging.average_round`` with the parent's norm bound measured from the round's start; no
+acceptable update left means the round's start. ``swarmtrain session backtest`` reuses
+:func:`round_inputs` and :func:`initial_weights`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+import msgspec
+
+from swarmtrain.common import blob
+from swarmtrain.common.events import RoundClosed, RoundUpdate, SessionRequested
+from swarmtrain.scheduler.lineage import Model, Recompute, prepared_key
+
+if TYPE_CHECKING:
+    from swarmtrain.peer.averaging import Tensors
+
+
+def initial_weights(store: blob.BlobStore, request: SessionRequested) -> Tensors:
+    """The seeded weights every peer of ``request`` starts from (``peer.strategies.fedavg.LocalLearner``):
+    the model built from ``torch.manual_seed(seed)``, its standardization fitted on the whole
+    training split."""
+    from swarmtrain.peer import data as peer_data
+    from swarmtrain.peer.model import Standardize
+    from swarmtrain.peer.trainer import seeded_model
+    from swarmtrain.scheduler.evaluation import _dataset
+
+    dataset = _dataset(store, request)
+    train_idx, _ = peer_data.split_indices(len(dataset), request.validation_split, request.seed)
+    model = seeded_model(request.model, dataset.features.shape[1], len(dataset.classes), request.seed)
+    standardize = model[0]
+    assert isinstance(standardize, Standardize)
+    standardize.fit(dataset.features[train_idx])
+    return {name: t.detach().clone() for name, t in model.state_dict().items()}
+
+
+def load_model(store: blob.BlobStore, model: Model, max_bytes: int | None = None) -> Tensors:
+    """The tensors of a stored model or weights file, checked against its sha256."""
+    from swarmtrain.peer import tensorfile
+
+    return tensorfile.loads(store.get_bytes(store.key_of(model.uri), sha256=model.sha256, max_bytes=max_bytes))
+
+
+def fetcher(store: blob.BlobStore, max_bytes: int | None = None) -> Callable[[RoundUpdate], bytes]:
+    """An update's bytes from ``store`` (its sha256 is checked by the averaging)."""
+
+    def fetch(update: RoundUpdate) -> bytes:
+        try:
+            key = store.key_of(update.uri)
+        except ValueError:
+            from swarmtrain.peer.averaging import UpdateUnavailable
+
+            raise UpdateUnavailable("its uri is outside the store") from None
+        return store.get_bytes(key, max_bytes=max_bytes)
+
+    return fetch
+
+
+def start_weights(store: blob.BlobStore, request: SessionRequested, start: Model | None) -> Tensors:
+    """The weights a round started from: ``start``, or the session's seeded initial weights."""
+    return initial_weights(store, request) if start is None else load_model(store, start)
+
+
+def average_without(
+    store: blob.BlobStore,
+    request: SessionRequested,
+    closed: RoundClosed,
+    excluded: Sequence[str],
+    start: Tensors,
+    max_bytes: int | None = None,
+) -> tuple[Tensors, list[str]]:
+    """Round ``closed.round`` averaged again without ``excluded``'s updates, by the rule the
+    session's peers apply (``average_round``: sha256, shapes, finiteness, the norm bound from
+    ``start``); ``start`` itself when no update is left. Returns the weights and the peers whose
+    updates they hold."""
+    from swarmtrain.peer.averaging import average_round
+
+    kept = msgspec.structs.replace(closed, updates=[u for u in closed.updates if u.peer_id not in set(excluded)])
+    rounds_uri = store.uri(f"sessions/{closed.session_id}/rounds")
+    average, rejected = average_round(
+        kept,
+        fetcher(store, max_bytes),
+        start,
+        rounds_uri=rounds_uri,
+        start=start,
+        max_norm=request.max_update_norm,
+    )
+    refused = {p for p, _ in rejected}
+    included = [u.peer_id for u in kept.updates if u.peer_id not in refused]
+    return (start, []) if average is None else (average, included)
+
+
+def prepare(
+    store: blob.BlobStore, recompute: Recompute, max_bytes: int | None = None
+) -> tuple[blob.BlobRef, list[str]]:
+    """Recompute a fork's starting model and store it under the new session's prefix: its
+    reference and the peers whose updates it holds."""
+    from swarmtrain.peer.averaging import state_bytes
+
+    start = start_weights(store, recompute.parent, recompute.start)
+    weights, included = average_without(store, recompute.parent, recompute.closed, recompute.excluded, start, max_bytes)
+    ref = store.put_bytes(prepared_key(recompute.session_id), state_bytes(weights))
+    return ref, included
