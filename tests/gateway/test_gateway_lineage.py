@@ -7,6 +7,7 @@ import pytest
 from litestar.exceptions import ClientException
 
 from swarmtrain.common.events import Hyperparameters, InitFrom, ModelSpec
+from swarmtrain.common.fedopts import AggregatorSpec
 from swarmtrain.common.settings import Settings
 from swarmtrain.gateway.sessions.lineage import check_excluded, check_lineage, fork_fields
 from swarmtrain.gateway.sessions.planning import SessionPlan, parse_session, plan_session
@@ -31,9 +32,11 @@ def test_a_fork_inherits_the_parents_settings_and_takes_what_it_gives() -> None:
     assert fork_fields(PARENT, ForkIn(round=5))["rounds"] == 1  # nothing left: at least one round
 
 
-def test_an_option_the_session_request_does_not_take_yet_is_a_400() -> None:
+def test_a_forks_round_options_are_checked_like_a_session_requests() -> None:
+    parsed = parse_session(fork_fields(PARENT, ForkIn(round=1, aggregator={"name": "median"})))
+    assert parsed.aggregator == AggregatorSpec(name="median")
     with pytest.raises(ClientException):
-        parse_session(fork_fields(PARENT, ForkIn(round=1, aggregator={"name": "median"})))
+        parse_session(fork_fields(PARENT, ForkIn(round=1, aggregator={"name": "no-such-rule"})))
 
 
 def plan_from(init: InitFrom, hidden: int = 16) -> SessionPlan:
