@@ -4,7 +4,7 @@ peers (``lineage.Recompute``), and the weights a session started from.
 Blocking (torch): the shell runs :func:`prepare` in a worker thread, as it runs ``evaluation``. It
 reuses the peers' own code, so the rule is the one the parent's peers applied: the updates its
 ``RoundClosed`` named, fetched from the store and checked against their sha256, averaged by
-``peer.averaging.average_round`` with the parent's norm bound measured from the round's start; no
+``peer.rounds.apply_round`` with the parent's rules and norm bound measured from the round's start; no
 acceptable update left means the round's start. ``swarmtrain session backtest`` reuses
 :func:`round_inputs` and :func:`initial_weights`.
 """
@@ -77,25 +77,23 @@ def average_without(
     start: Tensors,
     max_bytes: int | None = None,
 ) -> tuple[Tensors, list[str]]:
-    """Round ``closed.round`` averaged again without ``excluded``'s updates, by the rule the
-    session's peers apply (``average_round``: sha256, shapes, finiteness, the norm bound from
-    ``start``); ``start`` itself when no update is left. Returns the weights and the peers whose
-    updates they hold."""
-    from swarmtrain.peer.averaging import average_round
+    """Round ``closed.round`` computed again without ``excluded``'s updates, by the rules the
+    session's peers apply (``peer.rounds.apply_round``: sha256, shapes, finiteness, the norm bound
+    from ``start``, compression, the session's aggregator and outer step); ``start`` itself when no
+    update is left. Returns the weights and the peers whose updates they hold.
+
+    The outer optimizer starts from an empty state here: a fork is a new run, and the momentum the
+    parent had gathered from the excluded peers' earlier rounds is exactly what it leaves behind."""
+    from swarmtrain.peer.rounds import RoundOptions, apply_round
 
     kept = msgspec.structs.replace(closed, updates=[u for u in closed.updates if u.peer_id not in set(excluded)])
     rounds_uri = store.uri(f"sessions/{closed.session_id}/rounds")
-    average, rejected = average_round(
-        kept,
-        fetcher(store, max_bytes),
-        start,
-        rounds_uri=rounds_uri,
-        start=start,
-        max_norm=request.max_update_norm,
+    result = apply_round(
+        kept, fetcher(store, max_bytes), start, start, {}, RoundOptions.of(request), rounds_uri=rounds_uri
     )
-    refused = {p for p, _ in rejected}
-    included = [u.peer_id for u in kept.updates if u.peer_id not in refused]
-    return (start, []) if average is None else (average, included)
+    if result.aggregate is None:
+        return start, []
+    return result.model, list(result.selected)
 
 
 def prepare(
