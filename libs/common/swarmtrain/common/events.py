@@ -15,6 +15,7 @@ from typing import Annotated, Any, Final, Literal
 import msgspec
 
 from swarmtrain.common import subjects
+from swarmtrain.common.specs import PeerSpecs, Priority, QueueTimeout, Requirements
 
 
 def new_id() -> str:
@@ -120,6 +121,8 @@ Strategy = Literal["sweep", "fedavg"]
 SWEEP: Final = "sweep"
 FEDAVG: Final = "fedavg"
 OnPeerFailure = Literal["reassign", "continue", "fail"]
+Precision = Literal["fp32", "bf16", "fp16"]
+"""What a peer computes in: fp32, or autocast to bf16 / fp16 (fp16 with a gradient scaler)."""
 
 
 class Hyperparameters(msgspec.Struct, frozen=True, kw_only=True):
@@ -201,6 +204,9 @@ class _PeerEvent(_Message, frozen=True, kw_only=True):
 class PeerRegistered(_PeerEvent, frozen=True, kw_only=True, tag="PeerRegistered"):
     name: Name
     device: Name
+    specs: PeerSpecs | None = None
+    """What the peer has (cores, memory, GPUs, versions, labels): reported at registration and
+    whenever it changes; None from a peer older than specs (placed as a CPU peer of unknown size)."""
 
 
 class PeerWentOnline(_PeerEvent, frozen=True, kw_only=True, tag="PeerWentOnline"):
@@ -249,12 +255,23 @@ class SessionRequested(_SessionEvent, frozen=True, kw_only=True, tag="SessionReq
     max_update_norm: UpdateNorm | None = None
     """fedavg: the largest L2 norm of an update (its weights minus the round's starting model) that
     is averaged; a larger one is rejected. None: only non-finite or misshapen updates are."""
+    requirements: Requirements | None = None
+    """What a peer must have to take part (device, GPU memory, memory, labels); None: any peer."""
+    queue: bool = False
+    """Wait ``queued`` until enough matching peers are idle; False (and no timeout): refused at once."""
+    queue_timeout_s: QueueTimeout | None = None
+    """Give up (``SessionFailed`` with the reason) after this long in the queue; implies ``queue``."""
+    priority: Priority = 0
+    """Higher is served first; first come, first served within a priority."""
+    precision: Precision = "fp32"
 
 
 class SessionStarted(_SessionEvent, frozen=True, kw_only=True, tag="SessionStarted"):
     assignments: Annotated[dict[Id, Hyperparameters], msgspec.Meta(max_length=MAX_PEERS)]
     shards: Annotated[dict[Id, Count], msgspec.Meta(max_length=MAX_PEERS)] = msgspec.field(default_factory=dict)
     """fedavg: peer_id -> shard index (0 .. num_peers-1)."""
+    placement: Text = ""
+    """Why these peers: the placement's reason (requirements, GPU or CPU first, memory needed)."""
 
 
 class Heartbeat(_SessionEvent, frozen=True, kw_only=True, tag="Heartbeat"):
@@ -266,6 +283,8 @@ class Heartbeat(_SessionEvent, frozen=True, kw_only=True, tag="Heartbeat"):
     val_loss: Finite | None = None
     val_accuracy: Finite | None = None
     samples_per_s: Finite
+    precision: Precision = "fp32"
+    """The precision the epoch ran in."""
 
 
 class PeerDone(_SessionEvent, frozen=True, kw_only=True, tag="PeerDone"):
@@ -466,6 +485,8 @@ class Train(_Command, frozen=True, kw_only=True, tag="Train"):
     max_update_norm: UpdateNorm | None = None
     """fedavg: an update whose L2 distance from its round's start weights exceeds this is rejected
     (like NaN or a wrong shape), by every peer alike; None: no bound."""
+    precision: Precision = "fp32"
+    """The session's precision: a peer that cannot compute in it fails the run with the reason."""
 
 
 class Stop(_Command, frozen=True, kw_only=True, tag="Stop"):

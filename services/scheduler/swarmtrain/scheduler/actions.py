@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Literal
 
@@ -29,6 +29,7 @@ from swarmtrain.common.events import (
     Stop,
     Train,
 )
+from swarmtrain.scheduler.placement import Rules
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,8 @@ class Config:
     timing: Timing = Timing()
     signer: Signer | None = None
     """None: commands carry no signed URLs (a store the peers reach themselves)."""
+    rules: Rules = field(default_factory=Rules)
+    """Placement: which models are large (GPU peers first), how much memory training one takes."""
 
     def key_of(self, uri: str) -> str | None:
         """The key of an object URI of this store, or None for a URI outside it."""
@@ -313,6 +316,7 @@ def train_command(
         output_url=config.sign("PUT", output_uri, max_model_bytes),
         update_urls={r: u for r, u in update_urls.items() if u},
         average_urls={r: u for r, u in average_urls.items() if u},
+        precision=req.precision,
     )
 
 

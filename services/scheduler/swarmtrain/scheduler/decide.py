@@ -19,7 +19,10 @@ from swarmtrain.common.events import (
     SessionCompleted,
     SessionStarted,
     Train,
+    bounded_text,
 )
+from swarmtrain.common.specs import QueuePolicy, Requirements
+from swarmtrain.scheduler import placement
 from swarmtrain.scheduler.actions import (
     Action,
     Append,
@@ -42,6 +45,7 @@ from swarmtrain.scheduler.actions import (
     train_command,
     train_id,
 )
+from swarmtrain.scheduler.placement import Expired, PeerView, Placement, Request
 from swarmtrain.scheduler.state import Peer, Run, Session, State
 from swarmtrain.scheduler.strategies import strategy_of
 
@@ -232,20 +236,50 @@ def _evaluate(session: Session, peer_id: str) -> Evaluate:
 
 
 def _schedule(state: State, idle: Sequence[Peer], clocks: Clocks, config: Config) -> list[Action]:
-    """First fit, oldest request first: start every queued session that enough idle peers can take."""
+    """The queue (``placement.plan``): start every queued session that the idle peers matching its
+    requirements can take (GPU peers first for a large model, CPU peers for a small one), highest
+    priority first, first come first served within one; fail one whose queue timeout has passed,
+    with the reason. The rest wait, in order, holding the idle peers they match.
+
+    Every session the log holds waits here: ``queue`` decides only whether the gateway accepts a
+    session that cannot start at once (without it, the gateway's 400); one that got past that
+    check in a race (another session took the peers first) waits, as it always did."""
+    queued = [s for s in state.sessions.values() if s.status == "queued"]
+    if not queued:
+        return []
+    free = {p.peer_id for p in idle}
+    peers = [
+        PeerView(p.peer_id, p.specs, idle=p.peer_id in free)
+        for p in state.peers.values()
+        if p.online and (p.peer_id in free or p.session_id is not None)
+    ]
     actions: list[Action] = []
-    free = list(idle)
-    for session in sorted(state.sessions.values(), key=lambda s: s.seq):
-        if session.status != "queued":
-            continue
-        need = session.request.num_peers
-        if len(free) >= need:
-            actions.append(start(session, free[:need], clocks, config))
-            del free[:need]
+    for decision in placement.plan([request_of(s) for s in queued], peers, clocks.wall, config.rules):
+        match decision:
+            case Placement(session_id=sid, peer_ids=chosen, reason=reason):
+                session = state.sessions[sid]
+                actions.append(start(session, [state.peers[p] for p in chosen], clocks, config, reason))
+            case Expired(session_id=sid, reason=reason):
+                actions.append(session_failed(sid, f"queue timeout: {reason}", clocks))
     return actions
 
 
-def start(session: Session, peers: Sequence[Peer], clocks: Clocks, config: Config) -> Start:
+def request_of(session: Session) -> Request:
+    """A queued session as placement sees it."""
+    req = session.request
+    return Request(
+        session_id=session.session_id,
+        num_peers=req.num_peers,
+        param_count=session.param_count(),
+        requested_at=req.occurred_at.timestamp(),
+        order=session.order,
+        requirements=req.requirements or Requirements(),
+        policy=QueuePolicy(queue=True, queue_timeout_s=req.queue_timeout_s, priority=req.priority),
+        data_bytes=session.data_bytes(),
+    )
+
+
+def start(session: Session, peers: Sequence[Peer], clocks: Clocks, config: Config, reason: str = "") -> Start:
     """Start ``session`` on ``peers``: their locks, the start with the strategy's assignment, the Trains."""
     req, sid = session.request, session.session_id
     peer_ids = [p.peer_id for p in peers]
@@ -258,6 +292,7 @@ def start(session: Session, peers: Sequence[Peer], clocks: Clocks, config: Confi
         session_id=sid,
         assignments=assignment.hyperparameters,
         shards=assignment.shards,
+        placement=bounded_text(reason),
     )
     max_bytes = session.max_model_bytes()
     trains = tuple(
