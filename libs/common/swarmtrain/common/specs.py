@@ -122,6 +122,24 @@ class QueuePolicy(msgspec.Struct, frozen=True, kw_only=True):
         return self.queue or self.queue_timeout_s is not None
 
 
+def meets(specs: PeerSpecs | None, requirements: Requirements) -> bool:
+    """Whether a peer with ``specs`` meets ``requirements`` (capacity aside): the one rule the
+    scheduler places by and the gateway counts matching idle peers by. A peer without specs (older
+    than them) meets only requirements that ask nothing."""
+    if specs is None:
+        return requirements.asks_nothing
+    gpu = specs.training_gpu
+    if requirements.device == "cuda" and gpu is None:
+        return False
+    if requirements.device == "cpu" and gpu is not None:
+        return False
+    if requirements.min_gpu_memory_bytes > 0 and (gpu is None or gpu.memory_bytes < requirements.min_gpu_memory_bytes):
+        return False
+    if specs.memory_bytes < requirements.min_memory_bytes:
+        return False
+    return all(specs.labels.get(k) == v for k, v in requirements.labels.items())
+
+
 def labels_text(labels: dict[str, str]) -> str:
     """``region=eu, tier=gold`` (sorted), for reasons and logs."""
     return ", ".join(f"{k}={v}" for k, v in sorted(labels.items()))

@@ -41,6 +41,11 @@ async def request_session(
             rounds=plan.rounds,
             on_peer_failure=plan.on_peer_failure,
             max_update_norm=plan.max_update_norm,
+            requirements=plan.requirements,
+            queue=plan.queue,
+            queue_timeout_s=plan.queue_timeout_s,
+            priority=plan.priority,
+            precision=plan.precision,
         )
     )
     return session_id

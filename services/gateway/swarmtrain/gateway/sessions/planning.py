@@ -13,8 +13,16 @@ import msgspec
 from litestar.exceptions import ClientException
 
 from swarmtrain.common import shapes
-from swarmtrain.common.events import DEFAULT_CHANNELS, Hyperparameters, ModelSpec, OnPeerFailure, Strategy
+from swarmtrain.common.events import (
+    DEFAULT_CHANNELS,
+    Hyperparameters,
+    ModelSpec,
+    OnPeerFailure,
+    Precision,
+    Strategy,
+)
 from swarmtrain.common.settings import Settings
+from swarmtrain.common.specs import Requirements
 from swarmtrain.gateway.errors import describe
 from swarmtrain.gateway.sessions.schemas import HyperparametersIn, ModelIn, SessionIn
 from swarmtrain.gateway.sessions.strategies import rules, with_rounds
@@ -30,6 +38,32 @@ class SessionPlan(msgspec.Struct, frozen=True, kw_only=True):
     rounds: int
     on_peer_failure: OnPeerFailure
     max_update_norm: float | None = None
+    requirements: Requirements | None = None
+    queue: bool = False
+    queue_timeout_s: float | None = None
+    priority: int = 0
+    precision: Precision = "fp32"
+
+    @property
+    def queues(self) -> bool:
+        """Whether the session may wait for peers (no 400 when too few are idle now)."""
+        return self.queue or self.queue_timeout_s is not None
+
+
+def _requirements(data: SessionIn) -> Requirements | None:
+    given = data.requirements
+    if given is None:
+        return None
+    try:
+        requirements = Requirements(
+            device=given.device,
+            min_gpu_memory_bytes=given.min_gpu_memory_bytes,
+            min_memory_bytes=given.min_memory_bytes,
+            labels=dict(given.labels),
+        )
+    except ValueError as exc:
+        raise ClientException(f"requirements: {exc}") from None
+    return None if requirements.asks_nothing else requirements
 
 
 def _at_most(name: str, value: int, cap: int) -> None:
@@ -97,6 +131,11 @@ def plan_session(data: SessionIn, settings: Settings) -> SessionPlan:
         rounds=data.rounds,
         on_peer_failure=data.on_peer_failure,
         max_update_norm=data.max_update_norm,
+        requirements=_requirements(data),
+        queue=data.queue,
+        queue_timeout_s=data.queue_timeout_s,
+        priority=data.priority,
+        precision=data.precision,
     )
 
 

@@ -22,6 +22,7 @@ from swarmtrain.common.events import (
     ModelSpec,
     NumPeers,
     OnPeerFailure,
+    Precision,
     Rounds,
     Seed,
     SessionEvent,
@@ -30,6 +31,7 @@ from swarmtrain.common.events import (
     ValidationSplit,
     Widths,
 )
+from swarmtrain.common.specs import Bytes, Device, Labels, Priority, QueueTimeout, Requirements
 from swarmtrain.gateway.datasets import DEFAULT_LABEL
 
 # ------------------------------------------------------------------ in
@@ -52,6 +54,17 @@ class ModelIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """cnn only: convolution widths (default [16, 32])."""
 
 
+class RequirementsIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    device: Device = "any"
+    """``cuda``: only peers that train on a GPU; ``cpu``: only peers that train on the CPU."""
+    min_gpu_memory_bytes: Bytes = 0
+    """Memory of the GPU a peer trains on (implies a GPU peer)."""
+    min_memory_bytes: Bytes = 0
+    """The peer's host memory."""
+    labels: Labels = msgspec.field(default_factory=dict)
+    """Every one must be among the peer's labels (``swarmtrain peer --label k=v``) with the same value."""
+
+
 class SessionIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     dataset_id: str
     num_peers: NumPeers
@@ -68,6 +81,16 @@ class SessionIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_update_norm: UpdateNorm | None = None
     """fedavg: the largest L2 norm of a peer's update (its weights minus the round's starting model)
     that is averaged; a larger one is rejected. Unset: only non-finite or misshapen updates are."""
+    requirements: RequirementsIn | None = None
+    """What a peer must have to take part; unset: any peer."""
+    queue: bool = False
+    """Wait ``queued`` until enough matching peers are idle, instead of a 400 now."""
+    queue_timeout_s: QueueTimeout | None = None
+    """Fail the session after this long in the queue (implies ``queue``)."""
+    priority: Priority = 0
+    """Higher is served first; first come, first served within a priority."""
+    precision: Precision = "fp32"
+    """fp32, or autocast to bf16 / fp16 (CUDA peers; a CPU peer runs bf16 where supported, or fails the run)."""
 
 
 @dataclass
@@ -115,6 +138,8 @@ class PeerResult(msgspec.Struct, kw_only=True):
     val_accuracy: float | None
     samples_per_s: float | None
     reason: str | None
+    precision: str | None = None
+    """The precision its latest heartbeat says it computed in."""
 
 
 class RejectedUpdate(msgspec.Struct, kw_only=True):
@@ -164,6 +189,15 @@ class SessionOut(msgspec.Struct, kw_only=True):
     """The session's model's accuracy on the validation split (fedavg: the final average's)."""
     model_available: bool
     reason: str | None
+    requirements: Requirements | None = None
+    queue: bool = False
+    queue_timeout_s: float | None = None
+    priority: int = 0
+    precision: str = "fp32"
+    queue_position: int | None = None
+    """While queued: 1-based place in the swarm's queue (priority, then request order)."""
+    placement: str | None = None
+    """Once started: why these peers (the scheduler's placement reason)."""
 
 
 class EventRecord(msgspec.Struct, kw_only=True):
