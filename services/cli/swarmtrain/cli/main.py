@@ -55,8 +55,17 @@ def _projector(args: argparse.Namespace) -> int:
 
 
 def _peer(args: argparse.Namespace) -> int:
-    from swarmtrain.peer.service import run
+    if args.gpus is not None:
+        from swarmtrain.cli.gpus import supervise
 
+        if args.device != "auto":
+            raise ValueError("--gpus runs one CUDA peer per GPU: leave --device out")
+        return supervise(args.gpus, name=args.name, nats=args.nats, credentials=args.credentials, labels=args.label)
+
+    from swarmtrain.peer.service import run
+    from swarmtrain.peer.specs import parse_labels
+
+    labels = parse_labels(args.label)
     settings = get_settings()
     with contextlib.ExitStack() as stack:
         name = args.name
@@ -72,7 +81,7 @@ def _peer(args: argparse.Namespace) -> int:
             settings = msgspec.structs.replace(settings, nats_url=args.nats)
 
         async def main(s: Settings, stop: asyncio.Event) -> None:
-            await run(s, stop, name=name, device=args.device)
+            await run(s, stop, name=name, device=args.device, labels=labels)
 
         return serve(main, settings)
 
@@ -174,6 +183,17 @@ def parser() -> argparse.ArgumentParser:
         "--credentials",
         help="a peer-<n>.env from `swarmtrain nats-config` (its id and NATS nkey), or a folder of them: "
         "the first one no other peer holds is taken (default: none, for an open NATS server)",
+    )
+    peer.add_argument(
+        "--gpus",
+        help="'all' or GPU indexes such as 0,2: one supervised peer per GPU, named <name>-gpu<i>, stopped together",
+    )
+    peer.add_argument(
+        "--label",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="an owner-given label in the peer's specs, matched by a session's requirements (repeatable)",
     )
     peer.set_defaults(func=_peer)
 

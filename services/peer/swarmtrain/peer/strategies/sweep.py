@@ -44,6 +44,8 @@ async def run(command: Train, ctx: JobContext) -> None:
         seed=command.seed,
         device=str(ctx.device),
         torch_threads=ctx.settings.torch_threads,
+        dataset_sha256=command.dataset_sha256,
+        precision=command.precision,
     )
     result = await ctx.train_reporting(command, lambda on_epoch: trainer.train(job, on_epoch, ctx.stop))
 
