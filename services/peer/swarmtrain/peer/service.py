@@ -19,6 +19,11 @@
   (fedavg follows its rounds there); facts of another session are acked and kept, a few sessions'
   worth, for a ``Train`` that may come next (a newcomer's catch-up facts can arrive before its
   nak-ed ``Train`` comes back).
+- Specs: what the peer has (``peer.specs.collect``: cores, memory, GPUs, versions, OS, its owner's
+  ``--label`` labels) travels in its ``PeerRegistered``; looked at again every ``SPECS_CHECK_S``
+  and registered again when it changed. The scheduler places sessions by them.
+- Precision: a ``Train`` whose ``precision`` this peer cannot compute in (fp16 on a CPU, bf16 where
+  autocast to it does not work) fails at once, before any download, with the reason.
 - Presence beats name the session and the ``Train`` (``train_id``) in progress, so the scheduler can
   re-send a ``Train`` no beat shows being worked on.
 - Blobs only through signed URLs: the dataset through ``Train.dataset_url`` (cached by sha256,
