@@ -21,6 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from swarmtrain.common import bus, events
+from swarmtrain.common.specs import PeerSpecs, Requirements
 from tests.factories import session_requested
 
 EVENT_TYPES: tuple[type[Any], ...] = typing.get_args(events.Event)
@@ -77,8 +78,10 @@ def strategy(t: mi.Type, name: str = "") -> st.SearchStrategy[Any]:
         case mi.StrType():
             if t.pattern == events.SUBJECT_TOKEN or (t.pattern is None and name.endswith("_id")):
                 return ids
-            if t.pattern not in (None, events.NO_NUL):
-                raise NotImplementedError(f"no strategy for the pattern {t.pattern!r} (field {name!r})")
+            if t.pattern not in (None, events.NO_NUL):  # the specs' label names and values, versions
+                return st.from_regex(t.pattern, fullmatch=True).filter(
+                    lambda v: (t.min_length or 0) <= len(v) <= (t.max_length or len(v))
+                )
             alphabet = st.characters(blacklist_categories=["Cs"], blacklist_characters="\x00" if t.pattern else "")
             return st.text(alphabet, min_size=t.min_length or 0, max_size=min(t.max_length or 20, 20))
         case mi.IntType():
@@ -109,11 +112,26 @@ def strategy(t: mi.Type, name: str = "") -> st.SearchStrategy[Any]:
             return st.dictionaries(strategy(t.key_type, "key_id"), strategy(t.value_type), max_size=3)
         case mi.UnionType():
             return st.one_of(*(strategy(member, name) for member in t.types))
-        case mi.StructType():
-            return st.builds(t.cls, **{f.name: strategy(f.type, f.name) for f in t.fields})
-        case mi.Metadata():  # a constraint with a description: the type it wraps
+        case mi.Metadata():  # a described type (``specs.Bytes``): its own rules
             return strategy(t.type, name)
+        case mi.StructType():
+            fields = {f.name: strategy(f.type, f.name) for f in t.fields}
+            return st.builds(_valid, st.just(t.cls), st.fixed_dictionaries(fields))
     raise NotImplementedError(f"no strategy for {t!r} (field {name!r}): extend tests/common/test_events.py")
+
+
+def _valid(cls: type[Any], fields: dict[str, Any]) -> Any:
+    """``cls(**fields)``, with the one field that joins others made consistent where its
+    ``__post_init__`` refuses them: a ``PeerSpecs`` whose ``device_index`` names no GPU, a
+    ``device: cpu`` ``Requirements`` with a GPU memory minimum."""
+    try:
+        return cls(**fields)
+    except ValueError:
+        if cls is PeerSpecs:
+            return cls(**{**fields, "device_index": len(fields["gpus"]) - 1 if fields["gpus"] else None})
+        if cls is Requirements:
+            return cls(**{**fields, "min_gpu_memory_bytes": 0})
+        raise
 
 
 def messages_of(cls: type[Any]) -> st.SearchStrategy[Any]:

@@ -128,9 +128,11 @@ async def presence(nc: NATS, peer_id: str) -> AsyncIterator[PresenceWatch]:
 
 
 @contextlib.asynccontextmanager
-async def running_peer(settings: Settings, name: str = "alpha") -> AsyncIterator[asyncio.Task[None]]:
+async def running_peer(
+    settings: Settings, name: str = "alpha", labels: dict[str, str] | None = None
+) -> AsyncIterator[asyncio.Task[None]]:
     stop = asyncio.Event()
-    task = asyncio.create_task(service.run(settings, stop, name=name, device="cpu"))
+    task = asyncio.create_task(service.run(settings, stop, name=name, device="cpu", labels=labels))
     try:
         yield task
     finally:

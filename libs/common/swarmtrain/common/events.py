@@ -16,6 +16,7 @@ import msgspec
 
 from swarmtrain.common import subjects
 from swarmtrain.common.fedopts import AggregatorSpec, CompressionSpec, OuterSpec, ShardingSpec
+from swarmtrain.common.specs import PeerSpecs, Priority, QueueTimeout, Requirements
 
 
 def new_id() -> str:
@@ -124,6 +125,8 @@ Strategy = Literal["sweep", "fedavg"]
 SWEEP: Final = "sweep"
 FEDAVG: Final = "fedavg"
 OnPeerFailure = Literal["reassign", "continue", "fail"]
+Precision = Literal["fp32", "bf16", "fp16"]
+"""What a peer computes in: fp32, or autocast to bf16 / fp16 (fp16 with a gradient scaler)."""
 
 
 class Hyperparameters(msgspec.Struct, frozen=True, kw_only=True):
@@ -218,6 +221,9 @@ class _PeerEvent(_Message, frozen=True, kw_only=True):
 class PeerRegistered(_PeerEvent, frozen=True, kw_only=True, tag="PeerRegistered"):
     name: Name
     device: Name
+    specs: PeerSpecs | None = None
+    """What the peer has (cores, memory, GPUs, versions, labels): reported at registration and
+    whenever it changes; None from a peer older than specs (placed as a CPU peer of unknown size)."""
 
 
 class PeerWentOnline(_PeerEvent, frozen=True, kw_only=True, tag="PeerWentOnline"):
@@ -280,6 +286,15 @@ class SessionRequested(_SessionEvent, frozen=True, kw_only=True, tag="SessionReq
     otherwise; a peer that takes a shard over starts with a fresh one either way)."""
     init_from: InitFrom | None = None
     """Start from an earlier session's model instead of seeded weights (its lineage too)."""
+    requirements: Requirements | None = None
+    """What a peer must have to take part (device, GPU memory, memory, labels); None: any peer."""
+    queue: bool = False
+    """Wait ``queued`` until enough matching peers are idle; False (and no timeout): refused at once."""
+    queue_timeout_s: QueueTimeout | None = None
+    """Give up (``SessionFailed`` with the reason) after this long in the queue; implies ``queue``."""
+    priority: Priority = 0
+    """Higher is served first; first come, first served within a priority."""
+    precision: Precision = "fp32"
 
 
 class SessionStarted(_SessionEvent, frozen=True, kw_only=True, tag="SessionStarted"):
@@ -296,6 +311,8 @@ class SessionStarted(_SessionEvent, frozen=True, kw_only=True, tag="SessionStart
     """The starting model the scheduler resolved from ``init_from`` ("" for seeded weights): a
     parent's final model, a round's stored average, or an ``InitModelPrepared`` recomputation."""
     init_sha256: Digest = ""
+    placement: Text = ""
+    """Why these peers: the placement's reason (requirements, GPU or CPU first, memory needed)."""
 
 
 class Heartbeat(_SessionEvent, frozen=True, kw_only=True, tag="Heartbeat"):
@@ -307,6 +324,8 @@ class Heartbeat(_SessionEvent, frozen=True, kw_only=True, tag="Heartbeat"):
     val_loss: Finite | None = None
     val_accuracy: Finite | None = None
     samples_per_s: Finite
+    precision: Precision = "fp32"
+    """The precision the epoch ran in."""
 
 
 class PeerDone(_SessionEvent, frozen=True, kw_only=True, tag="PeerDone"):
@@ -551,6 +570,8 @@ class Train(_Command, frozen=True, kw_only=True, tag="Train"):
     init_sha256: Digest = ""
     """The starting model's sha256: the peer checks the bytes and loads its tensors (which must
     match the model's names and shapes) after fitting the standardization, before training."""
+    precision: Precision = "fp32"
+    """The session's precision: a peer that cannot compute in it fails the run with the reason."""
 
 
 class Stop(_Command, frozen=True, kw_only=True, tag="Stop"):

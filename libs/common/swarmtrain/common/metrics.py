@@ -44,6 +44,12 @@ DECISION_SECONDS = Histogram(
     buckets=(0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
 )
 
+PARSE_CACHE = Counter(
+    "swarmtrain_peer_parse_cache",
+    "Peers: a session's dataset found parsed in memory (hit: the CSV parse skipped) or parsed (miss)",
+    ["result"],
+)
+
 _ROUND_MARKS_MAX = 10_000
 _round_marks: OrderedDict[str, float] = OrderedDict()
 """session id -> when its current round began (epoch seconds), in the process that appends rounds."""
@@ -83,6 +89,11 @@ def applied(items: list[tuple[Any, Any]]) -> None:
     if items:
         with contextlib.suppress(AttributeError, ValueError, TypeError):
             PROJECTION_LAG.set(items[-1][0].metadata.num_pending or 0)
+
+
+def parse_cache(hit: bool) -> None:
+    """Hook for a peer's dataset load: whether its parsed tensors came from the cache."""
+    PARSE_CACHE.labels("hit" if hit else "miss").inc()
 
 
 @contextlib.contextmanager

@@ -36,7 +36,8 @@ LabelValue = Annotated[
     ),
 ]
 Labels = Annotated[dict[LabelKey, LabelValue], msgspec.Meta(max_length=32, description="at most 32 labels")]
-ShortText = Annotated[str, msgspec.Meta(max_length=200)]
+ShortText = Annotated[str, msgspec.Meta(max_length=200, pattern=r"^[^\x00]*$")]
+"""No NUL: a PostgreSQL ``jsonb`` string cannot hold one."""
 Version = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9.+_-]{1,64}$")]
 ComputeCapability = Annotated[str, msgspec.Meta(pattern=r"^[0-9]{1,2}\.[0-9]{1,2}$", examples=["8.0", "9.0"])]
 Device = Literal["cpu", "cuda", "any"]
@@ -48,7 +49,7 @@ QueueTimeout = Annotated[float, msgspec.Meta(gt=0, le=7 * 86400, description="se
 
 
 class GpuSpec(msgspec.Struct, frozen=True, kw_only=True):
-    name: Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=200, pattern=r"^[^\x00]*$")]
     """e.g. ``NVIDIA H100 80GB HBM3``."""
     memory_bytes: Bytes
     compute_capability: ComputeCapability
@@ -119,6 +120,24 @@ class QueuePolicy(msgspec.Struct, frozen=True, kw_only=True):
     @property
     def queues(self) -> bool:
         return self.queue or self.queue_timeout_s is not None
+
+
+def meets(specs: PeerSpecs | None, requirements: Requirements) -> bool:
+    """Whether a peer with ``specs`` meets ``requirements`` (capacity aside): the one rule the
+    scheduler places by and the gateway counts matching idle peers by. A peer without specs (older
+    than them) meets only requirements that ask nothing."""
+    if specs is None:
+        return requirements.asks_nothing
+    gpu = specs.training_gpu
+    if requirements.device == "cuda" and gpu is None:
+        return False
+    if requirements.device == "cpu" and gpu is not None:
+        return False
+    if requirements.min_gpu_memory_bytes > 0 and (gpu is None or gpu.memory_bytes < requirements.min_gpu_memory_bytes):
+        return False
+    if specs.memory_bytes < requirements.min_memory_bytes:
+        return False
+    return all(specs.labels.get(k) == v for k, v in requirements.labels.items())
 
 
 def labels_text(labels: dict[str, str]) -> str:

@@ -7,10 +7,10 @@ SIGINT or SIGTERM (each child gets SIGTERM, then SIGKILL after ``stop_timeout_s`
 
 The GPUs are those ``CUDA_VISIBLE_DEVICES`` lists when it is set, else those ``nvidia-smi -L``
 lists, else ``torch.cuda.device_count()``. Tests set ``SWARMTRAIN_FAKE_GPUS=N`` to have N without a
-GPU, and start a stand-in command through ``start=``.
+GPU: each child is then a real ``swarmtrain peer --device cpu`` (a faked GPU cannot be trained on),
+with its own name, id and ``CUDA_VISIBLE_DEVICES``; or they start a stand-in command through ``start=``.
 
-Until ``swarmtrain peer`` has the option, ``python -m swarmtrain.cli.gpus --gpus all [peer options]``
-runs the same thing.
+``swarmtrain peer --gpus all|0,2`` calls :func:`main`; ``python -m swarmtrain.cli.gpus`` does too.
 """
 
 from __future__ import annotations
@@ -119,8 +119,10 @@ def peer_children(
     labels: Sequence[str] = (),
     env: Mapping[str, str] | None = None,
     python: str = sys.executable,
+    device: str = "cuda",
 ) -> list[PeerChild]:
-    """One ``swarmtrain peer --device cuda`` per GPU index, each seeing only its GPU."""
+    """One ``swarmtrain peer --device cuda`` per GPU index, each seeing only its GPU (``device``:
+    ``cpu`` for faked GPUs)."""
     base = name or socket.gethostname()
     if credentials and len(indices) > 1 and not Path(credentials).is_dir():
         raise ValueError("--credentials: one file holds one peer; give a folder of them for several GPUs")
@@ -129,7 +131,7 @@ def peer_children(
     children = []
     for i in indices:
         child_name = f"{base}-gpu{i}"
-        argv = [python, "-m", "swarmtrain.cli.main", "peer", "--device", "cuda", "--name", child_name]
+        argv = [python, "-m", "swarmtrain.cli.main", "peer", "--device", device, "--name", child_name]
         if nats:
             argv += ["--nats", nats]
         if credentials:
@@ -220,11 +222,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--credentials", help="a folder of peer credentials (one is taken per GPU)")
     p.add_argument("--label", action="append", default=[], help="name=value, for every peer (repeatable)")
     args = p.parse_args(argv)
+    return supervise(args.gpus, name=args.name, nats=args.nats, credentials=args.credentials, labels=args.label)
+
+
+def supervise(
+    gpus: str,
+    *,
+    name: str | None = None,
+    nats: str | None = None,
+    credentials: str | None = None,
+    labels: Sequence[str] = (),
+) -> int:
+    """``swarmtrain peer --gpus``: one supervised peer per GPU, in the foreground until SIGINT/SIGTERM."""
     try:
         visible = visible_gpus()
-        indices = parse_gpu_spec(args.gpus, len(visible))
+        indices = parse_gpu_spec(gpus, len(visible))
+        device = "cpu" if FAKE_GPUS_ENV in os.environ else "cuda"  # a faked GPU cannot be trained on
         children = peer_children(
-            indices, visible, name=args.name, nats=args.nats, credentials=args.credentials, labels=args.label
+            indices, visible, name=name, nats=nats, credentials=credentials, labels=labels, device=device
         )
     except ValueError as exc:
         print(f"swarmtrain: error: {exc}", file=sys.stderr)

@@ -57,8 +57,17 @@ def _projector(args: argparse.Namespace) -> int:
 
 
 def _peer(args: argparse.Namespace) -> int:
-    from swarmtrain.peer.service import run
+    if args.gpus is not None:
+        from swarmtrain.cli.gpus import supervise
 
+        if args.device != "auto":
+            raise ValueError("--gpus runs one CUDA peer per GPU: leave --device out")
+        return supervise(args.gpus, name=args.name, nats=args.nats, credentials=args.credentials, labels=args.label)
+
+    from swarmtrain.peer.service import run
+    from swarmtrain.peer.specs import parse_labels
+
+    labels = parse_labels(args.label)
     settings = get_settings()
     with contextlib.ExitStack() as stack:
         name = args.name
@@ -81,7 +90,7 @@ def _peer(args: argparse.Namespace) -> int:
             settings = msgspec.structs.replace(settings, nats_url=args.nats)
 
         async def main(s: Settings, stop: asyncio.Event) -> None:
-            await run(s, stop, name=name, device=args.device)
+            await run(s, stop, name=name, device=args.device, labels=labels)
 
         return serve(main, settings)
 
@@ -235,6 +244,17 @@ def parser() -> argparse.ArgumentParser:
         metavar="TOKEN",
         help="the token `swarmtrain invite` printed on the stack's machine ('-': read it from stdin): "
         "the stack's NATS address and this peer's credential; state under <state dir>/joined/<peer id>",
+    )
+    peer.add_argument(
+        "--gpus",
+        help="'all' or GPU indexes such as 0,2: one supervised peer per GPU, named <name>-gpu<i>, stopped together",
+    )
+    peer.add_argument(
+        "--label",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="an owner-given label in the peer's specs, matched by a session's requirements (repeatable)",
     )
     peer.set_defaults(func=_peer)
 

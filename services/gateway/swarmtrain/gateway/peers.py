@@ -9,6 +9,7 @@ import msgspec
 from litestar import Controller, get
 from litestar.di import NamedDependency
 
+from swarmtrain.common.specs import PeerSpecs
 from swarmtrain.common.status import PeerStatus
 from swarmtrain.gateway.auth import BEARER
 from swarmtrain.gateway.datasets import MAX_PAGE, Limit, Offset
@@ -23,6 +24,17 @@ class PeerOut(msgspec.Struct, kw_only=True):
     device: str
     last_seen: datetime
     session_id: str | None
+    specs: PeerSpecs | None = None
+    """What it has: cores, memory, GPUs, torch and CUDA versions, OS, owner labels (None: a peer older than specs)."""
+
+
+def _specs(raw: str | None) -> PeerSpecs | None:
+    if raw is None:
+        return None
+    try:
+        return msgspec.json.decode(raw, type=PeerSpecs)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
 
 
 def peer_status(online: bool, session_id: str | None) -> PeerStatus:
@@ -39,6 +51,7 @@ def _peer_out(row: asyncpg.Record) -> PeerOut:
         device=row["device"],
         last_seen=row["last_seen"],
         session_id=row["session_id"],
+        specs=_specs(row["specs"]),
     )
 
 
@@ -49,7 +62,7 @@ class PeerController(Controller):
 
     @get(
         "/",
-        summary="Every peer the swarm has seen, with its status",
+        summary="Every peer the swarm has seen, with its status and specs",
         description=f"Paginated with `limit` (default {MAX_PAGE}, at most {MAX_PAGE}) and `offset`.",
         responses=documented(400, 401),
     )
@@ -57,7 +70,7 @@ class PeerController(Controller):
         self, gw: NamedDependency[Gateway], limit: Limit = MAX_PAGE, offset: Offset = 0
     ) -> list[PeerOut]:
         rows = await gw.pool.fetch(
-            """SELECT peer_id, name, device, online, session_id, last_seen FROM peers
+            """SELECT peer_id, name, device, online, session_id, last_seen, specs FROM peers
                ORDER BY name, peer_id LIMIT $1 OFFSET $2""",
             limit,
             offset,

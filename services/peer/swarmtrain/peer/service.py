@@ -19,6 +19,11 @@
   (fedavg follows its rounds there); facts of another session are acked and kept, a few sessions'
   worth, for a ``Train`` that may come next (a newcomer's catch-up facts can arrive before its
   nak-ed ``Train`` comes back).
+- Specs: what the peer has (``peer.specs.collect``: cores, memory, GPUs, versions, OS, its owner's
+  ``--label`` labels) travels in its ``PeerRegistered``; looked at again every ``SPECS_CHECK_S``
+  and registered again when it changed. The scheduler places sessions by them.
+- Precision: a ``Train`` whose ``precision`` this peer cannot compute in (fp16 on a CPU, bf16 where
+  autocast to it does not work) fails at once, before any download, with the reason.
 - Presence beats name the session and the ``Train`` (``train_id``) in progress, so the scheduler can
   re-send a ``Train`` no beat shows being worked on.
 - Blobs only through signed URLs: the dataset through ``Train.dataset_url`` (cached by sha256,
@@ -75,11 +80,13 @@ from swarmtrain.common.events import (
 )
 from swarmtrain.common.logging import get_logger
 from swarmtrain.common.settings import Settings
+from swarmtrain.common.specs import PeerSpecs
+from swarmtrain.peer import specs as peer_specs
 from swarmtrain.peer import trainer
 from swarmtrain.peer.data import DataError
 from swarmtrain.peer.facts import TERMINAL, SessionFacts
 from swarmtrain.peer.strategies import STRATEGIES, JobContext, with_retries
-from swarmtrain.peer.trainer import Diverged, TrainingStopped
+from swarmtrain.peer.trainer import Diverged, PrecisionUnsupported, TrainingStopped
 
 log = get_logger("swarmtrain.peer")
 
@@ -96,6 +103,8 @@ KEPT_SESSIONS = 8
 """Sessions not running whose forwarded facts are kept, for a ``Train`` that may still come."""
 KEPT_FACTS = 4096
 MAX_REASON = 500
+SPECS_CHECK_S = 60.0
+"""How often the peer looks at its specs again, and registers again when they changed."""
 
 
 # ------------------------------------------------------------------ identity
@@ -162,7 +171,7 @@ class _Job:
 def failure_reason(exc: BaseException) -> str:
     """A short reason for ``PeerFailed``: no traceback (that goes to the log)."""
     match exc:
-        case Diverged():
+        case Diverged() | PrecisionUnsupported():
             reason = str(exc)
         case blob.IntegrityError():
             reason = f"dataset sha256 mismatch ({exc})"
@@ -191,6 +200,8 @@ class Peer:
         peer_id: str,
         name: str,
         device: torch.device,
+        specs: PeerSpecs | None = None,
+        labels: dict[str, str] | None = None,
     ) -> None:
         self.settings = settings
         self.nc = nc
@@ -199,6 +210,9 @@ class Peer:
         self.name = name
         self.device = device
         self.device_label = trainer.describe_device(device)
+        self.specs = specs
+        """What this peer has, as last registered (None: not collected, as in tests of old peers)."""
+        self.labels = dict(labels or {})
         self.state_dir = Path(settings.state_dir)
         self._job: _Job | None = None
         self._finished: set[str] = set()
@@ -238,10 +252,9 @@ class Peer:
             async with asyncio.TaskGroup() as tasks:
                 self._tasks = tasks
                 tasks.create_task(self._beat(stop), name="presence")
-                tasks.create_task(
-                    self._report(PeerRegistered(peer_id=self.peer_id, name=self.name, device=self.device_label)),
-                    name="register",
-                )
+                tasks.create_task(self._report(self._registration()), name="register")
+                if self.specs is not None:
+                    tasks.create_task(self._watch_specs(stop), name="specs")
                 commands = tasks.create_task(self._take_commands(sub), name="commands")
                 await stop.wait()
                 self._stopping_since = time.monotonic()
@@ -257,6 +270,29 @@ class Peer:
             with contextlib.suppress(nats.errors.Error):
                 await sub.unsubscribe()
         log.info("peer stopped")
+
+    # ---------------------------------------------------------------- registration and specs
+
+    def _registration(self) -> PeerRegistered:
+        return PeerRegistered(peer_id=self.peer_id, name=self.name, device=self.device_label, specs=self.specs)
+
+    async def _watch_specs(self, stop: asyncio.Event) -> None:
+        """Register again whenever what this peer has changes (a cgroup's memory limit, a label
+        file, a driver upgrade): looked at every ``SPECS_CHECK_S``."""
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), SPECS_CHECK_S)
+            if stop.is_set():
+                return
+            try:
+                now = await asyncio.to_thread(collect_specs, self.device, self.labels)
+            except ValueError as exc:
+                log.warning("specs not collected", error=str(exc))
+                continue
+            if now != self.specs:
+                log.info("specs changed; registering again")
+                self.specs = now
+                await self._report(self._registration())
 
     # ---------------------------------------------------------------- presence
 
@@ -416,6 +452,8 @@ class Peer:
         command = job.command
         hp = command.hyperparameters
         log.info("training", dataset=command.dataset_uri, epochs=hp.epochs, batch_size=hp.batch_size, lr=hp.lr)
+        # refused before any download: a precision this peer cannot compute in fails the run at once
+        trainer.Amp.for_device(command.precision, self.device)
         csv_path = await asyncio.to_thread(self._fetch_dataset, command)
         if job.stop.is_set():
             raise TrainingStopped("stopped before training began")
@@ -467,17 +505,33 @@ async def _drain(nc: NATS) -> None:
         await nc.drain()
 
 
-async def run(settings: Settings, stop: asyncio.Event, name: str | None = None, device: str = "auto") -> None:
-    """Run a peer until ``stop`` is set.
+def collect_specs(device: torch.device, labels: dict[str, str]) -> PeerSpecs:
+    """This process's specs, training on ``device`` (its index among the visible GPUs)."""
+    where = "cpu" if device.type != "cuda" else f"cuda:{device.index or 0}"
+    return peer_specs.collect(device=where, labels=labels)
+
+
+async def run(
+    settings: Settings,
+    stop: asyncio.Event,
+    name: str | None = None,
+    device: str = "auto",
+    labels: dict[str, str] | None = None,
+) -> None:
+    """Run a peer until ``stop`` is set. ``labels``: its owner's (``--label region=eu``), in its specs.
 
     Raises ``SystemExit`` with a message for a person when it cannot start: a peer of that name
-    already running here, a bad name, or a device that is not available.
+    already running here, a bad name, a device that is not available, or bad labels.
     """
     name = name or socket.gethostname()
     try:
         torch_device = trainer.resolve_device(device)
     except ValueError as exc:
         raise SystemExit(f"--device {device}: {exc}") from None
+    try:
+        specs = await asyncio.to_thread(collect_specs, torch_device, dict(labels or {}))
+    except ValueError as exc:
+        raise SystemExit(f"peer specs: {exc}") from None
     async with contextlib.AsyncExitStack() as stack:
         peer_id = stack.enter_context(hold_identity(Path(settings.state_dir), name, settings.peer_id))
         stack.enter_context(structlog.contextvars.bound_contextvars(peer_id=peer_id))
@@ -485,4 +539,4 @@ async def run(settings: Settings, stop: asyncio.Event, name: str | None = None, 
         stack.push_async_callback(_drain, nc)
         js = nc.jetstream()
         await bus.ensure_streams(js)
-        await Peer(settings, nc, js, peer_id, name, torch_device).serve(stop)
+        await Peer(settings, nc, js, peer_id, name, torch_device, specs, labels).serve(stop)

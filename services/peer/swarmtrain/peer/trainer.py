@@ -6,18 +6,23 @@ in the worker thread), and a ``threading.Event`` checked before every batch stop
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import math
+import re
 import threading
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import msgspec
 import torch
 from torch import nn
 
-from swarmtrain.common.events import Hyperparameters, ModelSpec
+from swarmtrain.common import metrics
+from swarmtrain.common.events import Hyperparameters, ModelSpec, Precision
+from swarmtrain.peer.cache import ParsedCache, tensors_nbytes
 from swarmtrain.peer.data import DataError, Dataset, load_csv, split_indices
 from swarmtrain.peer.model import ModelMetadata, Standardize, build_model
 
@@ -47,6 +52,78 @@ def check_finite(epoch: int, *losses: float | None) -> None:
         raise Diverged(epoch)
 
 
+class PrecisionUnsupported(Exception):
+    """This peer cannot compute in the precision a session asks for; the message says why (the
+    ``PeerFailed`` reason)."""
+
+
+@dataclass(kw_only=True)
+class Amp:
+    """Mixed precision for one training: autocast to ``dtype`` on ``device_type`` (none for fp32),
+    and for fp16 a gradient scaler (``torch.amp.GradScaler``), kept across epochs.
+
+    Build it with :meth:`for_device`, which refuses what the device cannot do."""
+
+    precision: Precision = "fp32"
+    device_type: str = "cpu"
+    dtype: torch.dtype | None = None
+    scaler: torch.amp.GradScaler | None = field(default=None, repr=False)
+
+    @classmethod
+    def for_device(cls, precision: Precision, device: torch.device) -> Amp:
+        """Raises ``PrecisionUnsupported`` with the reason: fp16 on a CPU, bf16 where autocast to
+        it does not work (an old GPU, a CPU build without it)."""
+        kind = device.type
+        if precision == "fp32":
+            return cls(precision="fp32", device_type=kind)
+        if kind == "cuda":
+            if precision == "bf16" and not torch.cuda.is_bf16_supported():
+                name = torch.cuda.get_device_name(device)
+                raise PrecisionUnsupported(f"bf16 is not supported on {name}: ask for fp16 or fp32")
+            dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+            scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+            return cls(precision=precision, device_type="cuda", dtype=dtype, scaler=scaler)
+        if precision == "fp16":
+            raise PrecisionUnsupported("fp16 needs a CUDA peer: this peer trains on the CPU (ask for bf16 or fp32)")
+        if not cpu_bf16_supported():
+            raise PrecisionUnsupported("bf16 autocast is not supported by this peer's CPU build of torch")
+        return cls(precision="bf16", device_type="cpu", dtype=torch.bfloat16)
+
+    @contextlib.contextmanager
+    def autocast(self) -> Iterator[None]:
+        if self.dtype is None:
+            yield
+            return
+        with torch.autocast(device_type=self.device_type, dtype=self.dtype):
+            yield
+
+    def step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
+        """Backward and step: scaled for fp16 (a step whose gradients overflowed is skipped)."""
+        if self.scaler is None:
+            loss.backward()  # type: ignore[no-untyped-call]
+            optimizer.step()
+            return
+        self.scaler.scale(loss).backward()  # type: ignore[no-untyped-call]
+        self.scaler.step(optimizer)
+        self.scaler.update()
+
+
+_cpu_bf16: bool | None = None
+
+
+def cpu_bf16_supported() -> bool:
+    """Whether CPU autocast to bf16 works here: tried once on a tiny layer."""
+    global _cpu_bf16
+    if _cpu_bf16 is None:
+        try:
+            with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+                out = nn.Linear(4, 2)(torch.ones(1, 4))
+            _cpu_bf16 = out.dtype == torch.bfloat16
+        except (RuntimeError, ValueError):
+            _cpu_bf16 = False
+    return _cpu_bf16
+
+
 @dataclass(frozen=True, kw_only=True)
 class TrainJob:
     csv_path: Path
@@ -61,6 +138,10 @@ class TrainJob:
     """Torch intra-op threads; 0 leaves torch's default."""
     init: Mapping[str, torch.Tensor] | None = None
     """The starting model's tensors (``Train.init_url``), loaded after the standardization is fitted."""
+    dataset_sha256: str | None = None
+    """The dataset's sha256: its parsed tensors are kept under it (``PARSED``). None: taken from the
+    file's name when that is a sha256 (the peer names its downloads so, after checking them)."""
+    precision: Precision = "fp32"
 
 
 class EpochStats(msgspec.Struct, frozen=True, kw_only=True):
@@ -75,6 +156,8 @@ class EpochStats(msgspec.Struct, frozen=True, kw_only=True):
     samples_per_s: float
     seconds: float
     """Wall time of the epoch's training steps."""
+    precision: Precision = "fp32"
+    """What the epoch computed in."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -121,10 +204,52 @@ def _check(hp: Hyperparameters) -> None:
         raise DataError(f"invalid hyperparameters: epochs={hp.epochs} batch_size={hp.batch_size} lr={hp.lr}")
 
 
+PARSED_CACHE_BYTES = 2 << 30
+"""The parsed datasets a peer process keeps: 2 GiB of tensors, least recently used dropped first."""
+
+
+def _dataset_bytes(data: Dataset) -> int:
+    return tensors_nbytes(data.features, data.labels)
+
+
+PARSED: ParsedCache[Dataset] = ParsedCache(PARSED_CACHE_BYTES, _dataset_bytes)
+"""Parsed datasets by (sha256, label column): only a peer's first session on a dataset parses it.
+Its hits and misses are in the peer's metrics. The tensors are shared: never changed in place
+(the trainer indexes them, which copies)."""
+
+_SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
+
+
+def dataset_key(job: TrainJob) -> str | None:
+    """The cache key of the job's parsed dataset: its sha256 and label column, hashed (the same
+    file read with another label column is another dataset); None: not cached."""
+    sha256 = job.dataset_sha256 or (job.csv_path.stem if _SHA256.match(job.csv_path.stem) else None)
+    if sha256 is None or not _SHA256.match(sha256):
+        return None
+    return hashlib.sha256(f"{sha256.lower()}\x00{job.label_column}".encode()).hexdigest()
+
+
+def parse(job: TrainJob) -> Dataset:
+    """The job's CSV as tensors: from ``PARSED`` when this process parsed it before."""
+    key = dataset_key(job)
+    if key is None:
+        return load_csv(job.csv_path, job.label_column)
+    parsed = False
+
+    def load() -> Dataset:
+        nonlocal parsed
+        parsed = True
+        return load_csv(job.csv_path, job.label_column)
+
+    data = PARSED.get_or_load(key, load)
+    metrics.parse_cache(hit=not parsed)
+    return data
+
+
 def load_data(job: TrainJob) -> tuple[Dataset, torch.Tensor, torch.Tensor]:
     """The job's dataset and its (train, validation) row indexes; a DataError if it cannot be trained on."""
     _check(job.hyperparameters)
-    data = load_csv(job.csv_path, job.label_column)
+    data = parse(job)
     if len(data.classes) < 2:
         raise DataError(f"the label column has {len(data.classes)} class; at least 2 are needed")
     train_idx, val_idx = split_indices(len(data), job.validation_split, job.seed)
@@ -159,12 +284,15 @@ def run_epoch(
     shuffle: torch.Generator,
     stop: threading.Event,
     epoch: int,
+    amp: Amp | None = None,
 ) -> tuple[float, float, float]:
     """One pass over ``(x, y)`` in a shuffled order: ``(mean loss, accuracy, seconds)``, both running.
 
-    Raises ``TrainingStopped`` before any batch once ``stop`` is set, ``Diverged`` when the epoch's
-    loss is not finite.
+    ``amp``: the forward pass autocast (and fp16's loss scaled); None: fp32. Raises
+    ``TrainingStopped`` before any batch once ``stop`` is set, ``Diverged`` when the epoch's loss is
+    not finite.
     """
+    amp = amp or Amp()
     device = x.device
     n = int(y.shape[0])
     loss_fn = nn.CrossEntropyLoss()
@@ -178,12 +306,12 @@ def run_epoch(
         if stop.is_set():
             raise TrainingStopped(f"stopped in epoch {epoch}")
         xb, yb = xs[start : start + batch_size], ys[start : start + batch_size]
-        logits = model(xb)
-        loss = loss_fn(logits, yb)
+        with amp.autocast():
+            logits = model(xb)
+            loss = loss_fn(logits, yb)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        loss_sum += loss.detach() * yb.shape[0]
+        amp.step(loss, optimizer)
+        loss_sum += loss.detach().float() * yb.shape[0]
         correct += (logits.detach().argmax(dim=1) == yb).sum()
     train_loss, train_correct = loss_sum.item() / n, int(correct.item())  # syncs the device
     check_finite(epoch, train_loss)
@@ -224,6 +352,7 @@ def train(job: TrainJob, on_epoch: Callable[[EpochStats], None], stop: threading
     if job.torch_threads > 0:
         torch.set_num_threads(job.torch_threads)
     device = resolve_device(job.device)
+    amp = Amp.for_device(job.precision, device)
     data, train_idx, val_idx = load_data(job)
     x_train, y_train = data.features[train_idx], data.labels[train_idx]
     x_val, y_val = data.features[val_idx], data.labels[val_idx]
@@ -247,7 +376,9 @@ def train(job: TrainJob, on_epoch: Callable[[EpochStats], None], stop: threading
     started = time.perf_counter()
     stats: EpochStats | None = None
     for epoch in range(1, hp.epochs + 1):
-        loss, accuracy, seconds = run_epoch(model, optimizer, x_train, y_train, hp.batch_size, shuffle, stop, epoch)
+        loss, accuracy, seconds = run_epoch(
+            model, optimizer, x_train, y_train, hp.batch_size, shuffle, stop, epoch, amp
+        )
         val_loss, val_accuracy = evaluate(model, x_val, y_val)
         check_finite(epoch, val_loss)
         stats = EpochStats(
@@ -259,6 +390,7 @@ def train(job: TrainJob, on_epoch: Callable[[EpochStats], None], stop: threading
             val_accuracy=val_accuracy,
             samples_per_s=n / max(seconds, 1e-9),
             seconds=seconds,
+            precision=amp.precision,
         )
         on_epoch(stats)
     assert stats is not None  # epochs >= 1

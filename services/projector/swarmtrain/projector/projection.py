@@ -41,7 +41,7 @@ TABLES = ("users", "datasets", "peers", "sessions", "session_peers", "heartbeats
 BOOKKEEPING = ("applied_events", "dead_letters")
 """The projector's own tables, emptied and rebuilt with the read models (the gateway reads only the
 dead letters' count)."""
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 """Bump on any change to schema.sql, or to how events are applied: on start (``ensure_schema``) a
 database built with another version has its read models dropped and rebuilt from sequence 1."""
 _SCHEMA_LOCK = 0x5357_5452  # pg_advisory_xact_lock key: one ensure_schema at a time
@@ -170,9 +170,10 @@ _INSERT_HEARTBEATS = """
 """
 _UPDATE_PROGRESS = """
     UPDATE session_peers sp SET epoch = b.epoch, loss = b.loss, accuracy = b.accuracy, val_loss = b.val_loss,
-        val_accuracy = b.val_accuracy, samples_per_s = b.samples_per_s
+        val_accuracy = b.val_accuracy, samples_per_s = b.samples_per_s, precision = b.precision
     FROM unnest($1::text[], $2::text[], $3::integer[], $4::float8[], $5::float8[], $6::float8[], $7::float8[],
-                $8::float8[]) AS b(session_id, peer_id, epoch, loss, accuracy, val_loss, val_accuracy, samples_per_s)
+                $8::float8[], $9::text[])
+        AS b(session_id, peer_id, epoch, loss, accuracy, val_loss, val_accuracy, samples_per_s, precision)
     WHERE sp.session_id = b.session_id AND sp.peer_id = b.peer_id AND sp.status = 'training' AND b.epoch >= sp.epoch
 """
 _TOUCH_ASSIGNED_PEERS = """
@@ -214,16 +215,17 @@ async def apply_heartbeats(conn: asyncpg.Connection, heartbeats: list[tuple[int,
             e.val_accuracy,
             e.samples_per_s,
             e.occurred_at,
+            e.precision,
         )
         for seq, e in heartbeats
     ]
-    await conn.execute(_INSERT_HEARTBEATS, *_columns(rows, 10), _TERMINAL)
+    await conn.execute(_INSERT_HEARTBEATS, *_columns([row[:10] for row in rows], 10), _TERMINAL)
     last: dict[tuple[str, str], tuple[Any, ...]] = {}  # a peer's last beat of its highest epoch in the run
     for row in rows:
         key = (row[1], row[2])
         if key not in last or row[3] >= last[key][3]:
             last[key] = row
-    await conn.execute(_UPDATE_PROGRESS, *_columns([row[1:9] for row in last.values()], 8))
+    await conn.execute(_UPDATE_PROGRESS, *_columns([(*row[1:9], row[10]) for row in last.values()], 9))
     await conn.execute(_TOUCH_ASSIGNED_PEERS, *_columns([(row[1], row[2], row[9]) for row in rows], 3), _TERMINAL)
 
 
@@ -269,14 +271,16 @@ async def apply(conn: asyncpg.Connection, seq: int, event: Event) -> None:
         case PeerRegistered():
             await conn.execute(
                 """
-                INSERT INTO peers (peer_id, name, device, online, last_seen) VALUES ($1, $2, $3, false, $4)
-                ON CONFLICT (peer_id) DO UPDATE SET name = $2, device = $3,
+                INSERT INTO peers (peer_id, name, device, online, last_seen, specs)
+                VALUES ($1, $2, $3, false, $4, $5::jsonb)
+                ON CONFLICT (peer_id) DO UPDATE SET name = $2, device = $3, specs = $5::jsonb,
                     last_seen = GREATEST(peers.last_seen, EXCLUDED.last_seen)
                 """,
                 event.peer_id,
                 event.name,
                 event.device,
                 event.occurred_at,
+                None if event.specs is None else _json(event.specs),
             )
         case PeerWentOnline():
             await _touch_peer(conn, event, event.peer_id, True)
@@ -296,8 +300,10 @@ async def apply(conn: asyncpg.Connection, seq: int, event: Event) -> None:
                 """
                 INSERT INTO sessions (session_id, owner_id, dataset_id, strategy, num_peers, status, model,
                                       validation_split, seed, created_at, rounds, on_peer_failure,
-                                      parent_session_id, parent_round, excluded_peers)
-                VALUES ($1, $2, $3, $4, $5, 'queued', $6::jsonb, $7, $8, $9, $10, $11, $12, $13, $14::jsonb)
+                                      parent_session_id, parent_round, excluded_peers, requirements,
+                                      queue, queue_timeout_s, priority, precision, requested_seq)
+                VALUES ($1, $2, $3, $4, $5, 'queued', $6::jsonb, $7, $8, $9, $10, $11, $12, $13, $14::jsonb,
+                        $15::jsonb, $16, $17, $18, $19, $20)
                 ON CONFLICT DO NOTHING
                 """,
                 event.session_id,
@@ -312,16 +318,23 @@ async def apply(conn: asyncpg.Connection, seq: int, event: Event) -> None:
                 event.rounds,
                 event.on_peer_failure,
                 *_lineage(event),
+                None if event.requirements is None else _json(event.requirements),
+                event.queue,
+                event.queue_timeout_s,
+                event.priority,
+                event.precision,
+                seq,
             )
         case SessionStarted():
             before = await _session_status(conn, event.session_id)
             if before is None or not starts_session(before, event):
                 return  # a second start, or one after the session ended, creates no runs
             await conn.execute(
-                "UPDATE sessions SET status = $2, started_at = $3 WHERE session_id = $1",
+                "UPDATE sessions SET status = $2, started_at = $3, placement = NULLIF($4, '') WHERE session_id = $1",
                 event.session_id,
                 session_after(before, event),
                 event.occurred_at,
+                event.placement,
             )
             rounds = await conn.fetchval("SELECT rounds FROM sessions WHERE session_id = $1", event.session_id) or 1
             await conn.executemany(

@@ -33,7 +33,8 @@ CREATE TABLE IF NOT EXISTS peers (
     device      text NOT NULL,
     online      boolean NOT NULL DEFAULT false,
     session_id  text,
-    last_seen   timestamptz NOT NULL
+    last_seen   timestamptz NOT NULL,
+    specs       jsonb                      -- PeerSpecs of its latest registration; NULL: a peer older than specs
 );
 
 CREATE TABLE IF NOT EXISTS sessions (
@@ -58,9 +59,17 @@ CREATE TABLE IF NOT EXISTS sessions (
     reason            text,
     parent_session_id text,                     -- lineage (init_from / fork): the parent session ...
     parent_round      integer,                  -- ... and its round (NULL: its final model)
-    excluded_peers    jsonb NOT NULL DEFAULT '[]'::jsonb  -- a fork's peers left out
+    excluded_peers    jsonb NOT NULL DEFAULT '[]'::jsonb,  -- a fork's peers left out
+    requirements      jsonb,                    -- Requirements; NULL: any peer
+    queue             boolean NOT NULL DEFAULT false,
+    queue_timeout_s   double precision,
+    priority          integer NOT NULL DEFAULT 0,
+    precision         text NOT NULL DEFAULT 'fp32',
+    requested_seq     bigint NOT NULL DEFAULT 0, -- stream sequence of SessionRequested: queue order within a priority
+    placement         text                      -- SessionStarted's reason for its peers
 );
 CREATE INDEX IF NOT EXISTS sessions_owner ON sessions (owner_id, created_at);
+CREATE INDEX IF NOT EXISTS sessions_queue ON sessions (priority, requested_seq) WHERE status = 'queued';
 
 CREATE TABLE IF NOT EXISTS session_peers (
     session_id       text NOT NULL,
@@ -78,6 +87,7 @@ CREATE TABLE IF NOT EXISTS session_peers (
     model_uri        text,
     model_sha256     text,
     reason           text,
+    precision        text,                     -- what its latest heartbeat says it computed in
     PRIMARY KEY (session_id, peer_id)
 );
 

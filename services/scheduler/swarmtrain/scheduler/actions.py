@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Literal
 
@@ -30,6 +30,7 @@ from swarmtrain.common.events import (
     Stop,
     Train,
 )
+from swarmtrain.scheduler.placement import Rules
 
 if TYPE_CHECKING:
     from swarmtrain.scheduler.lineage import Recompute
@@ -85,6 +86,8 @@ class Config:
     timing: Timing = Timing()
     signer: Signer | None = None
     """None: commands carry no signed URLs (a store the peers reach themselves)."""
+    rules: Rules = field(default_factory=Rules)
+    """Placement: which models are large (GPU peers first), how much memory training one takes."""
 
     def key_of(self, uri: str) -> str | None:
         """The key of an object URI of this store, or None for a URI outside it."""
@@ -336,6 +339,7 @@ def train_command(
         init_uri=init[0] if init else "",
         init_url=config.sign("GET", init[0]) if init else "",
         init_sha256=init[1] if init else "",
+        precision=req.precision,
     )
 
 

@@ -19,8 +19,10 @@ from swarmtrain.common.events import (
     SessionCompleted,
     SessionStarted,
     Train,
+    bounded_text,
 )
-from swarmtrain.scheduler import lineage
+from swarmtrain.common.specs import QueuePolicy, Requirements
+from swarmtrain.scheduler import lineage, placement
 from swarmtrain.scheduler.actions import (
     Action,
     Append,
@@ -44,6 +46,7 @@ from swarmtrain.scheduler.actions import (
     train_command,
     train_id,
 )
+from swarmtrain.scheduler.placement import Expired, PeerView, Placement, Request
 from swarmtrain.scheduler.state import Peer, Run, Session, State
 from swarmtrain.scheduler.strategies import strategy_of
 
@@ -235,30 +238,67 @@ def _evaluate(session: Session, peer_id: str) -> Evaluate:
 
 
 def _schedule(state: State, idle: Sequence[Peer], clocks: Clocks, config: Config) -> list[Action]:
-    """First fit, oldest request first: start every queued session that enough idle peers can take,
-    once its starting model is known (``lineage``: a refused one fails, a fork's is recomputed first)."""
+    """The queue (``placement.plan``), once each session's starting model is known (``lineage``: a
+    refused one fails, a fork's is recomputed first): start every queued session that the idle peers
+    matching its requirements can take (GPU peers first for a large model, CPU peers for a small
+    one), highest priority first, first come first served within one; fail one whose queue timeout
+    has passed, with the reason. The rest wait, in order, holding the idle peers they match. A fork
+    that leaves peers out is placed after the others, on the idle peers left that it may use.
+
+    Every session the log holds waits here: ``queue`` decides only whether the gateway accepts a
+    session that cannot start at once (without it, the gateway's 400); one that got past that
+    check in a race (another session took the peers first) waits, as it always did."""
     actions: list[Action] = []
-    free = list(idle)
+    ready: list[tuple[Session, tuple[str, str] | None]] = []
     for session in sorted(state.sessions.values(), key=lambda s: s.seq):
         if session.status != "queued":
             continue
-        init = lineage.starting_model(session, state.sessions)
-        match init:
+        match init := lineage.starting_model(session, state.sessions):
             case lineage.Refused(reason=reason):
                 actions.append(session_failed(session.session_id, reason, clocks))
-                continue
             case lineage.Recompute():
                 actions.append(Prepare(init))
-                continue
             case lineage.Pending():
-                continue
-        need = session.request.num_peers
-        fit = lineage.eligible(session, free)
-        if len(fit) >= need:
-            taken = fit[:need]
-            actions.append(start(session, taken, clocks, config, None if init is None else (init.uri, init.sha256)))
-            free = [p for p in free if p not in taken]
+                pass
+            case _:
+                ready.append((session, None if init is None else (init.uri, init.sha256)))
+    if not ready:
+        return actions
+    inits = {s.session_id: init for s, init in ready}
+    free = {p.peer_id for p in idle}
+    groups: list[tuple[list[Session], set[str]]] = [([s for s, _ in ready if not lineage.excluded(s)], set())]
+    groups += [([s], lineage.excluded(s)) for s, _ in ready if lineage.excluded(s)]
+    for group, leave_out in groups:
+        peers = [
+            PeerView(p.peer_id, p.specs, idle=p.peer_id in free)
+            for p in state.peers.values()
+            if p.online and p.peer_id not in leave_out and (p.peer_id in free or p.session_id is not None)
+        ]
+        for decision in placement.plan([request_of(s) for s in group], peers, clocks.wall, config.rules):
+            match decision:
+                case Placement(session_id=sid, peer_ids=chosen, reason=reason):
+                    session = state.sessions[sid]
+                    chosen_peers = [state.peers[p] for p in chosen]
+                    actions.append(start(session, chosen_peers, clocks, config, inits[sid], reason))
+                    free -= set(chosen)
+                case Expired(session_id=sid, reason=reason):
+                    actions.append(session_failed(sid, f"queue timeout: {reason}", clocks))
     return actions
+
+
+def request_of(session: Session) -> Request:
+    """A queued session as placement sees it."""
+    req = session.request
+    return Request(
+        session_id=session.session_id,
+        num_peers=req.num_peers,
+        param_count=session.param_count(),
+        requested_at=req.occurred_at.timestamp(),
+        order=session.order,
+        requirements=req.requirements or Requirements(),
+        policy=QueuePolicy(queue=True, queue_timeout_s=req.queue_timeout_s, priority=req.priority),
+        data_bytes=session.data_bytes(),
+    )
 
 
 def start(
@@ -267,9 +307,10 @@ def start(
     clocks: Clocks,
     config: Config,
     init: tuple[str, str] | None = None,
+    reason: str = "",
 ) -> Start:
     """Start ``session`` on ``peers``: their locks, the start with the strategy's assignment, the
-    Trains; ``init``: its starting model ``(uri, sha256)``."""
+    Trains; ``init``: its starting model ``(uri, sha256)``; ``reason``: the placement's."""
     req, sid = session.request, session.session_id
     peer_ids = [p.peer_id for p in peers]
     assignment = strategy_of(req.strategy).assign(req, peer_ids)
@@ -283,6 +324,7 @@ def start(
         shards=assignment.shards,
         init_uri=init[0] if init else "",
         init_sha256=init[1] if init else "",
+        placement=bounded_text(reason),
     )
     max_bytes = session.max_model_bytes()
     trains = tuple(

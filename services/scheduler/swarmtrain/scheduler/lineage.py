@@ -131,6 +131,12 @@ def round_start(parent: Session, round_: int) -> Model | Pending | None:
     return Model(*parent.init) if parent.init is not None else None
 
 
+def excluded(session: Session) -> set[str]:
+    """The peers a fork leaves out of its training (none for any other session)."""
+    init = session.request.init_from
+    return set() if init is None else set(init.exclude_peers)
+
+
 def eligible(session: Session, peers: Sequence[Peer]) -> list[Peer]:
     """``peers`` without those the session's fork excludes (it trains without them)."""
     init = session.request.init_from

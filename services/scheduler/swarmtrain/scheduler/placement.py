@@ -37,7 +37,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from swarmtrain.common.specs import PeerSpecs, QueuePolicy, Requirements, gib, labels_text
+from swarmtrain.common.specs import PeerSpecs, QueuePolicy, Requirements, gib, labels_text, meets
 
 Kind = Literal["cpu", "cuda"]
 
@@ -139,18 +139,7 @@ Decision = Placement | Queued | Refused | Expired
 
 def matches(specs: PeerSpecs | None, requirements: Requirements) -> bool:
     """Whether a peer with ``specs`` meets ``requirements`` (capacity aside: see :func:`can_hold`)."""
-    if specs is None:
-        return requirements.asks_nothing
-    gpu = specs.training_gpu
-    if requirements.device == "cuda" and gpu is None:
-        return False
-    if requirements.device == "cpu" and gpu is not None:
-        return False
-    if requirements.min_gpu_memory_bytes > 0 and (gpu is None or gpu.memory_bytes < requirements.min_gpu_memory_bytes):
-        return False
-    if specs.memory_bytes < requirements.min_memory_bytes:
-        return False
-    return all(specs.labels.get(k) == v for k, v in requirements.labels.items())
+    return meets(specs, requirements)
 
 
 def memory_needed(param_count: int, data_bytes: int = 0, model: MemoryModel | None = None) -> int:

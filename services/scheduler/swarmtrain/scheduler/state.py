@@ -45,6 +45,7 @@ from swarmtrain.common.events import (
     UpdateRejected,
 )
 from swarmtrain.common.lifecycle import ends_session, run_after, session_after, starts_session, takes_new_runs
+from swarmtrain.common.specs import PeerSpecs
 from swarmtrain.common.status import RunStatus, SessionStatus
 from swarmtrain.scheduler.actions import MAX_MODEL_BYTES
 from swarmtrain.scheduler.strategies import strategy_of
@@ -63,6 +64,8 @@ class Peer:
     """Stream sequence of the peer's latest ``PeerLocked``: what the ids of its release and stop derive from."""
     locked_at: float = 0.0
     """Observed time of the peer's latest ``PeerLocked``: a lock no start completed is stale after a while."""
+    specs: PeerSpecs | None = None
+    """What it has, from its latest ``PeerRegistered`` (None: a peer older than specs)."""
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,8 @@ class Session:
     status: SessionStatus = "queued"
     seq: int = 0
     """Stream sequence of the last event on ``session.<id>.events``: the start's compare-and-set."""
+    order: int = 0
+    """Stream sequence of its ``SessionRequested``: its place in the queue within its priority."""
     runs: Mapping[str, Run] = field(default_factory=dict)
     # rounds (strategies whose ``rounds`` is true)
     round: int = 0
@@ -149,6 +154,19 @@ class Session:
             )
         except shapes.ShapeError:
             return None
+
+    def param_count(self) -> int:
+        """The model's parameters on the dataset, for placement; 0 while the dataset is unknown."""
+        if self.dataset is None:
+            return 0
+        try:
+            return shapes.parameter_count(self.request.model, self.dataset.features, self.dataset.classes)
+        except shapes.ShapeError:
+            return 0
+
+    def data_bytes(self) -> int:
+        """The parsed dataset a peer holds in memory: rows x (features + label) x 4 bytes."""
+        return 0 if self.dataset is None else 4 * self.dataset.rows * (self.dataset.features + 1)
 
     def max_model_bytes(self) -> int:
         """The most bytes a model or update file of this session may hold: its tensors in float32,
@@ -252,7 +270,9 @@ def fold(state: State, items: Iterable[tuple[int, Event, float]]) -> State:
                     sessions = dict(state.sessions)
                 dataset = (state.datasets if datasets is None else datasets).get(event.dataset_id)
                 sessions[event.session_id] = (
-                    Session(request=event, seq=seq, dataset=dataset) if known is None else replace(known, seq=seq)
+                    Session(request=event, seq=seq, order=seq, dataset=dataset)
+                    if known is None
+                    else replace(known, seq=seq)
                 )
             case _:
                 session_id = getattr(event, "session_id", None)
@@ -300,7 +320,7 @@ def _evolve_peer(
     peer = Peer(peer_id=event.peer_id) if peer is None else peer
     match event:
         case PeerRegistered():
-            return replace(peer, name=event.name, device=event.device, seq=seq)
+            return replace(peer, name=event.name, device=event.device, specs=event.specs, seq=seq)
         case PeerWentOnline():
             return replace(peer, online=True, seq=seq)
         case PeerWentOffline():

@@ -47,6 +47,11 @@ async def request_session(
             sharding=plan.sharding,
             keep_local_optimizer=plan.keep_local_optimizer,
             init_from=plan.init_from,
+            requirements=plan.requirements,
+            queue=plan.queue,
+            queue_timeout_s=plan.queue_timeout_s,
+            priority=plan.priority,
+            precision=plan.precision,
         )
     )
     return session_id

@@ -19,6 +19,7 @@ from swarmtrain.common.events import (
     InitFrom,
     ModelSpec,
     OnPeerFailure,
+    Precision,
     Strategy,
 )
 from swarmtrain.common.fedopts import (
@@ -30,6 +31,7 @@ from swarmtrain.common.fedopts import (
     resolve_outer,
 )
 from swarmtrain.common.settings import Settings
+from swarmtrain.common.specs import Requirements
 from swarmtrain.gateway.errors import describe
 from swarmtrain.gateway.sessions.schemas import HyperparametersIn, ModelIn, SessionIn
 from swarmtrain.gateway.sessions.strategies import rules, with_rounds
@@ -51,8 +53,17 @@ class SessionPlan(msgspec.Struct, frozen=True, kw_only=True):
     compression: CompressionSpec = msgspec.field(default_factory=CompressionSpec)
     sharding: ShardingSpec = msgspec.field(default_factory=ShardingSpec)
     keep_local_optimizer: bool = False
-
     init_from: InitFrom | None = None
+    requirements: Requirements | None = None
+    queue: bool = False
+    queue_timeout_s: float | None = None
+    priority: int = 0
+    precision: Precision = "fp32"
+
+    @property
+    def queues(self) -> bool:
+        """Whether the session may wait for peers (no 400 when too few are idle now)."""
+        return self.queue or self.queue_timeout_s is not None
 
 
 ROUND_OPTIONS = ("aggregator", "outer", "compression", "sharding", "keep_local_optimizer")
@@ -70,6 +81,22 @@ def _round_options(data: SessionIn) -> None:
         return
     if reason := check_options(data.num_peers, data.aggregator, data.sharding):
         raise ClientException(reason)
+
+
+def _requirements(data: SessionIn) -> Requirements | None:
+    given = data.requirements
+    if given is None:
+        return None
+    try:
+        requirements = Requirements(
+            device=given.device,
+            min_gpu_memory_bytes=given.min_gpu_memory_bytes,
+            min_memory_bytes=given.min_memory_bytes,
+            labels=dict(given.labels),
+        )
+    except ValueError as exc:
+        raise ClientException(f"requirements: {exc}") from None
+    return None if requirements.asks_nothing else requirements
 
 
 def _at_most(name: str, value: int, cap: int) -> None:
@@ -146,6 +173,11 @@ def plan_session(data: SessionIn, settings: Settings) -> SessionPlan:
         init_from=None
         if data.init_from is None
         else InitFrom(session_id=data.init_from.session_id, round=data.init_from.round),
+        requirements=_requirements(data),
+        queue=data.queue,
+        queue_timeout_s=data.queue_timeout_s,
+        priority=data.priority,
+        precision=data.precision,
     )
 
 

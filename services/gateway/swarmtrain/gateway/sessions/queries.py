@@ -11,6 +11,7 @@ import msgspec
 from litestar.exceptions import ClientException
 
 from swarmtrain.common.events import Hyperparameters, ModelSpec
+from swarmtrain.common.specs import PeerSpecs, Requirements, meets
 from swarmtrain.common.status import SESSION_ACTIVE
 from swarmtrain.gateway.errors import TooManyRequests
 from swarmtrain.gateway.sessions.schemas import (
@@ -27,16 +28,41 @@ ACTIVE = tuple(sorted(SESSION_ACTIVE))
 
 _SESSION_COLUMNS = """session_id, owner_id, dataset_id, strategy, num_peers, status, model, validation_split,
     seed, rounds, on_peer_failure, val_accuracy, created_at, started_at, ended_at, best_peer_id,
-    best_val_accuracy, model_uri, reason, parent_session_id, parent_round, excluded_peers"""
+    best_val_accuracy, model_uri, reason, parent_session_id, parent_round, excluded_peers,
+    requirements, queue, queue_timeout_s, priority, precision, placement,
+    CASE WHEN status = 'queued' THEN (
+        SELECT count(*) + 1 FROM sessions q WHERE q.status = 'queued' AND (q.priority > sessions.priority
+            OR (q.priority = sessions.priority AND q.requested_seq < sessions.requested_seq))
+    ) END AS queue_position"""
 
 
 # ------------------------------------------------------------------ caps
 
 
-async def require_idle_peers(pool: asyncpg.Pool, num_peers: int) -> None:
-    idle = int(await pool.fetchval("SELECT count(*) FROM peers WHERE online AND session_id IS NULL"))
-    if idle < num_peers:
-        raise ClientException(f"not enough online peers: {num_peers} requested, {idle} idle online")
+async def require_idle_peers(pool: asyncpg.Pool, num_peers: int, requirements: Requirements | None = None) -> None:
+    """400 unless ``num_peers`` online idle peers meet ``requirements`` (their specs, ``specs.meets``)."""
+    if requirements is None:
+        idle = int(await pool.fetchval("SELECT count(*) FROM peers WHERE online AND session_id IS NULL"))
+        if idle < num_peers:
+            raise ClientException(f"not enough online peers: {num_peers} requested, {idle} idle online")
+        return
+    rows = await pool.fetch("SELECT specs FROM peers WHERE online AND session_id IS NULL")
+    matching = sum(1 for row in rows if meets(_specs(row["specs"]), requirements))
+    if matching < num_peers:
+        raise ClientException(
+            f"not enough matching peers: {num_peers} requested, {matching} of {len(rows)} idle online peers match "
+            f"the requirements; pass queue: true to wait for them"
+        )
+
+
+def _specs(raw: str | None) -> PeerSpecs | None:
+    """A peer's stored specs; None for none, or for a row that no longer decodes (never placed on)."""
+    if raw is None:
+        return None
+    try:
+        return msgspec.json.decode(raw, type=PeerSpecs)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
 
 
 async def require_session_room(pool: asyncpg.Pool, owner_id: str, cap: int) -> None:
@@ -98,6 +124,7 @@ def _peer_result(row: asyncpg.Record) -> PeerResult:
         val_accuracy=row["val_accuracy"],
         samples_per_s=row["samples_per_s"],
         reason=row["reason"],
+        precision=row["precision"],
     )
 
 
@@ -141,6 +168,15 @@ def _session_out(row: asyncpg.Record, peers: list[PeerResult], rounds: list[Roun
         parent_session_id=row["parent_session_id"],
         parent_round=row["parent_round"],
         excluded_peers=msgspec.json.decode(row["excluded_peers"], type=list[str]),
+        requirements=None
+        if row["requirements"] is None
+        else msgspec.json.decode(row["requirements"], type=Requirements),
+        queue=row["queue"],
+        queue_timeout_s=row["queue_timeout_s"],
+        priority=row["priority"],
+        precision=row["precision"],
+        queue_position=row["queue_position"],
+        placement=row["placement"],
     )
 
 

@@ -78,7 +78,8 @@ async def _owned_status(gw: Gateway, owner_id: str, session_id: str) -> str:
 
 async def _require_room(gw: Gateway, owner_id: str, plan: SessionPlan) -> None:
     await queries.require_session_room(gw.pool, owner_id, gw.settings.max_active_sessions)
-    await queries.require_idle_peers(gw.pool, plan.num_peers)
+    if not plan.queues:  # a session that may wait is queued however few peers are idle now
+        await queries.require_idle_peers(gw.pool, plan.num_peers, plan.requirements)
 
 
 class SessionController(Controller):
@@ -93,7 +94,9 @@ class SessionController(Controller):
         description="`strategy: sweep` trains one model per peer (hyperparameters: one set per peer, or one for "
         "all); `strategy: fedavg` trains one model on disjoint shards, averaged after each of `rounds` rounds "
         "(hyperparameters: one set). Capped: num_peers, epochs, rounds, model size, and queued or running "
-        "sessions per user (429).",
+        "sessions per user (429). Too few idle peers matching `requirements` is a 400, unless `queue` (or "
+        "`queue_timeout_s`) asks to wait `queued`: served by `priority`, then first come first served, placed "
+        "GPU peers first for large models and CPU peers for small ones; `precision` fp32, bf16 or fp16.",
         request_max_body_size=JSON_BODY_LIMIT,
         responses=documented(400, 401, 404, 413, 429),
     )

@@ -24,6 +24,7 @@ from swarmtrain.common.events import (
     NumPeers,
     OnPeerFailure,
     PeerIds,
+    Precision,
     Rounds,
     Seed,
     SessionEvent,
@@ -33,6 +34,7 @@ from swarmtrain.common.events import (
     Widths,
 )
 from swarmtrain.common.fedopts import AggregatorSpec, CompressionSpec, OuterSpec, ShardingSpec
+from swarmtrain.common.specs import Bytes, Device, Labels, Priority, QueueTimeout, Requirements
 from swarmtrain.gateway.datasets import DEFAULT_LABEL
 
 # ------------------------------------------------------------------ in
@@ -53,6 +55,17 @@ class ModelIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """cnn only, required: [C, H, W] of the image each row's feature columns hold (C*H*W = features)."""
     channels: Channels | None = None
     """cnn only: convolution widths (default [16, 32])."""
+
+
+class RequirementsIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    device: Device = "any"
+    """``cuda``: only peers that train on a GPU; ``cpu``: only peers that train on the CPU."""
+    min_gpu_memory_bytes: Bytes = 0
+    """Memory of the GPU a peer trains on (implies a GPU peer)."""
+    min_memory_bytes: Bytes = 0
+    """The peer's host memory."""
+    labels: Labels = msgspec.field(default_factory=dict)
+    """Every one must be among the peer's labels (``swarmtrain peer --label k=v``) with the same value."""
 
 
 class SessionIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -86,6 +99,16 @@ class SessionIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     init_from: InitFromIn | None = None
     """Start from an earlier session's model (fine-tuning): one of yours, with the same model spec
     on a dataset of the same shape."""
+    requirements: RequirementsIn | None = None
+    """What a peer must have to take part; unset: any peer."""
+    queue: bool = False
+    """Wait ``queued`` until enough matching peers are idle, instead of a 400 now."""
+    queue_timeout_s: QueueTimeout | None = None
+    """Fail the session after this long in the queue (implies ``queue``)."""
+    priority: Priority = 0
+    """Higher is served first; first come, first served within a priority."""
+    precision: Precision = "fp32"
+    """fp32, or autocast to bf16 / fp16 (CUDA peers; a CPU peer runs bf16 where supported, or fails the run)."""
 
 
 class InitFromIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -158,6 +181,8 @@ class PeerResult(msgspec.Struct, kw_only=True):
     val_accuracy: float | None
     samples_per_s: float | None
     reason: str | None
+    precision: str | None = None
+    """The precision its latest heartbeat says it computed in."""
 
 
 class RejectedUpdate(msgspec.Struct, kw_only=True):
@@ -213,6 +238,15 @@ class SessionOut(msgspec.Struct, kw_only=True):
     """... and its round (None: its final model)."""
     excluded_peers: list[str] = msgspec.field(default_factory=list)
     """A fork's peers left out of its starting model and of its training."""
+    requirements: Requirements | None = None
+    queue: bool = False
+    queue_timeout_s: float | None = None
+    priority: int = 0
+    precision: str = "fp32"
+    queue_position: int | None = None
+    """While queued: 1-based place in the swarm's queue (priority, then request order)."""
+    placement: str | None = None
+    """Once started: why these peers (the scheduler's placement reason)."""
 
 
 class EventRecord(msgspec.Struct, kw_only=True):

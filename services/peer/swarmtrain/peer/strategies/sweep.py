@@ -47,6 +47,8 @@ async def run(command: Train, ctx: JobContext) -> None:
         device=str(ctx.device),
         torch_threads=ctx.settings.torch_threads,
         init=init,
+        dataset_sha256=command.dataset_sha256,
+        precision=command.precision,
     )
     result = await ctx.train_reporting(command, lambda on_epoch: trainer.train(job, on_epoch, ctx.stop))
 

@@ -333,7 +333,7 @@ async function peersPage() {
       const online = peers.filter((p) => p.status !== "offline").length;
       $("#peer-summary").textContent = `${online} of ${peers.length} online.`;
       fillRows($("#peers tbody"), peers.map((p) => el("tr", { "data-status": p.status },
-        el("td", {}, p.name), el("td", {}, p.device),
+        el("td", {}, p.name), el("td", {}, p.device), el("td", { class: "specs" }, specsText(p.specs)),
         el("td", {}, el("span", { class: "badge " + p.status, text: p.status })),
         el("td", {}, when(p.last_seen)),
         el("td", {}, p.session_id ? el("a", { href: `${PREFIX}/sessions/${p.session_id}`, text: short(p.session_id) }) : "–"))));
@@ -342,6 +342,20 @@ async function peersPage() {
   }
   await load();
   setInterval(load, 3000); // peers have no stream of their own: a light refresh
+}
+
+function gibText(n) {
+  return (n / 1073741824).toFixed(n < 10737418240 ? 1 : 0) + " GiB";
+}
+
+function specsText(s) {
+  if (!s) return "–";
+  const parts = [`${s.cpu_cores} cores`, `${gibText(s.memory_bytes)} RAM`];
+  for (const g of s.gpus) parts.push(`${g.name} ${gibText(g.memory_bytes)} (sm ${g.compute_capability})`);
+  parts.push(`torch ${s.torch_version}` + (s.cuda_version ? ` CUDA ${s.cuda_version}` : ""));
+  const labels = Object.entries(s.labels).map(([k, v]) => `${k}=${v}`);
+  if (labels.length) parts.push(labels.join(" "));
+  return parts.join(" · ");
 }
 
 function kib(n) {
