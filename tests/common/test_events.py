@@ -111,6 +111,8 @@ def strategy(t: mi.Type, name: str = "") -> st.SearchStrategy[Any]:
             return st.one_of(*(strategy(member, name) for member in t.types))
         case mi.StructType():
             return st.builds(t.cls, **{f.name: strategy(f.type, f.name) for f in t.fields})
+        case mi.Metadata():  # a documented type (``Meta(description=...)``): its values are the type's
+            return strategy(t.type, name)
     raise NotImplementedError(f"no strategy for {t!r} (field {name!r}): extend tests/common/test_events.py")
 
 
