@@ -84,10 +84,10 @@ class Stack:
     children: list[Child] = field(default_factory=list)
     stopping: bool = False
 
-    def _secret(self) -> str:
-        if secret := os.environ.get("SWARMTRAIN_JWT_SECRET"):
+    def _secret(self, env: str = "SWARMTRAIN_JWT_SECRET", file: str = "jwt-secret") -> str:
+        if secret := os.environ.get(env):
             return secret
-        path = self.data_dir / "jwt-secret"  # a throwaway secret for this local stack only
+        path = self.data_dir / file  # a throwaway secret for this local stack only
         if not path.exists():
             path.write_text(secrets.token_urlsafe(48))
             path.chmod(0o600)
@@ -131,11 +131,17 @@ class Stack:
     def _plan(self, shared: dict[str, str]) -> None:
         base = {**os.environ, **shared}
         base.setdefault("SWARMTRAIN_LOG_FORMAT", "json")
+        base.setdefault("SWARMTRAIN_BLOB_PUBLIC_URL", f"http://127.0.0.1:{self.port}")
         base["SWARMTRAIN_STATE_DIR"] = str(self.data_dir / "state")
         me = [sys.executable, "-m", "swarmtrain.cli.main"]
         logs = self.data_dir / "logs"
-        gateway_env = {**base, "SWARMTRAIN_PORT": str(self.port), "SWARMTRAIN_JWT_SECRET": self._secret()}
-        for name, env in (("projector", base), ("scheduler", base), ("gateway", gateway_env)):
+        # peers hold no storage key: the scheduler signs the URLs they use and the gateway honours
+        # them, with a secret only those two know
+        signer = {"SWARMTRAIN_BLOB_SIGNING_SECRET": self._secret("SWARMTRAIN_BLOB_SIGNING_SECRET", "blob-secret")}
+        for secret in ("SWARMTRAIN_BLOB_SIGNING_SECRET", "SWARMTRAIN_JWT_SECRET"):  # never in a peer's environment
+            base.pop(secret, None)
+        gateway_env = {**base, **signer, "SWARMTRAIN_PORT": str(self.port), "SWARMTRAIN_JWT_SECRET": self._secret()}
+        for name, env in (("projector", base), ("scheduler", {**base, **signer}), ("gateway", gateway_env)):
             self.children.append(self._child(name, _service([*me, name], env, logs / f"{name}.log")))
         peer_env = {**base, "SWARMTRAIN_TORCH_THREADS": base.get("SWARMTRAIN_TORCH_THREADS", "1")}
         for i in range(1, self.peers + 1):
