@@ -5,7 +5,10 @@ gets 404. Every page is screenshotted into ``test-artifacts/screenshots/``."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
+import signal
 import struct
 import time
 import uuid
@@ -120,7 +123,18 @@ def test_peers_page_lists_the_swarm(page: Any, screenshots: Path) -> None:
     page.screenshot(path=screenshots / "02-peers.png", full_page=True)
 
 
-def test_sweep_live_curves_leaderboard_and_download(page: Any, screenshots: Path, tmp_path: Path) -> None:
+@contextlib.contextmanager
+def _held(stack: Stack, name: str) -> Iterator[None]:
+    """``swarmtrain up``'s child ``name`` SIGSTOPped for the block, then SIGCONTed."""
+    pid = int((stack.data_dir / "data" / "run" / f"{name}.pid").read_text())
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+def test_sweep_live_curves_leaderboard_and_download(page: Any, stack: Stack, screenshots: Path, tmp_path: Path) -> None:
     _upload(page, screenshots)
     page.goto("/ui/new")
     _ready(page)
@@ -140,6 +154,12 @@ def test_sweep_live_curves_leaderboard_and_download(page: Any, screenshots: Path
         "ten points on the curves",
     )
     page.screenshot(path=screenshots / "05-session-sweep-running.png", full_page=True)
+    # the live stream reads the log, the session's figures come from the read models, which may lag
+    # (a busy machine): the projector is held while the session ends, so the page sees the end
+    # before the read models do, and must read them again until they have it too
+    with _held(stack, "projector"):
+        page.wait_for_selector("#timeline li[data-type=SessionCompleted]", timeout=DONE_MS)
+        assert page.locator("body").get_attribute("data-status") == "running"
     page.wait_for_selector("body[data-status=completed]", timeout=DONE_MS)
     page.wait_for_selector("#leaderboard tr.best")
 

@@ -248,7 +248,16 @@ async def test_an_assigned_peer_can_only_report_and_a_forged_report_is_rejected(
         assert set(start.assignments) == {a}
 
         # an honest report becomes the same fact (same event_id)
-        beat = Heartbeat(session_id=sid, peer_id=a, epoch=1, epochs=1, loss=0.5, accuracy=0.5, samples_per_s=10.0)
+        beat = Heartbeat(
+            event_id=f"{sid}.{a}.epoch1",  # a report's id is scoped to its session, as a peer writes it
+            session_id=sid,
+            peer_id=a,
+            epoch=1,
+            epochs=HP.epochs,
+            loss=0.5,
+            accuracy=0.5,
+            samples_per_s=10.0,
+        )
         await bus.report(js, beat)
 
         async def recorded() -> bool:

@@ -277,7 +277,7 @@ async def test_its_own_consumer_takes_no_other_filter_and_delivers_into_no_strea
         watch = await admin.subscribe(target)
         answer = await ask({"filter_subject": f"peer.{a}.command", "ack_policy": "none", "deliver_subject": target})
         assert "error" not in answer, answer
-        await bus.send(sched, Stop(peer_id=a, session_id=f"via-{target}"))
+        await bus.send(sched, Stop(peer_id=a, session_id=f"via-{target.replace('.', '-')}"))
         delivered = await watch.next_msg(timeout=5)
         assert decode_command(delivered.data).peer_id == a  # its own commands, nothing else
         await watch.unsubscribe()

@@ -61,9 +61,7 @@ class Stack:
             "SWARMTRAIN_LOG_LEVEL": "debug",
             # the stack's store, named for the CLI commands a test runs beside it (replay-round)
             "SWARMTRAIN_BLOB_URL": (data_dir / "data" / "blobs").as_uri(),
-            # peers hold no storage credential: the scheduler signs URLs that the gateway honours
-            "SWARMTRAIN_BLOB_SIGNING_SECRET": f"e2e-{uuid.uuid4().hex}{uuid.uuid4().hex}",
-            "SWARMTRAIN_BLOB_PUBLIC_URL": f"http://127.0.0.1:{self.port}",
+            # no blob signing secret nor public URL: `swarmtrain up` makes its own, as for a user
         }
         cmd = [
             sys.executable,

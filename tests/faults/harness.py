@@ -208,6 +208,9 @@ class FaultStack:
             "SWARMTRAIN_STREAM_REPLICAS": str(3 if self.nodes >= 3 else 1),
             "SWARMTRAIN_ARGON2_TIME_COST": "1",
             "SWARMTRAIN_ARGON2_MEMORY_KIB": "8192",
+            # peers hold no storage key: the scheduler signs the URLs they use, the gateway honours them
+            "SWARMTRAIN_BLOB_SIGNING_SECRET": f"fault-suite-blob-{uuid.uuid4().hex}",
+            "SWARMTRAIN_BLOB_PUBLIC_URL": f"http://127.0.0.1:{self.gateway_port}",
         }
         self.tap = self.service("tap", [sys.executable, "-m", "tests.faults.tap", self.nats_url, str(self.tap_file)])
         self.tap.start()
@@ -273,7 +276,8 @@ class FaultStack:
         if proxied:
             proxy = self.proxies[name] = TcpProxy(self.nats_ports[0])
             url = f"nats://127.0.0.1:{proxy.port}"
-        proc = self.procs[name] = self.service(name, self.cli("peer", "--nats", url, "--name", name)).start()
+        env = {k: v for k, v in self.env.items() if k != "SWARMTRAIN_BLOB_SIGNING_SECRET"}  # a peer never has it
+        proc = self.procs[name] = self.service(name, self.cli("peer", "--nats", url, "--name", name), env).start()
         return proc
 
     # ------------------------------------------------------------------ look

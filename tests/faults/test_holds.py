@@ -1,7 +1,13 @@
-"""Faults the platform already rides out: a service SIGKILLed mid-session, nats-server and PostgreSQL
-killed and restarted from their store, the scheduler stopped for 20 s, a duplicate and a malformed
-message injected. Every session completes; the checker counts nothing lost, doubled or unexpected;
-a rebuild of the projections equals the live ones."""
+"""Faults the platform rides out: a service SIGKILLed mid-session (restarted, or not), two schedulers
+at once, nats-server and PostgreSQL killed and restarted from their store, the scheduler stopped for
+20 s, a duplicate and a malformed message injected. Every session completes; the checker counts
+nothing lost, doubled or unexpected; a rebuild of the projections equals the live ones.
+
+A service that is not restarted: the projector and the gateway are nobody's dependency, so the
+session ends in the log as if nothing happened (the read models wait for a projector, the REST API
+for a gateway); a lone scheduler is everybody's, so no session moves until one runs again, and a
+second scheduler is what keeps sessions going through the loss of one (both tested here).
+"""
 
 from __future__ import annotations
 
@@ -13,10 +19,17 @@ from typing import Any
 import nats
 
 from swarmtrain.common import bus
-from swarmtrain.common.events import Heartbeat, new_id
+from swarmtrain.common.events import (
+    TERMINAL_SESSION_EVENTS,
+    Heartbeat,
+    PeerLocked,
+    PeerReleased,
+    SessionStarted,
+    new_id,
+)
 
 from .checker import Checker, read_stream, rebuild_diff
-from .harness import Api, FaultStack, timed, wait_for
+from .harness import SESSION_BOUND_S, Api, FaultStack, Proc, timed, wait_for
 
 HP = {"epochs": 12, "batch_size": 16, "lr": 0.01}
 
@@ -81,6 +94,120 @@ def test_scheduler_sigkilled_mid_session(stack: FaultStack, api: Api, dataset: s
         return round(time.monotonic() - start, 1)
 
     session_through(stack, api, dataset, record, "scheduler SIGKILL, restarted", strike)
+
+
+def _ended_in_log(stack: FaultStack, checker: Checker, sid: str) -> str:
+    """Wait until the session's terminal event is stored (read from NATS: no projector or gateway
+    needed); its type."""
+
+    def ended() -> str | None:
+        stored = asyncio.run(read_stream(stack.nats_url, checker.baseline))
+        return next(
+            (
+                type(s.event).__name__
+                for s in stored
+                if isinstance(s.event, TERMINAL_SESSION_EVENTS) and s.event.session_id == sid
+            ),
+            None,
+        )
+
+    return wait_for(ended, SESSION_BOUND_S, f"session {sid}'s end in the log", interval=0.5)
+
+
+def test_projector_sigkilled_not_restarted(stack: FaultStack, api: Api, dataset: str, record: dict[str, Any]) -> None:
+    def strike(checker: Checker, sid: str) -> float:
+        stack.procs["projector"].kill()
+        killed = time.monotonic()
+        record["ended_in_log"] = _ended_in_log(stack, checker, sid)
+        record["log_end_after_fault_s"] = round(time.monotonic() - killed, 1)
+        assert api.session(sid)["status"] == "running"  # the read models wait, the session did not
+        stack.procs["projector"].start()  # only to read the end state: from where its last commit left it
+        restarted = time.monotonic()
+        wait_for(stack.caught_up, 60, "a new projector to catch up")
+        return round(time.monotonic() - restarted, 1)
+
+    session_through(stack, api, dataset, record, "projector SIGKILL, not restarted (started later)", strike)
+    assert record["ended_in_log"] == "SessionCompleted"
+
+
+def test_gateway_sigkilled_not_restarted(stack: FaultStack, api: Api, dataset: str, record: dict[str, Any]) -> None:
+    """With a ``file://`` store the gateway is on the peers' path: it serves the signed URLs they
+    fetch datasets from and upload models to. A run that must upload while no gateway runs fails
+    once its transfer retries are spent, so the session ends ``failed``, never stuck. (With S3 the
+    presigned URLs go to the object store, and the gateway is nobody's dependency.)"""
+    checker = Checker(stack, api)
+    api.idle(["peer-1", "peer-2"])
+    sid = api.sweep(dataset, [HP, HP])
+    api.started(sid)
+    stack.procs["gateway"].kill()
+    killed = time.monotonic()
+    ended = _ended_in_log(stack, checker, sid)
+    record.update(
+        fault="gateway SIGKILL, not restarted (file:// store: peers upload through it)",
+        ended_in_log=ended,
+        session_end_after_fault_s=round(time.monotonic() - killed, 1),
+    )
+    stack.procs["gateway"].start()  # only to read the end state
+    record["recovery_s"] = _back(stack, killed)
+    done = api.session(sid)
+    record["status"] = done["status"]
+    assert done["status"] == "failed" and ended == "SessionFailed", done
+    assert all(p["status"] == "failed" and "Connect" in (p["reason"] or "") for p in done["peers"]), done
+    report = checker.check([sid])
+    record.update(lost=len(report.lost), duplicated=len(report.duplicated), unexpected=len(report.unexpected))
+    assert report.counts == (0, 0, 0), str(report)
+    assert rebuild_diff(stack) == []
+
+
+def _second_scheduler(stack: FaultStack) -> Proc:
+    if not (proc := stack.procs.get("scheduler-2")) or not proc.alive():
+        proc = stack.procs["scheduler-2"] = stack.service("scheduler-2", stack.cli("scheduler")).start()
+    return proc
+
+
+def _decisions(stored: list[Any], sid: str) -> dict[str, int]:
+    """How many starts, locks and releases of session ``sid`` the log holds."""
+    counts = {"SessionStarted": 0, "PeerLocked": 0, "PeerReleased": 0}
+    for s in stored:
+        match s.event:
+            case SessionStarted(session_id=x) | PeerLocked(session_id=x) | PeerReleased(session_id=x) if x == sid:
+                counts[type(s.event).__name__] += 1
+    return counts
+
+
+def test_two_schedulers_at_once(stack: FaultStack, api: Api, dataset: str, record: dict[str, Any]) -> None:
+    """Both decide on the same log: compare-and-set locks and starts, ids derived from their cause
+    (JetStream drops the second copy), so every decision is stored once."""
+    _second_scheduler(stack)
+    seen: dict[str, Any] = {}
+
+    def strike(checker: Checker, sid: str) -> float:
+        seen["checker"] = checker
+        return 0.0  # no fault but the other scheduler
+
+    done = session_through(stack, api, dataset, record, "two schedulers at once", strike)
+    stored = asyncio.run(read_stream(stack.nats_url, seen["checker"].baseline))
+    assert _decisions(stored, done["session_id"]) == {"SessionStarted": 1, "PeerLocked": 2, "PeerReleased": 2}
+    assert stack.procs["scheduler"].alive() and stack.procs["scheduler-2"].alive()
+
+
+def test_one_of_two_schedulers_sigkilled_not_restarted(
+    stack: FaultStack, api: Api, dataset: str, record: dict[str, Any]
+) -> None:
+    second = _second_scheduler(stack)
+
+    def strike(checker: Checker, sid: str) -> float:
+        start = time.monotonic()
+        stack.procs["scheduler"].kill()  # not restarted: the other one carries on alone
+        api.ended(sid)
+        return round(time.monotonic() - start, 1)
+
+    try:
+        session_through(stack, api, dataset, record, "one of two schedulers SIGKILLed, not restarted", strike)
+    finally:  # the stack goes on with one scheduler, under its usual name
+        stack.procs["scheduler"].stop()
+        stack.procs["scheduler"] = stack.procs.pop("scheduler-2")
+    assert second.alive()
 
 
 def test_gateway_sigkilled_mid_session(stack: FaultStack, api: Api, dataset: str, record: dict[str, Any]) -> None:

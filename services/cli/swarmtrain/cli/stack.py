@@ -243,6 +243,7 @@ class Stack:
         # every blob a peer reads or writes is a URL the scheduler signs and the gateway honours
         base["SWARMTRAIN_BLOB_PUBLIC_URL"] = os.environ.get("SWARMTRAIN_BLOB_PUBLIC_URL") or self.gateway_url
         base.setdefault("SWARMTRAIN_LOG_FORMAT", "json")
+        base.setdefault("SWARMTRAIN_BLOB_PUBLIC_URL", f"http://127.0.0.1:{self.port}")
         base["SWARMTRAIN_STATE_DIR"] = str(self.data_dir / "state")
         me = [sys.executable, "-m", "swarmtrain.cli.main"]
         logs = self.data_dir / "logs"

@@ -516,9 +516,6 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
         last_tick, faulted, idle_since = time.monotonic(), False, time.monotonic()
         try:
             while not stop.is_set():
-                now = time.monotonic()
-                if now - last_tick > gap_s:
-                    scheduler.regrace(f"no reading for {now - last_tick:.1f}s")
                 try:
                     if not nc.is_connected:  # nothing is decided on what could not be seen meanwhile
                         raise nats.errors.ConnectionReconnectingError
@@ -534,6 +531,11 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
                         idle_since = time.monotonic()
                         await events.consumer_info()
                     await scheduler.take_reports(reports, events, timeout=TICK_S - EVENTS_WAIT_S)
+                    # checked just before deciding: a process stopped (SIGSTOP, a frozen VM) half-way
+                    # through this loop resumes here, before it has read the beats sent meanwhile
+                    now = time.monotonic()
+                    if now - last_tick > gap_s:
+                        scheduler.regrace(f"no reading for {now - last_tick:.1f}s")
                     await scheduler.settle(events)
                 except (nats.errors.Error, nats.js.errors.Error, OSError) as exc:
                     if not faulted or nc.is_connected:  # once per outage, and on every failure once back

@@ -538,15 +538,18 @@ async function sessionPage() {
   }
 
   let refreshing = null;
-  function refresh() {
+  function refresh(wait = 150) { // a burst of events reads the session once
     if (refreshing) return;
     refreshing = setTimeout(async () => {
       refreshing = null;
       try {
         session = await api("GET", `/sessions/${sid}`);
         render();
+        // the stream reads the log, the session comes from the read models, which may lag behind it:
+        // once the stream says the session ended, read again (backing off) until they say so too
+        if (ended && !TERMINAL.has(session.status)) refresh(Math.min(2 * wait, 2000));
       } catch (err) { showError(err); }
-    }, 150); // a burst of events reads the session once
+    }, wait);
   }
 
   const timeline = $("#timeline");
