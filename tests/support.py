@@ -12,8 +12,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import os
+import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from pathlib import Path
 from typing import Literal, TypeVar, overload
 
 from nats.aio.client import Client as NATS
@@ -84,3 +87,14 @@ async def beating(
     finally:
         stop.set()
         await task
+
+
+def stop_process(pid: int, timeout: float = 5.0) -> None:
+    """SIGSTOP ``pid`` and return once the kernel shows it stopped: the signal is delivered
+    asynchronously, so a request sent right after ``kill`` may still be served."""
+    os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + timeout
+    while Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("T", "t"):
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"process {pid} did not stop within {timeout}s")
+        time.sleep(0.001)  # the kernel's state is polled: there is nothing to wait on

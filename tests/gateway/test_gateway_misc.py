@@ -22,7 +22,7 @@ from swarmtrain.gateway.state import Gateway
 from swarmtrain.projector.projection import ensure_schema
 from tests.gateway.conftest import Append
 from tests.gateway.helpers import Client, Headers, healthy, serving, sign_up_and_in
-from tests.support import wait_for
+from tests.support import stop_process, wait_for
 
 
 async def test_peers_with_their_status(client: Client, alice: Headers, append: Append) -> None:
@@ -204,7 +204,7 @@ async def test_readyz_is_503_while_nats_does_not_answer(
 ) -> None:
     assert (await client.get("/readyz")).status_code == 200
     proc = nats_server[1]
-    proc.send_signal(signal.SIGSTOP)
+    stop_process(proc.pid)
     try:
         r = await client.get("/readyz")
     finally:
