@@ -22,10 +22,10 @@ import hashlib
 from collections.abc import Mapping
 
 import msgspec
-from nats.js import api
 
-from swarmtrain.common import blob, bus, subjects
-from swarmtrain.common.events import RoundAveraged, RoundClosed, SessionEvent, SessionRequested, decode_event
+from swarmtrain.cli import replay
+from swarmtrain.common import blob
+from swarmtrain.common.events import RoundAveraged, RoundClosed, SessionEvent, SessionRequested
 from swarmtrain.common.fedopts import AggregatorSpec
 from swarmtrain.common.settings import Settings
 
@@ -51,21 +51,7 @@ class Backtest(msgspec.Struct, frozen=True, kw_only=True):
 
 async def read_session(settings: Settings, session_id: str) -> list[SessionEvent]:
     """The session's events, in log order."""
-    nc = await bus.connect(settings, "backtest", attempts=3)
-    out: list[SessionEvent] = []
-    try:
-        js = nc.jetstream()
-        sub = await bus.pull_consumer(
-            js, bus.EVENTS_STREAM, ack=api.AckPolicy.NONE, filter_subject=subjects.session_events(session_id)
-        )
-        try:
-            while items := await bus.fetch(sub, decode_event, batch=1024, timeout=1.0):
-                out += [e for _, e in items if getattr(e, "session_id", None) == session_id]  # type: ignore[misc]
-        finally:
-            await sub.unsubscribe()
-    finally:
-        await nc.drain()
-    return out
+    return await replay.read_session(settings, session_id, "backtest")
 
 
 def describe(spec: AggregatorSpec) -> str:

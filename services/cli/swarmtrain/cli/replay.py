@@ -27,7 +27,14 @@ import msgspec
 from nats.js import api
 
 from swarmtrain.common import blob, bus, subjects
-from swarmtrain.common.events import RoundAveraged, RoundClosed, RoundUpdate, SessionRequested, decode_event
+from swarmtrain.common.events import (
+    RoundAveraged,
+    RoundClosed,
+    RoundUpdate,
+    SessionEvent,
+    SessionRequested,
+    decode_event,
+)
 from swarmtrain.common.settings import Settings
 
 if TYPE_CHECKING:
@@ -73,12 +80,10 @@ class SessionLog(msgspec.Struct, frozen=True, kw_only=True):
     averaged: dict[int, RoundAveraged]
 
 
-async def read_log(settings: Settings, session_id: str) -> SessionLog:
-    """The session's request, closed rounds and first stored average of each round."""
-    nc = await bus.connect(settings, "replay-round", attempts=3)
-    request: SessionRequested | None = None
-    closed: dict[int, RoundClosed] = {}
-    averaged: dict[int, RoundAveraged] = {}
+async def read_session(settings: Settings, session_id: str, name: str = "replay-round") -> list[SessionEvent]:
+    """The session's events, in log order."""
+    nc = await bus.connect(settings, name, attempts=3)
+    out: list[SessionEvent] = []
     try:
         js = nc.jetstream()
         sub = await bus.pull_consumer(
@@ -86,17 +91,26 @@ async def read_log(settings: Settings, session_id: str) -> SessionLog:
         )
         try:
             while items := await bus.fetch(sub, decode_event, batch=1024, timeout=1.0):
-                for _, event in items:
-                    if isinstance(event, SessionRequested) and request is None:
-                        request = event
-                    elif isinstance(event, RoundClosed):
-                        closed.setdefault(event.round, event)
-                    elif isinstance(event, RoundAveraged):
-                        averaged.setdefault(event.round, event)
+                out += [e for _, e in items if getattr(e, "session_id", None) == session_id]  # type: ignore[misc]
         finally:
             await sub.unsubscribe()
     finally:
         await nc.drain()
+    return out
+
+
+async def read_log(settings: Settings, session_id: str) -> SessionLog:
+    """The session's request, closed rounds and first stored average of each round."""
+    request: SessionRequested | None = None
+    closed: dict[int, RoundClosed] = {}
+    averaged: dict[int, RoundAveraged] = {}
+    for event in await read_session(settings, session_id):
+        if isinstance(event, SessionRequested) and request is None:
+            request = event
+        elif isinstance(event, RoundClosed):
+            closed.setdefault(event.round, event)
+        elif isinstance(event, RoundAveraged):
+            averaged.setdefault(event.round, event)
     if request is None:
         raise ValueError(f"session {session_id} has no SessionRequested in the log")
     return SessionLog(request=request, closed=closed, averaged=averaged)

@@ -28,7 +28,8 @@ class PeerOut(msgspec.Struct, kw_only=True):
     """What it has: cores, memory, GPUs, torch and CUDA versions, OS, owner labels (None: a peer older than specs)."""
 
 
-def _specs(raw: str | None) -> PeerSpecs | None:
+def stored_specs(raw: str | None) -> PeerSpecs | None:
+    """A peer's stored specs; None for none, or for a row that no longer decodes (never placed on)."""
     if raw is None:
         return None
     try:
@@ -51,7 +52,7 @@ def _peer_out(row: asyncpg.Record) -> PeerOut:
         device=row["device"],
         last_seen=row["last_seen"],
         session_id=row["session_id"],
-        specs=_specs(row["specs"]),
+        specs=stored_specs(row["specs"]),
     )
 
 

@@ -11,9 +11,10 @@ import msgspec
 from litestar.exceptions import ClientException
 
 from swarmtrain.common.events import Hyperparameters, ModelSpec
-from swarmtrain.common.specs import PeerSpecs, Requirements, meets
+from swarmtrain.common.specs import Requirements, meets
 from swarmtrain.common.status import SESSION_ACTIVE
 from swarmtrain.gateway.errors import TooManyRequests
+from swarmtrain.gateway.peers import stored_specs
 from swarmtrain.gateway.sessions.schemas import (
     MetricPoint,
     MetricsOut,
@@ -47,22 +48,12 @@ async def require_idle_peers(pool: asyncpg.Pool, num_peers: int, requirements: R
             raise ClientException(f"not enough online peers: {num_peers} requested, {idle} idle online")
         return
     rows = await pool.fetch("SELECT specs FROM peers WHERE online AND session_id IS NULL")
-    matching = sum(1 for row in rows if meets(_specs(row["specs"]), requirements))
+    matching = sum(1 for row in rows if meets(stored_specs(row["specs"]), requirements))
     if matching < num_peers:
         raise ClientException(
             f"not enough matching peers: {num_peers} requested, {matching} of {len(rows)} idle online peers match "
             f"the requirements; pass queue: true to wait for them"
         )
-
-
-def _specs(raw: str | None) -> PeerSpecs | None:
-    """A peer's stored specs; None for none, or for a row that no longer decodes (never placed on)."""
-    if raw is None:
-        return None
-    try:
-        return msgspec.json.decode(raw, type=PeerSpecs)
-    except (msgspec.DecodeError, msgspec.ValidationError):
-        return None
 
 
 async def require_session_room(pool: asyncpg.Pool, owner_id: str, cap: int) -> None:
