@@ -8,6 +8,7 @@ import sys
 import threading
 from pathlib import Path
 
+import msgspec
 import pytest
 import torch
 from torch import nn
@@ -17,7 +18,7 @@ from swarmtrain.peer.averaging import state_bytes, weighted_average
 from swarmtrain.peer.data import DataError, shard_indices
 from swarmtrain.peer.model import ModelMetadata, build_model, load_model, model_bytes, save_model
 from swarmtrain.peer.strategies.fedavg import LocalLearner, check_command, round_seed
-from swarmtrain.peer.trainer import EpochStats, TrainJob, train
+from swarmtrain.peer.trainer import EpochStats, PrecisionUnsupported, TrainJob, cpu_bf16_supported, train
 
 CNN_8 = ModelSpec(kind="cnn", input_shape=[1, 8, 8], channels=[16, 32], hidden=[64])
 
@@ -217,6 +218,16 @@ def test_local_learners_start_identical_and_train_reproducibly(digits_path: Path
     twin.train_round(2, lambda s: None, threading.Event())
     assert state_bytes(twin.state()) == state_bytes(learners[1].state())
     assert state_bytes(learners[0].state()) != state_bytes(learners[1].state())
+
+
+@pytest.mark.skipif(not cpu_bf16_supported(), reason="this CPU build of torch has no bf16 autocast")
+def test_a_fedavg_round_runs_in_the_sessions_precision_and_says_so(digits_path: Path) -> None:
+    bf16 = msgspec.structs.replace(_fedavg(0), precision="bf16")
+    seen: list[EpochStats] = []
+    LocalLearner(digits_path, bf16, torch_threads=1).train_round(1, seen.append, threading.Event())
+    assert [s.precision for s in seen] == ["bf16", "bf16"]
+    with pytest.raises(PrecisionUnsupported, match="fp16 needs a CUDA peer"):
+        LocalLearner(digits_path, msgspec.structs.replace(_fedavg(0), precision="fp16"), torch_threads=1)
 
 
 def test_local_rounds_improve_the_average(digits_path: Path) -> None:

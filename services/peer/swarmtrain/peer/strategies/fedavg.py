@@ -87,6 +87,7 @@ from swarmtrain.peer.outer import State
 from swarmtrain.peer.rounds import RoundOptions, RoundResult, apply_round, replay_rounds, update_file
 from swarmtrain.peer.sharding import make_shards
 from swarmtrain.peer.trainer import (
+    Amp,
     EpochStats,
     TrainingStopped,
     TrainJob,
@@ -187,6 +188,7 @@ class LocalLearner:
             torch.set_num_threads(torch_threads)
         self.command = command
         self.device = resolve_device(device)
+        self.amp = Amp.for_device(command.precision, self.device)  # refuses what the device cannot do
         job = TrainJob(
             csv_path=csv_path,
             label_column=command.label_column,
@@ -234,7 +236,7 @@ class LocalLearner:
         for e in range(1, hp.epochs + 1):
             epoch = (round_ - 1) * hp.epochs + e
             loss, accuracy, seconds = run_epoch(
-                self.model, optimizer, self.x_shard, self.y_shard, hp.batch_size, shuffle, stop, epoch
+                self.model, optimizer, self.x_shard, self.y_shard, hp.batch_size, shuffle, stop, epoch, self.amp
             )
             val_loss, val_accuracy = evaluate(self.model, self.x_val, self.y_val)
             check_finite(epoch, val_loss)
@@ -248,6 +250,7 @@ class LocalLearner:
                     val_accuracy=val_accuracy,
                     samples_per_s=self.num_samples / max(seconds, 1e-9),
                     seconds=seconds,
+                    precision=self.amp.precision,
                 )
             )
         return RoundStats(loss=loss, accuracy=accuracy)
