@@ -255,11 +255,10 @@ class Peer:
                 tasks.create_task(self._report(self._registration()), name="register")
                 if self.specs is not None:
                     tasks.create_task(self._watch_specs(stop), name="specs")
-                commands = tasks.create_task(self._take_commands(sub), name="commands")
+                tasks.create_task(self._take_commands(sub), name="commands")
                 await stop.wait()
                 self._stopping_since = time.monotonic()
-                self._stopping.set()
-                commands.cancel()
+                self._stopping.set()  # the commands loop ends after its current fetch (at most 1 s)
                 if self._job is not None:
                     self._job.halt("shutdown")
             # The TaskGroup has waited for a running job to wind down and report.
@@ -343,14 +342,21 @@ class Peer:
     # ---------------------------------------------------------------- commands
 
     async def _take_commands(self, sub: JetStreamContext.PullSubscription) -> None:
-        while True:
+        """Take commands until the peer stops. The loop is never cancelled: a cancelled pull fetch
+        can lose its cancellation inside the client and then wait for a message forever, so
+        shutdown would hang; it ends instead after the fetch in progress times out."""
+        while not self._stopping.is_set():
             try:
                 batch = await bus.fetch(sub, events.decode_command, batch=8, timeout=1.0)
             except nats.errors.Error as exc:  # connection trouble: the client reconnects by itself
                 log.warning("command fetch failed", error=str(exc))
-                await asyncio.sleep(0.5)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), 0.5)
                 continue
             for msg, command in batch:
+                if self._stopping.is_set():  # comes again to the next run
+                    await self._settle(msg, done=False)
+                    continue
                 match command:
                     case Train():
                         started = self._on_train(command, bus.stream_seq(msg))

@@ -476,12 +476,14 @@ async def renewed(
 ) -> tuple[JetStreamContext.PullSubscription, JetStreamContext.PullSubscription]:
     """The subscriptions to read after a fault: the same ones where the server still has their
     consumers (a report already on its way to one is not lost), new ones where it lost them (a
-    restarted server may forget an ephemeral consumer); the events' new one starts at ``start``."""
+    restarted server may forget an ephemeral consumer; in a cluster, the node that held one may be
+    gone, and asking for it then times out rather than answering "not found"); the events' new one
+    starts at ``start``. A new durable one is the same consumer, bound again."""
 
     async def lost(sub: JetStreamContext.PullSubscription) -> bool:
         try:
             await sub.consumer_info()
-        except nats.js.errors.NotFoundError:
+        except (nats.js.errors.NotFoundError, nats.errors.TimeoutError, TimeoutError):
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
             return True
