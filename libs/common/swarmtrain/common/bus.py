@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import time
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -54,14 +56,34 @@ async def connect(settings: Settings, name: str, attempts: int = -1) -> NATS:
     )
 
 
-async def ensure_streams(js: JetStreamContext, replicas: int | None = None) -> None:
+JETSTREAM_NOT_READY = (nats.errors.TimeoutError, nats.errors.NoRespondersError, nats.js.errors.ServiceUnavailableError)
+"""What JetStream answers (or fails to) while it is starting: a cluster electing its meta leader,
+a server recovering its store."""
+
+
+async def ensure_streams(js: JetStreamContext, replicas: int | None = None, ready_timeout: float = 60.0) -> None:
     """Create the three streams, or bring their subjects up to date; safe to call from every service.
 
     A stream that exists with its subjects and replicas is left alone, so a client allowed only to
     read stream info (a peer, see ``swarmtrain nats-config``) passes here once a service has created
     them. ``replicas`` defaults to the ``stream_replicas`` setting (3 on a three-node cluster).
+    While JetStream is not ready yet (a cluster still electing its leader) it is asked again, with
+    backoff, for up to ``ready_timeout`` seconds, so services started beside it need no ordering.
     """
-    replicas = replicas or get_settings().stream_replicas
+    deadline = time.monotonic() + ready_timeout
+    delay = 0.1
+    while True:
+        try:
+            return await _ensure_streams(js, replicas or get_settings().stream_replicas)
+        except JETSTREAM_NOT_READY as exc:
+            if time.monotonic() + delay > deadline:
+                raise
+            log.info("JetStream not ready yet; asking again", error=repr(exc), in_s=delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+
+async def _ensure_streams(js: JetStreamContext, replicas: int) -> None:
     for config in (
         api.StreamConfig(
             name=EVENTS_STREAM,
