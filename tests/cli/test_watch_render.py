@@ -80,9 +80,10 @@ def test_on_a_terminal_the_table_is_redrawn_in_place() -> None:
 
 
 def _args(**given: Any) -> argparse.Namespace:
-    fields = "file dataset peers strategy rounds on_peer_failure validation_split seed model hidden input_shape"
-    base = dict.fromkeys([*fields.split(), "channels", "lr", "epochs", "batch_size"])
-    return argparse.Namespace(**{**base, **given})
+    """``sessions start``'s arguments as its real parser gives them with no flag, then ``given``."""
+    parser = argparse.ArgumentParser()
+    clientcmds.register(parser.add_subparsers())
+    return argparse.Namespace(**{**vars(parser.parse_args(["sessions", "start"])), **given})
 
 
 def test_body_from_flags_and_from_a_file(tmp_path: Path) -> None:

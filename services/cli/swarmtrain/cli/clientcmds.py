@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, TextIO, get_args
 
 from swarmtrain.cli.client import DEFAULT_API, ApiError, Client, Json, Login, load_login, save_login
-from swarmtrain.common.events import FEDAVG, OnPeerFailure, Strategy
+from swarmtrain.common.events import FEDAVG, OnPeerFailure, Precision, Strategy
 from swarmtrain.common.status import SESSION_TERMINAL
 
 EXIT_BY_STATUS = {"completed": 0, "failed": 1, "cancelled": 2}
@@ -182,6 +182,20 @@ def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
 
+def _named(flag: str, value: str) -> Json:
+    """``--aggregator median`` or ``--aggregator '{"name": "krum", "f": 1}'``; ``--requirements`` takes
+    JSON only (``{"device": "cuda", "min_gpu_memory_bytes": ...}``)."""
+    if value.lstrip().startswith("{"):
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ApiError(0, f"--{flag.replace('_', '-')}: not JSON: {exc}") from None
+        return parsed if isinstance(parsed, dict) else {}
+    if flag == "requirements":
+        raise ApiError(0, '--requirements takes a JSON object, e.g. \'{"device": "cuda"}\'')
+    return {"name": value}
+
+
 def session_body(args: argparse.Namespace) -> Json:
     """The POST /sessions body: ``--file`` first, then every flag given on top of it."""
     body: Json = json.loads(Path(args.file).read_text()) if args.file else {}
@@ -195,9 +209,22 @@ def session_body(args: argparse.Namespace) -> Json:
         ("on_peer_failure", "on_peer_failure"),
         ("validation_split", "validation_split"),
         ("seed", "seed"),
+        ("max_update_norm", "max_update_norm"),
+        ("queue_timeout_s", "queue_timeout_s"),
+        ("priority", "priority"),
+        ("precision", "precision"),
     ):
         if getattr(args, flag) is not None:
             body[field] = getattr(args, flag)
+    for flag in ("queue", "keep_local_optimizer"):
+        if getattr(args, flag):
+            body[flag] = True
+    for flag in ("aggregator", "outer", "compression", "sharding", "requirements"):
+        if getattr(args, flag) is not None:  # NAME or a JSON object, e.g. '{"name": "krum", "f": 1}'
+            body[flag] = _named(flag, getattr(args, flag))
+    if args.init_from is not None:
+        session_id, _, round_ = args.init_from.partition(":")
+        body["init_from"] = {"session_id": session_id, **({"round": int(round_)} if round_ else {})}
     model: Json = dict(body.get("model") or {})
     if args.model is not None:
         model["kind"] = args.model
@@ -593,6 +620,18 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     start.add_argument("--channels", help="cnn: convolution widths, e.g. 16,32")
     start.add_argument("--validation-split", type=float)
     start.add_argument("--seed", type=int)
+    start.add_argument("--aggregator", help=f"{FEDAVG}: mean|trimmed_mean|median|krum|multi_krum, or a JSON object")
+    start.add_argument("--outer", help=f"{FEDAVG}: none|momentum|nesterov|adam, or a JSON object with lr, betas")
+    start.add_argument("--compression", help=f"{FEDAVG}: none|fp16|bf16|int8")
+    start.add_argument("--sharding", help=f"{FEDAVG}: iid|label_skew, or a JSON object with alpha")
+    start.add_argument("--keep-local-optimizer", action="store_true", help=FEDAVG)
+    start.add_argument("--max-update-norm", type=float, help=f"{FEDAVG}: reject updates with a larger L2 norm")
+    start.add_argument("--init-from", metavar="SESSION[:ROUND]", help="start from an earlier session's model")
+    start.add_argument("--requirements", help='a JSON object, e.g. \'{"device": "cuda", "labels": {"region": "eu"}}\'')
+    start.add_argument("--queue", action="store_true", help="wait queued for matching peers instead of a 400")
+    start.add_argument("--queue-timeout-s", type=float, help="give up after this long in the queue (implies --queue)")
+    start.add_argument("--priority", type=int, help="higher is served first (default 0)")
+    start.add_argument("--precision", choices=get_args(Precision))
     start.add_argument("--watch", action="store_true", help="then watch it (exit status as `sessions watch`)")
 
     ls = _read(ss.add_parser("ls", help="list my sessions, newest first"), _sessions_ls)
