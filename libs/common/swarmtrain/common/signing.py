@@ -9,8 +9,8 @@ the most bytes it may write. ``UrlSigner`` turns a grant into a URL the holder c
   only) and ``sig``: HMAC-SHA256 of the grant under ``Settings.blob_signing_secret``, which the
   signer (the scheduler) and the gateway share. ``verify`` checks it in constant time.
 
-``fetch_url`` and ``put_url`` are the peer's side: streaming httpx, a size cap on every download,
-an optional sha256 check, an atomic local write.
+``fetch_url``, ``fetch_bytes`` and ``put_url`` are the peer's side: streaming httpx, a size cap on
+every download, an optional sha256 check, an atomic local write (or the bytes in memory).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import hmac
 import os
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Literal
@@ -190,6 +190,33 @@ def _check_http(url: str) -> None:
         raise ValueError(f"not an http(s) URL: {_without_query(url)[:200]!r}")
 
 
+def _get_capped(
+    http: httpx.Client, url: str, max_bytes: int, sink: Callable[[bytes], object], hashed: bool = True
+) -> BlobRef:
+    """GET ``url``, each chunk to ``sink``: ``TooLarge`` as soon as the announced length or the
+    bytes received pass ``max_bytes`` (an endless body is cut there). Its size and (``hashed``)
+    sha256, else an empty one."""
+    digest, size = (hashlib.sha256() if hashed else None), 0
+    with http.stream("GET", url) as response:
+        response.raise_for_status()
+        announced = response.headers.get("Content-Length")
+        if announced is not None and announced.isdigit() and int(announced) > max_bytes:
+            raise TooLarge(f"{_without_query(url)}: {announced} bytes, over the {max_bytes}-byte cap")
+        for chunk in response.iter_bytes(CHUNK):  # decoded: the cap bounds what is kept
+            size += len(chunk)
+            if size > max_bytes:
+                raise TooLarge(f"{_without_query(url)}: more than the {max_bytes}-byte cap")
+            if digest is not None:
+                digest.update(chunk)
+            sink(chunk)
+    return BlobRef(uri=_without_query(url), sha256=digest.hexdigest() if digest else "", size=size)
+
+
+def _check_sha256(ref: BlobRef, sha256: str | None) -> None:
+    if sha256 is not None and ref.sha256 != sha256.lower():
+        raise IntegrityError(f"{ref.uri}: sha256 mismatch")
+
+
 def fetch_url(
     url: str, dest: Path, max_bytes: int, sha256: str | None = None, client: httpx.Client | None = None
 ) -> BlobRef:
@@ -199,45 +226,53 @@ def fetch_url(
     raise ``httpx.HTTPStatusError``. The returned ``uri`` is the URL without its query."""
     _check_http(url)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    digest, size = hashlib.sha256(), 0
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".part-")
     try:
-        with os.fdopen(fd, "wb") as out, _client(client) as http, http.stream("GET", url) as response:
-            response.raise_for_status()
-            announced = response.headers.get("Content-Length")
-            if announced is not None and announced.isdigit() and int(announced) > max_bytes:
-                raise TooLarge(f"{_without_query(url)}: {announced} bytes, over the {max_bytes}-byte cap")
-            for chunk in response.iter_bytes(CHUNK):  # decoded: the cap bounds what lands on disk
-                size += len(chunk)
-                if size > max_bytes:
-                    raise TooLarge(f"{_without_query(url)}: more than the {max_bytes}-byte cap")
-                digest.update(chunk)
-                out.write(chunk)
-        if sha256 is not None and digest.hexdigest() != sha256.lower():
-            raise IntegrityError(f"{_without_query(url)}: sha256 mismatch")
+        with os.fdopen(fd, "wb") as out, _client(client) as http:
+            ref = _get_capped(http, url, max_bytes, out.write)
+        _check_sha256(ref, sha256)
         os.replace(tmp, dest)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return BlobRef(uri=_without_query(url), sha256=digest.hexdigest(), size=size)
+    return ref
 
 
-def put_url(url: str, path: Path, client: httpx.Client | None = None) -> BlobRef:
-    """Upload the file at ``path`` to ``url`` with a PUT, streaming, with its Content-Length (S3
-    refuses chunked uploads). Returns its sha256 and size as sent; the gateway's answer, when it
-    names a sha256, must agree (``IntegrityError`` otherwise)."""
+def fetch_bytes(url: str, max_bytes: int, sha256: str | None = None, client: httpx.Client | None = None) -> bytes:
+    """``url``'s body in memory, as :func:`fetch_url` checks it (cap while streaming, sha256 if
+    given): for objects a peer uses at once, such as a round's updates."""
     _check_http(url)
-    size = path.stat().st_size
-    digest = hashlib.sha256()
+    body = bytearray()
+    with _client(client) as http:
+        ref = _get_capped(http, url, max_bytes, body.extend, hashed=sha256 is not None)
+    _check_sha256(ref, sha256)
+    return bytes(body)
 
-    def body() -> Iterator[bytes]:
-        with path.open("rb") as f:
-            while chunk := f.read(CHUNK):
-                digest.update(chunk)
-                yield chunk
+
+def put_url(url: str, source: Path | bytes, client: httpx.Client | None = None) -> BlobRef:
+    """Upload ``source`` (a file, streamed, or bytes in memory) to ``url`` with a PUT and its
+    Content-Length (S3 refuses chunked uploads). Returns its sha256 and size as sent; the gateway's
+    answer, when it names a sha256, must agree (``IntegrityError`` otherwise)."""
+    _check_http(url)
+    digest = hashlib.sha256()
+    content: bytes | Iterator[bytes]
+    if isinstance(source, bytes):
+        size = len(source)
+        digest.update(source)
+        content = source
+    else:
+        size = source.stat().st_size
+
+        def body() -> Iterator[bytes]:
+            with source.open("rb") as f:
+                while chunk := f.read(CHUNK):
+                    digest.update(chunk)
+                    yield chunk
+
+        content = body()
 
     with _client(client) as http:
-        response = http.put(url, content=body(), headers={"Content-Length": str(size)})
+        response = http.put(url, content=content, headers={"Content-Length": str(size)})
         response.raise_for_status()
     ref = BlobRef(uri=_without_query(url), sha256=digest.hexdigest(), size=size)
     if response.headers.get("content-type", "").startswith("application/json"):
@@ -260,5 +295,11 @@ class _Borrowed:
         return None
 
 
+def new_client() -> httpx.Client:
+    """A client for signed URLs (no redirects followed): one kept for many transfers reuses its
+    connections."""
+    return httpx.Client(timeout=TIMEOUT, follow_redirects=False)
+
+
 def _client(client: httpx.Client | None) -> httpx.Client | _Borrowed:
-    return _Borrowed(client) if client is not None else httpx.Client(timeout=TIMEOUT, follow_redirects=False)
+    return _Borrowed(client) if client is not None else new_client()

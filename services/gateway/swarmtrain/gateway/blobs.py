@@ -43,7 +43,8 @@ class StoredOut(msgspec.Struct, kw_only=True):
 
 class _BodyReader:
     """A blocking ``read(n)`` over the request's async body, for ``BlobStore.put_stream`` in a worker
-    thread: each read pulls the next chunk on the event loop. ``TooLarge`` past ``cap`` bytes."""
+    thread: a read that needs more bytes pulls chunks on the event loop until it has ``n`` (one hop
+    to the loop per read, not per network chunk). ``TooLarge`` past ``cap`` bytes."""
 
     def __init__(self, body: AsyncGenerator[bytes, None], loop: asyncio.AbstractEventLoop, cap: int) -> None:
         self._body = body
@@ -53,22 +54,21 @@ class _BodyReader:
         self._done = False
         self.size = 0
 
-    async def _next(self) -> bytes | None:
-        try:
-            return await self._body.__anext__()
-        except StopAsyncIteration:
-            return None
-
-    def read(self, n: int = -1) -> bytes:
+    async def _fill(self, n: int) -> None:
         while not self._done and (n < 0 or len(self._buffer) < n):
-            chunk = asyncio.run_coroutine_threadsafe(self._next(), self._loop).result()
-            if chunk is None:
+            try:
+                chunk = await self._body.__anext__()
+            except StopAsyncIteration:
                 self._done = True
                 break
             self.size += len(chunk)
             if self.size > self._cap:
                 raise TooLarge(f"the body is larger than the {self._cap}-byte limit")
             self._buffer += chunk
+
+    def read(self, n: int = -1) -> bytes:
+        if not self._done and (n < 0 or len(self._buffer) < n):
+            asyncio.run_coroutine_threadsafe(self._fill(n), self._loop).result()
         size = len(self._buffer) if n < 0 else min(n, len(self._buffer))
         out = bytes(self._buffer[:size])
         del self._buffer[:size]

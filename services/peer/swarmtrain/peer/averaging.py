@@ -95,10 +95,14 @@ def weighted_average(updates: list[tuple[str, Mapping[str, torch.Tensor], int]])
         if not ref.is_floating_point():
             out[name] = ref.detach().to("cpu").clone()
             continue
+        # In place, in two buffers: the same IEEE operations, in the same order, as
+        # ``acc = acc + t.double() * n`` then ``acc / total``, without a new tensor per step.
         acc = torch.zeros(tuple(ref.shape), dtype=torch.float64)
+        term = torch.empty(tuple(ref.shape), dtype=torch.float64)
         for _, tensors, n in ordered:
-            acc = acc + tensors[name].detach().to("cpu", torch.float64) * float(n)
-        out[name] = (acc / total).to(ref.dtype)
+            term.copy_(tensors[name].detach())  # to float64: exact
+            acc.add_(term.mul_(float(n)))
+        out[name] = acc.div_(total).to(ref.dtype)
     return out
 
 

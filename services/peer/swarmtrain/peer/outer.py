@@ -53,8 +53,8 @@ def outer_step(
         raise ValueError("start and aggregate hold different tensors")
     spec = resolve_outer(spec)
     assert spec.lr is not None
-    if spec.name == "none":
-        return {name: aggregate[name].detach().to("cpu").clone() for name in sorted(aggregate)}, dict(state)
+    if spec.name == "none":  # the aggregate's own tensors (new ones, made by the aggregator)
+        return {name: aggregate[name].detach().to("cpu") for name in sorted(aggregate)}, dict(state)
     g = pseudo_gradient(start, aggregate)
     steps, new_state = OUTER[spec.name](spec, g, state)
     out: Tensors = {}

@@ -49,20 +49,25 @@ def dumps(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | Non
     header: dict[str, object] = {}
     if metadata:
         header["__metadata__"] = {key: str(metadata[key]) for key in sorted(metadata)}
-    chunks: list[bytes] = []
     offset = 0
     for name, tensor in items:
-        data = tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
+        size = tensor.numel() * tensor.element_size()
         header[name] = {
             "dtype": _DTYPES[tensor.dtype],
             "shape": list(tensor.shape),
-            "data_offsets": [offset, offset + len(data)],
+            "data_offsets": [offset, offset + size],
         }
-        chunks.append(data)
-        offset += len(data)
+        offset += size
     head = json.dumps(header, separators=(",", ":"), ensure_ascii=True).encode()
     head += b" " * (-len(head) % 8)
-    return struct.pack("<Q", len(head)) + head + b"".join(chunks)
+    start = 8 + len(head)
+    out = bytearray(start + offset)  # each tensor's bytes copied once, into place
+    out[:start] = struct.pack("<Q", len(head)) + head
+    for name, tensor in items:
+        begin, end = header[name]["data_offsets"]  # type: ignore[index]
+        if end > begin:
+            out[start + begin : start + end] = tensor.reshape(-1).view(torch.uint8).numpy().data
+    return bytes(out)
 
 
 def read_metadata(data: bytes) -> dict[str, str] | None:

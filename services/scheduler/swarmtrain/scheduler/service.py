@@ -73,7 +73,7 @@ from swarmtrain.scheduler.strategies.fedavg import needs_histograms
 
 log = get_logger("swarmtrain.scheduler")
 TICK_S = 0.2
-EVENTS_WAIT_S = 0.02
+EVENTS_WAIT_S = 0.005
 REPORTS_CONSUMER = "scheduler-reports"
 SENT_MEMORY = 100_000
 """Ids of commands sent by this process that it remembers, so a level-triggered decision is

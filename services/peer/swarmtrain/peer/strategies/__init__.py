@@ -104,14 +104,26 @@ class JobContext:
     def download(self, url: str, dest: Path, sha256: str | None, max_bytes: int | None = None) -> BlobRef:
         """Blocking: ``url`` to ``dest``, capped (default ``max_download_bytes``) and checked against
         ``sha256``; transient failures are tried again."""
-        cap = self.max_download_bytes if max_bytes is None else min(max_bytes, self.max_download_bytes)
+        cap = self._cap(max_bytes)
         return with_retries("download", lambda: signing.fetch_url(url, dest, cap, sha256))
 
-    def upload(self, url: str, path: Path) -> BlobRef:
-        """Blocking: the file at ``path`` PUT to the signed ``url``; transient failures are tried again."""
+    def download_bytes(
+        self, url: str, sha256: str | None, max_bytes: int | None = None, client: httpx.Client | None = None
+    ) -> bytes:
+        """Blocking: ``url``'s body in memory, capped and checked as :meth:`download` does;
+        ``client`` (``signing.new_client``) reuses its connections across calls."""
+        cap = self._cap(max_bytes)
+        return with_retries("download", lambda: signing.fetch_bytes(url, cap, sha256, client))
+
+    def upload(self, url: str, source: Path | bytes, client: httpx.Client | None = None) -> BlobRef:
+        """Blocking: ``source`` (a file or bytes) PUT to the signed ``url``; transient failures are
+        tried again."""
         if not url:
             raise ValueError("the Train carries no URL to write this object to")
-        return with_retries("upload", lambda: signing.put_url(url, path))
+        return with_retries("upload", lambda: signing.put_url(url, source, client))
+
+    def _cap(self, max_bytes: int | None) -> int:
+        return self.max_download_bytes if max_bytes is None else min(max_bytes, self.max_download_bytes)
 
     async def train_reporting(
         self,

@@ -50,10 +50,9 @@ leaves this peer out (it was too late: the scheduler has marked it failed).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import math
-import os
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -65,7 +64,7 @@ import httpx
 import torch
 from torch import nn
 
-from swarmtrain.common import blob
+from swarmtrain.common import blob, signing
 from swarmtrain.common.events import (
     ModelSpec,
     ModelUpdatePublished,
@@ -84,7 +83,14 @@ from swarmtrain.peer.data import DataError, Dataset, load_csv, split_indices
 from swarmtrain.peer.init import apply_init, fetch_init
 from swarmtrain.peer.model import ModelMetadata, Standardize, model_bytes
 from swarmtrain.peer.outer import State
-from swarmtrain.peer.rounds import RoundOptions, RoundResult, apply_round, replay_rounds, update_file
+from swarmtrain.peer.rounds import (
+    RoundOptions,
+    RoundResult,
+    Spent,
+    apply_round,
+    replay_rounds,
+    update_file,
+)
 from swarmtrain.peer.sharding import make_shards
 from swarmtrain.peer.trainer import (
     Amp,
@@ -107,6 +113,8 @@ log = get_logger("swarmtrain.peer.fedavg")
 
 HEADER_ALLOWANCE = 1 << 20
 """How much larger than this model's own weights file an update may be before it is refused unread."""
+FETCH_WORKERS = 8
+"""How many of a round's updates a peer fetches and checks side by side."""
 
 
 def round_seed(seed: int, shard: int, round_: int) -> int:
@@ -291,6 +299,12 @@ class FedavgRun:
         self.options = RoundOptions.of(command)
         self.outer_state: State = {}
         """The outer optimizer's state after the last round applied (``{}`` before the first)."""
+        self._own: tuple[str, str, bytes] | None = None
+        """This peer's update of the current round: (uri, sha256, bytes), used instead of fetching it."""
+        self._storing: asyncio.Task[None] | None = None
+        """The last round's average being stored and reported while the next round trains."""
+        self._http = signing.new_client()
+        """Kept for the job's transfers: its connections are reused round after round."""
 
     @property
     def sid(self) -> str:
@@ -305,11 +319,24 @@ class FedavgRun:
             LocalLearner, ctx.dataset, cmd, str(ctx.device), ctx.settings.torch_threads, init
         )
         self._go_on()
-        if cmd.start_round > 1:
-            await self._catch_up(learner)
-        for r in range(cmd.start_round, cmd.rounds + 1):
-            await self._round(learner, r)
-        await self._finish(learner)
+        try:
+            if cmd.start_round > 1:
+                await self._catch_up(learner)
+            for r in range(cmd.start_round, cmd.rounds + 1):
+                await self._round(learner, r)
+            await self._finish(learner)
+        finally:
+            await self._abandon_storing()
+            await asyncio.to_thread(self._http.close)
+
+    async def _abandon_storing(self) -> None:
+        """A job ending early reports nothing more: an average still being stored is cancelled."""
+        task, self._storing = self._storing, None
+        if task is not None and not task.done():
+            task.cancel()
+        if task is not None:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
 
     # ---------------------------------------------------------------- steps
 
@@ -342,6 +369,7 @@ class FedavgRun:
             learner.reference,
             self.options,
             rounds_uri=self.command.rounds_uri,
+            workers=FETCH_WORKERS,
         )
         await self._adopt(learner, last, weights)
 
@@ -360,8 +388,14 @@ class FedavgRun:
 
         # Too late (the round closed without us) means the scheduler has left us out: stop quietly.
         self._go_on(r)
+        clock = _Laps()
         data = await asyncio.to_thread(self._encode, learner, round_start)
+        clock.lap("serialize")
         ref = await asyncio.to_thread(self._put, cmd.update_urls[r], data)
+        clock.lap("upload")
+        uri = update_uri(cmd.rounds_uri, r, self.peer_id)
+        self._own = (uri, ref.sha256, data)
+        await self._average_stored()  # the last round's RoundAveraged goes before this round's update
         self._go_on(r)
         await self._report(
             ModelUpdatePublished(
@@ -369,7 +403,7 @@ class FedavgRun:
                 session_id=self.sid,
                 round=r,
                 peer_id=self.peer_id,
-                uri=update_uri(cmd.rounds_uri, r, self.peer_id),
+                uri=uri,
                 sha256=ref.sha256,
                 num_samples=learner.num_samples,
                 loss=stats.loss,
@@ -377,11 +411,17 @@ class FedavgRun:
                 nbytes=len(data),
             )
         )
+        clock.lap("report")
 
         closed = await self._closed(r)
+        closed_seen = time.time()
+        clock.lap("wait_closed")
         if self.peer_id in closed.left_out:
             raise TrainingStopped(f"left out of round {r}")
-        result = await asyncio.to_thread(self._apply, closed, learner.reference, round_start)
+        spent: Spent = {}
+        result = await asyncio.to_thread(self._apply, closed, learner.reference, round_start, spent)
+        clock.lap("apply")
+        clock.add(spent)
         self.outer_state = result.state
         self._go_on()
         for author, reason in result.rejected:
@@ -398,15 +438,36 @@ class FedavgRun:
             )
         if result.aggregate is None:
             log.warning("no acceptable update; keeping the round-start weights", round=r)
-        average = result.model
-        await asyncio.to_thread(learner.load, average)
+        await asyncio.to_thread(learner.load, result.model)
+        clock.lap("load")
         val_loss, val_accuracy = await asyncio.to_thread(learner.evaluate_val)
+        clock.lap("validate")
         check_finite(r * cmd.hyperparameters.epochs, val_loss)
+        # The next round starts now; the average is stored and reported meanwhile.
+        self._storing = asyncio.create_task(self._store_average(r, result, val_loss, val_accuracy))
+        log.info(
+            "round averaged",
+            round=r,
+            updates=len(closed.updates),
+            rejected=len(result.rejected),
+            aggregator=result.aggregator,
+            update_bytes=result.update_bytes,
+            val_accuracy=val_accuracy,
+            closed_seen=closed_seen,
+            ms=clock.ms(),
+        )
+
+    async def _store_average(
+        self, r: int, result: RoundResult, val_loss: float | None, val_accuracy: float | None
+    ) -> None:
+        """PUT round ``r``'s average (identical bytes on every peer) and report ``RoundAveraged``."""
+        cmd = self.command
         url = cmd.average_urls.get(r)
         if not url:
             log.warning("no URL to store the round's average; not reporting it", round=r)
             return
-        data = await asyncio.to_thread(state_bytes, average)
+        began = time.perf_counter()
+        data = await asyncio.to_thread(state_bytes, result.model)
         ref = await asyncio.to_thread(self._put, url, data)
         self._go_on()
         await self._report(
@@ -424,15 +485,13 @@ class FedavgRun:
                 update_bytes=result.update_bytes,
             )
         )
-        log.info(
-            "round averaged",
-            round=r,
-            updates=len(closed.updates),
-            rejected=len(result.rejected),
-            aggregator=result.aggregator,
-            update_bytes=result.update_bytes,
-            val_accuracy=val_accuracy,
-        )
+        log.info("round average stored", round=r, ms=round(1000 * (time.perf_counter() - began), 1))
+
+    async def _average_stored(self) -> None:
+        """Wait for the last round's average to be stored and reported; its error, if any, is raised."""
+        task, self._storing = self._storing, None
+        if task is not None:
+            await task
 
     async def _train_round(self, learner: LocalLearner, r: int) -> RoundStats:
         """The local epochs in a worker thread; their heartbeats are all reported when it returns."""
@@ -450,6 +509,7 @@ class FedavgRun:
         if loss is None or accuracy is None:
             raise DataError("no training rows to measure the final model on")
         check_finite(epochs, loss, val_loss)
+        await self._average_stored()
         self._go_on()
         await self._report(
             PeerDone(
@@ -494,50 +554,74 @@ class FedavgRun:
         method = self.options.compression
         return update_file(encode_update(learner.state(), round_start, method).payload, method)
 
-    def _apply(self, closed: RoundClosed, reference: Tensors, start: Mapping[str, torch.Tensor]) -> RoundResult:
-        """The round from ``start`` and the outer state carried so far (:func:`rounds.apply_round`)."""
+    def _apply(
+        self,
+        closed: RoundClosed,
+        reference: Tensors,
+        start: Mapping[str, torch.Tensor],
+        spent: Spent | None = None,
+    ) -> RoundResult:
+        """The round from ``start`` and the outer state carried so far (:func:`rounds.apply_round`),
+        its updates fetched and checked side by side; this peer's own update of the round is taken
+        from memory (the bytes it PUT, which the fact names by their sha256), the rest fetched."""
         limit = self._limit(reference)
+        own = self._own
+
+        def fetch(update: RoundUpdate) -> bytes:
+            if own is not None and (update.uri, update.sha256) == own[:2]:
+                return own[2]
+            return self._fetch(update, limit)
+
         return apply_round(
             closed,
-            lambda update: self._fetch(update, limit),
+            fetch,
             reference,
             start,
             self.outer_state,
             self.options,
             rounds_uri=self.command.rounds_uri,
+            spent=spent,
+            workers=FETCH_WORKERS,
         )
 
     def _fetch(self, update: RoundUpdate, limit: int) -> bytes:
         """An update's bytes through the signed URL the fact came with; ``UpdateUnavailable`` for a
-        uri no URL was handed out for (never fetched), a refusal, a size over ``limit`` or a sha256
-        that differs. A network failure that outlasts the retries propagates (the job fails)."""
+        uri no URL was handed out for (never fetched), a refusal or a size over ``limit``. A network
+        failure that outlasts the retries propagates (the job fails)."""
         url = self.facts.urls.get(update.uri)
         if not url:
             raise UpdateUnavailable("its uri was not handed out with the round's fact")
-        fd, name = tempfile.mkstemp(dir=self.ctx.tmp_dir, suffix=".safetensors")
-        os.close(fd)
-        tmp = Path(name)
-        try:
-            self.ctx.download(url, tmp, update.sha256, max_bytes=limit)
-            return tmp.read_bytes()
+        try:  # its sha256 is checked where it is taken (``rounds.apply_round``), once
+            return self.ctx.download_bytes(url, None, max_bytes=limit, client=self._http)
         except blob.TooLarge:
             raise UpdateUnavailable(f"larger than {limit} bytes") from None
-        except blob.IntegrityError:
-            raise UpdateUnavailable("sha256 mismatch") from None
         except httpx.HTTPStatusError as exc:
             if exc.response.status_code >= 500:
                 raise
             raise UpdateUnavailable(f"refused with HTTP {exc.response.status_code}") from None
-        finally:
-            tmp.unlink(missing_ok=True)
 
     def _put(self, url: str, data: bytes) -> blob.BlobRef:
-        """``data`` PUT to the signed ``url`` (through a temporary file: the upload streams)."""
-        fd, name = tempfile.mkstemp(dir=self.ctx.tmp_dir, suffix=".safetensors")
-        tmp = Path(name)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            return self.ctx.upload(url, tmp)
-        finally:
-            tmp.unlink(missing_ok=True)
+        """``data`` PUT to the signed ``url``, from memory, on the job's kept connections."""
+        return self.ctx.upload(url, data, client=self._http)
+
+
+class _Laps:
+    """Milliseconds per step of a round on this peer, for its log (``round averaged``'s ``ms``)."""
+
+    def __init__(self) -> None:
+        self._last = time.perf_counter()
+        self._ms: dict[str, float] = {}
+
+    def lap(self, step: str) -> None:
+        now = time.perf_counter()
+        self._ms[step] = self._ms.get(step, 0.0) + 1000 * (now - self._last)
+        self._last = now
+
+    def add(self, spent: Spent) -> None:
+        """Steps timed inside a call that just returned (``rounds.apply_round``'s)."""
+        for step, seconds in spent.items():
+            self._ms[step] = self._ms.get(step, 0.0) + 1000 * seconds
+        self._last = time.perf_counter()
+
+    def ms(self) -> dict[str, float]:
+        return {step: round(value, 2) for step, value in self._ms.items()}
