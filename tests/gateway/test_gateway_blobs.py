@@ -17,7 +17,7 @@ import httpx
 import msgspec
 import pytest
 
-from swarmtrain.common import signing
+from swarmtrain.common import blob, signing
 from swarmtrain.common.blob import FileStore
 from swarmtrain.common.settings import Settings
 from swarmtrain.common.signing import Grant, UrlSigner
@@ -63,6 +63,24 @@ async def test_a_peer_writes_and_reads_an_object_through_signed_urls(
     assert (blob_dir / key).read_bytes() == data
     assert (tmp_path / "back" / "w").read_bytes() == data
     assert [p.name for p in stored_objects(blob_dir)] == ["peer 1.safetensors"]  # no partial file left
+
+
+async def test_bytes_in_memory_go_up_and_come_back_on_one_kept_client(signer: UrlSigner, blob_dir: Path) -> None:
+    """What a fedavg peer does each round: its update PUT from memory, the others' read into memory,
+    on one client whose connections are reused; the sha256 checked when asked, the cap enforced."""
+    data = os.urandom(5 * (1 << 20) + 7)
+    key = "sessions/s1/rounds/1/p1.safetensors"
+    with signing.new_client() as client:
+        sent = await asyncio.to_thread(signing.put_url, signer.put_url(key, max_bytes=8 << 20), data, client)
+        got = await asyncio.to_thread(signing.fetch_bytes, signer.get_url(key), 8 << 20, sent.sha256, client)
+        unchecked = await asyncio.to_thread(signing.fetch_bytes, signer.get_url(key), 8 << 20, None, client)
+        with pytest.raises(blob.IntegrityError):
+            await asyncio.to_thread(signing.fetch_bytes, signer.get_url(key), 8 << 20, "0" * 64, client)
+        with pytest.raises(blob.TooLarge):
+            await asyncio.to_thread(signing.fetch_bytes, signer.get_url(key), 1 << 20, None, client)
+
+    assert got == unchecked == data == (blob_dir / key).read_bytes()
+    assert (sent.sha256, sent.size) == (hashlib.sha256(data).hexdigest(), len(data))
 
 
 async def test_what_the_signature_does_not_grant_is_a_403_problem(

@@ -315,3 +315,43 @@ async def test_the_forwarded_end_of_the_session_ends_the_job_quietly(
             await beats.wait_for(lambda b: b.session_id is None)
     stored = await stored_reports(js, sid)
     assert not any(isinstance(e, RoundAveraged | PeerDone | PeerFailed) for e in stored)
+
+
+async def test_a_peer_takes_its_own_update_from_memory_and_stores_the_average_beside_the_next_round(
+    settings: Settings, nc: NATS, blob_dir: Path, digits_sha256: str, scheduler: SchedulerPart
+) -> None:
+    """Each peer is handed a signed GET of the *other* peer's update only: had it fetched its own,
+    it would have rejected it unfetched ("not handed out"). Both average both updates, end with one
+    model, and every round's average is stored and reported before the next round's update."""
+    js = nc.jetstream()
+    sid, rounds = "own", 2
+    async with peers(settings, js, "alpha", "beta") as ids, reports(js, sid) as session:
+        for shard, peer_id in enumerate(ids):
+            cmd = fedavg_command(peer_id, blob_dir, sid, sha256=digits_sha256, shard=shard, num_shards=2, rounds=rounds)
+            await scheduler.train(cmd)
+        for r in range(1, rounds + 1):
+            ups = await updates_of(session, r, ids)
+            closed = RoundClosed(session_id=sid, round=r, updates=named(*ups.values()))
+            for me, other in (ids, ids[::-1]):
+                await scheduler.forward([me], closed, urls={ups[other].uri: scheduler.get(ups[other].uri)})
+            [averaged] = await session.collect(RoundAveraged, lambda e, r=r: e.round == r)  # type: ignore[misc]
+            expected, rejected = average_round(closed, fetch, reference_of(ups[ids[0]].uri))
+            assert rejected == [] and expected is not None
+            assert read_uri(averaged.uri) == state_bytes(expected)
+        done = await session.collect(PeerDone, count=2, timeout=30)
+
+    assert len({d.model_sha256 for d in done}) == 1
+    stored = await stored_reports(js, sid)
+    assert not any(isinstance(e, UpdateRejected | PeerFailed) for e in stored)
+    # in the reports stream's order: whoever reported round r's average did so before its update of
+    # round r + 1 (and before its PeerDone after the last round)
+    averaged = [e for e in stored if isinstance(e, RoundAveraged)]
+    assert [e.round for e in averaged] == [1, 2]
+    for avg in averaged:
+        after = PeerDone if avg.round == rounds else ModelUpdatePublished
+        nxt = next(
+            i
+            for i, e in enumerate(stored)
+            if isinstance(e, after) and e.peer_id == avg.peer_id and getattr(e, "round", avg.round + 1) == avg.round + 1
+        )
+        assert stored.index(avg) < nxt

@@ -161,3 +161,55 @@ def _after(
 ) -> dict[str, torch.Tensor]:
     weights, _ = replay_rounds({k: closed[k] for k in (1, 2)}, 2, store.fetch, initial, options)
     return weights
+
+
+@pytest.mark.parametrize("aggregator", AGGREGATORS, ids=lambda s: s.name)
+def test_updates_fetched_and_checked_side_by_side_give_the_same_round_as_one_by_one(
+    aggregator: AggregatorSpec,
+) -> None:
+    """``workers`` > 1 loads the updates in threads: the model, the rejections (in the order named,
+    with their reasons), the selection and the bytes are those of loading them one by one."""
+    store, start = Store(), _start()
+    closed = _round(store, 1, start, {f"p{i}": _local(start, i) for i in range(5)}, "int8")
+    liar = store.publish(1, "liar", b"not these bytes")
+    liar = RoundUpdate(peer_id="liar", uri=liar.uri, sha256=sha256_hex(b"other bytes"), num_samples=5)
+    missing = RoundUpdate(peer_id="gone", uri=f"{URI}/1/gone.safetensors", sha256="0" * 64, num_samples=5)
+    again = RoundUpdate(peer_id="p1", uri=closed.updates[0].uri, sha256=closed.updates[0].sha256, num_samples=9)
+    outside = RoundUpdate(peer_id="far", uri="file:///elsewhere/1/far.safetensors", sha256="0" * 64, num_samples=5)
+    updates = [closed.updates[0], liar, *closed.updates[1:3], missing, again, outside, *closed.updates[3:]]
+    closed = RoundClosed(session_id="s", round=1, updates=updates)
+    fetched: list[str] = []
+
+    def fetch(update: RoundUpdate) -> bytes:
+        fetched.append(update.uri)
+        if update.uri not in store:
+            raise FileNotFoundError(update.uri)
+        return store[update.uri]
+
+    options = RoundOptions(aggregator=aggregator, outer=OuterSpec(name="adam"), compression="int8")
+    one = apply_round(closed, fetch, start, start, {}, options, rounds_uri=URI)
+    fetched_one, fetched[:] = sorted(fetched), []
+    spent: dict[str, float] = {}
+    many = apply_round(closed, fetch, start, start, {}, options, rounds_uri=URI, workers=4, spent=spent)
+    assert state_bytes(many.model) == state_bytes(one.model)
+    assert state_bytes(many.state) == state_bytes(one.state)
+    assert many.rejected == one.rejected
+    assert [peer for peer, _ in one.rejected] == ["liar", "gone", "p1", "far"]
+    assert (many.selected, many.aggregator, many.update_bytes) == (one.selected, one.aggregator, one.update_bytes)
+    # the second update of p1 and the one outside the round's folder are never fetched, either way
+    assert sorted(fetched) == fetched_one and outside.uri not in fetched and fetched.count(again.uri) == 1
+    assert set(spent) == {"fetch", "verify", "average"} and all(v >= 0 for v in spent.values())
+
+
+def test_a_fetch_failure_that_is_not_a_rejection_propagates_from_the_workers_too() -> None:
+    store, start = Store(), _start()
+    closed = _round(store, 1, start, {f"p{i}": _local(start, i) for i in range(3)}, "none")
+
+    def fetch(update: RoundUpdate) -> bytes:
+        if update.peer_id == "p1":
+            raise ConnectionError("the store went away")
+        return store[update.uri]
+
+    for workers in (1, 3):
+        with pytest.raises(ConnectionError):
+            apply_round(closed, fetch, start, start, {}, RoundOptions(), rounds_uri=URI, workers=workers)

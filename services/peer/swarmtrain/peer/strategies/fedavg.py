@@ -20,8 +20,13 @@ the pure :mod:`swarmtrain.peer.averaging`:
    average exactly the updates it names, reporting ``UpdateRejected`` for each refused one (wrong
    tensors, NaN/Inf, bad sha256, farther than ``max_update_norm`` from the round's start, or a uri
    the fact's ``urls`` do not sign: never fetched); with none acceptable keep the round-start
-   weights; PUT ``<rounds_uri>/<r>/average.safetensors`` (identical bytes on every peer) through
-   ``average_urls[r]`` and report ``RoundAveraged`` with the average's figures on the validation split.
+   weights. The updates are fetched and checked side by side, this peer's own taken from memory
+   (the bytes it PUT, named by their sha256 in the fact). The average is loaded, measured on the
+   validation split, and the next round starts at once; beside it, the average is PUT to
+   ``<rounds_uri>/<r>/average.safetensors`` (identical bytes on every peer) through
+   ``average_urls[r]`` and ``RoundAveraged`` reported with its figures, before the next round's
+   update (or ``PeerDone``) is. ``round averaged`` in the log carries the peer's timing of each step
+   (``ms``: serialize, upload, report, wait_closed, apply = fetch + verify + average, load, validate).
 4. After the last round: the final average as a model file PUT to ``output_url`` (identical bytes
    on every peer) and ``PeerDone`` with its figures on the whole training and validation splits.
 
