@@ -7,14 +7,9 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-/tmp/gpu-check}
 mkdir -p "$out"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site
-fi
+. scripts/device-env.sh
 root=$PWD
-export PYTHONPATH=${PYTHONPATH:-}:$root:$root/libs/common:$root/services/gateway:$root/services/scheduler:$root/services/projector:$root/services/peer:$root/services/cli
-export PATH=/tmp/site/bin:$PATH PYTHONUNBUFFERED=1
-nvidia-smi -L
+export PYTHONPATH=$SITE:$root:$root/libs/common:$root/services/gateway:$root/services/scheduler:$root/services/projector:$root/services/peer:$root/services/cli
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0))"
 echo "== demo on the GPU"
 timeout 240 python3 -m swarmtrain.cli.main demo --peers 2 --epochs 3 2>&1 | tee "$out/demo.log" | tail -40

@@ -8,14 +8,10 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-/tmp/gpu-overhead}
 mkdir -p "$out"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
-fi
-export PATH=/tmp/site/bin:$PATH PYTHONUNBUFFERED=1
-nvidia-smi -L
+. scripts/device-env.sh
 code_path() {  # the PYTHONPATH of the services under $1
   local r=$1
-  echo "/tmp/site:$PWD:$r/libs/common:$r/services/gateway:$r/services/scheduler:$r/services/projector:$r/services/peer:$r/services/cli"
+  echo "$SITE:$PWD:$r/libs/common:$r/services/gateway:$r/services/scheduler:$r/services/projector:$r/services/peer:$r/services/cli"
 }
 args=(--config ${CONFIGS:-gpu cpu} --rounds ${ROUNDS:-8} --local-epochs ${EPOCHS:-3})
 echo "== after (this tree)"

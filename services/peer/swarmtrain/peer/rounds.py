@@ -195,7 +195,7 @@ def _load(
     spent: Spent,
 ) -> tuple[Tensors | str, int]:
     """The update's weights, or why it is rejected; and the bytes fetched that matched their sha256."""
-    if reason := unfetchable(update, round_, rounds_uri):
+    if reason := _unfetchable(update, round_, rounds_uri):
         return reason, 0
     began = time.perf_counter()
     try:
@@ -210,7 +210,7 @@ def _load(
         _add(spent, "verify", began)
 
 
-def unfetchable(update: RoundUpdate, round_: int, rounds_uri: str | None) -> str | None:
+def _unfetchable(update: RoundUpdate, round_: int, rounds_uri: str | None) -> str | None:
     """Why ``update`` is rejected before anything is fetched; None if it may be fetched."""
     if update.num_samples < 1:
         return f"num_samples must be at least 1, got {update.num_samples}"
