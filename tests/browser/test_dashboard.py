@@ -196,6 +196,9 @@ def test_fedavg_rounds_and_comparison(page: Any, screenshots: Path, tmp_path: Pa
     assert rows.count() == 3
     assert re.search(r"\d+\.\d s", rows.nth(0).locator("td").nth(1).inner_text())  # the round's time
     assert page.locator("#timeline li[data-type=RoundClosed]").count() == 3
+    assert page.locator("#round-options-text").inner_text() == "mean"  # the form's fedavg: today's rule
+    cells = rows.nth(0).locator("td")
+    assert cells.nth(9).inner_text() == "mean" and re.fullmatch(r"[\d,. ]+", cells.nth(10).inner_text())
     page.screenshot(path=screenshots / "07-session-fedavg.png", full_page=True)
     _download(page, tmp_path, f"{sid}.safetensors")
 

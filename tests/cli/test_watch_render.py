@@ -111,3 +111,31 @@ def test_a_sessions_lineage_is_one_line_and_none_without_a_parent() -> None:
     assert line.startswith(f"started from session {'p' * 32} at round 3, without ")
     final = clientcmds.lineage_line({"parent_session_id": "q", "parent_round": None, "excluded_peers": []})
     assert final == "started from session q (its final model)"
+
+
+def test_a_fedavg_result_shows_its_round_options_and_each_rounds_rule_and_bytes() -> None:
+    peers = ["p1" * 8, "p2" * 8]
+    figures = {"included": peers, "left_out": [], "rejected": [], "loss": 0.5, "val_accuracy": 0.9}
+    session = {
+        "session_id": SID,
+        "status": "completed",
+        "reason": None,
+        "val_accuracy": 0.9,
+        "parent_session_id": None,
+        "round_options_summary": "krum(f=1) · int8",
+        "round_figures": [
+            {"round": 1, **figures, "aggregator": "krum", "update_bytes": 18490},
+            {"round": 2, **figures},  # as a read model built before the rule was recorded shows it
+        ],
+        "peers": [],
+        "best_peer_id": None,
+        "strategy": "fedavg",
+        "rounds": 2,
+    }
+    out = io.StringIO()
+    clientcmds.print_result(session, out)
+    text = out.getvalue()
+    assert "round options: krum(f=1) · int8\n" in text
+    header, _rule, first, second = text.split("rounds:\n")[1].splitlines()[:4]
+    assert header.split()[-2:] == ["RULE", "BYTES"]
+    assert first.split()[-2:] == ["krum", "18,490"] and second.split()[-2:] == [clientcmds.NONE] * 2

@@ -490,3 +490,30 @@ def _dataset() -> events.DatasetUploaded:
         dataset_id="d", owner_id="u", name="n", uri="file:///d", sha256="0", size_bytes=1, rows=1, features=1,
         classes=2, label_column="label",
     )  # fmt: skip
+
+
+def test_round_options_read_as_one_line_with_only_what_differs_from_todays_defaults() -> None:
+    from swarmtrain.common.fedopts import (
+        AggregatorSpec,
+        CompressionSpec,
+        OuterSpec,
+        RoundOptionsSpec,
+        ShardingSpec,
+        describe,
+    )
+
+    assert describe(RoundOptionsSpec()) == "mean"
+    every = RoundOptionsSpec(
+        aggregator=AggregatorSpec(name="multi_krum", f=1, m=3),
+        outer=OuterSpec(name="adam"),
+        compression=CompressionSpec(name="bf16"),
+        sharding=ShardingSpec(name="label_skew", alpha=0.1),
+        keep_local_optimizer=True,
+        max_update_norm=50.0,
+    )
+    assert describe(every) == (
+        "multi_krum(f=1, m=3) · adam(lr=0.03, beta1=0.9, beta2=0.99, eps=0.001) · bf16 · "
+        "label_skew(alpha=0.1) · keep_local_optimizer · max_update_norm=50"
+    )
+    trimmed = RoundOptionsSpec(aggregator=AggregatorSpec(name="trimmed_mean", beta=0.2))
+    assert describe(trimmed) == "trimmed_mean(beta=0.2)"

@@ -566,7 +566,8 @@ async def test_fedavg_figures_shards_and_final_accuracy(
     client: Client, alice: Headers, dataset_id: str, online_peers: OnlinePeers, append: Append
 ) -> None:
     peers = await online_peers(3)
-    body = session_body(dataset_id, 2, strategy="fedavg", hyperparameters=HP, rounds=2)
+    options = {"aggregator": {"name": "median"}, "outer": {"name": "momentum"}, "compression": {"name": "int8"}}
+    body = session_body(dataset_id, 2, strategy="fedavg", hyperparameters=HP, rounds=2, **options)
     sid = (await client.post("/sessions", json=body, headers=alice)).json()["session_id"]
     hp = Hyperparameters(**HP)
 
@@ -619,6 +620,9 @@ async def test_fedavg_figures_shards_and_final_accuracy(
             peer_id=peers[0],
             val_loss=0.2,
             val_accuracy=0.85,
+            aggregator="median",
+            selected=[peers[0]],
+            update_bytes=1234,
         ),
         SessionCompleted(session_id=sid, best_peer_id=peers[0], best_val_accuracy=0.85, model_uri="file:///avg2"),
     )
@@ -635,6 +639,16 @@ async def test_fedavg_figures_shards_and_final_accuracy(
     assert (second["included"], second["left_out"]) == ([peers[0], peers[2]], [peers[1]])
     assert second["rejected"] == [{"peer_id": peers[2], "reason": "NaN in fc.weight"}]
     assert second["val_accuracy"] == 0.85 and second["closed_at"]
+    # what the peers applied, per round, and what the session asked for
+    assert (second["aggregator"], second["selected"], second["update_bytes"]) == ("median", [peers[0]], 1234)
+    assert (first["aggregator"], first["selected"], first["update_bytes"]) == ("mean", [], 0)  # defaults
+    opts = session["round_options"]
+    assert (opts["aggregator"]["name"], opts["compression"]["name"]) == ("median", "int8")
+    assert (opts["outer"]["name"], opts["outer"]["lr"], opts["keep_local_optimizer"]) == ("momentum", 1.0, False)
+    assert session["round_options_summary"] == "median · momentum(lr=1, beta1=0.9) · int8"
+    sweep = await client.post("/sessions", json=session_body(dataset_id, 1, hyperparameters=[HP]), headers=alice)
+    shown = (await client.get(f"/sessions/{sweep.json()['session_id']}", headers=alice)).json()
+    assert shown["round_options"] is None and shown["round_options_summary"] is None  # no rounds, no options
 
 
 async def test_metrics_are_per_peer_series(

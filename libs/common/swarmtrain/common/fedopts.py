@@ -154,3 +154,38 @@ def check_options(
     if sharding is not None and sharding.name == "label_skew" and num_peers < 2:
         return "label_skew needs at least 2 peers"
     return None
+
+
+class RoundOptionsSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """A session's round options as its ``SessionRequested`` holds them: what the read model keeps
+    and ``GET /sessions/{id}`` shows (``round_options``) for a session that trains in rounds."""
+
+    aggregator: AggregatorSpec = msgspec.field(default_factory=AggregatorSpec)
+    outer: OuterSpec = msgspec.field(default_factory=OuterSpec)
+    compression: CompressionSpec = msgspec.field(default_factory=CompressionSpec)
+    sharding: ShardingSpec = msgspec.field(default_factory=ShardingSpec)
+    keep_local_optimizer: bool = False
+    max_update_norm: float | None = None
+
+
+def describe(options: RoundOptionsSpec) -> str:
+    """One line for a person: ``krum(f=1) · nesterov(lr=0.7, beta1=0.9) · int8 · label_skew(alpha=0.5)``."""
+    a = options.aggregator
+    parts: list[str] = [a.name]
+    if a.name == "trimmed_mean":
+        parts[-1] += f"(beta={a.beta:g})"
+    elif a.name in ("krum", "multi_krum"):
+        parts[-1] += f"(f={a.f}" + (f", m={a.m}" if a.m is not None else "") + ")"
+    o = resolve_outer(options.outer)
+    if o.name != "none":
+        extra = f", beta2={o.beta2:g}, eps={o.eps:g}" if o.name == "adam" else ""
+        parts.append(f"{o.name}(lr={o.lr:g}, beta1={o.beta1:g}{extra})")
+    if options.compression.name != "none":
+        parts.append(options.compression.name)
+    if options.sharding.name != "iid":
+        parts.append(f"{options.sharding.name}(alpha={options.sharding.alpha:g})")
+    if options.keep_local_optimizer:
+        parts.append("keep_local_optimizer")
+    if options.max_update_norm is not None:
+        parts.append(f"max_update_norm={options.max_update_norm:g}")
+    return " · ".join(parts)

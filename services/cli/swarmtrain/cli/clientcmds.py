@@ -324,6 +324,8 @@ def print_result(s: Json, out: TextIO | None = None) -> None:
     )
     if lineage := lineage_line(s):
         out.write(lineage + "\n")
+    if s.get("round_options_summary"):
+        out.write(f"round options: {s['round_options_summary']}\n")
     if s["round_figures"]:
         out.write("rounds:\n")
         _table(
@@ -335,10 +337,12 @@ def print_result(s: Json, out: TextIO | None = None) -> None:
                     "; ".join(f"{_short(x['peer_id'])}: {x['reason']}" for x in r["rejected"]) or NONE,
                     _f(r["loss"], 4),
                     _f(r["val_accuracy"]),
+                    r.get("aggregator") or NONE,
+                    f"{r['update_bytes']:,}" if r.get("update_bytes") else NONE,
                 ]
                 for r in s["round_figures"]
             ],
-            ["ROUND", "INCLUDED", "LEFT OUT", "REJECTED", "LOSS", "VAL ACC"],
+            ["ROUND", "INCLUDED", "LEFT OUT", "REJECTED", "LOSS", "VAL ACC", "RULE", "BYTES"],
             out,
         )
     out.write("peers:\n" if _shared_model(s) else "leaderboard (validation accuracy):\n")

@@ -31,6 +31,7 @@ from swarmtrain.common.events import (
     UpdateRejected,
     UserRegistered,
 )
+from swarmtrain.common.fedopts import RoundOptionsSpec
 from swarmtrain.common.lifecycle import ends_session, run_after, session_after, starts_session, takes_new_runs
 from swarmtrain.common.status import SESSION_TERMINAL, RunStatus, SessionStatus
 
@@ -41,7 +42,7 @@ TABLES = ("users", "datasets", "peers", "sessions", "session_peers", "heartbeats
 BOOKKEEPING = ("applied_events", "dead_letters")
 """The projector's own tables, emptied and rebuilt with the read models (the gateway reads only the
 dead letters' count)."""
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 """Bump on any change to schema.sql, or to how events are applied: on start (``ensure_schema``) a
 database built with another version has its read models dropped and rebuilt from sequence 1."""
 _SCHEMA_LOCK = 0x5357_5452  # pg_advisory_xact_lock key: one ensure_schema at a time
@@ -301,9 +302,9 @@ async def apply(conn: asyncpg.Connection, seq: int, event: Event) -> None:
                 INSERT INTO sessions (session_id, owner_id, dataset_id, strategy, num_peers, status, model,
                                       validation_split, seed, created_at, rounds, on_peer_failure,
                                       parent_session_id, parent_round, excluded_peers, requirements,
-                                      queue, queue_timeout_s, priority, precision, requested_seq)
+                                      queue, queue_timeout_s, priority, precision, requested_seq, round_options)
                 VALUES ($1, $2, $3, $4, $5, 'queued', $6::jsonb, $7, $8, $9, $10, $11, $12, $13, $14::jsonb,
-                        $15::jsonb, $16, $17, $18, $19, $20)
+                        $15::jsonb, $16, $17, $18, $19, $20, $21::jsonb)
                 ON CONFLICT DO NOTHING
                 """,
                 event.session_id,
@@ -324,6 +325,7 @@ async def apply(conn: asyncpg.Connection, seq: int, event: Event) -> None:
                 event.priority,
                 event.precision,
                 seq,
+                _json(_round_options(event)),
             )
         case SessionStarted():
             before = await _session_status(conn, event.session_id)
@@ -416,7 +418,8 @@ async def apply(conn: asyncpg.Connection, seq: int, event: Event) -> None:
         case RoundAveraged():
             await conn.execute(
                 """
-                UPDATE session_rounds SET val_loss = $3, val_accuracy = $4, average_uri = $5, average_sha256 = $6
+                UPDATE session_rounds SET val_loss = $3, val_accuracy = $4, average_uri = $5, average_sha256 = $6,
+                    aggregator = $8, selected = $9::jsonb, update_bytes = $10
                 WHERE session_id = $1 AND round = $2 AND average_uri IS NULL
                     AND EXISTS (SELECT 1 FROM session_peers WHERE session_id = $1 AND peer_id = $7)
                 """,
@@ -427,6 +430,9 @@ async def apply(conn: asyncpg.Connection, seq: int, event: Event) -> None:
                 event.uri,
                 event.sha256,
                 event.peer_id,
+                event.aggregator,
+                _json(event.selected),
+                event.update_bytes,
             )
         case Heartbeat():
             await apply_heartbeats(conn, [(seq, event)])
@@ -501,6 +507,18 @@ def _lineage(event: SessionRequested) -> tuple[str | None, int | None, str]:
     if init is None:
         return None, None, "[]"
     return init.session_id, init.round, _json(init.exclude_peers)
+
+
+def _round_options(event: SessionRequested) -> RoundOptionsSpec:
+    """The request's round options, as ``GET /sessions/{id}`` shows them (``round_options``)."""
+    return RoundOptionsSpec(
+        aggregator=event.aggregator,
+        outer=event.outer,
+        compression=event.compression,
+        sharding=event.sharding,
+        keep_local_optimizer=event.keep_local_optimizer,
+        max_update_norm=event.max_update_norm,
+    )
 
 
 async def _session_status(conn: asyncpg.Connection, session_id: str) -> SessionStatus | None:

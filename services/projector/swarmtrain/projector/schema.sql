@@ -66,7 +66,8 @@ CREATE TABLE IF NOT EXISTS sessions (
     priority          integer NOT NULL DEFAULT 0,
     precision         text NOT NULL DEFAULT 'fp32',
     requested_seq     bigint NOT NULL DEFAULT 0, -- stream sequence of SessionRequested: queue order within a priority
-    placement         text                      -- SessionStarted's reason for its peers
+    placement         text,                     -- SessionStarted's reason for its peers
+    round_options     jsonb                     -- fedopts.RoundOptionsSpec of the request
 );
 CREATE INDEX IF NOT EXISTS sessions_owner ON sessions (owner_id, created_at);
 CREATE INDEX IF NOT EXISTS sessions_queue ON sessions (priority, requested_seq) WHERE status = 'queued';
@@ -122,6 +123,9 @@ CREATE TABLE IF NOT EXISTS session_rounds (
     val_accuracy    double precision,
     average_uri     text,
     average_sha256  text,
+    aggregator      text,                    -- the rule the peers applied (RoundAveraged)
+    selected        jsonb,                   -- the peers whose updates the aggregate holds
+    update_bytes    bigint,                  -- the bytes of the round's updates
     PRIMARY KEY (session_id, round)
 );
 

@@ -11,6 +11,7 @@ import msgspec
 from litestar.exceptions import ClientException
 
 from swarmtrain.common.events import Hyperparameters, ModelSpec
+from swarmtrain.common.fedopts import RoundOptionsSpec, describe
 from swarmtrain.common.specs import Requirements, meets
 from swarmtrain.common.status import SESSION_ACTIVE
 from swarmtrain.gateway.errors import TooManyRequests
@@ -24,13 +25,14 @@ from swarmtrain.gateway.sessions.schemas import (
     RoundFigures,
     SessionOut,
 )
+from swarmtrain.gateway.sessions.strategies import rules
 
 ACTIVE = tuple(sorted(SESSION_ACTIVE))
 
 _SESSION_COLUMNS = """session_id, owner_id, dataset_id, strategy, num_peers, status, model, validation_split,
     seed, rounds, on_peer_failure, val_accuracy, created_at, started_at, ended_at, best_peer_id,
     best_val_accuracy, model_uri, reason, parent_session_id, parent_round, excluded_peers,
-    requirements, queue, queue_timeout_s, priority, precision, placement,
+    requirements, queue, queue_timeout_s, priority, precision, placement, round_options,
     CASE WHEN status = 'queued' THEN (
         SELECT count(*) + 1 FROM sessions q WHERE q.status = 'queued' AND (q.priority > sessions.priority
             OR (q.priority = sessions.priority AND q.requested_seq < sessions.requested_seq))
@@ -131,10 +133,18 @@ def _round_figures(row: asyncpg.Record) -> RoundFigures:
         accuracy=row["accuracy"],
         val_loss=row["val_loss"],
         val_accuracy=row["val_accuracy"],
+        aggregator=row["aggregator"],
+        selected=[] if row["selected"] is None else msgspec.json.decode(row["selected"], type=list[str]),
+        update_bytes=row["update_bytes"],
     )
 
 
 def _session_out(row: asyncpg.Record, peers: list[PeerResult], rounds: list[RoundFigures]) -> SessionOut:
+    options = (
+        msgspec.json.decode(row["round_options"], type=RoundOptionsSpec)
+        if row["round_options"] is not None and rules(row["strategy"]).rounds
+        else None
+    )
     return SessionOut(
         session_id=row["session_id"],
         status=row["status"],
@@ -168,6 +178,8 @@ def _session_out(row: asyncpg.Record, peers: list[PeerResult], rounds: list[Roun
         precision=row["precision"],
         queue_position=row["queue_position"],
         placement=row["placement"],
+        round_options=options,
+        round_options_summary=None if options is None else describe(options),
     )
 
 

@@ -33,7 +33,7 @@ from swarmtrain.common.events import (
     ValidationSplit,
     Widths,
 )
-from swarmtrain.common.fedopts import AggregatorSpec, CompressionSpec, OuterSpec, ShardingSpec
+from swarmtrain.common.fedopts import AggregatorSpec, CompressionSpec, OuterSpec, RoundOptionsSpec, ShardingSpec
 from swarmtrain.common.specs import Bytes, Device, Labels, Priority, QueueTimeout, Requirements
 from swarmtrain.gateway.datasets import DEFAULT_LABEL
 
@@ -207,6 +207,12 @@ class RoundFigures(msgspec.Struct, kw_only=True):
     val_loss: float | None
     """The averaged model on the validation split."""
     val_accuracy: float | None
+    aggregator: str | None = None
+    """The rule the peers applied (the session's, or ``median`` for a Krum that could not run)."""
+    selected: list[str] = msgspec.field(default_factory=list)
+    """The peers whose updates the aggregate holds (Krum: the ones it chose)."""
+    update_bytes: int | None = None
+    """The bytes of the round's update files (compressed ones are smaller)."""
 
 
 class SessionOut(msgspec.Struct, kw_only=True):
@@ -247,6 +253,11 @@ class SessionOut(msgspec.Struct, kw_only=True):
     """While queued: 1-based place in the swarm's queue (priority, then request order)."""
     placement: str | None = None
     """Once started: why these peers (the scheduler's placement reason)."""
+    round_options: RoundOptionsSpec | None = None
+    """A session that trains in rounds: its ``aggregator``, ``outer``, ``compression``, ``sharding``,
+    ``keep_local_optimizer`` and ``max_update_norm`` as requested (the outer ``lr`` resolved)."""
+    round_options_summary: str | None = None
+    """The same in one line for a person (``fedopts.describe``): ``krum(f=1) · int8``."""
 
 
 class EventRecord(msgspec.Struct, kw_only=True):

@@ -497,6 +497,8 @@ async function sessionPage() {
       (s.ended_at ? ` · took ${seconds(s.started_at || s.created_at, s.ended_at)}` : "") +
       (s.val_accuracy !== null ? ` · val accuracy ${fmt(s.val_accuracy)}` : "") +
       (s.reason ? ` · ${s.reason}` : "");
+    $("#round-options").hidden = !s.round_options_summary;
+    $("#round-options-text").textContent = s.round_options_summary || "";
     $("#lineage").hidden = !s.parent_session_id;
     if (s.parent_session_id) {
       const link = $("#parent-link");
@@ -524,7 +526,10 @@ async function sessionPage() {
         el("td", {}, r.left_out.map(short).join(", ") || "–"),
         el("td", {}, r.rejected.map((x) => `${short(x.peer_id)}: ${x.reason}`).join("; ") || "–"),
         el("td", {}, (reassigned.get(r.round) || []).join("; ") || "–"),
-        el("td", {}, r.num_samples), el("td", {}, fmt(r.loss)), el("td", {}, fmt(r.val_accuracy)));
+        el("td", {}, r.num_samples), el("td", {}, fmt(r.loss)), el("td", {}, fmt(r.val_accuracy)),
+        el("td", {}, r.aggregator ? r.aggregator + (r.selected.length && r.selected.length < r.included.length
+          ? ` (${r.selected.map(short).join(", ")})` : "") : "–"),
+        el("td", {}, r.update_bytes ? r.update_bytes.toLocaleString() : "–"));
       previous = r.closed_at;
       return row;
     }));
