@@ -101,6 +101,15 @@ class Report:
             path.write_text(text)
 
 
+def show(report: Report) -> None:
+    """A standalone benchmark's end: its table and extras printed, its JSON written to ``--out``."""
+    print(table(report.rows))
+    for key, value in report.extra.items():
+        print(f"  {key}: {value}")
+    if (out := cli_output()) is not None:
+        report.write(out)
+
+
 def fmt(value: float | None, unit: str = "") -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"

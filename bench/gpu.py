@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bench._common import Report, cli_output, median, table
+from bench._common import Report, median, show
 from swarmtrain.common.events import Hyperparameters, ModelSpec, Precision
 from swarmtrain.peer import trainer
 from swarmtrain.peer.data import Dataset, split_indices
@@ -232,9 +232,4 @@ def main() -> Report:
 
 
 if __name__ == "__main__":
-    result = main()
-    print(table(result.rows))
-    for key, value in result.extra.items():
-        print(f"  {key}: {value}")
-    if (out := cli_output()) is not None:
-        result.write(out)
+    show(main())

@@ -20,7 +20,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 
-from bench._common import Report, cli_output, percentile, table
+from bench._common import Report, percentile, show
 from swarmtrain.common.specs import GpuSpec, PeerSpecs, QueuePolicy, Requirements
 from swarmtrain.scheduler.placement import (
     Expired,
@@ -243,9 +243,4 @@ def main() -> Report:
 
 
 if __name__ == "__main__":
-    result = main()
-    print(table(result.rows))
-    for key, value in result.extra.items():
-        print(f"  {key}: {value}")
-    if (out := cli_output()) is not None:
-        result.write(out)
+    show(main())

@@ -135,6 +135,15 @@ def test_sweep_from_start_to_plot(cli: Cli, dataset_id: str, tmp_path: Path) -> 
     events = cli.json("sessions", "events", sid)
     assert isinstance(events, list) and events[-1]["event"]["type"] == "SessionCompleted"
     assert [s["session_id"] for s in cli.json("sessions", "ls")] == [sid]  # type: ignore[union-attr]
+    for command, header in (
+        ("sessions", ["SESSION", "STATUS", "STRATEGY"]),
+        ("datasets", ["DATASET", "NAME", "ROWS"]),
+        ("peers", ["NAME", "DEVICE", "STATUS"]),
+    ):
+        listed = cli(command, "ls")  # a table off --json: a header, its rule, a row per item
+        lines = listed.stdout.splitlines()
+        assert listed.returncode == 0 and lines[0].split()[:3] == header and set(lines[1]) <= {"-", " "}
+        assert len(lines) >= 3 and (command != "sessions" or lines[2].startswith(sid))
 
     model = tmp_path / "model.safetensors"
     downloaded = cli("sessions", "download", sid, "-o", str(model))

@@ -47,6 +47,15 @@ def _table(rows: list[list[Any]], headers: list[str], out: TextIO | None = None)
             out.write("  ".join("-" * w for w in widths) + "\n")
 
 
+def _listing(args: argparse.Namespace, rows: list[Json], headers: list[str], cells: Callable[[Json], list[Any]]) -> int:
+    """A list command's output: the API's JSON as it came with ``--json``, else a table."""
+    if args.json:
+        _print_json(rows)
+    else:
+        _table([cells(row) for row in rows], headers)
+    return 0
+
+
 def _f(x: float | None, digits: int = 3) -> str:
     return NONE if x is None else f"{x:.{digits}f}"
 
@@ -135,14 +144,12 @@ def _login(args: argparse.Namespace) -> int:
 def _peers_ls(args: argparse.Namespace) -> int:
     with _client(args) as client:
         peers = client.peers()
-    if args.json:
-        _print_json(peers)
-        return 0
-    _table(
-        [[p["name"], p["device"], p["status"], p["last_seen"], _short(p["session_id"])] for p in peers],
+    return _listing(
+        args,
+        peers,
         ["NAME", "DEVICE", "STATUS", "LAST SEEN", "SESSION"],
+        lambda p: [p["name"], p["device"], p["status"], p["last_seen"], _short(p["session_id"])],
     )
-    return 0
 
 
 @_one_line_errors()
@@ -165,14 +172,12 @@ def _datasets_upload(args: argparse.Namespace) -> int:
 def _datasets_ls(args: argparse.Namespace) -> int:
     with _client(args) as client:
         rows = client.datasets()
-    if args.json:
-        _print_json(rows)
-        return 0
-    _table(
-        [[d["dataset_id"], d["name"], d["rows"], d["features"], d["classes"], d["label_column"]] for d in rows],
+    return _listing(
+        args,
+        rows,
         ["DATASET", "NAME", "ROWS", "FEATURES", "CLASSES", "LABEL"],
+        lambda d: [d["dataset_id"], d["name"], d["rows"], d["features"], d["classes"], d["label_column"]],
     )
-    return 0
 
 
 # ------------------------------------------------------------------ sessions
@@ -269,25 +274,20 @@ def _sessions_start(args: argparse.Namespace) -> int:
 def _sessions_ls(args: argparse.Namespace) -> int:
     with _client(args) as client:
         rows = client.sessions(args.limit)
-    if args.json:
-        _print_json(rows)
-        return 0
-    _table(
-        [
-            [
-                s["session_id"],
-                s["status"],
-                s["strategy"],
-                s["num_peers"],
-                s["rounds"] if _trains_in_rounds(s) else NONE,
-                _f(s["val_accuracy"] if s["val_accuracy"] is not None else s["best_val_accuracy"]),
-                s["created_at"][:19].replace("T", " "),
-            ]
-            for s in rows
-        ],
+    return _listing(
+        args,
+        rows,
         ["SESSION", "STATUS", "STRATEGY", "PEERS", "ROUNDS", "VAL ACC", "CREATED (UTC)"],
+        lambda s: [
+            s["session_id"],
+            s["status"],
+            s["strategy"],
+            s["num_peers"],
+            s["rounds"] if _trains_in_rounds(s) else NONE,
+            _f(s["val_accuracy"] if s["val_accuracy"] is not None else s["best_val_accuracy"]),
+            s["created_at"][:19].replace("T", " "),
+        ],
     )
-    return 0
 
 
 def _trains_in_rounds(s: Json) -> bool:
