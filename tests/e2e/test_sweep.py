@@ -112,6 +112,22 @@ async def test_sweep_on_three_peers_completes_with_results_and_a_model(stack: St
     assert tapped == stored  # `swarmtrain tap` prints exactly what is on the wire
 
 
+async def test_back_to_back_sessions_on_every_peer_need_no_queue(stack: Stack, api: Api) -> None:
+    """A session shown completed has its peers idle already (they are released before it is
+    completed), so a script that runs sessions needing every peer one after the other never
+    meets 'not enough online peers'."""
+    dataset = await api.upload()
+    await api.wait_idle_peers(3)
+    body = sweep(dataset["dataset_id"], [{"epochs": 1, "batch_size": 64, "lr": 0.01}] * 3)
+    for _ in range(2):
+        resp = await api.client.post("/sessions", json=body)  # no "queue": a 400 if a peer were still held
+        assert resp.status_code == 201, resp.text
+        ended = await api.wait_ended(resp.json()["session_id"])
+        assert ended["status"] == "completed", ended
+        idle = await api.online()  # read right after the session showed completed
+        assert len(idle) >= 3, idle
+
+
 async def test_peer_killed_mid_training_fails_alone_and_the_session_completes(stack: Stack, api: Api) -> None:
     victim = stack.start_peer("victim")
     peers = await api.wait_idle_peers(4)

@@ -11,6 +11,7 @@ from swarmtrain.common.events import (
     PeerFailed,
     PeerLocked,
     PeerRegistered,
+    PeerReleased,
     PeerWentOffline,
     PeerWentOnline,
     Presence,
@@ -184,6 +185,33 @@ def test_session_completes_with_the_best_peer_when_every_run_ended() -> None:
     assert list(state.sessions["s1"].evaluations) == ["b"]  # a's claim (0.8) cannot beat b's checked 0.89
 
 
+def test_a_completed_session_releases_its_peers_before_it_is_shown_completed() -> None:
+    """The end-of-session order: the releases are appended before ``SessionCompleted`` in the one
+    decision that completes it, so the read models (which apply the log in order) never show the
+    session completed while its peers are still held; nothing is left to release afterwards."""
+    state = replay(done("a", 0.8), done("b", 0.9), state=running())
+    state = evaluated(state, {"b": 0.89})
+    actions = decided(state, 1.0)
+    kinds = [type(e).__name__ for e in appended(actions)]
+    assert kinds == ["PeerReleased", "PeerReleased", "SessionCompleted"]
+    assert {e.peer_id for e in appended(actions) if isinstance(e, PeerReleased)} == {"a", "b"}
+    # the end is still told to both peers, in the same decision
+    assert sorted(x for x in summary(actions) if x[0].startswith("Forward")) == [
+        ("Forward SessionCompleted", "a", "s1"),
+        ("Forward SessionCompleted", "b", "s1"),
+    ]
+    state = replay(*appended(actions), state=state)
+    assert all(p.session_id is None for p in state.peers.values())
+    assert [a for a in decided(state, 1.0) if isinstance(a, Append)] == []
+
+
+def test_a_session_ended_by_a_strategy_releases_first_too() -> None:
+    state = replay(done("a", 0.8), PeerFailed(session_id="s1", peer_id="b", reason="x"), state=running())
+    state = evaluated(state, {"a": None})  # its model fails the scheduler's check: nothing wins
+    kinds = [type(e).__name__ for e in appended(decided(state, 1.0))]
+    assert kinds[-1] == "SessionFailed" and kinds.count("PeerReleased") == 2
+
+
 def test_session_with_a_failed_peer_completes_with_the_others() -> None:
     state = replay(PeerFailed(session_id="s1", peer_id="a", reason="boom"), done("b", 0.5), state=running())
     state = evaluated(state, {"b": 0.5})
@@ -197,7 +225,8 @@ def test_session_fails_when_every_peer_failed() -> None:
         PeerFailed(session_id="s1", peer_id="b", reason="y"),
         state=running(),
     )
-    assert [type(e) for e in appended(decided(state, 1.0))] == [SessionFailed]
+    # the peers are released before the session is shown failed, in the same decision
+    assert [type(e) for e in appended(decided(state, 1.0))] == [PeerReleased, PeerReleased, SessionFailed]
 
 
 def test_ended_session_stops_and_releases_its_peers() -> None:

@@ -14,9 +14,12 @@ from collections.abc import Sequence
 
 from swarmtrain.common.events import (
     PeerFailed,
+    PeerReleased,
     PeerWentOffline,
     PeerWentOnline,
     SessionCompleted,
+    SessionEvent,
+    SessionFailed,
     SessionStarted,
     Train,
     bounded_text,
@@ -79,7 +82,27 @@ def decide(state: State, clocks: Clocks, config: Config) -> list[Action]:
         actions += _finish(session, locked.get(session.session_id, []), clocks)
     actions += stale_locks(state, clocks, config.timing)
     actions += _schedule(state, idle, clocks, config)
-    return actions
+    return releases_first(actions)
+
+
+def releases_first(actions: list[Action]) -> list[Action]:
+    """``actions`` with the release of every peer of a session that this decision ends moved
+    before everything else (the shell appends in order): a session is never shown ended while the
+    read models still show its peers held, so a next session that needs them can start at once."""
+    ending = {
+        a.event.session_id
+        for a in actions
+        if isinstance(a, Append) and isinstance(a.event, SessionCompleted | SessionFailed)
+    }
+    if not ending:
+        return actions
+    first = [
+        a
+        for a in actions
+        if isinstance(a, Append) and isinstance(a.event, PeerReleased) and a.event.session_id in ending
+    ]
+    moved = {id(a) for a in first}
+    return first + [a for a in actions if id(a) not in moved]
 
 
 def resend(
@@ -194,7 +217,11 @@ def _presence(state: State, clocks: Clocks, timeout: float) -> list[Action]:
 
 def _finish(session: Session, locked: list[Peer], clocks: Clocks) -> list[Action]:
     """Complete or fail a session whose runs have all ended; stop and free the peers of ended runs
-    (``locked``: the peers whose lock names the session)."""
+    (``locked``: the peers whose lock names the session).
+
+    A session's peers are released BEFORE its terminal event is appended (in the same decision),
+    so whoever sees the session ended (the read models apply the log in order) sees its peers
+    free too, and a next session that needs them all can start at once."""
     sid = session.session_id
     all_ended = session.runs and all(r.status != "training" for r in session.runs.values())
     if session.status == "running" and all_ended and not session.rounds_open:
@@ -206,7 +233,8 @@ def _finish(session: Session, locked: list[Peer], clocks: Clocks) -> list[Action
         if best is None:
             finished = any(r.status == "done" for r in session.runs.values())
             reason = "no finished model passed the scheduler's evaluation" if finished else "every peer failed"
-            return [session_failed(sid, reason, clocks)]
+            failed = SessionFailed(event_id=f"{sid}.failed", occurred_at=clocks.at, session_id=sid, reason=reason)
+            return [*_free(session, locked, clocks), Append(failed), *_tell(session, locked, failed)]
         model = session.runs[best]
         checked = session.evaluations.get(best)
         completed = SessionCompleted(
@@ -218,18 +246,36 @@ def _finish(session: Session, locked: list[Peer], clocks: Clocks) -> list[Action
             model_uri=model.model_uri or "",
             checked_val_accuracy=None if checked is None else checked.val_accuracy,
         )
-        return [Append(completed)]  # the peers are released once the terminal event is back in the state
+        return [*_free(session, locked, clocks), Append(completed), *_tell(session, locked, completed)]
     actions: list[Action] = []
     for peer in locked:
-        run = session.runs.get(peer.peer_id)
-        if session.status == "queued" or run is None or run.status == "training":
-            continue  # locks of a start or reassignment in progress, or a peer still at work
-        if session.ended is not None:
+        if session.ended is not None and _ended_run(session, peer):
             actions.append(Forward(peer.peer_id, session.ended))
-        if run.status in ("failed", "stopped"):  # it may still be at work: tell it to stop
-            actions.append(Send(stop(sid, peer.peer_id, peer.lock_seq, clocks)))
-        actions.append(Append(release(sid, peer.peer_id, peer.lock_seq, clocks)))
+    return actions + _free(session, locked, clocks)
+
+
+def _ended_run(session: Session, peer: Peer) -> bool:
+    """Whether ``peer``'s lock is that of a run of ``session`` that has ended (not a start or
+    reassignment in progress, nor a peer still at work)."""
+    run = session.runs.get(peer.peer_id)
+    return session.status != "queued" and run is not None and run.status != "training"
+
+
+def _free(session: Session, locked: list[Peer], clocks: Clocks) -> list[Action]:
+    """Stop (where it may still be at work) and release every peer of ``locked`` whose run ended."""
+    actions: list[Action] = []
+    for peer in locked:
+        if not _ended_run(session, peer):
+            continue
+        if session.runs[peer.peer_id].status in ("failed", "stopped"):  # it may still be at work: tell it to stop
+            actions.append(Send(stop(session.session_id, peer.peer_id, peer.lock_seq, clocks)))
+        actions.append(Append(release(session.session_id, peer.peer_id, peer.lock_seq, clocks)))
     return actions
+
+
+def _tell(session: Session, locked: list[Peer], ended: SessionEvent) -> list[Action]:
+    """The session's end, forwarded to the peers of its ended runs (as it would be once back in the state)."""
+    return [Forward(peer.peer_id, ended) for peer in locked if _ended_run(session, peer)]
 
 
 def _evaluate(session: Session, peer_id: str) -> Evaluate:

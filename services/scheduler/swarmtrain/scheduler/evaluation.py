@@ -17,6 +17,8 @@ from __future__ import annotations
 import hashlib
 import math
 import tempfile
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -87,10 +89,33 @@ def shard_histograms(store: blob.BlobStore, request: SessionRequested) -> list[l
     return sharding.histograms
 
 
+CACHED_DATASETS = 4
+"""Parsed datasets kept for the next evaluation (a sweep's winner, the next session on the same
+data): the end of a session then waits on no download and no parse."""
+CACHED_DATASET_BYTES = 64 << 20
+"""Only datasets whose file is at most this large are kept."""
+_cache: OrderedDict[tuple[str, str, str], Dataset] = OrderedDict()
+_cache_lock = threading.Lock()
+
+
 def _dataset(store: blob.BlobStore, request: SessionRequested) -> Dataset:
+    """``request``'s dataset, parsed as a peer parses it; kept (``CACHED_DATASETS``) when small.
+    The key holds the sha256 the download is checked against, so a cached copy is the same bytes."""
     from swarmtrain.peer import data as peer_data
 
+    key = (request.dataset_uri, request.dataset_sha256, request.label_column)
+    with _cache_lock:
+        if (hit := _cache.get(key)) is not None:
+            _cache.move_to_end(key)
+            return hit
     with tempfile.TemporaryDirectory(prefix="swarmtrain-eval-") as tmp:
         path = Path(tmp) / "data.csv"
         store.download(store.key_of(request.dataset_uri), path, sha256=request.dataset_sha256)
-        return peer_data.load_csv(path, request.label_column)
+        dataset = peer_data.load_csv(path, request.label_column)
+        small = path.stat().st_size <= CACHED_DATASET_BYTES
+    if small:
+        with _cache_lock:
+            _cache[key] = dataset
+            while len(_cache) > CACHED_DATASETS:
+                _cache.popitem(last=False)
+    return dataset

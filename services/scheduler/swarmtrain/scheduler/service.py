@@ -8,6 +8,9 @@ it decides nothing itself. Its own mechanics:
 - reports: one durable pull consumer (``scheduler-reports``) shared by every scheduler; each report
   is checked once the state has read the log to its end, its fact or rejection appended, and only
   then acked;
+- no tick to wait for: the loop sleeps until a report comes (a fetch kept in flight), something is
+  appended to the log (a core subscription on the event subjects rings a doorbell), or
+  ``TICK_S`` has passed (what only time decides: timeouts, deadlines);
 - commands sent once per process (``Send``/``Forward`` ids remembered), ``SessionFact`` signed only
   when sent, evaluations run in worker threads;
 - riding out faults: an event whose evolve raises is quarantined (logged, counted, skipped); a
@@ -35,6 +38,7 @@ from swarmtrain.common.events import (
     PRESENCE_SUBJECTS,
     Command,
     Event,
+    Report,
     ReportRejected,
     decode_event,
     decode_presence,
@@ -73,6 +77,8 @@ from swarmtrain.scheduler.strategies.fedavg import needs_histograms
 
 log = get_logger("swarmtrain.scheduler")
 TICK_S = 0.2
+"""The longest the loop sleeps: a decision that only time makes (a timeout, a deadline) waits at
+most this long. Anything appended to the log or reported wakes it at once."""
 EVENTS_WAIT_S = 0.005
 REPORTS_CONSUMER = "scheduler-reports"
 SENT_MEMORY = 100_000
@@ -182,13 +188,9 @@ class Scheduler:
                 log.error("event quarantined: it cannot be applied", seq=seq, type=type(event).__name__, error=error)
         return len(batch)
 
-    async def take_reports(
-        self, reports: JetStreamContext.PullSubscription, events: JetStreamContext.PullSubscription, timeout: float
-    ) -> int:
-        """Check the reports that arrive within ``timeout`` against a state that has read the log
-        to its end (another scheduler may have started the session), append each one's fact or
-        rejection, then ack it."""
-        batch = await bus.fetch(reports, decode_report, batch=256, timeout=timeout)
+    async def check_reports(self, batch: list[tuple[Msg, Report]], events: JetStreamContext.PullSubscription) -> int:
+        """Check fetched reports against a state that has read the log to its end (another
+        scheduler may have started the session), append each one's fact or rejection, then ack it."""
         if not batch:
             return 0
         await self.read_to(events, max(self.barrier, await bus.last_sequence(self.js)))
@@ -510,29 +512,52 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
 
         presence = await nc.subscribe(PRESENCE_SUBJECTS, cb=on_presence)
         stack.push_async_callback(presence.unsubscribe)
+        # the doorbell: a JetStream append reaches core subscribers too, so anything appended to
+        # the log (a request, our own or another scheduler's writes, an evaluation's fact) wakes
+        # the loop at once; the consumer below is still what is read
+        doorbell = asyncio.Event()
+
+        async def on_appended(_msg: Msg) -> None:
+            doorbell.set()
+
+        for subject in bus.EVENT_SUBJECTS:
+            bell = await nc.subscribe(subject, cb=on_appended)
+            stack.push_async_callback(bell.unsubscribe)
         events = await bus.pull_consumer(js, bus.EVENTS_STREAM, ack=api.AckPolicy.NONE)
         reports = await reports_consumer(js)
         structlog.contextvars.bind_contextvars(service="scheduler")
         await scheduler.catch_up(events)
         gap_s = max(2.0, settings.peer_timeout_s / 2)
         last_tick, faulted, idle_since = time.monotonic(), False, time.monotonic()
+        incoming: asyncio.Task[list[tuple[Msg, Report]]] | None = None
+        """The reports fetch in flight: kept across turns of the loop (never cancelled while
+        running), so waking for the log loses no report on its way."""
         try:
             while not stop.is_set():
                 try:
                     if not nc.is_connected:  # nothing is decided on what could not be seen meanwhile
                         raise nats.errors.ConnectionReconnectingError
                     if faulted:  # back: renew a consumer the server lost, then judge every peer afresh
+                        await _dropped(incoming)
+                        incoming = None
                         events, reports = await renewed(js, events, reports, scheduler.state.position + 1)
                         scheduler.regrace("reading again after a fault")
                         faulted = False
-                    # most of a tick waits on the reports (a round's progress), the log is only
-                    # looked at: what arrives there is ours, the gateway's, or waits a tick at most
-                    if await scheduler.read(events, timeout=EVENTS_WAIT_S):
-                        idle_since = time.monotonic()
-                    elif time.monotonic() - idle_since > 5.0:  # is the consumer still there? (raises if not)
-                        idle_since = time.monotonic()
-                        await events.consumer_info()
-                    await scheduler.take_reports(reports, events, timeout=TICK_S - EVENTS_WAIT_S)
+                    if incoming is None:
+                        incoming = asyncio.create_task(bus.fetch(reports, decode_report, batch=256, timeout=TICK_S))
+                    # sleep until something is appended, a report comes, or a tick has passed
+                    await _first(incoming, doorbell, TICK_S)
+                    rang = doorbell.is_set()
+                    doorbell.clear()
+                    if rang or not incoming.done():  # the log moved, or a tick passed
+                        if await scheduler.read(events, timeout=EVENTS_WAIT_S):
+                            idle_since = time.monotonic()
+                        elif time.monotonic() - idle_since > 5.0:  # is the consumer still there? (raises if not)
+                            idle_since = time.monotonic()
+                            await events.consumer_info()
+                    if incoming.done():
+                        batch, incoming = incoming.result(), None
+                        await scheduler.check_reports(batch, events)
                     # checked just before deciding: a process stopped (SIGSTOP, a frozen VM) half-way
                     # through this loop resumes here, before it has read the beats sent meanwhile
                     now = time.monotonic()
@@ -547,7 +572,30 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
                         await asyncio.wait_for(stop.wait(), 0.5)  # back off, but stop at once
                 last_tick = time.monotonic()
         finally:
+            await _dropped(incoming)
             with contextlib.suppress(Exception):
                 await events.unsubscribe()
             with contextlib.suppress(Exception):
                 await reports.unsubscribe()
+
+
+async def _first(task: asyncio.Task[list[tuple[Msg, Report]]], bell: asyncio.Event, timeout: float) -> None:
+    """Until ``task`` is done, ``bell`` is set, or ``timeout`` has passed."""
+    if task.done() or bell.is_set():
+        return
+    ring = asyncio.create_task(bell.wait())
+    try:
+        await asyncio.wait({task, ring}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        ring.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await ring
+
+
+async def _dropped(task: asyncio.Task[list[tuple[Msg, Report]]] | None) -> None:
+    """Cancel a reports fetch (after a fault, at the end); what it had taken is delivered again
+    once its ack wait runs out."""
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
