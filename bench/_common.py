@@ -26,10 +26,32 @@ import httpx
 import psutil
 
 from swarmtrain.common import servers
+from swarmtrain.common.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / ".swarmtrain" / "bench"
 JWT_SECRET = "bench-secret-0123456789abcdef0123456789abcdef"
+BLOB_SIGNING_SECRET = "bench-blob-signing-0123456789abcdef0123456789abcdef"
+
+# Nothing is read from the user's environment: a benchmark configures every process it starts
+# itself (``Stack.env``, ``settings``), so ``SWARMTRAIN_*`` set in the shell cannot point it at
+# another server, store or state folder.
+for _name in [k for k in os.environ if k.startswith("SWARMTRAIN_")]:
+    del os.environ[_name]
+
+
+def quick(argv: list[str] | None = None) -> bool:
+    """``--quick`` on the command line: small sizes and few iterations, a check that the benchmark
+    runs (CI's ``tests/bench``), not a measurement."""
+    return "--quick" in (sys.argv[1:] if argv is None else argv)
+
+
+def settings(scratch: Path, **overrides: Any) -> Settings:
+    """In-process settings for a benchmark: defaults, the state folder in ``scratch``, ``overrides``;
+    never the environment's."""
+    state = scratch / "state"
+    fields: dict[str, Any] = {"state_dir": str(state), "blob_url": (state / "blobs").as_uri()} | overrides
+    return Settings(**fields)
 
 
 # ------------------------------------------------------------------ statistics
@@ -197,7 +219,7 @@ class Stack:
         self.gateway_url = f"http://127.0.0.1:{self.gateway_port}"
         self.services: dict[str, subprocess.Popen[bytes]] = {}
         self.env = {
-            **os.environ,
+            **{k: v for k, v in os.environ.items() if not k.startswith("SWARMTRAIN_")},
             "SWARMTRAIN_NATS_URL": self.nats_url,
             "SWARMTRAIN_DATABASE_URL": self.database_url,
             "SWARMTRAIN_BLOB_URL": self.blob_dir.as_uri(),
@@ -208,7 +230,7 @@ class Stack:
             "SWARMTRAIN_LOG_LEVEL": log_level,
             "SWARMTRAIN_TORCH_THREADS": "1",
             # peers read and write blobs through signed URLs served by the gateway (trust model)
-            "SWARMTRAIN_BLOB_SIGNING_SECRET": "bench-blob-signing-0123456789abcdef0123456789abcdef",
+            "SWARMTRAIN_BLOB_SIGNING_SECRET": BLOB_SIGNING_SECRET,
             "SWARMTRAIN_BLOB_PUBLIC_URL": self.gateway_url,
         }
 

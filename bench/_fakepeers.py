@@ -1,5 +1,12 @@
 """Light fake peers: they register, beat presence, take ``Train`` and 'train' instantly (no torch).
 
+Like a real peer they only *report* (``bus.report`` on ``peer.<id>.reports``: registration, the
+last ``Heartbeat``, ``PeerDone``) and the scheduler checks each report and appends its fact. The
+model a ``PeerDone`` names is a real model file (``model_file``: an untrained MLP for the
+dataset, the same bytes for every run), written into the stack's file store at the ``Train``'s
+``output_uri``, so the scheduler's evaluation of the winner passes and a sweep session
+*completes*. (A real peer PUTs it through its signed URL; the simulator writes the folder directly.)
+
 Two ways to take commands:
 
 - ``durable``: one durable pull consumer per peer on ``peer.<id>.command``, fetched and acked as the
@@ -15,10 +22,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import random
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from pathlib import Path
 
 import nats.errors
 from nats.aio.client import Client as NATS
@@ -26,8 +35,23 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext, api
 
-from swarmtrain.common import bus, events
-from swarmtrain.common.events import Heartbeat, PeerDone, PeerRegistered, Presence, Train
+from swarmtrain.common import blob, bus, events
+from swarmtrain.common.events import Heartbeat, ModelSpec, PeerDone, PeerRegistered, Presence, Train
+
+
+def model_file(dataset: Path, spec: ModelSpec | None = None, label_column: str = "label") -> bytes:
+    """The bytes of an untrained model of ``spec`` for the CSV ``dataset``: what a fake peer's
+    ``PeerDone`` names (the scheduler loads and evaluates it as a real peer's)."""
+    from swarmtrain.peer.data import load_csv
+    from swarmtrain.peer.model import ModelMetadata, build_model, model_bytes
+
+    spec = spec or ModelSpec()
+    data = load_csv(dataset, label_column)
+    model = build_model(spec, data.features.shape[1], len(data.classes))
+    meta = ModelMetadata.for_spec(
+        spec, classes=list(data.classes), feature_names=list(data.feature_names), label_column=label_column
+    )
+    return model_bytes(model, meta)
 
 
 class FakeSwarm:
@@ -40,8 +64,17 @@ class FakeSwarm:
         train_s: Callable[[], float] = lambda: 0.0,
         presence_interval_s: float = 1.0,
         prefix: str = "",
+        store: blob.FileStore | None = None,
+        model: bytes = b"",
+        answer: bool = True,
     ) -> None:
+        """``store`` and ``model``: where and what the ``PeerDone``'s model file is written (without
+        them the model named does not exist: the scheduler's evaluation refuses it and the session
+        fails); ``answer=False``: no ``Train`` is answered (the runs train until stopped)."""
         self.nc, self.js = nc, nc.jetstream()
+        self.store, self.model = store, model
+        self.model_sha256 = hashlib.sha256(model).hexdigest() if model else "0" * 64
+        self.answer = answer
         self.mode = mode
         self.train_s = train_s
         self.interval = presence_interval_s
@@ -75,7 +108,7 @@ class FakeSwarm:
         for i in range(0, len(self.peer_ids), 200):
             await asyncio.gather(
                 *(
-                    bus.append(self.js, PeerRegistered(peer_id=p, name=f"fake-{p}", device="cpu"))
+                    bus.report(self.js, PeerRegistered(peer_id=p, name=f"fake-{p}", device="cpu"))
                     for p in self.peer_ids[i : i + 200]
                 )
             )
@@ -125,7 +158,7 @@ class FakeSwarm:
         async with self.arrived:
             self.received[command.session_id][command.peer_id] = now
             self.arrived.notify_all()
-        if command.session_id not in self.no_reply:
+        if self.answer and command.session_id not in self.no_reply:
             job = asyncio.create_task(self._train(command))
             self._jobs.add(job)
             job.add_done_callback(self._jobs.discard)
@@ -136,7 +169,9 @@ class FakeSwarm:
             await asyncio.sleep(delay)
         sid, peer_id = command.session_id, command.peer_id
         epochs = command.hyperparameters.epochs
-        await bus.append(
+        if self.store is not None and self.model:
+            self.store.put_bytes(self.store.key_of(command.output_uri), self.model)
+        await bus.report(
             self.js,
             Heartbeat(
                 event_id=f"{sid}.{peer_id}.epoch{epochs}",
@@ -147,23 +182,23 @@ class FakeSwarm:
                 loss=0.5,
                 accuracy=0.8,
                 val_loss=0.6,
-                val_accuracy=random.random(),
+                val_accuracy=random.random() * 0.01,
                 samples_per_s=1e5,
             ),
         )
-        await bus.append(
+        await bus.report(
             self.js,
             PeerDone(
                 event_id=f"{sid}.{peer_id}.done",
                 session_id=sid,
                 peer_id=peer_id,
                 model_uri=command.output_uri,
-                model_sha256="0" * 64,
+                model_sha256=self.model_sha256,
                 epochs=epochs,
                 loss=0.5,
                 accuracy=0.8,
                 val_loss=0.6,
-                val_accuracy=0.7,
+                val_accuracy=0.0,  # claims nothing: the first model the scheduler measures wins
                 train_seconds=delay,
             ),
         )

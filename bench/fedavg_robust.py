@@ -217,9 +217,11 @@ def simulate(
             sha = hashlib.sha256(data).hexdigest()
             updates.append(RoundUpdate(peer_id=peer_id, uri=uri, sha256=sha, num_samples=learner.num_samples))
         closed = RoundClosed(session_id="bench", round=r, updates=updates)
-        result = apply_round(
-            closed, lambda u, files=files: files[u.uri], reference, state, outer_state, options, rounds_uri=rounds_uri
-        )
+
+        def fetch(update: RoundUpdate, files: dict[str, bytes] = files) -> bytes:
+            return files[update.uri]
+
+        result = apply_round(closed, fetch, reference, state, outer_state, options, rounds_uri=rounds_uri)
         sent += result.update_bytes
         rejected += len(result.rejected)
         selected.append(list(result.selected))

@@ -1,15 +1,17 @@
 """P1 training overhead: a peer training through the platform vs a bare PyTorch loop, interleaved.
 
-A (platform): one real ``swarmtrain peer`` process (1 torch thread, as ``swarmtrain up`` runs it);
-the benchmark plays the scheduler: it sends ``Train`` on ``peer.<id>.command`` and times, from the
-stream, the peer's ``Heartbeat`` per epoch and its ``PeerDone``.
+A (platform): the whole stack (nats-server, PostgreSQL, projector, scheduler, gateway) and one real
+``swarmtrain peer`` process (1 torch thread, as ``swarmtrain up`` runs it). The dataset is uploaded
+through the gateway and each run is a one-peer sweep session requested with ``POST /sessions``;
+the benchmark times, from the bus, the ``Heartbeat`` facts (one per epoch: the peer's report,
+checked and appended by the scheduler) and the ``PeerDone`` fact.
 
 B (bare): a fresh Python process with 1 torch thread and the same tensors (the same CSV, split and
 standardization), the same model (``build_model``, same seed), batch size, Adam, shuffling and the
 same validation pass (loss and accuracy on the validation split) after every epoch. Nothing else.
 
-Figures: samples/s end to end (``Train`` sent → ``PeerDone`` seen; the bare run's loop time) and
-per epoch (median gap between heartbeats; the bare run's median epoch incl. validation).
+Figures: samples/s end to end (``POST /sessions`` -> ``PeerDone`` fact seen; the bare run's loop
+time) and per epoch (median gap between heartbeats; the bare run's median epoch incl. validation).
 """
 
 from __future__ import annotations
@@ -22,28 +24,26 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import nats
 import numpy as np
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from bench._common import Report, Stack, cli_output, median
-from swarmtrain.common import blob, bus
+from bench._common import Report, Stack, cli_output, median, quick, signup, upload_dataset, wait_idle_peers
 from swarmtrain.common.events import (
     Heartbeat,
-    Hyperparameters,
     ModelSpec,
     PeerDone,
     PeerFailed,
-    PeerRegistered,
-    Train,
+    SessionCompleted,
+    SessionFailed,
     decode_event,
-    new_id,
 )
 
-ROWS, FEATURES, CLASSES = 20_000, 64, 10
-EPOCHS, BATCH, LR, HIDDEN = 30, 64, 1e-3, [128, 64]
-PAIRS = 4
+ROWS, FEATURES, CLASSES = (2_000, 16, 4) if quick() else (20_000, 64, 10)
+EPOCHS, BATCH, LR, HIDDEN = (3 if quick() else 30), 64, 1e-3, [128, 64]
+PAIRS = 1 if quick() else 4
 VALIDATION_SPLIT, SEED = 0.2, 7
 
 
@@ -118,46 +118,49 @@ def run_bare(csv_path: Path, epochs: int) -> dict[str, object]:
 
 
 class Platform:
-    def __init__(self, st: Stack, nc: NATS, peer_id: str, dataset: blob.BlobRef) -> None:
-        self.st, self.nc, self.js, self.peer_id, self.dataset = st, nc, nc.jetstream(), peer_id, dataset
+    """One-peer sweep sessions through the gateway, timed from the bus."""
+
+    def __init__(self, st: Stack, nc: NATS, client: httpx.AsyncClient, dataset_id: str) -> None:
+        self.st, self.nc, self.client, self.dataset_id = st, nc, client, dataset_id
 
     async def train(self, epochs: int) -> dict[str, object]:
-        sid = new_id()
+        await wait_idle_peers(self.st.database_url, 1)
         arrivals: list[float] = []
         done: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+        ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
         async def on_event(msg: Msg) -> None:
             now = time.perf_counter()
             match decode_event(msg.data):
                 case Heartbeat():
                     arrivals.append(now)
-                case PeerDone():
+                case PeerDone() if not done.done():
                     done.set_result(now)
-                case PeerFailed() as failed:
+                case PeerFailed() as failed if not done.done():
                     done.set_exception(RuntimeError(f"peer failed: {failed.reason}"))
+                case SessionCompleted() | SessionFailed() if not ended.done():
+                    ended.set_result(None)
 
-        sub = await self.nc.subscribe(f"session.{sid}.events", cb=on_event)
-        store = blob.FileStore(self.st.blob_dir)
-        command = Train(
-            peer_id=self.peer_id,
-            session_id=sid,
-            dataset_uri=self.dataset.uri,
-            dataset_sha256=self.dataset.sha256,
-            label_column="label",
-            model=ModelSpec(hidden=HIDDEN),
-            hyperparameters=Hyperparameters(epochs=epochs, batch_size=BATCH, lr=LR),
-            validation_split=VALIDATION_SPLIT,
-            seed=SEED,
-            output_uri=store.uri(f"sessions/{sid}/models/{self.peer_id}.safetensors"),
-        )
+        body = {
+            "dataset_id": self.dataset_id,
+            "num_peers": 1,
+            "hyperparameters": {"epochs": epochs, "batch_size": BATCH, "lr": LR},
+            "model": {"hidden": HIDDEN},
+            "validation_split": VALIDATION_SPLIT,
+            "seed": SEED,
+        }
+        sub = await self.nc.subscribe("session.*.events", cb=on_event)
         t0 = time.perf_counter()
-        await bus.send(self.js, command)
+        resp = await self.client.post("/sessions", json=body)
+        if resp.status_code != 201:
+            raise RuntimeError(f"POST /sessions: {resp.status_code} {resp.text[:300]}")
         t_done = await asyncio.wait_for(done, 300)
+        await asyncio.wait_for(ended, 60)  # its peer is free again for the next run
         await sub.unsubscribe()
         gaps = [b - a for a, b in itertools.pairwise(arrivals)]
         return {
             "total_s": t_done - t0,
-            "epoch_s": gaps,
+            "epoch_s": gaps or [t_done - t0],
             "first_heartbeat_s": arrivals[0] - t0,
             "last_heartbeat_to_done_s": t_done - arrivals[-1],
         }
@@ -165,33 +168,29 @@ class Platform:
 
 async def main() -> Report:
     report = Report("P1 training")
-    with Stack("p1", postgres=False) as st:
+    with Stack("p1") as st:
         csv_path = st.dir / "blobs-data.csv"
         make_csv(csv_path)
         csv_bytes = csv_path.stat().st_size
-        dataset = blob.FileStore(st.blob_dir).put_bytes("datasets/bench.csv", csv_path.read_bytes())
-        nc = await nats.connect(st.nats_url)
-        registered: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-
-        async def on_peer(msg: Msg) -> None:
-            event = decode_event(msg.data)
-            if isinstance(event, PeerRegistered) and not registered.done():
-                registered.set_result(event.peer_id)
-
-        await bus.ensure_streams(nc.jetstream())
-        psub = await nc.subscribe("peer.*.events", cb=on_peer)
+        st.start("projector")
+        st.start("scheduler")
+        st.start("gateway")
+        st.wait_gateway()
         st.start("peer", "--name", "bench", "--device", "cpu")
-        peer_id = await asyncio.wait_for(registered, 60)
-        await psub.unsubscribe()
-        platform = Platform(st, nc, peer_id, dataset)
+        nc = await nats.connect(st.nats_url)
+        async with httpx.AsyncClient(base_url=st.gateway_url, timeout=60) as client:
+            await signup(client)
+            dataset_id = await upload_dataset(client, csv_path)
+            await wait_idle_peers(st.database_url, 1, timeout=120)
+            platform = Platform(st, nc, client, dataset_id)
 
-        # warm-up: the peer caches the dataset, both sides load torch's kernels
-        await platform.train(2)
-        await asyncio.to_thread(run_bare, csv_path, 2)
-        a_runs, b_runs = [], []
-        for _ in range(PAIRS):
-            a_runs.append(await platform.train(EPOCHS))
-            b_runs.append(await asyncio.to_thread(run_bare, csv_path, EPOCHS))
+            if not quick():  # warm-up: the peer caches the dataset, both sides load torch's kernels
+                await platform.train(2)
+                await asyncio.to_thread(run_bare, csv_path, 2)
+            a_runs, b_runs = [], []
+            for _ in range(PAIRS):
+                a_runs.append(await platform.train(EPOCHS))
+                b_runs.append(await asyncio.to_thread(run_bare, csv_path, EPOCHS))
         await nc.drain()
 
     n_train = int(b_runs[0]["n_train"])  # type: ignore[call-overload]
@@ -202,7 +201,9 @@ async def main() -> Report:
     b_epoch = [n_train / median(r["epoch_s"]) for r in b_runs]  # type: ignore[arg-type]
     pair_ratios = [a / b for a, b in zip(a_total, b_total, strict=True)]
     common = {"reference_name": "bare torch loop", "target": ">= 0.95"}
-    row = report.add("samples/s, Train -> PeerDone", median(a_total), "samples/s", reference=median(b_total), **common)
+    row = report.add(
+        "samples/s, POST /sessions -> PeerDone", median(a_total), "samples/s", reference=median(b_total), **common
+    )
     row.met = (row.ratio or 0) >= 0.95
     row.note = "pair ratios " + ", ".join(f"{r:.3f}" for r in pair_ratios)
     row = report.add(

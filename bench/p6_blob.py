@@ -26,13 +26,13 @@ import threading
 import time
 from pathlib import Path
 
-from bench._common import Report, cli_output, median, rss_mib
+from bench._common import Report, cli_output, median, quick, rss_mib, settings
 from swarmtrain.common import blob, servers
 from swarmtrain.common.settings import Settings
 
 MB = 1_000_000
-SIZES = {1 * MB: 15, 10 * MB: 7, 100 * MB: 5}
-S3_SIZES = {1 * MB: 5, 10 * MB: 3}
+SIZES = {1 * MB: 3, 10 * MB: 2} if quick() else {1 * MB: 15, 10 * MB: 7, 100 * MB: 5}
+S3_SIZES = {1 * MB: 2} if quick() else {1 * MB: 5, 10 * MB: 3}
 
 
 def platform_roundtrip(uri: str, data: bytes, settings: Settings) -> float:
@@ -102,15 +102,15 @@ def _read_into(conn: socket.socket, view: memoryview) -> None:
 
 
 def file_store(report: Report, root: Path, payload: bytes) -> None:
-    settings = Settings(blob_url=root.as_uri())
     store = blob.FileStore(root / "store")
+    config = settings(root, blob_url=(root / "store").as_uri())
     echo = Echo(max(SIZES))
     for size, reps in SIZES.items():
         data = payload[:size]
         a, b_file, b_tcp = [], [], []
         for i in range(reps + 1):  # the first round warms up
             uri = store.uri(f"sessions/s/rounds/1/p{i}.safetensors")
-            ta = platform_roundtrip(uri, data, settings)
+            ta = platform_roundtrip(uri, data, config)
             tb = raw_file_roundtrip(root / f"raw-{i}.bin", data)
             tc = echo.roundtrip(data)
             if i:
@@ -145,17 +145,22 @@ def s3_store(report: Report, root: Path, payload: bytes) -> None:
     )
     try:
         servers.wait_port(port, moto, "moto server")
-        settings = Settings(
-            s3_endpoint=f"127.0.0.1:{port}", s3_access_key="bench", s3_secret_key="bench-secret", s3_region="us-east-1"
+        config = settings(
+            root,
+            blob_url="s3://bench",
+            s3_endpoint=f"127.0.0.1:{port}",
+            s3_access_key="bench",
+            s3_secret_key="bench-secret",
+            s3_region="us-east-1",
         )
-        store = blob.S3Store("bench", settings=settings)
+        store = blob.S3Store("bench", settings=config)
         store.ensure_bucket()
         echo = Echo(max(S3_SIZES))
         for size, reps in S3_SIZES.items():
             data = payload[:size]
             a, b = [], []
             for i in range(reps + 1):
-                ta = platform_roundtrip(store.uri(f"rounds/1/p{i}.safetensors"), data, settings)
+                ta = platform_roundtrip(store.uri(f"rounds/1/p{i}.safetensors"), data, config)
                 tb = echo.roundtrip(data)
                 if i:
                     a.append(size / ta)

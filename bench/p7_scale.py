@@ -3,7 +3,8 @@
 Real nats-server, PostgreSQL, projector, scheduler and gateway processes. The simulator (this
 process) runs 1,000 fake peers (``bench._fakepeers``, core command subscription): presence beats
 once a second each, and 'training' that answers ``Train`` after 1 to 3 s with one ``Heartbeat`` and
-``PeerDone``. A wave is 100 sweep sessions of 10 peers each, requested through ``POST /sessions``
+``PeerDone`` (reports, checked by the scheduler; a real model file, so the winner's evaluation
+passes). A wave is 100 sweep sessions of 10 peers each, requested through ``POST /sessions``
 (10 requests in flight), so every peer is busy at once.
 
 Scheduler decision latency, seen on the bus by the simulator: ``SessionRequested`` -> the first
@@ -28,18 +29,21 @@ import nats
 from nats.aio.msg import Msg
 
 from bench._common import (
+    ROOT,
     Report,
     Stack,
     cli_output,
     cpu_s,
     median,
     percentile,
+    quick,
     rss_mib,
     signup,
     upload_dataset,
     wait_idle_peers,
 )
-from bench._fakepeers import FakeSwarm
+from bench._fakepeers import FakeSwarm, model_file
+from swarmtrain.common import blob
 from swarmtrain.common.events import (
     PeerDone,
     PeerLocked,
@@ -48,8 +52,9 @@ from swarmtrain.common.events import (
     decode_event,
 )
 
-PEERS, SESSIONS, PEERS_PER_SESSION = 1000, 100, 10
-WAVES, QUIET_S, GET_RATE, POST_CONCURRENCY = 2, 3.0, 50, 10
+PEERS, SESSIONS, PEERS_PER_SESSION = (40, 4, 10) if quick() else (1000, 100, 10)
+WAVES, QUIET_S, GET_RATE, POST_CONCURRENCY = (1, 1.0, 20, 4) if quick() else (2, 3.0, 50, 10)
+TRAIN_S = (0.2, 0.5) if quick() else (1.0, 3.0)
 
 
 class Observer:
@@ -215,7 +220,15 @@ async def main() -> Report:
         nc = await nats.connect(st.nats_url)
         observer = Observer()
         subs = [await nc.subscribe(s, cb=observer.on_event) for s in ("session.*.events", "peer.*.events")]
-        swarm = FakeSwarm(nc, PEERS, mode="core", train_s=lambda: random.uniform(1.0, 3.0))
+        dataset = ROOT / "examples" / "digits.csv"
+        swarm = FakeSwarm(
+            nc,
+            PEERS,
+            mode="core",
+            train_s=lambda: random.uniform(*TRAIN_S),
+            store=blob.FileStore(st.blob_dir),
+            model=model_file(dataset),
+        )
         stop_rss = asyncio.Event()
         peak: dict[str, float] = {}
         rss_task = asyncio.create_task(sample_rss(st, peak, stop_rss))
@@ -228,7 +241,7 @@ async def main() -> Report:
         async with httpx.AsyncClient(base_url=st.gateway_url, timeout=60, limits=limits) as client:
             await signup(client)
             body = {
-                "dataset_id": await upload_dataset(client),
+                "dataset_id": await upload_dataset(client, dataset),
                 "num_peers": PEERS_PER_SESSION,
                 "hyperparameters": {"epochs": 1, "batch_size": 32, "lr": 0.01},
             }
