@@ -223,3 +223,11 @@ async def test_fetch_terminates_malformed_messages_and_returns_the_good_ones(js:
         assert event == third
         assert (first_delivery.metadata.num_delivered, redelivery.metadata.num_delivered) == (1, 2)
         await redelivery.ack_sync()
+
+
+async def test_stream_seq_reads_the_reply_subject_as_the_metadata_does(js: JetStreamContext) -> None:
+    seqs = [await bus.append(js, failed(f"s{i}", "x")) for i in range(3)]
+    sub = await bus.pull_consumer(js, bus.EVENTS_STREAM, ack=api.AckPolicy.NONE, start_seq=seqs[1])
+    msgs = await sub.fetch(2, timeout=2)
+    assert [bus.stream_seq(m) for m in msgs] == [m.metadata.sequence.stream for m in msgs] == seqs[1:]
+    await sub.unsubscribe()

@@ -208,6 +208,13 @@ async def fetch(
 
 
 def stream_seq(msg: Msg) -> int:
+    """The message's stream sequence, read straight from its reply subject
+    (``$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.…``): ``msg.metadata`` parses every
+    token and a timestamp, which is a good part of a consumer's time per message. Other reply
+    forms (with a domain) go through ``msg.metadata``."""
+    tokens = msg.reply.split(".") if msg.reply else []
+    if len(tokens) == 9 and tokens[0] == "$JS" and tokens[1] == "ACK":
+        return int(tokens[5])
     return int(msg.metadata.sequence.stream)
 
 

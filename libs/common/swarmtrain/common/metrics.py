@@ -9,6 +9,7 @@ the projector, scheduler and peers on ``SWARMTRAIN_METRICS_PORT`` when that is s
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import time
 from collections import OrderedDict
@@ -84,8 +85,8 @@ def _mark(session_id: str, at: float) -> None:
 def applied(items: list[tuple[Any, Any]]) -> None:
     """Hook for the projector after a batch commits: ``items`` are its (message, event) pairs; the last
     message's ``num_pending`` is how far the read models trail the log."""
-    for _, event in items:
-        EVENTS_APPLIED.labels(type(event).__name__).inc()
+    for kind, n in collections.Counter(type(event).__name__ for _, event in items).items():
+        EVENTS_APPLIED.labels(kind).inc(n)
     if items:
         with contextlib.suppress(AttributeError, ValueError, TypeError):
             PROJECTION_LAG.set(items[-1][0].metadata.num_pending or 0)
