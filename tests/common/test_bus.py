@@ -231,3 +231,9 @@ async def test_stream_seq_reads_the_reply_subject_as_the_metadata_does(js: JetSt
     msgs = await sub.fetch(2, timeout=2)
     assert [bus.stream_seq(m) for m in msgs] == [m.metadata.sequence.stream for m in msgs] == seqs[1:]
     await sub.unsubscribe()
+
+
+async def test_appends_in_flight_together_are_stored_in_the_order_they_were_made(js: JetStreamContext) -> None:
+    """What the scheduler relies on when it appends a batch of reports' facts at once."""
+    seqs = await asyncio.gather(*(bus.append(js, failed(f"s{i}", "x")) for i in range(200)))
+    assert list(seqs) == sorted(seqs) and len(set(seqs)) == 200

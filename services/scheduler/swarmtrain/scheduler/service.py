@@ -194,16 +194,19 @@ class Scheduler:
         if not batch:
             return 0
         await self.read_to(events, max(self.barrier, await bus.last_sequence(self.js)))
+        checked: list[tuple[Msg, Report, str, Event]] = []
         for msg, report in batch:
             sender = sender_of(msg.subject)
             if sender is None:
                 await msg.term()
                 continue
-            outcome = check(self.state, sender, report, self.config, clocks().at)
-            try:
-                await self.append(outcome)
-            except Exception as exc:
-                log.warning("report not recorded; it comes again", report_id=report.event_id, error=repr(exc))
+            checked.append((msg, report, sender, check(self.state, sender, report, self.config, clocks().at)))
+        # the batch's facts in flight together, in order on the one connection (so stored in order):
+        # one round trip for the batch, not one per report
+        results = await asyncio.gather(*(self.append(c[3]) for c in checked), return_exceptions=True)
+        for (msg, report, sender, outcome), result in zip(checked, results, strict=True):
+            if isinstance(result, BaseException):
+                log.warning("report not recorded; it comes again", report_id=report.event_id, error=repr(result))
                 await msg.nak(delay=1.0)
                 continue
             await msg.ack()
