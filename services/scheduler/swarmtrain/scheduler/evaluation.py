@@ -89,10 +89,10 @@ def shard_histograms(store: blob.BlobStore, request: SessionRequested) -> list[l
     return sharding.histograms
 
 
-CACHED_DATASETS = 4
+CACHED_DATASETS = 2
 """Parsed datasets kept for the next evaluation (a sweep's winner, the next session on the same
 data): the end of a session then waits on no download and no parse."""
-CACHED_DATASET_BYTES = 64 << 20
+CACHED_DATASET_BYTES = 32 << 20
 """Only datasets whose file is at most this large are kept."""
 _cache: OrderedDict[tuple[str, str, str], Dataset] = OrderedDict()
 _cache_lock = threading.Lock()
