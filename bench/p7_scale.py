@@ -101,7 +101,11 @@ class Poller:
     async def _one(self, sid: str) -> None:
         async with self._limit:
             t = time.perf_counter()
-            resp = await self.client.get(f"/sessions/{sid}")
+            try:
+                resp = await self.client.get(f"/sessions/{sid}")
+            except httpx.HTTPError:  # a connection dropped under load: an error, not a crash
+                self.errors += 1
+                return
             if resp.status_code == 200:
                 self.latencies.append(time.perf_counter() - t)
             else:

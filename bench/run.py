@@ -24,7 +24,7 @@ from bench._common import RESULTS, ROOT, Row, table
 BENCHMARKS = {
     "p1": ("bench.p1_training", 420),
     "p2": ("bench.p2_latency", 240),
-    "p3": ("bench.p3_projector", 300),
+    "p3": ("bench.p3_projector", 600),
     "p4": ("bench.p4_start", 180),
     "p6": ("bench.p6_blob", 180),
     "p7": ("bench.p7_scale", 300),
