@@ -43,7 +43,7 @@ lint: setup ## ruff lint and format check
 	$(BIN)/ruff format --check .
 
 typecheck: setup ## mypy (strict)
-	$(BIN)/mypy libs/common services
+	$(BIN)/mypy libs services
 
 smoke: setup ## the outside-in acceptance check in ../shared/acceptance
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python ../shared/acceptance/smoke.py

@@ -83,10 +83,10 @@ from swarmtrain.common.settings import Settings
 from swarmtrain.common.specs import PeerSpecs
 from swarmtrain.peer import specs as peer_specs
 from swarmtrain.peer import trainer
-from swarmtrain.peer.data import DataError
 from swarmtrain.peer.facts import TERMINAL, SessionFacts
 from swarmtrain.peer.strategies import STRATEGIES, JobContext, with_retries
 from swarmtrain.peer.trainer import Diverged, PrecisionUnsupported, TrainingStopped
+from swarmtrain.training.data import DataError
 
 log = get_logger("swarmtrain.peer")
 

@@ -43,7 +43,6 @@ from swarmtrain.common.events import (
 )
 from swarmtrain.common.logging import get_logger
 from swarmtrain.common.settings import Settings
-from swarmtrain.scheduler import evaluation
 from swarmtrain.scheduler import recompute as recompute_model
 from swarmtrain.scheduler.actions import (
     Action,
@@ -70,6 +69,8 @@ from swarmtrain.scheduler.decide import decide, recover
 from swarmtrain.scheduler.reports import check
 from swarmtrain.scheduler.state import State, fold_safely, observe_beats, regrace
 from swarmtrain.scheduler.strategies.fedavg import needs_histograms
+from swarmtrain.training import evaluation
+from swarmtrain.training.data import DataError
 
 log = get_logger("swarmtrain.scheduler")
 TICK_S = 0.2
@@ -368,8 +369,6 @@ class Scheduler:
         request = session.request
 
         async def run() -> None:
-            from swarmtrain.peer.data import DataError
-
             try:
                 self.histograms[sid] = await asyncio.to_thread(evaluation.shard_histograms, self.store, request)
             except DataError as exc:

@@ -22,6 +22,8 @@ listing it in ``_MODULES``, and its test in ``tests/peer/strategies/``.
 from __future__ import annotations
 
 import asyncio
+import os
+import tempfile
 import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -41,6 +43,9 @@ from swarmtrain.peer.facts import SessionFacts
 from swarmtrain.peer.progress import heartbeat, train_reporting
 from swarmtrain.peer.strategies import fedavg, sweep  # they name JobContext for type checking only
 from swarmtrain.peer.trainer import EpochStats
+from swarmtrain.training import tensorfile
+from swarmtrain.training.averaging import Tensors
+from swarmtrain.training.data import DataError
 
 T = TypeVar("T")
 
@@ -121,6 +126,29 @@ class JobContext:
         if not url:
             raise ValueError("the Train carries no URL to write this object to")
         return with_retries("upload", lambda: signing.put_url(url, source, client))
+
+    async def fetch_init(self, command: Train) -> Tensors | None:
+        """The command's starting model's tensors (``Train.init_url``, its sha256 checked), or None
+        when it trains from seeded weights."""
+        if not command.init_uri:
+            return None
+        if not command.init_url or not command.init_sha256:
+            raise DataError("the Train names a starting model but carries no signed URL or sha256 for it")
+
+        def fetch() -> Tensors:
+            fd, name = tempfile.mkstemp(dir=self.tmp_dir, suffix=".safetensors")
+            os.close(fd)
+            tmp = Path(name)
+            try:
+                self.download(command.init_url, tmp, command.init_sha256)
+                try:
+                    return tensorfile.loads(tmp.read_bytes())
+                except Exception as exc:  # untrusted bytes
+                    raise DataError(f"the starting model is not a safetensors file: {type(exc).__name__}") from None
+            finally:
+                tmp.unlink(missing_ok=True)
+
+        return await asyncio.to_thread(fetch)
 
     def _cap(self, max_bytes: int | None) -> int:
         return self.max_download_bytes if max_bytes is None else min(max_bytes, self.max_download_bytes)

@@ -24,9 +24,8 @@ from swarmtrain.common import blob
 from swarmtrain.common.events import PeerDone, Train
 from swarmtrain.common.logging import get_logger
 from swarmtrain.peer import trainer
-from swarmtrain.peer.init import fetch_init
-from swarmtrain.peer.model import save_model
 from swarmtrain.peer.trainer import TrainJob, TrainResult
+from swarmtrain.training.model import save_model
 
 if TYPE_CHECKING:
     from swarmtrain.peer.strategies import JobContext
@@ -36,7 +35,7 @@ log = get_logger("swarmtrain.peer")
 
 async def run(command: Train, ctx: JobContext) -> None:
     """Train, upload the model, report ``PeerDone``."""
-    init = await fetch_init(command, ctx)
+    init = await ctx.fetch_init(command)
     job = TrainJob(
         csv_path=ctx.dataset,
         label_column=command.label_column,

@@ -14,7 +14,7 @@ from torch import nn
 
 from swarmtrain.common import shapes
 from swarmtrain.common.events import ModelSpec
-from swarmtrain.peer import tensorfile
+from swarmtrain.training import tensorfile
 
 MIN_STD = 1e-6
 FORMAT = "swarmtrain-mlp/1"
