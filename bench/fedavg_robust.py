@@ -42,6 +42,7 @@ from typing import Any, Literal
 import msgspec
 import torch
 
+from swarmtrain.common.blobkeys import update_uri
 from swarmtrain.common.events import FEDAVG, Hyperparameters, ModelSpec, RoundClosed, RoundUpdate, Train
 from swarmtrain.common.fedopts import (
     AggregatorSpec,
@@ -52,7 +53,7 @@ from swarmtrain.common.fedopts import (
     check_aggregator,
     resolve_outer,
 )
-from swarmtrain.peer.strategies.fedavg import LocalLearner, update_uri
+from swarmtrain.peer.strategies.fedavg import LocalLearner
 from swarmtrain.peer.trainer import TrainJob, train
 from swarmtrain.training.averaging import Tensors
 from swarmtrain.training.compression import METHODS, encode_update

@@ -24,7 +24,7 @@ import msgspec
 from nats.js import api
 from safetensors.torch import load
 
-from swarmtrain.common import blob, bus, subjects
+from swarmtrain.common import blob, blobkeys, bus, subjects
 from swarmtrain.common.events import (
     RoundAveraged,
     RoundClosed,
@@ -137,7 +137,7 @@ def recompute(
     options = RoundOptions() if request is None else RoundOptions.of(request)
     stored = _stored(settings, averaged)
     reference = load(stored)
-    rounds_uri = averaged.uri.rsplit(f"/{closed.round}/", 1)[0]  # exactly as the peers check update URIs
+    rounds_uri = blobkeys.rounds_uri_of(averaged.uri, closed.round)  # exactly as the peers check update URIs
     result = apply_round(closed, _fetch(settings), reference, reference, {}, options, rounds_uri=rounds_uri)
     if result.aggregate is None:
         raise ValueError(f"round {closed.round}: every update was rejected: {result.rejected}")
@@ -162,7 +162,7 @@ def walk(settings: Settings, found: SessionLog, round_: int) -> ReplayResult:
         if k < round_ and stored_k is not None and sha256_hex(state_bytes(result.model)) != stored_k.sha256:
             earlier.append(k)
 
-    rounds_uri = averaged.uri.rsplit(f"/{round_}/", 1)[0]
+    rounds_uri = blobkeys.rounds_uri_of(averaged.uri, round_)
     replay_rounds(
         found.closed, round_, _fetch(settings), initial, RoundOptions.of(request), rounds_uri=rounds_uri, on_round=seen
     )

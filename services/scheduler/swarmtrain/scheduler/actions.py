@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Literal
 
+from swarmtrain.common import blobkeys
 from swarmtrain.common.events import (
     Event,
     Hyperparameters,
@@ -276,15 +277,6 @@ def forward_id(fact: SessionEvent, peer_id: str) -> str:
     return f"{fact.event_id}.to.{peer_id}"
 
 
-def update_uri(rounds_uri: str, round_: int, peer_id: str) -> str:
-    """Where ``peer_id`` writes its update of ``round_``: the only URI its report may name."""
-    return f"{rounds_uri.rstrip('/')}/{round_}/{peer_id}.safetensors"
-
-
-def average_uri(rounds_uri: str, round_: int) -> str:
-    return f"{rounds_uri.rstrip('/')}/{round_}/average.safetensors"
-
-
 def train_command(
     req: SessionRequested,
     peer_id: str,
@@ -302,11 +294,11 @@ def train_command(
     config = config if isinstance(config, Config) else Config(uri=config)
     uri = config.uri
     sid = req.session_id
-    output_uri = uri(f"sessions/{sid}/models/{peer_id}.safetensors")
-    rounds_uri = uri(f"sessions/{sid}/rounds")
+    output_uri = uri(blobkeys.model(sid, peer_id))
+    rounds_uri = uri(blobkeys.rounds(sid))
     rounds = range(start_round, req.rounds + 1) if req.strategy == "fedavg" else range(0)
-    update_urls = {r: config.sign("PUT", update_uri(rounds_uri, r, peer_id), max_model_bytes) for r in rounds}
-    average_urls = {r: config.sign("PUT", average_uri(rounds_uri, r), max_model_bytes) for r in rounds}
+    update_urls = {r: config.sign("PUT", blobkeys.update_uri(rounds_uri, r, peer_id), max_model_bytes) for r in rounds}
+    average_urls = {r: config.sign("PUT", blobkeys.average_uri(rounds_uri, r), max_model_bytes) for r in rounds}
     return Train(
         event_id=train_id(sid, peer_id, start_round),
         occurred_at=clocks.at,

@@ -144,8 +144,3 @@ def eligible(session: Session, peers: Sequence[Peer]) -> list[Peer]:
         return list(peers)
     excluded = set(init.exclude_peers)
     return [p for p in peers if p.peer_id not in excluded]
-
-
-def prepared_key(session_id: str) -> str:
-    """Where a fork's recomputed starting model is stored: under the new session's prefix."""
-    return f"sessions/{session_id}/init/start.safetensors"

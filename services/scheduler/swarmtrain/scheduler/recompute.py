@@ -14,9 +14,9 @@ from collections.abc import Callable, Sequence
 
 import msgspec
 
-from swarmtrain.common import blob
+from swarmtrain.common import blob, blobkeys
 from swarmtrain.common.events import RoundClosed, RoundUpdate, SessionRequested
-from swarmtrain.scheduler.lineage import Model, Recompute, prepared_key
+from swarmtrain.scheduler.lineage import Model, Recompute
 from swarmtrain.training import init, tensorfile
 from swarmtrain.training.averaging import Tensors, UpdateUnavailable, state_bytes
 from swarmtrain.training.evaluation import load_dataset
@@ -67,7 +67,7 @@ def average_without(
     The outer optimizer starts from an empty state here: a fork is a new run, and the momentum the
     parent had gathered from the excluded peers' earlier rounds is exactly what it leaves behind."""
     kept = msgspec.structs.replace(closed, updates=[u for u in closed.updates if u.peer_id not in set(excluded)])
-    rounds_uri = store.uri(f"sessions/{closed.session_id}/rounds")
+    rounds_uri = store.uri(blobkeys.rounds(closed.session_id))
     result = apply_round(
         kept, fetcher(store, max_bytes), start, start, {}, RoundOptions.of(request), rounds_uri=rounds_uri
     )
@@ -83,5 +83,5 @@ def prepare(
     reference and the peers whose updates it holds."""
     start = start_weights(store, recompute.parent, recompute.start)
     weights, included = average_without(store, recompute.parent, recompute.closed, recompute.excluded, start, max_bytes)
-    ref = store.put_bytes(prepared_key(recompute.session_id), state_bytes(weights))
+    ref = store.put_bytes(blobkeys.init_model(recompute.session_id), state_bytes(weights))
     return ref, included

@@ -28,6 +28,7 @@ import math
 import re
 from datetime import datetime
 
+from swarmtrain.common import blobkeys
 from swarmtrain.common.events import (
     Heartbeat,
     ModelUpdatePublished,
@@ -40,7 +41,7 @@ from swarmtrain.common.events import (
     UpdateRejected,
 )
 from swarmtrain.common.fedopts import possible_rules
-from swarmtrain.scheduler.actions import Config, average_uri, digest, update_uri
+from swarmtrain.scheduler.actions import Config, digest
 from swarmtrain.scheduler.state import Run, Session, State
 
 MAX_ID_CHARS = 200
@@ -129,7 +130,7 @@ def _check(state: State, sender: str, report: Report, config: Config) -> None:
         case ModelUpdatePublished():
             _update(session, run, sender, report, config)
         case PeerDone():
-            expected = config.uri(f"sessions/{sid}/models/{sender}.safetensors")
+            expected = config.uri(blobkeys.model(sid, sender))
             if report.model_uri != expected:
                 raise Refused(f"model_uri {report.model_uri[:300]!r} is not the output_uri it was handed")
             _sha256(report.model_sha256)
@@ -152,7 +153,7 @@ def _check(state: State, sender: str, report: Report, config: Config) -> None:
         case RoundAveraged():
             if report.round not in session.closed:
                 raise Refused(f"round {report.round} is not closed")
-            expected = average_uri(config.uri(f"sessions/{sid}/rounds"), report.round)
+            expected = blobkeys.average_uri(config.uri(blobkeys.rounds(sid)), report.round)
             if report.uri != expected:
                 raise Refused(f"uri {report.uri[:300]!r} is not the round's average URI it was handed")
             _sha256(report.sha256)
@@ -171,7 +172,7 @@ def _update(session: Session, run: Run, sender: str, report: ModelUpdatePublishe
         raise Refused(f"round {report.round} is not open (the open round is {session.round or 'none'})")
     if sender in session.updates:
         raise Refused(f"already published its update of round {report.round}")
-    expected = update_uri(config.uri(f"sessions/{sid}/rounds"), report.round, sender)
+    expected = blobkeys.update_uri(config.uri(blobkeys.rounds(sid)), report.round, sender)
     if report.uri != expected:
         raise Refused(f"uri {report.uri[:300]!r} is not the update URI it was handed ({expected})")
     _sha256(report.sha256)

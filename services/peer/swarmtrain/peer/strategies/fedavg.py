@@ -69,6 +69,7 @@ import httpx
 import torch
 
 from swarmtrain.common import blob, signing
+from swarmtrain.common.blobkeys import average_uri, update_uri
 from swarmtrain.common.events import (
     ModelUpdatePublished,
     PeerDone,
@@ -122,14 +123,6 @@ def round_seed(seed: int, shard: int, round_: int) -> int:
     """The shuffle seed of ``shard``'s local epochs in ``round_``: the same for whoever trains it."""
     digest = hashlib.sha256(f"swarmtrain-fedavg/{seed}/{shard}/{round_}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-def update_uri(rounds_uri: str, round_: int, peer_id: str) -> str:
-    return f"{rounds_uri.rstrip('/')}/{round_}/{peer_id}.safetensors"
-
-
-def average_uri(rounds_uri: str, round_: int) -> str:
-    return f"{rounds_uri.rstrip('/')}/{round_}/average.safetensors"
 
 
 def check_command(command: Train) -> None:
