@@ -24,7 +24,7 @@ from collections.abc import Mapping
 import msgspec
 
 from swarmtrain.cli import replay
-from swarmtrain.common import blob
+from swarmtrain.common import blob, strategies
 from swarmtrain.common.events import RoundAveraged, RoundClosed, SessionEvent, SessionRequested
 from swarmtrain.common.fedopts import AggregatorSpec
 from swarmtrain.common.settings import Settings
@@ -77,7 +77,7 @@ def backtest(settings: Settings, session_id: str, other: AggregatorSpec) -> Back
     request = next((e for e in events if isinstance(e, SessionRequested)), None)
     if request is None:
         raise ValueError(f"no session {session_id} in the log")
-    if request.strategy != "fedavg":
+    if not strategies.rules(request.strategy).rounds:
         raise ValueError(f"session {session_id} is a {request.strategy}: it has no rounds to backtest")
     closed = {e.round: e for e in events if isinstance(e, RoundClosed)}
     averaged: dict[int, RoundAveraged] = {}

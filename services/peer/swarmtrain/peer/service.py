@@ -37,7 +37,7 @@
   *shut down* mid-training (its ``stop`` event set) reports ``PeerFailed{reason: "peer shut
   down"}`` instead, so its session need not wait for missed beats. A non-finite loss ends the job
   with ``PeerFailed{reason: "diverged: non-finite loss at epoch N"}``: no report carries NaN.
-- What a ``Train`` runs is its strategy's, ``STRATEGIES[command.strategy]``
+- What a ``Train`` runs is its strategy's, ``STRATEGIES.get(command.strategy)``
   (:mod:`swarmtrain.peer.strategies`); an exception becomes ``PeerFailed``; ``Stop`` and shutdown
   end every strategy the same way.
 """
@@ -473,7 +473,7 @@ class Peer:
             stop=job.stop,
             stopped=job.stopped,
         )
-        await STRATEGIES[command.strategy](command, context)
+        await STRATEGIES.get(command.strategy)(command, context)
 
     async def _fail(self, command: Train, reason: str) -> None:
         log.warning("training failed", reason=reason)

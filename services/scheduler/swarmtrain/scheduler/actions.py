@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Literal
 
-from swarmtrain.common import blobkeys
+from swarmtrain.common import blobkeys, strategies
 from swarmtrain.common.events import (
     Event,
     Hyperparameters,
@@ -32,6 +32,7 @@ from swarmtrain.common.events import (
     Train,
 )
 from swarmtrain.scheduler.placement import Rules
+from swarmtrain.scheduler.state import MAX_MODEL_BYTES
 
 if TYPE_CHECKING:
     from swarmtrain.scheduler.lineage import Recompute
@@ -75,8 +76,6 @@ Method = Literal["GET", "PUT"]
 Signer = Callable[[Method, str, int | None], str]
 """``(method, key, max_bytes)`` -> an object-scoped, expiring URL (``signing.UrlSigner``); the
 shell builds it, tests pass a pure one."""
-MAX_MODEL_BYTES = 1 << 30
-"""The PUT bound of a model or update file when the dataset's shape is unknown."""
 
 
 @dataclass(frozen=True)
@@ -296,7 +295,7 @@ def train_command(
     sid = req.session_id
     output_uri = uri(blobkeys.model(sid, peer_id))
     rounds_uri = uri(blobkeys.rounds(sid))
-    rounds = range(start_round, req.rounds + 1) if req.strategy == "fedavg" else range(0)
+    rounds = range(start_round, req.rounds + 1) if strategies.rules(req.strategy).rounds else range(0)
     update_urls = {r: config.sign("PUT", blobkeys.update_uri(rounds_uri, r, peer_id), max_model_bytes) for r in rounds}
     average_urls = {r: config.sign("PUT", blobkeys.average_uri(rounds_uri, r), max_model_bytes) for r in rounds}
     return Train(

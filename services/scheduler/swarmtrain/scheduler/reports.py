@@ -28,7 +28,7 @@ import math
 import re
 from datetime import datetime
 
-from swarmtrain.common import blobkeys
+from swarmtrain.common import blobkeys, strategies
 from swarmtrain.common.events import (
     Heartbeat,
     ModelUpdatePublished,
@@ -137,7 +137,7 @@ def _check(state: State, sender: str, report: Report, config: Config) -> None:
             total = _epochs(session, run)
             if not 1 <= report.epochs <= total:
                 raise Refused(f"{report.epochs} epochs: this run trains {total}")
-            if session.request.strategy == "fedavg" and session.rounds_open:
+            if strategies.rules(session.request.strategy).rounds and session.rounds_open:
                 raise Refused(f"round {session.round} of {session.request.rounds} is still open")
             _figures(report.loss, report.accuracy, report.val_loss, report.val_accuracy)
             _bounded("train_seconds", report.train_seconds, 0.0, MAX_SECONDS)
@@ -187,7 +187,7 @@ def _update(session: Session, run: Run, sender: str, report: ModelUpdatePublishe
 
 
 def _epochs(session: Session, run: Run) -> int:
-    rounds = session.request.rounds if session.request.strategy == "fedavg" else 1
+    rounds = session.request.rounds if strategies.rules(session.request.strategy).rounds else 1
     return run.hyperparameters.epochs * rounds
 
 

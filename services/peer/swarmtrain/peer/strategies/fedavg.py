@@ -63,7 +63,6 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import httpx
 import torch
@@ -80,6 +79,7 @@ from swarmtrain.common.events import (
     UpdateRejected,
 )
 from swarmtrain.common.logging import get_logger
+from swarmtrain.peer.strategies.base import STRATEGIES, JobContext
 from swarmtrain.peer.trainer import (
     Amp,
     EpochStats,
@@ -107,9 +107,6 @@ from swarmtrain.training.rounds import (
     update_file,
 )
 from swarmtrain.training.sharding import make_shards
-
-if TYPE_CHECKING:
-    from swarmtrain.peer.strategies import JobContext
 
 log = get_logger("swarmtrain.peer.fedavg")
 
@@ -253,6 +250,7 @@ class LocalLearner:
 # ------------------------------------------------------------------ the round protocol (event loop)
 
 
+@STRATEGIES.register("fedavg")
 async def run(command: Train, ctx: JobContext) -> None:
     """The round protocol; returns after ``PeerDone`` or raises ``TrainingStopped``."""
     await FedavgRun(command, ctx).run()
