@@ -83,7 +83,7 @@ from swarmtrain.common.settings import Settings
 from swarmtrain.common.specs import PeerSpecs
 from swarmtrain.peer import specs as peer_specs
 from swarmtrain.peer import trainer
-from swarmtrain.peer.facts import TERMINAL, SessionFacts
+from swarmtrain.peer.facts import SessionFacts
 from swarmtrain.peer.strategies import STRATEGIES, JobContext, with_retries
 from swarmtrain.peer.trainer import Diverged, PrecisionUnsupported, TrainingStopped
 from swarmtrain.training.data import DataError
@@ -417,7 +417,7 @@ class Peer:
         job = self._job
         if job is not None and job.session_id == sid:
             job.facts.observe(command.fact, command.urls)
-            if isinstance(command.fact, TERMINAL) and job.stop_reason is None:
+            if isinstance(command.fact, events.TERMINAL_SESSION_EVENTS) and job.stop_reason is None:
                 log.info("the session ended; stopping", session_id=sid, fact=type(command.fact).__name__)
                 job.halt("stop")
             return
