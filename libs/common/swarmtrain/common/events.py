@@ -55,6 +55,9 @@ MAX_NAME: Final = 256
 MAX_URI: Final = 4096
 MAX_TEXT: Final = 8192
 """Reasons and other free text: ``bounded_text`` cuts a longer one down."""
+MAX_REPORTED_REASON: Final = 2000
+"""The longest reason a peer may report (``PeerFailed``, ``UpdateRejected``): the scheduler refuses
+a longer one, so a peer cuts its own (``bounded_text(reason, MAX_REPORTED_REASON)``)."""
 NO_NUL: Final = r"^[^\x00]*$"
 """PostgreSQL ``text`` holds no NUL: a string with one could be decoded but never stored."""
 SUBJECT_TOKEN: Final = r"^[^\x00\s.*>]+$"

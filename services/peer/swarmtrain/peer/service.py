@@ -102,7 +102,6 @@ SHUTDOWN_REPORT_S = 10.0
 KEPT_SESSIONS = 8
 """Sessions not running whose forwarded facts are kept, for a ``Train`` that may still come."""
 KEPT_FACTS = 4096
-MAX_REASON = 500
 SPECS_CHECK_S = 60.0
 """How often the peer looks at its specs again, and registers again when they changed."""
 
@@ -186,7 +185,7 @@ def failure_reason(exc: BaseException) -> str:
             reason = f"bad data: {exc}"
         case _:
             reason = f"{type(exc).__name__}: {exc}"
-    return reason[:MAX_REASON]
+    return events.bounded_text(reason, events.MAX_REPORTED_REASON)
 
 
 class Peer:

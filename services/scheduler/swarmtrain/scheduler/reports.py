@@ -30,6 +30,7 @@ from datetime import datetime
 
 from swarmtrain.common import blobkeys, strategies
 from swarmtrain.common.events import (
+    MAX_REPORTED_REASON,
     Heartbeat,
     ModelUpdatePublished,
     PeerDone,
@@ -46,7 +47,6 @@ from swarmtrain.scheduler.state import Run, Session, State
 
 MAX_ID_CHARS = 200
 MAX_NAME_CHARS = 200
-MAX_REASON_CHARS = 2000
 MAX_SECONDS = 10 * 365 * 24 * 3600.0
 MAX_LOSS = 1e12
 MAX_RATE = 1e12
@@ -142,14 +142,14 @@ def _check(state: State, sender: str, report: Report, config: Config) -> None:
             _figures(report.loss, report.accuracy, report.val_loss, report.val_accuracy)
             _bounded("train_seconds", report.train_seconds, 0.0, MAX_SECONDS)
         case PeerFailed():
-            _text("reason", report.reason, MAX_REASON_CHARS)
+            _text("reason", report.reason, MAX_REPORTED_REASON)
         case UpdateRejected():
             closed = session.closed.get(report.round)
             if closed is None:
                 raise Refused(f"round {report.round} is not closed")
             if report.peer_id not in {u.peer_id for u in closed.updates}:
                 raise Refused(f"round {report.round} has no update of {report.peer_id[:MAX_ID_CHARS]!r}")
-            _text("reason", report.reason, MAX_REASON_CHARS)
+            _text("reason", report.reason, MAX_REPORTED_REASON)
         case RoundAveraged():
             if report.round not in session.closed:
                 raise Refused(f"round {report.round} is not closed")
