@@ -198,8 +198,11 @@ def describe_device(device: torch.device) -> str:
 
 
 def _check(hp: Hyperparameters) -> None:
-    if hp.epochs < 1 or hp.batch_size < 1 or not (math.isfinite(hp.lr) and hp.lr > 0):
-        raise DataError(f"invalid hyperparameters: epochs={hp.epochs} batch_size={hp.batch_size} lr={hp.lr}")
+    """The contract's bounds, for hyperparameters built in process (a decoded ``Train`` has passed them)."""
+    try:
+        msgspec.convert(msgspec.structs.asdict(hp), Hyperparameters)
+    except msgspec.ValidationError as exc:
+        raise DataError(f"invalid hyperparameters: {exc}") from None
 
 
 PARSED_CACHE_BYTES = 2 << 30
