@@ -464,31 +464,6 @@ class ReportRejected(_PeerEvent, frozen=True, kw_only=True, tag="ReportRejected"
     reason: Text
 
 
-Event = (
-    UserRegistered
-    | DatasetUploaded
-    | PeerRegistered
-    | PeerWentOnline
-    | PeerWentOffline
-    | PeerLocked
-    | PeerReleased
-    | ReportRejected
-    | SessionRequested
-    | SessionStarted
-    | Heartbeat
-    | PeerDone
-    | PeerFailed
-    | ModelUpdatePublished
-    | RoundClosed
-    | UpdateRejected
-    | RoundAveraged
-    | ShardReassigned
-    | InitModelPrepared
-    | ModelEvaluated
-    | SessionCompleted
-    | SessionFailed
-    | SessionCancelled
-)
 SessionEvent = (
     SessionRequested
     | SessionStarted
@@ -506,6 +481,18 @@ SessionEvent = (
     | SessionFailed
     | SessionCancelled
 )
+Event = (
+    UserRegistered
+    | DatasetUploaded
+    | PeerRegistered
+    | PeerWentOnline
+    | PeerWentOffline
+    | PeerLocked
+    | PeerReleased
+    | ReportRejected
+    | SessionEvent
+)
+"""Every stored fact: the session's (``SessionEvent``) and the others'."""
 TERMINAL_SESSION_EVENTS = (SessionCompleted, SessionFailed, SessionCancelled)
 Report = PeerRegistered | Heartbeat | ModelUpdatePublished | PeerDone | PeerFailed | UpdateRejected | RoundAveraged
 """What a peer may say, on ``peer.<its id>.reports`` only: claims that the scheduler checks against
