@@ -21,7 +21,7 @@ from typing import Any, TextIO, get_args
 
 from swarmtrain.cli.client import DEFAULT_API, ApiError, Client, Json, Login, load_login, save_login
 from swarmtrain.common import strategies
-from swarmtrain.common.events import FEDAVG, OnPeerFailure, Precision, Strategy
+from swarmtrain.common.events import FEDAVG, ModelKind, OnPeerFailure, Precision, Strategy
 from swarmtrain.common.status import SESSION_TERMINAL
 from swarmtrain.common.strategies import StrategyRules
 
@@ -628,7 +628,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     start.add_argument("--lr", help="learning rate; sweep: comma separated, one per peer (default 0.003)")
     start.add_argument("--rounds", type=int, help="fedavg: averaging rounds")
     start.add_argument("--on-peer-failure", choices=get_args(OnPeerFailure), help=FEDAVG)
-    start.add_argument("--model", choices=["mlp", "cnn"])
+    start.add_argument("--model", choices=get_args(ModelKind))
     start.add_argument("--hidden", help="hidden layer widths, e.g. 128,64")
     start.add_argument("--input-shape", help="cnn: C,H,W")
     start.add_argument("--channels", help="cnn: convolution widths, e.g. 16,32")
