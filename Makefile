@@ -43,7 +43,7 @@ lint: setup ## ruff lint and format check
 	$(BIN)/ruff format --check .
 
 typecheck: setup ## mypy (strict): the libraries, the services and the benchmarks
-	$(BIN)/mypy libs/common services bench
+	$(BIN)/mypy libs services bench
 
 smoke: setup ## the outside-in acceptance check in ../shared/acceptance
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python ../shared/acceptance/smoke.py

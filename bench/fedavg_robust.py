@@ -42,6 +42,7 @@ from typing import Any, Literal
 import msgspec
 import torch
 
+from swarmtrain.common.blobkeys import update_uri
 from swarmtrain.common.events import FEDAVG, Hyperparameters, ModelSpec, RoundClosed, RoundUpdate, Train
 from swarmtrain.common.fedopts import (
     AggregatorSpec,
@@ -52,12 +53,12 @@ from swarmtrain.common.fedopts import (
     check_aggregator,
     resolve_outer,
 )
-from swarmtrain.peer.averaging import Tensors
-from swarmtrain.peer.compression import METHODS, encode_update
-from swarmtrain.peer.outer import State
-from swarmtrain.peer.rounds import RoundOptions, apply_round, update_file
-from swarmtrain.peer.strategies.fedavg import LocalLearner, update_uri
+from swarmtrain.peer.strategies.fedavg import LocalLearner
 from swarmtrain.peer.trainer import TrainJob, train
+from swarmtrain.training.averaging import Tensors
+from swarmtrain.training.compression import METHODS, encode_update
+from swarmtrain.training.outer import State
+from swarmtrain.training.rounds import RoundOptions, apply_round, update_file
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ModelSpec(hidden=[128, 64])

@@ -37,8 +37,9 @@ from torch import nn
 from bench._common import Report, median, show
 from swarmtrain.common.events import Hyperparameters, ModelSpec, Precision
 from swarmtrain.peer import trainer
-from swarmtrain.peer.data import Dataset, split_indices
-from swarmtrain.peer.model import Standardize, build_model
+from swarmtrain.training.data import Dataset, split_indices
+from swarmtrain.training.evaluation import EVAL_BATCH
+from swarmtrain.training.model import Standardize, build_model
 
 SEED, LR, VALIDATION_SPLIT, CLASSES = 7, 1e-3, 0.2, 10
 
@@ -179,8 +180,8 @@ def bare(w: Workload, data: Dataset, device: torch.device, precision: Precision)
             optimizer.step()
         model.eval()
         with torch.inference_mode():
-            for start in range(0, len(yv), trainer.EVAL_BATCH):
-                model(xv[start : start + trainer.EVAL_BATCH]).argmax(dim=1).sum().item()
+            for start in range(0, len(yv), EVAL_BATCH):
+                model(xv[start : start + EVAL_BATCH]).argmax(dim=1).sum().item()
     sync(device)
     return n * w.epochs / (time.perf_counter() - t0)
 

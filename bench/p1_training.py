@@ -66,8 +66,8 @@ def bare(csv_path: Path, epochs: int) -> dict[str, object]:
     import torch
     from torch import nn
 
-    from swarmtrain.peer.data import load_csv, split_indices
-    from swarmtrain.peer.model import build_model
+    from swarmtrain.training.data import load_csv, split_indices
+    from swarmtrain.training.model import build_model
 
     torch.set_num_threads(1)
     data = load_csv(csv_path, "label")

@@ -14,8 +14,8 @@ from swarmtrain.common.shapes import (
     training_rows,
     validation_rows,
 )
-from swarmtrain.peer.data import shard_indices, split_indices
-from swarmtrain.peer.model import build_model
+from swarmtrain.training.data import shard_indices, split_indices
+from swarmtrain.training.model import build_model
 
 SPECS: list[tuple[ModelSpec, int, int]] = [
     (ModelSpec(kind="mlp", hidden=[128, 64]), 64, 10),

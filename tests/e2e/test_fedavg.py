@@ -320,7 +320,7 @@ class Poisoner(threading.Thread):
         await sub.unsubscribe()
 
     async def publish_poison(self, js: Any, train: Train, r: int) -> None:
-        from swarmtrain.peer.model import build_model
+        from swarmtrain.training.model import build_model
 
         model = build_model(train.model, 64, 10)
         tensors = {k: torch.full_like(v, float("nan")) for k, v in model.state_dict().items()}
@@ -431,8 +431,8 @@ class SignFlipper(Poisoner):
                     self.averages.setdefault(averaged.round, urls[averaged.uri])
 
     async def publish_poison(self, js: Any, train: Train, r: int) -> None:
-        from swarmtrain.peer.averaging import state_bytes
         from swarmtrain.peer.strategies.fedavg import LocalLearner
+        from swarmtrain.training.averaging import state_bytes
 
         tmp = Path(tempfile.mkdtemp())
         if self.learner is None:

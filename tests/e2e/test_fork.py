@@ -23,8 +23,8 @@ from swarmtrain.common.events import (
     decode_event,
 )
 from swarmtrain.common.settings import Settings
-from swarmtrain.peer.averaging import state_bytes
 from swarmtrain.scheduler.recompute import average_without
+from swarmtrain.training.averaging import state_bytes
 
 from .conftest import Api, Stack, cli
 

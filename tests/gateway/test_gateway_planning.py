@@ -10,9 +10,9 @@ from litestar.exceptions import ClientException
 
 from swarmtrain.common.events import ModelSpec, Strategy
 from swarmtrain.common.settings import Settings
+from swarmtrain.common.strategies import RULES
 from swarmtrain.gateway.sessions.planning import check_against_dataset, plan_session
 from swarmtrain.gateway.sessions.schemas import HyperparametersIn, ModelIn, SessionIn
-from swarmtrain.gateway.sessions.strategies import RULES
 from swarmtrain.gateway.throttle import FailureWindow, SignInThrottle
 
 SETTINGS = Settings(jwt_secret="x" * 32)
@@ -20,7 +20,7 @@ HP = HyperparametersIn(epochs=2, batch_size=32, lr=0.01)
 
 
 def test_every_strategy_of_the_contract_has_its_request_rules() -> None:
-    assert set(RULES) == set(get_args(Strategy))
+    assert set(RULES.list()) == set(get_args(Strategy))
 
 
 def test_a_model_that_does_not_fit_the_dataset_is_refused_naming_the_model() -> None:

@@ -10,8 +10,8 @@ from typing import get_args
 import jinja2
 
 from swarmtrain.common.events import Strategy
+from swarmtrain.common.strategies import RULES, as_json
 from swarmtrain.gateway.dashboard.pages import HERE, PAGES, PREFIX
-from swarmtrain.gateway.sessions.strategies import RULES, as_json
 
 
 def _render(page: str) -> str:
@@ -21,7 +21,7 @@ def _render(page: str) -> str:
 
 
 def test_every_strategy_has_a_description_for_the_dashboard() -> None:
-    assert all(RULES[s].description.strip() for s in get_args(Strategy))
+    assert all(RULES.get(s).description.strip() for s in get_args(Strategy))
 
 
 def test_the_new_session_page_offers_each_strategy_of_the_contract_with_its_description() -> None:
@@ -29,7 +29,7 @@ def test_the_new_session_page_offers_each_strategy_of_the_contract_with_its_desc
     offered = re.findall(r'<input type="radio" name="strategy" value="([a-z]+)"( checked)?> \1: ([^<]+)</label>', html)
     assert [name for name, _, _ in offered] == list(get_args(Strategy))
     assert [checked for _, checked, _ in offered].count(" checked") == 1 and offered[0][1] == " checked"
-    assert [text for _, _, text in offered] == [RULES[s].description for s in get_args(Strategy)]
+    assert [text for _, _, text in offered] == [RULES.get(s).description for s in get_args(Strategy)]
 
 
 def test_every_page_hands_the_strategy_rules_to_its_script() -> None:

@@ -14,11 +14,11 @@ from nats.aio.client import Client as NATS
 from swarmtrain.common.events import PeerDone, RoundAveraged, Train
 from swarmtrain.common.fedopts import AggregatorSpec, CompressionSpec, OuterSpec, ShardingSpec, resolve_outer
 from swarmtrain.common.settings import Settings
-from swarmtrain.peer.averaging import sha256_hex, state_bytes
-from swarmtrain.peer.data import load_csv, split_indices
-from swarmtrain.peer.rounds import RoundOptions, replay_rounds
-from swarmtrain.peer.sharding import make_shards
 from swarmtrain.peer.strategies.fedavg import LocalLearner
+from swarmtrain.training.averaging import sha256_hex, state_bytes
+from swarmtrain.training.data import load_csv, split_indices
+from swarmtrain.training.rounds import RoundOptions, replay_rounds
+from swarmtrain.training.sharding import make_shards
 from tests.peer.helpers import SchedulerPart, reports
 from tests.peer.test_fedavg_service import close_round, fedavg_command, fetch, named, peers, read_uri, updates_of
 

@@ -36,9 +36,9 @@ from swarmtrain.common.events import (
     UpdateRejected,
 )
 from swarmtrain.common.settings import Settings
-from swarmtrain.peer.averaging import average_round, state_bytes
-from swarmtrain.peer.model import load_model
-from swarmtrain.peer.tensorfile import loads
+from swarmtrain.training.averaging import average_round, state_bytes
+from swarmtrain.training.model import load_model
+from swarmtrain.training.tensorfile import loads
 from tests.peer.helpers import (
     ReportReader,
     SchedulerPart,

@@ -14,11 +14,11 @@ import torch
 from torch import nn
 
 from swarmtrain.common.events import Hyperparameters, ModelSpec, Train
-from swarmtrain.peer.averaging import state_bytes, weighted_average
-from swarmtrain.peer.data import DataError, shard_indices
-from swarmtrain.peer.model import ModelMetadata, build_model, load_model, model_bytes, save_model
 from swarmtrain.peer.strategies.fedavg import LocalLearner, check_command, round_seed
 from swarmtrain.peer.trainer import EpochStats, PrecisionUnsupported, TrainJob, cpu_bf16_supported, train
+from swarmtrain.training.averaging import state_bytes, weighted_average
+from swarmtrain.training.data import DataError, shard_indices
+from swarmtrain.training.model import ModelMetadata, build_model, load_model, model_bytes, save_model
 
 CNN_8 = ModelSpec(kind="cnn", input_shape=[1, 8, 8], channels=[16, 32], hidden=[64])
 
@@ -128,7 +128,7 @@ def test_cnn_model_file_round_trip(tmp_path: Path) -> None:
 _SAVE_IN_A_FRESH_PROCESS = """
 import hashlib, sys, torch
 from swarmtrain.common.events import ModelSpec
-from swarmtrain.peer.model import ModelMetadata, build_model, model_bytes
+from swarmtrain.training.model import ModelMetadata, build_model, model_bytes
 torch.manual_seed(5)
 spec = ModelSpec(kind="cnn", input_shape=[1, 8, 8], channels=[4], hidden=[8])
 model = build_model(spec, 64, 10)
@@ -264,7 +264,7 @@ def test_impossible_fedavg_commands_are_refused(change: dict[str, object], messa
 
 
 def test_a_starting_model_is_loaded_whole_and_one_that_does_not_fit_is_a_data_error() -> None:
-    from swarmtrain.peer.init import apply_init
+    from swarmtrain.training.init import apply_init
 
     model = build_model(ModelSpec(hidden=[4]), 3, 2)
     init = {name: torch.full_like(t, 0.5) for name, t in build_model(ModelSpec(hidden=[4]), 3, 2).state_dict().items()}

@@ -34,8 +34,8 @@ from swarmtrain.common.events import (
 from swarmtrain.common.settings import Settings
 from swarmtrain.common.signing import UrlSigner
 from swarmtrain.peer import service
-from swarmtrain.peer.data import load_csv
-from swarmtrain.peer.model import load_model
+from swarmtrain.training.data import load_csv
+from swarmtrain.training.model import load_model
 from tests.peer.helpers import SchedulerPart, events_stored, presence, registered, reports, running_peer, stored_reports
 from tests.support import wait_for
 

@@ -11,9 +11,9 @@ import torch
 from safetensors import safe_open
 
 from swarmtrain.common.events import Hyperparameters, ModelSpec
-from swarmtrain.peer.data import DataError, load_csv, split_indices
-from swarmtrain.peer.model import ModelMetadata, Standardize, build_model, load_model, save_model
 from swarmtrain.peer.trainer import EpochStats, TrainingStopped, TrainJob, resolve_device, train
+from swarmtrain.training.data import DataError, load_csv, split_indices
+from swarmtrain.training.model import ModelMetadata, Standardize, build_model, load_model, save_model
 
 # ------------------------------------------------------------------ data
 

@@ -29,16 +29,11 @@ from swarmtrain.scheduler.actions import Action, Append, Clocks, Config, Send, S
 from swarmtrain.scheduler.decide import decide, recover
 from swarmtrain.scheduler.state import State, evolve, observe_presence
 from tests.factories import session_requested
+from tests.scheduler.helpers import replay
 
 HPS = [Hyperparameters(epochs=e, batch_size=8, lr=0.01) for e in (1, 2)]
 CONFIG = Config(uri=lambda key: f"file:///blobs/{key}", timing=Timing(peer_timeout=5.0))
 CLOCKS = Clocks(now=1.0, wall=1_700_000_000.0)
-
-
-def replay(state: State, *events: Event, observed_at: float = 0.0) -> State:
-    for event in events:
-        state = evolve(state, state.position + 1, event, observed_at)
-    return state
 
 
 def idle_peers(*peer_ids: str) -> State:

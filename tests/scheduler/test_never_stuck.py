@@ -6,6 +6,7 @@ URLs in its ``Train``, the facts it needs as ``Forward``s."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 from swarmtrain.common.events import (
@@ -44,8 +45,9 @@ from swarmtrain.scheduler.actions import (
 )
 from swarmtrain.scheduler.decide import decide
 from swarmtrain.scheduler.reports import check
-from swarmtrain.scheduler.state import State, evolve, fold_safely, observe_presence, regrace
+from swarmtrain.scheduler.state import State, fold_safely, observe_presence, regrace
 from tests.factories import session_requested
+from tests.scheduler import helpers
 
 HP = Hyperparameters(epochs=1, batch_size=8, lr=0.01)
 TIMING = Timing(peer_timeout=5.0, resend_after=10.0, max_resends=3, stale_lock=30.0, first_round_timeout=1e9)
@@ -60,10 +62,7 @@ def sign(method: Method, key: str, max_bytes: int | None) -> str:
 CONFIG = Config(uri=lambda key: f"file:///blobs/{key}", timing=TIMING, signer=sign)
 
 
-def replay(state: State, *events: Event, observed_at: float = WALL) -> State:
-    for event in events:
-        state = evolve(state, state.position + 1, event, observed_at)
-    return state
+replay = functools.partial(helpers.replay, observed_at=WALL)
 
 
 def beat(state: State, now: float, *peers: str, train: str | None = None) -> State:

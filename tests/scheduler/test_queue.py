@@ -21,8 +21,9 @@ from swarmtrain.common.events import (
 from swarmtrain.common.specs import GpuSpec, PeerSpecs, Requirements
 from swarmtrain.scheduler.actions import Action, Append, Clocks, Config, Start, Timing
 from swarmtrain.scheduler.decide import decide, request_of
-from swarmtrain.scheduler.state import State, evolve
+from swarmtrain.scheduler.state import State
 from tests.factories import session_requested
+from tests.scheduler.helpers import replay
 
 GiB = 1 << 30
 REQUESTED_AT = 1_000.0
@@ -68,13 +69,6 @@ def dataset(features: int = 4, rows: int = 100) -> DatasetUploaded:
 
 def requested(sid: str, n: int = 1, *, at: float = REQUESTED_AT, **fields: Any) -> SessionRequested:
     return session_requested(sid, n, occurred_at=datetime.fromtimestamp(at, UTC), **fields)
-
-
-def replay(*events: Event, state: State | None = None) -> State:
-    state = state or State()
-    for event in events:
-        state = evolve(state, state.position + 1, event, 0.0)
-    return state
 
 
 def decided(state: State, wall: float = REQUESTED_AT + 1) -> list[Action]:

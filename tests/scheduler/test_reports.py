@@ -11,7 +11,6 @@ import pytest
 from swarmtrain.common import shapes
 from swarmtrain.common.events import (
     DatasetUploaded,
-    Event,
     Heartbeat,
     Hyperparameters,
     ModelUpdatePublished,
@@ -29,20 +28,15 @@ from swarmtrain.common.events import (
 )
 from swarmtrain.scheduler.actions import Config
 from swarmtrain.scheduler.reports import check
-from swarmtrain.scheduler.state import State, evolve
+from swarmtrain.scheduler.state import State
 from tests.factories import session_requested
+from tests.scheduler.helpers import replay
 
 HP = Hyperparameters(epochs=2, batch_size=8, lr=0.01)
 CONFIG = Config(uri=lambda key: f"file:///blobs/{key}")
 ROWS = 101
 SHA = "ab" * 32
 ROUNDS = "file:///blobs/sessions/s/rounds"
-
-
-def replay(state: State, *events: Event) -> State:
-    for event in events:
-        state = evolve(state, state.position + 1, event, 0.0)
-    return state
 
 
 def fedavg(rows: int | None = ROWS) -> State:

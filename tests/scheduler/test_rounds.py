@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import replace
 from datetime import UTC, datetime
 
@@ -24,9 +25,10 @@ from swarmtrain.common.events import (
 )
 from swarmtrain.scheduler.actions import Action, Append, Clocks, Config, Reassign, Timing
 from swarmtrain.scheduler.decide import decide
-from swarmtrain.scheduler.state import State, evolve, observe_presence
+from swarmtrain.scheduler.state import State, observe_presence
 from swarmtrain.scheduler.strategies.fedavg import round_deadline
 from tests.factories import session_requested
+from tests.scheduler import helpers
 
 HP = Hyperparameters(epochs=1, batch_size=8, lr=0.01)
 T0 = datetime(2026, 1, 1, tzinfo=UTC).timestamp()
@@ -39,11 +41,7 @@ def seen(t: float, event: Event) -> tuple[Event, float]:
     return event, T0 + t
 
 
-def replay(state: State, *events: Event | tuple[Event, float]) -> State:
-    for item in events:
-        event, observed = item if isinstance(item, tuple) else (item, T0)
-        state = evolve(state, state.position + 1, event, observed)
-    return state
+replay = functools.partial(helpers.replay, observed_at=T0)
 
 
 def decided(state: State, wall: float) -> list[Action]:

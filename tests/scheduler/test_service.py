@@ -219,7 +219,8 @@ def trained_model(csv: Path, train: Train, learn: bool) -> tuple[bytes, float | 
     """The model file a peer would upload, and its true validation accuracy; ``learn=False``: its
     untrained initial weights."""
     from swarmtrain.peer import trainer
-    from swarmtrain.peer.model import model_bytes
+    from swarmtrain.training.init import seeded_model
+    from swarmtrain.training.model import model_bytes
 
     job = trainer.TrainJob(
         csv_path=csv, label_column=train.label_column, model=train.model, hyperparameters=train.hyperparameters,
@@ -229,7 +230,7 @@ def trained_model(csv: Path, train: Train, learn: bool) -> tuple[bytes, float | 
         result = trainer.train(job, lambda _: None, threading.Event())
         return model_bytes(result.model, result.metadata), result.final.val_accuracy
     data, _, _ = trainer.load_data(job)
-    model = trainer.seeded_model(train.model, len(data.feature_names), len(data.classes), train.seed)
+    model = seeded_model(train.model, len(data.feature_names), len(data.classes), train.seed)
     return model_bytes(model, trainer.metadata_for(train.model, data)), None
 
 

@@ -34,8 +34,9 @@ from swarmtrain.scheduler.actions import (
     Timing,
 )
 from swarmtrain.scheduler.decide import decide, recover
-from swarmtrain.scheduler.state import State, evolve, observe_presence
+from swarmtrain.scheduler.state import State, observe_presence
 from tests.factories import session_requested
+from tests.scheduler.helpers import replay
 
 HP = Hyperparameters(epochs=1, batch_size=8, lr=0.01)
 TIMEOUT = 5.0
@@ -52,13 +53,6 @@ def starts(actions: list[Action]) -> list[tuple[str, tuple[str, ...]]]:
 
 def requested(sid: str = "s1", n: int = 2) -> SessionRequested:
     return session_requested(sid, n)
-
-
-def replay(*events: Event, state: State | None = None) -> State:
-    state = state or State()
-    for event in events:
-        state = evolve(state, state.position + 1, event, 0.0)
-    return state
 
 
 def online(*peer_ids: str) -> list[Event]:

@@ -31,7 +31,7 @@ def session(runs: dict[str, Run], evaluations: Mapping[str, float | None] | None
 
 
 def test_every_strategy_of_the_contract_has_a_module() -> None:
-    assert sorted(STRATEGIES) == sorted(get_args(Strategy))
+    assert sorted(STRATEGIES.list()) == sorted(get_args(Strategy))
     assert all(name == s.name for name, s in STRATEGIES.items())
 
 

@@ -16,9 +16,9 @@ from swarmtrain.common.events import Heartbeat, Hyperparameters, ModelSpec, Peer
 from swarmtrain.common.settings import Settings
 from swarmtrain.common.signing import UrlSigner
 from swarmtrain.peer.facts import SessionFacts
-from swarmtrain.peer.model import load_model
 from swarmtrain.peer.strategies import JobContext, sweep
 from swarmtrain.peer.trainer import Diverged, TrainingStopped
+from swarmtrain.training.model import load_model
 
 PEER = "p00000000000000a1"
 

@@ -55,6 +55,9 @@ MAX_NAME: Final = 256
 MAX_URI: Final = 4096
 MAX_TEXT: Final = 8192
 """Reasons and other free text: ``bounded_text`` cuts a longer one down."""
+MAX_REPORTED_REASON: Final = 2000
+"""The longest reason a peer may report (``PeerFailed``, ``UpdateRejected``): the scheduler refuses
+a longer one, so a peer cuts its own (``bounded_text(reason, MAX_REPORTED_REASON)``)."""
 NO_NUL: Final = r"^[^\x00]*$"
 """PostgreSQL ``text`` holds no NUL: a string with one could be decoded but never stored."""
 SUBJECT_TOKEN: Final = r"^[^\x00\s.*>]+$"
@@ -461,31 +464,6 @@ class ReportRejected(_PeerEvent, frozen=True, kw_only=True, tag="ReportRejected"
     reason: Text
 
 
-Event = (
-    UserRegistered
-    | DatasetUploaded
-    | PeerRegistered
-    | PeerWentOnline
-    | PeerWentOffline
-    | PeerLocked
-    | PeerReleased
-    | ReportRejected
-    | SessionRequested
-    | SessionStarted
-    | Heartbeat
-    | PeerDone
-    | PeerFailed
-    | ModelUpdatePublished
-    | RoundClosed
-    | UpdateRejected
-    | RoundAveraged
-    | ShardReassigned
-    | InitModelPrepared
-    | ModelEvaluated
-    | SessionCompleted
-    | SessionFailed
-    | SessionCancelled
-)
 SessionEvent = (
     SessionRequested
     | SessionStarted
@@ -503,6 +481,18 @@ SessionEvent = (
     | SessionFailed
     | SessionCancelled
 )
+Event = (
+    UserRegistered
+    | DatasetUploaded
+    | PeerRegistered
+    | PeerWentOnline
+    | PeerWentOffline
+    | PeerLocked
+    | PeerReleased
+    | ReportRejected
+    | SessionEvent
+)
+"""Every stored fact: the session's (``SessionEvent``) and the others'."""
 TERMINAL_SESSION_EVENTS = (SessionCompleted, SessionFailed, SessionCancelled)
 Report = PeerRegistered | Heartbeat | ModelUpdatePublished | PeerDone | PeerFailed | UpdateRejected | RoundAveraged
 """What a peer may say, on ``peer.<its id>.reports`` only: claims that the scheduler checks against

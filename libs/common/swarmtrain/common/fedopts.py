@@ -4,7 +4,7 @@ Plain msgspec Structs with their constraints in ``msgspec.Meta``, meant to becom
 of ``SessionRequested`` (``aggregator``, ``outer``, ``compression``, ``sharding``) whose defaults
 are today's behaviour. No torch here: the gateway validates a request with :func:`check_options`
 (a reason for a 400, or None) without importing the peer's numerics. The rules themselves live in
-``swarmtrain.peer.{aggregators,outer,compression,sharding}``.
+``swarmtrain.training.{aggregators,outer,compression,sharding}``.
 
 Every default that could matter to a replay is a concrete value, not "whatever the code says
 today": the gateway should store :func:`resolve_outer`'s result, so a later change of default

@@ -4,7 +4,7 @@ tried on a fedavg session's recorded rounds.
 For each closed round it takes the updates that round's ``RoundClosed`` named, fetches them from
 the blob store (each checked against its sha256, its tensors against the model's, and the
 session's norm bound from the round's recorded start, as the peers did), aggregates them with the
-other rule (``peer.aggregators``), and evaluates both that aggregate and the average the peers
+other rule (``training.aggregators``), and evaluates both that aggregate and the average the peers
 recorded (``RoundAveraged``) on the session's validation split.
 
 What this is, honestly: a per-round counterfactual on the same updates, not a retraining. Round
@@ -24,10 +24,16 @@ from collections.abc import Mapping
 import msgspec
 
 from swarmtrain.cli import replay
-from swarmtrain.common import blob
+from swarmtrain.common import blob, strategies
 from swarmtrain.common.events import RoundAveraged, RoundClosed, SessionEvent, SessionRequested
 from swarmtrain.common.fedopts import AggregatorSpec
 from swarmtrain.common.settings import Settings
+from swarmtrain.training import tensorfile
+from swarmtrain.training.aggregators import aggregate
+from swarmtrain.training.averaging import check_update, l2_distance
+from swarmtrain.training.data import split_indices
+from swarmtrain.training.evaluation import evaluate, load_dataset
+from swarmtrain.training.model import build_model
 
 
 class RoundRow(msgspec.Struct, frozen=True, kw_only=True):
@@ -67,19 +73,11 @@ def describe(spec: AggregatorSpec) -> str:
 
 def backtest(settings: Settings, session_id: str, other: AggregatorSpec) -> Backtest:
     """Every closed round of the session: the recorded model and ``other``'s, on the validation split."""
-    from swarmtrain.peer import tensorfile
-    from swarmtrain.peer.aggregators import aggregate
-    from swarmtrain.peer.averaging import check_update, l2_distance
-    from swarmtrain.peer.data import split_indices
-    from swarmtrain.peer.model import build_model
-    from swarmtrain.peer.trainer import evaluate
-    from swarmtrain.scheduler.evaluation import _dataset
-
     events = asyncio.run(read_session(settings, session_id))
     request = next((e for e in events if isinstance(e, SessionRequested)), None)
     if request is None:
         raise ValueError(f"no session {session_id} in the log")
-    if request.strategy != "fedavg":
+    if not strategies.rules(request.strategy).rounds:
         raise ValueError(f"session {session_id} is a {request.strategy}: it has no rounds to backtest")
     closed = {e.round: e for e in events if isinstance(e, RoundClosed)}
     averaged: dict[int, RoundAveraged] = {}
@@ -94,7 +92,7 @@ def backtest(settings: Settings, session_id: str, other: AggregatorSpec) -> Back
         return store.get_bytes(key, sha256=sha256)
 
     store, _ = blob.resolve(request.dataset_uri, settings)
-    dataset = _dataset(store, request)
+    dataset = load_dataset(store, request)
     _, val_idx = split_indices(len(dataset), request.validation_split, request.seed)
     x_val, y_val = dataset.features[val_idx], dataset.labels[val_idx]
     n_features, n_classes = dataset.features.shape[1], len(dataset.classes)

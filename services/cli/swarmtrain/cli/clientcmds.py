@@ -20,8 +20,10 @@ from pathlib import Path
 from typing import Any, TextIO, get_args
 
 from swarmtrain.cli.client import DEFAULT_API, ApiError, Client, Json, Login, load_login, save_login
-from swarmtrain.common.events import FEDAVG, OnPeerFailure, Precision, Strategy
+from swarmtrain.common import strategies
+from swarmtrain.common.events import FEDAVG, ModelKind, OnPeerFailure, Precision, Strategy
 from swarmtrain.common.status import SESSION_TERMINAL
+from swarmtrain.common.strategies import StrategyRules
 
 EXIT_BY_STATUS = {"completed": 0, "failed": 1, "cancelled": 2}
 EXIT_WATCH_ERROR = 3
@@ -290,17 +292,25 @@ def _sessions_ls(args: argparse.Namespace) -> int:
     )
 
 
+def _rules(s: Json) -> StrategyRules | None:
+    """The contract's facts of the session's strategy; None for a name this client does not know
+    (a newer gateway's)."""
+    name = s.get("strategy")
+    return strategies.rules(name) if isinstance(name, str) and name in strategies.RULES else None
+
+
 def _trains_in_rounds(s: Json) -> bool:
-    """Whether the session averages in rounds: it has closed one, or asked for more than one (the
-    gateway refuses ``rounds`` above 1 to every other strategy); one that asked for 1 and has not
-    closed it yet is known by the contract's name of the only strategy with rounds today."""
-    return bool(s["round_figures"]) or s["rounds"] > 1 or s["strategy"] == FEDAVG
+    """Whether the session averages in rounds: its strategy does, or it has closed one, or asked
+    for more than one (the gateway refuses ``rounds`` above 1 to every other strategy)."""
+    rules = _rules(s)
+    return bool(s["round_figures"]) or s["rounds"] > 1 or (rules is not None and rules.rounds)
 
 
 def _shared_model(s: Json) -> bool:
     """Whether the peers train one model together (each trains a shard of it), so that they are
     not ranked against each other."""
-    return any(p["shard"] is not None for p in s["peers"]) or s["strategy"] == FEDAVG
+    rules = _rules(s)
+    return any(p["shard"] is not None for p in s["peers"]) or (rules is not None and rules.shared_model)
 
 
 def lineage_line(s: Json) -> str:
@@ -618,7 +628,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     start.add_argument("--lr", help="learning rate; sweep: comma separated, one per peer (default 0.003)")
     start.add_argument("--rounds", type=int, help="fedavg: averaging rounds")
     start.add_argument("--on-peer-failure", choices=get_args(OnPeerFailure), help=FEDAVG)
-    start.add_argument("--model", choices=["mlp", "cnn"])
+    start.add_argument("--model", choices=get_args(ModelKind))
     start.add_argument("--hidden", help="hidden layer widths, e.g. 128,64")
     start.add_argument("--input-shape", help="cnn: C,H,W")
     start.add_argument("--channels", help="cnn: convolution widths, e.g. 16,32")

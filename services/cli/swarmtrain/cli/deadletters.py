@@ -14,18 +14,17 @@ import asyncio
 import json
 import sys
 
+import asyncpg
 import msgspec
 
 from swarmtrain.common.settings import Settings, get_settings
+from swarmtrain.projector.deadletters import listing, retry
+from swarmtrain.projector.service import connect_db
 
 ERROR_WIDTH = 100
 
 
 async def _ls(settings: Settings) -> list[dict[str, object]]:
-    import asyncpg
-
-    from swarmtrain.projector.deadletters import listing
-
     conn = await asyncpg.connect(settings.database_url)
     try:
         if await conn.fetchval("SELECT to_regclass('dead_letters')") is None:
@@ -36,9 +35,6 @@ async def _ls(settings: Settings) -> list[dict[str, object]]:
 
 
 async def _retry(settings: Settings, seq: int | None) -> list[tuple[int, str | None]]:
-    from swarmtrain.projector.deadletters import retry
-    from swarmtrain.projector.service import connect_db
-
     pool = await connect_db(settings, attempts=3)
     try:
         return await retry(pool, seq)

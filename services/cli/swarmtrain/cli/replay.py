@@ -3,7 +3,7 @@
 Reads the session's events from JetStream: its ``SessionRequested`` (the round rules: aggregator,
 outer optimizer, compression, norm bound), every ``RoundClosed`` and the ``RoundAveraged`` the
 peers stored. It fetches the updates a round's ``RoundClosed`` names from the blob store (checking
-each sha256) and applies the round exactly as the peers do (``peer.rounds.apply_round``), then
+each sha256) and applies the round exactly as the peers do (``training.rounds.apply_round``), then
 compares the result bit for bit with the model the peers stored, and the rule, the selection and
 the bytes with what their ``RoundAveraged`` says.
 
@@ -18,15 +18,13 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import tempfile
 from collections.abc import Callable
-from pathlib import Path
-from typing import TYPE_CHECKING
 
 import msgspec
 from nats.js import api
+from safetensors.torch import load
 
-from swarmtrain.common import blob, bus, subjects
+from swarmtrain.common import blob, blobkeys, bus, subjects
 from swarmtrain.common.events import (
     RoundAveraged,
     RoundClosed,
@@ -36,9 +34,10 @@ from swarmtrain.common.events import (
     decode_event,
 )
 from swarmtrain.common.settings import Settings
-
-if TYPE_CHECKING:
-    from swarmtrain.peer.rounds import RoundResult
+from swarmtrain.training.averaging import sha256_hex, state_bytes
+from swarmtrain.training.evaluation import load_dataset
+from swarmtrain.training.init import initial_weights
+from swarmtrain.training.rounds import RoundOptions, RoundResult, apply_round, replay_rounds
 
 
 class ReplayResult(msgspec.Struct, frozen=True, kw_only=True):
@@ -135,14 +134,10 @@ def recompute(
     settings: Settings, closed: RoundClosed, averaged: RoundAveraged, request: SessionRequested | None = None
 ) -> ReplayResult:
     """Round ``closed.round`` recomputed alone (a round that does not depend on its start)."""
-    from safetensors.torch import load
-
-    from swarmtrain.peer.rounds import RoundOptions, apply_round
-
     options = RoundOptions() if request is None else RoundOptions.of(request)
     stored = _stored(settings, averaged)
     reference = load(stored)
-    rounds_uri = averaged.uri.rsplit(f"/{closed.round}/", 1)[0]  # exactly as the peers check update URIs
+    rounds_uri = blobkeys.rounds_uri_of(averaged.uri, closed.round)  # exactly as the peers check update URIs
     result = apply_round(closed, _fetch(settings), reference, reference, {}, options, rounds_uri=rounds_uri)
     if result.aggregate is None:
         raise ValueError(f"round {closed.round}: every update was rejected: {result.rejected}")
@@ -151,20 +146,13 @@ def recompute(
 
 def walk(settings: Settings, found: SessionLog, round_: int) -> ReplayResult:
     """Rounds ``1 .. round_`` from the session's initial weights, carrying the outer state."""
-    from swarmtrain.peer.averaging import sha256_hex, state_bytes
-    from swarmtrain.peer.rounds import RoundOptions, replay_rounds
-    from swarmtrain.peer.strategies.fedavg import initial_weights
-
     request = found.request
     closed, averaged = _round_of(found, request.session_id, round_)
     missing = [k for k in range(1, round_) if k not in found.closed]
     if missing:
         raise ValueError(f"session {request.session_id}: rounds {missing} have no RoundClosed")
-    with tempfile.TemporaryDirectory(prefix="swarmtrain-replay-") as tmp:
-        path = Path(tmp) / "data.csv"
-        store, key = blob.resolve(request.dataset_uri, settings)
-        store.download(key, path, sha256=request.dataset_sha256)
-        initial = initial_weights(path, request)
+    store, _ = blob.resolve(request.dataset_uri, settings)
+    initial = initial_weights(load_dataset(store, request), request)
     results: dict[int, RoundResult] = {}
     earlier: list[int] = []
 
@@ -174,7 +162,7 @@ def walk(settings: Settings, found: SessionLog, round_: int) -> ReplayResult:
         if k < round_ and stored_k is not None and sha256_hex(state_bytes(result.model)) != stored_k.sha256:
             earlier.append(k)
 
-    rounds_uri = averaged.uri.rsplit(f"/{round_}/", 1)[0]
+    rounds_uri = blobkeys.rounds_uri_of(averaged.uri, round_)
     replay_rounds(
         found.closed, round_, _fetch(settings), initial, RoundOptions.of(request), rounds_uri=rounds_uri, on_round=seen
     )
@@ -196,8 +184,6 @@ def _stored(settings: Settings, averaged: RoundAveraged) -> bytes:
 
 
 def _result(closed: RoundClosed, averaged: RoundAveraged, stored: bytes, result: RoundResult) -> ReplayResult:
-    from swarmtrain.peer.averaging import state_bytes
-
     rejected = dict(result.rejected)
     return ReplayResult(
         session_id=closed.session_id,
@@ -217,8 +203,6 @@ def _result(closed: RoundClosed, averaged: RoundAveraged, stored: bytes, result:
 
 
 def replay_round(settings: Settings, session_id: str, round_: int) -> ReplayResult:
-    from swarmtrain.peer.rounds import RoundOptions
-
     found = asyncio.run(read_log(settings, session_id))
     if RoundOptions.of(found.request).needs_start:
         return walk(settings, found, round_)

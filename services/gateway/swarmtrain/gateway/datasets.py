@@ -25,6 +25,7 @@ from litestar.exceptions import ClientException
 from litestar.params import FromPath, MultipartBody, QueryParameter
 from litestar.security.jwt import Token
 
+from swarmtrain.common import blobkeys
 from swarmtrain.common.blob import BlobRef, BlobStore
 from swarmtrain.common.events import MAX_LABEL_COLUMN, DatasetUploaded, new_id
 from swarmtrain.gateway.auth import BEARER, User
@@ -128,7 +129,7 @@ async def store_dataset(
     if check is not None:
         check(summary)
     dataset_id = new_id()
-    key = dataset_key(dataset_id)
+    key = blobkeys.dataset(dataset_id)
     try:
         ref = await asyncio.to_thread(_copy, gw.store, key, upload.file)
     except BaseException:
@@ -148,10 +149,6 @@ async def store_dataset(
     )
 
 
-def dataset_key(dataset_id: str) -> str:
-    return f"datasets/{dataset_id}.csv"
-
-
 async def discard(gw: Gateway, key: str) -> None:
     await asyncio.shield(asyncio.to_thread(gw.store.delete, key))
 
@@ -162,7 +159,7 @@ async def append_or_discard(gw: Gateway, event: DatasetUploaded) -> None:
     try:
         await gw.append(event)
     except BaseException:
-        await discard(gw, dataset_key(event.dataset_id))
+        await discard(gw, blobkeys.dataset(event.dataset_id))
         raise
 
 

@@ -18,17 +18,14 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from swarmtrain.common.events import (
+    TERMINAL_SESSION_EVENTS,
     RoundAveraged,
     RoundClosed,
-    SessionCancelled,
-    SessionCompleted,
     SessionEvent,
-    SessionFailed,
 )
 from swarmtrain.peer.trainer import TrainingStopped
 
 T = TypeVar("T")
-TERMINAL = (SessionCompleted, SessionFailed, SessionCancelled)
 
 
 class SessionFacts:
@@ -53,7 +50,7 @@ class SessionFacts:
                 self.closed.setdefault(fact.round, fact)
             case RoundAveraged():
                 self.averaged.setdefault(fact.round, fact)
-            case SessionCompleted() | SessionFailed() | SessionCancelled():
+            case _ if isinstance(fact, TERMINAL_SESSION_EVENTS):
                 self.ended = self.ended or type(fact).__name__
         self._changed.set()
 

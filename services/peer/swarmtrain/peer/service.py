@@ -37,7 +37,7 @@
   *shut down* mid-training (its ``stop`` event set) reports ``PeerFailed{reason: "peer shut
   down"}`` instead, so its session need not wait for missed beats. A non-finite loss ends the job
   with ``PeerFailed{reason: "diverged: non-finite loss at epoch N"}``: no report carries NaN.
-- What a ``Train`` runs is its strategy's, ``STRATEGIES[command.strategy]``
+- What a ``Train`` runs is its strategy's, ``STRATEGIES.get(command.strategy)``
   (:mod:`swarmtrain.peer.strategies`); an exception becomes ``PeerFailed``; ``Stop`` and shutdown
   end every strategy the same way.
 """
@@ -83,10 +83,10 @@ from swarmtrain.common.settings import Settings
 from swarmtrain.common.specs import PeerSpecs
 from swarmtrain.peer import specs as peer_specs
 from swarmtrain.peer import trainer
-from swarmtrain.peer.data import DataError
-from swarmtrain.peer.facts import TERMINAL, SessionFacts
+from swarmtrain.peer.facts import SessionFacts
 from swarmtrain.peer.strategies import STRATEGIES, JobContext, with_retries
 from swarmtrain.peer.trainer import Diverged, PrecisionUnsupported, TrainingStopped
+from swarmtrain.training.data import DataError
 
 log = get_logger("swarmtrain.peer")
 
@@ -102,7 +102,6 @@ SHUTDOWN_REPORT_S = 10.0
 KEPT_SESSIONS = 8
 """Sessions not running whose forwarded facts are kept, for a ``Train`` that may still come."""
 KEPT_FACTS = 4096
-MAX_REASON = 500
 SPECS_CHECK_S = 60.0
 """How often the peer looks at its specs again, and registers again when they changed."""
 
@@ -186,7 +185,7 @@ def failure_reason(exc: BaseException) -> str:
             reason = f"bad data: {exc}"
         case _:
             reason = f"{type(exc).__name__}: {exc}"
-    return reason[:MAX_REASON]
+    return events.bounded_text(reason, events.MAX_REPORTED_REASON)
 
 
 class Peer:
@@ -417,7 +416,7 @@ class Peer:
         job = self._job
         if job is not None and job.session_id == sid:
             job.facts.observe(command.fact, command.urls)
-            if isinstance(command.fact, TERMINAL) and job.stop_reason is None:
+            if isinstance(command.fact, events.TERMINAL_SESSION_EVENTS) and job.stop_reason is None:
                 log.info("the session ended; stopping", session_id=sid, fact=type(command.fact).__name__)
                 job.halt("stop")
             return
@@ -473,7 +472,7 @@ class Peer:
             stop=job.stop,
             stopped=job.stopped,
         )
-        await STRATEGIES[command.strategy](command, context)
+        await STRATEGIES.get(command.strategy)(command, context)
 
     async def _fail(self, command: Train, reason: str) -> None:
         log.warning("training failed", reason=reason)

@@ -23,12 +23,10 @@ from torch import nn
 from swarmtrain.common import metrics
 from swarmtrain.common.events import Hyperparameters, ModelSpec, Precision
 from swarmtrain.peer.cache import ParsedCache, tensors_nbytes
-from swarmtrain.peer.data import DataError, Dataset, load_csv, split_indices
-from swarmtrain.peer.model import ModelMetadata, Standardize, build_model
-
-# Model initialisation seeds torch's global generator; the lock keeps two trainings in one process
-# from interleaving there, fork_rng keeps everyone else's random state as it was.
-_init_lock = threading.Lock()
+from swarmtrain.training.data import DataError, Dataset, load_csv, split_indices
+from swarmtrain.training.evaluation import evaluate
+from swarmtrain.training.init import apply_init, initial_model
+from swarmtrain.training.model import ModelMetadata
 
 
 class TrainingStopped(Exception):
@@ -200,8 +198,11 @@ def describe_device(device: torch.device) -> str:
 
 
 def _check(hp: Hyperparameters) -> None:
-    if hp.epochs < 1 or hp.batch_size < 1 or not (math.isfinite(hp.lr) and hp.lr > 0):
-        raise DataError(f"invalid hyperparameters: epochs={hp.epochs} batch_size={hp.batch_size} lr={hp.lr}")
+    """The contract's bounds, for hyperparameters built in process (a decoded ``Train`` has passed them)."""
+    try:
+        msgspec.convert(msgspec.structs.asdict(hp), Hyperparameters)
+    except msgspec.ValidationError as exc:
+        raise DataError(f"invalid hyperparameters: {exc}") from None
 
 
 PARSED_CACHE_BYTES = 2 << 30
@@ -256,19 +257,6 @@ def load_data(job: TrainJob) -> tuple[Dataset, torch.Tensor, torch.Tensor]:
     return data, train_idx, val_idx
 
 
-def seeded_model(spec: ModelSpec, n_features: int, n_classes: int, seed: int) -> nn.Sequential:
-    """``build_model`` from ``torch.manual_seed(seed)``: the same initial weights on every machine.
-
-    A spec that does not fit the data (a cnn's ``input_shape``) is a DataError.
-    """
-    with _init_lock, torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        try:
-            return build_model(spec, n_features, n_classes)
-        except ValueError as exc:
-            raise DataError(str(exc)) from None
-
-
 def metadata_for(spec: ModelSpec, data: Dataset) -> ModelMetadata:
     return ModelMetadata.for_spec(
         spec, classes=data.classes, feature_names=data.feature_names, label_column=data.label_column
@@ -318,33 +306,6 @@ def run_epoch(
     return train_loss, train_correct / n, time.perf_counter() - t0
 
 
-EVAL_BATCH = 4096
-
-
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float | None, float | None]:
-    """``(mean loss, accuracy)`` of ``model`` on ``(x, y)``; ``(None, None)`` for no rows.
-
-    Up to ``EVAL_BATCH`` rows in one pass, more in batches (a cnn's activations are large).
-    """
-    n = int(y.shape[0])
-    if not n:
-        return None, None
-    model.eval()
-    with torch.inference_mode():
-        if n <= EVAL_BATCH:
-            logits = model(x)
-            loss = float(nn.functional.cross_entropy(logits, y).item())
-            return loss, float((logits.argmax(dim=1) == y).float().mean().item())
-        loss_sum = 0.0
-        correct = 0
-        for start in range(0, n, EVAL_BATCH):
-            xb, yb = x[start : start + EVAL_BATCH], y[start : start + EVAL_BATCH]
-            logits = model(xb)
-            loss_sum += float(nn.functional.cross_entropy(logits, yb, reduction="sum").item())
-            correct += int((logits.argmax(dim=1) == yb).sum().item())
-    return loss_sum / n, correct / n
-
-
 def train(job: TrainJob, on_epoch: Callable[[EpochStats], None], stop: threading.Event) -> TrainResult:
     """Train ``job`` to its last epoch; raises ``TrainingStopped`` when ``stop`` is set, ``DataError``
     for data or hyperparameters that cannot be trained on, ``Diverged`` for a non-finite loss."""
@@ -358,13 +319,8 @@ def train(job: TrainJob, on_epoch: Callable[[EpochStats], None], stop: threading
     x_val, y_val = data.features[val_idx], data.labels[val_idx]
     n, n_val = int(y_train.shape[0]), int(y_val.shape[0])
 
-    model = seeded_model(job.model, x_train.shape[1], len(data.classes), job.seed)
-    standardize = model[0]
-    assert isinstance(standardize, Standardize)
-    standardize.fit(x_train)
+    model = initial_model(job.model, data, train_idx, job.seed)
     if job.init is not None:
-        from swarmtrain.peer.init import apply_init
-
         apply_init(model, job.init)
 
     model.to(device)

@@ -20,7 +20,7 @@ import msgspec
 from nats.aio.msg import Msg
 
 from swarmtrain.common import bus, metrics
-from swarmtrain.common.events import MAX_EVENT_ID, MAX_TEXT, Event, bounded_text, decode_event
+from swarmtrain.common.events import MAX_EVENT_ID, MAX_TEXT, Event, bounded_text, decode_event, encode
 from swarmtrain.projector.projection import advance, apply_in, apply_new, lock_position
 
 POISON_SQLSTATE_CLASSES = frozenset({"22", "23", "54"})
@@ -58,8 +58,6 @@ def delivery(msg: Msg) -> Delivery:
 
 def of_events(batch: Sequence[tuple[int, Event]]) -> list[Delivery]:
     """Deliveries for events already decoded (tests, a rebuild's caller)."""
-    from swarmtrain.common.events import encode
-
     return [Delivery(seq, getattr(event, "subject", ""), encode(event), event) for seq, event in batch]
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Literal
 
+from swarmtrain.common import blobkeys, strategies
 from swarmtrain.common.events import (
     Event,
     Hyperparameters,
@@ -31,6 +32,7 @@ from swarmtrain.common.events import (
     Train,
 )
 from swarmtrain.scheduler.placement import Rules
+from swarmtrain.scheduler.state import MAX_MODEL_BYTES
 
 if TYPE_CHECKING:
     from swarmtrain.scheduler.lineage import Recompute
@@ -74,8 +76,6 @@ Method = Literal["GET", "PUT"]
 Signer = Callable[[Method, str, int | None], str]
 """``(method, key, max_bytes)`` -> an object-scoped, expiring URL (``signing.UrlSigner``); the
 shell builds it, tests pass a pure one."""
-MAX_MODEL_BYTES = 1 << 30
-"""The PUT bound of a model or update file when the dataset's shape is unknown."""
 
 
 @dataclass(frozen=True)
@@ -276,15 +276,6 @@ def forward_id(fact: SessionEvent, peer_id: str) -> str:
     return f"{fact.event_id}.to.{peer_id}"
 
 
-def update_uri(rounds_uri: str, round_: int, peer_id: str) -> str:
-    """Where ``peer_id`` writes its update of ``round_``: the only URI its report may name."""
-    return f"{rounds_uri.rstrip('/')}/{round_}/{peer_id}.safetensors"
-
-
-def average_uri(rounds_uri: str, round_: int) -> str:
-    return f"{rounds_uri.rstrip('/')}/{round_}/average.safetensors"
-
-
 def train_command(
     req: SessionRequested,
     peer_id: str,
@@ -302,11 +293,11 @@ def train_command(
     config = config if isinstance(config, Config) else Config(uri=config)
     uri = config.uri
     sid = req.session_id
-    output_uri = uri(f"sessions/{sid}/models/{peer_id}.safetensors")
-    rounds_uri = uri(f"sessions/{sid}/rounds")
-    rounds = range(start_round, req.rounds + 1) if req.strategy == "fedavg" else range(0)
-    update_urls = {r: config.sign("PUT", update_uri(rounds_uri, r, peer_id), max_model_bytes) for r in rounds}
-    average_urls = {r: config.sign("PUT", average_uri(rounds_uri, r), max_model_bytes) for r in rounds}
+    output_uri = uri(blobkeys.model(sid, peer_id))
+    rounds_uri = uri(blobkeys.rounds(sid))
+    rounds = range(start_round, req.rounds + 1) if strategies.rules(req.strategy).rounds else range(0)
+    update_urls = {r: config.sign("PUT", blobkeys.update_uri(rounds_uri, r, peer_id), max_model_bytes) for r in rounds}
+    average_urls = {r: config.sign("PUT", blobkeys.average_uri(rounds_uri, r), max_model_bytes) for r in rounds}
     return Train(
         event_id=train_id(sid, peer_id, start_round),
         occurred_at=clocks.at,

@@ -22,6 +22,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from swarmtrain.common import strategies
 from swarmtrain.common.events import RoundAveraged, RoundClosed, SessionCompleted, SessionRequested
 from swarmtrain.common.status import SESSION_TERMINAL
 
@@ -66,8 +67,6 @@ Resolution = Model | Recompute | Pending | Refused | None
 
 def starting_model(session: Session, sessions: Mapping[str, Session]) -> Resolution:
     """The starting model of ``session`` (see the module's rules)."""
-    from swarmtrain.scheduler.strategies import strategy_of  # the strategies use ``eligible``
-
     req = session.request
     init = req.init_from
     if init is None:
@@ -87,7 +86,7 @@ def starting_model(session: Session, sessions: Mapping[str, Session]) -> Resolut
             return Pending()
         return Refused(f"init_from: session {init.session_id} ended without a model ({parent.status})")
     r = init.round
-    if not strategy_of(parent.request.strategy).rounds:
+    if not strategies.rules(parent.request.strategy).rounds:
         return Refused(f"init_from: session {init.session_id} is a {parent.request.strategy}: it has no rounds")
     if not 1 <= r <= parent.request.rounds:
         return Refused(f"init_from: round {r} is not within session {init.session_id}'s 1..{parent.request.rounds}")
@@ -144,8 +143,3 @@ def eligible(session: Session, peers: Sequence[Peer]) -> list[Peer]:
         return list(peers)
     excluded = set(init.exclude_peers)
     return [p for p in peers if p.peer_id not in excluded]
-
-
-def prepared_key(session_id: str) -> str:
-    """Where a fork's recomputed starting model is stored: under the new session's prefix."""
-    return f"sessions/{session_id}/init/start.safetensors"

@@ -2,50 +2,34 @@
 peers (``lineage.Recompute``), and the weights a session started from.
 
 Blocking (torch): the shell runs :func:`prepare` in a worker thread, as it runs ``evaluation``. It
-reuses the peers' own code, so the rule is the one the parent's peers applied: the updates its
-``RoundClosed`` named, fetched from the store and checked against their sha256, averaged by
-``peer.rounds.apply_round`` with the parent's rules and norm bound measured from the round's start; no
-acceptable update left means the round's start. ``swarmtrain session backtest`` reuses
-:func:`round_inputs` and :func:`initial_weights`.
+is the peers' own code (``swarmtrain.training``), so the rule is the one the parent's peers applied:
+the updates its ``RoundClosed`` named, fetched from the store and checked against their sha256,
+averaged by ``training.rounds.apply_round`` with the parent's rules and norm bound measured from the
+round's start; no acceptable update left means the round's start.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
 
 import msgspec
 
-from swarmtrain.common import blob
+from swarmtrain.common import blob, blobkeys
 from swarmtrain.common.events import RoundClosed, RoundUpdate, SessionRequested
-from swarmtrain.scheduler.lineage import Model, Recompute, prepared_key
-
-if TYPE_CHECKING:
-    from swarmtrain.peer.averaging import Tensors
+from swarmtrain.scheduler.lineage import Model, Recompute
+from swarmtrain.training import init, tensorfile
+from swarmtrain.training.averaging import Tensors, UpdateUnavailable, state_bytes
+from swarmtrain.training.evaluation import load_dataset
+from swarmtrain.training.rounds import RoundOptions, apply_round
 
 
 def initial_weights(store: blob.BlobStore, request: SessionRequested) -> Tensors:
-    """The seeded weights every peer of ``request`` starts from (``peer.strategies.fedavg.LocalLearner``):
-    the model built from ``torch.manual_seed(seed)``, its standardization fitted on the whole
-    training split."""
-    from swarmtrain.peer import data as peer_data
-    from swarmtrain.peer.model import Standardize
-    from swarmtrain.peer.trainer import seeded_model
-    from swarmtrain.scheduler.evaluation import _dataset
-
-    dataset = _dataset(store, request)
-    train_idx, _ = peer_data.split_indices(len(dataset), request.validation_split, request.seed)
-    model = seeded_model(request.model, dataset.features.shape[1], len(dataset.classes), request.seed)
-    standardize = model[0]
-    assert isinstance(standardize, Standardize)
-    standardize.fit(dataset.features[train_idx])
-    return {name: t.detach().clone() for name, t in model.state_dict().items()}
+    """The seeded weights every peer of ``request`` starts from (``training.init.initial_weights``)."""
+    return init.initial_weights(load_dataset(store, request), request)
 
 
 def load_model(store: blob.BlobStore, model: Model, max_bytes: int | None = None) -> Tensors:
     """The tensors of a stored model or weights file, checked against its sha256."""
-    from swarmtrain.peer import tensorfile
-
     return tensorfile.loads(store.get_bytes(store.key_of(model.uri), sha256=model.sha256, max_bytes=max_bytes))
 
 
@@ -56,8 +40,6 @@ def fetcher(store: blob.BlobStore, max_bytes: int | None = None) -> Callable[[Ro
         try:
             key = store.key_of(update.uri)
         except ValueError:
-            from swarmtrain.peer.averaging import UpdateUnavailable
-
             raise UpdateUnavailable("its uri is outside the store") from None
         return store.get_bytes(key, max_bytes=max_bytes)
 
@@ -78,16 +60,14 @@ def average_without(
     max_bytes: int | None = None,
 ) -> tuple[Tensors, list[str]]:
     """Round ``closed.round`` computed again without ``excluded``'s updates, by the rules the
-    session's peers apply (``peer.rounds.apply_round``: sha256, shapes, finiteness, the norm bound
+    session's peers apply (``training.rounds.apply_round``: sha256, shapes, finiteness, the norm bound
     from ``start``, compression, the session's aggregator and outer step); ``start`` itself when no
     update is left. Returns the weights and the peers whose updates they hold.
 
     The outer optimizer starts from an empty state here: a fork is a new run, and the momentum the
     parent had gathered from the excluded peers' earlier rounds is exactly what it leaves behind."""
-    from swarmtrain.peer.rounds import RoundOptions, apply_round
-
     kept = msgspec.structs.replace(closed, updates=[u for u in closed.updates if u.peer_id not in set(excluded)])
-    rounds_uri = store.uri(f"sessions/{closed.session_id}/rounds")
+    rounds_uri = store.uri(blobkeys.rounds(closed.session_id))
     result = apply_round(
         kept, fetcher(store, max_bytes), start, start, {}, RoundOptions.of(request), rounds_uri=rounds_uri
     )
@@ -101,9 +81,7 @@ def prepare(
 ) -> tuple[blob.BlobRef, list[str]]:
     """Recompute a fork's starting model and store it under the new session's prefix: its
     reference and the peers whose updates it holds."""
-    from swarmtrain.peer.averaging import state_bytes
-
     start = start_weights(store, recompute.parent, recompute.start)
     weights, included = average_without(store, recompute.parent, recompute.closed, recompute.excluded, start, max_bytes)
-    ref = store.put_bytes(prepared_key(recompute.session_id), state_bytes(weights))
+    ref = store.put_bytes(blobkeys.init_model(recompute.session_id), state_bytes(weights))
     return ref, included

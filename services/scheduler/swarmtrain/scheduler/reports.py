@@ -28,7 +28,9 @@ import math
 import re
 from datetime import datetime
 
+from swarmtrain.common import blobkeys, strategies
 from swarmtrain.common.events import (
+    MAX_REPORTED_REASON,
     Heartbeat,
     ModelUpdatePublished,
     PeerDone,
@@ -40,12 +42,11 @@ from swarmtrain.common.events import (
     UpdateRejected,
 )
 from swarmtrain.common.fedopts import possible_rules
-from swarmtrain.scheduler.actions import Config, average_uri, digest, update_uri
+from swarmtrain.scheduler.actions import Config, digest
 from swarmtrain.scheduler.state import Run, Session, State
 
 MAX_ID_CHARS = 200
 MAX_NAME_CHARS = 200
-MAX_REASON_CHARS = 2000
 MAX_SECONDS = 10 * 365 * 24 * 3600.0
 MAX_LOSS = 1e12
 MAX_RATE = 1e12
@@ -129,30 +130,30 @@ def _check(state: State, sender: str, report: Report, config: Config) -> None:
         case ModelUpdatePublished():
             _update(session, run, sender, report, config)
         case PeerDone():
-            expected = config.uri(f"sessions/{sid}/models/{sender}.safetensors")
+            expected = config.uri(blobkeys.model(sid, sender))
             if report.model_uri != expected:
                 raise Refused(f"model_uri {report.model_uri[:300]!r} is not the output_uri it was handed")
             _sha256(report.model_sha256)
             total = _epochs(session, run)
             if not 1 <= report.epochs <= total:
                 raise Refused(f"{report.epochs} epochs: this run trains {total}")
-            if session.request.strategy == "fedavg" and session.rounds_open:
+            if strategies.rules(session.request.strategy).rounds and session.rounds_open:
                 raise Refused(f"round {session.round} of {session.request.rounds} is still open")
             _figures(report.loss, report.accuracy, report.val_loss, report.val_accuracy)
             _bounded("train_seconds", report.train_seconds, 0.0, MAX_SECONDS)
         case PeerFailed():
-            _text("reason", report.reason, MAX_REASON_CHARS)
+            _text("reason", report.reason, MAX_REPORTED_REASON)
         case UpdateRejected():
             closed = session.closed.get(report.round)
             if closed is None:
                 raise Refused(f"round {report.round} is not closed")
             if report.peer_id not in {u.peer_id for u in closed.updates}:
                 raise Refused(f"round {report.round} has no update of {report.peer_id[:MAX_ID_CHARS]!r}")
-            _text("reason", report.reason, MAX_REASON_CHARS)
+            _text("reason", report.reason, MAX_REPORTED_REASON)
         case RoundAveraged():
             if report.round not in session.closed:
                 raise Refused(f"round {report.round} is not closed")
-            expected = average_uri(config.uri(f"sessions/{sid}/rounds"), report.round)
+            expected = blobkeys.average_uri(config.uri(blobkeys.rounds(sid)), report.round)
             if report.uri != expected:
                 raise Refused(f"uri {report.uri[:300]!r} is not the round's average URI it was handed")
             _sha256(report.sha256)
@@ -171,7 +172,7 @@ def _update(session: Session, run: Run, sender: str, report: ModelUpdatePublishe
         raise Refused(f"round {report.round} is not open (the open round is {session.round or 'none'})")
     if sender in session.updates:
         raise Refused(f"already published its update of round {report.round}")
-    expected = update_uri(config.uri(f"sessions/{sid}/rounds"), report.round, sender)
+    expected = blobkeys.update_uri(config.uri(blobkeys.rounds(sid)), report.round, sender)
     if report.uri != expected:
         raise Refused(f"uri {report.uri[:300]!r} is not the update URI it was handed ({expected})")
     _sha256(report.sha256)
@@ -186,7 +187,7 @@ def _update(session: Session, run: Run, sender: str, report: ModelUpdatePublishe
 
 
 def _epochs(session: Session, run: Run) -> int:
-    rounds = session.request.rounds if session.request.strategy == "fedavg" else 1
+    rounds = session.request.rounds if strategies.rules(session.request.strategy).rounds else 1
     return run.hyperparameters.epochs * rounds
 
 

@@ -24,7 +24,8 @@ import asyncio
 import contextlib
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
 
 import msgspec
 import nats.errors
@@ -47,7 +48,6 @@ from swarmtrain.common.events import (
 )
 from swarmtrain.common.logging import get_logger
 from swarmtrain.common.settings import Settings
-from swarmtrain.scheduler import evaluation
 from swarmtrain.scheduler import recompute as recompute_model
 from swarmtrain.scheduler.actions import (
     Action,
@@ -74,6 +74,8 @@ from swarmtrain.scheduler.decide import decide, recover
 from swarmtrain.scheduler.reports import check
 from swarmtrain.scheduler.state import State, fold_safely, observe_beats, regrace
 from swarmtrain.scheduler.strategies.fedavg import needs_histograms
+from swarmtrain.training import evaluation
+from swarmtrain.training.data import DataError
 
 log = get_logger("swarmtrain.scheduler")
 TICK_S = 0.2
@@ -85,6 +87,7 @@ SENT_MEMORY = 100_000
 """Ids of commands sent by this process that it remembers, so a level-triggered decision is
 published once, not every tick."""
 EVALUATION_RETRY_S = 5.0
+T = TypeVar("T")
 
 
 def clocks() -> Clocks:
@@ -143,12 +146,10 @@ class Scheduler:
         self.barrier = 0
         """Stream sequence of our own latest write: no decision until the state has seen it."""
         self.sent: OrderedDict[str, None] = OrderedDict()
-        self.evaluating: dict[str, asyncio.Task[None]] = {}
-        self.evaluate_after: dict[str, float] = {}
+        self.jobs = OncePerKey(EVALUATION_RETRY_S)
+        """Evaluations, shard counts and a fork's starting model: blocking, once at a time per key."""
         self.histograms: dict[str, list[list[int]]] = {}
         """session_id -> its shards' label histograms (``label_skew``), once computed."""
-        self.counting: dict[str, asyncio.Task[None]] = {}
-        self.count_after: dict[str, float] = {}
         self.quarantined = 0
         """Events this process could not apply and skipped (each one logged with its error)."""
 
@@ -368,90 +369,124 @@ class Scheduler:
         """Compute the session's shard histograms in a worker thread (once at a time; again later if
         the dataset could not be read); a dataset that cannot be sharded so fails the session."""
         session = self.state.sessions.get(sid)
-        if sid in self.counting or self.count_after.get(sid, 0.0) > time.monotonic() or session is None:
+        if session is None:
             return
         request = session.request
 
-        async def run() -> None:
-            from swarmtrain.peer.data import DataError
+        async def counted(histograms: list[list[int]]) -> None:
+            self.histograms[sid] = histograms
 
-            try:
-                self.histograms[sid] = await asyncio.to_thread(evaluation.shard_histograms, self.store, request)
-            except DataError as exc:
-                log.warning("the dataset cannot be sharded as asked", session_id=sid, error=str(exc))
-                await self.execute([session_failed(sid, f"sharding: {exc}", clocks())])
-            except Exception as exc:
-                self.count_after[sid] = time.monotonic() + EVALUATION_RETRY_S
-                log.warning("shards could not be counted; tried again later", session_id=sid, error=repr(exc))
+        async def unshardable(exc: Exception) -> None:
+            log.warning("the dataset cannot be sharded as asked", session_id=sid, error=str(exc))
+            await self.execute([session_failed(sid, f"sharding: {exc}", clocks())])
 
-        task = asyncio.create_task(run(), name=f"shards-{sid}")
-        self.counting[sid] = task
-        task.add_done_callback(lambda _: self.counting.pop(sid, None))
+        self.jobs.run(
+            f"{sid}.shards",
+            lambda: evaluation.shard_histograms(self.store, request),
+            counted,
+            final=(DataError, unshardable),
+            what="shards could not be counted",
+            session_id=sid,
+        )
 
     def evaluate(self, action: Evaluate) -> None:
         """Measure the model in a worker thread (once at a time per model; again later if the
         dataset could not be read), then append its ``ModelEvaluated``."""
-        key = f"{action.session_id}.{action.peer_id}"
         session = self.state.sessions.get(action.session_id)
-        if key in self.evaluating or self.evaluate_after.get(key, 0.0) > time.monotonic() or session is None:
+        if session is None:
             return
         request, max_bytes = session.request, session.max_model_bytes()
 
-        async def run() -> None:
-            try:
-                measured = await asyncio.to_thread(
-                    evaluation.measure, self.store, request, action.model_uri, action.sha256, max_bytes
-                )
-            except Exception as exc:
-                self.evaluate_after[key] = time.monotonic() + EVALUATION_RETRY_S
-                log.warning(
-                    "evaluation could not run; tried again later", session_id=action.session_id, error=repr(exc)
-                )
-                return
-            fact = evaluated(action, measured.val_loss, measured.val_accuracy, measured.reason, clocks())
-            await self.append(fact)
+        async def measured(m: evaluation.Measured) -> None:
+            await self.append(evaluated(action, m.val_loss, m.val_accuracy, m.reason, clocks()))
             log.info(
                 "model evaluated",
                 session_id=action.session_id,
                 peer_id=action.peer_id,
-                val_accuracy=measured.val_accuracy,
-                reason=measured.reason,
+                val_accuracy=m.val_accuracy,
+                reason=m.reason,
             )
 
-        task = asyncio.create_task(run(), name=f"evaluate-{key}")
-        self.evaluating[key] = task
-        task.add_done_callback(lambda _: self.evaluating.pop(key, None))
+        self.jobs.run(
+            f"{action.session_id}.{action.peer_id}",
+            lambda: evaluation.measure(self.store, request, action.model_uri, action.sha256, max_bytes),
+            measured,
+            what="evaluation could not run",
+            session_id=action.session_id,
+        )
 
     def prepare(self, action: Prepare) -> None:
         """Recompute a fork's starting model in a worker thread (once at a time per session; again
         later if it could not run), then append its ``InitModelPrepared``; a round whose blobs are
         gone fails the session."""
         recompute = action.recompute
-        key = f"{recompute.session_id}.init"
         session = self.state.sessions.get(recompute.session_id)
-        if key in self.evaluating or self.evaluate_after.get(key, 0.0) > time.monotonic() or session is None:
+        if session is None:
             return
         max_bytes = session.max_model_bytes()
 
-        async def run() -> None:
-            try:
-                ref, included = await asyncio.to_thread(recompute_model.prepare, self.store, recompute, max_bytes)
-            except blob.BlobNotFound as exc:
-                await self.append(session_failed(recompute.session_id, f"init_from: {exc!r}", clocks()).event)
-                return
-            except Exception as exc:
-                self.evaluate_after[key] = time.monotonic() + EVALUATION_RETRY_S
-                log.warning("starting model not recomputed; tried again later", key=key, error=repr(exc))
-                return
+        async def prepared(result: tuple[blob.BlobRef, list[str]]) -> None:
+            ref, included = result
             await self.append(init_prepared(recompute, ref.uri, ref.sha256, included, clocks()))
             log.info("starting model recomputed", session_id=recompute.session_id, included=included)
 
-        task = asyncio.create_task(run(), name=f"prepare-{key}")
-        self.evaluating[key] = task
-        task.add_done_callback(lambda _: self.evaluating.pop(key, None))
+        async def gone(exc: Exception) -> None:
+            await self.append(session_failed(recompute.session_id, f"init_from: {exc!r}", clocks()).event)
+
+        self.jobs.run(
+            f"{recompute.session_id}.init",
+            lambda: recompute_model.prepare(self.store, recompute, max_bytes),
+            prepared,
+            final=(blob.BlobNotFound, gone),
+            what="starting model not recomputed",
+            session_id=recompute.session_id,
+        )
 
     async def close(self) -> None:
-        tasks = [*self.evaluating.values(), *self.counting.values()]
+        await self.jobs.close()
+
+
+class OncePerKey:
+    """Blocking jobs (torch, blob reads) run in a worker thread, at most one at a time per key; one
+    that fails with a ``final`` error hands it to its handler, any other failure is logged and the
+    key is tried again no sooner than ``retry_s`` later (the next decision asks again)."""
+
+    def __init__(self, retry_s: float) -> None:
+        self.retry_s = retry_s
+        self.running: dict[str, asyncio.Task[None]] = {}
+        self.after: dict[str, float] = {}
+
+    def run(
+        self,
+        key: str,
+        blocking: Callable[[], T],
+        then: Callable[[T], Awaitable[None]],
+        *,
+        final: tuple[type[Exception], Callable[[Exception], Awaitable[None]]] | None = None,
+        what: str,
+        **context: object,
+    ) -> None:
+        if key in self.running or self.after.get(key, 0.0) > time.monotonic():
+            return
+
+        async def go() -> None:
+            try:
+                result = await asyncio.to_thread(blocking)
+            except Exception as exc:
+                if final is not None and isinstance(exc, final[0]):
+                    await final[1](exc)
+                    return
+                self.after[key] = time.monotonic() + self.retry_s
+                log.warning(f"{what}; tried again later", key=key, error=repr(exc), **context)
+                return
+            await then(result)
+
+        task = asyncio.create_task(go(), name=f"job-{key}")
+        self.running[key] = task
+        task.add_done_callback(lambda _: self.running.pop(key, None))
+
+    async def close(self) -> None:
+        tasks = list(self.running.values())
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

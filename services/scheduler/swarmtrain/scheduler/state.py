@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
-from swarmtrain.common import shapes
+from swarmtrain.common import shapes, strategies
 from swarmtrain.common.events import (
     TERMINAL_SESSION_EVENTS,
     DatasetUploaded,
@@ -47,8 +47,9 @@ from swarmtrain.common.events import (
 from swarmtrain.common.lifecycle import ends_session, run_after, session_after, starts_session, takes_new_runs
 from swarmtrain.common.specs import PeerSpecs
 from swarmtrain.common.status import RunStatus, SessionStatus
-from swarmtrain.scheduler.actions import MAX_MODEL_BYTES
-from swarmtrain.scheduler.strategies import strategy_of
+
+MAX_MODEL_BYTES = 1 << 30
+"""The PUT bound of a model or update file when the dataset's shape is unknown."""
 
 
 @dataclass(frozen=True)
@@ -347,7 +348,7 @@ def _evolve_session(session: Session, seq: int, event: Event, wall: float) -> Se
                 shard_rows = tuple(sum(h) for h in event.shard_histograms)
                 init = (event.init_uri, event.init_sha256) if event.init_uri else None
                 session = replace(session, status=status, runs=runs, shard_rows=shard_rows, init=init)
-                if strategy_of(session.request.strategy).rounds:
+                if strategies.rules(session.request.strategy).rounds:
                     session = replace(session, round=1, round_opened=wall, round_base=wall)
             return session
         case Heartbeat():

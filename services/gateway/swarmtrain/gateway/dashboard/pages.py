@@ -24,8 +24,8 @@ from litestar.static_files import create_static_files_router
 from litestar.template.config import TemplateConfig
 from litestar.types import ControllerRouterHandler
 
+from swarmtrain.common import strategies
 from swarmtrain.gateway.inputs import is_id
-from swarmtrain.gateway.sessions import strategies
 
 try:
     from litestar.plugins.jinja import JinjaTemplateEngine

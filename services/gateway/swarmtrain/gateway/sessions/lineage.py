@@ -17,13 +17,13 @@ import msgspec
 from litestar.exceptions import ClientException, NotFoundException
 
 from swarmtrain.common.events import InitFrom, SessionRequested
+from swarmtrain.common.strategies import rules
 from swarmtrain.gateway import eventlog
 from swarmtrain.gateway.datasets import owned_dataset
 from swarmtrain.gateway.ownership import owned
 from swarmtrain.gateway.sessions import commands, queries
 from swarmtrain.gateway.sessions.planning import SessionPlan, check_against_dataset, parse_session, plan_session
 from swarmtrain.gateway.sessions.schemas import ForkIn, SessionCreated, SessionIn
-from swarmtrain.gateway.sessions.strategies import rules
 from swarmtrain.gateway.state import Gateway
 
 Shape = tuple[int, int]

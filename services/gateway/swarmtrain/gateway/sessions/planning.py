@@ -32,9 +32,9 @@ from swarmtrain.common.fedopts import (
 )
 from swarmtrain.common.settings import Settings
 from swarmtrain.common.specs import Requirements
+from swarmtrain.common.strategies import rules, with_rounds
 from swarmtrain.gateway.errors import describe
 from swarmtrain.gateway.sessions.schemas import HyperparametersIn, ModelIn, SessionIn
-from swarmtrain.gateway.sessions.strategies import rules, with_rounds
 
 
 class SessionPlan(msgspec.Struct, frozen=True, kw_only=True):

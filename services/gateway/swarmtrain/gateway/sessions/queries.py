@@ -14,6 +14,7 @@ from swarmtrain.common.events import Hyperparameters, ModelSpec
 from swarmtrain.common.fedopts import RoundOptionsSpec, describe
 from swarmtrain.common.specs import Requirements, meets
 from swarmtrain.common.status import SESSION_ACTIVE
+from swarmtrain.common.strategies import rules
 from swarmtrain.gateway.errors import TooManyRequests
 from swarmtrain.gateway.peers import stored_specs
 from swarmtrain.gateway.sessions.schemas import (
@@ -25,7 +26,6 @@ from swarmtrain.gateway.sessions.schemas import (
     RoundFigures,
     SessionOut,
 )
-from swarmtrain.gateway.sessions.strategies import rules
 
 ACTIVE = tuple(sorted(SESSION_ACTIVE))
 

@@ -21,7 +21,7 @@ from litestar.params import FromPath, JSONBody, MultipartBody, Parameter, QueryP
 from litestar.response import ServerSentEvent, Stream
 from litestar.security.jwt import Token
 
-from swarmtrain.common import blob
+from swarmtrain.common import blob, blobkeys
 from swarmtrain.common.logging import get_logger
 from swarmtrain.gateway import eventlog
 from swarmtrain.gateway.auth import BEARER, User
@@ -308,7 +308,7 @@ def model_key(store: blob.BlobStore, session_id: str, uri: str) -> str:
     except ValueError:  # OutsideStore, or a URI of another scheme
         log.warning("model URI outside the store", session_id=session_id, uri=uri[:200])
         raise NotFoundException("the session's model is not an object of this session") from None
-    if not key.startswith(f"sessions/{session_id}/"):
+    if not key.startswith(blobkeys.session_prefix(session_id)):
         log.warning("model URI of another session", session_id=session_id, uri=uri[:200])
         raise NotFoundException("the session's model is not an object of this session")
     return key

@@ -1,169 +1,18 @@
-"""How a peer trains, one module a strategy, behind one small interface.
+"""How a peer trains: one module a strategy (``sweep``, ``fedavg``) behind ``base.JobContext``.
 
-A strategy module has a single entry point::
-
-    async def run(command: Train, ctx: JobContext) -> None
-
-It trains what ``command`` asks for and reports what the strategy has to say (``Heartbeat``,
-``ModelUpdatePublished``, ``PeerDone``, ...) through ``ctx.report``, on the peer's own reports
-subject (never on a session's events: the scheduler checks each report and writes the fact). It
-reads and writes blobs only through the signed URLs of its ``Train`` and of the forwarded facts
-(``ctx.facts.urls``), with ``ctx.download`` / ``ctx.upload``: the peer holds no storage credential.
-It returns once its work is done, raises ``TrainingStopped`` when ``ctx.stop`` ended it (it then
-reports nothing more), or raises any other exception, which the peer turns into ``PeerFailed``.
-Registration, presence, the command consumer, ``Stop`` and ``PeerFailed`` belong to the peer
-(:mod:`swarmtrain.peer.service`), never to a strategy.
-
-The registry :data:`STRATEGIES` is keyed by the module's name, which is the contract's name of the
-strategy (``events.Strategy``): adding a strategy is adding ``<name>.py`` here with its ``run``,
-listing it in ``_MODULES``, and its test in ``tests/peer/strategies/``.
+Importing the package registers every strategy in ``base.STRATEGIES``: each module is imported
+here by name, and the names must be the contract's.
 """
 
 from __future__ import annotations
 
-import asyncio
-import threading
-import time
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Protocol, TypeVar, get_args
+from typing import get_args
 
-import httpx
-import torch
+from swarmtrain.common.events import Strategy
+from swarmtrain.peer.strategies import fedavg, sweep
+from swarmtrain.peer.strategies.base import STRATEGIES, JobContext, ReportFn, with_retries
 
-from swarmtrain.common import events, signing
-from swarmtrain.common.blob import BlobRef, MiB
-from swarmtrain.common.events import Report, Train
-from swarmtrain.common.logging import get_logger
-from swarmtrain.common.settings import Settings
-from swarmtrain.peer.facts import SessionFacts
-from swarmtrain.peer.progress import heartbeat, train_reporting
-from swarmtrain.peer.strategies import fedavg, sweep  # they name JobContext for type checking only
-from swarmtrain.peer.trainer import EpochStats
+MODULES = (sweep, fedavg)
+STRATEGIES.check_names(get_args(Strategy))
 
-T = TypeVar("T")
-
-
-log = get_logger("swarmtrain.peer")
-TRANSFER_ATTEMPTS = 3
-
-
-ReportFn = Callable[[Report], Awaitable[None]]
-"""The peer's report: retried with backoff (event ids deduplicate) for as long as the peer runs."""
-
-
-def _transient(exc: BaseException) -> bool:
-    """A transfer error worth another try: the network, or the server's fault (5xx)."""
-    if isinstance(exc, httpx.HTTPStatusError):
-        return exc.response.status_code >= 500
-    return isinstance(exc, httpx.TransportError)
-
-
-def with_retries(what: str, work: Callable[[], T], attempts: int = TRANSFER_ATTEMPTS) -> T:
-    """``work()``, tried again (blocking, with a short backoff) after a transient transfer error."""
-    for attempt in range(1, attempts + 1):
-        try:
-            return work()
-        except Exception as exc:
-            if attempt == attempts or not _transient(exc):
-                raise
-            log.warning("transfer failed; retrying", what=what, error=str(exc))
-            time.sleep(0.5 * attempt)
-    raise AssertionError("unreachable")
-
-
-@dataclass(frozen=True, kw_only=True)
-class JobContext:
-    """What the peer hands a strategy for one ``Train`` command."""
-
-    settings: Settings
-    peer_id: str
-    device: torch.device
-    dataset: Path
-    """The command's dataset as a local file, already fetched and checked against its sha256."""
-    report: ReportFn
-    facts: SessionFacts
-    """The session's facts as the scheduler forwards them (fedavg follows its rounds there)."""
-    stop: threading.Event
-    """Seen by worker threads: set, training ends at its next batch (``TrainingStopped``)."""
-    stopped: asyncio.Event
-    """Seen by the loop: set together with ``stop``, so a strategy waiting on a fact wakes up."""
-
-    @property
-    def max_download_bytes(self) -> int:
-        """The cap of every download (``SWARMTRAIN_BLOB_MAX_DOWNLOAD_MB``)."""
-        return self.settings.blob_max_download_mb * MiB
-
-    @property
-    def tmp_dir(self) -> Path:
-        path = Path(self.settings.state_dir) / "tmp"
-        path.mkdir(parents=True, exist_ok=True)
-        return path
-
-    def download(self, url: str, dest: Path, sha256: str | None, max_bytes: int | None = None) -> BlobRef:
-        """Blocking: ``url`` to ``dest``, capped (default ``max_download_bytes``) and checked against
-        ``sha256``; transient failures are tried again."""
-        cap = self._cap(max_bytes)
-        return with_retries("download", lambda: signing.fetch_url(url, dest, cap, sha256))
-
-    def download_bytes(
-        self, url: str, sha256: str | None, max_bytes: int | None = None, client: httpx.Client | None = None
-    ) -> bytes:
-        """Blocking: ``url``'s body in memory, capped and checked as :meth:`download` does;
-        ``client`` (``signing.new_client``) reuses its connections across calls."""
-        cap = self._cap(max_bytes)
-        return with_retries("download", lambda: signing.fetch_bytes(url, cap, sha256, client))
-
-    def upload(self, url: str, source: Path | bytes, client: httpx.Client | None = None) -> BlobRef:
-        """Blocking: ``source`` (a file or bytes) PUT to the signed ``url``; transient failures are
-        tried again."""
-        if not url:
-            raise ValueError("the Train carries no URL to write this object to")
-        return with_retries("upload", lambda: signing.put_url(url, source, client))
-
-    def _cap(self, max_bytes: int | None) -> int:
-        return self.max_download_bytes if max_bytes is None else min(max_bytes, self.max_download_bytes)
-
-    async def train_reporting(
-        self,
-        command: Train,
-        work: Callable[[Callable[[EpochStats], None]], T],
-        *,
-        after_stop: bool = True,
-    ) -> T:
-        """The heartbeat bridge: run blocking ``work(on_epoch)`` in a worker thread; each epoch's
-        figures are reported as this job's ``Heartbeat``, in order, all before this returns.
-
-        ``after_stop=False``: epochs that end once the job is stopping are not reported.
-        """
-
-        async def report(stats: EpochStats) -> None:
-            if after_stop or not self.stopped.is_set():
-                await self.report(heartbeat(command.session_id, self.peer_id, stats))
-
-        return await train_reporting(work, report)
-
-
-class PeerStrategy(Protocol):
-    """A strategy module (modules satisfy this protocol): its name and its ``run``."""
-
-    __name__: str
-
-    async def run(self, command: Train, ctx: JobContext) -> None: ...
-
-
-RunStrategy = Callable[[Train, JobContext], Awaitable[None]]
-
-
-def _registry(modules: tuple[PeerStrategy, ...]) -> Mapping[str, RunStrategy]:
-    found = {module.__name__.rpartition(".")[2]: module.run for module in modules}
-    contract = set(get_args(events.Strategy))
-    if set(found) != contract:
-        raise ImportError(f"peer strategies {sorted(found)} differ from the contract's {sorted(contract)}")
-    return found
-
-
-_MODULES: tuple[PeerStrategy, ...] = (sweep, fedavg)
-STRATEGIES: Mapping[str, RunStrategy] = _registry(_MODULES)
-"""The contract's strategy name -> its ``run``."""
+__all__ = ["MODULES", "STRATEGIES", "JobContext", "ReportFn", "with_retries"]

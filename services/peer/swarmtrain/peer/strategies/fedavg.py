@@ -3,7 +3,7 @@
 :func:`run` is the strategy's entry point (see :mod:`swarmtrain.peer.strategies`). Two halves.
 :class:`LocalLearner` is blocking torch work, run in a worker thread; nothing in it touches the loop
 or the network. :class:`FedavgRun` is the round protocol on the event loop; the averaging itself is
-the pure :mod:`swarmtrain.peer.averaging`:
+the pure :mod:`swarmtrain.training.averaging`:
 
 1. Load the dataset, split train/validation as a sweep does, take shard ``shard`` of
    ``num_shards`` of the training rows; fit ``Standardize`` on the *whole* training split and build
@@ -38,7 +38,7 @@ published as ``compression`` encodes it (the whole weights, or the delta from th
 every named update is decoded from the round's start, aggregated with ``aggregator`` and stepped
 with ``outer`` (whose state the peer carries from round to round, and a newcomer rebuilds by
 walking the rounds from the first): :func:`rounds.apply_round`. The shard is cut by ``sharding``
-(:mod:`swarmtrain.peer.sharding`). ``RoundAveraged`` names the rule applied, the updates selected
+(:mod:`swarmtrain.training.sharding`). ``RoundAveraged`` names the rule applied, the updates selected
 and the round's bytes.
 
 Local training is a pure function of (round-start weights, seed, shard, round): a fresh Adam per
@@ -63,32 +63,42 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import httpx
 import torch
-from torch import nn
 
 from swarmtrain.common import blob, signing
+from swarmtrain.common.blobkeys import average_uri, update_uri
 from swarmtrain.common.events import (
-    ModelSpec,
     ModelUpdatePublished,
     PeerDone,
     RoundAveraged,
     RoundClosed,
     RoundUpdate,
-    SessionRequested,
     Train,
     UpdateRejected,
 )
 from swarmtrain.common.logging import get_logger
-from swarmtrain.peer.averaging import Tensors, UpdateUnavailable, sha256_hex, state_bytes
-from swarmtrain.peer.compression import encode_update
-from swarmtrain.peer.data import DataError, Dataset, load_csv, split_indices
-from swarmtrain.peer.init import apply_init, fetch_init
-from swarmtrain.peer.model import ModelMetadata, Standardize, model_bytes
-from swarmtrain.peer.outer import State
-from swarmtrain.peer.rounds import (
+from swarmtrain.peer.strategies.base import STRATEGIES, JobContext
+from swarmtrain.peer.trainer import (
+    Amp,
+    EpochStats,
+    TrainingStopped,
+    TrainJob,
+    check_finite,
+    load_data,
+    metadata_for,
+    resolve_device,
+    run_epoch,
+)
+from swarmtrain.training.averaging import Tensors, UpdateUnavailable, sha256_hex, state_bytes
+from swarmtrain.training.compression import encode_update
+from swarmtrain.training.data import DataError
+from swarmtrain.training.evaluation import evaluate
+from swarmtrain.training.init import apply_init, initial_model
+from swarmtrain.training.model import ModelMetadata, model_bytes
+from swarmtrain.training.outer import State
+from swarmtrain.training.rounds import (
     RoundOptions,
     RoundResult,
     Spent,
@@ -96,23 +106,7 @@ from swarmtrain.peer.rounds import (
     replay_rounds,
     update_file,
 )
-from swarmtrain.peer.sharding import make_shards
-from swarmtrain.peer.trainer import (
-    Amp,
-    EpochStats,
-    TrainingStopped,
-    TrainJob,
-    check_finite,
-    evaluate,
-    load_data,
-    metadata_for,
-    resolve_device,
-    run_epoch,
-    seeded_model,
-)
-
-if TYPE_CHECKING:
-    from swarmtrain.peer.strategies import JobContext
+from swarmtrain.training.sharding import make_shards
 
 log = get_logger("swarmtrain.peer.fedavg")
 
@@ -126,14 +120,6 @@ def round_seed(seed: int, shard: int, round_: int) -> int:
     """The shuffle seed of ``shard``'s local epochs in ``round_``: the same for whoever trains it."""
     digest = hashlib.sha256(f"swarmtrain-fedavg/{seed}/{shard}/{round_}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-def update_uri(rounds_uri: str, round_: int, peer_id: str) -> str:
-    return f"{rounds_uri.rstrip('/')}/{round_}/{peer_id}.safetensors"
-
-
-def average_uri(rounds_uri: str, round_: int) -> str:
-    return f"{rounds_uri.rstrip('/')}/{round_}/average.safetensors"
 
 
 def check_command(command: Train) -> None:
@@ -157,24 +143,6 @@ def check_urls(command: Train) -> None:
 
 
 # ------------------------------------------------------------------ torch (worker thread)
-
-
-def initial_model(spec: ModelSpec, data: Dataset, train_idx: torch.Tensor, seed: int) -> nn.Sequential:
-    """Round 1's starting model, the same on every peer: built from ``torch.manual_seed(seed)``, its
-    ``Standardize`` fitted on the whole training split (not the shard)."""
-    model = seeded_model(spec, data.features.shape[1], len(data.classes), seed)
-    standardize = model[0]
-    assert isinstance(standardize, Standardize)
-    standardize.fit(data.features[train_idx])
-    return model
-
-
-def initial_weights(csv_path: Path, request: SessionRequested) -> Tensors:
-    """The weights :func:`initial_model` gives ``request``'s session (``replay-round`` starts there)."""
-    data = load_csv(csv_path, request.label_column)
-    train_idx, _ = split_indices(len(data), request.validation_split, request.seed)
-    model = initial_model(request.model, data, train_idx, request.seed)
-    return {name: t.detach().to("cpu").clone() for name, t in model.state_dict().items()}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -282,6 +250,7 @@ class LocalLearner:
 # ------------------------------------------------------------------ the round protocol (event loop)
 
 
+@STRATEGIES.register("fedavg")
 async def run(command: Train, ctx: JobContext) -> None:
     """The round protocol; returns after ``PeerDone`` or raises ``TrainingStopped``."""
     await FedavgRun(command, ctx).run()
@@ -319,7 +288,7 @@ class FedavgRun:
         cmd = self.command
         ctx = self.ctx
         check_urls(cmd)
-        init = await fetch_init(cmd, ctx)
+        init = await ctx.fetch_init(cmd)
         learner = await asyncio.to_thread(
             LocalLearner, ctx.dataset, cmd, str(ctx.device), ctx.settings.torch_threads, init
         )

@@ -18,25 +18,22 @@ import asyncio
 import os
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from swarmtrain.common import blob
 from swarmtrain.common.events import PeerDone, Train
 from swarmtrain.common.logging import get_logger
 from swarmtrain.peer import trainer
-from swarmtrain.peer.init import fetch_init
-from swarmtrain.peer.model import save_model
+from swarmtrain.peer.strategies.base import STRATEGIES, JobContext
 from swarmtrain.peer.trainer import TrainJob, TrainResult
-
-if TYPE_CHECKING:
-    from swarmtrain.peer.strategies import JobContext
+from swarmtrain.training.model import save_model
 
 log = get_logger("swarmtrain.peer")
 
 
+@STRATEGIES.register("sweep")
 async def run(command: Train, ctx: JobContext) -> None:
     """Train, upload the model, report ``PeerDone``."""
-    init = await fetch_init(command, ctx)
+    init = await ctx.fetch_init(command)
     job = TrainJob(
         csv_path=ctx.dataset,
         label_column=command.label_column,

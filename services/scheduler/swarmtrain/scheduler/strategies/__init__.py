@@ -1,31 +1,24 @@
 """The training strategies, one module each: the scheduler's rules for it (see ``base.Strategy``).
 
-A module here that defines ``STRATEGY`` is registered under ``STRATEGY.name``; adding a strategy
-is adding its module (and its name to the contract's ``Strategy``), plus its test.
+Each module adds its strategy to ``base.STRATEGIES`` under its contract name; this package imports
+every module by name, so that importing it registers them all. Adding a strategy is adding its
+module here (and its facts to ``common.strategies``), plus its test.
 """
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
+from typing import get_args
 
-from swarmtrain.scheduler.strategies.base import Assignment, Strategy
+from swarmtrain.common.events import Strategy as StrategyName
+from swarmtrain.scheduler.strategies import fedavg, sweep
+from swarmtrain.scheduler.strategies.base import STRATEGIES, Assignment, Strategy
 
-
-def _discover() -> dict[str, Strategy]:
-    found: dict[str, Strategy] = {}
-    for module in pkgutil.iter_modules(__path__):
-        strategy = getattr(importlib.import_module(f"{__name__}.{module.name}"), "STRATEGY", None)
-        if strategy is not None:
-            found[strategy.name] = strategy
-    return found
-
-
-STRATEGIES: dict[str, Strategy] = _discover()
+STRATEGIES.check_names(get_args(StrategyName))
+MODULES = (sweep, fedavg)
 
 
 def strategy_of(name: str) -> Strategy:
-    return STRATEGIES[name]
+    return STRATEGIES.get(name)
 
 
-__all__ = ["STRATEGIES", "Assignment", "Strategy", "strategy_of"]
+__all__ = ["MODULES", "STRATEGIES", "Assignment", "Strategy", "strategy_of"]

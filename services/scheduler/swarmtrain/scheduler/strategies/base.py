@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 from swarmtrain.common.events import Hyperparameters, SessionRequested
+from swarmtrain.common.registry import Registry
 
 if TYPE_CHECKING:
     from swarmtrain.scheduler.actions import Action, Clocks, Config
@@ -47,6 +48,11 @@ class Strategy(Protocol):
         """The peer whose model is the session's, once every run ended and ``evaluate`` asks for
         nothing more; None fails the session."""
         ...
+
+
+STRATEGIES: Registry[Strategy] = Registry("scheduler strategy")
+"""The scheduler's side of each strategy, by its contract name: each module adds its own
+(``STRATEGIES.add(name, ...)``); the package imports every module by name."""
 
 
 def best_validated(runs: Mapping[str, Run]) -> str | None:

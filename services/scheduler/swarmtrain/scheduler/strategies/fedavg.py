@@ -31,7 +31,7 @@ from swarmtrain.scheduler.actions import (
     train_command,
 )
 from swarmtrain.scheduler.lineage import eligible
-from swarmtrain.scheduler.strategies.base import Assignment, best_validated
+from swarmtrain.scheduler.strategies.base import STRATEGIES, Assignment, best_validated
 
 if TYPE_CHECKING:
     from swarmtrain.scheduler.state import Peer, Session
@@ -69,7 +69,7 @@ class FedAvg:
         return best_validated({p: r for p, r in done.items() if r.model_sha256 == agreed})
 
 
-STRATEGY = FedAvg()
+STRATEGY = STRATEGIES.add(FedAvg.name, FedAvg())
 
 
 def needs_histograms(request: SessionRequested) -> bool:

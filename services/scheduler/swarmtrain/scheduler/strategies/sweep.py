@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from swarmtrain.common.events import SessionRequested
-from swarmtrain.scheduler.strategies.base import Assignment, best_checked, to_evaluate
+from swarmtrain.scheduler.strategies.base import STRATEGIES, Assignment, best_checked, to_evaluate
 
 if TYPE_CHECKING:
     from swarmtrain.scheduler.actions import Action, Clocks, Config
@@ -35,4 +35,4 @@ class Sweep:
         return best_checked(session)
 
 
-STRATEGY = Sweep()
+STRATEGY = STRATEGIES.add(Sweep.name, Sweep())

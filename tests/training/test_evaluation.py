@@ -9,9 +9,9 @@ import pytest
 
 from swarmtrain.common import blob
 from swarmtrain.common.events import ModelSpec
-from swarmtrain.peer.data import load_csv
-from swarmtrain.peer.model import ModelMetadata, build_model, model_bytes
-from swarmtrain.scheduler import evaluation
+from swarmtrain.training import evaluation
+from swarmtrain.training.data import load_csv
+from swarmtrain.training.model import ModelMetadata, build_model, model_bytes
 from tests.factories import session_requested
 
 DIGITS = Path(__file__).resolve().parents[2] / "examples" / "digits.csv"

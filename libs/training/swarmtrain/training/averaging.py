@@ -18,7 +18,7 @@ import torch
 
 from swarmtrain.common.blob import BlobNotFound
 from swarmtrain.common.events import RoundClosed, RoundUpdate
-from swarmtrain.peer import tensorfile
+from swarmtrain.training import tensorfile
 
 WEIGHTS_FORMAT = "swarmtrain-weights/1"
 MAX_REASON = 300

@@ -10,9 +10,9 @@ import torch
 
 from swarmtrain.common.events import RoundClosed, RoundUpdate
 from swarmtrain.common.fedopts import AggregatorSpec, CompressionName, OuterSpec, applied_rule, possible_rules
-from swarmtrain.peer.averaging import average_round, sha256_hex, state_bytes
-from swarmtrain.peer.compression import encode_update
-from swarmtrain.peer.rounds import RoundOptions, apply_round, replay_rounds, update_file
+from swarmtrain.training.averaging import average_round, sha256_hex, state_bytes
+from swarmtrain.training.compression import encode_update
+from swarmtrain.training.rounds import RoundOptions, apply_round, replay_rounds, update_file
 
 URI = "file:///r"
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from swarmtrain.common.fedopts import AggregatorSpec, check_aggregator, check_krum
-from swarmtrain.peer.averaging import Tensors, weighted_average
+from swarmtrain.training.averaging import Tensors, weighted_average
 
 Update = tuple[str, Mapping[str, torch.Tensor], int]
 """``(peer_id, tensors, num_samples)``."""

@@ -30,11 +30,11 @@ import torch
 from swarmtrain.common.blob import BlobNotFound
 from swarmtrain.common.events import RoundClosed, RoundUpdate, SessionRequested, Train
 from swarmtrain.common.fedopts import AggregatorSpec, CompressionName, OuterSpec, applied_rule
-from swarmtrain.peer import tensorfile
-from swarmtrain.peer.aggregators import aggregate
-from swarmtrain.peer.averaging import MAX_REASON, Tensors, UpdateUnavailable, l2_distance, state_bytes
-from swarmtrain.peer.compression import check_payload, decode_update
-from swarmtrain.peer.outer import State, outer_step
+from swarmtrain.training import tensorfile
+from swarmtrain.training.aggregators import aggregate
+from swarmtrain.training.averaging import MAX_REASON, Tensors, UpdateUnavailable, l2_distance, state_bytes
+from swarmtrain.training.compression import check_payload, decode_update
+from swarmtrain.training.outer import State, outer_step
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from swarmtrain.common.fedopts import OUTER_DEFAULT_LR, OuterSpec, resolve_outer
-from swarmtrain.peer.outer import outer_step, pseudo_gradient
+from swarmtrain.training.outer import outer_step, pseudo_gradient
 
 
 def _w(*values: float) -> dict[str, torch.Tensor]:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from swarmtrain.common.fedopts import AggregatorName, AggregatorSpec, check_aggregator, check_options
-from swarmtrain.peer.aggregators import (
+from swarmtrain.training.aggregators import (
     AGGREGATORS,
     aggregate,
     check_krum,
@@ -21,7 +21,7 @@ from swarmtrain.peer.aggregators import (
     multi_krum,
     trimmed_mean,
 )
-from swarmtrain.peer.averaging import weighted_average
+from swarmtrain.training.averaging import weighted_average
 
 
 def _state(seed: int, scale: float = 1.0) -> dict[str, torch.Tensor]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import struct
 from pathlib import Path
+from typing import get_args
 
 import msgspec
 import torch
@@ -13,8 +14,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from swarmtrain.common import shapes
-from swarmtrain.common.events import ModelSpec
-from swarmtrain.peer import tensorfile
+from swarmtrain.common.events import ModelKind, ModelSpec
+from swarmtrain.training import tensorfile
 
 MIN_STD = 1e-6
 FORMAT = "swarmtrain-mlp/1"
@@ -54,7 +55,7 @@ def build_model(spec: ModelSpec, n_features: int, n_classes: int) -> nn.Sequenti
 
     Built from torch's global generator: seed it first for reproducible initial weights.
     """
-    if spec.kind not in ("mlp", "cnn"):
+    if spec.kind not in get_args(ModelKind):
         raise ValueError(f"unsupported model kind {spec.kind!r}")
     if n_features < 1 or n_classes < 1 or any(h < 1 for h in spec.hidden):
         raise ValueError(f"bad model shape: {n_features} features, hidden {spec.hidden}, {n_classes} classes")

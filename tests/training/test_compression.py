@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from swarmtrain.common.fedopts import CompressionSpec
-from swarmtrain.peer import tensorfile
-from swarmtrain.peer.compression import (
+from swarmtrain.training import tensorfile
+from swarmtrain.training.compression import (
     METHODS,
     SCALE_PREFIX,
     check_payload,

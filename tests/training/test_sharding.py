@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from swarmtrain.common.fedopts import ShardingSpec
-from swarmtrain.peer.data import DataError, shard_indices, split_indices
-from swarmtrain.peer.sharding import histograms, iid, label_skew, make_shards
+from swarmtrain.training.data import DataError, shard_indices, split_indices
+from swarmtrain.training.sharding import histograms, iid, label_skew, make_shards
 
 N, CLASSES = 1000, 10
 LABELS = torch.arange(N, dtype=torch.int64) % CLASSES

@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping
 import torch
 
 from swarmtrain.common.fedopts import OuterSpec, resolve_outer
-from swarmtrain.peer.averaging import Tensors
+from swarmtrain.training.averaging import Tensors
 
 State = dict[str, torch.Tensor]
 """Keys: ``step``, and per float tensor ``momentum/<name>`` (momentum, nesterov) or ``m/<name>``,

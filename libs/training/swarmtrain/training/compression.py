@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from swarmtrain.common.fedopts import CompressionName, CompressionSpec
-from swarmtrain.peer.averaging import Tensors, check_update
+from swarmtrain.training.averaging import Tensors, check_update
 
 SCALE_PREFIX = "scale/"
 INT8_LEVELS = 127

@@ -1,10 +1,12 @@
-"""The scheduler's own measure of a finished model (issue 10: figures are checked, not believed).
+"""A model measured on a session's validation split: :func:`evaluate` (what a peer reports each
+epoch) and :func:`measure`, the scheduler's own figure of a finished model (issue 10: figures are
+checked, not believed).
 
-Blocking (torch): the shell runs ``measure`` in a worker thread. It reuses the peer's own code, so
+Blocking (torch): the scheduler runs ``measure`` in a worker thread. It is the peers' own code, so
 the figure is the one a peer computes for ``val_accuracy``: the model file loaded as the peer
-loads it (``peer.model.load_model``: safetensors, never unpickled), the dataset parsed as the peer
-parses it (``peer.data.load_csv``), the same seeded validation split (``peer.data.split_indices``
-with the session's ``validation_split`` and ``seed``), and ``peer.trainer.evaluate`` on it.
+loads it (``model.load_model``: safetensors, never unpickled), the dataset parsed as the peer
+parses it (``data.load_csv``, :func:`load_dataset`), the same seeded validation split
+(``data.split_indices`` with the session's ``validation_split`` and ``seed``), and :func:`evaluate`.
 
 What is wrong with the MODEL (missing, other bytes than its ``PeerDone`` named, too large, not a
 model file, not fitting the dataset's columns or classes) is an answer: ``Measured`` with no
@@ -21,13 +23,41 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
 
 from swarmtrain.common import blob
 from swarmtrain.common.events import SessionRequested
+from swarmtrain.training.data import Dataset, load_csv, split_indices
+from swarmtrain.training.model import load_model
+from swarmtrain.training.sharding import make_shards
 
-if TYPE_CHECKING:
-    from swarmtrain.peer.data import Dataset
+EVAL_BATCH = 4096
+
+
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float | None, float | None]:
+    """``(mean loss, accuracy)`` of ``model`` on ``(x, y)``; ``(None, None)`` for no rows.
+
+    Up to ``EVAL_BATCH`` rows in one pass, more in batches (a cnn's activations are large).
+    """
+    n = int(y.shape[0])
+    if not n:
+        return None, None
+    model.eval()
+    with torch.inference_mode():
+        if n <= EVAL_BATCH:
+            logits = model(x)
+            loss = float(nn.functional.cross_entropy(logits, y).item())
+            return loss, float((logits.argmax(dim=1) == y).float().mean().item())
+        loss_sum = 0.0
+        correct = 0
+        for start in range(0, n, EVAL_BATCH):
+            xb, yb = x[start : start + EVAL_BATCH], y[start : start + EVAL_BATCH]
+            logits = model(xb)
+            loss_sum += float(nn.functional.cross_entropy(logits, yb, reduction="sum").item())
+            correct += int((logits.argmax(dim=1) == yb).sum().item())
+    return loss_sum / n, correct / n
 
 
 @dataclass(frozen=True)
@@ -43,10 +73,6 @@ def measure(
 ) -> Measured:
     """Evaluate the model at ``model_uri`` (which must hash to ``model_sha256``) on ``request``'s
     validation split."""
-    from swarmtrain.peer import data as peer_data
-    from swarmtrain.peer.model import load_model
-    from swarmtrain.peer.trainer import evaluate
-
     try:
         raw = store.get_bytes(store.key_of(model_uri), max_bytes=max_model_bytes)
     except blob.BlobNotFound:
@@ -62,10 +88,10 @@ def measure(
     except Exception as exc:  # anything a hostile file can make the loader raise
         return Measured(None, None, f"the model file does not load: {type(exc).__name__}: {str(exc)[:300]}")
 
-    dataset = _dataset(store, request)  # raises: not the model's fault, tried again later
+    dataset = load_dataset(store, request)  # raises: not the model's fault, tried again later
     if metadata.feature_names != dataset.feature_names or metadata.classes != dataset.classes:
         return Measured(None, None, "the model's feature columns or classes differ from the dataset's")
-    _, val_idx = peer_data.split_indices(len(dataset), request.validation_split, request.seed)
+    _, val_idx = split_indices(len(dataset), request.validation_split, request.seed)
     try:
         val_loss, val_accuracy = evaluate(model, dataset.features[val_idx], dataset.labels[val_idx])
     except Exception as exc:  # shapes a forged file can get wrong despite its metadata
@@ -78,13 +104,10 @@ def measure(
 
 def shard_histograms(store: blob.BlobStore, request: SessionRequested) -> list[list[int]]:
     """Per shard of ``request``'s training rows, its rows per class index, cut as the peers cut
-    them (``peer.sharding.make_shards`` on the same split and seed). Raises ``DataError`` when the
+    them (``sharding.make_shards`` on the same split and seed). Raises ``DataError`` when the
     dataset cannot be sharded so (the session fails), anything else when it cannot be read now."""
-    from swarmtrain.peer import data as peer_data
-    from swarmtrain.peer.sharding import make_shards
-
-    dataset = _dataset(store, request)
-    train_idx, _ = peer_data.split_indices(len(dataset), request.validation_split, request.seed)
+    dataset = load_dataset(store, request)
+    train_idx, _ = split_indices(len(dataset), request.validation_split, request.seed)
     sharding = make_shards(request.sharding, train_idx, dataset.labels, request.num_peers, request.seed)
     return sharding.histograms
 
@@ -98,11 +121,10 @@ _cache: OrderedDict[tuple[str, str, str], Dataset] = OrderedDict()
 _cache_lock = threading.Lock()
 
 
-def _dataset(store: blob.BlobStore, request: SessionRequested) -> Dataset:
-    """``request``'s dataset, parsed as a peer parses it; kept (``CACHED_DATASETS``) when small.
-    The key holds the sha256 the download is checked against, so a cached copy is the same bytes."""
-    from swarmtrain.peer import data as peer_data
-
+def load_dataset(store: blob.BlobStore, request: SessionRequested) -> Dataset:
+    """``request``'s dataset from ``store`` (checked against its sha256), parsed as a peer parses it;
+    kept (``CACHED_DATASETS``) when small. The key holds the sha256 the download is checked
+    against, so a cached copy is the same bytes."""
     key = (request.dataset_uri, request.dataset_sha256, request.label_column)
     with _cache_lock:
         if (hit := _cache.get(key)) is not None:
@@ -111,7 +133,7 @@ def _dataset(store: blob.BlobStore, request: SessionRequested) -> Dataset:
     with tempfile.TemporaryDirectory(prefix="swarmtrain-eval-") as tmp:
         path = Path(tmp) / "data.csv"
         store.download(store.key_of(request.dataset_uri), path, sha256=request.dataset_sha256)
-        dataset = peer_data.load_csv(path, request.label_column)
+        dataset = load_csv(path, request.label_column)
         small = path.stat().st_size <= CACHED_DATASET_BYTES
     if small:
         with _cache_lock:

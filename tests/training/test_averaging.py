@@ -14,8 +14,8 @@ from safetensors.torch import save as st_save
 
 from swarmtrain.common.blob import BlobNotFound
 from swarmtrain.common.events import RoundClosed, RoundUpdate
-from swarmtrain.peer import tensorfile
-from swarmtrain.peer.averaging import (
+from swarmtrain.training import tensorfile
+from swarmtrain.training.averaging import (
     WEIGHTS_FORMAT,
     UpdateUnavailable,
     average_round,

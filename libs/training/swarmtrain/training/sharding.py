@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from swarmtrain.common.fedopts import ShardingSpec
-from swarmtrain.peer.data import DataError, shard_indices
+from swarmtrain.training.data import DataError, shard_indices
 
 MAX_DRAWS = 1000
 """label_skew draws again (from the same generator) while a shard would be empty; at most this often."""

@@ -1,0 +1,66 @@
+"""A session's starting model, the same on every machine that builds it.
+
+- :func:`initial_model`: the model built from ``torch.manual_seed(seed)`` with its ``Standardize``
+  fitted on the whole training split (not a shard): what every peer of a session starts from, what
+  the scheduler recomputes a fork from and ``replay-round`` walks from (:func:`initial_weights`).
+- :func:`apply_init`: a session that starts from an earlier model (``Train.init_url``: fine-tuning
+  an earlier session's model, or a fork's round) loads its tensors into that freshly built model
+  (after the standardization is fitted, before any training): every tensor of the model, with the
+  same names, shapes and dtypes, or the job fails. The peer fetches it through its signed URL and
+  checks its sha256 (``JobContext.fetch_init``)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from swarmtrain.common.events import ModelSpec, SessionRequested
+from swarmtrain.training.averaging import Tensors, check_update
+from swarmtrain.training.data import DataError, Dataset, split_indices
+from swarmtrain.training.model import Standardize, build_model
+
+# Model initialisation seeds torch's global generator; the lock keeps two trainings in one process
+# from interleaving there, fork_rng keeps everyone else's random state as it was.
+_init_lock = threading.Lock()
+
+
+def seeded_model(spec: ModelSpec, n_features: int, n_classes: int, seed: int) -> nn.Sequential:
+    """``build_model`` from ``torch.manual_seed(seed)``: the same initial weights on every machine.
+
+    A spec that does not fit the data (a cnn's ``input_shape``) is a DataError.
+    """
+    with _init_lock, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        try:
+            return build_model(spec, n_features, n_classes)
+        except ValueError as exc:
+            raise DataError(str(exc)) from None
+
+
+def initial_model(spec: ModelSpec, data: Dataset, train_idx: torch.Tensor, seed: int) -> nn.Sequential:
+    """A session's seeded model with its ``Standardize`` fitted on ``data``'s training rows
+    ``train_idx`` (the whole training split, never a shard): the same on every machine."""
+    model = seeded_model(spec, data.features.shape[1], len(data.classes), seed)
+    standardize = model[0]
+    assert isinstance(standardize, Standardize)
+    standardize.fit(data.features[train_idx])
+    return model
+
+
+def initial_weights(data: Dataset, request: SessionRequested) -> Tensors:
+    """The weights :func:`initial_model` gives ``request``'s session, on the CPU."""
+    train_idx, _ = split_indices(len(data), request.validation_split, request.seed)
+    model = initial_model(request.model, data, train_idx, request.seed)
+    return {name: t.detach().to("cpu").clone() for name, t in model.state_dict().items()}
+
+
+def apply_init(model: nn.Module, init: Mapping[str, torch.Tensor]) -> None:
+    """Load ``init`` into ``model``; a DataError if its tensors do not fit the model."""
+    reference = {name: t.detach().to("cpu") for name, t in model.state_dict().items()}
+    reason = check_update(init, reference)
+    if reason is not None:
+        raise DataError(f"the starting model does not fit this model: {reason}")
+    model.load_state_dict({name: t.clone() for name, t in init.items()}, strict=True)
