@@ -4,14 +4,17 @@ The role is the command of the container's main process (PID 1: ``swarmtrain gat
 ``scheduler``, ``peer``), and the check is what that role serves, at the port its own settings name
 (so no port is written a second time for the check): the gateway its ``/healthz``; any other service
 or peer its ``/metrics`` when ``SWARMTRAIN_METRICS_PORT`` is set, else that it is running at all.
+``python -m swarmtrain.cli.health`` is the same check without the CLI's imports: what the image runs,
+so a loaded machine answers within the healthcheck's timeout.
 """
 
 from __future__ import annotations
 
+import sys
 import urllib.request
 from pathlib import Path
 
-from swarmtrain.common.settings import Settings
+from swarmtrain.common.settings import Settings, get_settings
 
 ROLES = ("gateway", "projector", "scheduler", "peer")
 
@@ -49,3 +52,13 @@ def check(settings: Settings, pid: int = 1, timeout: float = 2.0) -> tuple[bool,
             return resp.status == 200, f"{role}: {url} answered {resp.status}"
     except OSError as exc:
         return False, f"{role}: {url}: {exc}"
+
+
+def main(pid: int = 1) -> int:
+    healthy, what = check(get_settings(), pid=pid)
+    print(what, file=sys.stdout if healthy else sys.stderr)
+    return 0 if healthy else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

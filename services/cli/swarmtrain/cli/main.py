@@ -212,11 +212,9 @@ def _invite(args: argparse.Namespace) -> int:
 
 
 def _health(args: argparse.Namespace) -> int:
-    from swarmtrain.cli.health import check
+    from swarmtrain.cli.health import main as health
 
-    healthy, what = check(get_settings(), pid=args.pid)
-    print(what, file=sys.stdout if healthy else sys.stderr)
-    return 0 if healthy else 1
+    return health(args.pid)
 
 
 def _demo(args: argparse.Namespace) -> int:
