@@ -40,8 +40,15 @@ fail() {
     fi
     exit 1
 }
-cleanup() {
+stop_tap() { # the `run --rm` client, and its container, which outlives a killed client
     [ -n "$TAP_PID" ] && kill "$TAP_PID" 2>/dev/null || true
+    TAP_PID=""
+    local left
+    left=$(docker ps -aq --filter label=com.docker.compose.project="$COMPOSE_PROJECT_NAME" --filter label=com.docker.compose.oneoff=True)
+    [ -z "$left" ] || docker rm -f $left >/dev/null
+}
+cleanup() {
+    stop_tap
     [ -n "$INDEX_PID" ] && kill "$INDEX_PID" 2>/dev/null || true
     if [ "${KEEP:-0}" != 1 ] && [ -f "$WORK/compose.yaml" ]; then
         (cd "$WORK" && $COMPOSE --profile ha --profile tools down -v --remove-orphans >/dev/null 2>&1) || true
@@ -150,9 +157,9 @@ show_health
 step "8. README: docker compose run --rm nats-box nats sub 'session.*.events' (in the background)"
 $COMPOSE --profile tools run --rm -T nats-box nats sub 'session.*.events' > "$WORK/tap.log" 2>&1 &
 TAP_PID=$!
-sleep 5
+for _ in $(seq 1 60); do grep -q "listening on" "$WORK/tap.log" && break; sleep 1; done
 grep -q "listening on" "$WORK/tap.log" || fail "the tap is not listening: $(cat "$WORK/tap.log")"
-echo "    $(head -1 "$WORK/tap.log")"
+echo "    $(grep "listening on" "$WORK/tap.log")"
 
 step "9. a sweep through REST (2 peers)"
 python "$CHECK/drive.py" train --dataset examples/digits.csv --strategy sweep --sid-file sids
@@ -168,7 +175,7 @@ for sid in $(cat sids); do
         || fail "no SessionCompleted for $sid on session.*.events"
     echo "    $sid: $n events on session.$sid.events, SessionCompleted among them"
 done
-kill "$TAP_PID" 2>/dev/null || true; TAP_PID=""
+stop_tap
 
 step "12. down; the ha profile: swarmtrain nats-config --cluster 3, SWARMTRAIN_STREAM_REPLICAS=3 up"
 $COMPOSE --profile tools down -v --remove-orphans 2>&1 | tail -1 | sed 's/^/    /'
