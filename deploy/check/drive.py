@@ -25,6 +25,8 @@ from typing import Any
 import httpx
 
 TERMINAL = {"completed", "failed", "cancelled"}
+MONITORS = {"nats-1": 8222, "nats-2": 8223, "nats-3": 8224}
+"""compose.yaml's monitoring port of each node (x-ports)."""
 
 
 def say(text: str) -> None:
@@ -140,7 +142,7 @@ def main() -> int:
     p.add_argument("--download", type=Path)
     p.add_argument("--sid-file", type=Path, help="append the session id here")
     p.add_argument("--kill", help="ha: a shell command; {node}, {service}: the stream leader's name, compose service")
-    p.add_argument("--monitor", type=int, nargs="*", default=[8222, 8223, 8224])
+    p.add_argument("--monitor", type=int, nargs="*", default=list(MONITORS.values()))
     args = p.parse_args()
     c = client(args.api)
     wait_peers(c, 2)
@@ -161,9 +163,12 @@ def main() -> int:
         service = "nats" if leader == "nats-1" else leader  # compose.yaml's service of that node
         command = args.kill.format(node=leader, service=service)
         say(f"EVENTS stream leader: {leader}; killing its container mid-session: {command}")
-        subprocess.run(command, shell=True, check=True)
-        time.sleep(2)
-        say(f"EVENTS stream leader now: {stream_leader(args.monitor)}")
+        subprocess.run(command, shell=True, check=True, stdout=subprocess.DEVNULL)
+        killed_at, elected = time.monotonic(), None
+        while time.monotonic() - killed_at < 60 and elected in (None, leader):
+            time.sleep(0.5)
+            elected = stream_leader([p for p in args.monitor if p != MONITORS.get(leader)])
+        say(f"EVENTS stream leader after {time.monotonic() - killed_at:.1f} s: {elected}")
     s = wait_end(c, sid)
     code = finish(s)
     if code == 0 and args.download:
