@@ -7,14 +7,14 @@ TORCH_CPU ?= torch==2.13.0
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup demo up test faults fuzz lint typecheck smoke bench clean
+.PHONY: help setup demo up test faults fuzz lint typecheck smoke bench compose-check clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
 
 setup: $(VENV)/.installed ## create the virtualenv and install the project with its dev tools
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	@if command -v nvidia-smi >/dev/null 2>&1; then echo "GPU found: default torch build"; \
@@ -50,6 +50,9 @@ smoke: setup ## the outside-in acceptance check in ../shared/acceptance
 
 bench: setup ## run the benchmarks in bench/ (about 4 minutes on 2 cores; see BENCHMARKS.md)
 	$(BIN)/python -m bench.run
+
+compose-check: setup ## compose.yaml in a real engine: the README's steps, sweep + fedavg via REST, the ha profile losing its stream leader (deploy/check/)
+	VENV_BIN=$(abspath $(BIN)) deploy/check/compose-check.sh
 
 clean: ## remove the virtualenv and local state
 	rm -rf $(VENV) .swarmtrain .pytest_cache .mypy_cache .ruff_cache

@@ -8,6 +8,7 @@ URLs, whose secret the stack made itself. NATS refuses any other credential, and
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import json
@@ -40,7 +41,10 @@ def _clean_env(**extra: str) -> dict[str, str]:
 
 
 class Listening:
-    def __init__(self, root: Path, database_url: str) -> None:
+    """``swarmtrain up --listen 127.0.0.1`` run as ``swarmtrain`` (this checkout's, or an installed wheel's)."""
+
+    def __init__(self, root: Path, database_url: str, swarmtrain: list[str] = SWARMTRAIN) -> None:
+        self.swarmtrain = swarmtrain
         self.port, self.nats_port = servers.free_port(), servers.free_port()
         self.data = root / "stack"
         self.up_log = root / "up.log"
@@ -49,7 +53,7 @@ class Listening:
         with self.up_log.open("wb") as out:
             self.proc = subprocess.Popen(
                 [
-                    *SWARMTRAIN,
+                    *swarmtrain,
                     "up",
                     "--listen",
                     "127.0.0.1",
@@ -123,16 +127,27 @@ def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
 
 
 async def _invite(stack: Listening, *extra: str) -> list[str]:
-    code, out, err = await cli("invite", "--data-dir", str(stack.data), *extra, env=_clean_env())
-    assert code == 0, f"{err}\n{stack.logs()}"
-    return out.splitlines()
+    """``swarmtrain invite`` run as the same ``swarmtrain`` as the stack."""
+    proc = await asyncio.create_subprocess_exec(
+        *stack.swarmtrain,
+        "invite",
+        "--data-dir",
+        str(stack.data),
+        *extra,
+        env=_clean_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, f"{err.decode()}\n{stack.logs()}"
+    return out.decode().splitlines()
 
 
-def _join_argv(line: str, name: str) -> list[str]:
-    """The printed line, run as this Python's swarmtrain."""
+def _join_argv(line: str, name: str, swarmtrain: list[str] = SWARMTRAIN) -> list[str]:
+    """The printed line, run as ``swarmtrain`` (this Python's, or an installed wheel's)."""
     words = shlex.split(line)
     assert words[:3] == ["swarmtrain", "peer", "--join"] and len(words) == 4, line
-    return [*SWARMTRAIN, *words[1:], "--name", name]
+    return [*swarmtrain, *words[1:], "--name", name]
 
 
 def _start(argv: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
@@ -217,6 +232,13 @@ async def test_invite_is_refused_for_a_stack_not_listening(tmp_path: Path) -> No
 async def test_a_peer_joined_from_the_printed_line_trains_a_sweep_with_no_shared_folder(
     stack: Listening, procs: list[subprocess.Popen[bytes]], tmp_path: Path
 ) -> None:
+    await join_and_train(stack, procs, tmp_path)
+
+
+async def join_and_train(
+    stack: Listening, procs: list[subprocess.Popen[bytes]], tmp_path: Path, swarmtrain: list[str] = SWARMTRAIN
+) -> None:
+    """Invite one peer, run the printed line as ``swarmtrain`` in a folder of its own, train a sweep on it."""
     assert "/ui/" in stack.announcement and "/metrics" in stack.announcement
     assert "NATS authentication on" in stack.announcement
     [line] = await _invite(stack)
@@ -231,7 +253,7 @@ async def test_a_peer_joined_from_the_printed_line_trains_a_sweep_with_no_shared
         SWARMTRAIN_BLOB_URL=(elsewhere / "no-store").as_uri(),  # a store it must never use
         SWARMTRAIN_TORCH_THREADS="1",
     )
-    procs.append(_start(_join_argv(line, "elsewhere"), elsewhere, peer_env))
+    procs.append(_start(_join_argv(line, "elsewhere", swarmtrain), elsewhere, peer_env))
 
     api = Api(stack.url)
     try:

@@ -72,9 +72,34 @@ def test_start_order_waits_on_health(compose: dict[str, Any]) -> None:
     assert deps["gateway"]["minio-init"] == "service_completed_successfully"
     assert deps["scheduler"]["minio-init"] == "service_completed_successfully"
     assert deps["peer"]["gateway"] == "service_healthy"  # the streams exist: peers may not create them
-    for name in ("nats", "minio", "postgres", "gateway"):
+    for name in ("minio", "postgres"):
         assert services[name]["healthcheck"]["test"][0] == "CMD"
-    assert "js-enabled-only" in " ".join(services["nats"]["healthcheck"]["test"])
+    # the gateway: the image's one check, which asks the role it runs at the port its settings name
+    assert services["gateway"]["healthcheck"]["test"] == ["CMD", "python", "-m", "swarmtrain.cli.health"]
+    dockerfile = (ROOT / "deploy" / "Dockerfile").read_text()
+    assert re.search(r'^HEALTHCHECK .*CMD \["python", "-m", "swarmtrain.cli.health"\]$', dockerfile, re.M)
+    for name in ("nats", "nats-2", "nats-3"):
+        test = services[name]["healthcheck"]["test"]
+        assert test[0] == "CMD-SHELL" and "js-enabled-only" in test[1] and "$${MONITOR_PORT}" in test[1]
+
+
+def test_every_nats_node_has_its_own_ports_written_once(compose: dict[str, Any]) -> None:
+    """A port apiece (the `ha` profile runs on one host's network too), each written once: the
+    monitoring port of the command is the one the healthcheck asks; each node's name and route
+    port, which the generated cluster file reads from the environment, match its routes."""
+    from swarmtrain.cli.natsconfig import CLUSTER_PORT_ENV, NODE_ENV, cluster_hosts, cluster_ports
+
+    seen: set[str] = set()
+    for i, (host, route_port) in enumerate(zip(cluster_hosts(3), cluster_ports(3), strict=True)):
+        node = compose["services"][host]
+        command, env = node["command"], node["environment"]
+        assert "--server_name" not in command  # a flag would make NATS refuse every configuration reload
+        assert env[NODE_ENV] == f"nats-{i + 1}" and env[CLUSTER_PORT_ENV] == str(route_port)
+        assert env["MONITOR_PORT"] == command[command.index("-m") + 1]
+        client = command[command.index("-p") + 1] if "-p" in command else "4222"
+        ports = {client, env["MONITOR_PORT"], env[CLUSTER_PORT_ENV]}
+        assert len(ports) == 3 and not ports & seen, (host, ports, seen)
+        seen |= ports
 
 
 def test_nats_runs_the_generated_configuration_durably(compose: dict[str, Any], tmp_path: Path) -> None:
@@ -126,12 +151,15 @@ def test_no_secret_has_a_default(compose: dict[str, Any], tmp_path: Path) -> Non
     dockerfile = (ROOT / "deploy" / "Dockerfile").read_text()
     assert not re.search(r"(SECRET|PASSWORD|ACCESS_KEY|NKEY)", re.sub(r"^#.*$", "", dockerfile, flags=re.M))
     assert "USER 10001" in dockerfile and 'ENTRYPOINT ["swarmtrain"]' in dockerfile
-    ignore = [
-        line
-        for line in (ROOT / "deploy" / "Dockerfile.dockerignore").read_text().splitlines()
-        if line and not line.startswith("#")
-    ]
+    # the build context's filter at its root, where the classic builder reads it too (BuildKit's
+    # Dockerfile.dockerignore would win over it, so there is none)
+    assert not (ROOT / "deploy" / "Dockerfile.dockerignore").exists()
+    ignore = [line for line in (ROOT / ".dockerignore").read_text().splitlines() if line and not line.startswith("#")]
     assert ignore[0] == "*" and not any(p.startswith("!deploy") for p in ignore)  # no credentials in the image
+    assert {"**/.env", "**/*.env"} <= set(ignore)
+    admitted = {p.removeprefix("!").rstrip("/") for p in ignore if p.startswith("!")}
+    copied = set(re.findall(r"^COPY (?!--from)(.+?) \S+$", dockerfile, re.M))
+    assert {w for line in copied for w in line.split()} <= admitted  # the Dockerfile copies nothing it filters out
 
 
 def test_environment_is_settings_and_least_privilege(compose: dict[str, Any]) -> None:

@@ -67,8 +67,10 @@ def test_cluster_3_routes_three_nodes_and_keeps_fsync(tmp_path: Path, capsys: py
     assert "SWARMTRAIN_STREAM_REPLICAS=3" in capsys.readouterr().out
     config = (out / "nats-server.conf").read_text()
     block = config.split("cluster {", 1)[1].split("}", 1)[0]
-    assert "name: swarmtrain" in block and "listen: 0.0.0.0:6222" in block
-    routes = [f"nats-route://{host}:6222" for host in ("nats", "nats-2", "nats-3")]
+    # each node's name and route port from its environment: nothing on the command line blocks a reload
+    assert "server_name: $SWARMTRAIN_NATS_NODE" in config
+    assert "name: swarmtrain" in block and "port: $SWARMTRAIN_NATS_CLUSTER_PORT" in block
+    routes = [f"nats-route://{host}:{port}" for host, port in (("nats", 6222), ("nats-2", 6223), ("nats-3", 6224))]
     assert f"routes: [{', '.join(routes)}]" in block  # compose.yaml's `ha` profile names them so
     assert "sync_interval: always" in config
     generate(out, peers=1)  # without --cluster, one server again
@@ -96,7 +98,10 @@ async def test_three_servers_run_the_generated_cluster_file_with_r3_streams(tmp_
     nodes = [servers.ClusterNode(f"nats-{i + 1}", int(routes[i].rsplit(":", 1)[1]), routes) for i in range(3)]
     procs = [
         await asyncio.to_thread(
-            subprocess.Popen, servers.nats_command(port, tmp_path / node.name, config, node), stdout=subprocess.DEVNULL
+            subprocess.Popen,
+            servers.nats_command(port, tmp_path / node.name, config, node),
+            stdout=subprocess.DEVNULL,
+            env=_node_env(node.name, node.cluster_port),
         )
         for port, node in zip(ports, nodes, strict=True)
     ]
@@ -119,3 +124,71 @@ async def test_three_servers_run_the_generated_cluster_file_with_r3_streams(tmp_
     finally:
         for proc in procs:
             servers.stop(proc, signal.SIGTERM)
+
+
+def _node_env(name: str, cluster_port: int) -> dict[str, str]:
+    import os
+
+    from swarmtrain.cli.natsconfig import CLUSTER_PORT_ENV, NODE_ENV
+
+    return {**os.environ, NODE_ENV: name, CLUSTER_PORT_ENV: str(cluster_port)}
+
+
+async def test_a_cluster_node_reloads_its_configuration_and_takes_a_new_peer(tmp_path: Path) -> None:
+    """docs/many-machines.md: add a peer, reload NATS, the new credential is accepted at once. A node
+    named on its command line (``--server_name``) refuses the reload; one named by its environment
+    (the generated file's ``server_name: $SWARMTRAIN_NATS_NODE``, as compose.yaml runs it) takes it."""
+    import asyncio
+    import signal
+
+    import nats
+    import nats.errors
+
+    from swarmtrain.common import servers
+
+    out = tmp_path / "nats"
+    generate(out, peers=1, cluster=3)
+    port = servers.free_port()
+    log = tmp_path / "nats.log"
+    command = [servers.nats_server_binary(), "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", str(tmp_path / "js")]
+    with log.open("wb") as sink:
+        proc = await asyncio.to_thread(
+            subprocess.Popen,
+            [*command, "-c", str(out / "nats-server.conf")],
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            env=_node_env("nats-1", servers.free_port()),
+        )
+    try:
+        await asyncio.to_thread(servers.wait_port, port, proc, "nats-server")
+        generate(out, peers=2, cluster=3)  # a second peer: its public key is in the file now
+        env = read_env_file(out / "peers" / "peer-2.env")
+        proc.send_signal(signal.SIGHUP)
+        async with asyncio.timeout(20):
+            while "Reloaded server configuration" not in log.read_text():
+                assert "Failed to reload" not in log.read_text(), log.read_text()[-2000:]
+                await asyncio.sleep(0.1)
+        nc = await nats.connect(
+            f"nats://127.0.0.1:{port}",
+            nkeys_seed_str=env["SWARMTRAIN_NATS_NKEY_SEED"],
+            inbox_prefix=env["SWARMTRAIN_NATS_INBOX_PREFIX"],
+            allow_reconnect=False,
+            connect_timeout=5,
+        )
+        await nc.close()
+    finally:
+        servers.stop(proc, signal.SIGTERM)
+
+
+def test_an_unreadable_credential_names_its_owner_and_the_rule(tmp_path: Path) -> None:
+    """What a peer says when it runs as another user than the one who ran nats-config (root, which
+    these tests run as, reads any file, so the message is checked on its own)."""
+    import os
+
+    from swarmtrain.cli.natsconfig import _unreadable
+
+    generate(tmp_path / "nats", peers=1)
+    path = tmp_path / "nats" / "peers" / "peer-1.env"
+    text = _unreadable(path)
+    assert f"belongs to uid {os.stat(path).st_uid}" in text and "mode 600" in text
+    assert "SWARMTRAIN_UID and SWARMTRAIN_GID in .env" in text and "Traceback" not in text

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import msgspec
 import nats
@@ -37,23 +38,62 @@ class WrongLastSequence(Exception):
     """The subject moved on since the sequence the writer expected: someone else wrote first."""
 
 
+class Stopped(Exception):
+    """The process was asked to stop (SIGTERM, SIGINT) while it was still waiting for NATS."""
+
+
+STOP: contextvars.ContextVar[asyncio.Event | None] = contextvars.ContextVar("swarmtrain_stop", default=None)
+"""The process's stop event, set by ``swarmtrain.cli.main.serve`` before it starts a service: the
+waits here that can last forever (a NATS server away or refusing this credential, a JetStream
+still electing its leader) give up with ``Stopped`` as soon as it is set."""
+
+
+async def _unless_stopped(work: asyncio.Future[T] | asyncio.Task[T], what: str) -> T:
+    """``await work``, or cancel it and raise ``Stopped`` once the process's stop event is set."""
+    stop = STOP.get()
+    if stop is None:
+        return await work
+    stopping: asyncio.Future[object] = asyncio.ensure_future(stop.wait())
+    racing: set[asyncio.Future[Any]] = {work, stopping}
+    try:
+        await asyncio.wait(racing, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        work.cancel()
+        raise
+    finally:
+        stopping.cancel()
+    if not work.done():
+        work.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await work
+        raise Stopped(f"stopped while {what}")
+    return work.result()
+
+
 async def connect(settings: Settings, name: str, attempts: int = -1) -> NATS:
-    """Connect to NATS; a service waits for it forever (``attempts=-1``), a one-shot command does not."""
+    """Connect to NATS; a service waits for it forever (``attempts=-1``), a one-shot command does not.
+
+    A process stopped while it waits (NATS away, or refusing its credential and asked again every
+    half second) ends at once: ``Stopped``, which ``serve`` takes as a clean stop.
+    """
 
     async def on_error(exc: Exception) -> None:
         log.warning("nats error", error=str(exc))
 
-    return await nats.connect(
-        servers=settings.nats_url.split(","),
-        name=name,
-        user=settings.nats_user,
-        password=settings.nats_password,
-        nkeys_seed_str=settings.nats_nkey_seed,
-        inbox_prefix=settings.nats_inbox_prefix,
-        max_reconnect_attempts=attempts,
-        reconnect_time_wait=0.5,
-        error_cb=on_error,
+    connecting = asyncio.ensure_future(
+        nats.connect(
+            servers=settings.nats_url.split(","),
+            name=name,
+            user=settings.nats_user,
+            password=settings.nats_password,
+            nkeys_seed_str=settings.nats_nkey_seed,
+            inbox_prefix=settings.nats_inbox_prefix,
+            max_reconnect_attempts=attempts,
+            reconnect_time_wait=0.5,
+            error_cb=on_error,
+        )
     )
+    return await _unless_stopped(connecting, f"connecting to NATS at {settings.nats_url}")
 
 
 JETSTREAM_NOT_READY = (nats.errors.TimeoutError, nats.errors.NoRespondersError, nats.js.errors.ServiceUnavailableError)
@@ -79,7 +119,7 @@ async def ensure_streams(js: JetStreamContext, replicas: int | None = None, read
             if time.monotonic() + delay > deadline:
                 raise
             log.info("JetStream not ready yet; asking again", error=repr(exc), in_s=delay)
-            await asyncio.sleep(delay)
+            await _unless_stopped(asyncio.ensure_future(asyncio.sleep(delay)), "waiting for JetStream")
             delay = min(delay * 2, 2.0)
 
 

@@ -15,26 +15,44 @@ from pathlib import Path
 import msgspec
 
 from swarmtrain.cli import clientcmds, deadletters
-from swarmtrain.common import metrics, subjects
+from swarmtrain.common import bus, metrics, subjects
 from swarmtrain.common.fedopts import AggregatorName
-from swarmtrain.common.logging import configure
+from swarmtrain.common.logging import configure, get_logger
 from swarmtrain.common.settings import Settings, get_settings
+from swarmtrain.common.version import VERSION
 
 
 def serve(main: Callable[[Settings, asyncio.Event], Awaitable[None]], settings: Settings | None = None) -> int:
-    """Run ``main(settings, stop)`` until SIGINT or SIGTERM sets ``stop``."""
+    """Run ``main(settings, stop)`` until SIGINT or SIGTERM sets ``stop``.
+
+    ``main`` finishes its work cleanly once ``stop`` is set; while it still waits for NATS (away,
+    or refusing the credential) it ends at once (``bus.STOP``, ``bus.Stopped``). A second signal
+    ends it at once in any state.
+    """
     settings = settings or get_settings()
     configure(settings.log_level, settings.log_format)
     metrics.expose(settings.metrics_port, settings.metrics_host)
 
     async def runner() -> None:
         stop = asyncio.Event()
+        bus.STOP.set(stop)
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await main(settings, stop)
+        task = asyncio.current_task()
 
-    asyncio.run(runner())
+        def on_signal() -> None:
+            if stop.is_set() and task is not None:
+                task.cancel()  # asked twice: no more waiting for a clean finish
+            stop.set()
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, on_signal)
+        try:
+            await main(settings, stop)
+        except bus.Stopped as exc:
+            get_logger("swarmtrain").info("stopped", reason=str(exc))
+
+    with contextlib.suppress(asyncio.CancelledError):
+        asyncio.run(runner())
     return 0
 
 
@@ -193,6 +211,12 @@ def _invite(args: argparse.Namespace) -> int:
     return invite(Path(args.data_dir).resolve(), args.peers)
 
 
+def _health(args: argparse.Namespace) -> int:
+    from swarmtrain.cli.health import main as health
+
+    return health(args.pid)
+
+
 def _demo(args: argparse.Namespace) -> int:
     from swarmtrain.cli.demo import demo
 
@@ -201,6 +225,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="swarmtrain", description=__doc__)
+    p.add_argument("--version", action="version", version=f"swarmtrain {VERSION}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     up = sub.add_parser("up", help="run the whole stack on this machine (NATS, PostgreSQL, services, peers)")
@@ -317,6 +342,11 @@ def parser() -> argparse.ArgumentParser:
     demo.add_argument("--epochs", type=int, default=15)
     demo.add_argument("--dataset", help="a CSV with a `label` column (default: the packaged digits sample)")
     demo.set_defaults(func=_demo)
+    health = sub.add_parser(
+        "health", help="check the swarmtrain service or peer a container runs (the image's HEALTHCHECK)"
+    )
+    health.add_argument("--pid", type=int, default=1, help="the process to check (default 1: the container's)")
+    health.set_defaults(func=_health)
     clientcmds.register(sub)
     deadletters.register(sub)
     return p

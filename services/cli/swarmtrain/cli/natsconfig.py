@@ -29,6 +29,7 @@ import os
 import re
 import secrets
 import socket
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -227,20 +228,38 @@ CLUSTER_NAME = "swarmtrain"
 CLUSTER_PORT = 6222
 
 
+NODE_ENV = "SWARMTRAIN_NATS_NODE"
+CLUSTER_PORT_ENV = "SWARMTRAIN_NATS_CLUSTER_PORT"
+
+
 def cluster_hosts(nodes: int) -> list[str]:
     """The nodes' host names: compose.yaml's services ``nats``, ``nats-2``, ``nats-3``, ..."""
     return ["nats", *(f"nats-{i}" for i in range(2, nodes + 1))]
 
 
+def cluster_ports(nodes: int) -> list[int]:
+    """Each node's route port, one apiece (6222, 6223, ...): the nodes may share one host's network."""
+    return [CLUSTER_PORT + i for i in range(nodes)]
+
+
 def cluster_block(hosts: list[str]) -> str:
     """A JetStream cluster of ``hosts`` (every node gets the same file; a route to itself is ignored).
 
-    Each node still needs its own name: ``--server_name nats-2`` on its command line, as compose.yaml's
-    ``ha`` profile passes it. With three nodes, streams are kept on three (SWARMTRAIN_STREAM_REPLICAS=3)
-    and stay writable while two are up: the loss of any one node loses nothing acknowledged.
+    Each node reads its own name and route port from its environment (``SWARMTRAIN_NATS_NODE``,
+    ``SWARMTRAIN_NATS_CLUSTER_PORT``; compose.yaml's ``ha`` profile sets them), so nothing on the
+    command line stands in the way of a configuration reload (``nats-server --signal reload``, after
+    a peer is added), which refuses a server name given as a flag. Node i routes on
+    ``CLUSTER_PORT + i``: a port apiece, so the three can share one host's network. With three nodes,
+    streams are kept on three (SWARMTRAIN_STREAM_REPLICAS=3) and stay writable while two are up:
+    the loss of any one node loses nothing acknowledged.
     """
-    routes = ", ".join(f"nats-route://{host}:{CLUSTER_PORT}" for host in hosts)
-    return f"cluster {{\n  name: {CLUSTER_NAME}\n  listen: 0.0.0.0:{CLUSTER_PORT}\n  routes: [{routes}]\n}}\n"
+    routes = ", ".join(
+        f"nats-route://{host}:{port}" for host, port in zip(hosts, cluster_ports(len(hosts)), strict=True)
+    )
+    return (
+        f"server_name: ${NODE_ENV}\n"
+        f"cluster {{\n  name: {CLUSTER_NAME}\n  host: 0.0.0.0\n  port: ${CLUSTER_PORT_ENV}\n  routes: [{routes}]\n}}\n"
+    )
 
 
 def server_config(identities: list[Identity], sync: str, port: int, cluster: int = 0) -> str:
@@ -408,6 +427,17 @@ def invite_peers(out: Path, count: int, port: int) -> list[Identity]:
 # ------------------------------------------------------------------ a peer taking its credential
 
 
+def _unreadable(path: Path) -> str:
+    """Why this process cannot read a credential file, and the rule that fixes it."""
+    st = path.stat()
+    return (
+        f"cannot read {path} as uid {os.getuid()} (gid {os.getgid()}): it belongs to uid {st.st_uid} "
+        f"(gid {st.st_gid}), mode {stat.S_IMODE(st.st_mode):o}. A peer runs as the user who ran "
+        "`swarmtrain nats-config`: with compose, set SWARMTRAIN_UID and SWARMTRAIN_GID in .env to that "
+        f"user's `id -u` and `id -g` ({st.st_uid} and {st.st_gid} here)"
+    )
+
+
 @contextmanager
 def claim(path: Path) -> Iterator[tuple[str, dict[str, str]]]:
     """Hold a peer credential for as long as the peer runs: ``(name, env)``.
@@ -419,7 +449,10 @@ def claim(path: Path) -> Iterator[tuple[str, dict[str, str]]]:
     if not candidates:
         raise SystemExit(f"no peer credentials (peer-*.env) in {path}")
     for candidate in candidates:
-        fd = os.open(candidate, os.O_RDONLY)
+        try:
+            fd = os.open(candidate, os.O_RDONLY)
+        except PermissionError:
+            raise SystemExit(_unreadable(candidate)) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -449,8 +482,9 @@ def main(out: Path, peers: int, sync: str, port: int, cluster: int = 0) -> int:
     )
     if cluster > 1:
         print(
-            f"\na cluster of {cluster} nodes ({', '.join(cluster_hosts(cluster))}), each started with its own"
-            " --server_name; keep every stream on three of them:\n"
+            f"\na cluster of {cluster} nodes ({', '.join(cluster_hosts(cluster))}), each with its name and route port"
+            f" in its environment ({NODE_ENV}, {CLUSTER_PORT_ENV}; compose.yaml sets them);"
+            " keep every stream on three of them:\n"
             f"SWARMTRAIN_STREAM_REPLICAS=3 SWARMTRAIN_NATS_DIR={out} docker compose --profile ha up"
         )
     return 0

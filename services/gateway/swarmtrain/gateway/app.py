@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
@@ -20,6 +21,7 @@ from litestar.types import ControllerRouterHandler
 from swarmtrain.common import blob, bus
 from swarmtrain.common.logging import get_logger
 from swarmtrain.common.settings import Settings, get_settings
+from swarmtrain.common.version import VERSION
 from swarmtrain.gateway import dashboard, errors
 from swarmtrain.gateway.auth import AuthController, make_jwt_auth
 from swarmtrain.gateway.blobs import BlobController
@@ -69,7 +71,7 @@ def _configure_dependencies() -> dict[str, Provide]:
 def _configure_openapi() -> OpenAPIConfig:
     return OpenAPIConfig(
         title="swarmtrain",
-        version="0.1.0",
+        version=VERSION,
         description="Train models on a swarm of peers: upload a CSV, request a session, watch it train. "
         "Sign up, sign in for an access token, and send it as `Authorization: Bearer <token>` to every route "
         "marked with the BearerToken scheme. Errors are RFC 9457 problem details (application/problem+json).",
@@ -130,9 +132,21 @@ async def _open_gateway(settings: Settings, stack: contextlib.AsyncExitStack) ->
 class _Server(uvicorn.Server):
     """uvicorn without its own signal handlers: the caller's ``stop`` event is the one way out."""
 
+    def __init__(self, config: uvicorn.Config, stop: asyncio.Event) -> None:
+        super().__init__(config)
+        self.stop = stop
+
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        try:
+            await super().startup(sockets)
+        except SystemExit:  # uvicorn's answer to a lifespan that did not start
+            if not self.stop.is_set():
+                raise
+            self.should_exit = True  # it did not start because it was stopped (bus.Stopped): no failure
 
 
 async def run(settings: Settings, stop: asyncio.Event) -> None:
@@ -142,7 +156,7 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level="warning", timeout_graceful_shutdown=SHUTDOWN_GRACE_S
     )
-    server = _Server(config)
+    server = _Server(config, stop)
     serving = asyncio.create_task(server.serve(), name="gateway-uvicorn")
     stopping = asyncio.create_task(stop.wait(), name="gateway-stop")
     try:
@@ -155,6 +169,8 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
         with contextlib.suppress(asyncio.CancelledError):
             await stopping
     await serving
+    if not server.started and stop.is_set():
+        raise bus.Stopped("stopped before the gateway served (waiting for NATS or PostgreSQL)")
     if not server.started:
         raise RuntimeError(f"the gateway could not serve on {settings.host}:{settings.port}")
 
