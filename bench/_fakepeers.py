@@ -42,8 +42,8 @@ from swarmtrain.common.events import Heartbeat, ModelSpec, PeerDone, PeerRegiste
 def model_file(dataset: Path, spec: ModelSpec | None = None, label_column: str = "label") -> bytes:
     """The bytes of an untrained model of ``spec`` for the CSV ``dataset``: what a fake peer's
     ``PeerDone`` names (the scheduler loads and evaluates it as a real peer's)."""
-    from swarmtrain.peer.data import load_csv
-    from swarmtrain.peer.model import ModelMetadata, build_model, model_bytes
+    from swarmtrain.training.data import load_csv
+    from swarmtrain.training.model import ModelMetadata, build_model, model_bytes
 
     spec = spec or ModelSpec()
     data = load_csv(dataset, label_column)
