@@ -24,7 +24,7 @@ from swarmtrain.common.events import (
 )
 from swarmtrain.scheduler.actions import Action, Append, Clocks, Config, Reassign, Timing
 from swarmtrain.scheduler.decide import decide
-from swarmtrain.scheduler.state import State, evolve, observe_presence
+from swarmtrain.scheduler.state import State, evolve, observe_presence, regrace
 from swarmtrain.scheduler.strategies.fedavg import round_deadline
 from tests.factories import session_requested
 
@@ -250,3 +250,17 @@ def test_no_hand_over_into_a_round_that_closes_in_the_same_decision() -> None:
     actions = decided(state, 2)
     assert [a for a in actions if isinstance(a, Append) and isinstance(a.event, RoundClosed)]
     assert not [a for a in actions if isinstance(a, Reassign)]  # the last round closed: nothing to hand over
+
+
+def test_a_round_deadline_never_counts_the_time_the_scheduler_could_not_hear() -> None:
+    """A scheduler paused, catching up or cut off from its log past a deadline: the peers' updates
+    that arrived meanwhile are unread, so the round gets its whole deadline again from the grace
+    (``regrace``) rather than failing the peers that published."""
+    state = replay(fedavg(), update("a", 1, 5))  # deadline 15 s after the round opened at 0
+    assert [type(e).__name__ for e in events(state, 16)] == ["PeerFailed", "PeerFailed", "RoundClosed"]
+    graced = regrace(state, now=0.0, wall=T0 + 16)  # back at 16 s, the reports not read yet
+    assert events(graced, 16) == [] and events(graced, 30) == []  # 15 s from the grace, not from 0
+    late = replay(graced, update("b", 1, 17), update("c", 1, 17))
+    rc = closed(late, 17)
+    assert rc is not None and rc.left_out == []  # nobody failed for the scheduler's own stall
+    assert [type(e).__name__ for e in events(graced, 32)] == ["PeerFailed", "PeerFailed", "RoundClosed"]

@@ -42,6 +42,9 @@ class Clocks:
     """Monotonic seconds: presence beats, which are not in the log."""
     wall: float
     """UTC seconds: round deadlines (against the broker's ``observed_at`` of events) and ``occurred_at``."""
+    heard_since: float = 0.0
+    """UTC seconds since which the scheduler has heard the platform without a gap (``State.heard_since``):
+    a deadline never counts the time before it."""
 
     @property
     def at(self) -> datetime:

@@ -11,6 +11,7 @@ what, rounds, a failed participant, the session's model) is asked of ``strategie
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 from swarmtrain.common.events import (
     PeerFailed,
@@ -53,6 +54,8 @@ from swarmtrain.scheduler.strategies import strategy_of
 
 def decide(state: State, clocks: Clocks, config: Config) -> list[Action]:
     """Everything the scheduler should do now, given the state and the clocks."""
+    if state.heard_since > clocks.heard_since:
+        clocks = replace(clocks, heard_since=state.heard_since)
     actions: list[Action] = _presence(state, clocks, config.timing.peer_timeout)
     unavailable = {a.event.peer_id for a in actions if isinstance(a, Append) and isinstance(a.event, PeerWentOffline)}
     idle = sorted(

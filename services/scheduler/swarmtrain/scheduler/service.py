@@ -11,8 +11,14 @@ it decides nothing itself. Its own mechanics:
 - commands sent once per process (``Send``/``Forward`` ids remembered), ``SessionFact`` signed only
   when sent, evaluations run in worker threads;
 - riding out faults: an event whose evolve raises is quarantined (logged, counted, skipped); a
-  NATS error ends no loop; after a reconnect or a gap in its reading every peer gets a fresh
-  timeout window (``state.regrace``).
+  NATS error ends no loop; after a reconnect, a gap in its reading (paused, catching up) or a log
+  it could not reach (its streams probed every ``PROBE_S``, a fact it could not append: a stream
+  electing its leader) every peer gets a fresh timeout window and every open round a fresh
+  deadline (``state.regrace``);
+- judging only on what arrived: no decision is taken when the reports were last read more than a
+  gap ago (it reads first), and a decision that fails a peer or takes it offline waits, for a few
+  ticks at most, until every stored report has been read and the streams answer;
+- a report whose fact the log already holds (a redelivery) is acked, not rejected.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import typing
 from collections import OrderedDict
 from collections.abc import Sequence
 
@@ -35,6 +42,9 @@ from swarmtrain.common.events import (
     PRESENCE_SUBJECTS,
     Command,
     Event,
+    PeerFailed,
+    PeerWentOffline,
+    Report,
     ReportRejected,
     decode_event,
     decode_presence,
@@ -74,11 +84,24 @@ from swarmtrain.scheduler.strategies.fedavg import needs_histograms
 log = get_logger("swarmtrain.scheduler")
 TICK_S = 0.2
 EVENTS_WAIT_S = 0.005
+REPORT_TYPES = typing.get_args(Report)
 REPORTS_CONSUMER = "scheduler-reports"
 SENT_MEMORY = 100_000
 """Ids of commands sent by this process that it remembers, so a level-triggered decision is
 published once, not every tick."""
 EVALUATION_RETRY_S = 5.0
+REPORTS_ACK_WAIT_S = 3.0
+"""A report fetched by a scheduler that died before it acked comes again after this: well within
+a supervised restart, so it is checked while its session still runs."""
+PROBE_S = 1.0
+"""How often the scheduler asks its streams whether they answer (a stream electing its leader
+stores nothing: time a peer could not be heard, which must count against nobody)."""
+PROBE_TIMEOUT_S = 2.0
+MAX_DEFERRALS = 25
+"""Ticks a blaming decision waits for the reports stored before it to be read."""
+APPLIED_MEMORY = 200_000
+"""Ids of the reports' facts read from the log that the scheduler remembers (a redelivered report
+whose fact is stored is acked, not rejected)."""
 
 
 def clocks() -> Clocks:
@@ -123,11 +146,24 @@ def url_signer(store: blob.BlobStore, settings: Settings) -> Signer | None:
     return sign
 
 
+def blames(actions: Sequence[Action]) -> bool:
+    """Whether ``actions`` fail a peer's run or take a peer offline."""
+    return any(isinstance(a, Append) and isinstance(a.event, PeerFailed | PeerWentOffline) for a in actions)
+
+
 class Scheduler:
     def __init__(self, settings: Settings, js: JetStreamContext) -> None:
         self.settings = settings
         self.js = js
-        self.state = State(started_at=time.monotonic())
+        self.state = State(started_at=time.monotonic(), heard_since=time.time())
+        self.gap_s = max(2.0, settings.peer_timeout_s / 2)
+        """A reading this much older than a decision is a gap: the decision waits for a new one."""
+        self.heard_at = time.monotonic()
+        """Monotonic time the latest fetch of the reports began: what a decision stands on."""
+        self.deferred = 0
+        """Consecutive ticks a blaming decision waited for the reports before it."""
+        self.applied: OrderedDict[str, None] = OrderedDict()
+        """Event ids of reports' facts read from the log (the latest ``APPLIED_MEMORY``)."""
         self.store = blob.open_store(settings.blob_url, settings)
         self.config = Config(uri=self.store.uri, timing=timing_of(settings), signer=url_signer(self.store, settings))
         self.beats: dict[str, float] = {}
@@ -145,6 +181,8 @@ class Scheduler:
         self.count_after: dict[str, float] = {}
         self.quarantined = 0
         """Events this process could not apply and skipped (each one logged with its error)."""
+        self.reports: JetStreamContext.PullSubscription | None = None
+        """The reports' subscription the loop reads (``may_blame`` asks it what is still pending)."""
 
     def on_presence(self, data: bytes) -> None:
         try:
@@ -157,13 +195,14 @@ class Scheduler:
 
     def regrace(self, why: str) -> None:
         """Judge no peer on beats this scheduler could not see: every timeout starts again now."""
-        self.state = regrace(self.state, time.monotonic())
-        log.info("fresh timeout window for every peer", why=why)
+        self.state = regrace(self.state, time.monotonic(), time.time())
+        log.info("fresh timeout window for every peer and round", why=why)
 
     async def catch_up(self, sub: JetStreamContext.PullSubscription) -> None:
         """Replay the log up to its current end, then redo what a dead scheduler may have left half done."""
         await self.read_to(sub, await bus.last_sequence(self.js))
         log.info("state rebuilt", position=self.state.position, sessions=len(self.state.sessions))
+        self.regrace("caught up with the log")  # the time the replay took counts against nobody
         await self.execute(recover(self.state, clocks(), self.config))
 
     async def read_to(self, sub: JetStreamContext.PullSubscription, target: int) -> None:
@@ -176,6 +215,11 @@ class Scheduler:
         batch = await bus.fetch(sub, decode_event, batch=512, timeout=timeout)
         if batch:
             items = [(bus.stream_seq(msg), event, observed_at(msg)) for msg, event in batch]
+            for _, event, _ in items:
+                if isinstance(event, REPORT_TYPES):
+                    self.applied[event.event_id] = None
+            while len(self.applied) > APPLIED_MEMORY:
+                self.applied.popitem(last=False)
             self.state, quarantined = fold_safely(self.state, items)
             for seq, event, error in quarantined:
                 self.quarantined += 1
@@ -187,23 +231,32 @@ class Scheduler:
     ) -> int:
         """Check the reports that arrive within ``timeout`` against a state that has read the log
         to its end (another scheduler may have started the session), append each one's fact or
-        rejection, then ack it."""
+        rejection, then ack it. A report whose fact is in the log already (redelivered: its ack was
+        lost) is acked as it is. One that cannot be recorded (the log unreachable, electing a leader)
+        comes again, with the rest of its batch, and the failure is raised: a fault to ride out."""
+        heard_at = time.monotonic()
         batch = await bus.fetch(reports, decode_report, batch=256, timeout=timeout)
+        self.heard_at = heard_at
         if not batch:
             return 0
         await self.read_to(events, max(self.barrier, await bus.last_sequence(self.js)))
-        for msg, report in batch:
+        for i, (msg, report) in enumerate(batch):
             sender = sender_of(msg.subject)
             if sender is None:
                 await msg.term()
+                continue
+            if report.event_id in self.applied:
+                await msg.ack()
                 continue
             outcome = check(self.state, sender, report, self.config, clocks().at)
             try:
                 await self.append(outcome)
             except Exception as exc:
                 log.warning("report not recorded; it comes again", report_id=report.event_id, error=repr(exc))
-                await msg.nak(delay=1.0)
-                continue
+                for later, _ in batch[i:]:
+                    with contextlib.suppress(Exception):
+                        await later.nak(delay=1.0)
+                raise
             await msg.ack()
             if isinstance(outcome, ReportRejected):
                 log.info("report rejected", peer_id=sender, type=outcome.report_type, reason=outcome.reason)
@@ -225,10 +278,36 @@ class Scheduler:
         beats, self.beats = self.beats, {}
         doing, self.doing = self.doing, {}
         self.state = observe_beats(self.state, beats, doing)
-        if self.state.position >= self.barrier:
-            with metrics.deciding():
-                actions = decide(self.state, clocks(), self.config)
-            await self.execute(actions)
+        if self.state.position < self.barrier:
+            return
+        # checked just before deciding: a process stopped (SIGSTOP, a frozen VM) anywhere in its
+        # loop resumes with a reading older than the stop; it reads again before it judges
+        if (gap := time.monotonic() - self.heard_at) > self.gap_s:
+            self.regrace(f"no reading for {gap:.1f}s")
+            return
+        with metrics.deciding():
+            actions = decide(self.state, clocks(), self.config)
+        if blames(actions) and not await self.may_blame():
+            return
+        await self.execute(actions)
+
+    async def may_blame(self) -> bool:
+        """Whether a decision that fails a peer or takes it offline may stand: the streams answer
+        and every report stored has been read (else it waits a tick, ``MAX_DEFERRALS`` at most). A
+        stream that does not answer is a fault (raised): once it answers, a fresh grace."""
+        await self.probe()
+        info = await asyncio.wait_for(self.reports.consumer_info(), PROBE_TIMEOUT_S) if self.reports else None
+        pending = int(info.num_pending or 0) if info is not None else 0
+        if pending and self.deferred < MAX_DEFERRALS:
+            self.deferred += 1
+            return False
+        self.deferred = 0
+        return True
+
+    async def probe(self) -> None:
+        """Ask the streams the peers' reports and the facts go to whether they answer (raises if not)."""
+        for stream in (bus.REPORTS_STREAM, bus.EVENTS_STREAM):
+            await asyncio.wait_for(self.js.stream_info(stream), PROBE_TIMEOUT_S)
 
     async def execute(self, actions: Sequence[Action]) -> None:
         starts = [a for a in actions if isinstance(a, Start)]  # disjoint peers: run side by side
@@ -459,11 +538,11 @@ async def reports_consumer(js: JetStreamContext) -> JetStreamContext.PullSubscri
         durable_name=REPORTS_CONSUMER,
         deliver_policy=api.DeliverPolicy.ALL,
         ack_policy=api.AckPolicy.EXPLICIT,
-        ack_wait=10.0,
+        ack_wait=REPORTS_ACK_WAIT_S,
         max_ack_pending=20_000,
         filter_subject=subjects.PEER_REPORTS,
     )
-    with contextlib.suppress(nats.js.errors.BadRequestError):  # it exists (with another config): use it
+    with contextlib.suppress(nats.js.errors.BadRequestError):  # created, or brought up to this config
         await js.add_consumer(bus.REPORTS_STREAM, config)
     return await js.pull_subscribe_bind(consumer=REPORTS_CONSUMER, stream=bus.REPORTS_STREAM)
 
@@ -511,11 +590,10 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
         presence = await nc.subscribe(PRESENCE_SUBJECTS, cb=on_presence)
         stack.push_async_callback(presence.unsubscribe)
         events = await bus.pull_consumer(js, bus.EVENTS_STREAM, ack=api.AckPolicy.NONE)
-        reports = await reports_consumer(js)
+        reports = scheduler.reports = await reports_consumer(js)
         structlog.contextvars.bind_contextvars(service="scheduler")
         await scheduler.catch_up(events)
-        gap_s = max(2.0, settings.peer_timeout_s / 2)
-        last_tick, faulted, idle_since = time.monotonic(), False, time.monotonic()
+        faulted, idle_since, probed = False, time.monotonic(), time.monotonic()
         try:
             while not stop.is_set():
                 try:
@@ -523,8 +601,13 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
                         raise nats.errors.ConnectionReconnectingError
                     if faulted:  # back: renew a consumer the server lost, then judge every peer afresh
                         events, reports = await renewed(js, events, reports, scheduler.state.position + 1)
+                        scheduler.reports = reports
+                        await scheduler.probe()
                         scheduler.regrace("reading again after a fault")
                         faulted = False
+                    if time.monotonic() - probed > PROBE_S:  # a stream electing its leader stores nothing
+                        probed = time.monotonic()
+                        await scheduler.probe()
                     # most of a tick waits on the reports (a round's progress), the log is only
                     # looked at: what arrives there is ours, the gateway's, or waits a tick at most
                     if await scheduler.read(events, timeout=EVENTS_WAIT_S):
@@ -533,11 +616,6 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
                         idle_since = time.monotonic()
                         await events.consumer_info()
                     await scheduler.take_reports(reports, events, timeout=TICK_S - EVENTS_WAIT_S)
-                    # checked just before deciding: a process stopped (SIGSTOP, a frozen VM) half-way
-                    # through this loop resumes here, before it has read the beats sent meanwhile
-                    now = time.monotonic()
-                    if now - last_tick > gap_s:
-                        scheduler.regrace(f"no reading for {now - last_tick:.1f}s")
                     await scheduler.settle(events)
                 except (nats.errors.Error, nats.js.errors.Error, OSError) as exc:
                     if not faulted or nc.is_connected:  # once per outage, and on every failure once back
@@ -545,7 +623,6 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
                     faulted = True
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(stop.wait(), 0.5)  # back off, but stop at once
-                last_tick = time.monotonic()
         finally:
             with contextlib.suppress(Exception):
                 await events.unsubscribe()

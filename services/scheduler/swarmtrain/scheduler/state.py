@@ -213,6 +213,9 @@ class State:
     grace_from: float = 0.0
     """Monotonic time of the scheduler's latest reconnect or gap in its reading: beats it could not
     see then count against nobody, every peer gets a fresh timeout from here (``regrace``)."""
+    heard_since: float = 0.0
+    """UTC seconds of that same grace: no round's deadline counts the time before it (a round whose
+    updates the scheduler could not read meanwhile gets its whole deadline again from here)."""
 
     @property
     def beats_since(self) -> float:
@@ -455,8 +458,9 @@ def observe_beats(state: State, beats: Mapping[str, float], doing: Mapping[str, 
     return replace(state, beats={**state.beats, **beats}, working=working, doing={**state.doing, **doing})
 
 
-def regrace(state: State, now: float) -> State:
-    """``state`` after the scheduler reconnected or found a gap in its reading at monotonic ``now``:
-    every peer's silence and every run's wait for a beat count from ``now`` (never a mass failure
-    for an outage that hid the beats)."""
-    return replace(state, grace_from=max(state.grace_from, now))
+def regrace(state: State, now: float, wall: float | None = None) -> State:
+    """``state`` after the scheduler reconnected, found a gap in its reading or could not reach the
+    log, at monotonic ``now`` (UTC ``wall``): every peer's silence, every run's wait for a beat and
+    every open round's deadline count from then (never a failure for what the platform hid)."""
+    heard = state.heard_since if wall is None else max(state.heard_since, wall)
+    return replace(state, grace_from=max(state.grace_from, now), heard_since=heard)

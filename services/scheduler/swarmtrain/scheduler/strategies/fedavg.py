@@ -90,7 +90,9 @@ def close_round(session: Session, clocks: Clocks, timing: Timing) -> list[Action
     """Close the open round once every training participant published, or at its deadline."""
     sid, r = session.session_id, session.round
     waiting = sorted(p for p, run in session.runs.items() if run.status == "training" and p not in session.updates)
-    overdue = clocks.wall - session.round_base > round_deadline(session, timing)
+    # the time the scheduler could not hear the peers (paused, catching up, the log unreachable)
+    # counts against nobody: the round's deadline counts from the latest of its base and that
+    overdue = clocks.wall - max(session.round_base, clocks.heard_since) > round_deadline(session, timing)
     if waiting and not overdue:
         return []
     if not session.updates and not overdue:
