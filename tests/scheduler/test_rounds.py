@@ -264,3 +264,22 @@ def test_a_round_deadline_never_counts_the_time_the_scheduler_could_not_hear() -
     rc = closed(late, 17)
     assert rc is not None and rc.left_out == []  # nobody failed for the scheduler's own stall
     assert [type(e).__name__ for e in events(graced, 32)] == ["PeerFailed", "PeerFailed", "RoundClosed"]
+
+
+def test_a_peer_that_took_up_its_work_late_has_the_rounds_whole_deadline_from_then() -> None:
+    """A peer restarted (its ``Train`` lost, then sent again) whose beats name its ``Train`` only
+    from 12 s on: the round's 15 s deadline passes at 15 s, its own 15 s from 12 s; the round waits
+    for it until then, not a moment longer."""
+    state = replay(fedavg(), update("a", 1, 5), update("b", 1, 5))
+    train_c = "s.c.train.1"
+    state = observe_presence(state, Presence(peer_id="c", name="c", device="cpu"), 1.0)  # idle: restarted
+    state = observe_presence(state, Presence(peer_id="c", name="c", device="cpu", train_id=train_c), 12.0)
+    state = observe_presence(state, Presence(peer_id="c", name="c", device="cpu", train_id=train_c), 20.0)
+
+    def at(t: float) -> list[str]:
+        acts = decide(state, Clocks(now=t, wall=T0 + t), CONFIG)
+        return [type(a.event).__name__ for a in acts if isinstance(a, Append)]
+
+    assert at(16) == [] and at(26) == []  # overdue for the round, not for c: it works since 12 s
+    assert at(28) == ["PeerFailed", "RoundClosed"]
+    assert state.streak["c"] == (train_c, 12.0)  # the streak's start, not its latest beat

@@ -54,8 +54,7 @@ from swarmtrain.scheduler.strategies import strategy_of
 
 def decide(state: State, clocks: Clocks, config: Config) -> list[Action]:
     """Everything the scheduler should do now, given the state and the clocks."""
-    if state.heard_since > clocks.heard_since:
-        clocks = replace(clocks, heard_since=state.heard_since)
+    clocks = replace(clocks, heard_since=max(clocks.heard_since, state.heard_since), at_work=at_work(state))
     actions: list[Action] = _presence(state, clocks, config.timing.peer_timeout)
     unavailable = {a.event.peer_id for a in actions if isinstance(a, Append) and isinstance(a.event, PeerWentOffline)}
     idle = sorted(
@@ -83,6 +82,21 @@ def decide(state: State, clocks: Clocks, config: Config) -> list[Action]:
     actions += stale_locks(state, clocks, config.timing)
     actions += _schedule(state, idle, clocks, config)
     return actions
+
+
+def at_work(state: State) -> dict[str, float]:
+    """For each training run of a session with rounds whose peer's beats name its ``Train``: since
+    when they have, without a break (``Clocks.at_work``)."""
+    out: dict[str, float] = {}
+    for session in state.sessions.values():
+        if session.status != "running" or not session.rounds_open:
+            continue
+        for peer_id, run in session.runs.items():
+            streak = state.streak.get(peer_id)
+            train = train_id(session.session_id, peer_id, run.start_round)
+            if run.status == "training" and streak is not None and streak[0] == train:
+                out[peer_id] = streak[1]
+    return out
 
 
 def resend(

@@ -206,6 +206,9 @@ class State:
     """peer_id -> (the ``Train`` id its latest beat that named one named, monotonic time of that beat)."""
     doing: Mapping[str, str | None] = field(default_factory=dict)
     """peer_id -> the ``Train`` id its latest beat named (None: idle)."""
+    streak: Mapping[str, tuple[str, float]] = field(default_factory=dict)
+    """peer_id -> (the ``Train`` id its beats name, monotonic time of the first beat of this unbroken
+    run of beats naming it): when a peer (back from a restart, say) took up its work again."""
     datasets: Mapping[str, Dataset] = field(default_factory=dict)
     position: int = 0
     started_at: float = 0.0
@@ -452,10 +455,19 @@ def observe_beats(state: State, beats: Mapping[str, float], doing: Mapping[str, 
         return state
     doing = doing or {}
     working = dict(state.working)
+    streak = dict(state.streak)
     for peer_id, train in doing.items():
-        if train is not None and peer_id in beats:
-            working[peer_id] = (train, beats[peer_id])
-    return replace(state, beats={**state.beats, **beats}, working=working, doing={**state.doing, **doing})
+        if peer_id not in beats:
+            continue
+        if train is None:
+            streak.pop(peer_id, None)
+            continue
+        working[peer_id] = (train, beats[peer_id])
+        if streak.get(peer_id, ("", 0.0))[0] != train:
+            streak[peer_id] = (train, beats[peer_id])
+    return replace(
+        state, beats={**state.beats, **beats}, working=working, doing={**state.doing, **doing}, streak=streak
+    )
 
 
 def regrace(state: State, now: float, wall: float | None = None) -> State:
