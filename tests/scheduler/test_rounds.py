@@ -47,7 +47,7 @@ def replay(state: State, *events: Event | tuple[Event, float]) -> State:
 
 
 def decided(state: State, wall: float) -> list[Action]:
-    return decide(state, Clocks(now=0.0, wall=T0 + wall), CONFIG)
+    return decide(state, Clocks(now=wall, wall=T0 + wall), CONFIG)  # monotonic 0 = T0
 
 
 def reassigned(actions: list[Action]) -> list[tuple[str, int, str, str, int]]:
@@ -62,7 +62,8 @@ def fedavg(peers: tuple[str, ...] = ("a", "b", "c"), rounds: int = 2, on_failure
     state = State()
     for p in (*peers, "spare"):
         state = replay(state, PeerRegistered(peer_id=p, name=p, device="cpu"), PeerWentOnline(peer_id=p))
-        state = observe_presence(state, Presence(peer_id=p, name=p, device="cpu"), 0.0)
+        train = f"s.{p}.train.1" if p in peers else None  # a participant's beats name its Train
+        state = observe_presence(state, Presence(peer_id=p, name=p, device="cpu", train_id=train), 0.0)
     request = session_requested(
         "s",
         len(peers),
@@ -273,6 +274,9 @@ def test_a_peer_that_took_up_its_work_late_has_the_rounds_whole_deadline_from_th
     state = replay(fedavg(), update("a", 1, 5), update("b", 1, 5))
     train_c = "s.c.train.1"
     state = observe_presence(state, Presence(peer_id="c", name="c", device="cpu"), 1.0)  # idle: restarted
+    assert [
+        type(a.event).__name__ for a in decide(state, Clocks(now=16, wall=T0 + 16), CONFIG) if isinstance(a, Append)
+    ] == []  # not at work: no round's deadline judges it (presence and re-sends do)
     state = observe_presence(state, Presence(peer_id="c", name="c", device="cpu", train_id=train_c), 12.0)
     state = observe_presence(state, Presence(peer_id="c", name="c", device="cpu", train_id=train_c), 20.0)
 

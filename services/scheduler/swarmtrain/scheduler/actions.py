@@ -47,8 +47,10 @@ class Clocks:
     a deadline never counts the time before it."""
     at_work: Mapping[str, float] = field(default_factory=dict)
     """peer_id -> monotonic time since which its beats have named, without a break, the ``Train`` of
-    its run (``State.streak``): a peer that took up its work late (restarted, its ``Train`` sent
-    again) is given a round's whole deadline from then."""
+    its run (``State.streak``; ``now`` while they do not): a peer that took up its work late
+    (restarted, its ``Train`` sent again) is given a round's whole deadline from then, and one not
+    at work on it is judged by the presence timeout and the re-sends, not by a round's deadline.
+    A peer missing here is judged by the round's deadline alone."""
 
     @property
     def at(self) -> datetime:

@@ -54,7 +54,7 @@ from swarmtrain.scheduler.strategies import strategy_of
 
 def decide(state: State, clocks: Clocks, config: Config) -> list[Action]:
     """Everything the scheduler should do now, given the state and the clocks."""
-    clocks = replace(clocks, heard_since=max(clocks.heard_since, state.heard_since), at_work=at_work(state))
+    clocks = replace(clocks, heard_since=max(clocks.heard_since, state.heard_since), at_work=at_work(state, clocks.now))
     actions: list[Action] = _presence(state, clocks, config.timing.peer_timeout)
     unavailable = {a.event.peer_id for a in actions if isinstance(a, Append) and isinstance(a.event, PeerWentOffline)}
     idle = sorted(
@@ -84,18 +84,20 @@ def decide(state: State, clocks: Clocks, config: Config) -> list[Action]:
     return actions
 
 
-def at_work(state: State) -> dict[str, float]:
-    """For each training run of a session with rounds whose peer's beats name its ``Train``: since
-    when they have, without a break (``Clocks.at_work``)."""
+def at_work(state: State, now: float) -> dict[str, float]:
+    """For each training run of a session with rounds: since when its peer's beats have named its
+    ``Train`` without a break; ``now`` where they do not (a peer restarting, or not working on it:
+    the presence timeout and ``resend`` judge it, not a round's deadline). ``Clocks.at_work``."""
     out: dict[str, float] = {}
     for session in state.sessions.values():
         if session.status != "running" or not session.rounds_open:
             continue
         for peer_id, run in session.runs.items():
+            if run.status != "training":
+                continue
             streak = state.streak.get(peer_id)
             train = train_id(session.session_id, peer_id, run.start_round)
-            if run.status == "training" and streak is not None and streak[0] == train:
-                out[peer_id] = streak[1]
+            out[peer_id] = streak[1] if streak is not None and streak[0] == train else now
     return out
 
 

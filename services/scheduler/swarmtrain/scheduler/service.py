@@ -18,7 +18,9 @@ it decides nothing itself. Its own mechanics:
 - judging only on what arrived: no decision is taken when the reports were last read more than a
   gap ago (it reads first), and a decision that fails a peer or takes it offline waits, for a few
   ticks at most, until every stored report has been read and the streams answer;
-- a report whose fact the log already holds (a redelivery) is acked, not rejected.
+- a report whose fact the log already holds (a redelivery) is acked, not rejected;
+- the peers' transfers: where they go (the gateway's ``/healthz`` for a ``file://`` store, the S3
+  endpoint) is asked every ``PROBE_S``; while it does not answer, no round's deadline runs.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import typing
 from collections import OrderedDict
 from collections.abc import Sequence
 
+import httpx
 import msgspec
 import nats.errors
 import nats.js.errors
@@ -78,7 +81,7 @@ from swarmtrain.scheduler.actions import (
 )
 from swarmtrain.scheduler.decide import decide, recover
 from swarmtrain.scheduler.reports import check
-from swarmtrain.scheduler.state import State, fold_safely, observe_beats, regrace
+from swarmtrain.scheduler.state import State, fold_safely, observe_beats, regrace, regrace_rounds
 from swarmtrain.scheduler.strategies.fedavg import needs_histograms
 
 log = get_logger("swarmtrain.scheduler")
@@ -183,6 +186,8 @@ class Scheduler:
         """Events this process could not apply and skipped (each one logged with its error)."""
         self.reports: JetStreamContext.PullSubscription | None = None
         """The reports' subscription the loop reads (``may_blame`` asks it what is still pending)."""
+        self.transfers_down = False
+        """The peers' transfers cannot go through now (``watch_transfers``): no round's deadline runs."""
 
     def on_presence(self, data: bytes) -> None:
         try:
@@ -278,6 +283,8 @@ class Scheduler:
         beats, self.beats = self.beats, {}
         doing, self.doing = self.doing, {}
         self.state = observe_beats(self.state, beats, doing)
+        if self.transfers_down:
+            self.state = regrace_rounds(self.state, time.time())
         if self.state.position < self.barrier:
             return
         # checked just before deciding: a process stopped (SIGSTOP, a frozen VM) anywhere in its
@@ -303,6 +310,17 @@ class Scheduler:
             return False
         self.deferred = 0
         return True
+
+    def transfers(self, up: bool) -> None:
+        """What the latest look at the peers' transfer endpoint saw (``watch_transfers``)."""
+        if up == (not self.transfers_down):
+            return
+        self.transfers_down = not up
+        if up:
+            self.state = regrace_rounds(self.state, time.time())
+            log.info("transfers go through again; every open round's deadline counts from now")
+        else:
+            log.warning("the peers' transfers cannot go through; no round's deadline runs meanwhile")
 
     async def probe(self) -> None:
         """Ask the streams the peers' reports and the facts go to whether they answer (raises if not)."""
@@ -531,6 +549,31 @@ class Scheduler:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
+def transfer_endpoint(store: blob.BlobStore, settings: Settings) -> str | None:
+    """Where the peers' transfers go, to ask whether it answers: the gateway's ``/healthz`` for a
+    ``file://`` store (it serves the signed URLs), the S3 endpoint; None where the scheduler signs
+    no URLs."""
+    if isinstance(store, blob.S3Store):
+        return f"{'https' if settings.s3_secure else 'http'}://{settings.s3_endpoint}/"
+    try:
+        return signing.UrlSigner(store, settings).base_url() + "/healthz"
+    except ValueError:
+        return None
+
+
+async def watch_transfers(scheduler: Scheduler, url: str, stop: asyncio.Event) -> None:
+    """Every ``PROBE_S``, whether ``url`` answers (any status below 500) or not, told to ``scheduler``."""
+    async with httpx.AsyncClient(timeout=PROBE_TIMEOUT_S) as client:
+        while not stop.is_set():
+            try:
+                up = (await client.get(url)).status_code < 500
+            except httpx.HTTPError:
+                up = False
+            scheduler.transfers(up)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), PROBE_S)
+
+
 async def reports_consumer(js: JetStreamContext) -> JetStreamContext.PullSubscription:
     """The one durable consumer of the peers' reports that every scheduler shares: created if
     missing, never deleted or reset (a restarted scheduler goes on where the acks left off)."""
@@ -575,6 +618,12 @@ async def renewed(
     return events, reports
 
 
+async def _cancelled(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
 async def run(settings: Settings, stop: asyncio.Event) -> None:
     async with contextlib.AsyncExitStack() as stack:
         nc = await bus.connect(settings, "scheduler")
@@ -589,6 +638,9 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
 
         presence = await nc.subscribe(PRESENCE_SUBJECTS, cb=on_presence)
         stack.push_async_callback(presence.unsubscribe)
+        if (endpoint := transfer_endpoint(scheduler.store, settings)) is not None:
+            watcher = asyncio.create_task(watch_transfers(scheduler, endpoint, stop), name="transfers")
+            stack.push_async_callback(_cancelled, watcher)
         events = await bus.pull_consumer(js, bus.EVENTS_STREAM, ack=api.AckPolicy.NONE)
         reports = scheduler.reports = await reports_consumer(js)
         structlog.contextvars.bind_contextvars(service="scheduler")

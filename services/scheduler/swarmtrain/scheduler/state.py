@@ -476,3 +476,10 @@ def regrace(state: State, now: float, wall: float | None = None) -> State:
     every open round's deadline count from then (never a failure for what the platform hid)."""
     heard = state.heard_since if wall is None else max(state.heard_since, wall)
     return replace(state, grace_from=max(state.grace_from, now), heard_since=heard)
+
+
+def regrace_rounds(state: State, wall: float) -> State:
+    """``state`` while the peers' transfers cannot go through (the gateway serving a ``file://``
+    store, or the object store, restarting), at UTC ``wall``: no open round's deadline counts the
+    time until then; presence is another path (NATS), judged as before."""
+    return replace(state, heard_since=max(state.heard_since, wall))
