@@ -213,6 +213,9 @@ class FaultStack:
             # peers hold no storage key: the scheduler signs the URLs they use, the gateway honours them
             "SWARMTRAIN_BLOB_SIGNING_SECRET": f"fault-suite-blob-{uuid.uuid4().hex}",
             "SWARMTRAIN_BLOB_PUBLIC_URL": f"http://127.0.0.1:{self.gateway_port}",
+            # longer than a restart of the gateway here (1-5 s), shorter than the 30 s default: a
+            # gateway that is not restarted fails its sessions sooner
+            "SWARMTRAIN_TRANSFER_RETRY_S": "15",
             **self.settings,
         }
         self.tap = self.service("tap", [sys.executable, "-m", "tests.faults.tap", self.nats_url, str(self.tap_file)])

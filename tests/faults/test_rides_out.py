@@ -41,7 +41,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FaultStack]:
         "ridesout",
         peers=2,
         peer_timeout_s=PEER_TIMEOUT_S,
-        settings={"SWARMTRAIN_ROUND_MIN_S": str(ROUND_MIN_S)},
+        # the default transfer retry: two restarts in a row took up to 14 s here
+        settings={"SWARMTRAIN_ROUND_MIN_S": str(ROUND_MIN_S), "SWARMTRAIN_TRANSFER_RETRY_S": "30"},
     )
 
 
