@@ -5,10 +5,12 @@ fails for them: the sessions complete, every run ``done``, no ``PeerFailed`` in 
 checker's three zeros and an equal rebuild, as everywhere in the suite.
 
 The fedavg sessions fail on any peer's failure (``on_peer_failure: fail``), so a platform fault
-counted against a peer shows as a failed session. Their round deadline is short here (5 s at least,
-``SWARMTRAIN_ROUND_MIN_S``) so a short stop is past it; the peer timeout is 15 s, long enough for a
-peer restarted at once to be back within it on a loaded machine (a peer's start, torch imported, took
-9-11 s on this project's 2-core machine at load 5-6).
+counted against a peer shows as a failed session. Their rounds' deadlines are at least 20 s
+(``SWARMTRAIN_ROUND_MIN_S``; 10 s by default): a restarted peer, cold, must make its first round
+within one, and on this project's 2-core machine at load 12-15 that took a fresh process over 10 s
+(5 and 10 s were too short). The peer
+timeout is 15 s, long enough for a peer restarted at once to be back within it on a loaded machine
+(a peer's start, torch imported, took 9-14 s at load 5-15).
 """
 
 from __future__ import annotations
@@ -27,8 +29,8 @@ from .conftest import make_stack
 from .harness import Api, FaultStack, timed, wait_for
 
 PEER_TIMEOUT_S = 15.0
-ROUND_MIN_S = 5.0
-PAUSE_S = 10.0
+ROUND_MIN_S = 20.0
+PAUSE_S = 22.0
 """Longer than a round's deadline and the scheduler's gap (T/2)."""
 LOCAL = {"epochs": 1, "batch_size": 16, "lr": 0.01}
 PEERS = ["peer-1", "peer-2"]
@@ -79,21 +81,20 @@ def _nobody_failed(
 def test_scheduler_sigstopped_past_a_round_deadline_fails_no_peer(
     stack: FaultStack, api: Api, dataset: str, record: dict[str, Any]
 ) -> None:
-    """Twice, the scheduler stopped for 10 s in the middle of a fedavg (past its 5 s round
+    """The scheduler stopped for 22 s in the middle of a fedavg (past its 20 s round
     deadline): the peers published meanwhile, and on SIGCONT the scheduler reads their updates
     before it judges anyone; with ``on_peer_failure: fail`` a single unfair failure fails the session."""
-    record["fault"] = f"scheduler SIGSTOP {PAUSE_S:.0f} s x2 during a fedavg (round deadline 5 s, on_peer_failure fail)"
+    record["fault"] = f"scheduler SIGSTOP {PAUSE_S:.0f} s during a fedavg (round deadline 20 s, on_peer_failure fail)"
     checker = Checker(stack, api)
     api.idle(PEERS)
     sid = api.fedavg(dataset, 2, rounds=8, hp=LOCAL, on_peer_failure="fail")
     scheduler = stack.procs["scheduler"]
     with timed() as took:
-        for epoch in (2, 4):
-            api.started(sid, epoch)  # a round or more closed: the deadline adapted to their length
-            scheduler.pause()
-            paused = time.monotonic()
-            wait_for(lambda p=paused: time.monotonic() - p >= PAUSE_S, 30, "the scheduler stopped", interval=0.5)
-            scheduler.resume()
+        api.started(sid, 2)  # a round or more closed
+        scheduler.pause()
+        paused = time.monotonic()
+        wait_for(lambda: time.monotonic() - paused >= PAUSE_S, 40, "the scheduler stopped", interval=0.5)
+        scheduler.resume()
         done = api.ended(sid)
     record["session_end_after_fault_s"] = took["s"]
     _nobody_failed(stack, api, checker, sid, record, done)
