@@ -7,7 +7,7 @@ TORCH_CPU ?= torch==2.13.0
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup demo up test faults fuzz lint typecheck smoke bench compose-check clean
+.PHONY: help setup demo up test faults soak fuzz lint typecheck smoke bench compose-check clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -33,6 +33,11 @@ test: setup ## run the test suite (real nats-server and PostgreSQL, started by t
 
 faults: setup ## the fault suite alone: real processes killed, stopped, cut off; the checker's three zeros (docs/faults.md)
 	$(BIN)/python -m pytest tests/faults $(PYTEST_ARGS)
+
+SOAK_MINUTES ?= 10
+SOAK_SEED ?= 1
+soak: setup ## seeded random single and double faults against sweeps and fedavg sessions for SOAK_MINUTES (not in CI)
+	$(BIN)/python -m tests.faults.soak --minutes $(SOAK_MINUTES) --seed $(SOAK_SEED)
 
 FUZZ_CASES ?= 2000
 fuzz: setup ## schemathesis fuzz of the gateway's OpenAPI, FUZZ_CASES generated requests (CI runs 300)

@@ -269,3 +269,11 @@ def test_s3_presigned_urls_last_at_most_seven_days(s3_store: S3Store) -> None:
     assert f"X-Amz-Expires={7 * 24 * 3600}" in urlsplit(url).query
     with pytest.raises(blob.OutsideStore):
         UrlSigner(s3_store, Settings()).put_url("../other-prefix/k", max_bytes=1)
+
+
+def test_a_signed_urls_expiry_is_read_from_either_kind_of_url() -> None:
+    assert signing.url_expiry("http://gw/blobs/k?exp=1700000000&sig=ab") == 1700000000.0
+    presigned = "http://minio/b/k?X-Amz-Date=20260101T000000Z&X-Amz-Expires=600&X-Amz-Signature=x"
+    assert signing.url_expiry(presigned) == 1767225600.0 + 600
+    assert signing.url_expiry("http://gw/blobs/k") is None
+    assert signing.url_expiry("http://gw/blobs/k?exp=soon") is None

@@ -35,7 +35,14 @@ import nats.errors
 from nats.js import api
 
 from swarmtrain.common import bus, servers
-from swarmtrain.common.events import Event, Heartbeat, SessionRequested, SessionStarted, decode_event
+from swarmtrain.common.events import (
+    Event,
+    Heartbeat,
+    SessionRequested,
+    SessionStarted,
+    ShardReassigned,
+    decode_event,
+)
 from swarmtrain.projector.projection import TABLES
 
 from .harness import Api, FaultStack
@@ -212,6 +219,8 @@ class Checker:
             match s.event:
                 case SessionStarted(session_id=sid) if sid in sids:
                     assigned.setdefault(sid, set()).update(s.event.assignments)
+                case ShardReassigned(session_id=sid) if sid in sids:  # the peer that took a shard over
+                    assigned.setdefault(sid, set()).add(s.event.to_peer_id)
                 case SessionRequested(session_id=sid):
                     requested.add(sid)
                 case Heartbeat(session_id=sid) if sid in sids:

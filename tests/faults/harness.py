@@ -177,6 +177,8 @@ class FaultStack:
     proxies: dict[str, TcpProxy] = field(default_factory=dict)
     nats_ports: list[int] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
+    settings: dict[str, str] = field(default_factory=dict)
+    """More ``SWARMTRAIN_*`` settings for every process of this stack (a shorter round deadline, say)."""
 
     # ------------------------------------------------------------------ start
 
@@ -211,6 +213,10 @@ class FaultStack:
             # peers hold no storage key: the scheduler signs the URLs they use, the gateway honours them
             "SWARMTRAIN_BLOB_SIGNING_SECRET": f"fault-suite-blob-{uuid.uuid4().hex}",
             "SWARMTRAIN_BLOB_PUBLIC_URL": f"http://127.0.0.1:{self.gateway_port}",
+            # longer than a restart of the gateway here (1-5 s), shorter than the 30 s default: a
+            # gateway that is not restarted fails its sessions sooner
+            "SWARMTRAIN_TRANSFER_RETRY_S": "15",
+            **self.settings,
         }
         self.tap = self.service("tap", [sys.executable, "-m", "tests.faults.tap", self.nats_url, str(self.tap_file)])
         self.tap.start()
@@ -365,6 +371,24 @@ class Api:
             "validation_split": 0.2,
             "seed": 7,
         }
+        return self.request_session(body)
+
+    def fedavg(self, dataset_id: str, num_peers: int, rounds: int, hp: dict[str, Any], **options: Any) -> str:
+        """A fedavg session: ``rounds`` rounds of ``hp`` on each of ``num_peers`` shards."""
+        body = {
+            "dataset_id": dataset_id,
+            "num_peers": num_peers,
+            "strategy": "fedavg",
+            "rounds": rounds,
+            "model": {"kind": "mlp", "hidden": [32]},
+            "hyperparameters": hp,
+            "validation_split": 0.2,
+            "seed": 7,
+            **options,
+        }
+        return self.request_session(body)
+
+    def request_session(self, body: dict[str, Any]) -> str:
         resp = self.client.post("/sessions", json=body)
         assert resp.status_code == 201, resp.text
         sid: str = resp.json()["session_id"]

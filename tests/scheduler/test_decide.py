@@ -148,6 +148,9 @@ def test_round_times_come_from_when_events_were_observed_not_from_the_peers_cloc
     def story(peer_clock: datetime) -> State:
         state = replay(idle_peers("a", "b"), request("fedavg"))
         state = started(state, "a", "b", observed_at=100.0)
+        for p in ("a", "b"):  # at work on their Trains from 0 s (monotonic) to 60 s
+            for t in (0.0, 60.0):
+                state = observe_presence(state, Presence(peer_id=p, name=p, device="cpu", train_id=f"s.{p}.train.1"), t)
         update = ModelUpdatePublished(
             session_id="s",
             round=1,
@@ -163,7 +166,7 @@ def test_round_times_come_from_when_events_were_observed_not_from_the_peers_cloc
 
     honest, skewed = story(datetime(2030, 1, 1, tzinfo=UTC)), story(datetime(1990, 1, 1, tzinfo=UTC))
     assert honest.sessions["s"].first_update == skewed.sessions["s"].first_update == 120.0
-    clocks = Clocks(now=1.0, wall=100.0 + 3 * 20.0 + 1)  # past the deadline: 3 x the first update's 20 s
+    clocks = Clocks(now=61.0, wall=100.0 + 3 * 20.0 + 1)  # past the deadline: 3 x the first update's 20 s
     assert decide(honest, clocks, CONFIG) == decide(skewed, clocks, CONFIG)
     assert PeerFailed in [type(a.event) for a in decide(honest, clocks, CONFIG) if isinstance(a, Append)]
 

@@ -225,3 +225,25 @@ def test_round_facts_must_name_a_closed_round_and_its_own_objects() -> None:
         event_id="s.r1.c.rejected", session_id="s", round=1, peer_id="c", reason="x", reported_by="a"
     )
     assert "no update of 'c'" in reason(state, "a", stranger)
+
+
+def test_a_heartbeat_redelivered_after_its_run_finished_is_still_a_fact() -> None:
+    """A report fetched by a scheduler that died before it acked comes again after the run's
+    ``PeerDone``: an epoch the run trained is still a point of its curve; a later one is not."""
+    request = session_requested("w", 2, Hyperparameters(epochs=6, batch_size=8, lr=0.01), validation_split=0.2)
+    hp = request.hyperparameters[0]
+    state = replay(
+        State(),
+        request,
+        PeerLocked(peer_id="a", session_id="w"),
+        PeerLocked(peer_id="b", session_id="w"),
+        SessionStarted(session_id="w", assignments={"a": hp, "b": hp}),
+        PeerDone(
+            event_id="w.a.done", session_id="w", peer_id="a", epochs=6, loss=0.1, accuracy=0.9,
+            model_uri="file:///blobs/sessions/w/models/a.safetensors", model_sha256=SHA, train_seconds=1.0,
+        ),
+    )  # fmt: skip
+    late = heartbeat(event_id="w.a.epoch6", session_id="w", epoch=6)
+    assert check(state, "a", late, CONFIG) is late
+    beyond = heartbeat(event_id="w.a.epoch7", session_id="w", epoch=7, epochs=7)
+    assert "holds no training run" in reason(state, "a", beyond)

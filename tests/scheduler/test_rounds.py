@@ -25,7 +25,7 @@ from swarmtrain.common.events import (
 )
 from swarmtrain.scheduler.actions import Action, Append, Clocks, Config, Reassign, Timing
 from swarmtrain.scheduler.decide import decide
-from swarmtrain.scheduler.state import State, observe_presence
+from swarmtrain.scheduler.state import State, observe_presence, regrace
 from swarmtrain.scheduler.strategies.fedavg import round_deadline
 from tests.factories import session_requested
 from tests.scheduler import helpers
@@ -45,7 +45,7 @@ replay = functools.partial(helpers.replay, observed_at=T0)
 
 
 def decided(state: State, wall: float) -> list[Action]:
-    return decide(state, Clocks(now=0.0, wall=T0 + wall), CONFIG)
+    return decide(state, Clocks(now=wall, wall=T0 + wall), CONFIG)  # monotonic 0 = T0
 
 
 def reassigned(actions: list[Action]) -> list[tuple[str, int, str, str, int]]:
@@ -60,7 +60,8 @@ def fedavg(peers: tuple[str, ...] = ("a", "b", "c"), rounds: int = 2, on_failure
     state = State()
     for p in (*peers, "spare"):
         state = replay(state, PeerRegistered(peer_id=p, name=p, device="cpu"), PeerWentOnline(peer_id=p))
-        state = observe_presence(state, Presence(peer_id=p, name=p, device="cpu"), 0.0)
+        train = f"s.{p}.train.1" if p in peers else None  # a participant's beats name its Train
+        state = observe_presence(state, Presence(peer_id=p, name=p, device="cpu", train_id=train), 0.0)
     request = session_requested(
         "s",
         len(peers),
@@ -248,3 +249,39 @@ def test_no_hand_over_into_a_round_that_closes_in_the_same_decision() -> None:
     actions = decided(state, 2)
     assert [a for a in actions if isinstance(a, Append) and isinstance(a.event, RoundClosed)]
     assert not [a for a in actions if isinstance(a, Reassign)]  # the last round closed: nothing to hand over
+
+
+def test_a_round_deadline_never_counts_the_time_the_scheduler_could_not_hear() -> None:
+    """A scheduler paused, catching up or cut off from its log past a deadline: the peers' updates
+    that arrived meanwhile are unread, so the round gets its whole deadline again from the grace
+    (``regrace``) rather than failing the peers that published."""
+    state = replay(fedavg(), update("a", 1, 5))  # deadline 15 s after the round opened at 0
+    assert [type(e).__name__ for e in events(state, 16)] == ["PeerFailed", "PeerFailed", "RoundClosed"]
+    graced = regrace(state, now=0.0, wall=T0 + 16)  # back at 16 s, the reports not read yet
+    assert events(graced, 16) == [] and events(graced, 30) == []  # 15 s from the grace, not from 0
+    late = replay(graced, update("b", 1, 17), update("c", 1, 17))
+    rc = closed(late, 17)
+    assert rc is not None and rc.left_out == []  # nobody failed for the scheduler's own stall
+    assert [type(e).__name__ for e in events(graced, 32)] == ["PeerFailed", "PeerFailed", "RoundClosed"]
+
+
+def test_a_peer_that_took_up_its_work_late_has_the_rounds_whole_deadline_from_then() -> None:
+    """A peer restarted (its ``Train`` lost, then sent again) whose beats name its ``Train`` only
+    from 12 s on: the round's 15 s deadline passes at 15 s, its own 15 s from 12 s; the round waits
+    for it until then, not a moment longer."""
+    state = replay(fedavg(), update("a", 1, 5), update("b", 1, 5))
+    train_c = "s.c.train.1"
+    state = observe_presence(state, Presence(peer_id="c", name="c", device="cpu"), 1.0)  # idle: restarted
+    assert [
+        type(a.event).__name__ for a in decide(state, Clocks(now=16, wall=T0 + 16), CONFIG) if isinstance(a, Append)
+    ] == []  # not at work: no round's deadline judges it (presence and re-sends do)
+    state = observe_presence(state, Presence(peer_id="c", name="c", device="cpu", train_id=train_c), 12.0)
+    state = observe_presence(state, Presence(peer_id="c", name="c", device="cpu", train_id=train_c), 20.0)
+
+    def at(t: float) -> list[str]:
+        acts = decide(state, Clocks(now=t, wall=T0 + t), CONFIG)
+        return [type(a.event).__name__ for a in acts if isinstance(a, Append)]
+
+    assert at(16) == [] and at(26) == []  # overdue for the round, not for c: it works since 12 s
+    assert at(28) == ["PeerFailed", "RoundClosed"]
+    assert state.streak["c"] == (train_c, 12.0)  # the streak's start, not its latest beat

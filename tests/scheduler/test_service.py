@@ -385,3 +385,44 @@ async def test_a_nats_outage_longer_than_the_presence_timeout_fails_no_peer(
         await nc.drain()
     assert completed.session_id == "s1"
     assert not [e for e in events if isinstance(e, (PeerWentOffline, PeerFailed))]
+
+
+async def test_no_peer_is_judged_on_a_stale_reading_nor_before_the_stored_reports_are_read(
+    js: Any, settings: Settings
+) -> None:
+    """A scheduler that resumes (SIGSTOP, a frozen VM) decides nothing on its reading from before
+    the stop: it takes a fresh grace and reads first. And a decision that takes a peer offline
+    waits until the reports already stored have been read."""
+    import time
+    from dataclasses import replace
+
+    from swarmtrain.common.events import PeerWentOnline
+    from swarmtrain.scheduler.state import State, fold
+
+    scheduler = service.Scheduler(settings, js)
+    scheduler.reports = await service.reports_consumer(js)
+    events = await bus.pull_consumer(js, bus.EVENTS_STREAM, ack=AckPolicy.NONE)
+    long_ago = time.monotonic() - 60
+    known = fold(
+        State(),
+        [(1, PeerRegistered(peer_id="pa", name="pa", device="cpu"), 0.0), (2, PeerWentOnline(peer_id="pa"), 0.0)],
+    )
+    silent = replace(known, started_at=long_ago, beats={"pa": long_ago})  # a decision would take pa offline
+
+    scheduler.state, scheduler.heard_at = silent, long_ago  # its last reading began before a long stop
+    await scheduler.settle(events)
+    assert scheduler.barrier == 0  # nothing decided on it
+    assert scheduler.state.grace_from > long_ago + 30  # a fresh grace for every peer instead
+
+    await bus.report(js, PeerRegistered(peer_id="pb", name="pb", device="cpu"))  # stored, not read yet
+    scheduler.state, scheduler.heard_at = silent, time.monotonic()
+    await scheduler.settle(events)
+    assert scheduler.barrier == 0 and scheduler.deferred == 1  # the blame waits for the stored report
+
+    batch = await bus.fetch(scheduler.reports, service.decode_report, batch=256, timeout=2)
+    assert await scheduler.check_reports(batch, events) == 1
+    await scheduler.settle(events)
+    stored = await log(js)
+    assert [type(e).__name__ for e in stored] == ["PeerRegistered", "PeerWentOffline"], stored
+    await events.unsubscribe()
+    await scheduler.reports.unsubscribe()

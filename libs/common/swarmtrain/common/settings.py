@@ -54,6 +54,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     (SWARMTRAIN_BLOB_PUBLIC_URL)."""
     blob_url_ttl_s: int = 86400
     """Lifetime of a signed or presigned blob URL handed to a peer, in seconds (SWARMTRAIN_BLOB_URL_TTL_S)."""
+    transfer_retry_s: float = 30.0
+    """How long a peer tries a failed transfer again, with backoff, before it gives up (at least a
+    supervised restart of the gateway or the object store; never past the URL's expiry), in seconds
+    (SWARMTRAIN_TRANSFER_RETRY_S)."""
     jwt_secret: str | None = None
     """HMAC secret for access tokens (SWARMTRAIN_JWT_SECRET); required by the gateway."""
     token_ttl_s: int = 3600

@@ -21,10 +21,10 @@ import os
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Literal
-from urllib.parse import quote, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 import httpx
 import msgspec
@@ -90,6 +90,21 @@ def signed_query(secret: str | None, grant: Grant) -> dict[str, str]:
         query["max"] = str(grant.max_bytes)
     query["sig"] = signature(secret, grant)
     return query
+
+
+def url_expiry(url: str) -> float | None:
+    """When a signed URL stops granting (UTC seconds): a gateway URL's ``exp``, a presigned S3
+    URL's ``X-Amz-Date`` + ``X-Amz-Expires``; None when it says nothing of it."""
+    query = dict(parse_qsl(urlsplit(url).query))
+    try:
+        if "exp" in query:
+            return float(int(query["exp"]))
+        if "X-Amz-Date" in query and "X-Amz-Expires" in query:
+            signed = datetime.strptime(query["X-Amz-Date"], "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
+            return signed.timestamp() + int(query["X-Amz-Expires"])
+    except ValueError:
+        return None
+    return None
 
 
 def _integer(name: str, value: str | None) -> int:

@@ -107,7 +107,9 @@ async def _open_gateway(settings: Settings, stack: contextlib.AsyncExitStack) ->
     stack.push_async_callback(nc.drain)
     js = nc.jetstream()
     await bus.ensure_streams(js)
-    pool: asyncpg.Pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=10)
+    # no connection made here: a gateway (re)started while PostgreSQL restarts serves at once, and
+    # answers what needs the database with 503 until it is back
+    pool: asyncpg.Pool = await asyncpg.create_pool(settings.database_url, min_size=0, max_size=10)
     stack.push_async_callback(pool.close)
     store = blob.open_store(settings.blob_url, settings)
     if isinstance(store, blob.S3Store):

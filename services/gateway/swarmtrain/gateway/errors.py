@@ -160,7 +160,7 @@ def _on_http_exception(request: Request[Any, Any, Any], exc: HTTPException) -> R
 def _on_unavailable(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
     if isinstance(exc, nats.errors.Error):
         what = "event store"
-    elif isinstance(exc, asyncpg.PostgresError | asyncpg.InterfaceError):
+    elif isinstance(exc, asyncpg.PostgresError | asyncpg.InterfaceError | asyncpg.InternalClientError):
         what = "read-model database"
     else:
         what = "storage"
@@ -181,6 +181,7 @@ def handlers() -> ExceptionHandlersMap:
         asyncpg.PostgresConnectionError: _on_unavailable,
         asyncpg.CannotConnectNowError: _on_unavailable,
         asyncpg.InterfaceError: _on_unavailable,
+        asyncpg.InternalClientError: _on_unavailable,  # a connection broken mid-operation by a restart
         OSError: _on_unavailable,
         Exception: _on_unexpected,
     }

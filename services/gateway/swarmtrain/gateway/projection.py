@@ -78,7 +78,7 @@ class ProjectionWatcher:
         while not self._closing.is_set():
             try:
                 await self._listen_once()
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError) as exc:
                 log.warning("projection watcher reconnecting", error=str(exc))
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self._retry_s):
@@ -97,7 +97,7 @@ class ProjectionWatcher:
             await lost.wait()
         finally:
             if not conn.is_closed():
-                with contextlib.suppress(OSError, asyncpg.InterfaceError, TimeoutError):
+                with contextlib.suppress(OSError, asyncpg.InterfaceError, asyncpg.InternalClientError, TimeoutError):
                     await conn.close(timeout=2)
 
 

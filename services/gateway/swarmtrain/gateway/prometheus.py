@@ -45,7 +45,9 @@ async def _read_models(gw: Gateway) -> None:
 @get("/metrics/prometheus", include_in_schema=False, opt={"exclude_from_auth": True})
 async def prometheus_metrics(request: Request[Any, Any, Any]) -> Response[bytes]:
     gw: Gateway = request.app.state.gateway
-    with contextlib.suppress(asyncpg.PostgresError, OSError, TimeoutError, asyncpg.InterfaceError):
+    with contextlib.suppress(
+        asyncpg.PostgresError, OSError, TimeoutError, asyncpg.InterfaceError, asyncpg.InternalClientError
+    ):
         async with asyncio.timeout(SCRAPE_TIMEOUT_S):
             await _read_models(gw)  # a scrape never fails for a backend: the gauges keep their last values
     return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)

@@ -61,6 +61,7 @@ from pathlib import Path
 
 import httpx
 import nats.errors
+import nats.js.errors
 import structlog
 import torch
 from nats.aio.client import Client as NATS
@@ -94,6 +95,7 @@ ID_RE = re.compile(r"^p[0-9a-f]{16}$")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 COMMAND_ACK_WAIT_S = 30.0
+"""The most a command delivered and not acked waits before it comes again (``command_ack_wait``)."""
 BUSY_RETRY_S = 1.0
 """How long a ``Train`` that arrived while another job runs waits before it is delivered again."""
 REPORT_BACKOFF_MAX_S = 5.0
@@ -104,6 +106,15 @@ KEPT_SESSIONS = 8
 KEPT_FACTS = 4096
 SPECS_CHECK_S = 60.0
 """How often the peer looks at its specs again, and registers again when they changed."""
+
+
+def command_ack_wait(settings: Settings) -> float:
+    """How long a command delivered and not acked waits before it is delivered again: half the
+    presence timeout (at least 1 s, at most ``COMMAND_ACK_WAIT_S``). A peer acks a command as soon
+    as it is dealt with (a ``Train`` once its job started), so the wait matters only for a command
+    delivered to a process that died with a fetch pending: it comes to the restarted one well
+    within the presence timeout, before anyone is judged on it."""
+    return min(COMMAND_ACK_WAIT_S, max(1.0, settings.peer_timeout_s / 2))
 
 
 # ------------------------------------------------------------------ identity
@@ -235,17 +246,18 @@ class Peer:
     async def serve(self, stop: asyncio.Event) -> None:
         # The consumer exists before the peer announces itself, so no command sent after the
         # announcement can be missed (DeliverPolicy.NEW applies only when it is first created).
-        sub = await self.js.pull_subscribe(
-            self.command_subject,
-            durable=f"peer-{self.peer_id}",
-            stream=bus.COMMANDS_STREAM,
-            config=api.ConsumerConfig(
-                deliver_policy=api.DeliverPolicy.NEW,
-                ack_policy=api.AckPolicy.EXPLICIT,
-                filter_subject=self.command_subject,
-                ack_wait=COMMAND_ACK_WAIT_S,
-            ),
+        durable = f"peer-{self.peer_id}"
+        config = api.ConsumerConfig(
+            durable_name=durable,
+            deliver_policy=api.DeliverPolicy.NEW,
+            ack_policy=api.AckPolicy.EXPLICIT,
+            filter_subject=self.command_subject,
+            ack_wait=command_ack_wait(self.settings),
         )
+        # created, or (a consumer of an earlier run) brought up to this ack wait
+        with contextlib.suppress(nats.js.errors.BadRequestError):
+            await self.js.add_consumer(bus.COMMANDS_STREAM, config)
+        sub = await self.js.pull_subscribe(self.command_subject, durable=durable, stream=bus.COMMANDS_STREAM)
         log.info("peer started", name=self.name, device=self.device_label)
         try:
             async with asyncio.TaskGroup() as tasks:
@@ -498,7 +510,9 @@ class Peer:
             if not command.dataset_url:
                 raise DataError("the Train carries no dataset_url to fetch the dataset from")
             cap = self.settings.blob_max_download_mb * MiB
-            with_retries("dataset", lambda: signing.fetch_url(command.dataset_url, path, cap, sha256))
+            with_retries(
+                "dataset", lambda: signing.fetch_url(command.dataset_url, path, cap, sha256), command.dataset_url
+            )
         return path
 
 

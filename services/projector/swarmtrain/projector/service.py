@@ -37,8 +37,10 @@ LEADER_CHECK_S = 1.0
 BATCH = 512
 log = get_logger("swarmtrain.projector")
 
-_PG_DOWN = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
-"""What reaching PostgreSQL raises while it is down or going away."""
+_PG_DOWN = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError)
+"""What reaching PostgreSQL raises while it is down, restarting or going away: the server's errors,
+the client's on a connection that broke (``InterfaceError``) and its protocol state machine's
+(``InternalClientError``, e.g. "cannot switch to state 15; another operation is in progress")."""
 
 
 async def connect_db(settings: Settings, attempts: int = 60) -> asyncpg.Pool:
@@ -47,7 +49,7 @@ async def connect_db(settings: Settings, attempts: int = 60) -> asyncpg.Pool:
         try:
             pool: asyncpg.Pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=4)
             return pool
-        except (OSError, asyncpg.CannotConnectNowError):
+        except _PG_DOWN:
             if attempt == attempts - 1:
                 raise
             await asyncio.sleep(0.5)

@@ -6,7 +6,7 @@ decision is deduplicated by JetStream (``Nats-Msg-Id``)."""
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Literal
@@ -44,6 +44,15 @@ class Clocks:
     """Monotonic seconds: presence beats, which are not in the log."""
     wall: float
     """UTC seconds: round deadlines (against the broker's ``observed_at`` of events) and ``occurred_at``."""
+    heard_since: float = 0.0
+    """UTC seconds since which the scheduler has heard the platform without a gap (``State.heard_since``):
+    a deadline never counts the time before it."""
+    at_work: Mapping[str, float] = field(default_factory=dict)
+    """peer_id -> monotonic time since which its beats have named, without a break, the ``Train`` of
+    its run (``State.streak``; ``now`` while they do not): a peer that took up its work late
+    (restarted, its ``Train`` sent again) is given a round's whole deadline from then, and one not
+    at work on it is judged by the presence timeout and the re-sends, not by a round's deadline.
+    A peer missing here is judged by the round's deadline alone."""
 
     @property
     def at(self) -> datetime:

@@ -11,6 +11,7 @@ what, rounds, a failed participant, the session's model) is asked of ``strategie
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 from swarmtrain.common.events import (
     PeerFailed,
@@ -56,6 +57,7 @@ from swarmtrain.scheduler.strategies import strategy_of
 
 def decide(state: State, clocks: Clocks, config: Config) -> list[Action]:
     """Everything the scheduler should do now, given the state and the clocks."""
+    clocks = replace(clocks, heard_since=max(clocks.heard_since, state.heard_since), at_work=at_work(state, clocks.now))
     actions: list[Action] = _presence(state, clocks, config.timing.peer_timeout)
     unavailable = {a.event.peer_id for a in actions if isinstance(a, Append) and isinstance(a.event, PeerWentOffline)}
     idle = sorted(
@@ -103,6 +105,23 @@ def releases_first(actions: list[Action]) -> list[Action]:
     ]
     moved = {id(a) for a in first}
     return first + [a for a in actions if id(a) not in moved]
+
+
+def at_work(state: State, now: float) -> dict[str, float]:
+    """For each training run of a session with rounds: since when its peer's beats have named its
+    ``Train`` without a break; ``now`` where they do not (a peer restarting, or not working on it:
+    the presence timeout and ``resend`` judge it, not a round's deadline). ``Clocks.at_work``."""
+    out: dict[str, float] = {}
+    for session in state.sessions.values():
+        if session.status != "running" or not session.rounds_open:
+            continue
+        for peer_id, run in session.runs.items():
+            if run.status != "training":
+                continue
+            streak = state.streak.get(peer_id)
+            train = train_id(session.session_id, peer_id, run.start_round)
+            out[peer_id] = streak[1] if streak is not None and streak[0] == train else now
+    return out
 
 
 def resend(

@@ -7,7 +7,8 @@ publish there), never the body's: a body naming another peer is refused. Then, p
 
 - ``PeerRegistered``: the sender's own registration, names of bounded length.
 - every session report: a ``running`` session in which the sender holds a ``training`` run.
-- ``Heartbeat``: its epoch within the run's epochs, figures finite and in range.
+- ``Heartbeat``: its epoch within the run's epochs, figures finite and in range; of a run that is
+  ``done`` too, for an epoch it trained before (a report redelivered late, after its ``PeerDone``).
 - ``ModelUpdatePublished``: the open round, once per round, at exactly the URI the ``Train``
   handed (``<rounds_uri>/<round>/<peer>.safetensors``), ``num_samples`` exactly the shard's
   training rows (``shapes`` from the dataset's rows, the split and the shard).
@@ -118,6 +119,8 @@ def _check(state: State, sender: str, report: Report, config: Config) -> None:
     if session is None or session.status != "running":
         raise Refused(f"session {sid[:MAX_ID_CHARS]!r} is not running")
     run = session.training(sender)
+    if run is None and isinstance(report, Heartbeat):
+        run = _finished_run(session, sender, report)
     if run is None:
         raise Refused(f"peer {sender!r} holds no training run in session {sid!r}")
     match report:
@@ -184,6 +187,13 @@ def _update(session: Session, run: Run, sender: str, report: ModelUpdatePublishe
     if report.nbytes > session.max_model_bytes():
         raise Refused(f"nbytes {report.nbytes}: an update of this model holds at most {session.max_model_bytes()}")
     _figures(report.loss, report.accuracy, None, None)
+
+
+def _finished_run(session: Session, sender: str, beat: Heartbeat) -> Run | None:
+    """The sender's finished run, for a heartbeat of an epoch it trained before it finished (a report
+    redelivered late: its first delivery's scheduler died before it acked); None otherwise."""
+    run = session.runs.get(sender)
+    return run if run is not None and run.status == "done" and beat.epoch <= run.epoch else None
 
 
 def _epochs(session: Session, run: Run) -> int:

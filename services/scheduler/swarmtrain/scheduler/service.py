@@ -14,8 +14,16 @@ it decides nothing itself. Its own mechanics:
 - commands sent once per process (``Send``/``Forward`` ids remembered), ``SessionFact`` signed only
   when sent, evaluations run in worker threads;
 - riding out faults: an event whose evolve raises is quarantined (logged, counted, skipped); a
-  NATS error ends no loop; after a reconnect or a gap in its reading every peer gets a fresh
-  timeout window (``state.regrace``).
+  NATS error ends no loop; after a reconnect, a gap in its reading (paused, catching up) or a log
+  it could not reach (its streams probed every ``PROBE_S``, a fact it could not append: a stream
+  electing its leader) every peer gets a fresh timeout window and every open round a fresh
+  deadline (``state.regrace``);
+- judging only on what arrived: no decision is taken when the reports were last read more than a
+  gap ago (it reads first), and a decision that fails a peer or takes it offline waits, for a few
+  ticks at most, until every stored report has been read and the streams answer;
+- a report whose fact the log already holds (a redelivery) is acked, not rejected;
+- the peers' transfers: where they go (the gateway's ``/healthz`` for a ``file://`` store, the S3
+  endpoint) is asked every ``PROBE_S``; while it does not answer, no round's deadline runs.
 """
 
 from __future__ import annotations
@@ -23,10 +31,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import typing
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
+import httpx
 import msgspec
 import nats.errors
 import nats.js.errors
@@ -39,6 +49,8 @@ from swarmtrain.common.events import (
     PRESENCE_SUBJECTS,
     Command,
     Event,
+    PeerFailed,
+    PeerWentOffline,
     Report,
     ReportRejected,
     decode_event,
@@ -72,7 +84,7 @@ from swarmtrain.scheduler.actions import (
 )
 from swarmtrain.scheduler.decide import decide, recover
 from swarmtrain.scheduler.reports import check
-from swarmtrain.scheduler.state import State, fold_safely, observe_beats, regrace
+from swarmtrain.scheduler.state import State, fold_safely, observe_beats, regrace, regrace_rounds
 from swarmtrain.scheduler.strategies.fedavg import needs_histograms
 from swarmtrain.training import evaluation
 from swarmtrain.training.data import DataError
@@ -82,12 +94,25 @@ TICK_S = 0.2
 """The longest the loop sleeps: a decision that only time makes (a timeout, a deadline) waits at
 most this long. Anything appended to the log or reported wakes it at once."""
 EVENTS_WAIT_S = 0.005
+REPORT_TYPES = typing.get_args(Report)
 REPORTS_CONSUMER = "scheduler-reports"
 SENT_MEMORY = 100_000
 """Ids of commands sent by this process that it remembers, so a level-triggered decision is
 published once, not every tick."""
 EVALUATION_RETRY_S = 5.0
 T = TypeVar("T")
+REPORTS_ACK_WAIT_S = 3.0
+"""A report fetched by a scheduler that died before it acked comes again after this: well within
+a supervised restart, so it is checked while its session still runs."""
+PROBE_S = 1.0
+"""How often the scheduler asks its streams whether they answer (a stream electing its leader
+stores nothing: time a peer could not be heard, which must count against nobody)."""
+PROBE_TIMEOUT_S = 2.0
+MAX_DEFERRALS = 25
+"""Ticks a blaming decision waits for the reports stored before it to be read."""
+APPLIED_MEMORY = 200_000
+"""Ids of the reports' facts read from the log that the scheduler remembers (a redelivered report
+whose fact is stored is acked, not rejected)."""
 
 
 def clocks() -> Clocks:
@@ -132,11 +157,24 @@ def url_signer(store: blob.BlobStore, settings: Settings) -> Signer | None:
     return sign
 
 
+def blames(actions: Sequence[Action]) -> bool:
+    """Whether ``actions`` fail a peer's run or take a peer offline."""
+    return any(isinstance(a, Append) and isinstance(a.event, PeerFailed | PeerWentOffline) for a in actions)
+
+
 class Scheduler:
     def __init__(self, settings: Settings, js: JetStreamContext) -> None:
         self.settings = settings
         self.js = js
-        self.state = State(started_at=time.monotonic())
+        self.state = State(started_at=time.monotonic(), heard_since=time.time())
+        self.gap_s = max(2.0, settings.peer_timeout_s / 2)
+        """A reading this much older than a decision is a gap: the decision waits for a new one."""
+        self.heard_at = time.monotonic()
+        """Monotonic time the latest fetch of the reports began: what a decision stands on."""
+        self.deferred = 0
+        """Consecutive ticks a blaming decision waited for the reports before it."""
+        self.applied: OrderedDict[str, None] = OrderedDict()
+        """Event ids of reports' facts read from the log (the latest ``APPLIED_MEMORY``)."""
         self.store = blob.open_store(settings.blob_url, settings)
         self.config = Config(uri=self.store.uri, timing=timing_of(settings), signer=url_signer(self.store, settings))
         self.beats: dict[str, float] = {}
@@ -152,6 +190,10 @@ class Scheduler:
         """session_id -> its shards' label histograms (``label_skew``), once computed."""
         self.quarantined = 0
         """Events this process could not apply and skipped (each one logged with its error)."""
+        self.reports: JetStreamContext.PullSubscription | None = None
+        """The reports' subscription the loop reads (``may_blame`` asks it what is still pending)."""
+        self.transfers_down = False
+        """The peers' transfers cannot go through now (``watch_transfers``): no round's deadline runs."""
 
     def on_presence(self, data: bytes) -> None:
         try:
@@ -164,13 +206,14 @@ class Scheduler:
 
     def regrace(self, why: str) -> None:
         """Judge no peer on beats this scheduler could not see: every timeout starts again now."""
-        self.state = regrace(self.state, time.monotonic())
-        log.info("fresh timeout window for every peer", why=why)
+        self.state = regrace(self.state, time.monotonic(), time.time())
+        log.info("fresh timeout window for every peer and round", why=why)
 
     async def catch_up(self, sub: JetStreamContext.PullSubscription) -> None:
         """Replay the log up to its current end, then redo what a dead scheduler may have left half done."""
         await self.read_to(sub, await bus.last_sequence(self.js))
         log.info("state rebuilt", position=self.state.position, sessions=len(self.state.sessions))
+        self.regrace("caught up with the log")  # the time the replay took counts against nobody
         await self.execute(recover(self.state, clocks(), self.config))
 
     async def read_to(self, sub: JetStreamContext.PullSubscription, target: int) -> None:
@@ -183,6 +226,11 @@ class Scheduler:
         batch = await bus.fetch(sub, decode_event, batch=512, timeout=timeout)
         if batch:
             items = [(bus.stream_seq(msg), event, observed_at(msg)) for msg, event in batch]
+            for _, event, _ in items:
+                if isinstance(event, REPORT_TYPES):
+                    self.applied[event.event_id] = None
+            while len(self.applied) > APPLIED_MEMORY:
+                self.applied.popitem(last=False)
             self.state, quarantined = fold_safely(self.state, items)
             for seq, event, error in quarantined:
                 self.quarantined += 1
@@ -191,7 +239,10 @@ class Scheduler:
 
     async def check_reports(self, batch: list[tuple[Msg, Report]], events: JetStreamContext.PullSubscription) -> int:
         """Check fetched reports against a state that has read the log to its end (another
-        scheduler may have started the session), append each one's fact or rejection, then ack it."""
+        scheduler may have started the session), append each one's fact or rejection, then ack it.
+        A report whose fact is in the log already (redelivered: its ack was lost) is acked as it is.
+        One that cannot be recorded (the log unreachable, electing a leader) comes again, and the
+        failure is raised: a fault to ride out."""
         if not batch:
             return 0
         await self.read_to(events, max(self.barrier, await bus.last_sequence(self.js)))
@@ -201,18 +252,26 @@ class Scheduler:
             if sender is None:
                 await msg.term()
                 continue
+            if report.event_id in self.applied:
+                await msg.ack()
+                continue
             checked.append((msg, report, sender, check(self.state, sender, report, self.config, clocks().at)))
         # the batch's facts in flight together, in order on the one connection (so stored in order):
         # one round trip for the batch, not one per report
         results = await asyncio.gather(*(self.append(c[3]) for c in checked), return_exceptions=True)
+        failed: BaseException | None = None
         for (msg, report, sender, outcome), result in zip(checked, results, strict=True):
             if isinstance(result, BaseException):
                 log.warning("report not recorded; it comes again", report_id=report.event_id, error=repr(result))
-                await msg.nak(delay=1.0)
+                with contextlib.suppress(Exception):
+                    await msg.nak(delay=1.0)
+                failed = failed or result
                 continue
             await msg.ack()
             if isinstance(outcome, ReportRejected):
                 log.info("report rejected", peer_id=sender, type=outcome.report_type, reason=outcome.reason)
+        if failed is not None:
+            raise failed
         return len(batch)
 
     async def settle(self, events: JetStreamContext.PullSubscription, rounds: int = 4) -> None:
@@ -231,10 +290,49 @@ class Scheduler:
         beats, self.beats = self.beats, {}
         doing, self.doing = self.doing, {}
         self.state = observe_beats(self.state, beats, doing)
-        if self.state.position >= self.barrier:
-            with metrics.deciding():
-                actions = decide(self.state, clocks(), self.config)
-            await self.execute(actions)
+        if self.transfers_down:
+            self.state = regrace_rounds(self.state, time.time())
+        if self.state.position < self.barrier:
+            return
+        # checked just before deciding: a process stopped (SIGSTOP, a frozen VM) anywhere in its
+        # loop resumes with a reading older than the stop; it reads again before it judges
+        if (gap := time.monotonic() - self.heard_at) > self.gap_s:
+            self.regrace(f"no reading for {gap:.1f}s")
+            return
+        with metrics.deciding():
+            actions = decide(self.state, clocks(), self.config)
+        if blames(actions) and not await self.may_blame():
+            return
+        await self.execute(actions)
+
+    async def may_blame(self) -> bool:
+        """Whether a decision that fails a peer or takes it offline may stand: the streams answer
+        and every report stored has been read (else it waits a tick, ``MAX_DEFERRALS`` at most). A
+        stream that does not answer is a fault (raised): once it answers, a fresh grace."""
+        await self.probe()
+        info = await asyncio.wait_for(self.reports.consumer_info(), PROBE_TIMEOUT_S) if self.reports else None
+        pending = int(info.num_pending or 0) if info is not None else 0
+        if pending and self.deferred < MAX_DEFERRALS:
+            self.deferred += 1
+            return False
+        self.deferred = 0
+        return True
+
+    def transfers(self, up: bool) -> None:
+        """What the latest look at the peers' transfer endpoint saw (``watch_transfers``)."""
+        if up == (not self.transfers_down):
+            return
+        self.transfers_down = not up
+        if up:
+            self.state = regrace_rounds(self.state, time.time())
+            log.info("transfers go through again; every open round's deadline counts from now")
+        else:
+            log.warning("the peers' transfers cannot go through; no round's deadline runs meanwhile")
+
+    async def probe(self) -> None:
+        """Ask the streams the peers' reports and the facts go to whether they answer (raises if not)."""
+        for stream in (bus.REPORTS_STREAM, bus.EVENTS_STREAM):
+            await asyncio.wait_for(self.js.stream_info(stream), PROBE_TIMEOUT_S)
 
     async def execute(self, actions: Sequence[Action]) -> None:
         starts = [a for a in actions if isinstance(a, Start)]  # disjoint peers: run side by side
@@ -492,6 +590,31 @@ class OncePerKey:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
+def transfer_endpoint(store: blob.BlobStore, settings: Settings) -> str | None:
+    """Where the peers' transfers go, to ask whether it answers: the gateway's ``/healthz`` for a
+    ``file://`` store (it serves the signed URLs), the S3 endpoint; None where the scheduler signs
+    no URLs."""
+    if isinstance(store, blob.S3Store):
+        return f"{'https' if settings.s3_secure else 'http'}://{settings.s3_endpoint}/"
+    try:
+        return signing.UrlSigner(store, settings).base_url() + "/healthz"
+    except ValueError:
+        return None
+
+
+async def watch_transfers(scheduler: Scheduler, url: str, stop: asyncio.Event) -> None:
+    """Every ``PROBE_S``, whether ``url`` answers (any status below 500) or not, told to ``scheduler``."""
+    async with httpx.AsyncClient(timeout=PROBE_TIMEOUT_S) as client:
+        while not stop.is_set():
+            try:
+                up = (await client.get(url)).status_code < 500
+            except httpx.HTTPError:
+                up = False
+            scheduler.transfers(up)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), PROBE_S)
+
+
 async def reports_consumer(js: JetStreamContext) -> JetStreamContext.PullSubscription:
     """The one durable consumer of the peers' reports that every scheduler shares: created if
     missing, never deleted or reset (a restarted scheduler goes on where the acks left off)."""
@@ -499,11 +622,11 @@ async def reports_consumer(js: JetStreamContext) -> JetStreamContext.PullSubscri
         durable_name=REPORTS_CONSUMER,
         deliver_policy=api.DeliverPolicy.ALL,
         ack_policy=api.AckPolicy.EXPLICIT,
-        ack_wait=10.0,
+        ack_wait=REPORTS_ACK_WAIT_S,
         max_ack_pending=20_000,
         filter_subject=subjects.PEER_REPORTS,
     )
-    with contextlib.suppress(nats.js.errors.BadRequestError):  # it exists (with another config): use it
+    with contextlib.suppress(nats.js.errors.BadRequestError):  # created, or brought up to this config
         await js.add_consumer(bus.REPORTS_STREAM, config)
     return await js.pull_subscribe_bind(consumer=REPORTS_CONSUMER, stream=bus.REPORTS_STREAM)
 
@@ -536,6 +659,12 @@ async def renewed(
     return events, reports
 
 
+async def _cancelled(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
 async def run(settings: Settings, stop: asyncio.Event) -> None:
     async with contextlib.AsyncExitStack() as stack:
         nc = await bus.connect(settings, "scheduler")
@@ -550,6 +679,9 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
 
         presence = await nc.subscribe(PRESENCE_SUBJECTS, cb=on_presence)
         stack.push_async_callback(presence.unsubscribe)
+        if (endpoint := transfer_endpoint(scheduler.store, settings)) is not None:
+            watcher = asyncio.create_task(watch_transfers(scheduler, endpoint, stop), name="transfers")
+            stack.push_async_callback(_cancelled, watcher)
         # the doorbell: a JetStream append reaches core subscribers too, so anything appended to
         # the log (a request, our own or another scheduler's writes, an evaluation's fact) wakes
         # the loop at once; the consumer below is still what is read
@@ -562,14 +694,15 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
             bell = await nc.subscribe(subject, cb=on_appended)
             stack.push_async_callback(bell.unsubscribe)
         events = await bus.pull_consumer(js, bus.EVENTS_STREAM, ack=api.AckPolicy.NONE)
-        reports = await reports_consumer(js)
+        reports = scheduler.reports = await reports_consumer(js)
         structlog.contextvars.bind_contextvars(service="scheduler")
         await scheduler.catch_up(events)
-        gap_s = max(2.0, settings.peer_timeout_s / 2)
-        last_tick, faulted, idle_since = time.monotonic(), False, time.monotonic()
+        faulted, idle_since, probed = False, time.monotonic(), time.monotonic()
         incoming: asyncio.Task[list[tuple[Msg, Report]]] | None = None
         """The reports fetch in flight: kept across turns of the loop (never cancelled while
         running), so waking for the log loses no report on its way."""
+        began = time.monotonic()
+        """When the fetch in flight began: what a decision stands on once its batch is checked."""
         try:
             while not stop.is_set():
                 try:
@@ -579,9 +712,15 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
                         await _dropped(incoming)
                         incoming = None
                         events, reports = await renewed(js, events, reports, scheduler.state.position + 1)
+                        scheduler.reports = reports
+                        await scheduler.probe()
                         scheduler.regrace("reading again after a fault")
                         faulted = False
+                    if time.monotonic() - probed > PROBE_S:  # a stream electing its leader stores nothing
+                        probed = time.monotonic()
+                        await scheduler.probe()
                     if incoming is None:
+                        began = time.monotonic()
                         incoming = asyncio.create_task(bus.fetch(reports, decode_report, batch=256, timeout=TICK_S))
                     # sleep until something is appended, a report comes, or a tick has passed
                     await _first(incoming, doorbell, TICK_S)
@@ -595,12 +734,8 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
                             await events.consumer_info()
                     if incoming.done():
                         batch, incoming = incoming.result(), None
+                        scheduler.heard_at = began  # what was reported up to then has been read
                         await scheduler.check_reports(batch, events)
-                    # checked just before deciding: a process stopped (SIGSTOP, a frozen VM) half-way
-                    # through this loop resumes here, before it has read the beats sent meanwhile
-                    now = time.monotonic()
-                    if now - last_tick > gap_s:
-                        scheduler.regrace(f"no reading for {now - last_tick:.1f}s")
                     await scheduler.settle(events)
                 except (nats.errors.Error, nats.js.errors.Error, OSError) as exc:
                     if not faulted or nc.is_connected:  # once per outage, and on every failure once back
@@ -608,7 +743,6 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
                     faulted = True
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(stop.wait(), 0.5)  # back off, but stop at once
-                last_tick = time.monotonic()
         finally:
             await _dropped(incoming)
             with contextlib.suppress(Exception):

@@ -207,6 +207,9 @@ class State:
     """peer_id -> (the ``Train`` id its latest beat that named one named, monotonic time of that beat)."""
     doing: Mapping[str, str | None] = field(default_factory=dict)
     """peer_id -> the ``Train`` id its latest beat named (None: idle)."""
+    streak: Mapping[str, tuple[str, float]] = field(default_factory=dict)
+    """peer_id -> (the ``Train`` id its beats name, monotonic time of the first beat of this unbroken
+    run of beats naming it): when a peer (back from a restart, say) took up its work again."""
     datasets: Mapping[str, Dataset] = field(default_factory=dict)
     position: int = 0
     started_at: float = 0.0
@@ -214,6 +217,9 @@ class State:
     grace_from: float = 0.0
     """Monotonic time of the scheduler's latest reconnect or gap in its reading: beats it could not
     see then count against nobody, every peer gets a fresh timeout from here (``regrace``)."""
+    heard_since: float = 0.0
+    """UTC seconds of that same grace: no round's deadline counts the time before it (a round whose
+    updates the scheduler could not read meanwhile gets its whole deadline again from here)."""
 
     @property
     def beats_since(self) -> float:
@@ -450,14 +456,31 @@ def observe_beats(state: State, beats: Mapping[str, float], doing: Mapping[str, 
         return state
     doing = doing or {}
     working = dict(state.working)
+    streak = dict(state.streak)
     for peer_id, train in doing.items():
-        if train is not None and peer_id in beats:
-            working[peer_id] = (train, beats[peer_id])
-    return replace(state, beats={**state.beats, **beats}, working=working, doing={**state.doing, **doing})
+        if peer_id not in beats:
+            continue
+        if train is None:
+            streak.pop(peer_id, None)
+            continue
+        working[peer_id] = (train, beats[peer_id])
+        if streak.get(peer_id, ("", 0.0))[0] != train:
+            streak[peer_id] = (train, beats[peer_id])
+    return replace(
+        state, beats={**state.beats, **beats}, working=working, doing={**state.doing, **doing}, streak=streak
+    )
 
 
-def regrace(state: State, now: float) -> State:
-    """``state`` after the scheduler reconnected or found a gap in its reading at monotonic ``now``:
-    every peer's silence and every run's wait for a beat count from ``now`` (never a mass failure
-    for an outage that hid the beats)."""
-    return replace(state, grace_from=max(state.grace_from, now))
+def regrace(state: State, now: float, wall: float | None = None) -> State:
+    """``state`` after the scheduler reconnected, found a gap in its reading or could not reach the
+    log, at monotonic ``now`` (UTC ``wall``): every peer's silence, every run's wait for a beat and
+    every open round's deadline count from then (never a failure for what the platform hid)."""
+    heard = state.heard_since if wall is None else max(state.heard_since, wall)
+    return replace(state, grace_from=max(state.grace_from, now), heard_since=heard)
+
+
+def regrace_rounds(state: State, wall: float) -> State:
+    """``state`` while the peers' transfers cannot go through (the gateway serving a ``file://``
+    store, or the object store, restarting), at UTC ``wall``: no open round's deadline counts the
+    time until then; presence is another path (NATS), judged as before."""
+    return replace(state, heard_since=max(state.heard_since, wall))

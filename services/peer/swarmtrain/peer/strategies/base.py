@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import tempfile
 import threading
 import time
@@ -40,7 +41,7 @@ from swarmtrain.common.blob import BlobRef, MiB
 from swarmtrain.common.events import Report, Train
 from swarmtrain.common.logging import get_logger
 from swarmtrain.common.registry import Registry
-from swarmtrain.common.settings import Settings
+from swarmtrain.common.settings import Settings, get_settings
 from swarmtrain.peer.facts import SessionFacts
 from swarmtrain.peer.progress import heartbeat, train_reporting
 from swarmtrain.peer.trainer import EpochStats
@@ -52,7 +53,9 @@ T = TypeVar("T")
 
 
 log = get_logger("swarmtrain.peer")
-TRANSFER_ATTEMPTS = 3
+TRANSFER_BACKOFF_S = 0.25
+"""The first pause between two tries of a transfer; doubled each time, up to ``TRANSFER_BACKOFF_MAX_S``."""
+TRANSFER_BACKOFF_MAX_S = 4.0
 
 
 ReportFn = Callable[[Report], Awaitable[None]]
@@ -66,17 +69,32 @@ def _transient(exc: BaseException) -> bool:
     return isinstance(exc, httpx.TransportError)
 
 
-def with_retries(what: str, work: Callable[[], T], attempts: int = TRANSFER_ATTEMPTS) -> T:
-    """``work()``, tried again (blocking, with a short backoff) after a transient transfer error."""
-    for attempt in range(1, attempts + 1):
+def with_retries(what: str, work: Callable[[], T], url: str | None = None, budget_s: float | None = None) -> T:
+    """``work()``, tried again (blocking, with a jittered exponential backoff) after a transient
+    transfer error, for ``budget_s`` (default ``SWARMTRAIN_TRANSFER_RETRY_S``: longer than a
+    supervised restart of the gateway or the object store) but never past ``url``'s expiry."""
+    budget = get_settings().transfer_retry_s if budget_s is None else budget_s
+    deadline = time.monotonic() + budget
+    expires = None if url is None else signing.url_expiry(url)
+    delay = TRANSFER_BACKOFF_S
+    attempt = 0
+    while True:
+        attempt += 1
         try:
             return work()
         except Exception as exc:
-            if attempt == attempts or not _transient(exc):
+            if not _transient(exc):
                 raise
-            log.warning("transfer failed; retrying", what=what, error=str(exc))
-            time.sleep(0.5 * attempt)
-    raise AssertionError("unreachable")
+            pause = delay * random.uniform(0.8, 1.2)
+            left = deadline - time.monotonic()
+            if expires is not None:
+                left = min(left, expires - time.time())
+            if left < pause:
+                log.warning("transfer failed; no more tries", what=what, attempts=attempt, error=str(exc))
+                raise
+            log.warning("transfer failed; retrying", what=what, attempt=attempt, in_s=round(pause, 2), error=str(exc))
+            time.sleep(pause)
+            delay = min(delay * 2, TRANSFER_BACKOFF_MAX_S)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -111,7 +129,7 @@ class JobContext:
         """Blocking: ``url`` to ``dest``, capped (default ``max_download_bytes``) and checked against
         ``sha256``; transient failures are tried again."""
         cap = self._cap(max_bytes)
-        return with_retries("download", lambda: signing.fetch_url(url, dest, cap, sha256))
+        return with_retries("download", lambda: signing.fetch_url(url, dest, cap, sha256), url)
 
     def download_bytes(
         self, url: str, sha256: str | None, max_bytes: int | None = None, client: httpx.Client | None = None
@@ -119,14 +137,14 @@ class JobContext:
         """Blocking: ``url``'s body in memory, capped and checked as :meth:`download` does;
         ``client`` (``signing.new_client``) reuses its connections across calls."""
         cap = self._cap(max_bytes)
-        return with_retries("download", lambda: signing.fetch_bytes(url, cap, sha256, client))
+        return with_retries("download", lambda: signing.fetch_bytes(url, cap, sha256, client), url)
 
     def upload(self, url: str, source: Path | bytes, client: httpx.Client | None = None) -> BlobRef:
         """Blocking: ``source`` (a file or bytes) PUT to the signed ``url``; transient failures are
         tried again."""
         if not url:
             raise ValueError("the Train carries no URL to write this object to")
-        return with_retries("upload", lambda: signing.put_url(url, source, client))
+        return with_retries("upload", lambda: signing.put_url(url, source, client), url)
 
     async def fetch_init(self, command: Train) -> Tensors | None:
         """The command's starting model's tensors (``Train.init_url``, its sha256 checked), or None

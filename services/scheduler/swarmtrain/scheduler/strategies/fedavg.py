@@ -87,10 +87,17 @@ def round_deadline(session: Session, timing: Timing) -> float:
 
 
 def close_round(session: Session, clocks: Clocks, timing: Timing) -> list[Action]:
-    """Close the open round once every training participant published, or at its deadline."""
+    """Close the open round once every training participant published, or at its deadline: the
+    round's, counted from its base or the scheduler's latest grace, and for a peer that took up its
+    work later (``Clocks.at_work``: restarted, its ``Train`` sent again) also from then."""
     sid, r = session.session_id, session.round
     waiting = sorted(p for p, run in session.runs.items() if run.status == "training" and p not in session.updates)
-    overdue = clocks.wall - session.round_base > round_deadline(session, timing)
+    # the time the scheduler could not hear the peers (paused, catching up, the log unreachable)
+    # counts against nobody: the round's deadline counts from the latest of its base and that
+    deadline = round_deadline(session, timing)
+    overdue = clocks.wall - max(session.round_base, clocks.heard_since) > deadline
+    if waiting and overdue and any(clocks.now - clocks.at_work.get(p, float("-inf")) <= deadline for p in waiting):
+        return []  # a peer back at work later than the round's start has its whole deadline too
     if waiting and not overdue:
         return []
     if not session.updates and not overdue:
