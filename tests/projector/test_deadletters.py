@@ -147,7 +147,9 @@ async def test_an_error_that_is_not_the_events_fault_is_never_parked(
     try:
         await db.execute("SELECT pg_terminate_backend($1)", conn.get_server_pid())
         batch = deadletters.of_events(list(enumerate(session_story(), start=1)))
-        with pytest.raises((asyncpg.PostgresError, asyncpg.InterfaceError, OSError)) as lost:
+        with pytest.raises(
+            (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError, OSError)
+        ) as lost:
             async with conn.transaction():
                 await deadletters.apply_quarantining(conn, batch, 0)
         assert not deadletters.is_poison(lost.value)
