@@ -140,3 +140,18 @@ async def projector(settings: Settings) -> AsyncIterator[None]:
     yield
     stop.set()
     await asyncio.wait_for(task, 15)
+
+
+@pytest.fixture
+def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
+    """Processes a test starts: each one still running at the end is terminated (killed after 30 s)."""
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for proc in started:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()

@@ -192,18 +192,7 @@ async def wheel_stack(
 
 
 async def test_a_peer_from_the_wheel_joins_a_listening_stack_and_trains(
-    installed: Installed, wheel_stack: Listening, tmp_path: Path
+    installed: Installed, wheel_stack: Listening, tmp_path: Path, procs: list[subprocess.Popen[bytes]]
 ) -> None:
     """The peer machine of "Many machines": the wheel installed there, the line ``invite`` printed."""
-    procs: list[subprocess.Popen[bytes]] = []
-    try:
-        await join_and_train(wheel_stack, procs, tmp_path, installed.swarmtrain)
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+    await join_and_train(wheel_stack, procs, tmp_path, installed.swarmtrain)
