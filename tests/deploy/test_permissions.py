@@ -368,6 +368,12 @@ async def test_services_and_the_tap_get_only_their_share(secured: SecuredNats) -
     await bus.append(sched, SessionFailed(session_id="s2", reason="for the tap"))
     msg = await seen.next_msg(timeout=2)
     assert decode_event(msg.data).session_id == "s2"  # type: ignore[union-attr]
+    # and the scheduler's doorbell: a session's fact appended reaches its core subscription
+    sched_nc = await secured.connect("scheduler")
+    bells = [await sched_nc.subscribe(subject) for subject in subjects.SCHEDULER_DOORBELL]
+    await bus.append(sched_nc.jetstream(), SessionFailed(session_id="s3", reason="for the doorbell"))
+    rung = await bells[0].next_msg(timeout=2)
+    assert decode_event(rung.data).session_id == "s3"  # type: ignore[union-attr]
 
 
 async def test_a_peer_with_its_credential_beats_reports_and_takes_its_commands(

@@ -20,6 +20,9 @@ PEER_REPORTS = "peer.*.reports"
 EVENT_SUBJECTS = [SESSION_EVENTS, PEER_EVENTS, USER_EVENTS, DATASET_EVENTS]
 COMMAND_SUBJECTS = [PEER_COMMANDS]
 REPORT_SUBJECTS = [PEER_REPORTS]
+SCHEDULER_DOORBELL = [SESSION_EVENTS, PEER_EVENTS]
+"""The event subjects whose appends wake the scheduler at once (a core subscription; users' and
+datasets' facts ask nothing of it, and a tick reads them anyway)."""
 
 
 def session_events(session_id: str) -> str:

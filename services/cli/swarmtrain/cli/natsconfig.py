@@ -109,7 +109,9 @@ SERVICE_PERMISSIONS: dict[str, tuple[list[str], list[str]]] = {
             *_durable(_R, SCHEDULER_REPORTS),
             f"$JS.API.STREAM.MSG.GET.{_C}",  # the last command a peer was sent (a re-send)
         ],
-        [subjects.PEER_PRESENCE],
+        # presence beats; and sessions' and peers' facts as a doorbell (an append wakes its loop;
+        # what it reads is still its EVENTS consumer)
+        [subjects.PEER_PRESENCE, *subjects.SCHEDULER_DOORBELL],
     ),
     "projector": ([*_STREAMS_ADMIN, *_EVENTS_READER], []),
     # a person's tap (nats-box, `swarmtrain tap`): reads live session events and publishes

@@ -248,6 +248,7 @@ class Peer:
         # announcement can be missed (DeliverPolicy.NEW applies only when it is first created).
         durable = f"peer-{self.peer_id}"
         config = api.ConsumerConfig(
+            name=durable,  # created with its filter in the API subject: all a peer's credential allows
             durable_name=durable,
             deliver_policy=api.DeliverPolicy.NEW,
             ack_policy=api.AckPolicy.EXPLICIT,

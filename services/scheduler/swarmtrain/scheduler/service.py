@@ -682,15 +682,15 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
         if (endpoint := transfer_endpoint(scheduler.store, settings)) is not None:
             watcher = asyncio.create_task(watch_transfers(scheduler, endpoint, stop), name="transfers")
             stack.push_async_callback(_cancelled, watcher)
-        # the doorbell: a JetStream append reaches core subscribers too, so anything appended to
-        # the log (a request, our own or another scheduler's writes, an evaluation's fact) wakes
+        # the doorbell: a JetStream append reaches core subscribers too, so a session's or a peer's
+        # fact appended (a request, our own or another scheduler's writes, an evaluation's fact) wakes
         # the loop at once; the consumer below is still what is read
         doorbell = asyncio.Event()
 
         async def on_appended(_msg: Msg) -> None:
             doorbell.set()
 
-        for subject in bus.EVENT_SUBJECTS:
+        for subject in subjects.SCHEDULER_DOORBELL:
             bell = await nc.subscribe(subject, cb=on_appended)
             stack.push_async_callback(bell.unsubscribe)
         events = await bus.pull_consumer(js, bus.EVENTS_STREAM, ack=api.AckPolicy.NONE)
