@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from swarmtrain.common.events import Hyperparameters, ModelSpec, SessionRequested
+from swarmtrain.common.fedopts import ROUND_OPTIONS, RoundOptions
 
 HP = Hyperparameters(epochs=1, batch_size=8, lr=0.01)
 
@@ -23,4 +24,7 @@ def session_requested(
         "model": ModelSpec(),
         "hyperparameters": [hyperparameters] * num_peers,
     }
+    options = {name: fields.pop(name) for name in ROUND_OPTIONS if name in fields}
+    if options:  # a round option may be given flat: it goes into round_options
+        fields["round_options"] = RoundOptions(**options)
     return SessionRequested(**{**values, **fields})

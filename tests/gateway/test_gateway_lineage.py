@@ -24,7 +24,13 @@ PARENT = session_requested(
 def test_a_fork_inherits_the_parents_settings_and_takes_what_it_gives() -> None:
     fields = fork_fields(PARENT, ForkIn(round=3, num_peers=2))
     plan = plan_session(parse_session(fields), SETTINGS)
-    assert (plan.strategy, plan.num_peers, plan.rounds, plan.seed, plan.max_update_norm) == ("fedavg", 2, 2, 7, 3.0)
+    assert (plan.strategy, plan.num_peers, plan.rounds, plan.seed, plan.round_options.max_update_norm) == (
+        "fedavg",
+        2,
+        2,
+        7,
+        3.0,
+    )
     assert plan.model == PARENT.model and plan.hyperparameters == [HP, HP]
     given = ForkIn(round=5, rounds=4, hyperparameters=HyperparametersIn(epochs=1, batch_size=8, lr=0.1))
     plan = plan_session(parse_session(fork_fields(PARENT, given)), SETTINGS)
@@ -33,8 +39,9 @@ def test_a_fork_inherits_the_parents_settings_and_takes_what_it_gives() -> None:
 
 
 def test_a_forks_round_options_are_checked_like_a_session_requests() -> None:
-    parsed = parse_session(fork_fields(PARENT, ForkIn(round=1, aggregator={"name": "median"})))
-    assert parsed.aggregator == AggregatorSpec(name="median")
+    plan = plan_session(parse_session(fork_fields(PARENT, ForkIn(round=1, aggregator={"name": "median"}))), SETTINGS)
+    assert plan.round_options.aggregator == AggregatorSpec(name="median")
+    assert plan.round_options.max_update_norm == PARENT.round_options.max_update_norm == 3.0  # the parent's
     with pytest.raises(ClientException):
         parse_session(fork_fields(PARENT, ForkIn(round=1, aggregator={"name": "no-such-rule"})))
 

@@ -200,10 +200,10 @@ async def test_max_update_norm_reaches_the_request_finite_or_not_at_all(
     body = session_body(dataset_id, strategy="fedavg", hyperparameters=HP, max_update_norm=12.5)
     r = await client.post("/sessions", json=body, headers=alice)
     assert r.status_code == 201, r.text
-    assert (await requested(gateway, r.json()["session_id"])).max_update_norm == 12.5
+    assert (await requested(gateway, r.json()["session_id"])).round_options.max_update_norm == 12.5
     del body["max_update_norm"]
     r = await client.post("/sessions", json=body, headers=alice)
-    assert (await requested(gateway, r.json()["session_id"])).max_update_norm is None
+    assert (await requested(gateway, r.json()["session_id"])).round_options.max_update_norm is None
     raw = json.dumps(body | {"max_update_norm": 1.0})
     for huge, detail in (("1e999", "Number out of range"), ("1e13", "max_update_norm must be at most")):
         data = raw.replace('"max_update_norm": 1.0', f'"max_update_norm": {huge}')

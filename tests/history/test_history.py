@@ -15,7 +15,8 @@ import asyncpg
 import msgspec
 import pytest
 
-from swarmtrain.common.events import Event, decode_command, decode_event, decode_report
+from swarmtrain.common.events import Event, SessionRequested, Train, decode_command, decode_event, decode_report
+from swarmtrain.common.fedopts import ROUND_OPTIONS, RoundOptions
 from swarmtrain.projector.projection import TABLES, apply_batch, ensure_schema
 
 HERE = Path(__file__).resolve().parent
@@ -109,3 +110,23 @@ async def test_the_log_rebuilds_the_read_models_it_built(log: Path, database_url
     for table in TABLES:
         assert rebuilt[table] == expected[table], table
     assert rebuilt["position"] == expected["position"]
+
+
+@pytest.mark.parametrize("log", LOGS, ids=lambda p: p.stem)
+def test_the_flat_round_options_of_stored_requests_and_trains_are_read_whole(log: Path) -> None:
+    """Events and commands stored before the round options were one value held them flat: the
+    upcaster reads them into ``round_options``, value for value."""
+    decoders = {"EVENTS": decode_event, "COMMANDS": decode_command}
+    seen: set[str] = set()
+    for m in _messages(log):
+        data = m["data"]
+        if data["type"] not in ("SessionRequested", "Train"):
+            continue
+        flat = {name: data[name] for name in ROUND_OPTIONS if name in data}
+        decoded = decoders[m["stream"]](json.dumps(data).encode())
+        assert isinstance(decoded, SessionRequested | Train)
+        assert flat, "a log written before round_options holds them flat"
+        assert decoded.round_options == msgspec.convert(flat, RoundOptions)
+        if decoded.round_options != RoundOptions(outer=decoded.round_options.outer):
+            seen.add(data["type"])  # a non-default option besides the resolved outer step
+    assert seen == {"SessionRequested", "Train"}

@@ -35,6 +35,7 @@ from swarmtrain.common.events import (
     Train,
     UpdateRejected,
 )
+from swarmtrain.common.fedopts import RoundOptions
 from swarmtrain.common.settings import Settings
 from swarmtrain.training.averaging import average_round, state_bytes
 from swarmtrain.training.model import load_model
@@ -83,7 +84,7 @@ def fedavg_command(
         rounds=rounds,
         start_round=start_round,
         rounds_uri=(blob_dir / "sessions" / sid / "rounds").as_uri(),
-        max_update_norm=max_update_norm,
+        round_options=RoundOptions(max_update_norm=max_update_norm),
     )
 
 

@@ -15,7 +15,9 @@ from typing import Annotated, Any, Final, Literal
 import msgspec
 
 from swarmtrain.common import subjects
-from swarmtrain.common.fedopts import AggregatorSpec, CompressionSpec, OuterSpec, ShardingSpec
+from swarmtrain.common.fedopts import MAX_UPDATE_NORM as MAX_UPDATE_NORM
+from swarmtrain.common.fedopts import ROUND_OPTIONS, RoundOptions
+from swarmtrain.common.fedopts import UpdateNorm as UpdateNorm
 from swarmtrain.common.specs import PeerSpecs, Priority, QueueTimeout, Requirements
 
 
@@ -68,17 +70,6 @@ Count = Annotated[int, msgspec.Meta(ge=0, le=INT32_MAX)]
 """A non-negative figure stored in a PostgreSQL ``integer``: epoch, rows, samples, round, shard."""
 BigCount = Annotated[int, msgspec.Meta(ge=0, le=INT64_MAX)]
 Finite = Annotated[float, msgspec.Meta(ge=-sys.float_info.max, le=sys.float_info.max)]
-MAX_UPDATE_NORM: Final = 1e12
-UpdateNorm = Annotated[
-    float,
-    msgspec.Meta(
-        gt=0,
-        le=MAX_UPDATE_NORM,
-        description="fedavg: reject an update whose L2 norm (minus the round's starting model) exceeds this.",
-    ),
-]
-"""A bound on an update's L2 norm: positive, and finite by its upper bound (JSON's ``1e999`` decodes
-to infinity, which ``gt=0`` alone lets by)."""
 """Any finite float: NaN fails both bounds, an infinity one (JSON's ``1e999`` decodes as one)."""
 Id = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID, pattern=SUBJECT_TOKEN)]
 """A user, dataset, peer or session id: it names subjects, so it is one subject token."""
@@ -272,21 +263,10 @@ class SessionRequested(_SessionEvent, frozen=True, kw_only=True, tag="SessionReq
     """fedavg: number of averaging rounds (``hyperparameters[i].epochs`` local epochs each)."""
     on_peer_failure: OnPeerFailure = "reassign"
     """fedavg: what a dead or stalled participant means for the session."""
-    max_update_norm: UpdateNorm | None = None
-    """fedavg: the largest L2 norm of an update (its weights minus the round's starting model) that
-    is averaged; a larger one is rejected. None: only non-finite or misshapen updates are."""
-    aggregator: AggregatorSpec = msgspec.field(default_factory=AggregatorSpec)
-    """fedavg: how a round's accepted updates become one model (``mean``: today's)."""
-    outer: OuterSpec = msgspec.field(default_factory=OuterSpec)
-    """fedavg: the outer step on the round's pseudo-gradient, its ``lr`` resolved by the gateway
-    (``fedopts.resolve_outer``) so a later change of default never changes what this log means."""
-    compression: CompressionSpec = msgspec.field(default_factory=CompressionSpec)
-    """fedavg: how an update travels (``none``: whole weights; else the delta in fp16/bf16/int8)."""
-    sharding: ShardingSpec = msgspec.field(default_factory=ShardingSpec)
-    """fedavg: how the training rows are cut into shards (``iid`` or ``label_skew``)."""
-    keep_local_optimizer: bool = False
-    """fedavg: each peer keeps its local optimizer's state across rounds (a fresh one per round
-    otherwise; a peer that takes a shard over starts with a fresh one either way)."""
+    round_options: RoundOptions = msgspec.field(default_factory=RoundOptions)
+    """fedavg: how the rounds' updates become the next model (aggregator, outer step, compression,
+    sharding, local optimizer, update bound), one value; events stored before it held these flat
+    (``upcast`` reads them)."""
     init_from: InitFrom | None = None
     """Start from an earlier session's model instead of seeded weights (its lineage too)."""
     requirements: Requirements | None = None
@@ -540,19 +520,8 @@ class Train(_Command, frozen=True, kw_only=True, tag="Train"):
     """fedavg: round -> signed PUT of this peer's update for that round."""
     average_urls: Annotated[dict[Count, Uri], msgspec.Meta(max_length=MAX_ROUNDS)] = msgspec.field(default_factory=dict)
     """fedavg: round -> signed PUT of that round's average."""
-    max_update_norm: UpdateNorm | None = None
-    """fedavg: an update whose L2 distance from its round's start weights exceeds this is rejected
-    (like NaN or a wrong shape), by every peer alike; None: no bound."""
-    aggregator: AggregatorSpec = msgspec.field(default_factory=AggregatorSpec)
-    """fedavg: the session's aggregation rule (``SessionRequested.aggregator``)."""
-    outer: OuterSpec = msgspec.field(default_factory=OuterSpec)
-    """fedavg: the session's outer optimizer, ``lr`` resolved."""
-    compression: CompressionSpec = msgspec.field(default_factory=CompressionSpec)
-    """fedavg: how this peer publishes its updates and decodes everyone's."""
-    sharding: ShardingSpec = msgspec.field(default_factory=ShardingSpec)
-    """fedavg: how the training rows are cut into ``num_shards`` shards."""
-    keep_local_optimizer: bool = False
-    """fedavg: keep the local optimizer's state from one round to the next."""
+    round_options: RoundOptions = msgspec.field(default_factory=RoundOptions)
+    """fedavg: the session's round options (``SessionRequested.round_options``), whole."""
     init_uri: Uri = ""
     """The starting model (``SessionStarted.init_uri``): "" trains from seeded weights."""
     init_url: Uri = ""
@@ -601,11 +570,56 @@ class Presence(msgspec.Struct, frozen=True, kw_only=True):
 
 PRESENCE_SUBJECTS = subjects.PEER_PRESENCE
 
+# ------------------------------------------------------------------ stored history: the upcaster
+
+_UPCAST = frozenset({"SessionRequested", "Train"})
+"""The messages whose shape changed since they were first stored (see :func:`upcast`)."""
+
+
+def upcast(raw: dict[str, Any]) -> dict[str, Any]:
+    """A stored message (decoded JSON) in today's shape, changed in place and returned; a message
+    of today's shape is returned as it is. The one place that knows an old shape:
+
+    - ``SessionRequested`` and ``Train`` held the round options flat (``aggregator``, ``outer``,
+      ``compression``, ``sharding``, ``keep_local_optimizer``, ``max_update_norm``); today they
+      are one value, ``round_options``;
+    - a ``SessionFact`` carries a session event, upcast the same way.
+    """
+    _upcast(raw)
+    return raw
+
+
+def _upcast(raw: dict[str, Any]) -> bool:
+    """:func:`upcast`; whether it changed anything."""
+    kind = raw.get("type")
+    if kind == "SessionFact" and isinstance(raw.get("fact"), dict):
+        return _upcast(raw["fact"])
+    if kind not in _UPCAST:
+        return False
+    changed = False
+    flat = {name: raw.pop(name) for name in ROUND_OPTIONS if name in raw}
+    if flat:
+        nested = raw.get("round_options")
+        raw["round_options"] = flat | (nested if isinstance(nested, dict) else {})
+        changed = True
+    return changed
+
+
 _event_decoder = msgspec.json.Decoder(Event)
 _command_decoder = msgspec.json.Decoder(Command)
 _presence_decoder = msgspec.json.Decoder(Presence)
 _report_decoder = msgspec.json.Decoder(Report)
 _encoder = msgspec.json.Encoder()
+_raw_decoder = msgspec.json.Decoder(dict[str, Any])
+
+
+def _upcast_bytes(data: bytes) -> bytes | None:
+    """``data`` upcast, or None where it is of today's shape already (or no JSON object at all)."""
+    try:
+        raw = _raw_decoder.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+    return _encoder.encode(raw) if _upcast(raw) else None
 
 
 def encode(message: Event | Command | Presence) -> bytes:
@@ -613,13 +627,36 @@ def encode(message: Event | Command | Presence) -> bytes:
 
 
 def decode_event(data: bytes) -> Event:
-    """Raises ``msgspec.ValidationError`` or ``msgspec.DecodeError`` for a malformed message."""
-    event: Event = _event_decoder.decode(data)
+    """Raises ``msgspec.ValidationError`` or ``msgspec.DecodeError`` for a malformed message.
+
+    Stored history is read through :func:`upcast`: a message of a type that changed shape, or one
+    that does not decode as today's, is decoded again from its upcast JSON where that differs."""
+    try:
+        event: Event = _event_decoder.decode(data)
+    except msgspec.ValidationError:
+        if (upcast_data := _upcast_bytes(data)) is None:
+            raise
+        event = _event_decoder.decode(upcast_data)
+        return event
+    if isinstance(event, SessionRequested) and (upcast_data := _upcast_bytes(data)) is not None:
+        event = _event_decoder.decode(upcast_data)
     return event
 
 
 def decode_command(data: bytes) -> Command:
-    command: Command = _command_decoder.decode(data)
+    """As :func:`decode_event`, for the commands stream."""
+    try:
+        command: Command = _command_decoder.decode(data)
+    except msgspec.ValidationError:
+        if (upcast_data := _upcast_bytes(data)) is None:
+            raise
+        command = _command_decoder.decode(upcast_data)
+        return command
+    old_shape = isinstance(command, Train) or (
+        isinstance(command, SessionFact) and isinstance(command.fact, SessionRequested)
+    )
+    if old_shape and (upcast_data := _upcast_bytes(data)) is not None:
+        command = _command_decoder.decode(upcast_data)
     return command
 
 

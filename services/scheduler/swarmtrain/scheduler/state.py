@@ -148,7 +148,7 @@ class Session:
             rows = shapes.training_rows(self.dataset.rows, self.request.validation_split)
             if shard is None:
                 return rows
-            if self.request.sharding.name != "iid":  # the scheduler counted them at the start
+            if self.request.round_options.sharding.name != "iid":  # the scheduler counted them at the start
                 return self.shard_rows[shard] if 0 <= shard < len(self.shard_rows) else None
             return (
                 shapes.shard_sizes(rows, self.request.num_peers)[shard] if 0 <= shard < self.request.num_peers else None

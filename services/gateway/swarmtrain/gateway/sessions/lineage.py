@@ -66,13 +66,10 @@ def fork_fields(parent: SessionRequested, fork: ForkIn) -> dict[str, Any]:
     fields["model"] = model_fields(parent)
     fields["hyperparameters"] = fields["hyperparameters"][0]  # one shared model, one set
     fields["rounds"] = fork.rounds if fork.rounds is not None else max(1, parent.rounds - fork.round)
-    given = {
-        "hyperparameters": fork.hyperparameters,
-        "num_peers": fork.num_peers,
-        "aggregator": fork.aggregator,
-        "outer": fork.outer,
-    }
+    given = {"hyperparameters": fork.hyperparameters, "num_peers": fork.num_peers}
     fields |= {k: msgspec.to_builtins(v) for k, v in given.items() if v is not None}
+    options = {"aggregator": fork.aggregator, "outer": fork.outer}
+    fields["round_options"] = fields["round_options"] | {k: v for k, v in options.items() if v is not None}
     return fields
 
 

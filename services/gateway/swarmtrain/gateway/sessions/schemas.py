@@ -29,11 +29,10 @@ from swarmtrain.common.events import (
     Seed,
     SessionEvent,
     Strategy,
-    UpdateNorm,
     ValidationSplit,
     Widths,
 )
-from swarmtrain.common.fedopts import AggregatorSpec, CompressionSpec, OuterSpec, RoundOptionsSpec, ShardingSpec
+from swarmtrain.common.fedopts import RoundOptions
 from swarmtrain.common.specs import Bytes, Device, Labels, Priority, QueueTimeout, Requirements
 from swarmtrain.gateway.datasets import DEFAULT_LABEL
 
@@ -68,7 +67,32 @@ class RequirementsIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """Every one must be among the peer's labels (``swarmtrain peer --label k=v``) with the same value."""
 
 
-class SessionIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+RoundOptionsIn = msgspec.defstruct(
+    "RoundOptionsIn",
+    [(f.name, f.type | None, None) for f in msgspec.structs.fields(RoundOptions)],
+    kw_only=True,
+    forbid_unknown_fields=True,
+    module=__name__,
+)
+"""The round options as a request gives them: every field of the contract's ``RoundOptions``, each
+optional (unset: the contract's default), so a round option added there is taken here with no
+line of its own. ``SessionIn`` takes them flat (as clients always sent them) or as one
+``round_options`` object; fedavg only (a strategy without rounds refuses any):
+
+- ``aggregator``: ``{"name": "mean" | "trimmed_mean" | "median" | "krum" | "multi_krum", "beta", "f", "m"}``;
+  unset: ``mean`` weighted by sample count. Krum needs ``num_peers >= 2f + 3``.
+- ``outer``: ``{"name": "none" | "momentum" | "nesterov" | "adam", "lr", "beta1", "beta2", "eps"}``;
+  unset: ``none`` (the aggregate is the next model).
+- ``compression``: ``{"name": "none" | "fp16" | "bf16" | "int8"}``: how the updates travel.
+- ``sharding``: ``{"name": "iid" | "label_skew", "alpha"}``: how the training rows are cut into shards.
+- ``keep_local_optimizer``: keep each peer's local optimizer state across rounds.
+- ``max_update_norm``: the largest L2 norm of a peer's update (its weights minus the round's
+  starting model) that is averaged; unset: only non-finite or misshapen updates are rejected."""
+
+
+class SessionIn(RoundOptionsIn, forbid_unknown_fields=True, kw_only=True):  # type: ignore[misc,valid-type,call-arg]
+    """A session request. The round options (``RoundOptionsIn``) are its flat fields too."""
+
     dataset_id: str
     num_peers: NumPeers
     hyperparameters: list[HyperparametersIn] | HyperparametersIn
@@ -81,21 +105,8 @@ class SessionIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """fedavg: averaging rounds (each of ``hyperparameters.epochs`` local epochs); sweep: 1."""
     on_peer_failure: OnPeerFailure = "reassign"
     """fedavg: what a dead or stalled peer means: hand its shard to an idle peer, go on without it, or fail."""
-    max_update_norm: UpdateNorm | None = None
-    """fedavg: the largest L2 norm of a peer's update (its weights minus the round's starting model)
-    that is averaged; a larger one is rejected. Unset: only non-finite or misshapen updates are."""
-    aggregator: AggregatorSpec | None = None
-    """fedavg: ``{"name": "mean" | "trimmed_mean" | "median" | "krum" | "multi_krum", "beta", "f", "m"}``;
-    unset: ``mean`` weighted by sample count. Krum needs ``num_peers >= 2f + 3``."""
-    outer: OuterSpec | None = None
-    """fedavg: ``{"name": "none" | "momentum" | "nesterov" | "adam", "lr", "beta1", "beta2", "eps"}``;
-    unset: ``none`` (the aggregate is the next model)."""
-    compression: CompressionSpec | None = None
-    """fedavg: ``{"name": "none" | "fp16" | "bf16" | "int8"}``: how the updates travel."""
-    sharding: ShardingSpec | None = None
-    """fedavg: ``{"name": "iid" | "label_skew", "alpha"}``: how the training rows are cut into shards."""
-    keep_local_optimizer: bool | None = None
-    """fedavg: keep each peer's local optimizer state across rounds (unset: a fresh one per round)."""
+    round_options: RoundOptionsIn | None = None  # type: ignore[valid-type]
+    """fedavg: the round options as one object (each one given here or flat, not both)."""
     init_from: InitFromIn | None = None
     """Start from an earlier session's model (fine-tuning): one of yours, with the same model spec
     on a dataset of the same shape."""
@@ -253,7 +264,7 @@ class SessionOut(msgspec.Struct, kw_only=True):
     """While queued: 1-based place in the swarm's queue (priority, then request order)."""
     placement: str | None = None
     """Once started: why these peers (the scheduler's placement reason)."""
-    round_options: RoundOptionsSpec | None = None
+    round_options: RoundOptions | None = None
     """A session that trains in rounds: its ``aggregator``, ``outer``, ``compression``, ``sharding``,
     ``keep_local_optimizer`` and ``max_update_norm`` as requested (the outer ``lr`` resolved)."""
     round_options_summary: str | None = None
