@@ -43,7 +43,7 @@ import msgspec
 import torch
 
 from swarmtrain.common.blobkeys import update_uri
-from swarmtrain.common.events import FEDAVG, Hyperparameters, ModelSpec, RoundClosed, RoundUpdate, Train
+from swarmtrain.common.events import FEDAVG, Hyperparameters, RoundClosed, RoundUpdate, Train
 from swarmtrain.common.fedopts import (
     AggregatorSpec,
     CompressionName,
@@ -54,6 +54,7 @@ from swarmtrain.common.fedopts import (
     check_aggregator,
     resolve_outer,
 )
+from swarmtrain.common.models import MlpSpec
 from swarmtrain.peer.strategies.fedavg import LocalLearner
 from swarmtrain.peer.trainer import TrainJob, train
 from swarmtrain.training.averaging import Tensors
@@ -62,7 +63,7 @@ from swarmtrain.training.outer import State
 from swarmtrain.training.rounds import apply_round, update_file
 
 ROOT = Path(__file__).resolve().parents[1]
-MODEL = ModelSpec(hidden=[128, 64])
+MODEL = MlpSpec(hidden=[128, 64])
 PEERS = 4
 VALIDATION_SPLIT = 0.2
 Attack = Literal["signflip", "scale100"]

@@ -329,6 +329,8 @@ def test_the_tag_is_the_class_name(cls: type[Any]) -> None:
 )
 def test_the_contract_refuses_values_out_of_its_bounds(path: tuple[str | int, ...], value: Any, message: str) -> None:
     body = wire(session_requested())
+    if path[:2] in (("model", "input_shape"), ("model", "channels")):  # a cnn's fields
+        body["model"] = {"kind": "cnn", "hidden": [], "input_shape": [1, 8, 8], "channels": [4]}
     events.decode_event(json.dumps(body).encode())
     target: Any = body
     for key in path[:-1]:
@@ -393,7 +395,14 @@ def _bounded_fields(cls: type[Any]) -> list[tuple[str, st.SearchStrategy[Any]]]:
 
 def test_every_number_and_string_field_of_every_message_is_bounded() -> None:
     """No field may escape the rules: each int, float and str (top level) carries a bound."""
-    for cls in (*ALL_TYPES, events.Presence, events.RoundUpdate, events.Hyperparameters, events.ModelSpec):
+    for cls in (
+        *ALL_TYPES,
+        events.Presence,
+        events.RoundUpdate,
+        events.Hyperparameters,
+        events.MlpSpec,
+        events.CnnSpec,
+    ):
         info = mi.type_info(cls)
         assert isinstance(info, mi.StructType)
         for f in info.fields:
@@ -566,9 +575,28 @@ def _train_fields() -> dict[str, Any]:
         "dataset_uri": "file:///d.csv",
         "dataset_sha256": "0",
         "label_column": "label",
-        "model": events.ModelSpec(),
+        "model": events.MlpSpec(),
         "hyperparameters": events.Hyperparameters(epochs=1, batch_size=8, lr=0.01),
         "validation_split": 0.2,
         "seed": 0,
         "output_uri": "file:///m.safetensors",
     }
+
+
+def test_a_stored_model_spec_decodes_as_its_kinds_struct_with_or_without_a_kind() -> None:
+    base = wire(session_requested("s", 1))
+    for stored, want in [
+        ({"kind": "mlp", "hidden": [32], "input_shape": None, "channels": [16, 32]}, events.MlpSpec(hidden=[32])),
+        ({"hidden": [8]}, events.MlpSpec(hidden=[8])),  # no kind: the default, mlp
+        (
+            {"kind": "cnn", "hidden": [], "input_shape": [1, 2, 2], "channels": [4]},
+            events.CnnSpec(hidden=[], input_shape=[1, 2, 2], channels=[4]),
+        ),
+    ]:
+        decoded = events.decode_event(json.dumps(base | {"model": stored}).encode())
+        assert isinstance(decoded, events.SessionRequested) and decoded.model == want
+        train = wire(events.Train(**_train_fields())) | {"model": stored}
+        command = events.decode_command(json.dumps(train).encode())
+        assert isinstance(command, events.Train) and command.model == want
+    with pytest.raises(msgspec.ValidationError, match="kind"):
+        events.decode_event(json.dumps(base | {"model": {"kind": "resnet"}}).encode())

@@ -6,8 +6,9 @@ import msgspec
 import pytest
 from litestar.exceptions import ClientException
 
-from swarmtrain.common.events import Hyperparameters, InitFrom, ModelSpec
+from swarmtrain.common.events import Hyperparameters, InitFrom
 from swarmtrain.common.fedopts import AggregatorSpec
+from swarmtrain.common.models import MlpSpec
 from swarmtrain.common.settings import Settings
 from swarmtrain.gateway.sessions.lineage import check_excluded, check_lineage, fork_fields
 from swarmtrain.gateway.sessions.planning import SessionPlan, parse_session, plan_session
@@ -17,7 +18,7 @@ from tests.factories import session_requested
 SETTINGS = Settings(jwt_secret="x" * 32)
 HP = Hyperparameters(epochs=2, batch_size=32, lr=0.01)
 PARENT = session_requested(
-    "p", 3, HP, strategy="fedavg", rounds=5, model=ModelSpec(hidden=[16]), seed=7, max_update_norm=3.0
+    "p", 3, HP, strategy="fedavg", rounds=5, model=MlpSpec(hidden=[16]), seed=7, max_update_norm=3.0
 )
 
 

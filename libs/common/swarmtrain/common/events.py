@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Annotated, Any, Final, Literal
 
@@ -18,6 +19,10 @@ from swarmtrain.common import subjects
 from swarmtrain.common.fedopts import MAX_UPDATE_NORM as MAX_UPDATE_NORM
 from swarmtrain.common.fedopts import ROUND_OPTIONS, RoundOptions
 from swarmtrain.common.fedopts import UpdateNorm as UpdateNorm
+from swarmtrain.common.models import CnnSpec as CnnSpec
+from swarmtrain.common.models import MlpSpec as MlpSpec
+from swarmtrain.common.models import ModelKind as ModelKind
+from swarmtrain.common.models import ModelSpec as ModelSpec
 from swarmtrain.common.specs import PeerSpecs, Priority, QueueTimeout, Requirements
 
 
@@ -36,8 +41,6 @@ def utcnow() -> datetime:
 # ever stored; a limit that depends on configuration (max epochs, peers, rounds) is the gateway's.
 
 MAX_BATCH_SIZE: Final = 1 << 16
-MAX_WIDTH: Final = 1 << 16
-MAX_LAYERS: Final = 32
 MAX_SEED: Final = 2**63 - 1
 MAX_VALIDATION_SPLIT: Final = 0.9
 MAX_LABEL_COLUMN: Final = 200
@@ -88,12 +91,6 @@ Epochs = Annotated[int, msgspec.Meta(ge=1, le=MAX_EPOCHS)]
 BatchSize = Annotated[int, msgspec.Meta(ge=1, le=MAX_BATCH_SIZE)]
 LearningRate = Annotated[float, msgspec.Meta(gt=0, le=sys.float_info.max)]
 """Positive and finite (NaN fails ``gt``, infinity ``le``)."""
-Width = Annotated[int, msgspec.Meta(ge=1, le=MAX_WIDTH)]
-"""A layer's units, a convolution's channels, one side of an input shape."""
-Widths = Annotated[list[Width], msgspec.Meta(max_length=MAX_LAYERS)]
-Channels = Annotated[list[Width], msgspec.Meta(min_length=1, max_length=MAX_LAYERS)]
-InputShape = Annotated[list[Width], msgspec.Meta(min_length=3, max_length=3)]
-"""[C, H, W]."""
 NumPeers = Annotated[int, msgspec.Meta(ge=1, le=MAX_PEERS)]
 Rounds = Annotated[int, msgspec.Meta(ge=1, le=MAX_ROUNDS)]
 Seed = Annotated[int, msgspec.Meta(ge=0, le=MAX_SEED)]
@@ -113,7 +110,6 @@ def bounded_text(text: str, limit: int = MAX_TEXT) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "\u2026"
 
 
-ModelKind = Literal["mlp", "cnn"]
 Strategy = Literal["sweep", "fedavg"]
 """How a swarm trains; each strategy's rules live in a module of its own on each side that needs them."""
 SWEEP: Final = "sweep"
@@ -125,22 +121,9 @@ Precision = Literal["fp32", "bf16", "fp16"]
 
 class Hyperparameters(msgspec.Struct, frozen=True, kw_only=True):
     epochs: Epochs
+    """Epochs per peer (sweep), or local epochs per round (fedavg)."""
     batch_size: BatchSize
     lr: LearningRate
-
-
-DEFAULT_HIDDEN: Final = (128, 64)
-DEFAULT_CHANNELS: Final = (16, 32)
-
-
-class ModelSpec(msgspec.Struct, frozen=True, kw_only=True):
-    kind: ModelKind = "mlp"
-    hidden: Widths = msgspec.field(default_factory=lambda: list(DEFAULT_HIDDEN))
-    """Fully connected layer widths (after the convolutions, for a cnn)."""
-    input_shape: InputShape | None = None
-    """[C, H, W] of image data given as flat pixel columns; required for a cnn."""
-    channels: Channels = msgspec.field(default_factory=lambda: list(DEFAULT_CHANNELS))
-    """A cnn's convolution widths: 3x3 conv, ReLU, then 2x2 max-pool while the image is at least 2x2."""
 
 
 class RoundUpdate(msgspec.Struct, frozen=True, kw_only=True):
@@ -583,6 +566,8 @@ def upcast(raw: dict[str, Any]) -> dict[str, Any]:
     - ``SessionRequested`` and ``Train`` held the round options flat (``aggregator``, ``outer``,
       ``compression``, ``sharding``, ``keep_local_optimizer``, ``max_update_norm``); today they
       are one value, ``round_options``;
+    - their ``model`` could omit ``kind`` (it defaulted to ``mlp``); today it is the tag of the
+      ``ModelSpec`` union (an mlp's stored ``input_shape`` and ``channels`` are ignored);
     - a ``SessionFact`` carries a session event, upcast the same way.
     """
     _upcast(raw)
@@ -597,6 +582,10 @@ def _upcast(raw: dict[str, Any]) -> bool:
     if kind not in _UPCAST:
         return False
     changed = False
+    model = raw.get("model")
+    if isinstance(model, dict) and "kind" not in model:
+        model["kind"] = "mlp"  # the kind's default before the spec was a tagged union
+        changed = True
     flat = {name: raw.pop(name) for name in ROUND_OPTIONS if name in raw}
     if flat:
         nested = raw.get("round_options")
@@ -626,37 +615,35 @@ def encode(message: Event | Command | Presence) -> bytes:
     return _encoder.encode(message)
 
 
-def decode_event(data: bytes) -> Event:
-    """Raises ``msgspec.ValidationError`` or ``msgspec.DecodeError`` for a malformed message.
-
-    Stored history is read through :func:`upcast`: a message of a type that changed shape, or one
-    that does not decode as today's, is decoded again from its upcast JSON where that differs."""
+def _decode(decoder: msgspec.json.Decoder[Any], data: bytes, of_changed_type: Callable[[Any], bool]) -> Any:
+    """``data`` decoded, through :func:`upcast` where it does not decode as today's shape or is of
+    a type that changed shape (``of_changed_type``) and its upcast JSON differs."""
     try:
-        event: Event = _event_decoder.decode(data)
+        message = decoder.decode(data)
     except msgspec.ValidationError:
         if (upcast_data := _upcast_bytes(data)) is None:
             raise
-        event = _event_decoder.decode(upcast_data)
-        return event
-    if isinstance(event, SessionRequested) and (upcast_data := _upcast_bytes(data)) is not None:
-        event = _event_decoder.decode(upcast_data)
+        return decoder.decode(upcast_data)
+    if of_changed_type(message) and (upcast_data := _upcast_bytes(data)) is not None:
+        return decoder.decode(upcast_data)
+    return message
+
+
+def decode_event(data: bytes) -> Event:
+    """Raises ``msgspec.ValidationError`` or ``msgspec.DecodeError`` for a malformed message.
+
+    Stored history is read through :func:`upcast` (once per request: every other event decodes once)."""
+    event: Event = _decode(_event_decoder, data, lambda e: isinstance(e, SessionRequested))
     return event
 
 
 def decode_command(data: bytes) -> Command:
     """As :func:`decode_event`, for the commands stream."""
-    try:
-        command: Command = _command_decoder.decode(data)
-    except msgspec.ValidationError:
-        if (upcast_data := _upcast_bytes(data)) is None:
-            raise
-        command = _command_decoder.decode(upcast_data)
-        return command
-    old_shape = isinstance(command, Train) or (
-        isinstance(command, SessionFact) and isinstance(command.fact, SessionRequested)
+    command: Command = _decode(
+        _command_decoder,
+        data,
+        lambda c: isinstance(c, Train) or (isinstance(c, SessionFact) and isinstance(c.fact, SessionRequested)),
     )
-    if old_shape and (upcast_data := _upcast_bytes(data)) is not None:
-        command = _command_decoder.decode(upcast_data)
     return command
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
-from swarmtrain.common import shapes, strategies
+from swarmtrain.common import models, shapes, strategies
 from swarmtrain.common.events import (
     TERMINAL_SESSION_EVENTS,
     DatasetUploaded,
@@ -161,7 +161,7 @@ class Session:
         if self.dataset is None:
             return 0
         try:
-            return shapes.parameter_count(self.request.model, self.dataset.features, self.dataset.classes)
+            return models.parameter_count(self.request.model, self.dataset.features, self.dataset.classes)
         except shapes.ShapeError:
             return 0
 
@@ -175,7 +175,7 @@ class Session:
         if self.dataset is None:
             return MAX_MODEL_BYTES
         try:
-            params = shapes.parameter_count(self.request.model, self.dataset.features, self.dataset.classes)
+            params = models.parameter_count(self.request.model, self.dataset.features, self.dataset.classes)
         except shapes.ShapeError:
             return MAX_MODEL_BYTES
         return (

@@ -2,7 +2,8 @@
 
 msgspec has checked each value against the contract's rules when it decoded the body (see
 ``swarmtrain.common.events``); what is left here are the rules that join values, or that depend on
-the configured caps, the strategy (``strategies``) or the dataset's shape (``common.shapes``).
+the configured caps, the strategy (``strategies``) or the dataset's shape (``common.shapes``; a
+model kind's facts are in ``common.models``).
 ``plan_session`` checks what the request alone decides; ``check_against_dataset`` what needs the
 dataset's shape too. Both raise ``ClientException`` (400) naming the first bad value.
 """
@@ -12,9 +13,8 @@ from __future__ import annotations
 import msgspec
 from litestar.exceptions import ClientException
 
-from swarmtrain.common import shapes
+from swarmtrain.common import models, shapes
 from swarmtrain.common.events import (
-    DEFAULT_CHANNELS,
     Hyperparameters,
     InitFrom,
     ModelSpec,
@@ -27,7 +27,7 @@ from swarmtrain.common.settings import Settings
 from swarmtrain.common.specs import Requirements
 from swarmtrain.common.strategies import rules, with_rounds
 from swarmtrain.gateway.errors import describe
-from swarmtrain.gateway.sessions.schemas import HyperparametersIn, ModelIn, SessionIn
+from swarmtrain.gateway.sessions.schemas import HyperparametersIn, SessionIn
 
 
 class SessionPlan(msgspec.Struct, frozen=True, kw_only=True):
@@ -102,15 +102,15 @@ def _at_most(name: str, value: int, cap: int) -> None:
         raise ClientException(f"{name} must be between 1 and {cap}, not {value}")
 
 
-def _model(model: ModelIn) -> ModelSpec:
-    if model.kind != "cnn":
-        if model.input_shape is not None or model.channels is not None:
-            raise ClientException("model.input_shape and model.channels apply to a cnn only")
-        return ModelSpec(kind=model.kind, hidden=list(model.hidden))
-    if model.input_shape is None:
-        raise ClientException("a cnn needs model.input_shape [C, H, W]")
-    channels = list(DEFAULT_CHANNELS) if model.channels is None else model.channels
-    return ModelSpec(kind="cnn", hidden=list(model.hidden), input_shape=list(model.input_shape), channels=channels)
+def _model(model: object) -> ModelSpec:
+    """The kind's spec of the request's ``model`` (``ModelIn``): 400 for a field of another kind,
+    or one the kind needs and lacks."""
+    kind = str(getattr(model, "kind", "mlp"))
+    given = {name: value for name in models.INPUT_FIELDS if (value := getattr(model, name, None)) is not None}
+    try:
+        return models.from_fields(kind, given)
+    except shapes.ShapeError as exc:
+        raise ClientException(str(exc)) from None
 
 
 def _hyperparameters(data: SessionIn, settings: Settings) -> list[Hyperparameters]:
@@ -192,7 +192,7 @@ def parse_hyperparameters(raw: str) -> list[HyperparametersIn] | Hyperparameters
 def check_against_dataset(plan: SessionPlan, *, rows: int, features: int, classes: int, settings: Settings) -> None:
     """What needs the dataset: a cnn's input shape, the model's size, the shards."""
     try:
-        params = shapes.parameter_count(plan.model, features, classes)
+        params = models.parameter_count(plan.model, features, classes)
     except shapes.ShapeError as exc:
         raise ClientException(f"model: {exc}") from None
     if params > settings.max_model_params:

@@ -10,15 +10,10 @@ from typing import Any
 import msgspec
 from litestar.datastructures import UploadFile
 
+from swarmtrain.common import models
 from swarmtrain.common.events import (
-    DEFAULT_HIDDEN,
     SWEEP,
-    BatchSize,
-    Channels,
-    Epochs,
     Hyperparameters,
-    InputShape,
-    LearningRate,
     ModelKind,
     ModelSpec,
     NumPeers,
@@ -30,41 +25,37 @@ from swarmtrain.common.events import (
     SessionEvent,
     Strategy,
     ValidationSplit,
-    Widths,
 )
 from swarmtrain.common.fedopts import RoundOptions
-from swarmtrain.common.specs import Bytes, Device, Labels, Priority, QueueTimeout, Requirements
+from swarmtrain.common.specs import Priority, QueueTimeout, Requirements
 from swarmtrain.gateway.datasets import DEFAULT_LABEL
 
 # ------------------------------------------------------------------ in
 
 
-class HyperparametersIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    epochs: Epochs
-    """Epochs per peer (sweep), or local epochs per round (fedavg)."""
-    batch_size: BatchSize
-    lr: LearningRate
+class HyperparametersIn(Hyperparameters, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The contract's ``Hyperparameters`` as a request gives them: no field of its own, none unknown."""
 
 
-class ModelIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    kind: ModelKind = "mlp"
-    hidden: Widths = msgspec.field(default_factory=lambda: list(DEFAULT_HIDDEN))
-    """Fully connected layer widths (after the convolutions, for a cnn)."""
-    input_shape: InputShape | None = None
-    """cnn only, required: [C, H, W] of the image each row's feature columns hold (C*H*W = features)."""
-    channels: Channels | None = None
-    """cnn only: convolution widths (default [16, 32])."""
+ModelIn = msgspec.defstruct(
+    "ModelIn",
+    [("kind", ModelKind, "mlp"), *((name, typ | None, None) for name, typ in models.INPUT_FIELDS.items())],
+    kw_only=True,
+    forbid_unknown_fields=True,
+    module=__name__,
+)
+"""The model as a request gives it: ``kind`` (default ``mlp``) and every kind's fields flat, each
+optional (unset: the kind's default), read from the contract's kinds (``common.models``), so a kind
+added there is taken here with no line of its own. ``planning`` makes the kind's spec of it
+(``models.from_fields``: a field of another kind, or one the kind needs and lacks, is a 400):
+
+- ``mlp``: ``hidden``, fully connected layer widths (default [128, 64]);
+- ``cnn``: ``input_shape`` (required) [C, H, W] of the image each row's feature columns hold
+  (C*H*W = features), ``channels`` convolution widths (default [16, 32]), ``hidden`` after them."""
 
 
-class RequirementsIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    device: Device = "any"
-    """``cuda``: only peers that train on a GPU; ``cpu``: only peers that train on the CPU."""
-    min_gpu_memory_bytes: Bytes = 0
-    """Memory of the GPU a peer trains on (implies a GPU peer)."""
-    min_memory_bytes: Bytes = 0
-    """The peer's host memory."""
-    labels: Labels = msgspec.field(default_factory=dict)
-    """Every one must be among the peer's labels (``swarmtrain peer --label k=v``) with the same value."""
+class RequirementsIn(Requirements, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The contract's ``Requirements`` as a request gives them: no field of its own, none unknown."""
 
 
 RoundOptionsIn = msgspec.defstruct(
@@ -98,7 +89,7 @@ class SessionIn(RoundOptionsIn, forbid_unknown_fields=True, kw_only=True):  # ty
     hyperparameters: list[HyperparametersIn] | HyperparametersIn
     """sweep: one set per peer, or one set for all of them; fedavg: one set (the peers train one model)."""
     strategy: Strategy = SWEEP
-    model: ModelIn = msgspec.field(default_factory=ModelIn)
+    model: ModelIn = msgspec.field(default_factory=ModelIn)  # type: ignore[valid-type]
     validation_split: ValidationSplit = 0.2
     seed: Seed = 0
     rounds: Rounds = 1

@@ -57,7 +57,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import math
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -130,9 +129,6 @@ def check_command(command: Train) -> None:
         raise DataError(f"start_round {command.start_round} is not within rounds 1..{command.rounds}")
     if command.num_shards < 1 or not 0 <= command.shard < command.num_shards:
         raise DataError(f"shard {command.shard} of {command.num_shards} does not exist")
-    norm = command.round_options.max_update_norm
-    if norm is not None and not (math.isfinite(norm) and norm > 0):
-        raise DataError(f"max_update_norm must be a positive finite number, got {norm}")
 
 
 def check_urls(command: Train) -> None:
