@@ -37,6 +37,7 @@ from nats.js import JetStreamContext, api
 
 from swarmtrain.common import blob, bus, events
 from swarmtrain.common.events import Heartbeat, ModelSpec, PeerDone, PeerRegistered, Presence, Train
+from swarmtrain.common.models import MlpSpec
 
 
 def model_file(dataset: Path, spec: ModelSpec | None = None, label_column: str = "label") -> bytes:
@@ -45,7 +46,7 @@ def model_file(dataset: Path, spec: ModelSpec | None = None, label_column: str =
     from swarmtrain.training.data import load_csv
     from swarmtrain.training.model import ModelMetadata, build_model, model_bytes
 
-    spec = spec or ModelSpec()
+    spec = spec or MlpSpec()
     data = load_csv(dataset, label_column)
     model = build_model(spec, data.features.shape[1], len(data.classes))
     meta = ModelMetadata.for_spec(

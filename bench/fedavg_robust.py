@@ -43,25 +43,27 @@ import msgspec
 import torch
 
 from swarmtrain.common.blobkeys import update_uri
-from swarmtrain.common.events import FEDAVG, Hyperparameters, ModelSpec, RoundClosed, RoundUpdate, Train
+from swarmtrain.common.events import FEDAVG, Hyperparameters, RoundClosed, RoundUpdate, Train
 from swarmtrain.common.fedopts import (
     AggregatorSpec,
     CompressionName,
     CompressionSpec,
     OuterSpec,
+    RoundOptions,
     ShardingSpec,
     check_aggregator,
     resolve_outer,
 )
+from swarmtrain.common.models import MlpSpec
 from swarmtrain.peer.strategies.fedavg import LocalLearner
 from swarmtrain.peer.trainer import TrainJob, train
 from swarmtrain.training.averaging import Tensors
 from swarmtrain.training.compression import METHODS, encode_update
 from swarmtrain.training.outer import State
-from swarmtrain.training.rounds import RoundOptions, apply_round, update_file
+from swarmtrain.training.rounds import apply_round, update_file
 
 ROOT = Path(__file__).resolve().parents[1]
-MODEL = ModelSpec(hidden=[128, 64])
+MODEL = MlpSpec(hidden=[128, 64])
 PEERS = 4
 VALIDATION_SPLIT = 0.2
 Attack = Literal["signflip", "scale100"]
@@ -178,17 +180,19 @@ def simulate(
         num_shards=peers,
         rounds=rounds,
         rounds_uri=rounds_uri,
-        max_update_norm=s.max_norm,
-        aggregator=s.aggregator,
-        outer=resolve_outer(s.outer),
-        compression=CompressionSpec(name=s.compression),
-        sharding=s.sharding,
-        keep_local_optimizer=s.keep_local_optimizer,
+        round_options=RoundOptions(
+            aggregator=s.aggregator,
+            outer=resolve_outer(s.outer),
+            compression=CompressionSpec(name=s.compression),
+            sharding=s.sharding,
+            keep_local_optimizer=s.keep_local_optimizer,
+            max_update_norm=s.max_norm,
+        ),
     )
     learners = [
         LocalLearner(csv_path, msgspec.structs.replace(command, peer_id=f"peer-{k}", shard=k)) for k in range(peers)
     ]
-    options = RoundOptions.of(command)
+    options = command.round_options
     reference = learners[0].reference
     state: Tensors = dict(reference)
     outer_state: State = {}

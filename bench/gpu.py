@@ -36,6 +36,7 @@ from torch import nn
 
 from bench._common import Report, median, show
 from swarmtrain.common.events import Hyperparameters, ModelSpec, Precision
+from swarmtrain.common.models import CnnSpec, MlpSpec
 from swarmtrain.peer import trainer
 from swarmtrain.training.data import Dataset, split_indices
 from swarmtrain.training.evaluation import EVAL_BATCH
@@ -56,8 +57,8 @@ class Workload:
 
 def workloads(gpu: bool) -> list[Workload]:
     """The issue's sizes on a GPU; small ones on a CPU, so that the benchmark still runs there."""
-    mlp = ModelSpec(kind="mlp", hidden=[1024, 1024, 512])
-    cnn = ModelSpec(kind="cnn", hidden=[128], input_shape=[1, 28, 28], channels=[16, 32])
+    mlp = MlpSpec(hidden=[1024, 1024, 512])
+    cnn = CnnSpec(hidden=[128], input_shape=[1, 28, 28], channels=[16, 32])
     if gpu:
         return [Workload("mlp", mlp, 100_000, 128, 512, 3), Workload("cnn", cnn, 50_000, 784, 256, 2)]
     return [Workload("mlp", mlp, 4_000, 128, 256, 1), Workload("cnn", cnn, 1_000, 784, 128, 1)]

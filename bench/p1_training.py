@@ -33,13 +33,13 @@ from nats.aio.msg import Msg
 from bench._common import Report, Stack, cli_output, median, quick, signup, upload_dataset, wait_idle_peers
 from swarmtrain.common.events import (
     Heartbeat,
-    ModelSpec,
     PeerDone,
     PeerFailed,
     SessionCompleted,
     SessionFailed,
     decode_event,
 )
+from swarmtrain.common.models import MlpSpec
 
 ROWS, FEATURES, CLASSES = (2_000, 16, 4) if quick() else (20_000, 64, 10)
 EPOCHS, BATCH, LR, HIDDEN = (3 if quick() else 30), 64, 1e-3, [128, 64]
@@ -75,7 +75,7 @@ def bare(csv_path: Path, epochs: int) -> dict[str, object]:
     x, y = data.features[train_idx], data.labels[train_idx]
     xv, yv = data.features[val_idx], data.labels[val_idx]
     torch.manual_seed(SEED)
-    model = build_model(ModelSpec(hidden=HIDDEN), x.shape[1], len(data.classes))
+    model = build_model(MlpSpec(hidden=HIDDEN), x.shape[1], len(data.classes))
     model[0].fit(x)  # type: ignore[operator]
     optimizer = torch.optim.Adam(model.parameters(), lr=LR)
     loss_fn = nn.CrossEntropyLoss()

@@ -34,7 +34,6 @@ from swarmtrain.common.events import (
     Event,
     Heartbeat,
     Hyperparameters,
-    ModelSpec,
     PeerDone,
     PeerLocked,
     PeerRegistered,
@@ -46,6 +45,7 @@ from swarmtrain.common.events import (
     decode_event,
     encode,
 )
+from swarmtrain.common.models import MlpSpec
 
 SESSIONS, PEERS_PER_SESSION, TOTAL = (10, 4, 4_000) if quick() else (50, 4, 40_000)
 REPS = 1 if quick() else 3
@@ -78,7 +78,7 @@ def workload() -> list[Event]:
                 dataset_sha256="0" * 64,
                 label_column="label",
                 num_peers=len(members),
-                model=ModelSpec(),
+                model=MlpSpec(),
                 hyperparameters=[hp] * len(members),
             )
         )

@@ -48,7 +48,6 @@ from swarmtrain.common import blob, bus
 from swarmtrain.common.events import (
     Hyperparameters,
     ModelEvaluated,
-    ModelSpec,
     PeerDone,
     PeerLocked,
     PeerReleased,
@@ -59,6 +58,7 @@ from swarmtrain.common.events import (
     decode_event,
     new_id,
 )
+from swarmtrain.common.models import MlpSpec
 
 SESSIONS, PEERS, PEERS_PER_SESSION = (5, 4, 2) if quick() else (50, 4, 2)
 SCRATCH = "BENCHFLOOR"
@@ -106,7 +106,7 @@ async def floor_once(client: httpx.AsyncClient, js: JetStreamContext, swarm: Fak
     for peer_id in peers:
         train = Train(
             peer_id=peer_id, session_id=sid, dataset_uri="file:///d.csv", dataset_sha256="0" * 64,
-            label_column="label", model=ModelSpec(), hyperparameters=hp, validation_split=0.2, seed=0,
+            label_column="label", model=MlpSpec(), hyperparameters=hp, validation_split=0.2, seed=0,
             output_uri="file:///m",
         )  # fmt: skip
         await bus.send(js, train)

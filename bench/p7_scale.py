@@ -51,6 +51,7 @@ from swarmtrain.common.events import (
     SessionRequested,
     decode_event,
 )
+from swarmtrain.common.models import MlpSpec
 
 PEERS, SESSIONS, PEERS_PER_SESSION = (40, 4, 10) if quick() else (1000, 100, 10)
 WAVES, QUIET_S, GET_RATE, POST_CONCURRENCY = (1, 1.0, 20, 4) if quick() else (2, 3.0, 50, 10)
@@ -164,7 +165,6 @@ def time_decide() -> dict[str, float]:
     """``decide()`` at this scale, in-process: 1,000 online peers, 100 running and 200 ended sessions."""
     from swarmtrain.common.events import (
         Hyperparameters,
-        ModelSpec,
         PeerRegistered,
         PeerWentOnline,
         Presence,
@@ -196,7 +196,7 @@ def time_decide() -> dict[str, float]:
         feed(
             SessionRequested(
                 session_id=sid, owner_id="u", dataset_id="d", dataset_uri="file:///d", dataset_sha256="0" * 64,
-                label_column="label", num_peers=PEERS_PER_SESSION, model=ModelSpec(),
+                label_column="label", num_peers=PEERS_PER_SESSION, model=MlpSpec(),
                 hyperparameters=[hp] * PEERS_PER_SESSION,
             )
         )  # fmt: skip

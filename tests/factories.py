@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from swarmtrain.common.events import Hyperparameters, ModelSpec, SessionRequested
+from swarmtrain.common.events import Hyperparameters, SessionRequested
+from swarmtrain.common.fedopts import ROUND_OPTIONS, RoundOptions
+from swarmtrain.common.models import MlpSpec
 
 HP = Hyperparameters(epochs=1, batch_size=8, lr=0.01)
 
@@ -20,7 +22,10 @@ def session_requested(
         "dataset_sha256": "0",
         "label_column": "label",
         "num_peers": num_peers,
-        "model": ModelSpec(),
+        "model": MlpSpec(),
         "hyperparameters": [hyperparameters] * num_peers,
     }
+    options = {name: fields.pop(name) for name in ROUND_OPTIONS if name in fields}
+    if options:  # a round option may be given flat: it goes into round_options
+        fields["round_options"] = RoundOptions(**options)
     return SessionRequested(**{**values, **fields})

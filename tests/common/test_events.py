@@ -21,6 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from swarmtrain.common import bus, events
+from swarmtrain.common.fedopts import RoundOptions
 from swarmtrain.common.specs import PeerSpecs, Requirements
 from tests.factories import session_requested
 
@@ -328,6 +329,8 @@ def test_the_tag_is_the_class_name(cls: type[Any]) -> None:
 )
 def test_the_contract_refuses_values_out_of_its_bounds(path: tuple[str | int, ...], value: Any, message: str) -> None:
     body = wire(session_requested())
+    if path[:2] in (("model", "input_shape"), ("model", "channels")):  # a cnn's fields
+        body["model"] = {"kind": "cnn", "hidden": [], "input_shape": [1, 8, 8], "channels": [4]}
     events.decode_event(json.dumps(body).encode())
     target: Any = body
     for key in path[:-1]:
@@ -392,7 +395,14 @@ def _bounded_fields(cls: type[Any]) -> list[tuple[str, st.SearchStrategy[Any]]]:
 
 def test_every_number_and_string_field_of_every_message_is_bounded() -> None:
     """No field may escape the rules: each int, float and str (top level) carries a bound."""
-    for cls in (*ALL_TYPES, events.Presence, events.RoundUpdate, events.Hyperparameters, events.ModelSpec):
+    for cls in (
+        *ALL_TYPES,
+        events.Presence,
+        events.RoundUpdate,
+        events.Hyperparameters,
+        events.MlpSpec,
+        events.CnnSpec,
+    ):
         info = mi.type_info(cls)
         assert isinstance(info, mi.StructType)
         for f in info.fields:
@@ -497,13 +507,13 @@ def test_round_options_read_as_one_line_with_only_what_differs_from_todays_defau
         AggregatorSpec,
         CompressionSpec,
         OuterSpec,
-        RoundOptionsSpec,
+        RoundOptions,
         ShardingSpec,
         describe,
     )
 
-    assert describe(RoundOptionsSpec()) == "mean"
-    every = RoundOptionsSpec(
+    assert describe(RoundOptions()) == "mean"
+    every = RoundOptions(
         aggregator=AggregatorSpec(name="multi_krum", f=1, m=3),
         outer=OuterSpec(name="adam"),
         compression=CompressionSpec(name="bf16"),
@@ -515,5 +525,78 @@ def test_round_options_read_as_one_line_with_only_what_differs_from_todays_defau
         "multi_krum(f=1, m=3) · adam(lr=0.03, beta1=0.9, beta2=0.99, eps=0.001) · bf16 · "
         "label_skew(alpha=0.1) · keep_local_optimizer · max_update_norm=50"
     )
-    trimmed = RoundOptionsSpec(aggregator=AggregatorSpec(name="trimmed_mean", beta=0.2))
+    trimmed = RoundOptions(aggregator=AggregatorSpec(name="trimmed_mean", beta=0.2))
     assert describe(trimmed) == "trimmed_mean(beta=0.2)"
+
+
+FLAT_OPTIONS: dict[str, Any] = {
+    "aggregator": {"name": "krum", "f": 1, "beta": 0.25, "m": None},
+    "outer": {"name": "nesterov", "lr": 0.7, "beta1": 0.9, "beta2": 0.99, "eps": 0.001},
+    "compression": {"name": "int8"},
+    "sharding": {"name": "label_skew", "alpha": 0.3},
+    "keep_local_optimizer": True,
+    "max_update_norm": 50.0,
+}
+"""The round options as events stored before ``round_options`` held them: flat."""
+
+
+def test_the_upcaster_reads_flat_round_options_of_a_stored_request_train_and_fact() -> None:
+    want = msgspec.convert(FLAT_OPTIONS, RoundOptions)
+    request = wire(session_requested("s", 2))
+    del request["round_options"]
+    old_request = request | FLAT_OPTIONS
+    decoded = events.decode_event(json.dumps(old_request).encode())
+    assert isinstance(decoded, events.SessionRequested) and decoded.round_options == want
+    assert "aggregator" not in wire(decoded) and wire(decoded)["round_options"]["max_update_norm"] == 50.0
+    assert events.upcast(json.loads(json.dumps(old_request)))["round_options"] == FLAT_OPTIONS
+
+    train = wire(events.Train(**{**_train_fields(), "round_options": RoundOptions()}))
+    del train["round_options"]
+    command = events.decode_command(json.dumps(train | FLAT_OPTIONS).encode())
+    assert isinstance(command, events.Train) and command.round_options == want
+    fact = {"type": "SessionFact", "peer_id": "p", "session_id": "s", "fact": old_request}
+    forwarded = events.decode_command(json.dumps(fact).encode())
+    assert isinstance(forwarded, events.SessionFact) and isinstance(forwarded.fact, events.SessionRequested)
+    assert forwarded.fact.round_options == want
+
+    # today's shape decodes as it is; a flat field beside round_options never overrides it
+    assert events.decode_event(events.encode(decoded)) == decoded
+    both = wire(decoded) | {"keep_local_optimizer": False}
+    assert events.decode_event(json.dumps(both).encode()).round_options.keep_local_optimizer is True  # type: ignore[union-attr]
+    # an old shape with a bad value is still refused, naming the value
+    with pytest.raises(msgspec.ValidationError, match="max_update_norm"):
+        events.decode_event(json.dumps(old_request | {"max_update_norm": -1}).encode())
+
+
+def _train_fields() -> dict[str, Any]:
+    return {
+        "peer_id": "p",
+        "session_id": "s",
+        "dataset_uri": "file:///d.csv",
+        "dataset_sha256": "0",
+        "label_column": "label",
+        "model": events.MlpSpec(),
+        "hyperparameters": events.Hyperparameters(epochs=1, batch_size=8, lr=0.01),
+        "validation_split": 0.2,
+        "seed": 0,
+        "output_uri": "file:///m.safetensors",
+    }
+
+
+def test_a_stored_model_spec_decodes_as_its_kinds_struct_with_or_without_a_kind() -> None:
+    base = wire(session_requested("s", 1))
+    for stored, want in [
+        ({"kind": "mlp", "hidden": [32], "input_shape": None, "channels": [16, 32]}, events.MlpSpec(hidden=[32])),
+        ({"hidden": [8]}, events.MlpSpec(hidden=[8])),  # no kind: the default, mlp
+        (
+            {"kind": "cnn", "hidden": [], "input_shape": [1, 2, 2], "channels": [4]},
+            events.CnnSpec(hidden=[], input_shape=[1, 2, 2], channels=[4]),
+        ),
+    ]:
+        decoded = events.decode_event(json.dumps(base | {"model": stored}).encode())
+        assert isinstance(decoded, events.SessionRequested) and decoded.model == want
+        train = wire(events.Train(**_train_fields())) | {"model": stored}
+        command = events.decode_command(json.dumps(train).encode())
+        assert isinstance(command, events.Train) and command.model == want
+    with pytest.raises(msgspec.ValidationError, match="kind"):
+        events.decode_event(json.dumps(base | {"model": {"kind": "resnet"}}).encode())

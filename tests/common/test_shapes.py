@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from swarmtrain.common.events import ModelSpec
+from swarmtrain.common.models import CnnSpec, MlpSpec, parameter_count
 from swarmtrain.common.shapes import (
     ShapeError,
-    parameter_count,
     shard_bounds,
     shard_sizes,
     training_rows,
@@ -18,13 +18,13 @@ from swarmtrain.training.data import shard_indices, split_indices
 from swarmtrain.training.model import build_model
 
 SPECS: list[tuple[ModelSpec, int, int]] = [
-    (ModelSpec(kind="mlp", hidden=[128, 64]), 64, 10),
-    (ModelSpec(kind="mlp", hidden=[]), 5, 3),
-    (ModelSpec(kind="mlp", hidden=[7, 1, 9]), 2, 2),
-    (ModelSpec(kind="cnn", hidden=[32], input_shape=[1, 8, 8], channels=[4, 8, 16, 16]), 64, 10),
-    (ModelSpec(kind="cnn", hidden=[], input_shape=[3, 5, 4], channels=[6]), 60, 4),
-    (ModelSpec(kind="cnn", hidden=[8], input_shape=[2, 1, 1], channels=[16, 32]), 2, 2),
-    (ModelSpec(kind="cnn", hidden=[8, 8], input_shape=[1, 3, 9], channels=[2, 3]), 27, 5),
+    (MlpSpec(hidden=[128, 64]), 64, 10),
+    (MlpSpec(hidden=[]), 5, 3),
+    (MlpSpec(hidden=[7, 1, 9]), 2, 2),
+    (CnnSpec(hidden=[32], input_shape=[1, 8, 8], channels=[4, 8, 16, 16]), 64, 10),
+    (CnnSpec(hidden=[], input_shape=[3, 5, 4], channels=[6]), 60, 4),
+    (CnnSpec(hidden=[8], input_shape=[2, 1, 1], channels=[16, 32]), 2, 2),
+    (CnnSpec(hidden=[8, 8], input_shape=[1, 3, 9], channels=[2, 3]), 27, 5),
 ]
 
 
@@ -35,18 +35,16 @@ def test_parameter_count_is_what_the_peer_builds(spec: ModelSpec, features: int,
 
 
 def test_parameter_count_by_hand() -> None:
-    assert parameter_count(ModelSpec(kind="mlp", hidden=[128, 64]), 64, 10) == (
-        64 * 128 + 128 + 128 * 64 + 64 + 64 * 10 + 10
-    )
+    assert parameter_count(MlpSpec(hidden=[128, 64]), 64, 10) == (64 * 128 + 128 + 128 * 64 + 64 + 64 * 10 + 10)
     # 8x8 -> 4x4 -> 2x2 -> 1x1 -> 1x1 (no pool once below 2x2)
-    spec = ModelSpec(kind="cnn", hidden=[32], input_shape=[1, 8, 8], channels=[4, 8, 16, 16])
+    spec = CnnSpec(hidden=[32], input_shape=[1, 8, 8], channels=[4, 8, 16, 16])
     conv = (9 * 1 * 4 + 4) + (9 * 4 * 8 + 8) + (9 * 8 * 16 + 16) + (9 * 16 * 16 + 16)
     assert parameter_count(spec, 64, 10) == conv + (16 * 32 + 32) + (32 * 10 + 10)
 
 
 def test_a_cnn_input_that_does_not_fit_the_data_is_refused() -> None:
     with pytest.raises(ShapeError, match="input_shape 1x1x3 holds 3 values but the data has 2 feature columns"):
-        parameter_count(ModelSpec(kind="cnn", input_shape=[1, 1, 3]), 2, 2)
+        parameter_count(CnnSpec(input_shape=[1, 1, 3]), 2, 2)
 
 
 @pytest.mark.parametrize(

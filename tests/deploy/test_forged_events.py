@@ -33,7 +33,6 @@ from swarmtrain.common.events import (
     Event,
     Heartbeat,
     Hyperparameters,
-    ModelSpec,
     ModelUpdatePublished,
     PeerDone,
     PeerFailed,
@@ -50,6 +49,7 @@ from swarmtrain.common.events import (
     decode_event,
     encode,
 )
+from swarmtrain.common.models import MlpSpec
 from swarmtrain.common.settings import from_env
 from swarmtrain.projector import projection
 from swarmtrain.scheduler.actions import Append, Clocks, Config
@@ -67,9 +67,7 @@ SID, A, B, MALLORY = "s1", "pa", "pb", "pm"
 def story(rounds_closed: bool) -> list[Event]:
     events: list[Event] = [PeerRegistered(peer_id=p, name=p, device="cpu") for p in (A, B, MALLORY)]
     events += [
-        session_requested(
-            SID, 2, HP, dataset_uri="file:///d", strategy="fedavg", rounds=3, model=ModelSpec(hidden=[4])
-        ),
+        session_requested(SID, 2, HP, dataset_uri="file:///d", strategy="fedavg", rounds=3, model=MlpSpec(hidden=[4])),
         SessionStarted(session_id=SID, assignments={A: HP, B: HP}, shards={A: 0, B: 1}),
         ModelUpdatePublished(
             session_id=SID, round=1, peer_id=A, uri="u/a", sha256="a", num_samples=10, loss=1, accuracy=0

@@ -554,7 +554,7 @@ async def test_replay_round_matches_under_every_aggregator_compression_and_outer
         assert done["status"] == "completed", (options, done)
         events = await history(stack, sid)
         [requested] = of(events, SessionRequested)
-        assert requested.outer.lr is not None  # the default resolved into the log
+        assert requested.round_options.outer.lr is not None  # the default resolved into the log
         updates = of(events, ModelUpdatePublished)
         averaged = of(events, RoundAveraged)
         rule = options["aggregator"]["name"]

@@ -36,9 +36,10 @@ def test_every_option_reaches_the_plan_and_the_outer_learning_rate_is_resolved()
         ),
         SETTINGS,
     )
-    assert plan.aggregator == AggregatorSpec(name="krum", f=1)
-    assert plan.outer == OuterSpec(name="nesterov", lr=OUTER_DEFAULT_LR["nesterov"])
-    assert (plan.compression.name, plan.sharding, plan.keep_local_optimizer) == (
+    options = plan.round_options
+    assert options.aggregator == AggregatorSpec(name="krum", f=1)
+    assert options.outer == OuterSpec(name="nesterov", lr=OUTER_DEFAULT_LR["nesterov"])
+    assert (options.compression.name, options.sharding, options.keep_local_optimizer) == (
         "int8",
         ShardingSpec(name="label_skew", alpha=0.1),
         True,
@@ -46,9 +47,9 @@ def test_every_option_reaches_the_plan_and_the_outer_learning_rate_is_resolved()
 
 
 def test_no_options_is_todays_fedavg_with_concrete_values() -> None:
-    plan = plan_session(request(2), SETTINGS)
-    assert plan.aggregator.name == "mean" and plan.outer == OuterSpec(name="none", lr=1.0)
-    assert plan.compression.name == "none" and plan.sharding.name == "iid" and not plan.keep_local_optimizer
+    options = plan_session(request(2), SETTINGS).round_options
+    assert options.aggregator.name == "mean" and options.outer == OuterSpec(name="none", lr=1.0)
+    assert options.compression.name == "none" and options.sharding.name == "iid" and not options.keep_local_optimizer
 
 
 @pytest.mark.parametrize(
@@ -69,12 +70,34 @@ def test_options_the_peers_could_not_follow_are_refused_with_the_rules_reason(
 
 @pytest.mark.parametrize(
     "options",
-    [{"aggregator": {"name": "median"}}, {"compression": {"name": "fp16"}}, {"keep_local_optimizer": False}],
+    [
+        {"aggregator": {"name": "median"}},
+        {"compression": {"name": "fp16"}},
+        {"keep_local_optimizer": False},
+        {"max_update_norm": 10.0},
+    ],
 )
 def test_a_sweep_takes_no_round_option(options: dict[str, Any]) -> None:
     name = next(iter(options))
     with pytest.raises(ClientException, match=f"{name} applies to fedavg only"):
         plan_session(request(2, "sweep", **options), SETTINGS)
+    with pytest.raises(ClientException, match=f"{name} applies to fedavg only"):
+        plan_session(request(2, "sweep", round_options=options), SETTINGS)
+
+
+def test_the_round_options_may_come_as_one_object_or_flat_but_each_once() -> None:
+    flat = {"aggregator": {"name": "median"}, "max_update_norm": 5.0, "keep_local_optimizer": True}
+    nested = plan_session(request(3, round_options=flat), SETTINGS).round_options
+    assert nested == plan_session(request(3, **flat), SETTINGS).round_options
+    assert (nested.aggregator.name, nested.max_update_norm, nested.keep_local_optimizer) == ("median", 5.0, True)
+    mixed = plan_session(request(3, aggregator={"name": "median"}, round_options={"max_update_norm": 5.0}), SETTINGS)
+    assert mixed.round_options.aggregator.name == "median" and mixed.round_options.max_update_norm == 5.0
+    with pytest.raises(ClientException, match="aggregator is given twice"):
+        plan_session(
+            request(3, aggregator={"name": "median"}, round_options={"aggregator": {"name": "mean"}}), SETTINGS
+        )
+    with pytest.raises(ClientException, match="round_options"):
+        parse_session({"dataset_id": "d", "num_peers": 3, "hyperparameters": HP, "round_options": {"lr": 1}})
 
 
 @pytest.mark.parametrize(

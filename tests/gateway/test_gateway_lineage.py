@@ -6,8 +6,9 @@ import msgspec
 import pytest
 from litestar.exceptions import ClientException
 
-from swarmtrain.common.events import Hyperparameters, InitFrom, ModelSpec
+from swarmtrain.common.events import Hyperparameters, InitFrom
 from swarmtrain.common.fedopts import AggregatorSpec
+from swarmtrain.common.models import MlpSpec
 from swarmtrain.common.settings import Settings
 from swarmtrain.gateway.sessions.lineage import check_excluded, check_lineage, fork_fields
 from swarmtrain.gateway.sessions.planning import SessionPlan, parse_session, plan_session
@@ -17,14 +18,20 @@ from tests.factories import session_requested
 SETTINGS = Settings(jwt_secret="x" * 32)
 HP = Hyperparameters(epochs=2, batch_size=32, lr=0.01)
 PARENT = session_requested(
-    "p", 3, HP, strategy="fedavg", rounds=5, model=ModelSpec(hidden=[16]), seed=7, max_update_norm=3.0
+    "p", 3, HP, strategy="fedavg", rounds=5, model=MlpSpec(hidden=[16]), seed=7, max_update_norm=3.0
 )
 
 
 def test_a_fork_inherits_the_parents_settings_and_takes_what_it_gives() -> None:
     fields = fork_fields(PARENT, ForkIn(round=3, num_peers=2))
     plan = plan_session(parse_session(fields), SETTINGS)
-    assert (plan.strategy, plan.num_peers, plan.rounds, plan.seed, plan.max_update_norm) == ("fedavg", 2, 2, 7, 3.0)
+    assert (plan.strategy, plan.num_peers, plan.rounds, plan.seed, plan.round_options.max_update_norm) == (
+        "fedavg",
+        2,
+        2,
+        7,
+        3.0,
+    )
     assert plan.model == PARENT.model and plan.hyperparameters == [HP, HP]
     given = ForkIn(round=5, rounds=4, hyperparameters=HyperparametersIn(epochs=1, batch_size=8, lr=0.1))
     plan = plan_session(parse_session(fork_fields(PARENT, given)), SETTINGS)
@@ -33,8 +40,9 @@ def test_a_fork_inherits_the_parents_settings_and_takes_what_it_gives() -> None:
 
 
 def test_a_forks_round_options_are_checked_like_a_session_requests() -> None:
-    parsed = parse_session(fork_fields(PARENT, ForkIn(round=1, aggregator={"name": "median"})))
-    assert parsed.aggregator == AggregatorSpec(name="median")
+    plan = plan_session(parse_session(fork_fields(PARENT, ForkIn(round=1, aggregator={"name": "median"}))), SETTINGS)
+    assert plan.round_options.aggregator == AggregatorSpec(name="median")
+    assert plan.round_options.max_update_norm == PARENT.round_options.max_update_norm == 3.0  # the parent's
     with pytest.raises(ClientException):
         parse_session(fork_fields(PARENT, ForkIn(round=1, aggregator={"name": "no-such-rule"})))
 

@@ -8,7 +8,8 @@ import msgspec
 import pytest
 from litestar.exceptions import ClientException
 
-from swarmtrain.common.events import ModelSpec, Strategy
+from swarmtrain.common.events import Strategy
+from swarmtrain.common.models import CnnSpec
 from swarmtrain.common.settings import Settings
 from swarmtrain.common.strategies import RULES
 from swarmtrain.gateway.sessions.planning import check_against_dataset, plan_session
@@ -35,7 +36,7 @@ def test_a_model_that_does_not_fit_the_dataset_is_refused_naming_the_model() -> 
 def test_sweep_takes_a_cnn_and_fedavg_expands_its_one_hyperparameter_set() -> None:
     cnn = ModelIn(kind="cnn", input_shape=[1, 8, 8])
     plan = plan_session(SessionIn(dataset_id="d", num_peers=2, hyperparameters=[HP, HP], model=cnn), SETTINGS)
-    assert plan.model == ModelSpec(kind="cnn", hidden=[128, 64], input_shape=[1, 8, 8], channels=[16, 32])
+    assert plan.model == CnnSpec(hidden=[128, 64], input_shape=[1, 8, 8], channels=[16, 32])
     plan = plan_session(
         SessionIn(dataset_id="d", num_peers=3, hyperparameters=HP, strategy="fedavg", rounds=5), SETTINGS
     )

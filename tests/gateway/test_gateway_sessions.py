@@ -19,7 +19,6 @@ from swarmtrain.common.events import (
     Event,
     Heartbeat,
     Hyperparameters,
-    ModelSpec,
     ModelUpdatePublished,
     PeerDone,
     PeerFailed,
@@ -36,6 +35,7 @@ from swarmtrain.common.events import (
     UpdateRejected,
     decode_event,
 )
+from swarmtrain.common.models import CnnSpec
 from swarmtrain.common.settings import Settings
 from swarmtrain.gateway import create_app
 from swarmtrain.gateway.state import Gateway
@@ -151,7 +151,7 @@ BAD_REQUESTS: list[tuple[dict[str, Any], str]] = [
     ({"model": {"kind": "cnn", "input_shape": [1, 1, 0]}}, "model.input_shape[2] must be at least 1"),
     ({"model": {"kind": "cnn", "input_shape": [1, 1, 2], "channels": []}}, "model.channels must have at least 1 item"),
     ({"model": {"kind": "cnn", "input_shape": [1, 1, 3]}}, "input_shape 1x1x3 holds 3 values but the data has 2"),
-    ({"model": {"kind": "mlp", "input_shape": [1, 1, 2]}}, "apply to a cnn only"),
+    ({"model": {"kind": "mlp", "input_shape": [1, 1, 2]}}, "model.input_shape applies to a cnn only"),
     ({"strategy": "gossip"}, "Invalid enum value 'gossip'"),
     ({"strategy": "fedavg"}, "fedavg takes one hyperparameters object"),
     ({"strategy": "fedavg", "hyperparameters": HP, "rounds": 0}, "rounds must be at least 1"),
@@ -200,10 +200,10 @@ async def test_max_update_norm_reaches_the_request_finite_or_not_at_all(
     body = session_body(dataset_id, strategy="fedavg", hyperparameters=HP, max_update_norm=12.5)
     r = await client.post("/sessions", json=body, headers=alice)
     assert r.status_code == 201, r.text
-    assert (await requested(gateway, r.json()["session_id"])).max_update_norm == 12.5
+    assert (await requested(gateway, r.json()["session_id"])).round_options.max_update_norm == 12.5
     del body["max_update_norm"]
     r = await client.post("/sessions", json=body, headers=alice)
-    assert (await requested(gateway, r.json()["session_id"])).max_update_norm is None
+    assert (await requested(gateway, r.json()["session_id"])).round_options.max_update_norm is None
     raw = json.dumps(body | {"max_update_norm": 1.0})
     for huge, detail in (("1e999", "Number out of range"), ("1e13", "max_update_norm must be at most")):
         data = raw.replace('"max_update_norm": 1.0', f'"max_update_norm": {huge}')
@@ -466,7 +466,7 @@ async def test_request_a_fedavg_session(
     event = await requested(gateway, sid)
     assert (event.strategy, event.rounds, event.on_peer_failure, event.num_peers) == ("fedavg", 4, "continue", 3)
     assert event.hyperparameters == [Hyperparameters(**HP)] * 3
-    assert event.model == ModelSpec(kind="cnn", hidden=[8], input_shape=[1, 1, 2], channels=[4])
+    assert event.model == CnnSpec(hidden=[8], input_shape=[1, 1, 2], channels=[4])
     session = (await client.get(f"/sessions/{sid}", headers=alice)).json()
     assert (session["strategy"], session["rounds"], session["on_peer_failure"]) == ("fedavg", 4, "continue")
     assert session["round_figures"] == [] and session["val_accuracy"] is None

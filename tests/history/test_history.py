@@ -15,7 +15,9 @@ import asyncpg
 import msgspec
 import pytest
 
-from swarmtrain.common.events import Event, decode_command, decode_event, decode_report
+from swarmtrain.common.events import Event, SessionRequested, Train, decode_command, decode_event, decode_report
+from swarmtrain.common.fedopts import ROUND_OPTIONS, RoundOptions
+from swarmtrain.common.models import ModelSpec
 from swarmtrain.projector.projection import TABLES, apply_batch, ensure_schema
 
 HERE = Path(__file__).resolve().parent
@@ -38,6 +40,13 @@ async def snapshot(dsn: str) -> dict[str, Any]:
         return out
     finally:
         await conn.close()
+
+
+def _spec(stored: str) -> Any:
+    """A read model's ``model`` (jsonb) as the spec it holds: since the spec is a tagged union an
+    mlp is stored as ``{"kind": "mlp", "hidden": [...]}``, without the cnn's ``input_shape`` and
+    ``channels`` that the one flat spec of earlier logs carried (and ignored) for every kind."""
+    return msgspec.to_builtins(msgspec.json.decode(stored, type=ModelSpec))
 
 
 def _messages(log: Path) -> list[dict[str, Any]]:
@@ -106,6 +115,37 @@ async def test_the_log_rebuilds_the_read_models_it_built(log: Path, database_url
     finally:
         await pool.close()
     rebuilt = await snapshot(database_url)
+    conn = await asyncpg.connect(database_url)
+    try:
+        model_column = await conn.fetchval(
+            "SELECT ordinal_position - 1 FROM information_schema.columns WHERE table_name = 'sessions' "
+            "AND column_name = 'model'"
+        )
+    finally:
+        await conn.close()
+    for rows in (rebuilt["sessions"], expected["sessions"]):
+        for row in rows:
+            row[model_column] = _spec(row[model_column])
     for table in TABLES:
         assert rebuilt[table] == expected[table], table
     assert rebuilt["position"] == expected["position"]
+
+
+@pytest.mark.parametrize("log", LOGS, ids=lambda p: p.stem)
+def test_the_flat_round_options_of_stored_requests_and_trains_are_read_whole(log: Path) -> None:
+    """Events and commands stored before the round options were one value held them flat: the
+    upcaster reads them into ``round_options``, value for value."""
+    decoders = {"EVENTS": decode_event, "COMMANDS": decode_command}
+    seen: set[str] = set()
+    for m in _messages(log):
+        data = m["data"]
+        if data["type"] not in ("SessionRequested", "Train"):
+            continue
+        flat = {name: data[name] for name in ROUND_OPTIONS if name in data}
+        decoded = decoders[m["stream"]](json.dumps(data).encode())
+        assert isinstance(decoded, SessionRequested | Train)
+        assert flat, "a log written before round_options holds them flat"
+        assert decoded.round_options == msgspec.convert(flat, RoundOptions)
+        if decoded.round_options != RoundOptions(outer=decoded.round_options.outer):
+            seen.add(data["type"])  # a non-default option besides the resolved outer step
+    assert seen == {"SessionRequested", "Train"}

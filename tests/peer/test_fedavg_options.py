@@ -12,12 +12,19 @@ import torch
 from nats.aio.client import Client as NATS
 
 from swarmtrain.common.events import PeerDone, RoundAveraged, Train
-from swarmtrain.common.fedopts import AggregatorSpec, CompressionSpec, OuterSpec, ShardingSpec, resolve_outer
+from swarmtrain.common.fedopts import (
+    AggregatorSpec,
+    CompressionSpec,
+    OuterSpec,
+    RoundOptions,
+    ShardingSpec,
+    resolve_outer,
+)
 from swarmtrain.common.settings import Settings
 from swarmtrain.peer.strategies.fedavg import LocalLearner
 from swarmtrain.training.averaging import sha256_hex, state_bytes
 from swarmtrain.training.data import load_csv, split_indices
-from swarmtrain.training.rounds import RoundOptions, replay_rounds
+from swarmtrain.training.rounds import replay_rounds
 from swarmtrain.training.sharding import make_shards
 from tests.peer.helpers import SchedulerPart, reports
 from tests.peer.test_fedavg_service import close_round, fedavg_command, fetch, named, peers, read_uri, updates_of
@@ -31,7 +38,7 @@ OPTIONS = {
 
 
 def with_options(train: Train, **extra: object) -> Train:
-    return msgspec.structs.replace(train, **OPTIONS, **extra)  # type: ignore[arg-type]
+    return msgspec.structs.replace(train, round_options=RoundOptions(**OPTIONS), **extra)  # type: ignore[arg-type]
 
 
 async def test_compressed_median_momentum_on_skewed_shards_every_peer_and_a_newcomer_agree(
@@ -63,7 +70,7 @@ async def test_compressed_median_momentum_on_skewed_shards_every_peer_and_a_newc
         assert avg1.aggregator == "median" and avg1.selected == sorted((alpha, beta))
         assert avg1.update_bytes == sum(u.nbytes for u in ups.values())
         # Anyone recomputes the round from the facts, the blobs and the initial weights, bit for bit.
-        model1, _ = replay_rounds({1: closed1}, 1, fetch, learner.reference, RoundOptions.of(trains[alpha]))
+        model1, _ = replay_rounds({1: closed1}, 1, fetch, learner.reference, trains[alpha].round_options)
         assert sha256_hex(state_bytes(model1)) == avg1.sha256 == sha256_hex(read_uri(avg1.uri))
 
         # gamma takes beta's shard over for round 2: it rebuilds round 1's model AND the momentum
@@ -86,7 +93,9 @@ def test_a_kept_local_optimizer_carries_its_state_into_the_next_round(digits_pat
     plain = fedavg_command("p", tmp_path, "s", sha256="0" * 64, shard=0, num_shards=2, rounds=2)
 
     def second_round(keep: bool) -> dict[str, torch.Tensor]:
-        learner = LocalLearner(digits_path, msgspec.structs.replace(plain, keep_local_optimizer=keep))
+        learner = LocalLearner(
+            digits_path, msgspec.structs.replace(plain, round_options=RoundOptions(keep_local_optimizer=keep))
+        )
         start = learner.state()
         learner.train_round(1, lambda _: None, threading.Event())
         learner.load(start)  # as if the round's average were the start again

@@ -35,6 +35,8 @@ from swarmtrain.common.events import (
     Train,
     UpdateRejected,
 )
+from swarmtrain.common.fedopts import RoundOptions
+from swarmtrain.common.models import CnnSpec, MlpSpec
 from swarmtrain.common.settings import Settings
 from swarmtrain.training.averaging import average_round, state_bytes
 from swarmtrain.training.model import load_model
@@ -72,7 +74,7 @@ def fedavg_command(
         dataset_uri=(blob_dir / "datasets" / "digits.csv").as_uri(),
         dataset_sha256=sha256,
         label_column="digit",
-        model=model or ModelSpec(hidden=[64, 32]),
+        model=model or MlpSpec(hidden=[64, 32]),
         hyperparameters=Hyperparameters(epochs=LOCAL_EPOCHS, batch_size=32, lr=2e-3),
         validation_split=0.2,
         seed=7,
@@ -83,7 +85,7 @@ def fedavg_command(
         rounds=rounds,
         start_round=start_round,
         rounds_uri=(blob_dir / "sessions" / sid / "rounds").as_uri(),
-        max_update_norm=max_update_norm,
+        round_options=RoundOptions(max_update_norm=max_update_norm),
     )
 
 
@@ -285,7 +287,7 @@ async def test_stop_while_waiting_for_a_round_ends_the_job_at_once_and_quietly(
     js = nc.jetstream()
     sid = "halt"
     async with peers(settings, js, "alpha") as [alpha], reports(js, sid) as session:
-        cnn = ModelSpec(kind="cnn", input_shape=[1, 8, 8], channels=[8], hidden=[16])
+        cnn = CnnSpec(input_shape=[1, 8, 8], channels=[8], hidden=[16])
         cmd = fedavg_command(alpha, blob_dir, sid, sha256=digits_sha256, shard=0, num_shards=1, rounds=3, model=cnn)
         async with presence(nc, alpha) as beats:
             await scheduler.train(cmd)

@@ -14,13 +14,14 @@ import torch
 from torch import nn
 
 from swarmtrain.common.events import Hyperparameters, ModelSpec, Train
+from swarmtrain.common.models import CnnSpec, MlpSpec
 from swarmtrain.peer.strategies.fedavg import LocalLearner, check_command, round_seed
 from swarmtrain.peer.trainer import EpochStats, PrecisionUnsupported, TrainJob, cpu_bf16_supported, train
 from swarmtrain.training.averaging import state_bytes, weighted_average
 from swarmtrain.training.data import DataError, shard_indices
 from swarmtrain.training.model import ModelMetadata, build_model, load_model, model_bytes, save_model
 
-CNN_8 = ModelSpec(kind="cnn", input_shape=[1, 8, 8], channels=[16, 32], hidden=[64])
+CNN_8 = CnnSpec(input_shape=[1, 8, 8], channels=[16, 32], hidden=[64])
 
 # ------------------------------------------------------------------ shards
 
@@ -77,7 +78,7 @@ def test_cnn_layers_and_shapes_on_8x8_digits() -> None:
 def test_cnn_pools_while_the_image_is_at_least_2x2(
     shape: list[int], channels: list[int], pools: int, flat: int
 ) -> None:
-    spec = ModelSpec(kind="cnn", input_shape=shape, channels=channels, hidden=[])
+    spec = CnnSpec(input_shape=shape, channels=channels, hidden=[])
     n = shape[0] * shape[1] * shape[2]
     model = build_model(spec, n_features=n, n_classes=3)
     assert sum(isinstance(m, nn.MaxPool2d) for m in model) == pools
@@ -97,7 +98,7 @@ def test_cnn_pools_while_the_image_is_at_least_2x2(
 )
 def test_cnn_shape_errors_are_clear(shape: list[int] | None, channels: list[int], message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        build_model(ModelSpec(kind="cnn", input_shape=shape, channels=channels), n_features=64, n_classes=10)
+        build_model(CnnSpec(input_shape=shape, channels=channels), n_features=64, n_classes=10)
 
 
 def test_models_are_identical_from_the_same_seed() -> None:
@@ -121,16 +122,16 @@ def test_cnn_model_file_round_trip(tmp_path: Path) -> None:
     x = torch.randn(3, 64)
     assert torch.equal(loaded(x), model.eval()(x))
     # An MLP's metadata is as it always was: no cnn keys.
-    mlp_meta = ModelMetadata.for_spec(ModelSpec(), classes=["a", "b"], feature_names=["x"], label_column="y")
-    assert "kind" not in mlp_meta.to_strings() and mlp_meta.spec() == ModelSpec()
+    mlp_meta = ModelMetadata.for_spec(MlpSpec(), classes=["a", "b"], feature_names=["x"], label_column="y")
+    assert "kind" not in mlp_meta.to_strings() and mlp_meta.spec() == MlpSpec()
 
 
 _SAVE_IN_A_FRESH_PROCESS = """
 import hashlib, sys, torch
-from swarmtrain.common.events import ModelSpec
+from swarmtrain.common.models import CnnSpec
 from swarmtrain.training.model import ModelMetadata, build_model, model_bytes
 torch.manual_seed(5)
-spec = ModelSpec(kind="cnn", input_shape=[1, 8, 8], channels=[4], hidden=[8])
+spec = CnnSpec(input_shape=[1, 8, 8], channels=[4], hidden=[8])
 model = build_model(spec, 64, 10)
 names = [str(i) for i in range(64)]
 meta = ModelMetadata.for_spec(spec, classes=list("0123456789"), feature_names=names, label_column="d")
@@ -141,7 +142,7 @@ sys.stdout.write(hashlib.sha256(model_bytes(model, meta)).hexdigest())
 def test_model_files_are_byte_identical_across_processes() -> None:
     # The safetensors library orders metadata by a per-process hash; our writer must not.
     torch.manual_seed(5)
-    spec = ModelSpec(kind="cnn", input_shape=[1, 8, 8], channels=[4], hidden=[8])
+    spec = CnnSpec(input_shape=[1, 8, 8], channels=[4], hidden=[8])
     model = build_model(spec, 64, 10)
     meta = ModelMetadata.for_spec(
         spec, classes=list("0123456789"), feature_names=[str(i) for i in range(64)], label_column="d"
@@ -166,14 +167,14 @@ def test_cnn_sweep_learns_digits(digits_path: Path) -> None:
     )
     result = train(job, lambda s: None, threading.Event())
     assert result.final.val_accuracy is not None and result.final.val_accuracy > 0.85  # chance: 0.1
-    assert result.metadata.kind == "cnn" and result.metadata.input_shape == [1, 8, 8]
+    assert result.metadata.model == CNN_8 and result.metadata.model.kind == "cnn"
 
 
 def test_a_cnn_that_does_not_fit_the_data_is_a_data_error(digits_path: Path) -> None:
     job = TrainJob(
         csv_path=digits_path,
         label_column="digit",
-        model=ModelSpec(kind="cnn", input_shape=[1, 28, 28]),
+        model=CnnSpec(input_shape=[1, 28, 28]),
         hyperparameters=Hyperparameters(epochs=1, batch_size=32, lr=2e-3),
     )
     with pytest.raises(DataError, match="784 values but the data has 64"):
@@ -190,7 +191,7 @@ def _fedavg(shard: int, num_shards: int = 3, *, start_round: int = 1, spec: Mode
         dataset_uri="file:///unused",
         dataset_sha256="0" * 64,
         label_column="digit",
-        model=spec or ModelSpec(hidden=[32]),
+        model=spec or MlpSpec(hidden=[32]),
         hyperparameters=Hyperparameters(epochs=2, batch_size=32, lr=2e-3),
         validation_split=0.2,
         seed=4,
@@ -266,11 +267,11 @@ def test_impossible_fedavg_commands_are_refused(change: dict[str, object], messa
 def test_a_starting_model_is_loaded_whole_and_one_that_does_not_fit_is_a_data_error() -> None:
     from swarmtrain.training.init import apply_init
 
-    model = build_model(ModelSpec(hidden=[4]), 3, 2)
-    init = {name: torch.full_like(t, 0.5) for name, t in build_model(ModelSpec(hidden=[4]), 3, 2).state_dict().items()}
+    model = build_model(MlpSpec(hidden=[4]), 3, 2)
+    init = {name: torch.full_like(t, 0.5) for name, t in build_model(MlpSpec(hidden=[4]), 3, 2).state_dict().items()}
     apply_init(model, init)
     assert all(torch.equal(t, init[name]) for name, t in model.state_dict().items())
-    other = build_model(ModelSpec(hidden=[5]), 3, 2).state_dict()
+    other = build_model(MlpSpec(hidden=[5]), 3, 2).state_dict()
     with pytest.raises(DataError, match="does not fit"):
         apply_init(model, other)
     assert all(torch.equal(t, init[name]) for name, t in model.state_dict().items())  # untouched

@@ -25,12 +25,12 @@ from swarmtrain.common import bus, events, servers
 from swarmtrain.common.events import (
     Heartbeat,
     Hyperparameters,
-    ModelSpec,
     PeerDone,
     PeerFailed,
     Stop,
     Train,
 )
+from swarmtrain.common.models import MlpSpec
 from swarmtrain.common.settings import Settings
 from swarmtrain.common.signing import UrlSigner
 from swarmtrain.peer import service
@@ -56,7 +56,7 @@ def train_command(
         dataset_uri=(blob_dir / "datasets" / "digits.csv").as_uri(),
         dataset_sha256=sha256,
         label_column="digit",
-        model=ModelSpec(hidden=[64, 32]),
+        model=MlpSpec(hidden=[64, 32]),
         hyperparameters=Hyperparameters(epochs=epochs, batch_size=batch_size, lr=lr),
         validation_split=0.2,
         seed=1,

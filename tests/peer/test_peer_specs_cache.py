@@ -10,7 +10,8 @@ import pytest
 from nats.aio.client import Client as NATS
 from prometheus_client import REGISTRY
 
-from swarmtrain.common.events import Heartbeat, Hyperparameters, ModelSpec, PeerDone, PeerFailed, Train
+from swarmtrain.common.events import Heartbeat, Hyperparameters, PeerDone, PeerFailed, Train
+from swarmtrain.common.models import MlpSpec
 from swarmtrain.common.settings import Settings
 from swarmtrain.peer import trainer
 from swarmtrain.peer.cache import ParsedCache
@@ -24,7 +25,7 @@ def train(peer_id: str, blob_dir: Path, session_id: str, sha256: str, **fields: 
         dataset_uri=(blob_dir / "datasets" / "digits.csv").as_uri(),
         dataset_sha256=sha256,
         label_column="digit",
-        model=ModelSpec(hidden=[16]),
+        model=MlpSpec(hidden=[16]),
         hyperparameters=Hyperparameters(epochs=1, batch_size=128, lr=1e-3),
         validation_split=0.2,
         seed=1,

@@ -10,7 +10,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from swarmtrain.common.events import Hyperparameters, ModelSpec
+from swarmtrain.common.events import Hyperparameters
+from swarmtrain.common.models import MlpSpec
 from swarmtrain.peer.trainer import EpochStats, TrainingStopped, TrainJob, resolve_device, train
 from swarmtrain.training.data import DataError, load_csv, split_indices
 from swarmtrain.training.model import ModelMetadata, Standardize, build_model, load_model, save_model
@@ -85,13 +86,13 @@ def test_split_rejects_bad_fraction(fraction: float) -> None:
 
 
 def test_model_shapes_and_layers() -> None:
-    model = build_model(ModelSpec(hidden=[32, 16]), n_features=8, n_classes=3)
+    model = build_model(MlpSpec(hidden=[32, 16]), n_features=8, n_classes=3)
     assert isinstance(model[0], Standardize)
     linears = [m for m in model if isinstance(m, torch.nn.Linear)]
     assert [(m.in_features, m.out_features) for m in linears] == [(8, 32), (32, 16), (16, 3)]
     assert sum(isinstance(m, torch.nn.ReLU) for m in model) == 2
     assert model(torch.randn(5, 8)).shape == (5, 3)
-    assert build_model(ModelSpec(hidden=[]), 4, 2)(torch.randn(2, 4)).shape == (2, 2)
+    assert build_model(MlpSpec(hidden=[]), 4, 2)(torch.randn(2, 4)).shape == (2, 2)
 
 
 def test_standardize_uses_one_for_constant_features() -> None:
@@ -104,11 +105,13 @@ def test_standardize_uses_one_for_constant_features() -> None:
 
 
 def test_safetensors_round_trip_without_pickle(tmp_path: Path) -> None:
-    model = build_model(ModelSpec(hidden=[16]), n_features=4, n_classes=3)
+    model = build_model(MlpSpec(hidden=[16]), n_features=4, n_classes=3)
     standardize = model[0]
     assert isinstance(standardize, Standardize)
     standardize.fit(torch.randn(20, 4) * 3 + 1)
-    meta = ModelMetadata(classes=["a", "b", "c"], feature_names=list("wxyz"), label_column="y", hidden=[16])
+    meta = ModelMetadata(
+        classes=["a", "b", "c"], feature_names=list("wxyz"), label_column="y", model=MlpSpec(hidden=[16])
+    )
     path = tmp_path / "m.safetensors"
     save_model(model, path, meta)
 
@@ -144,7 +147,7 @@ def _job(path: Path, epochs: int = 5, batch_size: int = 32, seed: int = 0) -> Tr
     return TrainJob(
         csv_path=path,
         label_column="digit",
-        model=ModelSpec(hidden=[64, 32]),
+        model=MlpSpec(hidden=[64, 32]),
         hyperparameters=Hyperparameters(epochs=epochs, batch_size=batch_size, lr=1e-3),
         validation_split=0.2,
         seed=seed,
@@ -229,7 +232,7 @@ def test_trainer_rejects_bad_inputs(tmp_path: Path, digits_path: Path) -> None:
     bad = TrainJob(
         csv_path=digits_path,
         label_column="digit",
-        model=ModelSpec(),
+        model=MlpSpec(),
         hyperparameters=Hyperparameters(epochs=1, batch_size=0, lr=1e-3),
     )
     with pytest.raises(DataError, match="hyperparameters"):

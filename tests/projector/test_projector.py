@@ -13,7 +13,6 @@ from swarmtrain.common import bus
 from swarmtrain.common.events import (
     Heartbeat,
     Hyperparameters,
-    ModelSpec,
     PeerDone,
     PeerLocked,
     PeerRegistered,
@@ -23,6 +22,7 @@ from swarmtrain.common.events import (
     SessionStarted,
     UserRegistered,
 )
+from swarmtrain.common.models import MlpSpec
 from swarmtrain.common.settings import Settings
 from swarmtrain.projector import projection, service
 from tests.factories import session_requested
@@ -36,7 +36,7 @@ def session_story(sid: str = "s1") -> list[Any]:
         PeerRegistered(peer_id="p1", name="one", device="cpu"),
         PeerWentOnline(peer_id="p1"),
         session_requested(
-            sid, 1, HP, owner_id="u1", dataset_id="d1", dataset_uri="file:///x", model=ModelSpec(hidden=[4])
+            sid, 1, HP, owner_id="u1", dataset_id="d1", dataset_uri="file:///x", model=MlpSpec(hidden=[4])
         ),
         PeerLocked(peer_id="p1", session_id=sid),
         SessionStarted(session_id=sid, assignments={"p1": HP}),
@@ -196,7 +196,7 @@ async def test_projects_fedavg_rounds_and_ignores_unassigned_peers(
             dataset_uri="file:///x",
             strategy="fedavg",
             rounds=3,
-            model=ModelSpec(hidden=[4]),
+            model=MlpSpec(hidden=[4]),
         ),
         SessionStarted(session_id="f", assignments={"a": HP, "b": HP}, shards={"a": 0, "b": 1}),
         upd("a", 100, 0.2),

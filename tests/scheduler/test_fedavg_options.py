@@ -22,7 +22,7 @@ from swarmtrain.common.events import (
     RoundUpdate,
     SessionStarted,
 )
-from swarmtrain.common.fedopts import AggregatorSpec, CompressionSpec, OuterSpec, ShardingSpec
+from swarmtrain.common.fedopts import AggregatorSpec, CompressionSpec, OuterSpec, RoundOptions, ShardingSpec
 from swarmtrain.scheduler.actions import Clocks, Config, train_command
 from swarmtrain.scheduler.reports import check
 from swarmtrain.scheduler.state import State, evolve
@@ -93,7 +93,7 @@ def update(peer: str, num_samples: int, **fields: Any) -> ModelUpdatePublished:
 def test_every_train_carries_the_sessions_round_options() -> None:
     request = session_requested("s", 2, HP, strategy="fedavg", rounds=2, **OPTIONS)
     train = train_command(request, "a", HP, 1, 2, Clocks(now=0.0, wall=0.0), CONFIG)
-    assert {name: getattr(train, name) for name in OPTIONS} == OPTIONS
+    assert train.round_options == RoundOptions(**OPTIONS) == request.round_options
     assert (train.shard, train.num_shards, train.start_round) == (1, 2, 2)
 
 

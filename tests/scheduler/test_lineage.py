@@ -10,7 +10,6 @@ from swarmtrain.common.events import (
     Hyperparameters,
     InitFrom,
     InitModelPrepared,
-    ModelSpec,
     PeerDone,
     PeerRegistered,
     PeerWentOnline,
@@ -22,6 +21,7 @@ from swarmtrain.common.events import (
     SessionRequested,
     SessionStarted,
 )
+from swarmtrain.common.models import MlpSpec
 from swarmtrain.scheduler import lineage
 from swarmtrain.scheduler.actions import Append, Clocks, Config, Prepare, Start
 from swarmtrain.scheduler.decide import decide
@@ -107,7 +107,7 @@ def test_another_owners_session_is_refused_like_one_that_does_not_exist() -> Non
 
 
 def test_a_different_model_spec_is_refused() -> None:
-    got = resolve(InitFrom(session_id="p"), model=ModelSpec(hidden=[7]))
+    got = resolve(InitFrom(session_id="p"), model=MlpSpec(hidden=[7]))
     assert isinstance(got, lineage.Refused) and "model spec" in got.reason
 
 

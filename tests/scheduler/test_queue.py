@@ -10,7 +10,6 @@ from typing import Any
 from swarmtrain.common.events import (
     DatasetUploaded,
     Event,
-    ModelSpec,
     PeerLocked,
     PeerRegistered,
     PeerWentOnline,
@@ -18,6 +17,7 @@ from swarmtrain.common.events import (
     SessionFailed,
     SessionRequested,
 )
+from swarmtrain.common.models import MlpSpec
 from swarmtrain.common.specs import GpuSpec, PeerSpecs, Requirements
 from swarmtrain.scheduler.actions import Action, Append, Clocks, Config, Start, Timing
 from swarmtrain.scheduler.decide import decide, request_of
@@ -88,8 +88,8 @@ def failed(actions: list[Action]) -> dict[str, str]:
     }
 
 
-LARGE = ModelSpec(hidden=[1024, 1024])  # about 1.05 million parameters on 4 features: GPU first
-SMALL = ModelSpec(hidden=[8])
+LARGE = MlpSpec(hidden=[1024, 1024])  # about 1.05 million parameters on 4 features: GPU first
+SMALL = MlpSpec(hidden=[8])
 
 
 def test_specs_travel_from_registration_into_the_state() -> None:

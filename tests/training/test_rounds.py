@@ -9,10 +9,18 @@ import pytest
 import torch
 
 from swarmtrain.common.events import RoundClosed, RoundUpdate
-from swarmtrain.common.fedopts import AggregatorSpec, CompressionName, OuterSpec, applied_rule, possible_rules
+from swarmtrain.common.fedopts import (
+    AggregatorSpec,
+    CompressionName,
+    CompressionSpec,
+    OuterSpec,
+    RoundOptions,
+    applied_rule,
+    possible_rules,
+)
 from swarmtrain.training.averaging import average_round, sha256_hex, state_bytes
 from swarmtrain.training.compression import encode_update
-from swarmtrain.training.rounds import RoundOptions, apply_round, replay_rounds, update_file
+from swarmtrain.training.rounds import apply_round, replay_rounds, update_file
 
 URI = "file:///r"
 
@@ -64,7 +72,9 @@ def test_a_round_is_the_same_bits_for_any_order_of_the_named_updates(
 ) -> None:
     store, start = Store(), _start()
     closed = _round(store, 1, start, {f"p{i}": _local(start, i) for i in range(5)}, compression)
-    options = RoundOptions(aggregator=aggregator, outer=OuterSpec(name="momentum"), compression=compression)
+    options = RoundOptions(
+        aggregator=aggregator, outer=OuterSpec(name="momentum"), compression=CompressionSpec(name=compression)
+    )
     orders = [RoundClosed(session_id="s", round=1, updates=list(o)) for o in itertools.permutations(closed.updates)]
     results = [apply_round(order, store.fetch, start, start, {}, options, rounds_uri=URI) for order in orders[::23]]
     first = state_bytes(results[0].model)
@@ -95,7 +105,7 @@ def test_compressed_updates_are_smaller_and_decode_near_the_weights() -> None:
     sizes = {m: len(update_file(encode_update(local, start, m).payload, m)) for m in ("none", "fp16", "int8")}
     assert sizes["int8"] < sizes["fp16"] < sizes["none"]
     closed = _round(store, 1, start, {"p": local}, "int8")
-    result = apply_round(closed, store.fetch, start, start, {}, RoundOptions(compression="int8"))
+    result = apply_round(closed, store.fetch, start, start, {}, RoundOptions(compression=CompressionSpec(name="int8")))
     peak = float((local["w"] - start["w"]).abs().max())
     assert float((result.model["w"] - local["w"]).abs().max()) <= peak / 254 + 1e-6
     assert torch.equal(result.model["n"], start["n"])
@@ -104,7 +114,7 @@ def test_compressed_updates_are_smaller_and_decode_near_the_weights() -> None:
 def test_an_update_in_another_form_than_the_sessions_is_rejected() -> None:
     store, start = Store(), _start()
     closed = _round(store, 1, start, {"p0": _local(start, 0), "p1": _local(start, 1)}, "fp16")
-    result = apply_round(closed, store.fetch, start, start, {}, RoundOptions(compression="int8"))
+    result = apply_round(closed, store.fetch, start, start, {}, RoundOptions(compression=CompressionSpec(name="int8")))
     assert result.aggregate is None and [p for p, _ in result.rejected] == ["p0", "p1"]
     assert "int8 scales" in result.rejected[0][1]
     assert state_bytes(result.model) == state_bytes(start)  # nothing acceptable: the start is kept
@@ -114,7 +124,14 @@ def test_the_norm_bound_is_measured_on_the_decoded_weights_from_the_rounds_start
     store, start = Store(), _start()
     far = {k: v + 10.0 if v.is_floating_point() else v for k, v in start.items()}
     closed = _round(store, 1, start, {"far": far, "near": _local(start, 0)}, "int8")
-    result = apply_round(closed, store.fetch, start, start, {}, RoundOptions(compression="int8", max_norm=5.0))
+    result = apply_round(
+        closed,
+        store.fetch,
+        start,
+        start,
+        {},
+        RoundOptions(compression=CompressionSpec(name="int8"), max_update_norm=5.0),
+    )
     assert [p for p, _ in result.rejected] == ["far"] and "norm" in result.rejected[0][1]
     assert result.selected == ("near",)
 
@@ -137,7 +154,7 @@ def test_a_newcomer_rebuilds_model_and_outer_state_from_the_facts(outer: str) ->
     options = RoundOptions(
         aggregator=AggregatorSpec(name="median"),
         outer=OuterSpec(name=outer),  # type: ignore[arg-type]
-        compression="bf16",
+        compression=CompressionSpec(name="bf16"),
     )
     weights, closed = initial, {}
     state: dict[str, torch.Tensor] = {}
@@ -186,7 +203,9 @@ def test_updates_fetched_and_checked_side_by_side_give_the_same_round_as_one_by_
             raise FileNotFoundError(update.uri)
         return store[update.uri]
 
-    options = RoundOptions(aggregator=aggregator, outer=OuterSpec(name="adam"), compression="int8")
+    options = RoundOptions(
+        aggregator=aggregator, outer=OuterSpec(name="adam"), compression=CompressionSpec(name="int8")
+    )
     one = apply_round(closed, fetch, start, start, {}, options, rounds_uri=URI)
     fetched_one, fetched[:] = sorted(fetched), []
     spent: dict[str, float] = {}

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from swarmtrain.common.events import Heartbeat, Hyperparameters, ModelSpec, PeerDone, Report, Train
+from swarmtrain.common.events import Heartbeat, Hyperparameters, PeerDone, Report, Train
+from swarmtrain.common.models import MlpSpec
 from swarmtrain.common.settings import Settings
 from swarmtrain.common.signing import UrlSigner
 from swarmtrain.peer.facts import SessionFacts
@@ -30,7 +31,7 @@ def command(signer: UrlSigner, blob_dir: Path, sid: str, epochs: int, lr: float 
         dataset_uri=(blob_dir / "datasets" / "digits.csv").as_uri(),
         dataset_sha256="0" * 64,  # the dataset is handed over already fetched: sweep never reads this
         label_column="digit",
-        model=ModelSpec(hidden=[32]),
+        model=MlpSpec(hidden=[32]),
         hyperparameters=Hyperparameters(epochs=epochs, batch_size=64, lr=lr),
         validation_split=0.2,
         seed=1,

@@ -9,13 +9,20 @@ from __future__ import annotations
 
 import sys
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Annotated, Any, Final, Literal
 
 import msgspec
 
 from swarmtrain.common import subjects
-from swarmtrain.common.fedopts import AggregatorSpec, CompressionSpec, OuterSpec, ShardingSpec
+from swarmtrain.common.fedopts import MAX_UPDATE_NORM as MAX_UPDATE_NORM
+from swarmtrain.common.fedopts import ROUND_OPTIONS, RoundOptions
+from swarmtrain.common.fedopts import UpdateNorm as UpdateNorm
+from swarmtrain.common.models import CnnSpec as CnnSpec
+from swarmtrain.common.models import MlpSpec as MlpSpec
+from swarmtrain.common.models import ModelKind as ModelKind
+from swarmtrain.common.models import ModelSpec as ModelSpec
 from swarmtrain.common.specs import PeerSpecs, Priority, QueueTimeout, Requirements
 
 
@@ -34,8 +41,6 @@ def utcnow() -> datetime:
 # ever stored; a limit that depends on configuration (max epochs, peers, rounds) is the gateway's.
 
 MAX_BATCH_SIZE: Final = 1 << 16
-MAX_WIDTH: Final = 1 << 16
-MAX_LAYERS: Final = 32
 MAX_SEED: Final = 2**63 - 1
 MAX_VALIDATION_SPLIT: Final = 0.9
 MAX_LABEL_COLUMN: Final = 200
@@ -68,17 +73,6 @@ Count = Annotated[int, msgspec.Meta(ge=0, le=INT32_MAX)]
 """A non-negative figure stored in a PostgreSQL ``integer``: epoch, rows, samples, round, shard."""
 BigCount = Annotated[int, msgspec.Meta(ge=0, le=INT64_MAX)]
 Finite = Annotated[float, msgspec.Meta(ge=-sys.float_info.max, le=sys.float_info.max)]
-MAX_UPDATE_NORM: Final = 1e12
-UpdateNorm = Annotated[
-    float,
-    msgspec.Meta(
-        gt=0,
-        le=MAX_UPDATE_NORM,
-        description="fedavg: reject an update whose L2 norm (minus the round's starting model) exceeds this.",
-    ),
-]
-"""A bound on an update's L2 norm: positive, and finite by its upper bound (JSON's ``1e999`` decodes
-to infinity, which ``gt=0`` alone lets by)."""
 """Any finite float: NaN fails both bounds, an infinity one (JSON's ``1e999`` decodes as one)."""
 Id = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID, pattern=SUBJECT_TOKEN)]
 """A user, dataset, peer or session id: it names subjects, so it is one subject token."""
@@ -97,12 +91,6 @@ Epochs = Annotated[int, msgspec.Meta(ge=1, le=MAX_EPOCHS)]
 BatchSize = Annotated[int, msgspec.Meta(ge=1, le=MAX_BATCH_SIZE)]
 LearningRate = Annotated[float, msgspec.Meta(gt=0, le=sys.float_info.max)]
 """Positive and finite (NaN fails ``gt``, infinity ``le``)."""
-Width = Annotated[int, msgspec.Meta(ge=1, le=MAX_WIDTH)]
-"""A layer's units, a convolution's channels, one side of an input shape."""
-Widths = Annotated[list[Width], msgspec.Meta(max_length=MAX_LAYERS)]
-Channels = Annotated[list[Width], msgspec.Meta(min_length=1, max_length=MAX_LAYERS)]
-InputShape = Annotated[list[Width], msgspec.Meta(min_length=3, max_length=3)]
-"""[C, H, W]."""
 NumPeers = Annotated[int, msgspec.Meta(ge=1, le=MAX_PEERS)]
 Rounds = Annotated[int, msgspec.Meta(ge=1, le=MAX_ROUNDS)]
 Seed = Annotated[int, msgspec.Meta(ge=0, le=MAX_SEED)]
@@ -122,7 +110,6 @@ def bounded_text(text: str, limit: int = MAX_TEXT) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "\u2026"
 
 
-ModelKind = Literal["mlp", "cnn"]
 Strategy = Literal["sweep", "fedavg"]
 """How a swarm trains; each strategy's rules live in a module of its own on each side that needs them."""
 SWEEP: Final = "sweep"
@@ -134,22 +121,9 @@ Precision = Literal["fp32", "bf16", "fp16"]
 
 class Hyperparameters(msgspec.Struct, frozen=True, kw_only=True):
     epochs: Epochs
+    """Epochs per peer (sweep), or local epochs per round (fedavg)."""
     batch_size: BatchSize
     lr: LearningRate
-
-
-DEFAULT_HIDDEN: Final = (128, 64)
-DEFAULT_CHANNELS: Final = (16, 32)
-
-
-class ModelSpec(msgspec.Struct, frozen=True, kw_only=True):
-    kind: ModelKind = "mlp"
-    hidden: Widths = msgspec.field(default_factory=lambda: list(DEFAULT_HIDDEN))
-    """Fully connected layer widths (after the convolutions, for a cnn)."""
-    input_shape: InputShape | None = None
-    """[C, H, W] of image data given as flat pixel columns; required for a cnn."""
-    channels: Channels = msgspec.field(default_factory=lambda: list(DEFAULT_CHANNELS))
-    """A cnn's convolution widths: 3x3 conv, ReLU, then 2x2 max-pool while the image is at least 2x2."""
 
 
 class RoundUpdate(msgspec.Struct, frozen=True, kw_only=True):
@@ -272,21 +246,10 @@ class SessionRequested(_SessionEvent, frozen=True, kw_only=True, tag="SessionReq
     """fedavg: number of averaging rounds (``hyperparameters[i].epochs`` local epochs each)."""
     on_peer_failure: OnPeerFailure = "reassign"
     """fedavg: what a dead or stalled participant means for the session."""
-    max_update_norm: UpdateNorm | None = None
-    """fedavg: the largest L2 norm of an update (its weights minus the round's starting model) that
-    is averaged; a larger one is rejected. None: only non-finite or misshapen updates are."""
-    aggregator: AggregatorSpec = msgspec.field(default_factory=AggregatorSpec)
-    """fedavg: how a round's accepted updates become one model (``mean``: today's)."""
-    outer: OuterSpec = msgspec.field(default_factory=OuterSpec)
-    """fedavg: the outer step on the round's pseudo-gradient, its ``lr`` resolved by the gateway
-    (``fedopts.resolve_outer``) so a later change of default never changes what this log means."""
-    compression: CompressionSpec = msgspec.field(default_factory=CompressionSpec)
-    """fedavg: how an update travels (``none``: whole weights; else the delta in fp16/bf16/int8)."""
-    sharding: ShardingSpec = msgspec.field(default_factory=ShardingSpec)
-    """fedavg: how the training rows are cut into shards (``iid`` or ``label_skew``)."""
-    keep_local_optimizer: bool = False
-    """fedavg: each peer keeps its local optimizer's state across rounds (a fresh one per round
-    otherwise; a peer that takes a shard over starts with a fresh one either way)."""
+    round_options: RoundOptions = msgspec.field(default_factory=RoundOptions)
+    """fedavg: how the rounds' updates become the next model (aggregator, outer step, compression,
+    sharding, local optimizer, update bound), one value; events stored before it held these flat
+    (``upcast`` reads them)."""
     init_from: InitFrom | None = None
     """Start from an earlier session's model instead of seeded weights (its lineage too)."""
     requirements: Requirements | None = None
@@ -540,19 +503,8 @@ class Train(_Command, frozen=True, kw_only=True, tag="Train"):
     """fedavg: round -> signed PUT of this peer's update for that round."""
     average_urls: Annotated[dict[Count, Uri], msgspec.Meta(max_length=MAX_ROUNDS)] = msgspec.field(default_factory=dict)
     """fedavg: round -> signed PUT of that round's average."""
-    max_update_norm: UpdateNorm | None = None
-    """fedavg: an update whose L2 distance from its round's start weights exceeds this is rejected
-    (like NaN or a wrong shape), by every peer alike; None: no bound."""
-    aggregator: AggregatorSpec = msgspec.field(default_factory=AggregatorSpec)
-    """fedavg: the session's aggregation rule (``SessionRequested.aggregator``)."""
-    outer: OuterSpec = msgspec.field(default_factory=OuterSpec)
-    """fedavg: the session's outer optimizer, ``lr`` resolved."""
-    compression: CompressionSpec = msgspec.field(default_factory=CompressionSpec)
-    """fedavg: how this peer publishes its updates and decodes everyone's."""
-    sharding: ShardingSpec = msgspec.field(default_factory=ShardingSpec)
-    """fedavg: how the training rows are cut into ``num_shards`` shards."""
-    keep_local_optimizer: bool = False
-    """fedavg: keep the local optimizer's state from one round to the next."""
+    round_options: RoundOptions = msgspec.field(default_factory=RoundOptions)
+    """fedavg: the session's round options (``SessionRequested.round_options``), whole."""
     init_uri: Uri = ""
     """The starting model (``SessionStarted.init_uri``): "" trains from seeded weights."""
     init_url: Uri = ""
@@ -601,25 +553,97 @@ class Presence(msgspec.Struct, frozen=True, kw_only=True):
 
 PRESENCE_SUBJECTS = subjects.PEER_PRESENCE
 
+# ------------------------------------------------------------------ stored history: the upcaster
+
+_UPCAST = frozenset({"SessionRequested", "Train"})
+"""The messages whose shape changed since they were first stored (see :func:`upcast`)."""
+
+
+def upcast(raw: dict[str, Any]) -> dict[str, Any]:
+    """A stored message (decoded JSON) in today's shape, changed in place and returned; a message
+    of today's shape is returned as it is. The one place that knows an old shape:
+
+    - ``SessionRequested`` and ``Train`` held the round options flat (``aggregator``, ``outer``,
+      ``compression``, ``sharding``, ``keep_local_optimizer``, ``max_update_norm``); today they
+      are one value, ``round_options``;
+    - their ``model`` could omit ``kind`` (it defaulted to ``mlp``); today it is the tag of the
+      ``ModelSpec`` union (an mlp's stored ``input_shape`` and ``channels`` are ignored);
+    - a ``SessionFact`` carries a session event, upcast the same way.
+    """
+    _upcast(raw)
+    return raw
+
+
+def _upcast(raw: dict[str, Any]) -> bool:
+    """:func:`upcast`; whether it changed anything."""
+    kind = raw.get("type")
+    if kind == "SessionFact" and isinstance(raw.get("fact"), dict):
+        return _upcast(raw["fact"])
+    if kind not in _UPCAST:
+        return False
+    changed = False
+    model = raw.get("model")
+    if isinstance(model, dict) and "kind" not in model:
+        model["kind"] = "mlp"  # the kind's default before the spec was a tagged union
+        changed = True
+    flat = {name: raw.pop(name) for name in ROUND_OPTIONS if name in raw}
+    if flat:
+        nested = raw.get("round_options")
+        raw["round_options"] = flat | (nested if isinstance(nested, dict) else {})
+        changed = True
+    return changed
+
+
 _event_decoder = msgspec.json.Decoder(Event)
 _command_decoder = msgspec.json.Decoder(Command)
 _presence_decoder = msgspec.json.Decoder(Presence)
 _report_decoder = msgspec.json.Decoder(Report)
 _encoder = msgspec.json.Encoder()
+_raw_decoder = msgspec.json.Decoder(dict[str, Any])
+
+
+def _upcast_bytes(data: bytes) -> bytes | None:
+    """``data`` upcast, or None where it is of today's shape already (or no JSON object at all)."""
+    try:
+        raw = _raw_decoder.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+    return _encoder.encode(raw) if _upcast(raw) else None
 
 
 def encode(message: Event | Command | Presence) -> bytes:
     return _encoder.encode(message)
 
 
+def _decode(decoder: msgspec.json.Decoder[Any], data: bytes, of_changed_type: Callable[[Any], bool]) -> Any:
+    """``data`` decoded, through :func:`upcast` where it does not decode as today's shape or is of
+    a type that changed shape (``of_changed_type``) and its upcast JSON differs."""
+    try:
+        message = decoder.decode(data)
+    except msgspec.ValidationError:
+        if (upcast_data := _upcast_bytes(data)) is None:
+            raise
+        return decoder.decode(upcast_data)
+    if of_changed_type(message) and (upcast_data := _upcast_bytes(data)) is not None:
+        return decoder.decode(upcast_data)
+    return message
+
+
 def decode_event(data: bytes) -> Event:
-    """Raises ``msgspec.ValidationError`` or ``msgspec.DecodeError`` for a malformed message."""
-    event: Event = _event_decoder.decode(data)
+    """Raises ``msgspec.ValidationError`` or ``msgspec.DecodeError`` for a malformed message.
+
+    Stored history is read through :func:`upcast` (once per request: every other event decodes once)."""
+    event: Event = _decode(_event_decoder, data, lambda e: isinstance(e, SessionRequested))
     return event
 
 
 def decode_command(data: bytes) -> Command:
-    command: Command = _command_decoder.decode(data)
+    """As :func:`decode_event`, for the commands stream."""
+    command: Command = _decode(
+        _command_decoder,
+        data,
+        lambda c: isinstance(c, Train) or (isinstance(c, SessionFact) and isinstance(c.fact, SessionRequested)),
+    )
     return command
 
 

@@ -1,19 +1,25 @@
-"""fedavg's per-session options: how updates are aggregated, stepped, compressed and sharded.
+"""A session's round options: how updates are aggregated, stepped, compressed, sharded and bounded.
 
-Plain msgspec Structs with their constraints in ``msgspec.Meta``, meant to become optional fields
-of ``SessionRequested`` (``aggregator``, ``outer``, ``compression``, ``sharding``) whose defaults
-are today's behaviour. No torch here: the gateway validates a request with :func:`check_options`
-(a reason for a 400, or None) without importing the peer's numerics. The rules themselves live in
-``swarmtrain.training.{aggregators,outer,compression,sharding}``.
+:class:`RoundOptions` is the one value that holds them, declared once here: it travels whole from the
+REST input (``SessionIn`` derives its flat fields from it) to ``SessionRequested.round_options``,
+``Train.round_options`` and the training library's rounds (``swarmtrain.training.rounds``). Adding a
+round option is one field of :class:`RoundOptions` (with a default that is today's behaviour) plus
+its rule in the training library. Events stored before the options were one value held them flat;
+``events.upcast`` reads those.
+
+Plain msgspec Structs with their constraints in ``msgspec.Meta``, whose defaults are today's
+behaviour. No torch here: the gateway validates a request with :func:`check_options` (a reason for
+a 400, or None) without importing the peer's numerics. The rules themselves live in
+``swarmtrain.training.{aggregators,outer,compression,sharding,rounds}``.
 
 Every default that could matter to a replay is a concrete value, not "whatever the code says
-today": the gateway should store :func:`resolve_outer`'s result, so a later change of default
-never changes what an old session's log means.
+today": the gateway stores :func:`resolve_outer`'s result, so a later change of default never
+changes what an old session's log means.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Final, Literal
 
 import msgspec
 
@@ -29,6 +35,17 @@ Rate = Annotated[float, msgspec.Meta(gt=0.0, le=100.0, description="Outer learni
 Beta = Annotated[float, msgspec.Meta(ge=0.0, lt=1.0)]
 Epsilon = Annotated[float, msgspec.Meta(gt=0.0, le=1.0)]
 Concentration = Annotated[float, msgspec.Meta(gt=0.0, le=1e6, description="Dirichlet concentration.")]
+MAX_UPDATE_NORM: Final = 1e12
+UpdateNorm = Annotated[
+    float,
+    msgspec.Meta(
+        gt=0,
+        le=MAX_UPDATE_NORM,
+        description="fedavg: reject an update whose L2 norm (minus the round's starting model) exceeds this.",
+    ),
+]
+"""A bound on an update's L2 norm: positive, and finite by its upper bound (JSON's ``1e999`` decodes
+to infinity, which ``gt=0`` alone lets by)."""
 
 
 class AggregatorSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -156,19 +173,35 @@ def check_options(
     return None
 
 
-class RoundOptionsSpec(msgspec.Struct, frozen=True, kw_only=True):
-    """A session's round options as its ``SessionRequested`` holds them: what the read model keeps
-    and ``GET /sessions/{id}`` shows (``round_options``) for a session that trains in rounds."""
+class RoundOptions(msgspec.Struct, frozen=True, kw_only=True):
+    """How a session that trains in rounds turns its peers' updates into the next model: the one
+    value ``SessionRequested``, ``Train``, the read model (``GET /sessions/{id}``'s
+    ``round_options``) and the training library's rounds hold. Every default is today's behaviour;
+    a strategy without rounds takes the defaults (the gateway refuses any other value for it)."""
 
     aggregator: AggregatorSpec = msgspec.field(default_factory=AggregatorSpec)
+    """How a round's accepted updates become one model (``mean``: weighted by sample count)."""
     outer: OuterSpec = msgspec.field(default_factory=OuterSpec)
+    """The outer step on the round's pseudo-gradient, its ``lr`` resolved by the gateway
+    (:func:`resolve_outer`) so a later change of default never changes what a log means."""
     compression: CompressionSpec = msgspec.field(default_factory=CompressionSpec)
+    """How an update travels (``none``: whole weights; else the delta in fp16/bf16/int8)."""
     sharding: ShardingSpec = msgspec.field(default_factory=ShardingSpec)
+    """How the training rows are cut into shards (``iid`` or ``label_skew``)."""
     keep_local_optimizer: bool = False
-    max_update_norm: float | None = None
+    """Each peer keeps its local optimizer's state across rounds (a fresh one per round otherwise;
+    a peer that takes a shard over starts with a fresh one either way)."""
+    max_update_norm: UpdateNorm | None = None
+    """The largest L2 norm of an update (its weights minus the round's starting model) that is
+    averaged; a larger one is rejected, by every peer alike. None: only non-finite or misshapen
+    updates are."""
 
 
-def describe(options: RoundOptionsSpec) -> str:
+ROUND_OPTIONS: Final = tuple(RoundOptions.__struct_fields__)
+"""The round options' names, in order: also the flat fields events stored before they were one value."""
+
+
+def describe(options: RoundOptions) -> str:
     """One line for a person: ``krum(f=1) · nesterov(lr=0.7, beta1=0.9) · int8 · label_skew(alpha=0.5)``."""
     a = options.aggregator
     parts: list[str] = [a.name]

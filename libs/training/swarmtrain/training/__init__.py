@@ -5,7 +5,9 @@ with it, the CLI replays and backtests rounds with it. Nothing here does network
 log: a caller hands in the bytes, the dataset and the facts.
 
 - ``data``: the CSV reader, the seeded train/validation split, shards' rows.
-- ``model``: the models and their safetensors file; ``tensorfile``: the file format itself.
+- ``models``: one module a model kind (``mlp``, ``cnn``), each builder registered in ``MODELS``.
+- ``model``: a model (the standardization, then its kind's layers) and its safetensors file;
+  ``tensorfile``: the file format itself.
 - ``init``: a session's seeded starting model (standardisation fitted on the training split).
 - ``evaluation``: a model's loss and accuracy on a split; the scheduler's check of a finished model.
 - ``averaging``, ``aggregators``, ``compression``, ``outer``, ``rounds``: one fedavg round, pure.

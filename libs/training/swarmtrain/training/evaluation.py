@@ -108,7 +108,7 @@ def shard_histograms(store: blob.BlobStore, request: SessionRequested) -> list[l
     dataset cannot be sharded so (the session fails), anything else when it cannot be read now."""
     dataset = load_dataset(store, request)
     train_idx, _ = split_indices(len(dataset), request.validation_split, request.seed)
-    sharding = make_shards(request.sharding, train_idx, dataset.labels, request.num_peers, request.seed)
+    sharding = make_shards(request.round_options.sharding, train_idx, dataset.labels, request.num_peers, request.seed)
     return sharding.histograms
 
 

@@ -1,24 +1,26 @@
-"""The models (an MLP, a small CNN) and their safetensors file: self-contained (standardization
-inside), never pickled, and written byte-for-byte deterministically."""
+"""A model (``Standardize``, then the layers its kind builds: ``training.models``) and its
+safetensors file: self-contained (standardization inside), never pickled, and written byte-for-byte
+deterministically. Nothing here names a kind."""
 
 from __future__ import annotations
 
 import json
 import struct
 from pathlib import Path
-from typing import get_args
 
 import msgspec
 import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from swarmtrain.common import shapes
-from swarmtrain.common.events import ModelKind, ModelSpec
+from swarmtrain.common.models import KINDS, DataShape, ModelSpec
 from swarmtrain.training import tensorfile
+from swarmtrain.training.models import build_layers
 
 MIN_STD = 1e-6
 FORMAT = "swarmtrain-mlp/1"
+ORIGINAL_KIND = "mlp"
+"""The kind of every model file before files said their kind: one without ``kind`` is an mlp."""
 
 
 class Standardize(nn.Module):
@@ -46,73 +48,37 @@ class Standardize(nn.Module):
 
 
 def build_model(spec: ModelSpec, n_features: int, n_classes: int) -> nn.Sequential:
-    """``Standardize``, then the body ``spec.kind`` names, then ``n_classes`` logits.
-
-    - ``mlp``: Linear layers of ``spec.hidden`` sizes with ReLU between.
-    - ``cnn``: the features reshaped to ``spec.input_shape`` ``[C, H, W]``; the convolutions
-      ``shapes.conv_layers`` lists (3x3 with padding 1, ReLU, then a 2x2 max-pool where it says);
-      flattened; then Linear layers of ``spec.hidden`` sizes with ReLU.
+    """``Standardize``, then the layers ``spec``'s kind builds (``training.models.<kind>``), ending
+    in ``n_classes`` logits. A spec that cannot be built on this data raises ``ShapeError`` (a
+    ``ValueError``) with the reason.
 
     Built from torch's global generator: seed it first for reproducible initial weights.
     """
-    if spec.kind not in get_args(ModelKind):
-        raise ValueError(f"unsupported model kind {spec.kind!r}")
-    if n_features < 1 or n_classes < 1 or any(h < 1 for h in spec.hidden):
-        raise ValueError(f"bad model shape: {n_features} features, hidden {spec.hidden}, {n_classes} classes")
-    layers: list[nn.Module] = [Standardize(n_features)]
-    convs, flat = shapes.conv_layers(spec, n_features)
-    if convs:
-        layers.append(nn.Unflatten(1, tuple(shapes.cnn_input(spec, n_features))))
-        for conv in convs:
-            layers += [
-                nn.Conv2d(conv.in_channels, conv.out_channels, kernel_size=shapes.KERNEL, padding=shapes.KERNEL // 2),
-                nn.ReLU(),
-            ]
-            if conv.pool:
-                layers.append(nn.MaxPool2d(shapes.POOL))
-        layers.append(nn.Flatten())
-    linears = shapes.linear_widths(spec, flat, n_classes)
-    for n_in, n_out in linears[:-1]:
-        layers += [nn.Linear(n_in, n_out), nn.ReLU()]
-    layers.append(nn.Linear(*linears[-1]))
-    return nn.Sequential(*layers)
+    shape = DataShape(features=n_features, classes=n_classes)
+    return nn.Sequential(Standardize(n_features), *build_layers(spec, shape))
 
 
 class ModelMetadata(msgspec.Struct, frozen=True, kw_only=True):
     """What a reader needs besides the tensors: stored as the safetensors header's string map.
 
-    Holds nothing about who trained the model or when, so equal weights make equal files.
+    Holds nothing about who trained the model or when, so equal weights make equal files. The spec
+    is stored field by field (each JSON), with ``kind`` beside them except for an mlp: so an mlp's
+    file is as it always was, and every kind's is read back by the same two functions.
     """
 
     classes: list[str]
     feature_names: list[str]
     label_column: str
-    hidden: list[int]
-    kind: str = "mlp"
-    input_shape: list[int] | None = None
-    """cnn only."""
-    channels: list[int] = msgspec.field(default_factory=list)
-    """cnn only."""
+    model: ModelSpec
 
     @classmethod
     def for_spec(
         cls, spec: ModelSpec, *, classes: list[str], feature_names: list[str], label_column: str
     ) -> ModelMetadata:
-        cnn = spec.kind == "cnn"
-        return cls(
-            classes=classes,
-            feature_names=feature_names,
-            label_column=label_column,
-            hidden=list(spec.hidden),
-            kind=spec.kind,
-            input_shape=list(spec.input_shape) if cnn and spec.input_shape is not None else None,
-            channels=list(spec.channels) if cnn else [],
-        )
+        return cls(classes=classes, feature_names=feature_names, label_column=label_column, model=spec)
 
     def spec(self) -> ModelSpec:
-        if self.kind == "cnn":
-            return ModelSpec(kind="cnn", hidden=list(self.hidden), input_shape=self.input_shape, channels=self.channels)
-        return ModelSpec(kind="mlp", hidden=list(self.hidden))
+        return self.model
 
     def to_strings(self) -> dict[str, str]:
         out = {
@@ -120,29 +86,25 @@ class ModelMetadata(msgspec.Struct, frozen=True, kw_only=True):
             "classes": json.dumps(self.classes),
             "feature_names": json.dumps(self.feature_names),
             "label_column": self.label_column,
-            "hidden": json.dumps(self.hidden),
         }
-        if self.kind != "mlp":  # an MLP's file is as it always was
-            out |= {
-                "kind": self.kind,
-                "input_shape": json.dumps(self.input_shape),
-                "channels": json.dumps(self.channels),
-            }
-        return out
+        fields = msgspec.to_builtins(self.model)
+        kind = fields.pop("kind")
+        if kind != ORIGINAL_KIND:  # the original kind's file carries no kind
+            out["kind"] = kind
+        return out | {name: json.dumps(value) for name, value in fields.items()}
 
     @classmethod
     def from_strings(cls, meta: dict[str, str] | None) -> ModelMetadata:
         if not meta or meta.get("format") != FORMAT:
             raise ValueError("not a swarmtrain model file (missing or unknown format metadata)")
+        kind = meta.get("kind", ORIGINAL_KIND)
+        fields = KINDS.get(kind).__struct_fields__
         raw: dict[str, object] = {
             "classes": json.loads(meta["classes"]),
             "feature_names": json.loads(meta["feature_names"]),
             "label_column": meta["label_column"],
-            "hidden": json.loads(meta["hidden"]),
-            "kind": meta.get("kind", "mlp"),
+            "model": {"kind": kind} | {name: json.loads(meta[name]) for name in fields if name in meta},
         }
-        if raw["kind"] != "mlp":
-            raw |= {"input_shape": json.loads(meta["input_shape"]), "channels": json.loads(meta["channels"])}
         return msgspec.convert(raw, cls)
 
 

@@ -8,7 +8,7 @@ function of its inputs (see their modules for why each is bit for bit on any mac
 1. per update, in the order named: fetch its bytes, check their sha256, parse them (safetensors,
    never pickle), check them as the session's ``compression`` encodes an update
    (:func:`compression.check_payload`), rebuild the weights from the round's start
-   (:func:`compression.decode_update`), and reject one farther than ``max_norm`` from the start;
+   (:func:`compression.decode_update`), and reject one farther than ``max_update_norm`` from the start;
 2. the session's aggregator over the accepted ones (:func:`aggregators.aggregate`); Krum with too
    few acceptable updates for its ``f`` falls back to ``median``, and the result names the rule
    applied;
@@ -23,13 +23,13 @@ import hashlib
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from swarmtrain.common.blob import BlobNotFound
-from swarmtrain.common.events import RoundClosed, RoundUpdate, SessionRequested, Train
-from swarmtrain.common.fedopts import AggregatorSpec, CompressionName, OuterSpec, applied_rule
+from swarmtrain.common.events import RoundClosed, RoundUpdate
+from swarmtrain.common.fedopts import CompressionName, RoundOptions, applied_rule
 from swarmtrain.training import tensorfile
 from swarmtrain.training.aggregators import aggregate
 from swarmtrain.training.averaging import MAX_REASON, Tensors, UpdateUnavailable, l2_distance, state_bytes
@@ -37,29 +37,10 @@ from swarmtrain.training.compression import check_payload, decode_update
 from swarmtrain.training.outer import State, outer_step
 
 
-@dataclass(frozen=True, kw_only=True)
-class RoundOptions:
-    """The session's rules for its rounds, as its ``Train`` (or ``SessionRequested``) names them."""
-
-    aggregator: AggregatorSpec = field(default_factory=AggregatorSpec)
-    outer: OuterSpec = field(default_factory=OuterSpec)
-    compression: CompressionName = "none"
-    max_norm: float | None = None
-
-    @classmethod
-    def of(cls, source: Train | SessionRequested) -> RoundOptions:
-        return cls(
-            aggregator=source.aggregator,
-            outer=source.outer,
-            compression=source.compression.name,
-            max_norm=source.max_update_norm,
-        )
-
-    @property
-    def needs_start(self) -> bool:
-        """Whether a round's result depends on the weights it started from (else a newcomer may
-        take the latest round's result alone)."""
-        return self.compression != "none" or self.max_norm is not None or self.outer.name != "none"
+def needs_start(options: RoundOptions) -> bool:
+    """Whether a round's result depends on the weights it started from (else a newcomer may take
+    the latest round's result alone)."""
+    return options.compression.name != "none" or options.max_update_norm is not None or options.outer.name != "none"
 
 
 @dataclass(frozen=True)
@@ -233,14 +214,15 @@ def _check(
         payload = tensorfile.loads(data)
     except Exception as exc:  # untrusted bytes: whatever the parser says, the update is unusable
         return f"not a safetensors file: {type(exc).__name__}: {exc}", len(data)
-    if reason := check_payload(payload, reference, options.compression):
+    if reason := check_payload(payload, reference, options.compression.name):
         return reason, len(data)
-    weights = decode_update(payload, start, options.compression)
-    if options.max_norm is not None:
+    weights = decode_update(payload, start, options.compression.name)
+    bound = options.max_update_norm
+    if bound is not None:
         distance = l2_distance(weights, start)
-        if not distance <= options.max_norm:
+        if not distance <= bound:
             return (
-                f"update norm {distance:.6g} from the round's start exceeds the bound {options.max_norm:.6g}",
+                f"update norm {distance:.6g} from the round's start exceeds the bound {bound:.6g}",
                 len(data),
             )
     return weights, len(data)

@@ -126,7 +126,7 @@ def backtest(settings: Settings, session_id: str, other: AggregatorSpec) -> Back
                 continue
             if check_update(tensors, recorded) is not None:
                 continue
-            bound = request.max_update_norm
+            bound = request.round_options.max_update_norm
             if bound is not None and start is not None and not l2_distance(tensors, start) <= bound:
                 continue
             updates.append((update.peer_id, tensors, update.num_samples))

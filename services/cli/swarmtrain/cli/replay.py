@@ -33,11 +33,12 @@ from swarmtrain.common.events import (
     SessionRequested,
     decode_event,
 )
+from swarmtrain.common.fedopts import RoundOptions
 from swarmtrain.common.settings import Settings
 from swarmtrain.training.averaging import sha256_hex, state_bytes
 from swarmtrain.training.evaluation import load_dataset
 from swarmtrain.training.init import initial_weights
-from swarmtrain.training.rounds import RoundOptions, RoundResult, apply_round, replay_rounds
+from swarmtrain.training.rounds import RoundResult, apply_round, needs_start, replay_rounds
 
 
 class ReplayResult(msgspec.Struct, frozen=True, kw_only=True):
@@ -134,7 +135,7 @@ def recompute(
     settings: Settings, closed: RoundClosed, averaged: RoundAveraged, request: SessionRequested | None = None
 ) -> ReplayResult:
     """Round ``closed.round`` recomputed alone (a round that does not depend on its start)."""
-    options = RoundOptions() if request is None else RoundOptions.of(request)
+    options = RoundOptions() if request is None else request.round_options
     stored = _stored(settings, averaged)
     reference = load(stored)
     rounds_uri = blobkeys.rounds_uri_of(averaged.uri, closed.round)  # exactly as the peers check update URIs
@@ -164,7 +165,7 @@ def walk(settings: Settings, found: SessionLog, round_: int) -> ReplayResult:
 
     rounds_uri = blobkeys.rounds_uri_of(averaged.uri, round_)
     replay_rounds(
-        found.closed, round_, _fetch(settings), initial, RoundOptions.of(request), rounds_uri=rounds_uri, on_round=seen
+        found.closed, round_, _fetch(settings), initial, request.round_options, rounds_uri=rounds_uri, on_round=seen
     )
     result = _result(closed, averaged, _stored(settings, averaged), results[round_])
     return msgspec.structs.replace(result, earlier_mismatches=earlier)
@@ -204,7 +205,7 @@ def _result(closed: RoundClosed, averaged: RoundAveraged, stored: bytes, result:
 
 def replay_round(settings: Settings, session_id: str, round_: int) -> ReplayResult:
     found = asyncio.run(read_log(settings, session_id))
-    if RoundOptions.of(found.request).needs_start:
+    if needs_start(found.request.round_options):
         return walk(settings, found, round_)
     closed, averaged = _round_of(found, session_id, round_)
     return recompute(settings, closed, averaged, found.request)

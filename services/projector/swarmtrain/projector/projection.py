@@ -31,7 +31,6 @@ from swarmtrain.common.events import (
     UpdateRejected,
     UserRegistered,
 )
-from swarmtrain.common.fedopts import RoundOptionsSpec
 from swarmtrain.common.lifecycle import ends_session, run_after, session_after, starts_session, takes_new_runs
 from swarmtrain.common.status import SESSION_TERMINAL, RunStatus, SessionStatus
 
@@ -325,7 +324,7 @@ async def apply(conn: asyncpg.Connection, seq: int, event: Event) -> None:
                 event.priority,
                 event.precision,
                 seq,
-                _json(_round_options(event)),
+                _json(event.round_options),
             )
         case SessionStarted():
             before = await _session_status(conn, event.session_id)
@@ -507,18 +506,6 @@ def _lineage(event: SessionRequested) -> tuple[str | None, int | None, str]:
     if init is None:
         return None, None, "[]"
     return init.session_id, init.round, _json(init.exclude_peers)
-
-
-def _round_options(event: SessionRequested) -> RoundOptionsSpec:
-    """The request's round options, as ``GET /sessions/{id}`` shows them (``round_options``)."""
-    return RoundOptionsSpec(
-        aggregator=event.aggregator,
-        outer=event.outer,
-        compression=event.compression,
-        sharding=event.sharding,
-        keep_local_optimizer=event.keep_local_optimizer,
-        max_update_norm=event.max_update_norm,
-    )
 
 
 async def _session_status(conn: asyncpg.Connection, session_id: str) -> SessionStatus | None:

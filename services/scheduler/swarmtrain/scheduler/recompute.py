@@ -20,7 +20,7 @@ from swarmtrain.scheduler.lineage import Model, Recompute
 from swarmtrain.training import init, tensorfile
 from swarmtrain.training.averaging import Tensors, UpdateUnavailable, state_bytes
 from swarmtrain.training.evaluation import load_dataset
-from swarmtrain.training.rounds import RoundOptions, apply_round
+from swarmtrain.training.rounds import apply_round
 
 
 def initial_weights(store: blob.BlobStore, request: SessionRequested) -> Tensors:
@@ -69,7 +69,7 @@ def average_without(
     kept = msgspec.structs.replace(closed, updates=[u for u in closed.updates if u.peer_id not in set(excluded)])
     rounds_uri = store.uri(blobkeys.rounds(closed.session_id))
     result = apply_round(
-        kept, fetcher(store, max_bytes), start, start, {}, RoundOptions.of(request), rounds_uri=rounds_uri
+        kept, fetcher(store, max_bytes), start, start, {}, request.round_options, rounds_uri=rounds_uri
     )
     if result.aggregate is None:
         return start, []

@@ -161,7 +161,7 @@ def _check(state: State, sender: str, report: Report, config: Config) -> None:
                 raise Refused(f"uri {report.uri[:300]!r} is not the round's average URI it was handed")
             _sha256(report.sha256)
             _figures(0.0, 0.0, report.val_loss, report.val_accuracy)
-            rules = possible_rules(session.request.aggregator)
+            rules = possible_rules(session.request.round_options.aggregator)
             if report.aggregator not in rules:
                 raise Refused(f"aggregator {report.aggregator[:MAX_NAME_CHARS]!r} is not one of {sorted(rules)}")
             named = {u.peer_id for u in session.closed[report.round].updates}

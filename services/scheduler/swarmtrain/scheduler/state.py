@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
-from swarmtrain.common import shapes, strategies
+from swarmtrain.common import models, shapes, strategies
 from swarmtrain.common.events import (
     TERMINAL_SESSION_EVENTS,
     DatasetUploaded,
@@ -148,7 +148,7 @@ class Session:
             rows = shapes.training_rows(self.dataset.rows, self.request.validation_split)
             if shard is None:
                 return rows
-            if self.request.sharding.name != "iid":  # the scheduler counted them at the start
+            if self.request.round_options.sharding.name != "iid":  # the scheduler counted them at the start
                 return self.shard_rows[shard] if 0 <= shard < len(self.shard_rows) else None
             return (
                 shapes.shard_sizes(rows, self.request.num_peers)[shard] if 0 <= shard < self.request.num_peers else None
@@ -161,7 +161,7 @@ class Session:
         if self.dataset is None:
             return 0
         try:
-            return shapes.parameter_count(self.request.model, self.dataset.features, self.dataset.classes)
+            return models.parameter_count(self.request.model, self.dataset.features, self.dataset.classes)
         except shapes.ShapeError:
             return 0
 
@@ -175,7 +175,7 @@ class Session:
         if self.dataset is None:
             return MAX_MODEL_BYTES
         try:
-            params = shapes.parameter_count(self.request.model, self.dataset.features, self.dataset.classes)
+            params = models.parameter_count(self.request.model, self.dataset.features, self.dataset.classes)
         except shapes.ShapeError:
             return MAX_MODEL_BYTES
         return (

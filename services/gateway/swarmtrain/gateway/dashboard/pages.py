@@ -24,7 +24,7 @@ from litestar.static_files import create_static_files_router
 from litestar.template.config import TemplateConfig
 from litestar.types import ControllerRouterHandler
 
-from swarmtrain.common import strategies
+from swarmtrain.common import models, strategies
 from swarmtrain.gateway.inputs import is_id
 
 try:
@@ -65,6 +65,7 @@ def _page(name: str, status_code: int = 200, **context: Any) -> Template:
             "prefix": PREFIX,
             "pages": PAGES,
             "strategy_rules": strategies.as_json(),
+            "model_kinds": models.KINDS.list(),
             **context,
         },
         status_code=status_code,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import partial
 
+import msgspec
 import nats.js.errors
 
 from swarmtrain.common import bus, subjects
@@ -22,7 +23,8 @@ READ_MODELS_WAIT_S = 5.0
 async def request_session(
     gw: Gateway, owner_id: str, plan: SessionPlan, *, dataset_id: str, uri: str, sha256: str, label_column: str
 ) -> str:
-    """Append ``SessionRequested`` for ``plan`` on the dataset; returns the new session's id."""
+    """Append ``SessionRequested`` for ``plan`` on the dataset (the plan's values whole, each its
+    field of the same name); returns the new session's id."""
     session_id = new_id()
     await gw.append(
         SessionRequested(
@@ -32,26 +34,7 @@ async def request_session(
             dataset_uri=uri,
             dataset_sha256=sha256,
             label_column=label_column,
-            num_peers=plan.num_peers,
-            strategy=plan.strategy,
-            model=plan.model,
-            hyperparameters=plan.hyperparameters,
-            validation_split=plan.validation_split,
-            seed=plan.seed,
-            rounds=plan.rounds,
-            on_peer_failure=plan.on_peer_failure,
-            max_update_norm=plan.max_update_norm,
-            aggregator=plan.aggregator,
-            outer=plan.outer,
-            compression=plan.compression,
-            sharding=plan.sharding,
-            keep_local_optimizer=plan.keep_local_optimizer,
-            init_from=plan.init_from,
-            requirements=plan.requirements,
-            queue=plan.queue,
-            queue_timeout_s=plan.queue_timeout_s,
-            priority=plan.priority,
-            precision=plan.precision,
+            **msgspec.structs.asdict(plan),
         )
     )
     return session_id

@@ -63,25 +63,14 @@ def fork_fields(parent: SessionRequested, fork: ForkIn) -> dict[str, Any]:
     the fork gives instead; ``rounds`` defaults to the parent's rounds left (at least 1)."""
     known = set(SessionIn.__struct_fields__) - {"init_from"}
     fields: dict[str, Any] = {k: v for k, v in msgspec.to_builtins(parent).items() if k in known}
-    fields["model"] = model_fields(parent)
+    fields["model"] = msgspec.to_builtins(parent.model)  # the kind and its own fields
     fields["hyperparameters"] = fields["hyperparameters"][0]  # one shared model, one set
     fields["rounds"] = fork.rounds if fork.rounds is not None else max(1, parent.rounds - fork.round)
-    given = {
-        "hyperparameters": fork.hyperparameters,
-        "num_peers": fork.num_peers,
-        "aggregator": fork.aggregator,
-        "outer": fork.outer,
-    }
+    given = {"hyperparameters": fork.hyperparameters, "num_peers": fork.num_peers}
     fields |= {k: msgspec.to_builtins(v) for k, v in given.items() if v is not None}
+    options = {"aggregator": fork.aggregator, "outer": fork.outer}
+    fields["round_options"] = fields["round_options"] | {k: v for k, v in options.items() if v is not None}
     return fields
-
-
-def model_fields(parent: SessionRequested) -> dict[str, Any]:
-    """The parent's model spec as a request gives it (a cnn's fields only for a cnn)."""
-    spec = parent.model
-    if spec.kind == "cnn":
-        return {"kind": "cnn", "hidden": list(spec.hidden), "input_shape": spec.input_shape, "channels": spec.channels}
-    return {"kind": spec.kind, "hidden": list(spec.hidden)}
 
 
 def check_excluded(excluded: list[str], participants: set[str], parent_id: str) -> None:

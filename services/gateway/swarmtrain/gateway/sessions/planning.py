@@ -2,7 +2,8 @@
 
 msgspec has checked each value against the contract's rules when it decoded the body (see
 ``swarmtrain.common.events``); what is left here are the rules that join values, or that depend on
-the configured caps, the strategy (``strategies``) or the dataset's shape (``common.shapes``).
+the configured caps, the strategy (``strategies``) or the dataset's shape (``common.shapes``; a
+model kind's facts are in ``common.models``).
 ``plan_session`` checks what the request alone decides; ``check_against_dataset`` what needs the
 dataset's shape too. Both raise ``ClientException`` (400) naming the first bad value.
 """
@@ -12,9 +13,8 @@ from __future__ import annotations
 import msgspec
 from litestar.exceptions import ClientException
 
-from swarmtrain.common import shapes
+from swarmtrain.common import models, shapes
 from swarmtrain.common.events import (
-    DEFAULT_CHANNELS,
     Hyperparameters,
     InitFrom,
     ModelSpec,
@@ -22,22 +22,18 @@ from swarmtrain.common.events import (
     Precision,
     Strategy,
 )
-from swarmtrain.common.fedopts import (
-    AggregatorSpec,
-    CompressionSpec,
-    OuterSpec,
-    ShardingSpec,
-    check_options,
-    resolve_outer,
-)
+from swarmtrain.common.fedopts import ROUND_OPTIONS, OuterSpec, RoundOptions, check_options, resolve_outer
 from swarmtrain.common.settings import Settings
 from swarmtrain.common.specs import Requirements
 from swarmtrain.common.strategies import rules, with_rounds
 from swarmtrain.gateway.errors import describe
-from swarmtrain.gateway.sessions.schemas import HyperparametersIn, ModelIn, SessionIn
+from swarmtrain.gateway.sessions.schemas import HyperparametersIn, SessionIn
 
 
 class SessionPlan(msgspec.Struct, frozen=True, kw_only=True):
+    """A checked session request: each field is ``SessionRequested``'s of the same name, which
+    ``commands.request_session`` builds from them whole (``msgspec.structs.asdict``)."""
+
     strategy: Strategy
     num_peers: int
     model: ModelSpec
@@ -46,13 +42,8 @@ class SessionPlan(msgspec.Struct, frozen=True, kw_only=True):
     seed: int
     rounds: int
     on_peer_failure: OnPeerFailure
-    max_update_norm: float | None = None
-    aggregator: AggregatorSpec = msgspec.field(default_factory=AggregatorSpec)
-    outer: OuterSpec = msgspec.field(default_factory=lambda: resolve_outer(OuterSpec()))
-    """Resolved (``fedopts.resolve_outer``): the log holds the learning rate, not "the default"."""
-    compression: CompressionSpec = msgspec.field(default_factory=CompressionSpec)
-    sharding: ShardingSpec = msgspec.field(default_factory=ShardingSpec)
-    keep_local_optimizer: bool = False
+    round_options: RoundOptions = msgspec.field(default_factory=lambda: RoundOptions(outer=resolve_outer(OuterSpec())))
+    """The outer step resolved (``fedopts.resolve_outer``): the log holds the learning rate, not "the default"."""
     init_from: InitFrom | None = None
     requirements: Requirements | None = None
     queue: bool = False
@@ -66,21 +57,28 @@ class SessionPlan(msgspec.Struct, frozen=True, kw_only=True):
         return self.queue or self.queue_timeout_s is not None
 
 
-ROUND_OPTIONS = ("aggregator", "outer", "compression", "sharding", "keep_local_optimizer")
-"""The request's options of averaging rounds: a strategy without rounds takes none of them."""
+def _given(options: object) -> dict[str, object]:
+    """The round options a request sets (flat in ``SessionIn``, or its ``round_options``)."""
+    return {name: value for name in ROUND_OPTIONS if (value := getattr(options, name, None)) is not None}
 
 
-def _round_options(data: SessionIn) -> None:
-    """400 for a round option asked of a strategy without rounds, or one its peers cannot follow."""
-    if not rules(data.strategy).rounds:
-        given = [name for name in ROUND_OPTIONS if getattr(data, name) is not None]
-        if given:
-            raise ClientException(
-                f"{given[0]} applies to {', '.join(with_rounds())} only: a {data.strategy} averages no updates"
-            )
-        return
-    if reason := check_options(data.num_peers, data.aggregator, data.sharding):
+def _round_options(data: SessionIn) -> RoundOptions:
+    """The request's round options: 400 for one given twice, one asked of a strategy without
+    rounds, or one its peers cannot follow. The outer step's learning rate is resolved."""
+    flat, nested = _given(data), _given(data.round_options)
+    if twice := [name for name in ROUND_OPTIONS if name in flat and name in nested]:
+        raise ClientException(f"{twice[0]} is given twice: as a field and in round_options")
+    given = nested | flat
+    first = next(iter(name for name in ROUND_OPTIONS if name in given), None)
+    if first is not None and not rules(data.strategy).rounds:
+        raise ClientException(
+            f"{first} applies to {', '.join(with_rounds())} only: a {data.strategy} averages no updates"
+        )
+    options = msgspec.convert(given, RoundOptions, from_attributes=True)
+    options = msgspec.structs.replace(options, outer=resolve_outer(options.outer))
+    if rules(data.strategy).rounds and (reason := check_options(data.num_peers, options.aggregator, options.sharding)):
         raise ClientException(reason)
+    return options
 
 
 def _requirements(data: SessionIn) -> Requirements | None:
@@ -104,15 +102,15 @@ def _at_most(name: str, value: int, cap: int) -> None:
         raise ClientException(f"{name} must be between 1 and {cap}, not {value}")
 
 
-def _model(model: ModelIn) -> ModelSpec:
-    if model.kind != "cnn":
-        if model.input_shape is not None or model.channels is not None:
-            raise ClientException("model.input_shape and model.channels apply to a cnn only")
-        return ModelSpec(kind=model.kind, hidden=list(model.hidden))
-    if model.input_shape is None:
-        raise ClientException("a cnn needs model.input_shape [C, H, W]")
-    channels = list(DEFAULT_CHANNELS) if model.channels is None else model.channels
-    return ModelSpec(kind="cnn", hidden=list(model.hidden), input_shape=list(model.input_shape), channels=channels)
+def _model(model: object) -> ModelSpec:
+    """The kind's spec of the request's ``model`` (``ModelIn``): 400 for a field of another kind,
+    or one the kind needs and lacks."""
+    kind = str(getattr(model, "kind", "mlp"))
+    given = {name: value for name in models.INPUT_FIELDS if (value := getattr(model, name, None)) is not None}
+    try:
+        return models.from_fields(kind, given)
+    except shapes.ShapeError as exc:
+        raise ClientException(str(exc)) from None
 
 
 def _hyperparameters(data: SessionIn, settings: Settings) -> list[Hyperparameters]:
@@ -150,11 +148,6 @@ def plan_session(data: SessionIn, settings: Settings) -> SessionPlan:
         raise ClientException(
             f"rounds applies to {', '.join(with_rounds())} only: a {data.strategy} has 1 round, not {data.rounds}"
         )
-    if data.max_update_norm is not None and not rules(data.strategy).rounds:
-        raise ClientException(
-            f"max_update_norm applies to {', '.join(with_rounds())} only: a {data.strategy} averages no updates"
-        )
-    _round_options(data)
     return SessionPlan(
         strategy=data.strategy,
         num_peers=data.num_peers,
@@ -164,12 +157,7 @@ def plan_session(data: SessionIn, settings: Settings) -> SessionPlan:
         seed=data.seed,
         rounds=data.rounds,
         on_peer_failure=data.on_peer_failure,
-        max_update_norm=data.max_update_norm,
-        aggregator=data.aggregator or AggregatorSpec(),
-        outer=resolve_outer(data.outer or OuterSpec()),
-        compression=data.compression or CompressionSpec(),
-        sharding=data.sharding or ShardingSpec(),
-        keep_local_optimizer=bool(data.keep_local_optimizer),
+        round_options=_round_options(data),
         init_from=None
         if data.init_from is None
         else InitFrom(session_id=data.init_from.session_id, round=data.init_from.round),
@@ -204,7 +192,7 @@ def parse_hyperparameters(raw: str) -> list[HyperparametersIn] | Hyperparameters
 def check_against_dataset(plan: SessionPlan, *, rows: int, features: int, classes: int, settings: Settings) -> None:
     """What needs the dataset: a cnn's input shape, the model's size, the shards."""
     try:
-        params = shapes.parameter_count(plan.model, features, classes)
+        params = models.parameter_count(plan.model, features, classes)
     except shapes.ShapeError as exc:
         raise ClientException(f"model: {exc}") from None
     if params > settings.max_model_params:

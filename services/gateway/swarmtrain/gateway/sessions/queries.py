@@ -11,7 +11,7 @@ import msgspec
 from litestar.exceptions import ClientException
 
 from swarmtrain.common.events import Hyperparameters, ModelSpec
-from swarmtrain.common.fedopts import RoundOptionsSpec, describe
+from swarmtrain.common.fedopts import RoundOptions, describe
 from swarmtrain.common.specs import Requirements, meets
 from swarmtrain.common.status import SESSION_ACTIVE
 from swarmtrain.common.strategies import rules
@@ -141,7 +141,7 @@ def _round_figures(row: asyncpg.Record) -> RoundFigures:
 
 def _session_out(row: asyncpg.Record, peers: list[PeerResult], rounds: list[RoundFigures]) -> SessionOut:
     options = (
-        msgspec.json.decode(row["round_options"], type=RoundOptionsSpec)
+        msgspec.json.decode(row["round_options"], type=RoundOptions)
         if row["round_options"] is not None and rules(row["strategy"]).rounds
         else None
     )

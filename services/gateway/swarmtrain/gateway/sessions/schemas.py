@@ -10,15 +10,10 @@ from typing import Any
 import msgspec
 from litestar.datastructures import UploadFile
 
+from swarmtrain.common import models
 from swarmtrain.common.events import (
-    DEFAULT_HIDDEN,
     SWEEP,
-    BatchSize,
-    Channels,
-    Epochs,
     Hyperparameters,
-    InputShape,
-    LearningRate,
     ModelKind,
     ModelSpec,
     NumPeers,
@@ -29,73 +24,80 @@ from swarmtrain.common.events import (
     Seed,
     SessionEvent,
     Strategy,
-    UpdateNorm,
     ValidationSplit,
-    Widths,
 )
-from swarmtrain.common.fedopts import AggregatorSpec, CompressionSpec, OuterSpec, RoundOptionsSpec, ShardingSpec
-from swarmtrain.common.specs import Bytes, Device, Labels, Priority, QueueTimeout, Requirements
+from swarmtrain.common.fedopts import RoundOptions
+from swarmtrain.common.specs import Priority, QueueTimeout, Requirements
 from swarmtrain.gateway.datasets import DEFAULT_LABEL
 
 # ------------------------------------------------------------------ in
 
 
-class HyperparametersIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    epochs: Epochs
-    """Epochs per peer (sweep), or local epochs per round (fedavg)."""
-    batch_size: BatchSize
-    lr: LearningRate
+class HyperparametersIn(Hyperparameters, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The contract's ``Hyperparameters`` as a request gives them: no field of its own, none unknown."""
 
 
-class ModelIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    kind: ModelKind = "mlp"
-    hidden: Widths = msgspec.field(default_factory=lambda: list(DEFAULT_HIDDEN))
-    """Fully connected layer widths (after the convolutions, for a cnn)."""
-    input_shape: InputShape | None = None
-    """cnn only, required: [C, H, W] of the image each row's feature columns hold (C*H*W = features)."""
-    channels: Channels | None = None
-    """cnn only: convolution widths (default [16, 32])."""
+ModelIn = msgspec.defstruct(
+    "ModelIn",
+    [("kind", ModelKind, "mlp"), *((name, typ | None, None) for name, typ in models.INPUT_FIELDS.items())],
+    kw_only=True,
+    forbid_unknown_fields=True,
+    module=__name__,
+)
+"""The model as a request gives it: ``kind`` (default ``mlp``) and every kind's fields flat, each
+optional (unset: the kind's default), read from the contract's kinds (``common.models``), so a kind
+added there is taken here with no line of its own. ``planning`` makes the kind's spec of it
+(``models.from_fields``: a field of another kind, or one the kind needs and lacks, is a 400):
+
+- ``mlp``: ``hidden``, fully connected layer widths (default [128, 64]);
+- ``cnn``: ``input_shape`` (required) [C, H, W] of the image each row's feature columns hold
+  (C*H*W = features), ``channels`` convolution widths (default [16, 32]), ``hidden`` after them."""
 
 
-class RequirementsIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    device: Device = "any"
-    """``cuda``: only peers that train on a GPU; ``cpu``: only peers that train on the CPU."""
-    min_gpu_memory_bytes: Bytes = 0
-    """Memory of the GPU a peer trains on (implies a GPU peer)."""
-    min_memory_bytes: Bytes = 0
-    """The peer's host memory."""
-    labels: Labels = msgspec.field(default_factory=dict)
-    """Every one must be among the peer's labels (``swarmtrain peer --label k=v``) with the same value."""
+class RequirementsIn(Requirements, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The contract's ``Requirements`` as a request gives them: no field of its own, none unknown."""
 
 
-class SessionIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+RoundOptionsIn = msgspec.defstruct(
+    "RoundOptionsIn",
+    [(f.name, f.type | None, None) for f in msgspec.structs.fields(RoundOptions)],
+    kw_only=True,
+    forbid_unknown_fields=True,
+    module=__name__,
+)
+"""The round options as a request gives them: every field of the contract's ``RoundOptions``, each
+optional (unset: the contract's default), so a round option added there is taken here with no
+line of its own. ``SessionIn`` takes them flat (as clients always sent them) or as one
+``round_options`` object; fedavg only (a strategy without rounds refuses any):
+
+- ``aggregator``: ``{"name": "mean" | "trimmed_mean" | "median" | "krum" | "multi_krum", "beta", "f", "m"}``;
+  unset: ``mean`` weighted by sample count. Krum needs ``num_peers >= 2f + 3``.
+- ``outer``: ``{"name": "none" | "momentum" | "nesterov" | "adam", "lr", "beta1", "beta2", "eps"}``;
+  unset: ``none`` (the aggregate is the next model).
+- ``compression``: ``{"name": "none" | "fp16" | "bf16" | "int8"}``: how the updates travel.
+- ``sharding``: ``{"name": "iid" | "label_skew", "alpha"}``: how the training rows are cut into shards.
+- ``keep_local_optimizer``: keep each peer's local optimizer state across rounds.
+- ``max_update_norm``: the largest L2 norm of a peer's update (its weights minus the round's
+  starting model) that is averaged; unset: only non-finite or misshapen updates are rejected."""
+
+
+class SessionIn(RoundOptionsIn, forbid_unknown_fields=True, kw_only=True):  # type: ignore[misc,valid-type,call-arg]
+    """A session request. The round options (``RoundOptionsIn``) are its flat fields too."""
+
     dataset_id: str
     num_peers: NumPeers
     hyperparameters: list[HyperparametersIn] | HyperparametersIn
     """sweep: one set per peer, or one set for all of them; fedavg: one set (the peers train one model)."""
     strategy: Strategy = SWEEP
-    model: ModelIn = msgspec.field(default_factory=ModelIn)
+    model: ModelIn = msgspec.field(default_factory=ModelIn)  # type: ignore[valid-type]
     validation_split: ValidationSplit = 0.2
     seed: Seed = 0
     rounds: Rounds = 1
     """fedavg: averaging rounds (each of ``hyperparameters.epochs`` local epochs); sweep: 1."""
     on_peer_failure: OnPeerFailure = "reassign"
     """fedavg: what a dead or stalled peer means: hand its shard to an idle peer, go on without it, or fail."""
-    max_update_norm: UpdateNorm | None = None
-    """fedavg: the largest L2 norm of a peer's update (its weights minus the round's starting model)
-    that is averaged; a larger one is rejected. Unset: only non-finite or misshapen updates are."""
-    aggregator: AggregatorSpec | None = None
-    """fedavg: ``{"name": "mean" | "trimmed_mean" | "median" | "krum" | "multi_krum", "beta", "f", "m"}``;
-    unset: ``mean`` weighted by sample count. Krum needs ``num_peers >= 2f + 3``."""
-    outer: OuterSpec | None = None
-    """fedavg: ``{"name": "none" | "momentum" | "nesterov" | "adam", "lr", "beta1", "beta2", "eps"}``;
-    unset: ``none`` (the aggregate is the next model)."""
-    compression: CompressionSpec | None = None
-    """fedavg: ``{"name": "none" | "fp16" | "bf16" | "int8"}``: how the updates travel."""
-    sharding: ShardingSpec | None = None
-    """fedavg: ``{"name": "iid" | "label_skew", "alpha"}``: how the training rows are cut into shards."""
-    keep_local_optimizer: bool | None = None
-    """fedavg: keep each peer's local optimizer state across rounds (unset: a fresh one per round)."""
+    round_options: RoundOptionsIn | None = None  # type: ignore[valid-type]
+    """fedavg: the round options as one object (each one given here or flat, not both)."""
     init_from: InitFromIn | None = None
     """Start from an earlier session's model (fine-tuning): one of yours, with the same model spec
     on a dataset of the same shape."""
@@ -253,7 +255,7 @@ class SessionOut(msgspec.Struct, kw_only=True):
     """While queued: 1-based place in the swarm's queue (priority, then request order)."""
     placement: str | None = None
     """Once started: why these peers (the scheduler's placement reason)."""
-    round_options: RoundOptionsSpec | None = None
+    round_options: RoundOptions | None = None
     """A session that trains in rounds: its ``aggregator``, ``outer``, ``compression``, ``sharding``,
     ``keep_local_optimizer`` and ``max_update_norm`` as requested (the outer ``lr`` resolved)."""
     round_options_summary: str | None = None

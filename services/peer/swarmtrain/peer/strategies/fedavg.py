@@ -33,7 +33,7 @@ the pure :mod:`swarmtrain.training.averaging`:
 Every download goes through a signed URL, capped (this model's weights file plus an allowance, and
 never more than ``SWARMTRAIN_BLOB_MAX_DOWNLOAD_MB``) and checked against the sha256 the fact names.
 
-The session's round options travel in the ``Train`` (:class:`rounds.RoundOptions`): the update is
+The session's round options travel in the ``Train`` whole (``round_options``): the update is
 published as ``compression`` encodes it (the whole weights, or the delta from the round's start),
 every named update is decoded from the round's start, aggregated with ``aggregator`` and stepped
 with ``outer`` (whose state the peer carries from round to round, and a newcomer rebuilds by
@@ -57,7 +57,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import math
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -99,10 +98,10 @@ from swarmtrain.training.init import apply_init, initial_model
 from swarmtrain.training.model import ModelMetadata, model_bytes
 from swarmtrain.training.outer import State
 from swarmtrain.training.rounds import (
-    RoundOptions,
     RoundResult,
     Spent,
     apply_round,
+    needs_start,
     replay_rounds,
     update_file,
 )
@@ -130,9 +129,6 @@ def check_command(command: Train) -> None:
         raise DataError(f"start_round {command.start_round} is not within rounds 1..{command.rounds}")
     if command.num_shards < 1 or not 0 <= command.shard < command.num_shards:
         raise DataError(f"shard {command.shard} of {command.num_shards} does not exist")
-    norm = command.max_update_norm
-    if norm is not None and not (math.isfinite(norm) and norm > 0):
-        raise DataError(f"max_update_norm must be a positive finite number, got {norm}")
 
 
 def check_urls(command: Train) -> None:
@@ -179,7 +175,7 @@ class LocalLearner:
             seed=command.seed,
         )
         data, train_idx, val_idx = load_data(job)
-        sharding = make_shards(command.sharding, train_idx, data.labels, command.num_shards, command.seed)
+        sharding = make_shards(command.round_options.sharding, train_idx, data.labels, command.num_shards, command.seed)
         shard = sharding.shards[command.shard]
         self.num_samples = len(shard)
         self.histograms = sharding.histograms
@@ -210,7 +206,7 @@ class LocalLearner:
         """The round's local epochs on the shard, from the current weights; raises ``TrainingStopped``."""
         hp = self.command.hyperparameters
         optimizer = self._optimizer or torch.optim.Adam(self.model.parameters(), lr=hp.lr)
-        if self.command.keep_local_optimizer:
+        if self.command.round_options.keep_local_optimizer:
             self._optimizer = optimizer  # loading an average copies into the same parameters
         shuffle = torch.Generator().manual_seed(round_seed(self.command.seed, self.command.shard, round_))
         loss = accuracy = 0.0
@@ -270,7 +266,7 @@ class FedavgRun:
         self.stopped = ctx.stopped
         """Seen by the loop: set together with ``stop``."""
         self._started = time.perf_counter()
-        self.options = RoundOptions.of(command)
+        self.options = command.round_options
         self.outer_state: State = {}
         """The outer optimizer's state after the last round applied (``{}`` before the first)."""
         self._own: tuple[str, str, bytes] | None = None
@@ -323,7 +319,7 @@ class FedavgRun:
         optimizer's state: the state a newcomer rebuilds from the log.
         """
         last = self.command.start_round - 1
-        if not self.options.needs_start:
+        if not needs_start(self.options):
             for k in range(last, 0, -1):
                 closed_k = await self._closed(k)
                 result = await asyncio.to_thread(self._apply, closed_k, learner.reference, learner.reference)
@@ -525,7 +521,7 @@ class FedavgRun:
 
     def _encode(self, learner: LocalLearner, round_start: Mapping[str, torch.Tensor]) -> bytes:
         """This peer's update file for the round: its weights, or their delta compressed."""
-        method = self.options.compression
+        method = self.options.compression.name
         return update_file(encode_update(learner.state(), round_start, method).payload, method)
 
     def _apply(

@@ -75,7 +75,7 @@ STRATEGY = STRATEGIES.add(FedAvg.name, FedAvg())
 def needs_histograms(request: SessionRequested) -> bool:
     """Whether the session's ``SessionStarted`` must carry its shards' label histograms: a fedavg
     whose shards' sizes depend on the labels (``label_skew``)."""
-    return request.strategy == STRATEGY.name and request.sharding.name != "iid"
+    return request.strategy == STRATEGY.name and request.round_options.sharding.name != "iid"
 
 
 def round_deadline(session: Session, timing: Timing) -> float:
