@@ -127,6 +127,10 @@ Strategy = Literal["sweep", "fedavg"]
 """How a swarm trains; each strategy's rules live in a module of its own on each side that needs them."""
 SWEEP: Final = "sweep"
 FEDAVG: Final = "fedavg"
+DataFormat = Literal["csv", "parquet", "npz"]
+"""How a dataset's bytes are laid out; each format's facts are in ``common.formats``, its upload
+check and its reader in one module of ``swarmtrain.training.formats``."""
+CSV: Final = "csv"
 OnPeerFailure = Literal["reassign", "continue", "fail"]
 Precision = Literal["fp32", "bf16", "fp16"]
 """What a peer computes in: fp32, or autocast to bf16 / fp16 (fp16 with a gradient scaler)."""
@@ -150,6 +154,22 @@ class ModelSpec(msgspec.Struct, frozen=True, kw_only=True):
     """[C, H, W] of image data given as flat pixel columns; required for a cnn."""
     channels: Channels = msgspec.field(default_factory=lambda: list(DEFAULT_CHANNELS))
     """A cnn's convolution widths: 3x3 conv, ReLU, then 2x2 max-pool while the image is at least 2x2."""
+
+
+class DataSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """How a peer reads a session's dataset: what it needs beyond the bytes (the dataset's format
+    and how the upload fixed its reading). The default is a CSV, what every session before data
+    formats meant."""
+
+    format: DataFormat = CSV
+
+
+MAX_SHOWN_CLASSES: Final = 1000
+"""A dataset's event carries its classes' row counts when it has at most this many."""
+MAX_SHAPE: Final = 4
+Shape = Annotated[list[Count], msgspec.Meta(max_length=MAX_SHAPE)]
+"""The shape of one row's features: ``[features]`` for a table, ``[C, H, W]`` for images."""
+ClassCounts = Annotated[dict[Name, Count], msgspec.Meta(max_length=MAX_SHOWN_CLASSES)]
 
 
 class RoundUpdate(msgspec.Struct, frozen=True, kw_only=True):
@@ -204,6 +224,12 @@ class DatasetUploaded(_Message, frozen=True, kw_only=True, tag="DatasetUploaded"
     features: Count
     classes: Count
     label_column: LabelColumn
+    format: DataFormat = CSV
+    """How the bytes are laid out (an event from before data formats: a CSV)."""
+    shape: Shape = msgspec.field(default_factory=list)
+    """One row's feature shape (``[features]``, ``[C, H, W]``); empty in an event from before it."""
+    class_counts: ClassCounts = msgspec.field(default_factory=dict)
+    """Rows per class (empty when there are more than ``MAX_SHOWN_CLASSES``, or in an older event)."""
 
     @property
     def subject(self) -> str:
@@ -298,6 +324,8 @@ class SessionRequested(_SessionEvent, frozen=True, kw_only=True, tag="SessionReq
     priority: Priority = 0
     """Higher is served first; first come, first served within a priority."""
     precision: Precision = "fp32"
+    data: DataSpec = msgspec.field(default_factory=DataSpec)
+    """How the dataset is read (its format); the default: a CSV."""
 
 
 class SessionStarted(_SessionEvent, frozen=True, kw_only=True, tag="SessionStarted"):
@@ -562,6 +590,8 @@ class Train(_Command, frozen=True, kw_only=True, tag="Train"):
     match the model's names and shapes) after fitting the standardization, before training."""
     precision: Precision = "fp32"
     """The session's precision: a peer that cannot compute in it fails the run with the reason."""
+    data: DataSpec = msgspec.field(default_factory=DataSpec)
+    """How the peer reads the dataset (``SessionRequested.data``)."""
 
 
 class Stop(_Command, frozen=True, kw_only=True, tag="Stop"):

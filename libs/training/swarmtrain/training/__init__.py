@@ -4,7 +4,8 @@ Peers train with it, the scheduler recomputes a fork's starting model and measur
 with it, the CLI replays and backtests rounds with it. Nothing here does networking or reads the
 log: a caller hands in the bytes, the dataset and the facts.
 
-- ``data``: the CSV reader, the seeded train/validation split, shards' rows.
+- ``formats``: one module a data format, its upload check and its reader side by side.
+- ``data``: a dataset as tensors (its format's reader), the seeded train/validation split, shards' rows.
 - ``model``: the models and their safetensors file; ``tensorfile``: the file format itself.
 - ``init``: a session's seeded starting model (standardisation fitted on the training split).
 - ``evaluation``: a model's loss and accuracy on a split; the scheduler's check of a finished model.

@@ -1,8 +1,10 @@
-"""Datasets: uploads (validate the CSV as it streams, copy it into the blob store, append the
-event) and the owner's reads.
+"""Datasets: uploads (recognise the format, validate the file with that format's check, copy it
+into the blob store, append the event) and the owner's reads.
 
-Litestar spools the multipart file to disk; the handler validates it in a worker thread (one pass,
-bounded memory), then streams it into the store (hashing as it goes). A rejected file never reaches
+Litestar spools the multipart file to disk; the handler recognises its format from its content
+(``common.formats.detect``, confirmed by the optional ``format`` field) and validates it in a
+worker thread with the format's check (``training.formats``: one pass, bounded memory), then
+streams it into the store (hashing as it goes). A rejected file never reaches
 the store; a failure after the copy deletes the object again. A dataset is visible to its owner
 only: anyone else gets 404, as for one that does not exist.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -25,15 +28,16 @@ from litestar.exceptions import ClientException
 from litestar.params import FromPath, MultipartBody, QueryParameter
 from litestar.security.jwt import Token
 
-from swarmtrain.common import blobkeys
+from swarmtrain.common import blobkeys, formats
 from swarmtrain.common.blob import BlobRef, BlobStore
-from swarmtrain.common.events import MAX_LABEL_COLUMN, DatasetUploaded, new_id
+from swarmtrain.common.events import MAX_LABEL_COLUMN, DataFormat, DatasetUploaded, new_id
+from swarmtrain.common.settings import Settings
 from swarmtrain.gateway.auth import BEARER, User
-from swarmtrain.gateway.csvcheck import CsvRejected, CsvSummary, check_csv
 from swarmtrain.gateway.errors import documented
 from swarmtrain.gateway.inputs import printable, storable
 from swarmtrain.gateway.ownership import owned
 from swarmtrain.gateway.state import Gateway
+from swarmtrain.training.formats import FORMATS, Limits, Rejected, Summary, UploadOptions
 
 DEFAULT_LABEL = "label"
 MAX_PAGE = 1000
@@ -45,6 +49,8 @@ Offset = Annotated[int, QueryParameter(ge=0, le=2**31 - 1, description="How many
 class DatasetForm:
     file: UploadFile
     label_column: str = DEFAULT_LABEL
+    format: str | None = None
+    """One of ``formats.FORMATS``: confirms what the content is recognised as; unset, it decides."""
 
 
 class DatasetOut(msgspec.Struct, kw_only=True):
@@ -57,6 +63,11 @@ class DatasetOut(msgspec.Struct, kw_only=True):
     name: str
     label_column: str
     created_at: datetime
+    format: DataFormat = "csv"
+    shape: list[int] = msgspec.field(default_factory=list)
+    """One row's feature shape: ``[features]`` for a table, ``[C, H, W]`` for images."""
+    class_counts: dict[str, int] = msgspec.field(default_factory=dict)
+    """Rows per class (empty when there are too many classes to show)."""
 
 
 def dataset_out(event: DatasetUploaded) -> DatasetOut:
@@ -70,11 +81,23 @@ def dataset_out(event: DatasetUploaded) -> DatasetOut:
         name=event.name,
         label_column=event.label_column,
         created_at=event.occurred_at,
+        format=event.format,
+        shape=list(event.shape) or [event.features],
+        class_counts=dict(event.class_counts),
     )
 
 
+_JSON_COLUMNS = ("shape", "class_counts")
+
+
 def _dataset_row_out(row: asyncpg.Record) -> DatasetOut:
-    return DatasetOut(**{name: row[name] for name in DatasetOut.__struct_fields__})
+    fields = {name: row[name] for name in DatasetOut.__struct_fields__}
+    for name in _JSON_COLUMNS:
+        fields[name] = msgspec.json.decode(fields[name])
+    out = DatasetOut(**fields)
+    if not out.shape:  # a dataset uploaded before shapes were recorded: a table
+        out.shape = [out.features]
+    return out
 
 
 async def reject_unknown_form_fields(request: Request[Any, Any, Any], allowed: set[str]) -> None:
@@ -96,9 +119,44 @@ def _clean_name(filename: str | None, fallback: str) -> str:
     return name or fallback
 
 
-def _validate(stream: IO[bytes], label_column: str) -> CsvSummary:
+def clean_format(data_format: str | None) -> DataFormat | None:
+    if data_format is None or not data_format.strip():
+        return None
+    name = data_format.strip().lower()
+    if name not in formats.FORMATS:
+        raise ClientException(f"format {printable(name[:40])}: one of {', '.join(formats.FORMATS)}")
+    return next(f for f in formats.FORMATS if f == name)
+
+
+def limits(settings: Settings) -> Limits:
+    return Limits(max_uncompressed_bytes=settings.max_uncompressed_mb << 20, max_members=settings.max_archive_members)
+
+
+def recognise(stream: BinaryIO, requested: DataFormat | None) -> DataFormat:
+    """The upload's format from its content, confirmed by ``requested``: a file recognised as one
+    format and asked for as another is refused with both names; one recognised as nothing in
+    particular (text) is checked as ``requested``, whose check then says what is wrong."""
     stream.seek(0)
-    return check_csv(cast(BinaryIO, stream), label_column)
+    head = stream.read(formats.SNIFF_BYTES)
+    members: list[str] | None = None
+    if formats.is_zip(head):
+        stream.seek(0)
+        try:
+            with zipfile.ZipFile(stream) as archive:
+                members = archive.namelist()
+        except (zipfile.BadZipFile, OSError):
+            members = None
+    detected = formats.detect(head, members)
+    if requested is None or requested == detected or detected == "csv":
+        return requested or detected
+    raise Rejected(f"the file was uploaded as {requested} but its content is {detected}")
+
+
+def _validate(stream: IO[bytes], options: UploadOptions, requested: DataFormat | None, limits: Limits) -> Summary:
+    raw = cast(BinaryIO, stream)
+    data_format = recognise(raw, requested)
+    raw.seek(0)
+    return FORMATS.get(data_format).check(raw, options, limits)
 
 
 def _copy(store: BlobStore, key: str, stream: IO[bytes]) -> BlobRef:
@@ -113,23 +171,27 @@ async def store_dataset(
     label_column: str | None,
     owner_id: str,
     gw: Gateway,
-    check: Callable[[CsvSummary], None] | None = None,
+    check: Callable[[Summary], None] | None = None,
+    data_format: str | None = None,
 ) -> DatasetUploaded:
-    """Validate and store an uploaded CSV; returns the (not yet appended) ``DatasetUploaded``.
+    """Validate and store an uploaded dataset; returns the (not yet appended) ``DatasetUploaded``.
 
-    Raises ``ClientException`` (400) for a file that is not a usable training CSV, or that ``check``
-    (given the CSV's shape) refuses, with nothing left in the store. The caller appends the event
-    with ``append_or_discard``.
+    Raises ``ClientException`` (400) for a file that is not a usable dataset of its format (or of
+    ``data_format``, when given), or that ``check`` (given its shape) refuses, with nothing left in
+    the store. The caller appends the event with ``append_or_discard``.
     """
     label = clean_label_column(label_column)
+    requested = clean_format(data_format)
+    options = UploadOptions(label_column=label)
     try:
-        summary = await asyncio.to_thread(_validate, upload.file, label)
-    except CsvRejected as exc:
+        summary = await asyncio.to_thread(_validate, upload.file, options, requested, limits(gw.settings))
+    except Rejected as exc:
         raise ClientException(str(exc)) from None
     if check is not None:
         check(summary)
     dataset_id = new_id()
-    key = blobkeys.dataset(dataset_id)
+    data = summary.data
+    key = blobkeys.dataset(dataset_id, data.format)
     try:
         ref = await asyncio.to_thread(_copy, gw.store, key, upload.file)
     except BaseException:
@@ -138,14 +200,17 @@ async def store_dataset(
     return DatasetUploaded(
         dataset_id=dataset_id,
         owner_id=owner_id,
-        name=_clean_name(upload.filename, f"{dataset_id}.csv"),
+        name=_clean_name(upload.filename, f"{dataset_id}.{formats.rules(data.format).extension}"),
         uri=ref.uri,
         sha256=ref.sha256,
         size_bytes=ref.size,
         rows=summary.rows,
         features=summary.features,
         classes=summary.classes,
-        label_column=label,
+        label_column=summary.label_column,
+        format=data.format,
+        shape=summary.shape,
+        class_counts=summary.class_counts,
     )
 
 
@@ -159,11 +224,14 @@ async def append_or_discard(gw: Gateway, event: DatasetUploaded) -> None:
     try:
         await gw.append(event)
     except BaseException:
-        await discard(gw, blobkeys.dataset(event.dataset_id))
+        await discard(gw, blobkeys.dataset(event.dataset_id, event.format))
         raise
 
 
-_COLUMNS = "dataset_id, rows, features, classes, sha256, size_bytes, name, label_column, created_at"
+_COLUMNS = (
+    "dataset_id, rows, features, classes, sha256, size_bytes, name, label_column, created_at, format, shape,"
+    " class_counts"
+)
 
 
 async def owned_dataset(gw: Gateway, owner_id: str, dataset_id: str) -> asyncpg.Record:
@@ -182,7 +250,15 @@ class DatasetController(Controller):
     tags = ["datasets"]
     security = BEARER
 
-    @post("/", status_code=201, summary="Upload a training CSV", responses=documented(400, 401, 413))
+    @post(
+        "/",
+        status_code=201,
+        summary="Upload a dataset",
+        description="A CSV, a Parquet table or a NumPy .npz, recognised from its content; the optional "
+        "`format` field (" + ", ".join(formats.FORMATS) + ") confirms it. A file that is not a usable "
+        "dataset of its format is a 400 with the reason, and nothing is stored.",
+        responses=documented(400, 401, 413),
+    )
     async def upload(
         self,
         request: Request[User, Token, Any],
@@ -190,8 +266,8 @@ class DatasetController(Controller):
         gw: NamedDependency[Gateway],
     ) -> DatasetOut:
         try:
-            await reject_unknown_form_fields(request, {"file", "label_column"})
-            event = await store_dataset(data.file, data.label_column, request.user.user_id, gw)
+            await reject_unknown_form_fields(request, {"file", "label_column", "format"})
+            event = await store_dataset(data.file, data.label_column, request.user.user_id, gw, data_format=data.format)
             await append_or_discard(gw, event)
         finally:
             await data.file.close()

@@ -23,7 +23,10 @@ CREATE TABLE IF NOT EXISTS datasets (
     features      integer NOT NULL,
     classes       integer NOT NULL,
     label_column  text NOT NULL,
-    created_at    timestamptz NOT NULL
+    created_at    timestamptz NOT NULL,
+    format        text NOT NULL DEFAULT 'csv',      -- events.DataFormat
+    shape         jsonb NOT NULL DEFAULT '[]',       -- one row's feature shape; []: an event from before shapes
+    class_counts  jsonb NOT NULL DEFAULT '{}'        -- rows per class (empty: too many to show, or an older event)
 );
 CREATE INDEX IF NOT EXISTS datasets_owner ON datasets (owner_id, created_at);
 

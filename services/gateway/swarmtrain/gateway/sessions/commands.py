@@ -7,7 +7,7 @@ from functools import partial
 import nats.js.errors
 
 from swarmtrain.common import bus, subjects
-from swarmtrain.common.events import SessionCancelled, SessionRequested, new_id
+from swarmtrain.common.events import DataSpec, SessionCancelled, SessionRequested, new_id
 from swarmtrain.common.status import SESSION_TERMINAL
 from swarmtrain.gateway.errors import Conflict, Unavailable
 from swarmtrain.gateway.ownership import owned
@@ -20,7 +20,15 @@ READ_MODELS_WAIT_S = 5.0
 
 
 async def request_session(
-    gw: Gateway, owner_id: str, plan: SessionPlan, *, dataset_id: str, uri: str, sha256: str, label_column: str
+    gw: Gateway,
+    owner_id: str,
+    plan: SessionPlan,
+    *,
+    dataset_id: str,
+    uri: str,
+    sha256: str,
+    label_column: str,
+    data: DataSpec | None = None,
 ) -> str:
     """Append ``SessionRequested`` for ``plan`` on the dataset; returns the new session's id."""
     session_id = new_id()
@@ -52,6 +60,7 @@ async def request_session(
             queue_timeout_s=plan.queue_timeout_s,
             priority=plan.priority,
             precision=plan.precision,
+            data=data or DataSpec(),
         )
     )
     return session_id

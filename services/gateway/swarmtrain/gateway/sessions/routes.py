@@ -22,10 +22,10 @@ from litestar.response import ServerSentEvent, Stream
 from litestar.security.jwt import Token
 
 from swarmtrain.common import blob, blobkeys
+from swarmtrain.common.events import DataSpec
 from swarmtrain.common.logging import get_logger
 from swarmtrain.gateway import eventlog
 from swarmtrain.gateway.auth import BEARER, User
-from swarmtrain.gateway.csvcheck import CsvSummary
 from swarmtrain.gateway.datasets import (
     Limit,
     Offset,
@@ -57,6 +57,7 @@ from swarmtrain.gateway.sessions.schemas import (
     SessionStartForm,
 )
 from swarmtrain.gateway.state import Gateway
+from swarmtrain.training.formats import Summary
 
 JSON_BODY_LIMIT = 64 * 1024
 MAX_EVENTS_PAGE = 1000
@@ -120,6 +121,7 @@ class SessionController(Controller):
                 uri=dataset["uri"],
                 sha256=dataset["sha256"],
                 label_column=dataset["label_column"],
+                data=DataSpec(format=dataset["format"]),
             )
         return SessionCreated(session_id=session_id, status=await queries.status(gw.pool, session_id))
 
@@ -142,7 +144,7 @@ class SessionController(Controller):
             session = parse_session({"dataset_id": "", "num_peers": data.num_peers, "hyperparameters": hps})
             plan = plan_session(session, gw.settings)
 
-            def fits(csv: CsvSummary) -> None:
+            def fits(csv: Summary) -> None:
                 check_against_dataset(
                     plan, rows=csv.rows, features=csv.features, classes=csv.classes, settings=gw.settings
                 )
@@ -159,6 +161,7 @@ class SessionController(Controller):
                     uri=dataset.uri,
                     sha256=dataset.sha256,
                     label_column=dataset.label_column,
+                    data=DataSpec(format=dataset.format),
                 )
         finally:
             await data.file.close()
