@@ -3,14 +3,19 @@
 
 from __future__ import annotations
 
+import io
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from PIL import Image
 from sklearn.datasets import load_digits, load_iris
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+DIGIT_IMAGES = 1000
+"""The first this many digits go into ``digits-images.zip`` (a few hundred KB at most)."""
 
 
 def main() -> None:
@@ -23,6 +28,12 @@ def main() -> None:
     digits = load_digits()
     with (EXAMPLES / "digits.npz").open("wb") as f:
         np.savez_compressed(f, x=digits.images.astype(np.uint8)[:, None, :, :], y=digits.target.astype(np.int64))
+    pixels = (digits.images * 255 / 16).round().astype(np.uint8)
+    with zipfile.ZipFile(EXAMPLES / "digits-images.zip", "w", zipfile.ZIP_DEFLATED) as z:
+        for i in range(DIGIT_IMAGES):
+            out = io.BytesIO()
+            Image.fromarray(pixels[i]).save(out, format="PNG")
+            z.writestr(zipfile.ZipInfo(f"digits/{digits.target[i]}/{i:04d}.png", (1980, 1, 1, 0, 0, 0)), out.getvalue())
 
 
 if __name__ == "__main__":

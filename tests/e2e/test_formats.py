@@ -1,6 +1,6 @@
 """Every data format end to end on `swarmtrain up` as processes: upload, a sweep and a fedavg
 session to completed, the model downloaded. Data made in the test: a Parquet table with a
-categorical column, and scikit-learn's digits as 8x8 images in an .npz."""
+categorical column, and scikit-learn's digits as 8x8 images in an .npz and as a zip of PNGs."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from safetensors.torch import load
 
-from tests.training.formatdata import digits_npz, table_parquet
+from tests.training.formatdata import archive, digit_images, digits_npz, table_parquet
 
 from .conftest import Api, Stack
 
@@ -25,6 +25,12 @@ CASES = {
         "digits.npz",
         {"kind": "cnn", "input_shape": [1, 8, 8], "channels": [8], "hidden": [32]},
         (1797, 64, 10),
+    ),
+    "images": (
+        lambda: archive(digit_images(600)),
+        "digits.zip",
+        {"kind": "cnn", "input_shape": [1, 8, 8], "channels": [8], "hidden": [32]},
+        (600, 64, 10),
     ),
 }
 

@@ -16,7 +16,7 @@ import pytest
 from swarmtrain.common.settings import Settings
 from swarmtrain.gateway import create_app
 from tests.gateway.helpers import Client, Headers, serving, sign_up_and_in, small_csv, stored_objects
-from tests.training.formatdata import digits_npz, npz_bytes, parquet_bytes, table_parquet
+from tests.training.formatdata import archive, digit_images, digits_npz, npz_bytes, parquet_bytes, png, table_parquet
 
 
 async def post(client: Client, headers: Headers, raw: bytes, name: str, **form: str) -> tuple[int, dict[str, object]]:
@@ -49,6 +49,17 @@ async def test_parquet_and_npz_are_recognised_and_shown(
         k: body[k] for k in ("format", "shape", "class_counts", "rows")
     }
     assert len(stored_objects(blob_dir)) == 2
+
+
+async def test_a_folder_of_images_resized_to_image_size(client: Client, alice: Headers, blob_dir: Path) -> None:
+    raw = archive(digit_images(60, root="digits/"), "tar.gz")
+    status, body = await post(client, alice, raw, "digits.tar.gz", format="images", image_size="4x6")
+    assert status == 201, body
+    assert (body["format"], body["rows"], body["features"], body["classes"]) == ("images", 60, 24, 10)
+    assert body["shape"] == [1, 4, 6] and body["label_column"] == "class"
+    assert stored_objects(blob_dir) == [blob_dir / "datasets" / f"{body['dataset_id']}.archive"]
+    status, bad = await post(client, alice, raw, "d.tgz", image_size="4x")
+    assert status == 400 and "image_size must be HxW" in str(bad["detail"])
 
 
 async def test_a_csv_is_as_before(client: Client, alice: Headers, blob_dir: Path) -> None:
@@ -94,6 +105,12 @@ BOMB = _zip(**{"x.npy": _npy(np.zeros((1 << 19, 4))), "y.npy": _npy(np.arange(1 
             "uploaded as csv but its content is npz",
         ),
         (b"a,b,label\n" + "1,2,é\n".encode("latin-1") * 20, {}, "not UTF-8"),
+        (archive({**digit_images(20), "3/readme.png": b"hello"}), {}, "'3/readme.png' is not a PNG or JPEG image"),
+        (
+            archive({**digit_images(20), "9/big.png": png(np.zeros((9, 9), dtype=np.uint8))}),
+            {"format": "images"},
+            "the images have 2 sizes (8x8, 9x9): give image_size",
+        ),
     ],
     ids=[
         "zip-bomb",
@@ -106,6 +123,8 @@ BOMB = _zip(**{"x.npy": _npy(np.zeros((1 << 19, 4))), "y.npy": _npy(np.arange(1 
         "unknown-format",
         "npz-as-csv",
         "not-utf8",
+        "not-an-image",
+        "mixed-sizes",
     ],
 )
 async def test_a_bad_file_is_400_and_leaves_no_blob_and_no_event(

@@ -4,10 +4,13 @@ and scikit-learn's digits (8x8 images, ten classes) in each format's bytes."""
 from __future__ import annotations
 
 import io
+import tarfile
+import zipfile
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from PIL import Image
 from sklearn.datasets import load_digits
 
 
@@ -49,3 +52,37 @@ def digits_npz(channels_last: bool = False) -> bytes:
     images, target = digits()
     x = images[:, :, :, None] if channels_last else images[:, None, :, :]
     return npz_bytes(x=x, y=target)
+
+
+def png(array: np.ndarray, kind: str = "PNG") -> bytes:
+    """``array`` (H x W grayscale, or H x W x 3) as image bytes."""
+    out = io.BytesIO()
+    Image.fromarray(array).save(out, format=kind)
+    return out.getvalue()
+
+
+def archive(members: dict[str, bytes], kind: str = "zip") -> bytes:
+    """A zip, or a tar (``tar``, ``tar.gz``), of ``members``."""
+    out = io.BytesIO()
+    if kind == "zip":
+        with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as z:
+            for name, data in members.items():
+                z.writestr(name, data)
+    else:
+        with tarfile.open(fileobj=out, mode="w:gz" if kind == "tar.gz" else "w") as t:
+            for name, data in members.items():
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                t.addfile(info, io.BytesIO(data))
+    return out.getvalue()
+
+
+def digit_images(limit: int = 200, root: str = "") -> dict[str, bytes]:
+    """The first ``limit`` of scikit-learn's digits as 8x8 grayscale PNGs, ``<root><digit>/<n>.png``."""
+    images, target = digits()
+    pixels = (images * 255 / 16).round().astype(np.uint8)
+    return {f"{root}{target[i]}/{i:04d}.png": png(pixels[i]) for i in range(min(limit, len(target)))}
+
+
+def digits_zip(limit: int = 200, kind: str = "zip") -> bytes:
+    return archive(digit_images(limit), kind)

@@ -127,7 +127,7 @@ Strategy = Literal["sweep", "fedavg"]
 """How a swarm trains; each strategy's rules live in a module of its own on each side that needs them."""
 SWEEP: Final = "sweep"
 FEDAVG: Final = "fedavg"
-DataFormat = Literal["csv", "parquet", "npz"]
+DataFormat = Literal["csv", "parquet", "npz", "images"]
 """How a dataset's bytes are laid out; each format's facts are in ``common.formats``, its upload
 check and its reader in one module of ``swarmtrain.training.formats``."""
 CSV: Final = "csv"
@@ -156,12 +156,25 @@ class ModelSpec(msgspec.Struct, frozen=True, kw_only=True):
     """A cnn's convolution widths: 3x3 conv, ReLU, then 2x2 max-pool while the image is at least 2x2."""
 
 
+MAX_IMAGE_SIDE: Final = 4096
+ImageSize = Annotated[
+    list[Annotated[int, msgspec.Meta(ge=1, le=MAX_IMAGE_SIDE)]], msgspec.Meta(min_length=2, max_length=2)
+]
+"""[H, W] of an image dataset's pixels."""
+ImageChannels = Literal[0, 1, 3]
+
+
 class DataSpec(msgspec.Struct, frozen=True, kw_only=True):
     """How a peer reads a session's dataset: what it needs beyond the bytes (the dataset's format
     and how the upload fixed its reading). The default is a CSV, what every session before data
     formats meant."""
 
     format: DataFormat = CSV
+    image_size: ImageSize | None = None
+    """images: ``[H, W]`` every image is resized to (fixed at upload, so every peer reads the same
+    pixels); None for a format of no images."""
+    channels: ImageChannels = 0
+    """images: 1 (grayscale) or 3 (RGB), as the upload found them; 0 for a format of no images."""
 
 
 MAX_SHOWN_CLASSES: Final = 1000

@@ -12,12 +12,15 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import get_args
 
-from swarmtrain.common.events import CSV, DataFormat
+from swarmtrain.common.events import CSV, DataFormat, DataSpec
 from swarmtrain.common.registry import Registry
 
 ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
 """A zip archive (a non-empty one, an empty one): ``.npz`` files are zips of ``.npy`` members."""
 PARQUET_MAGIC = b"PAR1"
+GZIP_MAGIC = b"\x1f\x8b"
+TAR_MAGIC_AT = 257
+"""A tar archive has ``ustar`` at this offset of its first header."""
 SNIFF_BYTES = 512
 """How many leading bytes :func:`detect` looks at."""
 
@@ -59,6 +62,14 @@ RULES.add(
         media_type="application/octet-stream",
     ),
 )
+RULES.add(
+    "images",
+    FormatRules(
+        description="a zip or tar of <class>/<file> PNG or JPEG images (the ImageFolder layout)",
+        extension="archive",
+        media_type="application/octet-stream",
+    ),
+)
 RULES.check_names(get_args(DataFormat))
 FORMATS: tuple[DataFormat, ...] = get_args(DataFormat)
 
@@ -72,14 +83,24 @@ def detect(head: bytes, members: list[str] | None = None) -> DataFormat:
     """The format an upload's content is in: ``head`` its first ``SNIFF_BYTES`` bytes, ``members``
     the member names when it is a zip archive (None otherwise).
 
-    Parquet opens with ``PAR1``; a zip whose members are all ``.npy`` arrays is an ``npz``; anything
-    else is read as text, a CSV. An upload's ``format`` field confirms the guess (or the
-    upload is refused with both names)."""
+    Parquet opens with ``PAR1``; a zip whose members are all ``.npy`` arrays is an ``npz``, any other
+    zip, a tar or a gzip (a ``.tar.gz``) a folder of ``images``; anything else is read as text, a
+    CSV. An upload's ``format`` field confirms the guess (or the upload is refused with both names)."""
     if head.startswith(PARQUET_MAGIC):
         return "parquet"
-    if head.startswith(ZIP_MAGIC) and members is not None and all(m.endswith(".npy") for m in members):
-        return "npz"
+    if head.startswith(ZIP_MAGIC):
+        return "npz" if members is not None and all(m.endswith(".npy") for m in members) else "images"
+    if head.startswith(GZIP_MAGIC) or head[TAR_MAGIC_AT : TAR_MAGIC_AT + 5] == b"ustar":
+        return "images"
     return CSV
+
+
+def data_spec(data_format: str, shape: list[int]) -> DataSpec:
+    """How peers read a dataset, from what its ``DatasetUploaded`` recorded (``format``, ``shape``):
+    for images, the size and channels the upload fixed (``shape`` is ``[C, H, W]``)."""
+    if data_format == "images" and len(shape) == 3 and shape[0] in (1, 3):
+        return DataSpec(format="images", image_size=[shape[1], shape[2]], channels=1 if shape[0] == 1 else 3)
+    return DataSpec(format=next(f for f in FORMATS if f == data_format))
 
 
 def is_zip(head: bytes) -> bool:

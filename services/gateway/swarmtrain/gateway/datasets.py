@@ -30,7 +30,7 @@ from litestar.security.jwt import Token
 
 from swarmtrain.common import blobkeys, formats
 from swarmtrain.common.blob import BlobRef, BlobStore
-from swarmtrain.common.events import MAX_LABEL_COLUMN, DataFormat, DatasetUploaded, new_id
+from swarmtrain.common.events import MAX_IMAGE_SIDE, MAX_LABEL_COLUMN, DataFormat, DatasetUploaded, new_id
 from swarmtrain.common.settings import Settings
 from swarmtrain.gateway.auth import BEARER, User
 from swarmtrain.gateway.errors import documented
@@ -51,6 +51,8 @@ class DatasetForm:
     label_column: str = DEFAULT_LABEL
     format: str | None = None
     """One of ``formats.FORMATS``: confirms what the content is recognised as; unset, it decides."""
+    image_size: str | None = None
+    """images: ``HxW`` (or ``N`` for NxN) to resize every image to; unset, their one common size."""
 
 
 class DatasetOut(msgspec.Struct, kw_only=True):
@@ -128,6 +130,19 @@ def clean_format(data_format: str | None) -> DataFormat | None:
     return next(f for f in formats.FORMATS if f == name)
 
 
+def clean_image_size(image_size: str | None) -> tuple[int, int] | None:
+    if image_size is None or not image_size.strip():
+        return None
+    parts = image_size.strip().lower().split("x")
+    if len(parts) in (1, 2) and all(p.strip().isdigit() for p in parts):
+        sides = [int(p) for p in parts]
+        if all(1 <= side <= MAX_IMAGE_SIDE for side in sides):
+            return (sides[0], sides[-1])
+    raise ClientException(
+        f"image_size must be HxW (or N), sides 1 to {MAX_IMAGE_SIDE}: got {printable(image_size[:40])}"
+    )
+
+
 def limits(settings: Settings) -> Limits:
     return Limits(max_uncompressed_bytes=settings.max_uncompressed_mb << 20, max_members=settings.max_archive_members)
 
@@ -173,6 +188,7 @@ async def store_dataset(
     gw: Gateway,
     check: Callable[[Summary], None] | None = None,
     data_format: str | None = None,
+    image_size: str | None = None,
 ) -> DatasetUploaded:
     """Validate and store an uploaded dataset; returns the (not yet appended) ``DatasetUploaded``.
 
@@ -182,7 +198,7 @@ async def store_dataset(
     """
     label = clean_label_column(label_column)
     requested = clean_format(data_format)
-    options = UploadOptions(label_column=label)
+    options = UploadOptions(label_column=label, image_size=clean_image_size(image_size))
     try:
         summary = await asyncio.to_thread(_validate, upload.file, options, requested, limits(gw.settings))
     except Rejected as exc:
@@ -254,7 +270,8 @@ class DatasetController(Controller):
         "/",
         status_code=201,
         summary="Upload a dataset",
-        description="A CSV, a Parquet table or a NumPy .npz, recognised from its content; the optional "
+        description="A CSV, a Parquet table, a NumPy .npz or a zip/tar of <class>/<file> images, recognised "
+        "from its content (images are resized to `image_size` HxW, else must share one size); the optional "
         "`format` field (" + ", ".join(formats.FORMATS) + ") confirms it. A file that is not a usable "
         "dataset of its format is a 400 with the reason, and nothing is stored.",
         responses=documented(400, 401, 413),
@@ -266,8 +283,15 @@ class DatasetController(Controller):
         gw: NamedDependency[Gateway],
     ) -> DatasetOut:
         try:
-            await reject_unknown_form_fields(request, {"file", "label_column", "format"})
-            event = await store_dataset(data.file, data.label_column, request.user.user_id, gw, data_format=data.format)
+            await reject_unknown_form_fields(request, {"file", "label_column", "format", "image_size"})
+            event = await store_dataset(
+                data.file,
+                data.label_column,
+                request.user.user_id,
+                gw,
+                data_format=data.format,
+                image_size=data.image_size,
+            )
             await append_or_discard(gw, event)
         finally:
             await data.file.close()

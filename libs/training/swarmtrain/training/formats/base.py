@@ -41,11 +41,15 @@ class Limits:
     """An archive's members together, uncompressed: declared and actually read."""
     max_members: int = 1_000_000
     """Members of an archive."""
+    max_image_pixels: int = 1 << 24
+    """Pixels of one image (its header is read before its pixels: a decompression bomb is refused)."""
 
 
 @dataclass(frozen=True, kw_only=True)
 class UploadOptions:
     label_column: str = "label"
+    image_size: tuple[int, int] | None = None
+    """images: ``(H, W)`` to resize every image to; None: their one common size."""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Generator
 from functools import partial
 from typing import Annotated, Any
 
+import msgspec
 from litestar import Controller, Request, get, post
 from litestar.di import NamedDependency
 from litestar.exceptions import NotFoundException
@@ -21,8 +22,7 @@ from litestar.params import FromPath, JSONBody, MultipartBody, Parameter, QueryP
 from litestar.response import ServerSentEvent, Stream
 from litestar.security.jwt import Token
 
-from swarmtrain.common import blob, blobkeys
-from swarmtrain.common.events import DataSpec
+from swarmtrain.common import blob, blobkeys, formats
 from swarmtrain.common.logging import get_logger
 from swarmtrain.gateway import eventlog
 from swarmtrain.gateway.auth import BEARER, User
@@ -121,7 +121,7 @@ class SessionController(Controller):
                 uri=dataset["uri"],
                 sha256=dataset["sha256"],
                 label_column=dataset["label_column"],
-                data=DataSpec(format=dataset["format"]),
+                data=formats.data_spec(dataset["format"], msgspec.json.decode(dataset["shape"])),
             )
         return SessionCreated(session_id=session_id, status=await queries.status(gw.pool, session_id))
 
@@ -161,7 +161,7 @@ class SessionController(Controller):
                     uri=dataset.uri,
                     sha256=dataset.sha256,
                     label_column=dataset.label_column,
-                    data=DataSpec(format=dataset.format),
+                    data=formats.data_spec(dataset.format, dataset.shape),
                 )
         finally:
             await data.file.close()
