@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+import codecs
+import contextlib
 import io
+import json
 import zipfile
 from pathlib import Path
 
@@ -34,6 +37,15 @@ def main() -> None:
             out = io.BytesIO()
             Image.fromarray(pixels[i]).save(out, format="PNG")
             z.writestr(zipfile.ZipInfo(f"digits/{digits.target[i]}/{i:04d}.png", (1980, 1, 1, 0, 0, 0)), out.getvalue())
+    lines = zen()
+    (EXAMPLES / "zen.jsonl").write_text("".join(json.dumps({"text": line}) + "\n" for line in lines))
+
+
+def zen() -> list[str]:
+    """The Zen of Python (the standard library's ``this``), one aphorism a line."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        import this
+    return [line for line in codecs.decode(this.s, "rot13").splitlines()[2:] if line.strip()]
 
 
 if __name__ == "__main__":

@@ -16,7 +16,17 @@ import pytest
 from swarmtrain.common.settings import Settings
 from swarmtrain.gateway import create_app
 from tests.gateway.helpers import Client, Headers, serving, sign_up_and_in, small_csv, stored_objects
-from tests.training.formatdata import archive, digit_images, digits_npz, npz_bytes, parquet_bytes, png, table_parquet
+from tests.training.formatdata import (
+    archive,
+    corpus,
+    digit_images,
+    digits_npz,
+    jsonl,
+    npz_bytes,
+    parquet_bytes,
+    png,
+    table_parquet,
+)
 
 
 async def post(client: Client, headers: Headers, raw: bytes, name: str, **form: str) -> tuple[int, dict[str, object]]:
@@ -60,6 +70,33 @@ async def test_a_folder_of_images_resized_to_image_size(client: Client, alice: H
     assert stored_objects(blob_dir) == [blob_dir / "datasets" / f"{body['dataset_id']}.archive"]
     status, bad = await post(client, alice, raw, "d.tgz", image_size="4x")
     assert status == 400 and "image_size must be HxW" in str(bad["detail"])
+
+
+async def test_a_text_corpus_in_bytes_or_a_bpe_stored_beside_it(client: Client, alice: Headers, blob_dir: Path) -> None:
+    lines = corpus(120)
+    raw = ("\n".join(lines) + "\n").encode()
+    status, body = await post(client, alice, raw, "c.txt", format="text")
+    assert status == 201, body
+    assert (body["format"], body["rows"], body["tokens"]) == ("text", 120, len("".join(lines).encode()))
+    assert body["tokenizer"] == {"kind": "byte", "vocab_size": 256, "uri": "", "sha256": ""}
+    assert stored_objects(blob_dir) == [blob_dir / "datasets" / f"{body['dataset_id']}.text"]
+
+    status, bpe = await post(client, alice, jsonl(lines), "c.jsonl", vocab_size="290")
+    assert status == 201, bpe
+    tokenizer = bpe["tokenizer"]
+    assert bpe["format"] == "text" and tokenizer["kind"] == "bpe" and 0 < bpe["tokens"] < body["tokens"]  # type: ignore[index, operator]
+    stored = blob_dir / "datasets" / f"{bpe['dataset_id']}.tokenizer.json"
+    assert tokenizer["uri"].endswith(f"datasets/{bpe['dataset_id']}.tokenizer.json")  # type: ignore[index]
+    assert hashlib.sha256(stored.read_bytes()).hexdigest() == tokenizer["sha256"]  # type: ignore[index]
+    assert (await client.get(f"/datasets/{bpe['dataset_id']}", headers=alice)).json()["tokenizer"] == tokenizer
+
+    session = {
+        "dataset_id": body["dataset_id"],
+        "num_peers": 1,
+        "hyperparameters": [{"epochs": 1, "batch_size": 8, "lr": 0.01}],
+    }
+    r = await client.post("/sessions", json=session, headers=alice)
+    assert r.status_code == 400 and "no model kind for it yet" in r.json()["detail"], r.text
 
 
 async def test_a_csv_is_as_before(client: Client, alice: Headers, blob_dir: Path) -> None:
@@ -106,6 +143,8 @@ BOMB = _zip(**{"x.npy": _npy(np.zeros((1 << 19, 4))), "y.npy": _npy(np.arange(1 
         ),
         (b"a,b,label\n" + "1,2,é\n".encode("latin-1") * 20, {}, "not UTF-8"),
         (archive({**digit_images(20), "3/readme.png": b"hello"}), {}, "'3/readme.png' is not a PNG or JPEG image"),
+        ("caf\u00e9 au lait\n".encode("latin-1") * 30, {"format": "text"}, "not UTF-8 text"),
+        (jsonl(corpus(30)), {"vocab_size": "20"}, "vocab_size must be 257"),
         (
             archive({**digit_images(20), "9/big.png": png(np.zeros((9, 9), dtype=np.uint8))}),
             {"format": "images"},
@@ -124,6 +163,8 @@ BOMB = _zip(**{"x.npy": _npy(np.zeros((1 << 19, 4))), "y.npy": _npy(np.arange(1 
         "npz-as-csv",
         "not-utf8",
         "not-an-image",
+        "text-not-utf8",
+        "tiny-vocab",
         "mixed-sizes",
     ],
 )

@@ -19,7 +19,7 @@ from swarmtrain.common.events import Event, decode_command, decode_event, decode
 from swarmtrain.projector.projection import TABLES, apply_batch, ensure_schema
 
 HERE = Path(__file__).resolve().parent
-ADDED_COLUMNS: dict[str, list[Any]] = {"datasets": ["csv", "[]", "{}"]}
+ADDED_COLUMNS: dict[str, list[Any]] = {"datasets": ["csv", "[]", "{}", 0, None]}
 """Columns a read model gained after the log was written (at the end of its table), with what an
 event of that time projects into them: a dataset then was a CSV with no recorded shape or counts."""
 LOGS = sorted(HERE.glob("main-*.jsonl"))

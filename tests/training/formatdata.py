@@ -4,6 +4,7 @@ and scikit-learn's digits (8x8 images, ten classes) in each format's bytes."""
 from __future__ import annotations
 
 import io
+import json
 import tarfile
 import zipfile
 
@@ -86,3 +87,14 @@ def digit_images(limit: int = 200, root: str = "") -> dict[str, bytes]:
 
 def digits_zip(limit: int = 200, kind: str = "zip") -> bytes:
     return archive(digit_images(limit), kind)
+
+
+def corpus(lines: int = 200, seed: int = 0) -> list[str]:
+    """Sentences from a seeded generator over a small vocabulary."""
+    rng = np.random.default_rng(seed)
+    words = ["the", "cat", "sat", "on", "a", "mat", "dog", "ran", "to", "café", "über", "naïve"]
+    return [" ".join(rng.choice(words, size=int(rng.integers(3, 12)))) for _ in range(lines)]
+
+
+def jsonl(lines: list[str]) -> bytes:
+    return "".join(json.dumps({"text": line, "id": i}) + "\n" for i, line in enumerate(lines)).encode()

@@ -22,6 +22,7 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
         ("iris.parquet", "species", ("parquet", 150, 4, 3, [4])),
         ("digits.npz", "label", ("npz", 1797, 64, 10, [1, 8, 8])),
         ("digits-images.zip", "label", ("images", 1000, 64, 10, [1, 8, 8])),
+        ("zen.jsonl", "label", ("text", 19, 0, 0, [])),
     ],
 )
 def test_every_example_passes_its_check(name: str, label: str, expected: tuple[object, ...]) -> None:

@@ -127,7 +127,7 @@ Strategy = Literal["sweep", "fedavg"]
 """How a swarm trains; each strategy's rules live in a module of its own on each side that needs them."""
 SWEEP: Final = "sweep"
 FEDAVG: Final = "fedavg"
-DataFormat = Literal["csv", "parquet", "npz", "images"]
+DataFormat = Literal["csv", "parquet", "npz", "images", "text"]
 """How a dataset's bytes are laid out; each format's facts are in ``common.formats``, its upload
 check and its reader in one module of ``swarmtrain.training.formats``."""
 CSV: Final = "csv"
@@ -162,6 +162,21 @@ ImageSize = Annotated[
 ]
 """[H, W] of an image dataset's pixels."""
 ImageChannels = Literal[0, 1, 3]
+TokenizerKind = Literal["byte", "bpe"]
+BYTE_VOCAB: Final = 256
+MAX_VOCAB: Final = 1 << 20
+
+
+class TokenizerSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """A text corpus's tokenizer, fixed at upload: ``byte`` (UTF-8 bytes, vocabulary 256, nothing
+    stored) or ``bpe`` (trained on the corpus with the ``tokenizers`` library, stored beside the
+    dataset at ``uri``, so every peer and every replay uses the same one)."""
+
+    kind: TokenizerKind = "byte"
+    vocab_size: Annotated[int, msgspec.Meta(ge=1, le=MAX_VOCAB)] = BYTE_VOCAB
+    uri: Uri = ""
+    """bpe: the tokenizer's JSON (``blobkeys.tokenizer``); "" for bytes."""
+    sha256: Digest = ""
 
 
 class DataSpec(msgspec.Struct, frozen=True, kw_only=True):
@@ -175,6 +190,8 @@ class DataSpec(msgspec.Struct, frozen=True, kw_only=True):
     pixels); None for a format of no images."""
     channels: ImageChannels = 0
     """images: 1 (grayscale) or 3 (RGB), as the upload found them; 0 for a format of no images."""
+    tokenizer: TokenizerSpec | None = None
+    """text: the corpus's tokenizer (``DatasetUploaded.tokenizer``); None for a format of no text."""
 
 
 MAX_SHOWN_CLASSES: Final = 1000
@@ -243,6 +260,10 @@ class DatasetUploaded(_Message, frozen=True, kw_only=True, tag="DatasetUploaded"
     """One row's feature shape (``[features]``, ``[C, H, W]``); empty in an event from before it."""
     class_counts: ClassCounts = msgspec.field(default_factory=dict)
     """Rows per class (empty when there are more than ``MAX_SHOWN_CLASSES``, or in an older event)."""
+    tokens: BigCount = 0
+    """text: the corpus's length in its tokenizer's tokens; 0 for a format of no text."""
+    tokenizer: TokenizerSpec | None = None
+    """text: the tokenizer fixed at upload; None for a format of no text."""
 
     @property
     def subject(self) -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import get_args
 
-from swarmtrain.common.events import CSV, DataFormat, DataSpec
+from swarmtrain.common.events import CSV, DataFormat, DataSpec, TokenizerSpec
 from swarmtrain.common.registry import Registry
 
 ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
@@ -33,6 +33,9 @@ class FormatRules:
     """The suffix of its blob (``datasets/<id>.<extension>``) and of a peer's cached copy."""
     media_type: str
     """The content type its blob is served with."""
+    labelled: bool = True
+    """Rows with a label a classifier trains on; False: a corpus (a language model's; no model kind
+    trains one yet, so a session on it is refused)."""
 
 
 RULES: Registry[FormatRules] = Registry("data format")
@@ -70,6 +73,15 @@ RULES.add(
         media_type="application/octet-stream",
     ),
 )
+RULES.add(
+    "text",
+    FormatRules(
+        description="a UTF-8 text corpus: .txt, or .jsonl with a text field, for language modelling",
+        extension="text",
+        media_type="text/plain; charset=utf-8",
+        labelled=False,
+    ),
+)
 RULES.check_names(get_args(DataFormat))
 FORMATS: tuple[DataFormat, ...] = get_args(DataFormat)
 
@@ -85,22 +97,27 @@ def detect(head: bytes, members: list[str] | None = None) -> DataFormat:
 
     Parquet opens with ``PAR1``; a zip whose members are all ``.npy`` arrays is an ``npz``, any other
     zip, a tar or a gzip (a ``.tar.gz``) a folder of ``images``; anything else is read as text, a
-    CSV. An upload's ``format`` field confirms the guess (or the upload is refused with both names)."""
+    CSV, or, when its first non-blank character is ``{``, a ``.jsonl`` corpus (``text``; a ``.txt``
+    corpus is uploaded with ``format=text``). An upload's ``format`` field confirms the guess (or the
+    upload is refused with both names)."""
     if head.startswith(PARQUET_MAGIC):
         return "parquet"
     if head.startswith(ZIP_MAGIC):
         return "npz" if members is not None and all(m.endswith(".npy") for m in members) else "images"
     if head.startswith(GZIP_MAGIC) or head[TAR_MAGIC_AT : TAR_MAGIC_AT + 5] == b"ustar":
         return "images"
+    if head.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"{"):
+        return "text"
     return CSV
 
 
-def data_spec(data_format: str, shape: list[int]) -> DataSpec:
-    """How peers read a dataset, from what its ``DatasetUploaded`` recorded (``format``, ``shape``):
-    for images, the size and channels the upload fixed (``shape`` is ``[C, H, W]``)."""
+def data_spec(data_format: str, shape: list[int], tokenizer: TokenizerSpec | None = None) -> DataSpec:
+    """How peers read a dataset, from what its ``DatasetUploaded`` recorded (``format``, ``shape``,
+    ``tokenizer``): for images, the size and channels the upload fixed (``shape`` is ``[C, H, W]``);
+    for text, its tokenizer."""
     if data_format == "images" and len(shape) == 3 and shape[0] in (1, 3):
         return DataSpec(format="images", image_size=[shape[1], shape[2]], channels=1 if shape[0] == 1 else 3)
-    return DataSpec(format=next(f for f in FORMATS if f == data_format))
+    return DataSpec(format=next(f for f in FORMATS if f == data_format), tokenizer=tokenizer)
 
 
 def is_zip(head: bytes) -> bool:

@@ -30,7 +30,14 @@ from litestar.security.jwt import Token
 
 from swarmtrain.common import blobkeys, formats
 from swarmtrain.common.blob import BlobRef, BlobStore
-from swarmtrain.common.events import MAX_IMAGE_SIDE, MAX_LABEL_COLUMN, DataFormat, DatasetUploaded, new_id
+from swarmtrain.common.events import (
+    MAX_IMAGE_SIDE,
+    MAX_LABEL_COLUMN,
+    DataFormat,
+    DatasetUploaded,
+    TokenizerSpec,
+    new_id,
+)
 from swarmtrain.common.settings import Settings
 from swarmtrain.gateway.auth import BEARER, User
 from swarmtrain.gateway.errors import documented
@@ -53,6 +60,8 @@ class DatasetForm:
     """One of ``formats.FORMATS``: confirms what the content is recognised as; unset, it decides."""
     image_size: str | None = None
     """images: ``HxW`` (or ``N`` for NxN) to resize every image to; unset, their one common size."""
+    vocab_size: int | None = None
+    """text: train a BPE tokenizer of this vocabulary at upload; unset, the byte tokenizer (256)."""
 
 
 class DatasetOut(msgspec.Struct, kw_only=True):
@@ -70,6 +79,10 @@ class DatasetOut(msgspec.Struct, kw_only=True):
     """One row's feature shape: ``[features]`` for a table, ``[C, H, W]`` for images."""
     class_counts: dict[str, int] = msgspec.field(default_factory=dict)
     """Rows per class (empty when there are too many classes to show)."""
+    tokens: int = 0
+    """text: the corpus's length in tokens of its tokenizer."""
+    tokenizer: TokenizerSpec | None = None
+    """text: the tokenizer fixed at upload (``byte``, or ``bpe`` stored beside the dataset)."""
 
 
 def dataset_out(event: DatasetUploaded) -> DatasetOut:
@@ -84,22 +97,26 @@ def dataset_out(event: DatasetUploaded) -> DatasetOut:
         label_column=event.label_column,
         created_at=event.occurred_at,
         format=event.format,
-        shape=list(event.shape) or [event.features],
+        shape=list(event.shape) or ([event.features] if formats.rules(event.format).labelled else []),
         class_counts=dict(event.class_counts),
+        tokens=event.tokens,
+        tokenizer=event.tokenizer,
     )
-
-
-_JSON_COLUMNS = ("shape", "class_counts")
 
 
 def _dataset_row_out(row: asyncpg.Record) -> DatasetOut:
     fields = {name: row[name] for name in DatasetOut.__struct_fields__}
-    for name in _JSON_COLUMNS:
-        fields[name] = msgspec.json.decode(fields[name])
+    fields["shape"] = msgspec.json.decode(fields["shape"])
+    fields["class_counts"] = msgspec.json.decode(fields["class_counts"])
+    fields["tokenizer"] = stored_tokenizer(fields["tokenizer"])
     out = DatasetOut(**fields)
-    if not out.shape:  # a dataset uploaded before shapes were recorded: a table
+    if not out.shape and formats.rules(out.format).labelled:  # uploaded before shapes were recorded: a table
         out.shape = [out.features]
     return out
+
+
+def stored_tokenizer(raw: str | None) -> TokenizerSpec | None:
+    return None if raw is None else msgspec.json.decode(raw, type=TokenizerSpec)
 
 
 async def reject_unknown_form_fields(request: Request[Any, Any, Any], allowed: set[str]) -> None:
@@ -189,6 +206,7 @@ async def store_dataset(
     check: Callable[[Summary], None] | None = None,
     data_format: str | None = None,
     image_size: str | None = None,
+    vocab_size: int | None = None,
 ) -> DatasetUploaded:
     """Validate and store an uploaded dataset; returns the (not yet appended) ``DatasetUploaded``.
 
@@ -198,7 +216,7 @@ async def store_dataset(
     """
     label = clean_label_column(label_column)
     requested = clean_format(data_format)
-    options = UploadOptions(label_column=label, image_size=clean_image_size(image_size))
+    options = UploadOptions(label_column=label, image_size=clean_image_size(image_size), vocab_size=vocab_size)
     try:
         summary = await asyncio.to_thread(_validate, upload.file, options, requested, limits(gw.settings))
     except Rejected as exc:
@@ -208,10 +226,16 @@ async def store_dataset(
     dataset_id = new_id()
     data = summary.data
     key = blobkeys.dataset(dataset_id, data.format)
+    tokenizer = data.tokenizer
     try:
         ref = await asyncio.to_thread(_copy, gw.store, key, upload.file)
+        if summary.tokenizer_json is not None and tokenizer is not None:
+            tok = await asyncio.to_thread(
+                gw.store.put_bytes, blobkeys.tokenizer(dataset_id), summary.tokenizer_json.encode()
+            )
+            tokenizer = msgspec.structs.replace(tokenizer, uri=tok.uri, sha256=tok.sha256)
     except BaseException:
-        await discard(gw, key)
+        await discard_dataset(gw, dataset_id, data.format, summary.tokenizer_json is not None)
         raise
     return DatasetUploaded(
         dataset_id=dataset_id,
@@ -227,11 +251,20 @@ async def store_dataset(
         format=data.format,
         shape=summary.shape,
         class_counts=summary.class_counts,
+        tokens=summary.tokens,
+        tokenizer=tokenizer,
     )
 
 
 async def discard(gw: Gateway, key: str) -> None:
     await asyncio.shield(asyncio.to_thread(gw.store.delete, key))
+
+
+async def discard_dataset(gw: Gateway, dataset_id: str, data_format: str, tokenizer: bool) -> None:
+    """Delete every object an upload stored: the dataset, and (``tokenizer``) its BPE tokenizer."""
+    await discard(gw, blobkeys.dataset(dataset_id, data_format))
+    if tokenizer:
+        await discard(gw, blobkeys.tokenizer(dataset_id))
 
 
 async def append_or_discard(gw: Gateway, event: DatasetUploaded) -> None:
@@ -240,13 +273,13 @@ async def append_or_discard(gw: Gateway, event: DatasetUploaded) -> None:
     try:
         await gw.append(event)
     except BaseException:
-        await discard(gw, blobkeys.dataset(event.dataset_id, event.format))
+        await discard_dataset(gw, event.dataset_id, event.format, bool(event.tokenizer and event.tokenizer.uri))
         raise
 
 
 _COLUMNS = (
     "dataset_id, rows, features, classes, sha256, size_bytes, name, label_column, created_at, format, shape,"
-    " class_counts"
+    " class_counts, tokens, tokenizer"
 )
 
 
@@ -271,7 +304,9 @@ class DatasetController(Controller):
         status_code=201,
         summary="Upload a dataset",
         description="A CSV, a Parquet table, a NumPy .npz or a zip/tar of <class>/<file> images, recognised "
-        "from its content (images are resized to `image_size` HxW, else must share one size); the optional "
+        "from its content (images are resized to `image_size` HxW, else must share one size), or a UTF-8 "
+        "text corpus (`format=text`; a .jsonl is recognised; tokenised by bytes, or by a BPE of `vocab_size` "
+        "trained at upload); the optional "
         "`format` field (" + ", ".join(formats.FORMATS) + ") confirms it. A file that is not a usable "
         "dataset of its format is a 400 with the reason, and nothing is stored.",
         responses=documented(400, 401, 413),
@@ -283,7 +318,7 @@ class DatasetController(Controller):
         gw: NamedDependency[Gateway],
     ) -> DatasetOut:
         try:
-            await reject_unknown_form_fields(request, {"file", "label_column", "format", "image_size"})
+            await reject_unknown_form_fields(request, {"file", "label_column", "format", "image_size", "vocab_size"})
             event = await store_dataset(
                 data.file,
                 data.label_column,
@@ -291,6 +326,7 @@ class DatasetController(Controller):
                 gw,
                 data_format=data.format,
                 image_size=data.image_size,
+                vocab_size=data.vocab_size,
             )
             await append_or_discard(gw, event)
         finally:

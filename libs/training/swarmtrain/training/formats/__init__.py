@@ -8,7 +8,7 @@ Adding a format: its name in the contract, its facts in ``common.formats``, and 
 from __future__ import annotations
 
 from swarmtrain.common.formats import FORMATS as NAMES
-from swarmtrain.training.formats import csv, images, npz, parquet
+from swarmtrain.training.formats import csv, images, npz, parquet, text
 from swarmtrain.training.formats.base import (
     FORMATS,
     DataError,
@@ -20,7 +20,7 @@ from swarmtrain.training.formats.base import (
     UploadOptions,
 )
 
-MODULES = (csv, parquet, npz, images)
+MODULES = (csv, parquet, npz, images, text)
 FORMATS.check_names(NAMES)
 
 __all__ = ["FORMATS", "MODULES", "DataError", "Format", "Limits", "Rejected", "Summary", "Table", "UploadOptions"]

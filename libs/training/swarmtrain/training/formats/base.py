@@ -10,6 +10,7 @@ the file the check accepted, the same way on every machine.
 
 from __future__ import annotations
 
+import io
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +51,8 @@ class UploadOptions:
     label_column: str = "label"
     image_size: tuple[int, int] | None = None
     """images: ``(H, W)`` to resize every image to; None: their one common size."""
+    vocab_size: int | None = None
+    """text: train a BPE tokenizer of this vocabulary on the corpus; None: the byte tokenizer."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -68,6 +71,10 @@ class Summary:
     """Rows per class, when there are at most ``MAX_SHOWN_CLASSES`` and every name fits; else empty."""
     data: DataSpec = field(default_factory=DataSpec)
     """How peers read it (the format, and what the upload fixed)."""
+    tokens: int = 0
+    """text: the corpus's length in tokens."""
+    tokenizer_json: str | None = None
+    """text, bpe: the trained tokenizer, which the gateway stores beside the dataset."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -98,6 +105,21 @@ class Format(Protocol):
 
 FORMATS: Registry[Format] = Registry("data format")
 """Every format's two halves by its contract name (``common.formats`` holds its facts)."""
+
+
+class RawStream(io.RawIOBase):
+    """Adapts any binary stream to RawIOBase (for TextIOWrapper) without closing it."""
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self._stream = stream
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
+        data = self._stream.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
 
 
 def shown_counts(counts: Counter[str]) -> dict[str, int]:

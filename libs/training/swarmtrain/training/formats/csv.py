@@ -23,6 +23,7 @@ from swarmtrain.training.formats.base import (
     MAX_CLASSES,
     DataError,
     Limits,
+    RawStream,
     Rejected,
     Summary,
     Table,
@@ -37,21 +38,6 @@ _READ_CHUNK = 1 << 16
 
 CsvRejected = Rejected
 """The upload is not a usable training CSV (the name the gateway's check had)."""
-
-
-class _Raw(io.RawIOBase):
-    """Adapts any binary stream to RawIOBase (for TextIOWrapper) without closing it."""
-
-    def __init__(self, stream: BinaryIO) -> None:
-        self._stream = stream
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
-        data = self._stream.read(len(buffer))
-        buffer[: len(data)] = data
-        return len(data)
 
 
 def _lines(text: io.TextIOWrapper) -> Iterator[str]:
@@ -74,7 +60,7 @@ def _is_number(value: str) -> bool:
 
 def check_csv(stream: BinaryIO, label_column: str = "label") -> Summary:
     """Validate a CSV read from ``stream`` (from its current position); raises ``Rejected``."""
-    text = io.TextIOWrapper(io.BufferedReader(_Raw(stream), _READ_CHUNK), encoding="utf-8-sig", newline="")
+    text = io.TextIOWrapper(io.BufferedReader(RawStream(stream), _READ_CHUNK), encoding="utf-8-sig", newline="")
     reader = csv.reader(_lines(text), strict=True)
     try:
         with text:

@@ -17,7 +17,7 @@ from typing import Annotated, Any
 import msgspec
 from litestar import Controller, Request, get, post
 from litestar.di import NamedDependency
-from litestar.exceptions import NotFoundException
+from litestar.exceptions import ClientException, NotFoundException
 from litestar.params import FromPath, JSONBody, MultipartBody, Parameter, QueryParameter
 from litestar.response import ServerSentEvent, Stream
 from litestar.security.jwt import Token
@@ -77,6 +77,15 @@ async def _owned_status(gw: Gateway, owner_id: str, session_id: str) -> str:
     return await owned("session", session_id, partial(queries.owned_status, gw.pool, owner_id))
 
 
+def _require_labelled(data_format: str) -> None:
+    """A session trains a classifier: a dataset of a format with no labels (a text corpus) has no
+    model kind to train it yet."""
+    if not formats.rules(data_format).labelled:
+        raise ClientException(
+            f"a {data_format} dataset trains a language model: no model kind for it yet (the transformer of issue 22)"
+        )
+
+
 async def _require_room(gw: Gateway, owner_id: str, plan: SessionPlan) -> None:
     await queries.require_session_room(gw.pool, owner_id, gw.settings.max_active_sessions)
     if not plan.queues:  # a session that may wait is queued however few peers are idle now
@@ -107,6 +116,7 @@ class SessionController(Controller):
         plan = plan_session(data, gw.settings)
         owner_id = request.user.user_id
         dataset = await owned_dataset(gw, owner_id, data.dataset_id)
+        _require_labelled(dataset["format"])
         check_against_dataset(
             plan, rows=dataset["rows"], features=dataset["features"], classes=dataset["classes"], settings=gw.settings
         )
@@ -145,6 +155,7 @@ class SessionController(Controller):
             plan = plan_session(session, gw.settings)
 
             def fits(csv: Summary) -> None:
+                _require_labelled(csv.data.format)
                 check_against_dataset(
                     plan, rows=csv.rows, features=csv.features, classes=csv.classes, settings=gw.settings
                 )
