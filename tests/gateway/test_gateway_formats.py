@@ -4,14 +4,17 @@ and leaves no blob and no event behind."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import io
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import numpy as np
 import pytest
+from PIL import Image
 
 from swarmtrain.common.settings import Settings
 from swarmtrain.gateway import create_app
@@ -185,3 +188,35 @@ async def test_a_bad_file_is_400_and_leaves_no_blob_and_no_event(
         listed = (await client.get("/datasets", headers=alice)).json()
         assert [d["dataset_id"] for d in listed] == [good["dataset_id"]]
         assert len(stored_objects(blob_dir)) == 1
+
+
+async def test_a_preview_of_every_format(client: Client, alice: Headers) -> None:
+    async def preview(raw: bytes, name: str, **form: str) -> dict[str, Any]:
+        status, body = await post(client, alice, raw, name, **form)
+        assert status == 201, body
+        r = await client.get(f"/datasets/{body['dataset_id']}/preview", headers=alice)
+        assert r.status_code == 200, r.text
+        out: dict[str, Any] = r.json()
+        assert out["format"] == body["format"] and out["class_counts"] == body["class_counts"]
+        return out
+
+    csv = await preview(small_csv(rows=12, classes=3), "s.csv")
+    assert csv["columns"] == ["a", "b", "label"] and len(csv["rows"]) == 10 and csv["rows"][0][0] == "0"
+
+    table = await preview(table_parquet(rows=30), "t.parquet")
+    assert table["columns"] == ["f0", "f1", "f2", "f3", "colour", "label"]
+    assert [row[4:] for row in table["rows"][:2]] == [["red", "c0"], ["green", "c1"]]
+
+    arrays = await preview(digits_npz(), "d.npz")
+    assert arrays["columns"][:3] == ["y", "x0", "x1"] and arrays["columns"][-1] == "..."
+    assert [row[0] for row in arrays["rows"][:3]] == ["0", "1", "2"]
+
+    images = await preview(archive(digit_images(60)), "d.zip")
+    assert sorted(images["thumbnails"]) == [str(d) for d in range(10)]
+    assert all(1 <= len(v) <= 4 for v in images["thumbnails"].values())
+    first = Image.open(io.BytesIO(base64.b64decode(images["thumbnails"]["0"][0])))
+    assert (first.format, first.size, first.mode) == ("PNG", (8, 8), "L")
+
+    lines = corpus(30)
+    text = await preview(jsonl(lines), "c.jsonl")
+    assert text["lines"] == lines[:10] and text["tokens"] == len("".join(lines).encode())

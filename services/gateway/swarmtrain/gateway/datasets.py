@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import tempfile
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import IO, Annotated, Any, BinaryIO, cast
 
 import asyncpg
@@ -35,16 +37,17 @@ from swarmtrain.common.events import (
     MAX_LABEL_COLUMN,
     DataFormat,
     DatasetUploaded,
+    DataSpec,
     TokenizerSpec,
     new_id,
 )
 from swarmtrain.common.settings import Settings
 from swarmtrain.gateway.auth import BEARER, User
-from swarmtrain.gateway.errors import documented
+from swarmtrain.gateway.errors import Unavailable, documented
 from swarmtrain.gateway.inputs import printable, storable
 from swarmtrain.gateway.ownership import owned
 from swarmtrain.gateway.state import Gateway
-from swarmtrain.training.formats import FORMATS, Limits, Rejected, Summary, UploadOptions
+from swarmtrain.training.formats import FORMATS, DataError, Limits, Preview, Rejected, Summary, UploadOptions
 
 DEFAULT_LABEL = "label"
 MAX_PAGE = 1000
@@ -83,6 +86,21 @@ class DatasetOut(msgspec.Struct, kw_only=True):
     """text: the corpus's length in tokens of its tokenizer."""
     tokenizer: TokenizerSpec | None = None
     """text: the tokenizer fixed at upload (``byte``, or ``bpe`` stored beside the dataset)."""
+
+
+class PreviewOut(msgspec.Struct, kw_only=True):
+    """What the dashboard's dataset page and ``swarmtrain datasets show`` print: the first rows of a
+    table, thumbnails per class for images (PNG, base64), the first lines of a corpus, with the
+    class counts and the token count."""
+
+    dataset_id: str
+    format: DataFormat
+    columns: list[str]
+    rows: list[list[str]]
+    thumbnails: dict[str, list[str]]
+    lines: list[str]
+    class_counts: dict[str, int]
+    tokens: int
 
 
 def dataset_out(event: DatasetUploaded) -> DatasetOut:
@@ -294,6 +312,15 @@ async def owned_dataset(gw: Gateway, owner_id: str, dataset_id: str) -> asyncpg.
     return await owned("dataset", dataset_id, find)
 
 
+def _preview(gw: Gateway, uri: str, sha256: str, spec: DataSpec, label_column: str) -> Preview:
+    """The stored dataset's preview: downloaded (checked, capped) into a temporary folder and looked at."""
+    with tempfile.TemporaryDirectory(prefix="swarmtrain-preview-") as tmp:
+        path = Path(tmp) / f"data.{formats.rules(spec.format).extension}"
+        cap = gw.settings.blob_max_download_mb << 20
+        gw.store.download(gw.store.key_of(uri), path, sha256=sha256, max_bytes=cap)
+        return FORMATS.get(spec.format).preview(path, spec, label_column)
+
+
 class DatasetController(Controller):
     path = "/datasets"
     tags = ["datasets"]
@@ -350,6 +377,34 @@ class DatasetController(Controller):
             offset,
         )
         return [_dataset_row_out(row) for row in rows]
+
+    @get(
+        "/{dataset_id:str}/preview",
+        summary="A look at one of my datasets before training",
+        description="The first rows of a table, up to 4 thumbnails (PNG, base64) for each of up to 20 classes of "
+        "images, the first lines of a corpus; with the class counts and the token count.",
+        responses=documented(400, 401, 404, 503),
+    )
+    async def preview(
+        self, request: Request[User, Token, Any], dataset_id: FromPath[str], gw: NamedDependency[Gateway]
+    ) -> PreviewOut:
+        row = await owned_dataset(gw, request.user.user_id, dataset_id)
+        out = _dataset_row_out(row)
+        spec = formats.data_spec(out.format, out.shape, out.tokenizer)
+        try:
+            look = await asyncio.to_thread(_preview, gw, row["uri"], out.sha256, spec, out.label_column)
+        except (DataError, Rejected, OSError, ValueError) as exc:
+            raise Unavailable(f"the dataset cannot be read now: {str(exc)[:200]}") from None
+        return PreviewOut(
+            dataset_id=out.dataset_id,
+            format=out.format,
+            columns=look.columns,
+            rows=look.rows,
+            thumbnails=look.thumbnails,
+            lines=look.lines,
+            class_counts=out.class_counts,
+            tokens=out.tokens,
+        )
 
     @get("/{dataset_id:str}", summary="One of my datasets", responses=documented(400, 401, 404))
     async def get_dataset(

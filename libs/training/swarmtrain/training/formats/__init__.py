@@ -14,6 +14,7 @@ from swarmtrain.training.formats.base import (
     DataError,
     Format,
     Limits,
+    Preview,
     Rejected,
     Summary,
     Table,
@@ -23,4 +24,15 @@ from swarmtrain.training.formats.base import (
 MODULES = (csv, parquet, npz, images, text)
 FORMATS.check_names(NAMES)
 
-__all__ = ["FORMATS", "MODULES", "DataError", "Format", "Limits", "Rejected", "Summary", "Table", "UploadOptions"]
+__all__ = [
+    "FORMATS",
+    "MODULES",
+    "DataError",
+    "Format",
+    "Limits",
+    "Preview",
+    "Rejected",
+    "Summary",
+    "Table",
+    "UploadOptions",
+]

@@ -91,8 +91,26 @@ class Table:
     label_column: str
 
 
+PREVIEW_ROWS = 10
+PREVIEW_COLUMNS = 20
+PREVIEW_CLASSES = 20
+PREVIEW_THUMBNAILS = 4
+
+
+@dataclass(frozen=True, kw_only=True)
+class Preview:
+    """What a person looks at before training: the first rows of a table (at most
+    ``PREVIEW_COLUMNS`` columns), thumbnails per class for images (PNG, base64), the first lines of
+    a corpus. Read from the stored file; the class counts and token count are the dataset's."""
+
+    columns: list[str] = field(default_factory=list)
+    rows: list[list[str]] = field(default_factory=list)
+    thumbnails: dict[str, list[str]] = field(default_factory=dict)
+    lines: list[str] = field(default_factory=list)
+
+
 class Format(Protocol):
-    """One data format's two halves."""
+    """One data format's halves: the upload check, the reader, and the preview."""
 
     def check(self, stream: BinaryIO, options: UploadOptions, limits: Limits) -> Summary:
         """Validate an upload read from ``stream`` (seekable, from its start); raises ``Rejected``."""
@@ -101,6 +119,20 @@ class Format(Protocol):
     def load(self, path: Path, spec: DataSpec, label_column: str) -> Table:
         """Parse the file ``path`` (which its check accepted); raises ``DataError``."""
         ...
+
+    def preview(self, path: Path, spec: DataSpec, label_column: str) -> Preview:
+        """The first rows (or images, or lines) of the file ``path``, read no further than needed."""
+        ...
+
+
+def cells(values: list[object]) -> list[str]:
+    """A preview row's cells as text, at most ``PREVIEW_COLUMNS`` of them (shortened)."""
+    shown = [str(v)[:40] for v in values[:PREVIEW_COLUMNS]]
+    return [*shown, "..."] if len(values) > PREVIEW_COLUMNS else shown
+
+
+def shown_columns(names: list[str]) -> list[str]:
+    return cells(list(names))
 
 
 FORMATS: Registry[Format] = Registry("data format")

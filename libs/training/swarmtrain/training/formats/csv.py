@@ -21,15 +21,19 @@ from swarmtrain.common.events import CSV, DataSpec
 from swarmtrain.training.formats.base import (
     FORMATS,
     MAX_CLASSES,
+    PREVIEW_ROWS,
     DataError,
     Limits,
+    Preview,
     RawStream,
     Rejected,
     Summary,
     Table,
     UploadOptions,
+    cells,
     check_classes,
     encode_labels,
+    shown_columns,
     shown_counts,
 )
 
@@ -224,6 +228,18 @@ class CsvFormat:
 
     def load(self, path: Path, spec: DataSpec, label_column: str) -> Table:
         return load_csv(path, label_column)
+
+    def preview(self, path: Path, spec: DataSpec, label_column: str) -> Preview:
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f)
+            header = next(reader, [])
+            rows = []
+            for row in reader:
+                if any(cell.strip() for cell in row):
+                    rows.append(cells(list(row)))
+                if len(rows) >= PREVIEW_ROWS:
+                    break
+        return Preview(columns=shown_columns([name.strip() for name in header]), rows=rows)
 
 
 FORMATS.add(CSV, CsvFormat())

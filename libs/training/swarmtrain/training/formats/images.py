@@ -17,6 +17,7 @@ pixels ``C x H x W`` (values 0..255), the label the class folder.
 
 from __future__ import annotations
 
+import base64
 import io
 import tarfile
 import warnings
@@ -35,8 +36,11 @@ from swarmtrain.common.events import DataSpec
 from swarmtrain.training.formats.base import (
     FORMATS,
     MAX_CLASSES,
+    PREVIEW_CLASSES,
+    PREVIEW_THUMBNAILS,
     DataError,
     Limits,
+    Preview,
     Rejected,
     Summary,
     Table,
@@ -48,6 +52,8 @@ from swarmtrain.training.formats.base import (
 )
 
 KINDS = ("PNG", "JPEG")
+THUMBNAIL = 64
+"""A preview's thumbnails are at most this many pixels a side."""
 GRAY = frozenset({"1", "L", "LA", "I", "I;16", "F"})
 
 
@@ -244,6 +250,25 @@ class ImagesFormat:
 
     def load(self, path: Path, spec: DataSpec, label_column: str) -> Table:
         return load_images(path, spec)
+
+    def preview(self, path: Path, spec: DataSpec, label_column: str) -> Preview:
+        thumbnails: dict[str, list[str]] = {}
+        with _archive(path, Limits(max_uncompressed_bytes=1 << 62, max_members=1 << 31)) as archive:
+            for member in _layout(archive.files):
+                if member.label not in thumbnails:
+                    if len(thumbnails) >= PREVIEW_CLASSES:
+                        continue
+                    thumbnails[member.label] = []
+                shown = thumbnails[member.label]
+                if len(shown) >= PREVIEW_THUMBNAILS:
+                    continue
+                image = _open(archive.read(member.name), member.name, Limits(max_image_pixels=1 << 40))
+                image = image.convert("L" if spec.channels == 1 else "RGB")
+                image.thumbnail((THUMBNAIL, THUMBNAIL))
+                out = io.BytesIO()
+                image.save(out, format="PNG")
+                shown.append(base64.b64encode(out.getvalue()).decode())
+        return Preview(thumbnails=thumbnails)
 
 
 FORMATS.add("images", ImagesFormat())

@@ -21,16 +21,20 @@ import numpy as np
 from swarmtrain.common.events import DataSpec
 from swarmtrain.training.formats.base import (
     FORMATS,
+    PREVIEW_ROWS,
     DataError,
     Limits,
+    Preview,
     Rejected,
     Summary,
     Table,
     UploadOptions,
+    cells,
     check_classes,
     check_declared_size,
     check_member_name,
     encode_labels,
+    shown_columns,
     shown_counts,
 )
 
@@ -189,6 +193,15 @@ class NpzFormat:
 
     def load(self, path: Path, spec: DataSpec, label_column: str) -> Table:
         return load_npz(path)
+
+    def preview(self, path: Path, spec: DataSpec, label_column: str) -> Preview:
+        table = load_npz(path)
+        names = ["y", *table.feature_names]
+        rows = [
+            cells([table.classes[int(table.labels[i])], *table.features[i].tolist()])
+            for i in range(min(PREVIEW_ROWS, len(table.labels)))
+        ]
+        return Preview(columns=shown_columns(names), rows=rows)
 
 
 FORMATS.add("npz", NpzFormat())

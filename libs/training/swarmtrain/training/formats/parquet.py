@@ -22,15 +22,19 @@ from swarmtrain.common.events import DataSpec
 from swarmtrain.training.formats.base import (
     FORMATS,
     MAX_CLASSES,
+    PREVIEW_ROWS,
     DataError,
     Limits,
+    Preview,
     Rejected,
     Summary,
     Table,
     UploadOptions,
+    cells,
     check_classes,
     check_declared_size,
     encode_labels,
+    shown_columns,
     shown_counts,
 )
 
@@ -178,6 +182,13 @@ class ParquetFormat:
 
     def load(self, path: Path, spec: DataSpec, label_column: str) -> Table:
         return load_parquet(path, label_column)
+
+    def preview(self, path: Path, spec: DataSpec, label_column: str) -> Preview:
+        with pq.ParquetFile(path) as table:
+            batch = next(table.iter_batches(batch_size=PREVIEW_ROWS), None)
+            names = list(table.schema_arrow.names)
+        rows = [] if batch is None else [cells(list(r.values())) for r in batch.to_pylist()]
+        return Preview(columns=shown_columns(names), rows=rows)
 
 
 FORMATS.add("parquet", ParquetFormat())

@@ -25,8 +25,10 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from swarmtrain.common.events import BYTE_VOCAB, MAX_VOCAB, DataSpec, TokenizerSpec
 from swarmtrain.training.formats.base import (
     FORMATS,
+    PREVIEW_ROWS,
     DataError,
     Limits,
+    Preview,
     RawStream,
     Rejected,
     Summary,
@@ -146,6 +148,9 @@ class TextFormat:
 
     def load(self, path: Path, spec: DataSpec, label_column: str) -> Table:
         raise DataError("a text corpus trains a language model: no model kind for it yet (the transformer of issue 22)")
+
+    def preview(self, path: Path, spec: DataSpec, label_column: str) -> Preview:
+        return Preview(lines=[line[:400] for line in preview_lines(path, PREVIEW_ROWS)])
 
 
 FORMATS.add("text", TextFormat())
