@@ -5,18 +5,22 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import get_args
 
 import msgspec
 import pytest
 
-from swarmtrain.cli import clientcmds
+from swarmtrain.cli import commands
 from swarmtrain.cli.client import ApiError
-from swarmtrain.gateway.sessions.schemas import SessionIn
+from swarmtrain.cli.commands import sessions
+from swarmtrain.cli.main import parser
+from swarmtrain.common.events import ModelKind
+from swarmtrain.gateway.sessions.schemas import ModelIn, SessionIn
 
 
 def parse(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
-    clientcmds.register(parser.add_subparsers())
+    commands.register(parser.add_subparsers())
     return parser.parse_args(["sessions", "start", *argv])
 
 
@@ -30,7 +34,7 @@ def test_every_option_has_a_flag_and_the_body_is_one_the_api_takes(tmp_path: Pat
         *("--max-update-norm", "50", "--init-from", "parent1:2", "--requirements", '{"device": "cuda"}'),
         *("--queue-timeout-s", "30", "--priority", "2", "--precision", "bf16"),
     )
-    body = clientcmds.session_body(args)
+    body = sessions.session_body(args)
     assert body["seed"] == 3 and body["num_peers"] == 5  # the file's fields stay unless a flag says otherwise
     assert body["aggregator"] == {"name": "krum", "f": 1} and body["outer"] == {"name": "momentum"}
     assert body["init_from"] == {"session_id": "parent1", "round": 2}
@@ -41,6 +45,31 @@ def test_every_option_has_a_flag_and_the_body_is_one_the_api_takes(tmp_path: Pat
 
 def test_a_bad_json_option_is_a_one_line_error() -> None:
     with pytest.raises(ApiError, match="--aggregator: not JSON"):
-        clientcmds.session_body(parse("--dataset", "d", "--peers", "1", "--aggregator", "{nope"))
+        sessions.session_body(parse("--dataset", "d", "--peers", "1", "--aggregator", "{nope"))
     with pytest.raises(ApiError, match="--requirements takes a JSON object"):
-        clientcmds.session_body(parse("--dataset", "d", "--peers", "1", "--requirements", "cuda"))
+        sessions.session_body(parse("--dataset", "d", "--peers", "1", "--requirements", "cuda"))
+
+
+def test_every_field_of_the_request_has_its_flag() -> None:
+    """A field added to POST /sessions without a ``sessions start`` flag fails here."""
+    fields = {f.field for f in sessions.START_FLAGS if f.field is not None} | {"hyperparameters"}
+    wanted = {f for f in SessionIn.__struct_fields__ if f != "model"} | {
+        f"model.{f}" for f in ModelIn.__struct_fields__
+    }
+    assert fields == wanted
+
+
+def test_the_model_kinds_offered_are_the_contracts() -> None:
+    (model,) = [f for f in sessions.START_FLAGS if f.flag == "--model"]
+    assert model.choices == get_args(ModelKind)
+
+
+@pytest.mark.parametrize("group", ["sessions", "session"])
+def test_one_sessions_group_under_both_spellings(group: str) -> None:
+    p = parser()
+    replay = p.parse_args([group, "replay-round", "s1", "2"])
+    backtest = p.parse_args([group, "backtest", "s1", "--aggregator", "median"])
+    start = p.parse_args([group, "start", "--dataset", "d", "--peers", "1"])
+    assert (replay.session_id, replay.round) == ("s1", 2) and backtest.aggregator == "median"
+    assert {replay.func.__name__, backtest.func.__name__} == {"_replay_round", "_backtest"}
+    assert sessions.session_body(start)["num_peers"] == 1

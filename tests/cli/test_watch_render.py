@@ -10,8 +10,9 @@ import re
 from pathlib import Path
 from typing import Any
 
-from swarmtrain.cli import clientcmds
+from swarmtrain.cli import commands, output, sessionview
 from swarmtrain.cli.client import Client
+from swarmtrain.cli.commands import sessions
 
 SID = "a" * 32
 
@@ -48,7 +49,7 @@ def _events() -> list[dict[str, Any]]:
 
 def test_off_a_terminal_each_event_is_one_plain_line() -> None:
     out = io.StringIO()
-    watcher = clientcmds.Watcher(Client("http://127.0.0.1:1"), SID, out=out)
+    watcher = sessionview.Watcher(Client("http://127.0.0.1:1"), SID, out=out)
     try:
         for event in _events():
             watcher.on_event(event)
@@ -63,7 +64,7 @@ def test_off_a_terminal_each_event_is_one_plain_line() -> None:
 
 def test_on_a_terminal_the_table_is_redrawn_in_place() -> None:
     out = Terminal()
-    watcher = clientcmds.Watcher(Client("http://127.0.0.1:1"), SID, out=out)
+    watcher = sessionview.Watcher(Client("http://127.0.0.1:1"), SID, out=out)
     try:
         for event in _events():
             watcher.on_event(event)
@@ -82,12 +83,12 @@ def test_on_a_terminal_the_table_is_redrawn_in_place() -> None:
 def _args(**given: Any) -> argparse.Namespace:
     """``sessions start``'s arguments as its real parser gives them with no flag, then ``given``."""
     parser = argparse.ArgumentParser()
-    clientcmds.register(parser.add_subparsers())
+    commands.register(parser.add_subparsers())
     return argparse.Namespace(**{**vars(parser.parse_args(["sessions", "start"])), **given})
 
 
 def test_body_from_flags_and_from_a_file(tmp_path: Path) -> None:
-    body = clientcmds.session_body(_args(dataset="d" * 32, peers=2, lr="0.1,0.01", epochs=3, hidden="32"))
+    body = sessions.session_body(_args(dataset="d" * 32, peers=2, lr="0.1,0.01", epochs=3, hidden="32"))
     assert body == {
         "dataset_id": "d" * 32,
         "num_peers": 2,
@@ -97,19 +98,19 @@ def test_body_from_flags_and_from_a_file(tmp_path: Path) -> None:
     path = tmp_path / "body.json"
     hps = {"epochs": 2, "batch_size": 16, "lr": 0.003}
     path.write_text(json.dumps({"dataset_id": "x", "num_peers": 3, "strategy": "fedavg", "hyperparameters": hps}))
-    body = clientcmds.session_body(_args(file=str(path), rounds=4, epochs=5))
+    body = sessions.session_body(_args(file=str(path), rounds=4, epochs=5))
     assert body["strategy"] == "fedavg" and body["rounds"] == 4 and body["num_peers"] == 3
     assert body["hyperparameters"] == {"epochs": 5, "batch_size": 16, "lr": 0.003}
-    untouched = clientcmds.session_body(_args(file=str(path)))
+    untouched = sessions.session_body(_args(file=str(path)))
     assert untouched["hyperparameters"] == hps
 
 
 def test_a_sessions_lineage_is_one_line_and_none_without_a_parent() -> None:
-    assert clientcmds.lineage_line({"parent_session_id": None}) == ""
+    assert sessionview.lineage_line({"parent_session_id": None}) == ""
     fork = {"parent_session_id": "p" * 32, "parent_round": 3, "excluded_peers": ["pabcdef0123456789"]}
-    line = clientcmds.lineage_line(fork)
+    line = sessionview.lineage_line(fork)
     assert line.startswith(f"started from session {'p' * 32} at round 3, without ")
-    final = clientcmds.lineage_line({"parent_session_id": "q", "parent_round": None, "excluded_peers": []})
+    final = sessionview.lineage_line({"parent_session_id": "q", "parent_round": None, "excluded_peers": []})
     assert final == "started from session q (its final model)"
 
 
@@ -133,9 +134,9 @@ def test_a_fedavg_result_shows_its_round_options_and_each_rounds_rule_and_bytes(
         "rounds": 2,
     }
     out = io.StringIO()
-    clientcmds.print_result(session, out)
+    sessionview.print_result(session, out)
     text = out.getvalue()
     assert "round options: krum(f=1) · int8\n" in text
     header, _rule, first, second = text.split("rounds:\n")[1].splitlines()[:4]
     assert header.split()[-2:] == ["RULE", "BYTES"]
-    assert first.split()[-2:] == ["krum", "18,490"] and second.split()[-2:] == [clientcmds.NONE] * 2
+    assert first.split()[-2:] == ["krum", "18,490"] and second.split()[-2:] == [output.NONE] * 2

@@ -1,4 +1,4 @@
-"""``swarmtrain session backtest SESSION_ID --aggregator krum --f 1``: another aggregation rule
+"""``swarmtrain sessions backtest SESSION_ID --aggregator krum --f 1``: another aggregation rule
 tried on a fedavg session's recorded rounds.
 
 For each closed round it takes the updates that round's ``RoundClosed`` named, fetches them from

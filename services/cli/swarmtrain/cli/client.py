@@ -1,4 +1,4 @@
-"""The swarmtrain REST API from Python: what the user's commands (``clientcmds``) and ``swarmtrain demo``
+"""The swarmtrain REST API from Python: what the user's commands (``cli/commands``) and ``swarmtrain demo``
 are built on. Synchronous (httpx), one method per route, errors as ``ApiError`` carrying the API's
 problem detail. The stored login lives in ``$XDG_CONFIG_HOME/swarmtrain/config.json`` (mode 0600).
 """

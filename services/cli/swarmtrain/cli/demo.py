@@ -3,7 +3,7 @@
 Starts ``swarmtrain up`` on free ports, signs up a user, uploads the sample dataset (shipped in the
 package), runs a sweep across the local peers (one learning rate each), shows every epoch live from
 the session's event stream, then the leaderboard, downloads the best model and stops the stack. It
-goes through ``client.Client`` and ``clientcmds.Watcher``, the code paths of the user's commands.
+goes through ``client.Client`` and ``sessionview.Watcher``, the code paths of the user's commands.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from pathlib import Path
 import httpx
 
 from swarmtrain.cli.client import ApiError, Client
-from swarmtrain.cli.clientcmds import ProgressBar, Watcher, print_result
+from swarmtrain.cli.output import ProgressBar
+from swarmtrain.cli.sessionview import Watcher, print_result
 from swarmtrain.common.events import SWEEP
 from swarmtrain.common.servers import free_port
 

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import msgspec
 
-from swarmtrain.cli import clientcmds, deadletters
+from swarmtrain.cli import commands
+from swarmtrain.cli.commands.base import Group
 from swarmtrain.common import bus, metrics, subjects
 from swarmtrain.common.fedopts import AggregatorName
 from swarmtrain.common.logging import configure, get_logger
@@ -56,6 +57,15 @@ def serve(main: Callable[[Settings, asyncio.Event], Awaitable[None]], settings: 
     return 0
 
 
+def _service_commands(sub: Group) -> None:
+    for name, func, text in (
+        ("gateway", _gateway, "run the REST gateway"),
+        ("scheduler", _scheduler, "run the scheduler"),
+        ("projector", _projector, "run the projector (the only writer of PostgreSQL)"),
+    ):
+        sub.add_parser(name, help=text).set_defaults(func=func)
+
+
 def _gateway(args: argparse.Namespace) -> int:
     from swarmtrain.gateway.app import run
 
@@ -72,6 +82,36 @@ def _projector(args: argparse.Namespace) -> int:
     from swarmtrain.projector.service import run
 
     return serve(run)
+
+
+def _peer_command(sub: Group) -> None:
+    peer = sub.add_parser("peer", help="join the swarm as a training peer")
+    peer.add_argument("--nats", help="NATS URL (default: SWARMTRAIN_NATS_URL)")
+    peer.add_argument("--name", help="a name for this peer; its id is kept per name (default: hostname)")
+    peer.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    peer.add_argument(
+        "--credentials",
+        help="a peer-<n>.env from `swarmtrain nats-config` (its id and NATS nkey), or a folder of them: "
+        "the first one no other peer holds is taken (default: none, for an open NATS server)",
+    )
+    peer.add_argument(
+        "--join",
+        metavar="TOKEN",
+        help="the token `swarmtrain invite` printed on the stack's machine ('-': read it from stdin): "
+        "the stack's NATS address and this peer's credential; state under <state dir>/joined/<peer id>",
+    )
+    peer.add_argument(
+        "--gpus",
+        help="'all' or GPU indexes such as 0,2: one supervised peer per GPU, named <name>-gpu<i>, stopped together",
+    )
+    peer.add_argument(
+        "--label",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="an owner-given label in the peer's specs, matched by a session's requirements (repeatable)",
+    )
+    peer.set_defaults(func=_peer)
 
 
 def _peer(args: argparse.Namespace) -> int:
@@ -113,6 +153,12 @@ def _peer(args: argparse.Namespace) -> int:
         return serve(main, settings)
 
 
+def _projections_command(sub: Group) -> None:
+    proj = sub.add_parser("projections", help="manage the read models")
+    proj_sub = proj.add_subparsers(dest="action", required=True, metavar="ACTION")
+    proj_sub.add_parser("rebuild", help="empty the read models and replay every event").set_defaults(func=_rebuild)
+
+
 def _rebuild(args: argparse.Namespace) -> int:
     from swarmtrain.projector.service import rebuild
 
@@ -121,6 +167,13 @@ def _rebuild(args: argparse.Namespace) -> int:
     replayed, position = asyncio.run(rebuild(settings))
     print(f"projections rebuilt: {replayed} events replayed, position {position}")
     return 0
+
+
+def _tap_command(sub: Group) -> None:
+    tap = sub.add_parser("tap", help="print live events, one JSON per line")
+    tap.add_argument("subject", nargs="?", default=subjects.SESSION_EVENTS)
+    tap.add_argument("--nats", help="NATS URL (default: SWARMTRAIN_NATS_URL)")
+    tap.set_defaults(func=_tap)
 
 
 def _tap(args: argparse.Namespace) -> int:
@@ -184,105 +237,27 @@ def _backtest(args: argparse.Namespace) -> int:
     return 0
 
 
-def _nats_config(args: argparse.Namespace) -> int:
-    from swarmtrain.cli.natsconfig import main as nats_config
-
-    if args.peers < 0:
-        raise ValueError("--peers must be 0 or more")
-    return nats_config(Path(args.out), args.peers, args.sync, args.port, args.cluster)
-
-
-def _up(args: argparse.Namespace) -> int:
-    from swarmtrain.cli.stack import Stack
-
-    return Stack(
-        peers=args.peers,
-        port=args.port,
-        nats_port=args.nats_port,
-        data_dir=Path(args.data_dir).resolve(),
-        listen=args.listen,
-        advertise=args.advertise,
-    ).run()
-
-
-def _invite(args: argparse.Namespace) -> int:
-    from swarmtrain.cli.invite import main as invite
-
-    return invite(Path(args.data_dir).resolve(), args.peers)
-
-
-def _health(args: argparse.Namespace) -> int:
-    from swarmtrain.cli.health import main as health
-
-    return health(args.pid)
-
-
-def _demo(args: argparse.Namespace) -> int:
-    from swarmtrain.cli.demo import demo
-
-    return demo(peers=args.peers, csv_path=Path(args.dataset) if args.dataset else None, epochs=args.epochs)
-
-
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="swarmtrain", description=__doc__)
-    p.add_argument("--version", action="version", version=f"swarmtrain {VERSION}")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    up = sub.add_parser("up", help="run the whole stack on this machine (NATS, PostgreSQL, services, peers)")
-    up.add_argument("--peers", type=int, default=3, help="number of local peers (default 3)")
-    up.add_argument("--port", type=int, default=8000, help="gateway port (default 8000)")
-    up.add_argument("--nats-port", type=int, default=4222, help="NATS port (default 4222)")
-    up.add_argument("--data-dir", default=".swarmtrain", help="where state lives (default ./.swarmtrain)")
-    up.add_argument(
-        "--listen",
-        metavar="ADDRESS",
-        help="let other machines join: NATS and the gateway listen on ADDRESS (0.0.0.0: every interface), "
-        "with NATS authentication and least-privilege credentials on; then `swarmtrain invite` "
-        "(default: loopback only)",
+def _replay_commands(sessions: Group) -> None:
+    """``sessions replay-round`` and ``sessions backtest``: they read the log and the blobs themselves
+    and run the training library (torch), so they load it here, only when one of them runs."""
+    replay = sessions.add_parser("replay-round", help="recompute a fedavg round from the log and the blobs")
+    replay.add_argument("session_id")
+    replay.add_argument("round", type=int)
+    replay.set_defaults(func=_replay_round)
+    backtest = sessions.add_parser(
+        "backtest",
+        help="per round, aggregate a fedavg session's recorded updates with another rule and compare on the "
+        "validation split (a counterfactual on the same updates, not a retraining)",
     )
-    up.add_argument(
-        "--advertise",
-        metavar="HOST",
-        help="with --listen: the host name or address other machines reach this one at "
-        "(default: the listen address, or this machine's primary address for 0.0.0.0)",
-    )
-    up.set_defaults(func=_up)
+    backtest.add_argument("session_id")
+    backtest.add_argument("--aggregator", required=True, choices=typing.get_args(AggregatorName))
+    backtest.add_argument("--f", type=int, default=1, help="krum, multi_krum: peers assumed faulty")
+    backtest.add_argument("--beta", type=float, default=0.25, help="trimmed_mean: fraction trimmed from each end")
+    backtest.add_argument("--m", type=int, default=None, help="multi_krum: updates averaged (default n - f)")
+    backtest.set_defaults(func=_backtest)
 
-    invite = sub.add_parser(
-        "invite", help="print a `swarmtrain peer --join` command that lets another machine join this stack"
-    )
-    invite.add_argument("--peers", type=int, default=1, help="peer credentials to hand out, one line each (default 1)")
-    invite.add_argument("--data-dir", default=".swarmtrain", help="the stack's --data-dir (default ./.swarmtrain)")
-    invite.set_defaults(func=_invite)
 
-    peer = sub.add_parser("peer", help="join the swarm as a training peer")
-    peer.add_argument("--nats", help="NATS URL (default: SWARMTRAIN_NATS_URL)")
-    peer.add_argument("--name", help="a name for this peer; its id is kept per name (default: hostname)")
-    peer.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    peer.add_argument(
-        "--credentials",
-        help="a peer-<n>.env from `swarmtrain nats-config` (its id and NATS nkey), or a folder of them: "
-        "the first one no other peer holds is taken (default: none, for an open NATS server)",
-    )
-    peer.add_argument(
-        "--join",
-        metavar="TOKEN",
-        help="the token `swarmtrain invite` printed on the stack's machine ('-': read it from stdin): "
-        "the stack's NATS address and this peer's credential; state under <state dir>/joined/<peer id>",
-    )
-    peer.add_argument(
-        "--gpus",
-        help="'all' or GPU indexes such as 0,2: one supervised peer per GPU, named <name>-gpu<i>, stopped together",
-    )
-    peer.add_argument(
-        "--label",
-        action="append",
-        default=[],
-        metavar="NAME=VALUE",
-        help="an owner-given label in the peer's specs, matched by a session's requirements (repeatable)",
-    )
-    peer.set_defaults(func=_peer)
-
+def _nats_config_command(sub: Group) -> None:
     natsconf = sub.add_parser(
         "nats-config", help="write a NATS server configuration and least-privilege credentials (nkeys)"
     )
@@ -303,52 +278,110 @@ def parser() -> argparse.ArgumentParser:
     )
     natsconf.set_defaults(func=_nats_config)
 
-    tap = sub.add_parser("tap", help="print live events, one JSON per line")
-    tap.add_argument("subject", nargs="?", default=subjects.SESSION_EVENTS)
-    tap.add_argument("--nats", help="NATS URL (default: SWARMTRAIN_NATS_URL)")
-    tap.set_defaults(func=_tap)
 
-    for name, func, text in (
-        ("gateway", _gateway, "run the REST gateway"),
-        ("scheduler", _scheduler, "run the scheduler"),
-        ("projector", _projector, "run the projector (the only writer of PostgreSQL)"),
-    ):
-        sub.add_parser(name, help=text).set_defaults(func=func)
+def _nats_config(args: argparse.Namespace) -> int:
+    from swarmtrain.cli.natsconfig import main as nats_config
 
-    proj = sub.add_parser("projections", help="manage the read models")
-    proj_sub = proj.add_subparsers(dest="action", required=True, metavar="ACTION")
-    proj_sub.add_parser("rebuild", help="empty the read models and replay every event").set_defaults(func=_rebuild)
+    if args.peers < 0:
+        raise ValueError("--peers must be 0 or more")
+    return nats_config(Path(args.out), args.peers, args.sync, args.port, args.cluster)
 
-    session = sub.add_parser("session", help="inspect a training session")
-    session_sub = session.add_subparsers(dest="action", required=True, metavar="ACTION")
-    replay = session_sub.add_parser("replay-round", help="recompute a fedavg round from the log and the blobs")
-    replay.add_argument("session_id")
-    replay.add_argument("round", type=int)
-    replay.set_defaults(func=_replay_round)
-    backtest = session_sub.add_parser(
-        "backtest",
-        help="per round, aggregate a fedavg session's recorded updates with another rule and compare on the "
-        "validation split (a counterfactual on the same updates, not a retraining)",
+
+def _up_command(sub: Group) -> None:
+    up = sub.add_parser("up", help="run the whole stack on this machine (NATS, PostgreSQL, services, peers)")
+    up.add_argument("--peers", type=int, default=3, help="number of local peers (default 3)")
+    up.add_argument("--port", type=int, default=8000, help="gateway port (default 8000)")
+    up.add_argument("--nats-port", type=int, default=4222, help="NATS port (default 4222)")
+    up.add_argument("--data-dir", default=".swarmtrain", help="where state lives (default ./.swarmtrain)")
+    up.add_argument(
+        "--listen",
+        metavar="ADDRESS",
+        help="let other machines join: NATS and the gateway listen on ADDRESS (0.0.0.0: every interface), "
+        "with NATS authentication and least-privilege credentials on; then `swarmtrain invite` "
+        "(default: loopback only)",
     )
-    backtest.add_argument("session_id")
-    backtest.add_argument("--aggregator", required=True, choices=typing.get_args(AggregatorName))
-    backtest.add_argument("--f", type=int, default=1, help="krum, multi_krum: peers assumed faulty")
-    backtest.add_argument("--beta", type=float, default=0.25, help="trimmed_mean: fraction trimmed from each end")
-    backtest.add_argument("--m", type=int, default=None, help="multi_krum: updates averaged (default n - f)")
-    backtest.set_defaults(func=_backtest)
+    up.add_argument(
+        "--advertise",
+        metavar="HOST",
+        help="with --listen: the host name or address other machines reach this one at "
+        "(default: the listen address, or this machine's primary address for 0.0.0.0)",
+    )
+    up.set_defaults(func=_up)
 
-    demo = sub.add_parser("demo", help="start the stack, train the sample dataset on local peers, show the result")
-    demo.add_argument("--peers", type=int, default=3)
-    demo.add_argument("--epochs", type=int, default=15)
-    demo.add_argument("--dataset", help="a CSV with a `label` column (default: the packaged digits sample)")
-    demo.set_defaults(func=_demo)
+
+def _up(args: argparse.Namespace) -> int:
+    from swarmtrain.cli.stack import Stack
+
+    return Stack(
+        peers=args.peers,
+        port=args.port,
+        nats_port=args.nats_port,
+        data_dir=Path(args.data_dir).resolve(),
+        listen=args.listen,
+        advertise=args.advertise,
+    ).run()
+
+
+def _invite_command(sub: Group) -> None:
+    invite = sub.add_parser(
+        "invite", help="print a `swarmtrain peer --join` command that lets another machine join this stack"
+    )
+    invite.add_argument("--peers", type=int, default=1, help="peer credentials to hand out, one line each (default 1)")
+    invite.add_argument("--data-dir", default=".swarmtrain", help="the stack's --data-dir (default ./.swarmtrain)")
+    invite.set_defaults(func=_invite)
+
+
+def _invite(args: argparse.Namespace) -> int:
+    from swarmtrain.cli.invite import main as invite
+
+    return invite(Path(args.data_dir).resolve(), args.peers)
+
+
+def _health_command(sub: Group) -> None:
     health = sub.add_parser(
         "health", help="check the swarmtrain service or peer a container runs (the image's HEALTHCHECK)"
     )
     health.add_argument("--pid", type=int, default=1, help="the process to check (default 1: the container's)")
     health.set_defaults(func=_health)
-    clientcmds.register(sub)
-    deadletters.register(sub)
+
+
+def _health(args: argparse.Namespace) -> int:
+    from swarmtrain.cli.health import main as health
+
+    return health(args.pid)
+
+
+def _demo_command(sub: Group) -> None:
+    demo = sub.add_parser("demo", help="start the stack, train the sample dataset on local peers, show the result")
+    demo.add_argument("--peers", type=int, default=3)
+    demo.add_argument("--epochs", type=int, default=15)
+    demo.add_argument("--dataset", help="a CSV with a `label` column (default: the packaged digits sample)")
+    demo.set_defaults(func=_demo)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from swarmtrain.cli.demo import demo
+
+    return demo(peers=args.peers, csv_path=Path(args.dataset) if args.dataset else None, epochs=args.epochs)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="swarmtrain", description=__doc__)
+    p.add_argument("--version", action="version", version=f"swarmtrain {VERSION}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (
+        _up_command,
+        _invite_command,
+        _peer_command,
+        _nats_config_command,
+        _tap_command,
+        _service_commands,
+        _projections_command,
+        _demo_command,
+        _health_command,
+    ):
+        add(sub)
+    _replay_commands(commands.register(sub))
     return p
 
 

@@ -1,4 +1,4 @@
-"""``swarmtrain session replay-round SESSION_ID ROUND``: recompute a fedavg round from the log.
+"""``swarmtrain sessions replay-round SESSION_ID ROUND``: recompute a fedavg round from the log.
 
 Reads the session's events from JetStream: its ``SessionRequested`` (the round rules: aggregator,
 outer optimizer, compression, norm bound), every ``RoundClosed`` and the ``RoundAveraged`` the

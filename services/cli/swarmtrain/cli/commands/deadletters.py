@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 
 import asyncpg
 import msgspec
 
+from swarmtrain.cli.commands.base import Group
+from swarmtrain.cli.output import print_json
 from swarmtrain.common.settings import Settings, get_settings
 from swarmtrain.projector.deadletters import listing, retry
 from swarmtrain.projector.service import connect_db
@@ -45,8 +46,7 @@ async def _retry(settings: Settings, seq: int | None) -> list[tuple[int, str | N
 def _cmd_ls(args: argparse.Namespace) -> int:
     rows = asyncio.run(_ls(get_settings()))
     if args.json:
-        json.dump(rows, sys.stdout, indent=2)
-        sys.stdout.write("\n")
+        print_json(rows)
         return 0
     if not rows:
         print("no dead letters")
@@ -78,7 +78,7 @@ def _cmd_retry(args: argparse.Namespace) -> int:
     return 1 if failing else 0
 
 
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def register(sub: Group) -> None:
     """Add ``deadletters`` to the ``swarmtrain`` parser."""
     dl = sub.add_parser("deadletters", help="list and retry the events the projector could not apply")
     actions = dl.add_subparsers(dest="action", required=True, metavar="ACTION")
