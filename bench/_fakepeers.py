@@ -36,18 +36,18 @@ from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext, api
 
 from swarmtrain.common import blob, bus, events
-from swarmtrain.common.events import Heartbeat, ModelSpec, PeerDone, PeerRegistered, Presence, Train
+from swarmtrain.common.events import DataSpec, Heartbeat, ModelSpec, PeerDone, PeerRegistered, Presence, Train
 from swarmtrain.common.models import MlpSpec
 
 
 def model_file(dataset: Path, spec: ModelSpec | None = None, label_column: str = "label") -> bytes:
     """The bytes of an untrained model of ``spec`` for the CSV ``dataset``: what a fake peer's
     ``PeerDone`` names (the scheduler loads and evaluates it as a real peer's)."""
-    from swarmtrain.training.data import load_csv
+    from swarmtrain.training.data import load
     from swarmtrain.training.model import ModelMetadata, build_model, model_bytes
 
     spec = spec or MlpSpec()
-    data = load_csv(dataset, label_column)
+    data = load(dataset, DataSpec(), label_column)
     model = build_model(spec, data.features.shape[1], len(data.classes))
     meta = ModelMetadata.for_spec(
         spec, classes=list(data.classes), feature_names=list(data.feature_names), label_column=label_column

@@ -32,6 +32,7 @@ from nats.aio.msg import Msg
 
 from bench._common import Report, Stack, cli_output, median, quick, signup, upload_dataset, wait_idle_peers
 from swarmtrain.common.events import (
+    DataSpec,
     Heartbeat,
     PeerDone,
     PeerFailed,
@@ -66,11 +67,11 @@ def bare(csv_path: Path, epochs: int) -> dict[str, object]:
     import torch
     from torch import nn
 
-    from swarmtrain.training.data import load_csv, split_indices
+    from swarmtrain.training.data import load, split_indices
     from swarmtrain.training.model import build_model
 
     torch.set_num_threads(1)
-    data = load_csv(csv_path, "label")
+    data = load(csv_path, DataSpec(), "label")
     train_idx, val_idx = split_indices(len(data), VALIDATION_SPLIT, SEED)
     x, y = data.features[train_idx], data.labels[train_idx]
     xv, yv = data.features[val_idx], data.labels[val_idx]

@@ -79,6 +79,10 @@ def _upload(pg: Any, screenshots: Path) -> None:
     pg.wait_for_selector("#upload-status:has-text('uploaded: 1797 rows, 64 features, 10 classes')")
     assert pg.locator("#upload-progress").evaluate("p => p.value") == 100
     assert pg.locator("#datasets tbody tr").count() >= 1
+    pg.click("#datasets tbody tr")  # the preview: the first rows and the class histogram
+    pg.wait_for_selector("#preview:not([hidden]) .preview-rows tbody tr")
+    assert pg.locator("#preview .preview-rows tbody tr").count() == 10
+    assert pg.locator("#preview-classes .class-bar").count() == 10
     pg.screenshot(path=screenshots / "03-datasets.png", full_page=True)
 
 

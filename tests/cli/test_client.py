@@ -21,6 +21,7 @@ from safetensors.numpy import load_file
 from swarmtrain.cli.client import Client
 from swarmtrain.common import servers
 from tests.e2e.conftest import DIGITS, Api, Stack
+from tests.training.formatdata import archive, corpus, digit_images, table_parquet
 
 pytestmark = pytest.mark.e2e
 PASSWORD = "correct horse battery staple"
@@ -218,3 +219,37 @@ def test_client_library_speaks_the_same_api(cli: Cli) -> None:
     with Client(config["api_url"], config["token"]) as client:
         assert client.me()["email"].startswith("cli")
         assert len(client.datasets()) == 1
+
+
+def test_datasets_of_every_format_uploaded_and_shown(cli: Cli, tmp_path: Path) -> None:
+    """After the tests above count the datasets: ``datasets upload --format/--image-size/--vocab-size``
+    and ``datasets show``, the facts and the preview as text."""
+    table = tmp_path / "table.parquet"
+    table.write_bytes(table_parquet(rows=40))
+    up = cli("datasets", "upload", str(table), "--format", "parquet")
+    assert up.returncode == 0 and "40 rows, 6 features, 3 classes" in up.stderr, up.stderr
+    shown = cli("datasets", "show", up.stderr.split("dataset ")[-1].split(":")[0])
+    assert shown.returncode == 0, shown.stderr
+    assert "(parquet," in shown.stdout and "first rows:" in shown.stdout and "colour" in shown.stdout
+    histogram = shown.stdout.split("classes:\n", 1)[1].splitlines()
+    assert [(line.split()[0], line.split()[-1]) for line in histogram] == [("c0", "14"), ("c1", "13"), ("c2", "13")]
+
+    images = tmp_path / "digits.tar.gz"
+    images.write_bytes(archive(digit_images(40), "tar.gz"))
+    up = cli("datasets", "upload", str(images), "--image-size", "8x8", "--json")
+    assert up.returncode == 0, up.stderr
+    ds = json.loads(up.stdout)
+    assert (ds["format"], ds["shape"]) == ("images", [1, 8, 8])
+    shown = cli("datasets", "show", ds["dataset_id"])
+    assert shown.returncode == 0 and "class 7:" in shown.stdout and "@" in shown.stdout, shown.stdout
+
+    corpus_file = tmp_path / "c.txt"
+    lines = corpus(20)
+    corpus_file.write_text("\n".join(lines) + "\n")
+    up = cli("datasets", "upload", str(corpus_file), "--format", "text", "--vocab-size", "280")
+    assert up.returncode == 0 and "20 rows" in up.stderr and "(bpe tokenizer)" in up.stderr, up.stderr
+    shown = cli.json("datasets", "show", up.stderr.split("dataset ")[-1].split(":")[0])
+    assert isinstance(shown, dict) and shown["preview"]["lines"] == lines[:10]
+
+    bad = cli("datasets", "upload", str(corpus_file), "--format", "npz")
+    assert bad.returncode == 1 and "not an .npz file" in bad.stderr and "Traceback" not in bad.stderr

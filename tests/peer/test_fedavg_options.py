@@ -11,7 +11,7 @@ import msgspec
 import torch
 from nats.aio.client import Client as NATS
 
-from swarmtrain.common.events import PeerDone, RoundAveraged, Train
+from swarmtrain.common.events import DataSpec, PeerDone, RoundAveraged, Train
 from swarmtrain.common.fedopts import (
     AggregatorSpec,
     CompressionSpec,
@@ -23,7 +23,7 @@ from swarmtrain.common.fedopts import (
 from swarmtrain.common.settings import Settings
 from swarmtrain.peer.strategies.fedavg import LocalLearner
 from swarmtrain.training.averaging import sha256_hex, state_bytes
-from swarmtrain.training.data import load_csv, split_indices
+from swarmtrain.training.data import load, split_indices
 from swarmtrain.training.rounds import replay_rounds
 from swarmtrain.training.sharding import make_shards
 from tests.peer.helpers import SchedulerPart, reports
@@ -58,7 +58,7 @@ async def test_compressed_median_momentum_on_skewed_shards_every_peer_and_a_newc
         [avg1] = await session.collect(RoundAveraged, lambda e: e.round == 1)
 
         # The shards are the label-skewed ones, with their own sizes (not the equal iid cut).
-        data = load_csv(csv, "digit")
+        data = load(csv, DataSpec(), "digit")
         train_idx, _ = split_indices(len(data), 0.2, 7)
         skewed = make_shards(OPTIONS["sharding"], train_idx, data.labels, 2, 7)  # type: ignore[arg-type]
         assert [ups[p].num_samples for p in (alpha, beta)] == [len(s) for s in skewed.shards]

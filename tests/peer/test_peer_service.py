@@ -23,6 +23,7 @@ from nats.js import JetStreamContext
 
 from swarmtrain.common import bus, events, servers
 from swarmtrain.common.events import (
+    DataSpec,
     Heartbeat,
     Hyperparameters,
     PeerDone,
@@ -34,7 +35,7 @@ from swarmtrain.common.models import MlpSpec
 from swarmtrain.common.settings import Settings
 from swarmtrain.common.signing import UrlSigner
 from swarmtrain.peer import service
-from swarmtrain.training.data import load_csv
+from swarmtrain.training.data import load
 from swarmtrain.training.model import load_model
 from tests.peer.helpers import SchedulerPart, events_stored, presence, registered, reports, running_peer, stored_reports
 from tests.support import wait_for
@@ -112,7 +113,7 @@ async def test_registers_beats_trains_and_reports(
         assert meta.classes == [str(i) for i in range(10)] and meta.label_column == "digit"
         assert len(meta.feature_names) == 64
         # Self-contained: raw (unstandardized) features in, the right digits out.
-        digits = load_csv(blob_dir / "datasets" / "digits.csv", "digit")
+        digits = load(blob_dir / "datasets" / "digits.csv", DataSpec(), "digit")
         with torch.inference_mode():
             predicted = model(digits.features).argmax(dim=1)
         assert (predicted == digits.labels).float().mean().item() > 0.8

@@ -10,10 +10,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from swarmtrain.common.events import Hyperparameters
+from swarmtrain.common.events import DataSpec, Hyperparameters
 from swarmtrain.common.models import MlpSpec
 from swarmtrain.peer.trainer import EpochStats, TrainingStopped, TrainJob, resolve_device, train
-from swarmtrain.training.data import DataError, load_csv, split_indices
+from swarmtrain.training.data import DataError, load, split_indices
 from swarmtrain.training.model import ModelMetadata, Standardize, build_model, load_model, save_model
 
 # ------------------------------------------------------------------ data
@@ -22,7 +22,7 @@ from swarmtrain.training.model import ModelMetadata, Standardize, build_model, l
 def test_load_csv_features_labels_and_sorted_classes(tmp_path: Path) -> None:
     path = tmp_path / "d.csv"
     path.write_text("a,kind,b\n1,cat,2.5\n3, dog ,4\n\n5,bird,-1e2\n")
-    ds = load_csv(path, "kind")
+    ds = load(path, DataSpec(), "kind")
     assert ds.feature_names == ["a", "b"]
     assert ds.classes == ["bird", "cat", "dog"]
     assert ds.features.dtype == torch.float32
@@ -33,7 +33,7 @@ def test_load_csv_features_labels_and_sorted_classes(tmp_path: Path) -> None:
 
 
 def test_load_digits(digits_path: Path) -> None:
-    ds = load_csv(digits_path, "digit")
+    ds = load(digits_path, DataSpec(), "digit")
     assert ds.features.shape == (1797, 64)
     assert ds.classes == [str(i) for i in range(10)]
 
@@ -54,7 +54,7 @@ def test_load_csv_rejects(tmp_path: Path, text: str, label: str, message: str) -
     path = tmp_path / "bad.csv"
     path.write_text(text)
     with pytest.raises(DataError, match=message):
-        load_csv(path, label)
+        load(path, DataSpec(), label)
 
 
 def test_split_is_deterministic_disjoint_and_complete() -> None:

@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 
 from swarmtrain.common import blob
+from swarmtrain.common.events import DataSpec
 from swarmtrain.common.models import MlpSpec
 from swarmtrain.training import evaluation
-from swarmtrain.training.data import load_csv
+from swarmtrain.training.data import load
 from swarmtrain.training.model import ModelMetadata, build_model, model_bytes
 from tests.factories import session_requested
 
@@ -20,7 +21,7 @@ DIGITS = Path(__file__).resolve().parents[2] / "examples" / "digits.csv"
 def stored(tmp_path: Path) -> tuple[blob.FileStore, blob.BlobRef, str, str]:
     store = blob.FileStore(tmp_path / "blobs")
     dataset = store.put_bytes("datasets/digits.csv", DIGITS.read_bytes())
-    data = load_csv(DIGITS, "label")
+    data = load(DIGITS, DataSpec(), "label")
     spec = MlpSpec(hidden=[16])
     meta = ModelMetadata.for_spec(
         spec, classes=list(data.classes), feature_names=list(data.feature_names), label_column="label"

@@ -6,7 +6,8 @@ built from a session's ``rounds_uri`` (``Train.rounds_uri``), so a peer, which h
 keys, builds the very names the scheduler checks its reports against.
 
 ```
-datasets/<dataset_id>.csv                        an uploaded dataset
+datasets/<dataset_id>.<extension>                an uploaded dataset (``formats.rules(f).extension``: .csv, ...)
+datasets/<dataset_id>.tokenizer.json             a text dataset's BPE tokenizer, trained at upload
 sessions/<session_id>/                           everything a session writes, and nothing else
 sessions/<session_id>/models/<peer_id>.safetensors   a run's final model (Train.output_uri)
 sessions/<session_id>/rounds/<r>/<peer_id>.safetensors   fedavg: a peer's update of round r
@@ -17,9 +18,18 @@ sessions/<session_id>/init/start.safetensors     a fork's recomputed starting mo
 
 from __future__ import annotations
 
+from swarmtrain.common import formats
+from swarmtrain.common.events import CSV
 
-def dataset(dataset_id: str) -> str:
-    return f"datasets/{dataset_id}.csv"
+
+def dataset(dataset_id: str, data_format: str = CSV) -> str:
+    """An uploaded dataset: its extension is its format's (``datasets/<id>.csv`` for a CSV)."""
+    return f"datasets/{dataset_id}.{formats.rules(data_format).extension}"
+
+
+def tokenizer(dataset_id: str) -> str:
+    """A text dataset's BPE tokenizer (JSON), trained at upload and stored beside it."""
+    return f"datasets/{dataset_id}.tokenizer.json"
 
 
 def session_prefix(session_id: str) -> str:

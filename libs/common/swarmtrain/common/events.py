@@ -114,6 +114,10 @@ Strategy = Literal["sweep", "fedavg"]
 """How a swarm trains; each strategy's rules live in a module of its own on each side that needs them."""
 SWEEP: Final = "sweep"
 FEDAVG: Final = "fedavg"
+DataFormat = Literal["csv", "parquet", "npz", "images", "text"]
+"""How a dataset's bytes are laid out; each format's facts are in ``common.formats``, its upload
+check and its reader in one module of ``swarmtrain.training.formats``."""
+CSV: Final = "csv"
 OnPeerFailure = Literal["reassign", "continue", "fail"]
 Precision = Literal["fp32", "bf16", "fp16"]
 """What a peer computes in: fp32, or autocast to bf16 / fp16 (fp16 with a gradient scaler)."""
@@ -124,6 +128,52 @@ class Hyperparameters(msgspec.Struct, frozen=True, kw_only=True):
     """Epochs per peer (sweep), or local epochs per round (fedavg)."""
     batch_size: BatchSize
     lr: LearningRate
+
+
+MAX_IMAGE_SIDE: Final = 4096
+ImageSize = Annotated[
+    list[Annotated[int, msgspec.Meta(ge=1, le=MAX_IMAGE_SIDE)]], msgspec.Meta(min_length=2, max_length=2)
+]
+"""[H, W] of an image dataset's pixels."""
+ImageChannels = Literal[0, 1, 3]
+TokenizerKind = Literal["byte", "bpe"]
+BYTE_VOCAB: Final = 256
+MAX_VOCAB: Final = 1 << 20
+
+
+class TokenizerSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """A text corpus's tokenizer, fixed at upload: ``byte`` (UTF-8 bytes, vocabulary 256, nothing
+    stored) or ``bpe`` (trained on the corpus with the ``tokenizers`` library, stored beside the
+    dataset at ``uri``, so every peer and every replay uses the same one)."""
+
+    kind: TokenizerKind = "byte"
+    vocab_size: Annotated[int, msgspec.Meta(ge=1, le=MAX_VOCAB)] = BYTE_VOCAB
+    uri: Uri = ""
+    """bpe: the tokenizer's JSON (``blobkeys.tokenizer``); "" for bytes."""
+    sha256: Digest = ""
+
+
+class DataSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """How a peer reads a session's dataset: what it needs beyond the bytes (the dataset's format
+    and how the upload fixed its reading). The default is a CSV, what every session before data
+    formats meant."""
+
+    format: DataFormat = CSV
+    image_size: ImageSize | None = None
+    """images: ``[H, W]`` every image is resized to (fixed at upload, so every peer reads the same
+    pixels); None for a format of no images."""
+    channels: ImageChannels = 0
+    """images: 1 (grayscale) or 3 (RGB), as the upload found them; 0 for a format of no images."""
+    tokenizer: TokenizerSpec | None = None
+    """text: the corpus's tokenizer (``DatasetUploaded.tokenizer``); None for a format of no text."""
+
+
+MAX_SHOWN_CLASSES: Final = 1000
+"""A dataset's event carries its classes' row counts when it has at most this many."""
+MAX_SHAPE: Final = 4
+Shape = Annotated[list[Count], msgspec.Meta(max_length=MAX_SHAPE)]
+"""The shape of one row's features: ``[features]`` for a table, ``[C, H, W]`` for images."""
+ClassCounts = Annotated[dict[Name, Count], msgspec.Meta(max_length=MAX_SHOWN_CLASSES)]
 
 
 class RoundUpdate(msgspec.Struct, frozen=True, kw_only=True):
@@ -178,6 +228,16 @@ class DatasetUploaded(_Message, frozen=True, kw_only=True, tag="DatasetUploaded"
     features: Count
     classes: Count
     label_column: LabelColumn
+    format: DataFormat = CSV
+    """How the bytes are laid out (an event from before data formats: a CSV)."""
+    shape: Shape = msgspec.field(default_factory=list)
+    """One row's feature shape (``[features]``, ``[C, H, W]``); empty in an event from before it."""
+    class_counts: ClassCounts = msgspec.field(default_factory=dict)
+    """Rows per class (empty when there are more than ``MAX_SHOWN_CLASSES``, or in an older event)."""
+    tokens: BigCount = 0
+    """text: the corpus's length in its tokenizer's tokens; 0 for a format of no text."""
+    tokenizer: TokenizerSpec | None = None
+    """text: the tokenizer fixed at upload; None for a format of no text."""
 
     @property
     def subject(self) -> str:
@@ -261,6 +321,8 @@ class SessionRequested(_SessionEvent, frozen=True, kw_only=True, tag="SessionReq
     priority: Priority = 0
     """Higher is served first; first come, first served within a priority."""
     precision: Precision = "fp32"
+    data: DataSpec = msgspec.field(default_factory=DataSpec)
+    """How the dataset is read (its format); the default: a CSV."""
 
 
 class SessionStarted(_SessionEvent, frozen=True, kw_only=True, tag="SessionStarted"):
@@ -514,6 +576,8 @@ class Train(_Command, frozen=True, kw_only=True, tag="Train"):
     match the model's names and shapes) after fitting the standardization, before training."""
     precision: Precision = "fp32"
     """The session's precision: a peer that cannot compute in it fails the run with the reason."""
+    data: DataSpec = msgspec.field(default_factory=DataSpec)
+    """How the peer reads the dataset (``SessionRequested.data``)."""
 
 
 class Stop(_Command, frozen=True, kw_only=True, tag="Stop"):

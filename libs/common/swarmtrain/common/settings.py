@@ -68,6 +68,15 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     """Gateway port (SWARMTRAIN_PORT)."""
     max_upload_mb: int = 200
     """Largest dataset upload accepted, in MiB (SWARMTRAIN_MAX_UPLOAD_MB)."""
+    max_uncompressed_mb: int = 2048
+    """Most an uploaded archive (an .npz, a zip or tar of images) may hold uncompressed, in MiB:
+    its members' declared sizes together, and what is read of them (SWARMTRAIN_MAX_UNCOMPRESSED_MB);
+    a zip bomb is a 400."""
+    max_archive_members: int = 100_000
+    """Most members an uploaded archive may hold (SWARMTRAIN_MAX_ARCHIVE_MEMBERS)."""
+    max_image_pixels: int = 16_777_216
+    """Most pixels one uploaded image may have, read from its header before its pixels are
+    decoded (SWARMTRAIN_MAX_IMAGE_PIXELS)."""
     jwt_issuer: str = "swarmtrain"
     """``iss`` of the access tokens the gateway issues, and the only one it accepts (SWARMTRAIN_JWT_ISSUER)."""
     jwt_audience: str = "swarmtrain-api"

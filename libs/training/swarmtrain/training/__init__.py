@@ -4,7 +4,8 @@ Peers train with it, the scheduler recomputes a fork's starting model and measur
 with it, the CLI replays and backtests rounds with it. Nothing here does networking or reads the
 log: a caller hands in the bytes, the dataset and the facts.
 
-- ``data``: the CSV reader, the seeded train/validation split, shards' rows.
+- ``formats``: one module a data format, its upload check and its reader side by side.
+- ``data``: a dataset as tensors (its format's reader), the seeded train/validation split, shards' rows.
 - ``models``: one module a model kind (``mlp``, ``cnn``), each builder registered in ``MODELS``.
 - ``model``: a model (the standardization, then its kind's layers) and its safetensors file;
   ``tensorfile``: the file format itself.

@@ -5,7 +5,7 @@ checked, not believed).
 Blocking (torch): the scheduler runs ``measure`` in a worker thread. It is the peers' own code, so
 the figure is the one a peer computes for ``val_accuracy``: the model file loaded as the peer
 loads it (``model.load_model``: safetensors, never unpickled), the dataset parsed as the peer
-parses it (``data.load_csv``, :func:`load_dataset`), the same seeded validation split
+parses it (``data.load`` with its format's reader, :func:`load_dataset`), the same seeded validation split
 (``data.split_indices`` with the session's ``validation_split`` and ``seed``), and :func:`evaluate`.
 
 What is wrong with the MODEL (missing, other bytes than its ``PeerDone`` named, too large, not a
@@ -27,9 +27,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from swarmtrain.common import blob
+from swarmtrain.common import blob, formats
 from swarmtrain.common.events import SessionRequested
-from swarmtrain.training.data import Dataset, load_csv, split_indices
+from swarmtrain.training.data import Dataset, load, split_indices
 from swarmtrain.training.model import load_model
 from swarmtrain.training.sharding import make_shards
 
@@ -117,7 +117,7 @@ CACHED_DATASETS = 2
 data): the end of a session then waits on no download and no parse."""
 CACHED_DATASET_BYTES = 32 << 20
 """Only datasets whose file is at most this large are kept."""
-_cache: OrderedDict[tuple[str, str, str], Dataset] = OrderedDict()
+_cache: OrderedDict[tuple[str, str, str, str], Dataset] = OrderedDict()
 _cache_lock = threading.Lock()
 
 
@@ -125,15 +125,15 @@ def load_dataset(store: blob.BlobStore, request: SessionRequested) -> Dataset:
     """``request``'s dataset from ``store`` (checked against its sha256), parsed as a peer parses it;
     kept (``CACHED_DATASETS``) when small. The key holds the sha256 the download is checked
     against, so a cached copy is the same bytes."""
-    key = (request.dataset_uri, request.dataset_sha256, request.label_column)
+    key = (request.dataset_uri, request.dataset_sha256, request.label_column, repr(request.data))
     with _cache_lock:
         if (hit := _cache.get(key)) is not None:
             _cache.move_to_end(key)
             return hit
     with tempfile.TemporaryDirectory(prefix="swarmtrain-eval-") as tmp:
-        path = Path(tmp) / "data.csv"
+        path = Path(tmp) / f"data.{formats.rules(request.data.format).extension}"
         store.download(store.key_of(request.dataset_uri), path, sha256=request.dataset_sha256)
-        dataset = load_csv(path, request.label_column)
+        dataset = load(path, request.data, request.label_column)
         small = path.stat().st_size <= CACHED_DATASET_BYTES
     if small:
         with _cache_lock:

@@ -96,7 +96,7 @@ def _multipart(path: Path, fields: dict[str, str], progress: Progress | None) ->
     filename = path.name.replace('"', "_")
     head += (
         f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{filename}"\r\n'
-        "Content-Type: text/csv\r\n\r\n"
+        f"Content-Type: {'text/csv' if path.suffix.lower() == '.csv' else 'application/octet-stream'}\r\n\r\n"
     ).encode()
     tail = f"\r\n--{boundary}--\r\n".encode()
     size = path.stat().st_size
@@ -179,8 +179,16 @@ class Client:
         result: list[Json] = self._json("GET", "/peers")
         return result
 
-    def upload(self, path: Path, label_column: str = "label", progress: Progress | None = None) -> Json:
-        content_type, length, body = _multipart(path, {"label_column": label_column}, progress)
+    def upload(
+        self,
+        path: Path,
+        label_column: str = "label",
+        progress: Progress | None = None,
+        options: dict[str, str] | None = None,
+    ) -> Json:
+        """Upload ``path``; ``options``: the form's other fields (``format``, ``image_size``, ``vocab_size``)."""
+        fields = {"label_column": label_column, **(options or {})}
+        content_type, length, body = _multipart(path, fields, progress)
         result: Json = self._json(
             "POST",
             "/datasets",
@@ -192,6 +200,14 @@ class Client:
 
     def datasets(self) -> list[Json]:
         result: list[Json] = self._json("GET", "/datasets")
+        return result
+
+    def dataset(self, dataset_id: str) -> Json:
+        result: Json = self._json("GET", f"/datasets/{dataset_id}")
+        return result
+
+    def preview(self, dataset_id: str) -> Json:
+        result: Json = self._json("GET", f"/datasets/{dataset_id}/preview")
         return result
 
     # ---- sessions

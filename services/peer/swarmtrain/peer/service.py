@@ -68,7 +68,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 
-from swarmtrain.common import blob, bus, events, signing, subjects
+from swarmtrain.common import blob, bus, events, formats, signing, subjects
 from swarmtrain.common.blob import MiB
 from swarmtrain.common.events import (
     PeerFailed,
@@ -506,7 +506,7 @@ class Peer:
         sha256 = command.dataset_sha256.lower()
         if not SHA256_RE.match(sha256):
             raise DataError(f"dataset_sha256 is not a sha256 hex digest: {command.dataset_sha256[:80]!r}")
-        path = self.state_dir / "cache" / "datasets" / f"{sha256}.csv"
+        path = self.state_dir / "cache" / "datasets" / f"{sha256}.{formats.rules(command.data.format).extension}"
         if not path.is_file():
             if not command.dataset_url:
                 raise DataError("the Train carries no dataset_url to fetch the dataset from")

@@ -21,9 +21,9 @@ import torch
 from torch import nn
 
 from swarmtrain.common import metrics
-from swarmtrain.common.events import Hyperparameters, ModelSpec, Precision
+from swarmtrain.common.events import DataSpec, Hyperparameters, ModelSpec, Precision
 from swarmtrain.peer.cache import ParsedCache, tensors_nbytes
-from swarmtrain.training.data import DataError, Dataset, load_csv, split_indices
+from swarmtrain.training.data import DataError, Dataset, load, split_indices
 from swarmtrain.training.evaluation import evaluate
 from swarmtrain.training.init import apply_init, initial_model
 from swarmtrain.training.model import ModelMetadata
@@ -125,6 +125,7 @@ def cpu_bf16_supported() -> bool:
 @dataclass(frozen=True, kw_only=True)
 class TrainJob:
     csv_path: Path
+    """The dataset's file, in ``data.format`` (a CSV unless ``data`` says otherwise)."""
     label_column: str
     model: ModelSpec
     hyperparameters: Hyperparameters
@@ -140,6 +141,8 @@ class TrainJob:
     """The dataset's sha256: its parsed tensors are kept under it (``PARSED``). None: taken from the
     file's name when that is a sha256 (the peer names its downloads so, after checking them)."""
     precision: Precision = "fp32"
+    data: DataSpec = field(default_factory=DataSpec)
+    """How the dataset is read (``Train.data``)."""
 
 
 class EpochStats(msgspec.Struct, frozen=True, kw_only=True):
@@ -222,27 +225,28 @@ _SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
 
 
 def dataset_key(job: TrainJob) -> str | None:
-    """The cache key of the job's parsed dataset: its sha256 and label column, hashed (the same
-    file read with another label column is another dataset); None: not cached."""
+    """The cache key of the job's parsed dataset: its sha256, label column and ``DataSpec``, hashed
+    (the same file read with another label column is another dataset); None: not cached."""
     sha256 = job.dataset_sha256 or (job.csv_path.stem if _SHA256.match(job.csv_path.stem) else None)
     if sha256 is None or not _SHA256.match(sha256):
         return None
-    return hashlib.sha256(f"{sha256.lower()}\x00{job.label_column}".encode()).hexdigest()
+    spec = "" if job.data == DataSpec() else f"\x00{msgspec.json.encode(job.data).decode()}"
+    return hashlib.sha256(f"{sha256.lower()}\x00{job.label_column}{spec}".encode()).hexdigest()
 
 
 def parse(job: TrainJob) -> Dataset:
-    """The job's CSV as tensors: from ``PARSED`` when this process parsed it before."""
+    """The job's dataset as tensors: from ``PARSED`` when this process parsed it before."""
     key = dataset_key(job)
     if key is None:
-        return load_csv(job.csv_path, job.label_column)
+        return load(job.csv_path, job.data, job.label_column)
     parsed = False
 
-    def load() -> Dataset:
+    def read() -> Dataset:
         nonlocal parsed
         parsed = True
-        return load_csv(job.csv_path, job.label_column)
+        return load(job.csv_path, job.data, job.label_column)
 
-    data = PARSED.get_or_load(key, load)
+    data = PARSED.get_or_load(key, read)
     metrics.parse_cache(hit=not parsed)
     return data
 

@@ -41,7 +41,7 @@ TABLES = ("users", "datasets", "peers", "sessions", "session_peers", "heartbeats
 BOOKKEEPING = ("applied_events", "dead_letters")
 """The projector's own tables, emptied and rebuilt with the read models (the gateway reads only the
 dead letters' count)."""
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 """Bump on any change to schema.sql, or to how events are applied: on start (``ensure_schema``) a
 database built with another version has its read models dropped and rebuilt from sequence 1."""
 _SCHEMA_LOCK = 0x5357_5452  # pg_advisory_xact_lock key: one ensure_schema at a time
@@ -255,7 +255,8 @@ async def apply(conn: asyncpg.Connection, seq: int, event: Event) -> None:
             )
         case DatasetUploaded():
             await conn.execute(
-                "INSERT INTO datasets VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) ON CONFLICT DO NOTHING",
+                """INSERT INTO datasets VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13::jsonb,
+                   $14::jsonb, $15, $16::jsonb) ON CONFLICT DO NOTHING""",
                 event.dataset_id,
                 event.owner_id,
                 event.name,
@@ -267,6 +268,11 @@ async def apply(conn: asyncpg.Connection, seq: int, event: Event) -> None:
                 event.classes,
                 event.label_column,
                 event.occurred_at,
+                event.format,
+                _json(event.shape),
+                _json(event.class_counts),
+                event.tokens,
+                None if event.tokenizer is None else _json(event.tokenizer),
             )
         case PeerRegistered():
             await conn.execute(

@@ -23,7 +23,12 @@ CREATE TABLE IF NOT EXISTS datasets (
     features      integer NOT NULL,
     classes       integer NOT NULL,
     label_column  text NOT NULL,
-    created_at    timestamptz NOT NULL
+    created_at    timestamptz NOT NULL,
+    format        text NOT NULL DEFAULT 'csv',      -- events.DataFormat
+    shape         jsonb NOT NULL DEFAULT '[]',       -- one row's feature shape; []: an event from before shapes
+    class_counts  jsonb NOT NULL DEFAULT '{}',       -- rows per class (empty: too many to show, or an older event)
+    tokens        bigint NOT NULL DEFAULT 0,         -- text: the corpus's tokens
+    tokenizer     jsonb                              -- text: events.TokenizerSpec; NULL: not text
 );
 CREATE INDEX IF NOT EXISTS datasets_owner ON datasets (owner_id, created_at);
 

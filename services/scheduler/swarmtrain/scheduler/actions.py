@@ -335,6 +335,7 @@ def train_command(
         init_url=config.sign("GET", init[0]) if init else "",
         init_sha256=init[1] if init else "",
         precision=req.precision,
+        data=req.data,
     )
 
 

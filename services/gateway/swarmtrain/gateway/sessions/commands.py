@@ -8,7 +8,7 @@ import msgspec
 import nats.js.errors
 
 from swarmtrain.common import bus, subjects
-from swarmtrain.common.events import SessionCancelled, SessionRequested, new_id
+from swarmtrain.common.events import DataSpec, SessionCancelled, SessionRequested, new_id
 from swarmtrain.common.status import SESSION_TERMINAL
 from swarmtrain.gateway.errors import Conflict, Unavailable
 from swarmtrain.gateway.ownership import owned
@@ -21,7 +21,15 @@ READ_MODELS_WAIT_S = 5.0
 
 
 async def request_session(
-    gw: Gateway, owner_id: str, plan: SessionPlan, *, dataset_id: str, uri: str, sha256: str, label_column: str
+    gw: Gateway,
+    owner_id: str,
+    plan: SessionPlan,
+    *,
+    dataset_id: str,
+    uri: str,
+    sha256: str,
+    label_column: str,
+    data: DataSpec | None = None,
 ) -> str:
     """Append ``SessionRequested`` for ``plan`` on the dataset (the plan's values whole, each its
     field of the same name); returns the new session's id."""
@@ -35,6 +43,7 @@ async def request_session(
             dataset_sha256=sha256,
             label_column=label_column,
             **msgspec.structs.asdict(plan),
+            data=data or DataSpec(),
         )
     )
     return session_id

@@ -16,6 +16,7 @@ from typing import Any
 import msgspec
 from litestar.exceptions import ClientException, NotFoundException
 
+from swarmtrain.common import formats
 from swarmtrain.common.events import InitFrom, SessionRequested
 from swarmtrain.common.strategies import rules
 from swarmtrain.gateway import eventlog
@@ -136,5 +137,6 @@ async def fork(gw: Gateway, owner_id: str, parent_id: str, data: ForkIn) -> Sess
             uri=dataset["uri"],
             sha256=dataset["sha256"],
             label_column=dataset["label_column"],
+            data=formats.data_spec(dataset["format"], msgspec.json.decode(dataset["shape"])),
         )
     return SessionCreated(session_id=session_id, status=await queries.status(gw.pool, session_id))

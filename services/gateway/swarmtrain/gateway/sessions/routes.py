@@ -14,18 +14,18 @@ from collections.abc import AsyncIterator, Generator
 from functools import partial
 from typing import Annotated, Any
 
+import msgspec
 from litestar import Controller, Request, get, post
 from litestar.di import NamedDependency
-from litestar.exceptions import NotFoundException
+from litestar.exceptions import ClientException, NotFoundException
 from litestar.params import FromPath, JSONBody, MultipartBody, Parameter, QueryParameter
 from litestar.response import ServerSentEvent, Stream
 from litestar.security.jwt import Token
 
-from swarmtrain.common import blob, blobkeys
+from swarmtrain.common import blob, blobkeys, formats
 from swarmtrain.common.logging import get_logger
 from swarmtrain.gateway import eventlog
 from swarmtrain.gateway.auth import BEARER, User
-from swarmtrain.gateway.csvcheck import CsvSummary
 from swarmtrain.gateway.datasets import (
     Limit,
     Offset,
@@ -57,6 +57,7 @@ from swarmtrain.gateway.sessions.schemas import (
     SessionStartForm,
 )
 from swarmtrain.gateway.state import Gateway
+from swarmtrain.training.formats import Summary
 
 JSON_BODY_LIMIT = 64 * 1024
 MAX_EVENTS_PAGE = 1000
@@ -74,6 +75,15 @@ EventsLimit = Annotated[
 async def _owned_status(gw: Gateway, owner_id: str, session_id: str) -> str:
     """The session's status; 404 unless it is ``owner_id``'s."""
     return await owned("session", session_id, partial(queries.owned_status, gw.pool, owner_id))
+
+
+def _require_labelled(data_format: str) -> None:
+    """A session trains a classifier: a dataset of a format with no labels (a text corpus) has no
+    model kind to train it yet."""
+    if not formats.rules(data_format).labelled:
+        raise ClientException(
+            f"a {data_format} dataset trains a language model: no model kind for it yet (the transformer of issue 22)"
+        )
 
 
 async def _require_room(gw: Gateway, owner_id: str, plan: SessionPlan) -> None:
@@ -106,6 +116,7 @@ class SessionController(Controller):
         plan = plan_session(data, gw.settings)
         owner_id = request.user.user_id
         dataset = await owned_dataset(gw, owner_id, data.dataset_id)
+        _require_labelled(dataset["format"])
         check_against_dataset(
             plan, rows=dataset["rows"], features=dataset["features"], classes=dataset["classes"], settings=gw.settings
         )
@@ -120,6 +131,7 @@ class SessionController(Controller):
                 uri=dataset["uri"],
                 sha256=dataset["sha256"],
                 label_column=dataset["label_column"],
+                data=formats.data_spec(dataset["format"], msgspec.json.decode(dataset["shape"])),
             )
         return SessionCreated(session_id=session_id, status=await queries.status(gw.pool, session_id))
 
@@ -142,7 +154,8 @@ class SessionController(Controller):
             session = parse_session({"dataset_id": "", "num_peers": data.num_peers, "hyperparameters": hps})
             plan = plan_session(session, gw.settings)
 
-            def fits(csv: CsvSummary) -> None:
+            def fits(csv: Summary) -> None:
+                _require_labelled(csv.data.format)
                 check_against_dataset(
                     plan, rows=csv.rows, features=csv.features, classes=csv.classes, settings=gw.settings
                 )
@@ -159,6 +172,7 @@ class SessionController(Controller):
                     uri=dataset.uri,
                     sha256=dataset.sha256,
                     label_column=dataset.label_column,
+                    data=formats.data_spec(dataset.format, dataset.shape),
                 )
         finally:
             await data.file.close()

@@ -169,6 +169,7 @@ class LocalLearner:
         job = TrainJob(
             csv_path=csv_path,
             label_column=command.label_column,
+            data=command.data,
             model=command.model,
             hyperparameters=command.hyperparameters,
             validation_split=command.validation_split,

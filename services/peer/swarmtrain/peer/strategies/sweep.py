@@ -37,6 +37,7 @@ async def run(command: Train, ctx: JobContext) -> None:
     job = TrainJob(
         csv_path=ctx.dataset,
         label_column=command.label_column,
+        data=command.data,
         model=command.model,
         hyperparameters=command.hyperparameters,
         validation_split=command.validation_split,

@@ -365,10 +365,45 @@ function kib(n) {
 async function datasetsPage() {
   async function load() {
     const rows = await api("GET", "/datasets");
-    fillRows($("#datasets tbody"), rows.map((d) => el("tr", {},
-      el("td", {}, d.name), el("td", {}, d.rows), el("td", {}, d.features), el("td", {}, d.classes),
-      el("td", {}, d.label_column), el("td", {}, kib(d.size_bytes)), el("td", {}, when(d.created_at)),
-      el("td", {}, el("code", { text: d.dataset_id })))));
+    fillRows($("#datasets tbody"), rows.map((d) => {
+      const tr = el("tr", { class: "clickable", title: "preview" },
+        el("td", {}, d.name), el("td", {}, d.format), el("td", {}, d.rows), el("td", {}, d.features),
+        el("td", {}, d.classes), el("td", {}, d.label_column), el("td", {}, kib(d.size_bytes)),
+        el("td", {}, when(d.created_at)), el("td", {}, el("code", { text: d.dataset_id })));
+      tr.addEventListener("click", () => preview(d).catch(showError));
+      return tr;
+    }));
+  }
+  async function preview(d) {
+    const look = await api("GET", `/datasets/${d.dataset_id}/preview`);
+    $("#preview-title").textContent = `${d.name} (${d.format}, ${d.rows} rows)`;
+    const body = $("#preview-body");
+    const parts = [];
+    if (look.rows.length) {
+      parts.push(el("table", { class: "preview-rows" },
+        el("thead", {}, el("tr", {}, ...look.columns.map((c) => el("th", {}, c)))),
+        el("tbody", {}, ...look.rows.map((r) => el("tr", {}, ...r.map((c) => el("td", {}, c)))))));
+    }
+    for (const [label, thumbs] of Object.entries(look.thumbnails)) {
+      const imgs = thumbs.map((t) => {
+        const img = el("img", { class: "thumbnail", alt: label });
+        img.src = "data:image/png;base64," + t;
+        return img;
+      });
+      parts.push(el("div", { class: "thumbnails" }, el("strong", {}, label + " "), ...imgs));
+    }
+    if (look.lines.length) {
+      parts.push(el("p", { class: "hint" }, `${look.tokens} tokens; the first lines:`));
+      parts.push(el("pre", { class: "preview-lines" }, look.lines.join("\n")));
+    }
+    body.replaceChildren(...parts);
+    const counts = Object.entries(look.class_counts);
+    const most = Math.max(1, ...counts.map(([, n]) => n));
+    $("#preview-classes").replaceChildren(...counts.map(([name, n]) => el("div", { class: "class-bar" },
+      el("span", { class: "class-name" }, name),
+      el("span", { class: "bar", style: `width: ${Math.max(1, Math.round(200 * n / most))}px` }),
+      el("span", { class: "hint" }, String(n)))));
+    $("#preview").hidden = false;
   }
   $("#upload-form").addEventListener("submit", (e) => {
     e.preventDefault();
@@ -391,7 +426,7 @@ async function datasetsPage() {
       try { data = JSON.parse(xhr.responseText); } catch (_) { /* not JSON */ }
       if (xhr.status === 201) {
         bar.value = 100;
-        status.textContent = `uploaded: ${data.rows} rows, ${data.features} features, ${data.classes} classes`;
+        status.textContent = `uploaded: ${data.rows} rows, ${data.features} features, ${data.classes} classes (${data.format})`;
         form.reset();
         await load();
       } else {
@@ -402,7 +437,11 @@ async function datasetsPage() {
     xhr.addEventListener("error", () => showError(new Error("the upload failed: network error")));
     bar.hidden = false;
     bar.value = 0;
-    xhr.send(new FormData(form));
+    const body = new FormData(form);
+    for (const [name, value] of [...body.entries()]) {
+      if (value === "") body.delete(name);  // an option left empty is the gateway's default
+    }
+    xhr.send(body);
   });
   try { await load(); } catch (err) { showError(err); }
 }

@@ -1,4 +1,4 @@
-"""The CSV checks as plain function calls: no servers."""
+"""The CSV format's upload check as plain function calls: no servers."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import io
 
 import pytest
 
-from swarmtrain.gateway.csvcheck import MAX_LINE_CHARS, CsvRejected, check_csv
+from swarmtrain.training.formats.csv import MAX_LINE_CHARS, CsvRejected, check_csv
 from tests.gateway.helpers import small_csv
 
 
