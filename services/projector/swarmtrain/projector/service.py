@@ -18,7 +18,7 @@ import nats.errors
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext, api
 
-from swarmtrain.common import bus, metrics
+from swarmtrain.common import bus, metrics, pg
 from swarmtrain.common.logging import get_logger
 from swarmtrain.common.settings import Settings
 from swarmtrain.projector import deadletters
@@ -47,7 +47,7 @@ async def connect_db(settings: Settings, attempts: int = 60) -> asyncpg.Pool:
     """A pool on the read-model database, retried while PostgreSQL is still starting."""
     for attempt in range(attempts):
         try:
-            pool: asyncpg.Pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=4)
+            pool = await pg.create_pool(settings.database_url, min_size=1, max_size=4)
             return pool
         except _PG_DOWN:
             if attempt == attempts - 1:

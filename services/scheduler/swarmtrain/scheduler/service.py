@@ -194,6 +194,10 @@ class Scheduler:
         """The reports' subscription the loop reads (``may_blame`` asks it what is still pending)."""
         self.transfers_down = False
         """The peers' transfers cannot go through now (``watch_transfers``): no round's deadline runs."""
+        self.woke = 0.0
+        """``perf_counter`` when the loop last woke (a report, the doorbell, a tick): a start's timings."""
+        self.deciding = (0.0, 0.0)
+        """``perf_counter`` when the latest ``decide`` began and ended."""
 
     def on_presence(self, data: bytes) -> None:
         try:
@@ -299,8 +303,10 @@ class Scheduler:
         if (gap := time.monotonic() - self.heard_at) > self.gap_s:
             self.regrace(f"no reading for {gap:.1f}s")
             return
+        began = time.perf_counter()
         with metrics.deciding():
             actions = decide(self.state, clocks(), self.config)
+        self.deciding = (began, time.perf_counter())
         if blames(actions) and not await self.may_blame():
             return
         await self.execute(actions)
@@ -428,9 +434,11 @@ class Scheduler:
                 self.count_shards(sid)
                 return  # a later tick decides the start again, once they are known
             started = msgspec.structs.replace(started, shard_histograms=histograms)
+        t0 = time.perf_counter()
         results = await asyncio.gather(
             *(self.append(lock.event, lock.expected) for lock in action.locks), return_exceptions=True
         )
+        t1 = time.perf_counter()
         locked = [(lock.event.peer_id, r) for lock, r in zip(action.locks, results, strict=True) if isinstance(r, int)]
         failed = [r for r in results if not isinstance(r, int)]
         try:
@@ -450,8 +458,27 @@ class Scheduler:
                     *(self.append(release(sid, p, seq, now)) for p, seq in locked), return_exceptions=True
                 )
                 return
+        t2 = time.perf_counter()
         await asyncio.gather(*(bus.send(self.js, train) for train in action.trains))
-        log.info("session started", session_id=sid, peers=list(action.peer_ids))
+        t3 = time.perf_counter()
+        # where a start's time goes, in this process (P4 reads it): from the loop's waking through
+        # reading the log to the decision, the decision, the locks' compare-and-sets, SessionStarted,
+        # the Trains (published and acknowledged)
+        woke, (decide_began, decided) = self.woke, self.deciding
+        ms = {
+            "woke_to_decide": decide_began - woke if woke <= decide_began else None,
+            "decide": decided - decide_began,
+            "decided_to_locks": t0 - decided if decided <= t0 else None,
+            "locks": t1 - t0,
+            "started": t2 - t1,
+            "trains": t3 - t2,
+        }
+        log.info(
+            "session started",
+            session_id=sid,
+            peers=list(action.peer_ids),
+            ms={k: None if v is None else round(v * 1000, 2) for k, v in ms.items()},
+        )
 
     async def reassign(self, action: Reassign) -> None:
         try:
@@ -724,6 +751,7 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
                         incoming = asyncio.create_task(bus.fetch(reports, decode_report, batch=256, timeout=TICK_S))
                     # sleep until something is appended, a report comes, or a tick has passed
                     await _first(incoming, doorbell, TICK_S)
+                    scheduler.woke = time.perf_counter()
                     rang = doorbell.is_set()
                     doorbell.clear()
                     if rang or not incoming.done():  # the log moved, or a tick passed
