@@ -197,7 +197,7 @@ async def _fetch(sub: JetStreamContext.PullSubscription, batch: int, timeout: fl
     """Up to ``batch`` messages; one that cannot be decoded comes as a ``Delivery`` without an
     event (to be dead-lettered in order, never dropped)."""
     try:
-        msgs = await sub.fetch(batch, timeout=timeout)
+        msgs = await bus.fetch_msgs(sub, batch, timeout)
     except (TimeoutError, nats.errors.TimeoutError):
         return []
     return [deadletters.delivery(msg) for msg in msgs]

@@ -347,12 +347,18 @@ class Scheduler:
             await self.execute(others)
             await asyncio.gather(*(self.execute([a]) for a in starts))
             return
-        for action in actions:
+        run: list[Append] = []
+        for action in [*actions, None]:
+            if isinstance(action, Append):
+                run.append(action)
+                continue
+            if run:  # consecutive appends in flight together: stored in order (one connection), one round trip
+                await self.append_all([a.event for a in run])
+                run = []
+            if action is None:
+                break
             try:
                 match action:
-                    case Append(event=event):
-                        await self.append(event)
-                        log.info("appended", type=type(event).__name__, subject=event.subject)
                     case AppendIf(event=event, expected=expected):
                         with contextlib.suppress(bus.WrongLastSequence):  # moved on: decided again
                             await self.append(event, expected)
@@ -371,6 +377,16 @@ class Scheduler:
                         await self.reassign(action)
             except Exception as exc:
                 log.warning("action failed; will retry", action=repr(action)[:200], error=repr(exc))
+
+    async def append_all(self, events: Sequence[Event]) -> None:
+        """Append ``events`` in flight together, in this order (one connection: stored in order);
+        one that fails is logged and decided again, as any failed action is."""
+        results = await asyncio.gather(*(self.append(e) for e in events), return_exceptions=True)
+        for event, result in zip(events, results, strict=True):
+            if isinstance(result, BaseException):
+                log.warning("action failed; will retry", action=repr(event)[:200], error=repr(result))
+            else:
+                log.info("appended", type=type(event).__name__, subject=event.subject)
 
     async def send_once(self, msg_id: str, command: Command) -> None:
         """Publish ``command`` under ``msg_id`` unless this process sent that id already."""
