@@ -34,7 +34,8 @@ LEADER_APP = "swarmtrain-projector"
 """The lock connection's application_name (with ``:<pid>``): who leads shows in pg_stat_activity."""
 LEADER_CHECK_S = 1.0
 """How often the leader checks that its lock's connection is alive."""
-BATCH = 512
+BATCH = 1024
+"""Events a fetch takes and a transaction applies at most (what has arrived, up to this)."""
 log = get_logger("swarmtrain.projector")
 
 _PG_DOWN = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError)
