@@ -23,8 +23,10 @@ until the last arrives. A and B alternate, ``SESSIONS`` of each.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import httpx
 import nats
@@ -130,6 +132,26 @@ END_STEPS = (
 )
 
 
+def scheduler_steps(path: Path, sessions: set[str]) -> dict[str, list[float]]:
+    """The scheduler's own timing of each start (its ``session started`` log line, ms): from the
+    loop waking to the decision, the decision, the locks' compare-and-sets, ``SessionStarted``, the
+    ``Train`` sends; for the timed sessions only."""
+    out: dict[str, list[float]] = defaultdict(list)
+    for line in path.read_text(errors="replace").splitlines():
+        if '"session started"' not in line:
+            continue
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if entry.get("session_id") not in sessions:
+            continue
+        for step, ms in (entry.get("ms") or {}).items():
+            if isinstance(ms, int | float):
+                out[step].append(float(ms))
+    return out
+
+
 def p50_p99(seconds: list[float]) -> tuple[float, float]:
     return round(median(seconds) * 1000, 2), round(percentile(seconds, 99) * 1000, 2)
 
@@ -155,6 +177,7 @@ async def main() -> Report:
         floor: list[float] = []
         steps: dict[str, list[float]] = defaultdict(list)
         ends: list[float] = []
+        sessions: list[str] = []
         end_steps: dict[str, list[float]] = defaultdict(list)
         async with httpx.AsyncClient(base_url=st.gateway_url, timeout=30) as client:
             await signup(client)
@@ -179,6 +202,7 @@ async def main() -> Report:
                 if not i:  # the first pair warms both paths up
                     continue
                 platform.append(max(arrivals) - t0)
+                sessions.append(sid)
                 floor.append(floor_s)
                 at = {f"{k}.last": v for k, v in marks.last[sid].items()} | marks.first[sid]
                 at |= {"post": t0, "answer": answered, "train.first": min(arrivals), "train.last": max(arrivals)}
@@ -193,6 +217,7 @@ async def main() -> Report:
         await swarm.close()
         for sub in subs:
             await sub.unsubscribe()
+        inside = scheduler_steps(st.logs / "scheduler.log", set(sessions))
         rss = st.rss()
         await nc.drain()
     ms = 1000.0
@@ -230,6 +255,9 @@ async def main() -> Report:
         "peers_per_session": PEERS_PER_SESSION,
         "start_steps_ms_p50_p99": {
             k: (round(median(v) * ms, 2), round(percentile(v, 99) * ms, 2)) for k, v in steps.items()
+        },
+        "scheduler_start_steps_ms_p50_p99": {
+            k: (round(median(v), 2), round(percentile(v, 99), 2)) for k, v in inside.items() if v
         },
         "end_steps_ms_p50_p99": {
             k: (round(median(v) * ms, 2), round(percentile(v, 99) * ms, 2)) for k, v in end_steps.items()

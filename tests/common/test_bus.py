@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import nats
+import nats.errors
 import pytest
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
@@ -237,3 +238,31 @@ async def test_appends_in_flight_together_are_stored_in_the_order_they_were_made
     """What the scheduler relies on when it appends a batch of reports' facts at once."""
     seqs = await asyncio.gather(*(bus.append(js, failed(f"s{i}", "x")) for i in range(200)))
     assert list(seqs) == sorted(seqs) and len(set(seqs)) == 200
+
+
+async def test_fetch_msgs_answers_as_nats_py_fetch_does(js: JetStreamContext) -> None:
+    """``bus.fetch_msgs`` (the same pull request as ``sub.fetch``, without its per-message task):
+    what is stored, up to the batch, in order, at once; nothing: a timeout after ``timeout``; one
+    that arrives while it waits: as soon as it is stored; after a fetch gave up (its request's end
+    arriving late), the next one still gets what comes."""
+    seqs = [await bus.append(js, failed(f"f{i}", "x")) for i in range(700)]
+    sub = await bus.pull_consumer(js, bus.EVENTS_STREAM, ack=api.AckPolicy.NONE, start_seq=seqs[0])
+    first = await bus.fetch_msgs(sub, 512, 2.0)
+    rest = await bus.fetch_msgs(sub, 512, 2.0)
+    assert [bus.stream_seq(m) for m in first + rest] == seqs
+    assert len(first) == 512
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    with pytest.raises(nats.errors.TimeoutError):
+        await bus.fetch_msgs(sub, 512, 0.3)
+    assert loop.time() - began >= 0.25
+    for _ in range(3):  # each time a request of the fetch before may end late, within this one
+        late = asyncio.create_task(asyncio.sleep(0.1))
+        late.add_done_callback(lambda _: asyncio.ensure_future(bus.append(js, failed("late", str(loop.time())))))
+        began = loop.time()
+        [msg] = await bus.fetch_msgs(sub, 512, 3.0)
+        assert loop.time() - began < 2.0  # as soon as it was stored, not at the timeout
+        assert events.decode_event(msg.data).session_id == "late"
+        with pytest.raises(nats.errors.TimeoutError):
+            await bus.fetch_msgs(sub, 512, 0.2)
+    await sub.unsubscribe()

@@ -82,6 +82,7 @@ class Soak:
             except (httpx.HTTPError, AssertionError) as exc:
                 if time.monotonic() > deadline:
                     raise AssertionError(f"{what}: still failing after {timeout}s: {exc}") from exc
+                self.resume_due()  # a process stopped for a while is resumed on time while we wait
                 time.sleep(0.5)
 
     def request(self, dataset: str) -> None:

@@ -16,14 +16,18 @@ timeout is 15 s, long enough for a peer restarted at once to be back within it o
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 from collections.abc import Iterator
 from typing import Any
 
+import nats
+import nats.errors
 import pytest
 
-from swarmtrain.common.events import PeerFailed
+from swarmtrain.common import subjects
+from swarmtrain.common.events import PeerFailed, Train, decode_command
 
 from .checker import Checker, read_stream, rebuild_diff
 from .conftest import make_stack
@@ -57,6 +61,29 @@ def _failures(stack: FaultStack, checker: Checker, sid: str) -> list[str]:
         for s in stored
         if isinstance(s.event, PeerFailed) and s.event.session_id == sid
     ]
+
+
+def _trains(stack: FaultStack, peer: str, sid: str) -> list[int]:
+    """The start round of every ``Train`` sent to ``peer`` in session ``sid`` (the COMMANDS stream)."""
+
+    async def read() -> list[int]:
+        nc = await nats.connect(stack.nats_url.split(","))
+        try:
+            js = nc.jetstream()
+            sub = await js.subscribe(subjects.peer_command(peer), ordered_consumer=True)
+            rounds: list[int] = []
+            with contextlib.suppress(TimeoutError, nats.errors.TimeoutError):
+                while True:
+                    msg = await sub.next_msg(timeout=2)
+                    command = decode_command(msg.data)
+                    if isinstance(command, Train) and command.session_id == sid:
+                        rounds.append(command.start_round)
+            await sub.unsubscribe()
+            return rounds
+        finally:
+            await nc.drain()
+
+    return asyncio.run(read())
 
 
 def _nobody_failed(
@@ -121,6 +148,35 @@ def test_peer_sigkilled_as_its_train_is_sent_then_restarted(
         record["skipped"] = f"restart slower than the {PEER_TIMEOUT_S:.0f} s timeout (load {os.getloadavg()[0]:.0f})"
         pytest.skip("the peer took longer than the timeout to restart on this machine: not the case under test")
     _nobody_failed(stack, api, checker, sid, record, done)
+
+
+def test_peer_sigkilled_after_a_round_resumes_at_the_open_round(
+    stack: FaultStack, api: Api, dataset: str, record: dict[str, Any]
+) -> None:
+    """A peer killed once round 1 has closed, restarted at once: its beats name no ``Train``, so
+    after the re-send wait the scheduler sends it again, starting at the session's open round (with
+    every fact it was sent before, under new ids), not at round 1. The peer rebuilds the last
+    average from those facts as a newcomer does and makes the open round within its deadline;
+    with ``on_peer_failure: fail`` a missed round would fail the session."""
+    record["fault"] = "peer SIGKILL after round 1 of a fedavg, restarted at once (on_peer_failure fail)"
+    checker = Checker(stack, api)
+    ids = api.idle(PEERS)
+    victim = stack.procs["peer-2"]
+    sid = api.fedavg(dataset, 2, rounds=4, hp=LOCAL, on_peer_failure="fail")
+    api.started(sid, 2, timeout=120)  # both peers in round 2: round 1 closed
+    victim.kill()
+    struck = time.monotonic()
+    victim.start()
+    done = api.ended(sid)
+    record["session_end_after_fault_s"] = round(time.monotonic() - struck, 1)
+    if any("went offline" in f for f in _failures(stack, checker, sid)):
+        record["skipped"] = f"restart slower than the {PEER_TIMEOUT_S:.0f} s timeout (load {os.getloadavg()[0]:.0f})"
+        pytest.skip("the peer took longer than the timeout to restart on this machine: not the case under test")
+    _nobody_failed(stack, api, checker, sid, record, done)
+    resumed = [r for r in _trains(stack, ids["peer-2"], sid) if r > 1]
+    record["resumed_at_round"] = resumed
+    assert resumed, "the re-sent Train started at round 1"
+    assert "caught up from a round's average" in stack.tail("peer-2", 200_000), stack.tail("peer-2")
 
 
 def test_postgres_killed_under_the_projector_in_a_loop(

@@ -23,7 +23,7 @@ from swarmtrain.common.events import (
     SessionStarted,
     ShardReassigned,
 )
-from swarmtrain.scheduler.actions import Action, Append, Clocks, Config, Reassign, Timing
+from swarmtrain.scheduler.actions import Action, Append, Clocks, Config, Forward, Reassign, Send, Timing
 from swarmtrain.scheduler.decide import decide
 from swarmtrain.scheduler.state import State, observe_presence, regrace
 from swarmtrain.scheduler.strategies.fedavg import round_deadline
@@ -285,3 +285,27 @@ def test_a_peer_that_took_up_its_work_late_has_the_rounds_whole_deadline_from_th
     assert at(16) == [] and at(26) == []  # overdue for the round, not for c: it works since 12 s
     assert at(28) == ["PeerFailed", "RoundClosed"]
     assert state.streak["c"] == (train_c, 12.0)  # the streak's start, not its latest beat
+
+
+def test_a_peer_restarted_after_a_round_gets_its_train_again_from_the_open_round() -> None:
+    """A peer restarted in round 2 (its beats name no ``Train``): the re-sent ``Train`` starts at
+    round 2, not at its run's first round (which would make it redo round 1 and miss round 2's
+    deadline), and every fact of the session goes to it again under new ids, so it rebuilds round
+    1's average as a newcomer does; its beats naming that ``Train`` count as at work on its run."""
+    state = replay(fedavg(rounds=3), update("a", 1, 2), update("b", 1, 2), update("c", 1, 2))
+    rc = closed(state, 3)
+    assert rc is not None
+    state = replay(state, seen(3, rc))
+    assert state.sessions["s"].round == 2
+    for p in ("a", "b"):
+        state = observe_presence(state, Presence(peer_id=p, name=p, device="cpu", train_id=f"s.{p}.train.1"), 11.0)
+    state = observe_presence(state, Presence(peer_id="c", name="c", device="cpu"), 11.0)  # restarted: idle
+    acts = decided(state, 11.0)
+    sends = [a for a in acts if isinstance(a, Send)]
+    assert [(a.command.peer_id, a.command.start_round, a.id) for a in sends] == [("c", 2, "s.c.train.2.resend.1")]
+    again = [a for a in acts if isinstance(a, Forward) and a.again]
+    assert [(a.peer_id, a.fact.event_id, a.id) for a in again] == [("c", rc.event_id, f"{rc.event_id}.to.c.again.1")]
+    at_work = observe_presence(state, Presence(peer_id="c", name="c", device="cpu", train_id="s.c.train.2"), 12.0)
+    assert not [a for a in decided(at_work, 21.0) if isinstance(a, Send)]  # at work on its run: no re-send
+    assert events(at_work, 21.0) == []  # its round's deadline counts from 12 s, when it took up its work ...
+    assert "PeerFailed" in [type(e).__name__ for e in events(at_work, 23.0)]  # ... and runs out 10 s later

@@ -9,7 +9,6 @@ import socket
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
-import asyncpg
 import uvicorn
 from litestar import Litestar
 from litestar.config.app import AppConfig
@@ -18,7 +17,7 @@ from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
 from litestar.types import ControllerRouterHandler
 
-from swarmtrain.common import blob, bus
+from swarmtrain.common import blob, bus, pg
 from swarmtrain.common.logging import get_logger
 from swarmtrain.common.settings import Settings, get_settings
 from swarmtrain.common.version import VERSION
@@ -109,7 +108,7 @@ async def _open_gateway(settings: Settings, stack: contextlib.AsyncExitStack) ->
     await bus.ensure_streams(js)
     # no connection made here: a gateway (re)started while PostgreSQL restarts serves at once, and
     # answers what needs the database with 503 until it is back
-    pool: asyncpg.Pool = await asyncpg.create_pool(settings.database_url, min_size=0, max_size=10)
+    pool = await pg.create_pool(settings.database_url, min_size=0, max_size=10)
     stack.push_async_callback(pool.close)
     store = blob.open_store(settings.blob_url, settings)
     if isinstance(store, blob.S3Store):

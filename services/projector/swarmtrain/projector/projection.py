@@ -160,14 +160,23 @@ async def apply_batch(pool: asyncpg.Pool, batch: list[tuple[int, Event]]) -> int
 
 
 _INSERT_HEARTBEATS = """
-    INSERT INTO heartbeats
-    SELECT b.* FROM unnest($1::bigint[], $2::text[], $3::text[], $4::integer[], $5::float8[], $6::float8[],
-                           $7::float8[], $8::float8[], $9::float8[], $10::timestamptz[])
-        AS b(seq, session_id, peer_id, epoch, loss, accuracy, val_loss, val_accuracy, samples_per_s, occurred_at)
-    WHERE EXISTS (SELECT 1 FROM session_peers sp WHERE sp.session_id = b.session_id AND sp.peer_id = b.peer_id)
-        AND NOT EXISTS (SELECT 1 FROM sessions s WHERE s.session_id = b.session_id AND s.status = ANY($11::text[]))
-    ON CONFLICT DO NOTHING
+    WITH b AS (
+        SELECT u.* FROM unnest($1::bigint[], $2::text[], $3::text[], $4::integer[], $5::float8[], $6::float8[],
+                               $7::float8[], $8::float8[], $9::float8[], $10::timestamptz[])
+            AS u(seq, session_id, peer_id, epoch, loss, accuracy, val_loss, val_accuracy, samples_per_s, occurred_at)
+        WHERE EXISTS (SELECT 1 FROM session_peers sp WHERE sp.session_id = u.session_id AND sp.peer_id = u.peer_id)
+            AND NOT EXISTS (
+                SELECT 1 FROM sessions s WHERE s.session_id = u.session_id AND s.status = ANY($11::text[])
+            )
+    ), beats AS (
+        INSERT INTO heartbeats SELECT * FROM b ON CONFLICT DO NOTHING
+    )
+    INSERT INTO peers (peer_id, name, device, online, last_seen)
+    SELECT b.peer_id, b.peer_id, 'unknown', false, max(b.occurred_at) FROM b GROUP BY b.peer_id
+    ON CONFLICT (peer_id) DO UPDATE SET last_seen = GREATEST(peers.last_seen, EXCLUDED.last_seen)
 """
+"""A run of heartbeats' rows, and their peers' ``last_seen``, in one statement: the beats of a peer
+assigned to the beat's session, while that session has not ended (checked once for both)."""
 _UPDATE_PROGRESS = """
     UPDATE session_peers sp SET epoch = b.epoch, loss = b.loss, accuracy = b.accuracy, val_loss = b.val_loss,
         val_accuracy = b.val_accuracy, samples_per_s = b.samples_per_s, precision = b.precision
@@ -176,15 +185,6 @@ _UPDATE_PROGRESS = """
         AS b(session_id, peer_id, epoch, loss, accuracy, val_loss, val_accuracy, samples_per_s, precision)
     WHERE sp.session_id = b.session_id AND sp.peer_id = b.peer_id AND sp.status = 'training' AND b.epoch >= sp.epoch
 """
-_TOUCH_ASSIGNED_PEERS = """
-    INSERT INTO peers (peer_id, name, device, online, last_seen)
-    SELECT b.peer_id, b.peer_id, 'unknown', false, max(b.at)
-    FROM unnest($1::text[], $2::text[], $3::timestamptz[]) AS b(session_id, peer_id, at)
-    WHERE EXISTS (SELECT 1 FROM session_peers sp WHERE sp.session_id = b.session_id AND sp.peer_id = b.peer_id)
-        AND NOT EXISTS (SELECT 1 FROM sessions s WHERE s.session_id = b.session_id AND s.status = ANY($4::text[]))
-    GROUP BY b.peer_id
-    ON CONFLICT (peer_id) DO UPDATE SET last_seen = GREATEST(peers.last_seen, EXCLUDED.last_seen)
-"""
 
 
 def _columns(rows: list[tuple[Any, ...]], width: int) -> list[list[Any]]:
@@ -192,7 +192,7 @@ def _columns(rows: list[tuple[Any, ...]], width: int) -> list[list[Any]]:
 
 
 async def apply_heartbeats(conn: asyncpg.Connection, heartbeats: list[tuple[int, Heartbeat]]) -> None:
-    """Apply a run of consecutive heartbeats in three statements, however long the run.
+    """Apply a run of consecutive heartbeats in two statements, however long the run.
 
     The same as applying them one by one: nothing in a run of heartbeats changes which peers a
     session has or their status, so each beat's row stands alone (the first for its epoch: one row
@@ -226,7 +226,6 @@ async def apply_heartbeats(conn: asyncpg.Connection, heartbeats: list[tuple[int,
         if key not in last or row[3] >= last[key][3]:
             last[key] = row
     await conn.execute(_UPDATE_PROGRESS, *_columns([(*row[1:9], row[10]) for row in last.values()], 9))
-    await conn.execute(_TOUCH_ASSIGNED_PEERS, *_columns([(row[1], row[2], row[9]) for row in rows], 3), _TERMINAL)
 
 
 async def _touch_peer(conn: asyncpg.Connection, event: Event, peer_id: str, online: bool | None) -> None:

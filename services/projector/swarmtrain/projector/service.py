@@ -18,7 +18,7 @@ import nats.errors
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext, api
 
-from swarmtrain.common import bus, metrics
+from swarmtrain.common import bus, metrics, pg
 from swarmtrain.common.logging import get_logger
 from swarmtrain.common.settings import Settings
 from swarmtrain.projector import deadletters
@@ -34,7 +34,8 @@ LEADER_APP = "swarmtrain-projector"
 """The lock connection's application_name (with ``:<pid>``): who leads shows in pg_stat_activity."""
 LEADER_CHECK_S = 1.0
 """How often the leader checks that its lock's connection is alive."""
-BATCH = 512
+BATCH = 1024
+"""Events a fetch takes and a transaction applies at most (what has arrived, up to this)."""
 log = get_logger("swarmtrain.projector")
 
 _PG_DOWN = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError)
@@ -47,7 +48,7 @@ async def connect_db(settings: Settings, attempts: int = 60) -> asyncpg.Pool:
     """A pool on the read-model database, retried while PostgreSQL is still starting."""
     for attempt in range(attempts):
         try:
-            pool: asyncpg.Pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=4)
+            pool = await pg.create_pool(settings.database_url, min_size=1, max_size=4)
             return pool
         except _PG_DOWN:
             if attempt == attempts - 1:
@@ -197,7 +198,7 @@ async def _fetch(sub: JetStreamContext.PullSubscription, batch: int, timeout: fl
     """Up to ``batch`` messages; one that cannot be decoded comes as a ``Delivery`` without an
     event (to be dead-lettered in order, never dropped)."""
     try:
-        msgs = await sub.fetch(batch, timeout=timeout)
+        msgs = await bus.fetch_msgs(sub, batch, timeout)
     except (TimeoutError, nats.errors.TimeoutError):
         return []
     return [deadletters.delivery(msg) for msg in msgs]

@@ -147,10 +147,13 @@ class Forward:
 
     peer_id: str
     fact: SessionEvent
+    again: int = 0
+    """Sent again with the ``again``-th re-send of the run's ``Train`` (a new id: a restarted peer
+    knows nothing it was sent before)."""
 
     @property
     def id(self) -> str:
-        return forward_id(self.fact, self.peer_id)
+        return forward_id(self.fact, self.peer_id) + (f".again.{self.again}" if self.again else "")
 
 
 @dataclass(frozen=True)
@@ -273,7 +276,12 @@ def session_failed(session_id: str, reason: str, clocks: Clocks) -> Append:
 def train_id(session_id: str, peer_id: str, start_round: int) -> str:
     """The id of the ``Train`` that starts ``peer_id``'s run at ``start_round``: what its presence
     beats name while it works on it."""
-    return f"{session_id}.{peer_id}.train.{start_round}"
+    return f"{train_prefix(session_id, peer_id)}{start_round}"
+
+
+def train_prefix(session_id: str, peer_id: str) -> str:
+    """What the id of every ``Train`` of ``peer_id``'s run in ``session_id`` starts with."""
+    return f"{session_id}.{peer_id}.train."
 
 
 def resend_id(train: Train, n: int) -> str:

@@ -48,7 +48,7 @@ from swarmtrain.scheduler.actions import (
     session_failed,
     stop,
     train_command,
-    train_id,
+    train_prefix,
 )
 from swarmtrain.scheduler.placement import Expired, PeerView, Placement, Request
 from swarmtrain.scheduler.state import Peer, Run, Session, State
@@ -119,8 +119,8 @@ def at_work(state: State, now: float) -> dict[str, float]:
             if run.status != "training":
                 continue
             streak = state.streak.get(peer_id)
-            train = train_id(session.session_id, peer_id, run.start_round)
-            out[peer_id] = streak[1] if streak is not None and streak[0] == train else now
+            mine = train_prefix(session.session_id, peer_id)  # any Train of the run: a re-sent one too
+            out[peer_id] = streak[1] if streak is not None and streak[0].startswith(mine) else now
     return out
 
 
@@ -139,7 +139,7 @@ def resend(
         peer = state.peers.get(peer_id)
         if run.status != "training" or peer is None or not peer.online or peer_id in (skip or ()):
             continue
-        train = train_id(session.session_id, peer_id, run.start_round)
+        train = train_prefix(session.session_id, peer_id)
         unseen = min(clocks.wall - run.since, clocks.now - state.seen_working(peer_id, train))
         if unseen <= timing.resend_after:
             continue
@@ -152,18 +152,32 @@ def resend(
             )
             actions.append(peer_failed(session.session_id, peer_id, reason, clocks))
             continue
-        command = _train(session, peer_id, run, clocks, config)
+        command = _train(session, peer_id, run, clocks, config, resume_round(session, run))
         actions.append(Send(command, msg_id=resend_id(command, n)))
+        # a peer that lost its Train (restarted) knows none of the facts it was sent: all of them
+        # again, under new ids, so it rebuilds the round it resumes at from them
+        actions += [Forward(peer_id, fact, again=n) for fact in session.facts]
     return actions
 
 
-def _train(session: Session, peer_id: str, run: Run, clocks: Clocks, config: Config) -> Train:
+def resume_round(session: Session, run: Run) -> int:
+    """The round a re-sent ``Train`` starts at: the session's open round (the last once all closed),
+    never before the run's own start; a restarted peer rebuilds the average it starts from out of the
+    forwarded facts, as a newcomer does, instead of redoing every round since its run began."""
+    if not strategy_of(session.request.strategy).rounds or session.round < 1:
+        return run.start_round
+    return max(run.start_round, min(session.round, session.request.rounds))
+
+
+def _train(
+    session: Session, peer_id: str, run: Run, clocks: Clocks, config: Config, start_round: int | None = None
+) -> Train:
     return train_command(
         session.request,
         peer_id,
         run.hyperparameters,
         run.shard,
-        run.start_round,
+        run.start_round if start_round is None else start_round,
         clocks,
         config,
         session.max_model_bytes(),

@@ -194,6 +194,10 @@ class Scheduler:
         """The reports' subscription the loop reads (``may_blame`` asks it what is still pending)."""
         self.transfers_down = False
         """The peers' transfers cannot go through now (``watch_transfers``): no round's deadline runs."""
+        self.woke = 0.0
+        """``perf_counter`` when the loop last woke (a report, the doorbell, a tick): a start's timings."""
+        self.deciding = (0.0, 0.0)
+        """``perf_counter`` when the latest ``decide`` began and ended."""
 
     def on_presence(self, data: bytes) -> None:
         try:
@@ -299,8 +303,10 @@ class Scheduler:
         if (gap := time.monotonic() - self.heard_at) > self.gap_s:
             self.regrace(f"no reading for {gap:.1f}s")
             return
+        began = time.perf_counter()
         with metrics.deciding():
             actions = decide(self.state, clocks(), self.config)
+        self.deciding = (began, time.perf_counter())
         if blames(actions) and not await self.may_blame():
             return
         await self.execute(actions)
@@ -341,12 +347,18 @@ class Scheduler:
             await self.execute(others)
             await asyncio.gather(*(self.execute([a]) for a in starts))
             return
-        for action in actions:
+        run: list[Append] = []
+        for action in [*actions, None]:
+            if isinstance(action, Append):
+                run.append(action)
+                continue
+            if run:  # consecutive appends in flight together: stored in order (one connection), one round trip
+                await self.append_all([a.event for a in run])
+                run = []
+            if action is None:
+                break
             try:
                 match action:
-                    case Append(event=event):
-                        await self.append(event)
-                        log.info("appended", type=type(event).__name__, subject=event.subject)
                     case AppendIf(event=event, expected=expected):
                         with contextlib.suppress(bus.WrongLastSequence):  # moved on: decided again
                             await self.append(event, expected)
@@ -365,6 +377,16 @@ class Scheduler:
                         await self.reassign(action)
             except Exception as exc:
                 log.warning("action failed; will retry", action=repr(action)[:200], error=repr(exc))
+
+    async def append_all(self, events: Sequence[Event]) -> None:
+        """Append ``events`` in flight together, in this order (one connection: stored in order);
+        one that fails is logged and decided again, as any failed action is."""
+        results = await asyncio.gather(*(self.append(e) for e in events), return_exceptions=True)
+        for event, result in zip(events, results, strict=True):
+            if isinstance(result, BaseException):
+                log.warning("action failed; will retry", action=repr(event)[:200], error=repr(result))
+            else:
+                log.info("appended", type=type(event).__name__, subject=event.subject)
 
     async def send_once(self, msg_id: str, command: Command) -> None:
         """Publish ``command`` under ``msg_id`` unless this process sent that id already."""
@@ -428,9 +450,11 @@ class Scheduler:
                 self.count_shards(sid)
                 return  # a later tick decides the start again, once they are known
             started = msgspec.structs.replace(started, shard_histograms=histograms)
+        t0 = time.perf_counter()
         results = await asyncio.gather(
             *(self.append(lock.event, lock.expected) for lock in action.locks), return_exceptions=True
         )
+        t1 = time.perf_counter()
         locked = [(lock.event.peer_id, r) for lock, r in zip(action.locks, results, strict=True) if isinstance(r, int)]
         failed = [r for r in results if not isinstance(r, int)]
         try:
@@ -450,8 +474,27 @@ class Scheduler:
                     *(self.append(release(sid, p, seq, now)) for p, seq in locked), return_exceptions=True
                 )
                 return
+        t2 = time.perf_counter()
         await asyncio.gather(*(bus.send(self.js, train) for train in action.trains))
-        log.info("session started", session_id=sid, peers=list(action.peer_ids))
+        t3 = time.perf_counter()
+        # where a start's time goes, in this process (P4 reads it): from the loop's waking through
+        # reading the log to the decision, the decision, the locks' compare-and-sets, SessionStarted,
+        # the Trains (published and acknowledged)
+        woke, (decide_began, decided) = self.woke, self.deciding
+        ms = {
+            "woke_to_decide": decide_began - woke if woke <= decide_began else None,
+            "decide": decided - decide_began,
+            "decided_to_locks": t0 - decided if decided <= t0 else None,
+            "locks": t1 - t0,
+            "started": t2 - t1,
+            "trains": t3 - t2,
+        }
+        log.info(
+            "session started",
+            session_id=sid,
+            peers=list(action.peer_ids),
+            ms={k: None if v is None else round(v * 1000, 2) for k, v in ms.items()},
+        )
 
     async def reassign(self, action: Reassign) -> None:
         try:
@@ -724,6 +767,7 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
                         incoming = asyncio.create_task(bus.fetch(reports, decode_report, batch=256, timeout=TICK_S))
                     # sleep until something is appended, a report comes, or a tick has passed
                     await _first(incoming, doorbell, TICK_S)
+                    scheduler.woke = time.perf_counter()
                     rang = doorbell.is_set()
                     doorbell.clear()
                     if rang or not incoming.done():  # the log moved, or a tick passed

@@ -231,9 +231,10 @@ class State:
         return max(self.beats.get(peer_id, self.started_at), self.grace_from)
 
     def seen_working(self, peer_id: str, train: str) -> float:
-        """When a beat of ``peer_id`` last named ``train`` (for judging: never before the latest grace)."""
+        """When a beat of ``peer_id`` last named a ``Train`` whose id starts with ``train`` (a run's
+        ``train_prefix``, or one id) (for judging: never before the latest grace)."""
         working = self.working.get(peer_id)
-        seen = working[1] if working is not None and working[0] == train else float("-inf")
+        seen = working[1] if working is not None and working[0].startswith(train) else float("-inf")
         return max(seen, self.beats_since)
 
 
