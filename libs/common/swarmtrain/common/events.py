@@ -123,11 +123,39 @@ Precision = Literal["fp32", "bf16", "fp16"]
 """What a peer computes in: fp32, or autocast to bf16 / fp16 (fp16 with a gradient scaler)."""
 
 
-class Hyperparameters(msgspec.Struct, frozen=True, kw_only=True):
+Optimizer = Literal["adamw", "sgd"]
+"""The local optimizer: AdamW (with ``weight_decay`` 0, bit for bit the Adam of sessions stored
+before the choice existed) or SGD with ``momentum``."""
+LrSchedule = Literal["constant", "cosine"]
+WeightDecay = Annotated[float, msgspec.Meta(ge=0, le=1)]
+Momentum = Annotated[float, msgspec.Meta(ge=0, lt=1)]
+ClipNorm = Annotated[float, msgspec.Meta(gt=0, le=1e6)]
+MAX_WARMUP_STEPS: Final = 10_000_000
+MAX_ACCUMULATION: Final = 1_024
+
+
+class Hyperparameters(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """How one run trains (``training/optim.py`` turns them into its optimizer steps). Each field
+    past ``lr`` has the default that trains as sessions stored before it did."""
+
     epochs: Epochs
     """Epochs per peer (sweep), or local epochs per round (fedavg)."""
     batch_size: BatchSize
     lr: LearningRate
+    optimizer: Optimizer = "adamw"
+    weight_decay: WeightDecay = 0.0
+    """AdamW's decoupled decay, SGD's L2 penalty."""
+    momentum: Momentum = 0.9
+    """sgd only."""
+    grad_clip_norm: ClipNorm | None = None
+    """Clip the gradients' total L2 norm to this before each step; None: no clipping."""
+    lr_schedule: LrSchedule = "constant"
+    """``cosine``: from ``lr`` down to 0 over the run's optimizer steps, after the warmup."""
+    warmup_steps: Annotated[int, msgspec.Meta(ge=0, le=MAX_WARMUP_STEPS)] = 0
+    """Optimizer steps over which the rate rises linearly to ``lr`` (either schedule)."""
+    grad_accumulation: Annotated[int, msgspec.Meta(ge=1, le=MAX_ACCUMULATION)] = 1
+    """Batches whose gradients are summed into one step: a step sees ``batch_size * grad_accumulation``
+    samples, for batches larger than a peer's memory holds."""
 
 
 MAX_IMAGE_SIDE: Final = 4096

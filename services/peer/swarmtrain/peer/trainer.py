@@ -27,6 +27,7 @@ from swarmtrain.training.data import DataError, Dataset, load, split_indices
 from swarmtrain.training.evaluation import evaluate
 from swarmtrain.training.init import apply_init, initial_model
 from swarmtrain.training.model import ModelMetadata
+from swarmtrain.training.optim import Steps, steps_per_epoch
 
 
 class TrainingStopped(Exception):
@@ -94,16 +95,6 @@ class Amp:
             return
         with torch.autocast(device_type=self.device_type, dtype=self.dtype):
             yield
-
-    def step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
-        """Backward and step: scaled for fp16 (a step whose gradients overflowed is skipped)."""
-        if self.scaler is None:
-            loss.backward()  # type: ignore[no-untyped-call]
-            optimizer.step()
-            return
-        self.scaler.scale(loss).backward()  # type: ignore[no-untyped-call]
-        self.scaler.step(optimizer)
-        self.scaler.update()
 
 
 _cpu_bf16: bool | None = None
@@ -269,7 +260,7 @@ def metadata_for(spec: ModelSpec, data: Dataset) -> ModelMetadata:
 
 def run_epoch(
     model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    steps: Steps,
     x: torch.Tensor,
     y: torch.Tensor,
     batch_size: int,
@@ -280,7 +271,8 @@ def run_epoch(
 ) -> tuple[float, float, float]:
     """One pass over ``(x, y)`` in a shuffled order: ``(mean loss, accuracy, seconds)``, both running.
 
-    ``amp``: the forward pass autocast (and fp16's loss scaled); None: fp32. Raises
+    ``steps``: the run's optimizer steps (``training/optim.py``), flushed at the epoch's end.
+    ``amp``: the forward pass autocast; None: fp32. Raises
     ``TrainingStopped`` before any batch once ``stop`` is set, ``Diverged`` when the epoch's loss is
     not finite.
     """
@@ -301,10 +293,10 @@ def run_epoch(
         with amp.autocast():
             logits = model(xb)
             loss = loss_fn(logits, yb)
-        optimizer.zero_grad(set_to_none=True)
-        amp.step(loss, optimizer)
+        steps.backward(loss)
         loss_sum += loss.detach().float() * yb.shape[0]
         correct += (logits.detach().argmax(dim=1) == yb).sum()
+    steps.flush()
     train_loss, train_correct = loss_sum.item() / n, int(correct.item())  # syncs the device
     check_finite(epoch, train_loss)
     return train_loss, train_correct / n, time.perf_counter() - t0
@@ -330,15 +322,13 @@ def train(job: TrainJob, on_epoch: Callable[[EpochStats], None], stop: threading
     model.to(device)
     x_train, y_train = x_train.to(device), y_train.to(device)
     x_val, y_val = x_val.to(device), y_val.to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=hp.lr)
+    steps = Steps(hp, model, total=hp.epochs * steps_per_epoch(n, hp), scaler=amp.scaler)
     shuffle = torch.Generator().manual_seed(job.seed)
 
     started = time.perf_counter()
     stats: EpochStats | None = None
     for epoch in range(1, hp.epochs + 1):
-        loss, accuracy, seconds = run_epoch(
-            model, optimizer, x_train, y_train, hp.batch_size, shuffle, stop, epoch, amp
-        )
+        loss, accuracy, seconds = run_epoch(model, steps, x_train, y_train, hp.batch_size, shuffle, stop, epoch, amp)
         val_loss, val_accuracy = evaluate(model, x_val, y_val)
         check_finite(epoch, val_loss)
         stats = EpochStats(

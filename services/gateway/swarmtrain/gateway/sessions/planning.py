@@ -136,7 +136,7 @@ def _hyperparameters(data: SessionIn, settings: Settings) -> list[Hyperparameter
             raise ClientException(
                 f"{where}.epochs must be at most {max_epochs}{per}: a peer trains at most {settings.max_epochs} epochs"
             )
-    return [Hyperparameters(epochs=h.epochs, batch_size=h.batch_size, lr=h.lr) for h in sets]
+    return [Hyperparameters(**msgspec.structs.asdict(h)) for h in sets]
 
 
 def plan_session(data: SessionIn, settings: Settings) -> SessionPlan:

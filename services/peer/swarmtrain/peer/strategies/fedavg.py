@@ -96,6 +96,7 @@ from swarmtrain.training.data import DataError
 from swarmtrain.training.evaluation import evaluate
 from swarmtrain.training.init import apply_init, initial_model
 from swarmtrain.training.model import ModelMetadata, model_bytes
+from swarmtrain.training.optim import Steps, steps_per_epoch
 from swarmtrain.training.outer import State
 from swarmtrain.training.rounds import (
     RoundResult,
@@ -181,7 +182,7 @@ class LocalLearner:
         self.num_samples = len(shard)
         self.histograms = sharding.histograms
         """Every shard's rows per class index (the scheduler computes the same for ``label_skew``)."""
-        self._optimizer: torch.optim.Optimizer | None = None
+        self._steps: Steps | None = None
         """The local optimizer kept from round to round (``keep_local_optimizer``)."""
         self.metadata: ModelMetadata = metadata_for(command.model, data)
 
@@ -206,15 +207,20 @@ class LocalLearner:
     def train_round(self, round_: int, on_epoch: Callable[[EpochStats], None], stop: threading.Event) -> RoundStats:
         """The round's local epochs on the shard, from the current weights; raises ``TrainingStopped``."""
         hp = self.command.hyperparameters
-        optimizer = self._optimizer or torch.optim.Adam(self.model.parameters(), lr=hp.lr)
+        per_round = hp.epochs * steps_per_epoch(self.num_samples, hp)
+        # The schedule runs over the whole session: round r's first step is step (r - 1) * per_round,
+        # for a fresh optimizer as for a kept one.
+        steps = self._steps or Steps(
+            hp, self.model, total=self.command.rounds * per_round, step=(round_ - 1) * per_round, scaler=self.amp.scaler
+        )
         if self.command.round_options.keep_local_optimizer:
-            self._optimizer = optimizer  # loading an average copies into the same parameters
+            self._steps = steps  # loading an average copies into the same parameters
         shuffle = torch.Generator().manual_seed(round_seed(self.command.seed, self.command.shard, round_))
         loss = accuracy = 0.0
         for e in range(1, hp.epochs + 1):
             epoch = (round_ - 1) * hp.epochs + e
             loss, accuracy, seconds = run_epoch(
-                self.model, optimizer, self.x_shard, self.y_shard, hp.batch_size, shuffle, stop, epoch, self.amp
+                self.model, steps, self.x_shard, self.y_shard, hp.batch_size, shuffle, stop, epoch, self.amp
             )
             val_loss, val_accuracy = evaluate(self.model, self.x_val, self.y_val)
             check_finite(epoch, val_loss)
