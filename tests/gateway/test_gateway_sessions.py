@@ -131,7 +131,32 @@ async def test_one_hyperparameter_object_applies_to_every_peer(
     assert (event.model.hidden, event.validation_split, event.seed) == ([128, 64], 0.2, 0)
 
 
+async def test_how_a_run_trains_reaches_the_request_whole(
+    client: Client, alice: Headers, dataset_id: str, online_peers: OnlinePeers, gateway: Gateway
+) -> None:
+    await online_peers(2)
+    tuned = HP | {
+        "optimizer": "sgd",
+        "momentum": 0.5,
+        "weight_decay": 0.05,
+        "grad_clip_norm": 1.0,
+        "lr_schedule": "cosine",
+        "warmup_steps": 10,
+        "grad_accumulation": 2,
+    }
+    r = await client.post("/sessions", json=session_body(dataset_id, hyperparameters=[HP, tuned]), headers=alice)
+    assert r.status_code == 201, r.text
+    event = await requested(gateway, r.json()["session_id"])
+    assert event.hyperparameters == [Hyperparameters(**HP), Hyperparameters(**tuned)]
+    assert event.hyperparameters[0].optimizer == "adamw" and event.hyperparameters[1].grad_accumulation == 2
+
+
 BAD_REQUESTS: list[tuple[dict[str, Any], str]] = [
+    ({"hyperparameters": [HP | {"optimizer": "lbfgs"}] * 2}, "Invalid enum value 'lbfgs'"),
+    ({"hyperparameters": [HP | {"weight_decay": -0.1}] * 2}, "hyperparameters[0].weight_decay must be at least 0"),
+    ({"hyperparameters": [HP | {"grad_clip_norm": 0}] * 2}, "hyperparameters[0].grad_clip_norm must be greater than 0"),
+    ({"hyperparameters": [HP | {"grad_accumulation": 0}] * 2}, "hyperparameters[0].grad_accumulation must be at least 1"),
+    ({"hyperparameters": [HP | {"lr_schedule": "step"}] * 2}, "Invalid enum value 'step'"),
     ({"hyperparameters": [HP | {"epochs": 0}] * 2}, "hyperparameters[0].epochs must be at least 1"),
     ({"hyperparameters": HP | {"batch_size": 0}}, "hyperparameters.batch_size must be at least 1"),
     ({"hyperparameters": [HP, HP | {"lr": 0}]}, "hyperparameters[1].lr must be greater than 0"),
