@@ -5,11 +5,12 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from swarmtrain.common.events import Hyperparameters, ModelSpec
+from swarmtrain.common.events import Hyperparameters
+from swarmtrain.common.models import MlpSpec
 from swarmtrain.common.search import SearchSpec, apply, check, grid_size
 
 HP = Hyperparameters(epochs=3, batch_size=32, lr=0.01)
-MODEL = ModelSpec()
+MODEL = MlpSpec()
 
 EXAMPLE = {
     "space": {
