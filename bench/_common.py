@@ -12,7 +12,6 @@ import contextlib
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -25,6 +24,7 @@ from typing import Any
 import httpx
 import psutil
 
+from swarmtrain.cli.launcher import Launcher, Process
 from swarmtrain.common import servers
 from swarmtrain.common.settings import Settings
 
@@ -198,27 +198,28 @@ def cpu_s(pid: int, children: bool = False) -> float:
 
 
 class Stack:
-    """nats-server, PostgreSQL and the chosen services as child processes in a scratch folder."""
+    """nats-server, PostgreSQL and the chosen services as child processes in a scratch folder, started
+    by ``launcher.Launcher`` (the one ``swarmtrain up`` uses), each with its log in ``logs/<name>.log``."""
 
     def __init__(self, name: str, *, postgres: bool = True, log_level: str = "info") -> None:
         self.dir = Path(tempfile.mkdtemp(prefix=f"swarmtrain-bench-{name}-"))
-        self.logs = self.dir / "logs"
-        self.logs.mkdir()
+        self.launcher = Launcher(self.dir)
+        self.logs = self.launcher.logs
         self.nats_port = servers.free_port()
         self.nats_url = f"nats://127.0.0.1:{self.nats_port}"
-        self.nats = servers.start_nats(self.nats_port, self.dir / "nats", self.logs / "nats.log")
-        self.pg: subprocess.Popen[bytes] | None = None
+        self.nats = self.launcher.nats(self.nats_port, name="nats").start()
+        self.pg: Process | None = None
         self.database_url = ""
         if postgres:
             pg_port = servers.free_port()
-            self.pg = servers.start_postgres(self.dir / "postgres", pg_port, self.logs / "postgres.log")
+            self.pg = self.launcher.postgres(pg_port, durable=True).start()
             self.database_url = servers.postgres_url(pg_port)
         self.blob_dir = self.dir / "blobs"
         self.blob_dir.mkdir()
         self.gateway_port = servers.free_port()
         self.gateway_url = f"http://127.0.0.1:{self.gateway_port}"
-        self.services: dict[str, subprocess.Popen[bytes]] = {}
-        self.env = {
+        self.services: dict[str, Process] = {}
+        self.launcher.env = self.env = {
             **{k: v for k, v in os.environ.items() if not k.startswith("SWARMTRAIN_")},
             "SWARMTRAIN_NATS_URL": self.nats_url,
             "SWARMTRAIN_DATABASE_URL": self.database_url,
@@ -238,17 +239,8 @@ class Stack:
     def settings_env(self) -> dict[str, str]:
         return {k: v for k, v in self.env.items() if k.startswith("SWARMTRAIN_")}
 
-    def start(self, service: str, *args: str, name: str | None = None, **env: str) -> subprocess.Popen[bytes]:
-        name = name or service
-        log = (self.logs / f"{name}.log").open("ab")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "swarmtrain.cli.main", service, *args],
-            env={**self.env, **env},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        log.close()
-        self.services[name] = proc
+    def start(self, service: str, *args: str, name: str | None = None, **env: str) -> Process:
+        proc = self.services[name or service] = self.launcher.service(service, *args, name=name, env=env).start()
         return proc
 
     def wait_log(self, name: str, text: str, timeout: float = 60.0) -> None:
@@ -258,8 +250,8 @@ class Stack:
             if path.exists() and text in path.read_text(errors="replace"):
                 return
             proc = self.services.get(name)
-            if proc is not None and proc.poll() is not None:
-                raise RuntimeError(f"{name} exited with {proc.returncode}:\n{self.tail(name)}")
+            if proc is not None and not proc.alive():
+                raise RuntimeError(f"{name} exited with {proc.proc and proc.proc.returncode}:\n{self.tail(name)}")
             time.sleep(0.1)
         raise RuntimeError(f"{name} did not log {text!r} in {timeout:.0f}s:\n{self.tail(name)}")
 
@@ -270,14 +262,13 @@ class Stack:
                 if httpx.get(self.gateway_url + "/healthz", timeout=1).status_code == 200:
                     return
             proc = self.services.get("gateway")
-            if proc is not None and proc.poll() is not None:
+            if proc is not None and not proc.alive():
                 raise RuntimeError(f"gateway exited:\n{self.tail('gateway')}")
             time.sleep(0.2)
         raise RuntimeError(f"gateway not healthy in {timeout:.0f}s:\n{self.tail('gateway')}")
 
     def tail(self, name: str, n: int = 3000) -> str:
-        path = self.logs / f"{name}.log"
-        return path.read_text(errors="replace")[-n:] if path.exists() else ""
+        return self.launcher.tail(name, n)
 
     def rss(self) -> dict[str, float]:
         out = {name: rss_mib(p.pid) for name, p in self.services.items()}
@@ -297,14 +288,11 @@ class Stack:
     def stop_service(self, name: str) -> None:
         proc = self.services.pop(name, None)
         if proc is not None:
-            servers.stop(proc, signal.SIGTERM, timeout=20)
+            proc.stop(timeout=20)
 
     def close(self) -> None:
-        for name in list(self.services):
-            self.stop_service(name)
-        if self.pg is not None:
-            servers.stop(self.pg, signal.SIGINT)
-        servers.stop(self.nats, signal.SIGTERM)
+        self.services.clear()
+        self.launcher.close()
         if not os.environ.get("BENCH_KEEP"):
             subprocess.run(["rm", "-rf", str(self.dir)], check=False)
 

@@ -22,6 +22,7 @@ from swarmtrain.cli.client import Client
 from swarmtrain.common import servers
 from tests.e2e.conftest import DIGITS, Api, Stack
 from tests.training.formatdata import archive, corpus, digit_images, table_parquet
+from tests.factories import session_body
 
 pytestmark = pytest.mark.e2e
 PASSWORD = "correct horse battery staple"
@@ -165,13 +166,7 @@ def test_fedavg_from_a_body_file_watched_to_its_rounds(cli: Cli, dataset_id: str
     body = tmp_path / "body.json"
     body.write_text(
         json.dumps(
-            {
-                "dataset_id": dataset_id,
-                "num_peers": 2,
-                "strategy": "fedavg",
-                "rounds": 2,
-                "hyperparameters": {"epochs": 1, "batch_size": 32, "lr": 0.003},
-            }
+            session_body(dataset_id, 2, {"epochs": 1, "batch_size": 32, "lr": 0.003}, strategy="fedavg", rounds=2)
         )
     )
     result = cli("sessions", "start", "--file", str(body), "--seed", "7", "--watch")

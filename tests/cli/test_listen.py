@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import json
 import os
 import shlex
-import signal
 import subprocess
 import sys
 import uuid
@@ -25,9 +23,11 @@ import pytest
 import pytest_asyncio
 
 from swarmtrain.cli import invite, natsconfig
-from swarmtrain.cli.stack import PEER_WITHHELD, Stack
+from swarmtrain.cli.launcher import PEER_WITHHELD, Launcher
+from swarmtrain.cli.stack import Stack
 from swarmtrain.common import servers
 from tests.e2e.conftest import Api, cli
+from tests.factories import session_body
 from tests.support import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -47,30 +47,22 @@ class Listening:
         self.swarmtrain = swarmtrain
         self.port, self.nats_port = servers.free_port(), servers.free_port()
         self.data = root / "stack"
-        self.up_log = root / "up.log"
         # no signing secret, no public URL: the stack must make its own
         env = _clean_env(SWARMTRAIN_DATABASE_URL=database_url, SWARMTRAIN_LOG_LEVEL="debug")
-        with self.up_log.open("wb") as out:
-            self.proc = subprocess.Popen(
-                [
-                    *swarmtrain,
-                    "up",
-                    "--listen",
-                    "127.0.0.1",
-                    "--peers",
-                    "0",
-                    "--port",
-                    str(self.port),
-                    "--nats-port",
-                    str(self.nats_port),
-                    "--data-dir",
-                    str(self.data),
-                ],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=env,
-                start_new_session=True,
-            )
+        self.launcher = Launcher(root, env=env)
+        self.up_log = self.launcher.log("up")
+        argv = [
+            "--peers",
+            "0",
+            "--port",
+            str(self.port),
+            "--nats-port",
+            str(self.nats_port),
+            "--data-dir",
+            str(self.data),
+        ]
+        self.up = self.launcher.command("up", [*swarmtrain, "up", "--listen", "127.0.0.1", *argv], new_session=True)
+        self.up.start()
         self.url = f"http://127.0.0.1:{self.port}"
         self.nats_url = f"nats://127.0.0.1:{self.nats_port}"
         self.announcement = ""
@@ -82,21 +74,14 @@ class Listening:
 
     async def wait_up(self) -> str:
         def announced() -> str | None:
-            assert self.proc.poll() is None, f"swarmtrain up exited:\n{self.logs()}"
+            assert self.up.alive(), f"swarmtrain up exited:\n{self.logs()}"
             text = self.up_log.read_text(errors="replace")
             return text if "Ctrl-C stops everything" in text else None
 
         return await wait_for(announced, "swarmtrain up --listen", timeout=120, interval=0.2)
 
     def stop(self) -> list[str]:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGINT)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(60)
-        left = subprocess.run(["pgrep", "-g", str(self.proc.pid)], capture_output=True, text=True).stdout.split()
-        if left:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        return left
+        return self.up.stop_group()
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -247,15 +232,9 @@ async def join_and_train(
         [peer] = await api.wait_idle_peers(1)
         assert peer["peer_id"] == token.peer_id and peer["name"] == "elsewhere"
         ds = await api.upload(DIGITS)
-        body = {
-            "dataset_id": ds["dataset_id"],
-            "num_peers": 1,
-            "strategy": "sweep",
-            "model": {"kind": "mlp", "hidden": [16]},
-            "hyperparameters": [{"epochs": 2, "batch_size": 64, "lr": 0.01}],
-            "validation_split": 0.2,
-            "seed": 7,
-        }
+        hps = [{"epochs": 2, "batch_size": 64, "lr": 0.01}]
+        model = {"kind": "mlp", "hidden": [16]}
+        body = session_body(ds["dataset_id"], 1, hps, strategy="sweep", model=model, validation_split=0.2, seed=7)
         resp = await api.client.post("/sessions", json=body)
         assert resp.status_code == 201, resp.text
         sid = resp.json()["session_id"]

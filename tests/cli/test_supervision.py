@@ -7,7 +7,6 @@ import asyncio
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,7 +16,7 @@ import httpx
 import nats
 import pytest
 
-from swarmtrain.cli.stack import RestartBudget
+from swarmtrain.cli.launcher import SWARMTRAIN, Launcher, RestartBudget
 from swarmtrain.common import bus, events, servers
 
 T = TypeVar("T")
@@ -56,25 +55,22 @@ def test_a_stale_postmaster_pid_is_cleared_only_when_its_process_is_gone(tmp_pat
 
 
 class Up:
+    """``swarmtrain up --peers 0`` with its embedded PostgreSQL, in a session of its own (the launcher's)."""
+
     def __init__(self, data_dir: Path) -> None:
         self.port, self.nats_port = servers.free_port(), servers.free_port()
         self.data_dir = data_dir
         env = {k: v for k, v in os.environ.items() if k != "SWARMTRAIN_DATABASE_URL"}  # the embedded one
-        self.log = (data_dir.parent / "up.log").open("wb")
+        self.launcher = Launcher(data_dir.parent / "up", env=env)
         argv = ["up", "--peers", "0", "--port", str(self.port), "--nats-port", str(self.nats_port)]
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "swarmtrain.cli.main", *argv, "--data-dir", str(data_dir)],
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-        )
+        self.up = self.launcher.command("up", [*SWARMTRAIN, *argv, "--data-dir", str(data_dir)], new_session=True)
+        self.up.start()
 
     def pid(self, name: str) -> int:
         return int((self.data_dir / "run" / f"{name}.pid").read_text())
 
     def ready(self) -> dict[str, object] | None:
-        assert self.proc.poll() is None, (self.data_dir.parent / "up.log").read_text()[-3000:]
+        assert self.up.alive(), self.launcher.tail("up")
         try:
             resp = httpx.get(f"http://127.0.0.1:{self.port}/readyz", timeout=2)
         except httpx.HTTPError:
@@ -89,14 +85,7 @@ class Up:
         return wait_for(lambda: (new := self.pid(name)) != old and new, 60, f"{name} to be restarted")
 
     def stop(self) -> list[str]:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGINT)
-            self.proc.wait(60)
-        left = subprocess.run(["pgrep", "-g", str(self.proc.pid)], capture_output=True, text=True).stdout.split()
-        if left:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.log.close()
-        return left
+        return self.up.stop_group()
 
 
 @pytest.fixture
@@ -137,5 +126,5 @@ def test_nats_and_postgres_killed_under_up_come_back_from_their_store(up: Up) ->
     up.kill("postgres")
     wait_for(up.ready, 60, "/readyz after postgres came back")
     assert int((pg_dir / "postmaster.pid").read_text().split()[0]) == up.pid("postgres")
-    log = (up.data_dir.parent / "up.log").read_text()
+    log = up.launcher.log("up").read_text()
     assert "nats-server exited with -9; restarting" in log and "postgres exited with -9; restarting" in log

@@ -26,6 +26,7 @@ from swarmtrain.cli.natsconfig import generate, read_env_file
 from swarmtrain.common import servers
 from swarmtrain.common.blob import S3Store
 from swarmtrain.common.settings import from_env
+from tests.factories import session_body
 from tests.support import wait_for
 
 from ..e2e.conftest import Api
@@ -170,15 +171,15 @@ async def test_the_compose_services_run_a_sweep_as_local_processes(local: Local)
         hps = [{"epochs": 2, "batch_size": 64, "lr": 0.01}, {"epochs": 2, "batch_size": 32, "lr": 0.003}]
         resp = await api.client.post(
             "/sessions",
-            json={
-                "dataset_id": ds["dataset_id"],
-                "num_peers": 2,
-                "strategy": "sweep",
-                "model": {"kind": "mlp", "hidden": [32]},
-                "hyperparameters": hps,
-                "validation_split": 0.2,
-                "seed": 1,
-            },
+            json=session_body(
+                ds["dataset_id"],
+                2,
+                hps,
+                strategy="sweep",
+                model={"kind": "mlp", "hidden": [32]},
+                validation_split=0.2,
+                seed=1,
+            ),
         )
         assert resp.status_code == 201, resp.text
         done = await api.wait_ended(resp.json()["session_id"], timeout=60)

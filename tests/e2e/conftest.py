@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
-import signal
 import subprocess
 import sys
 import uuid
@@ -17,6 +15,7 @@ import httpx
 import pytest
 import pytest_asyncio
 
+from swarmtrain.cli.launcher import SWARMTRAIN, Launcher
 from swarmtrain.common import servers
 from swarmtrain.common.status import SESSION_TERMINAL
 from tests.support import wait_for
@@ -48,10 +47,13 @@ async def cli(*args: str, env: Mapping[str, str] | None = None, timeout: float =
 
 
 class Stack:
+    """``swarmtrain up`` as a process (in a session of its own) and the peers a test adds, started by
+    ``launcher.Launcher`` under ``data_dir`` (their logs in ``data_dir/logs``, the stack's own in
+    ``data_dir/data/logs``)."""
+
     def __init__(self, data_dir: Path, database_url: str, peers: int) -> None:
         self.port, self.nats_port = servers.free_port(), servers.free_port()
         self.data_dir = data_dir
-        self.log = (data_dir / "up.log").open("wb")
         self.env = {
             **os.environ,
             "SWARMTRAIN_DATABASE_URL": database_url,
@@ -63,29 +65,19 @@ class Stack:
             "SWARMTRAIN_BLOB_URL": (data_dir / "data" / "blobs").as_uri(),
             # no blob signing secret nor public URL: `swarmtrain up` makes its own, as for a user
         }
-        cmd = [
-            sys.executable,
-            "-m",
-            "swarmtrain.cli.main",
-            "up",
-            "--peers",
-            str(peers),
-            "--port",
-            str(self.port),
-            "--nats-port",
-            str(self.nats_port),
-            "--data-dir",
-            str(data_dir / "data"),
-        ]
-        self.proc = subprocess.Popen(
-            cmd, stdout=self.log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
+        self.launcher = Launcher(data_dir, env=self.env)
+        up = ["up", "--peers", str(peers), "--port", str(self.port), "--nats-port", str(self.nats_port)]
+        self.up = self.launcher.command(
+            "up", [*SWARMTRAIN, *up, "--data-dir", str(data_dir / "data")], new_session=True
         )
+        proc = self.up.start().proc
+        assert proc is not None
+        self.proc: subprocess.Popen[bytes] = proc
         self.url = f"http://127.0.0.1:{self.port}"
         self.nats_url = f"nats://127.0.0.1:{self.nats_port}"
-        self.extra: list[subprocess.Popen[bytes]] = []
 
     def logs(self) -> str:
-        out = []
+        out = [self.launcher.all_logs()]
         for path in sorted((self.data_dir / "data" / "logs").glob("*.log")):
             out.append(f"--- {path.name}\n" + path.read_text(errors="replace")[-3000:])
         return "\n".join(out)
@@ -103,30 +95,17 @@ class Stack:
             await wait_for(healthy, "the gateway", timeout=120, interval=0.2)
 
     def start_peer(self, name: str) -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "swarmtrain.cli.main", "peer", "--nats", self.nats_url, "--name", name],
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            env={**self.env, "SWARMTRAIN_STATE_DIR": str(self.data_dir / "x")},
-        )
-        self.extra.append(proc)
-        return proc
+        """One more peer of the stack (the launcher's peer: no database URL, store or secret)."""
+        proc = self.launcher.peer(name, self.nats_url, env={"SWARMTRAIN_STATE_DIR": str(self.data_dir / "x")}).start()
+        assert proc.proc is not None
+        return proc.proc
 
     def stop(self) -> list[str]:
         """SIGINT the stack's process group; returns the pids still alive afterwards."""
-        for proc in self.extra:
-            if proc.poll() is None:
+        for name, proc in self.launcher.procs.items():
+            if name != "up" and proc.alive():
                 proc.kill()
-                proc.wait()
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGINT)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(60)
-        left = subprocess.run(["pgrep", "-g", str(self.proc.pid)], capture_output=True, text=True).stdout.split()
-        if left:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.log.close()
-        return left
+        return self.up.stop_group()
 
 
 class Api:

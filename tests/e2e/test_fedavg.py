@@ -46,6 +46,7 @@ from swarmtrain.common.events import (
     encode,
 )
 from swarmtrain.common.settings import Settings
+from tests.factories import session_body
 from tests.support import wait_for
 
 from .conftest import DIGITS, Api, Stack, cli
@@ -108,17 +109,9 @@ async def swarm(stack: Stack, api: Api) -> AsyncIterator[Swarm]:
 
 
 def fedavg(dataset_id: str, num_peers: int, rounds: int, local: dict[str, Any] = LOCAL, **extra: Any) -> dict[str, Any]:
-    return {
-        "dataset_id": dataset_id,
-        "num_peers": num_peers,
-        "strategy": "fedavg",
-        "rounds": rounds,
-        "model": {"kind": "mlp", "hidden": [64, 32]},
-        "hyperparameters": local,
-        "validation_split": 0.2,
-        "seed": 3,
-        **extra,
-    }
+    model = {"kind": "mlp", "hidden": [64, 32]}
+    fields = {"strategy": "fedavg", "rounds": rounds, "model": model, "validation_split": 0.2, "seed": 3}
+    return session_body(dataset_id, num_peers, local, **{**fields, **extra})
 
 
 async def start(api: Api, body: dict[str, Any]) -> str:

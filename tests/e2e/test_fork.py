@@ -25,6 +25,7 @@ from swarmtrain.common.events import (
 from swarmtrain.common.settings import Settings
 from swarmtrain.scheduler.recompute import average_without
 from swarmtrain.training.averaging import state_bytes
+from tests.factories import session_body
 
 from .conftest import Api, Stack, cli
 
@@ -62,15 +63,7 @@ async def post(api: Api, path: str, body: dict[str, Any], status: int = 201) -> 
 async def test_fork_init_from_and_backtest(stack: Stack, api: Api) -> None:
     peers = sorted(p["peer_id"] for p in await api.wait_idle_peers(3))
     ds = await api.upload()
-    parent_body = {
-        "dataset_id": ds["dataset_id"],
-        "num_peers": 3,
-        "strategy": "fedavg",
-        "rounds": 3,
-        "model": MODEL,
-        "hyperparameters": LOCAL,
-        "seed": 5,
-    }
+    parent_body = session_body(ds["dataset_id"], 3, LOCAL, strategy="fedavg", rounds=3, model=MODEL, seed=5)
     parent = (await post(api, "/sessions", parent_body))["session_id"]
     assert (await api.wait_ended(parent))["status"] == "completed"
     events = await history(stack, parent)
@@ -114,13 +107,7 @@ async def test_fork_init_from_and_backtest(stack: Stack, api: Api) -> None:
 
     # a sweep from the parent's final model (fine-tuning)
     await api.wait_idle_peers(3)
-    sweep_body = {
-        "dataset_id": ds["dataset_id"],
-        "num_peers": 2,
-        "model": MODEL,
-        "hyperparameters": LOCAL,
-        "init_from": {"session_id": parent},
-    }
+    sweep_body = session_body(ds["dataset_id"], 2, LOCAL, model=MODEL, init_from={"session_id": parent})
     sweep = (await post(api, "/sessions", sweep_body))["session_id"]
     done = await api.wait_ended(sweep)
     assert done["status"] == "completed", done

@@ -15,6 +15,7 @@ import pytest
 import pytest_asyncio
 
 from swarmtrain.common import servers
+from tests.factories import session_body
 from tests.support import wait_for
 
 from .conftest import Api, Stack
@@ -33,13 +34,8 @@ async def stack(tmp_path_factory: pytest.TempPathFactory, postgres_port: int) ->
 
 
 def session(dataset_id: str, num_peers: int = 1, **fields: Any) -> dict[str, Any]:
-    return {
-        "dataset_id": dataset_id,
-        "num_peers": num_peers,
-        "model": {"kind": "mlp", "hidden": [16]},
-        "hyperparameters": {"epochs": 1, "batch_size": 64, "lr": 0.003},
-        **fields,
-    }
+    hps = {"epochs": 1, "batch_size": 64, "lr": 0.003}
+    return session_body(dataset_id, num_peers, hps, **{"model": {"kind": "mlp", "hidden": [16]}, **fields})
 
 
 async def test_a_cuda_session_stays_queued_on_a_cpu_swarm_and_fails_after_its_timeout(api: Api) -> None:
@@ -70,9 +66,10 @@ async def test_gpus_runs_one_supervised_peer_per_gpu_and_stops_them_together(sta
     # name, id and CUDA_VISIBLE_DEVICES; the supervisor is the real `swarmtrain peer --gpus all`.
     env = {**stack.env, "SWARMTRAIN_FAKE_GPUS": "2", "SWARMTRAIN_STATE_DIR": str(stack.data_dir / "gpus")}
     argv = ["peer", "--gpus", "all", "--name", "box", "--label", "rack=r1", "--nats", stack.nats_url]
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "swarmtrain.cli.main", *argv, env=env, stdout=stack.log, stderr=subprocess.STDOUT
-    )
+    with stack.launcher.log("box").open("ab") as log:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "swarmtrain.cli.main", *argv, env=env, stdout=log, stderr=subprocess.STDOUT
+        )
     try:
 
         async def both_online() -> dict[str, dict[str, Any]] | None:

@@ -16,6 +16,7 @@ from safetensors.torch import load
 
 from swarmtrain.common import bus, subjects
 from swarmtrain.projector.projection import TABLES
+from tests.factories import session_body
 from tests.support import wait_for
 
 from .conftest import Api, Stack, cli
@@ -28,15 +29,15 @@ HP = [
 
 
 def sweep(dataset_id: str, hps: list[dict[str, Any]]) -> dict[str, Any]:
-    return {
-        "dataset_id": dataset_id,
-        "num_peers": len(hps),
-        "strategy": "sweep",
-        "model": {"kind": "mlp", "hidden": [64, 32]},
-        "hyperparameters": hps,
-        "validation_split": 0.2,
-        "seed": 7,
-    }
+    return session_body(
+        dataset_id,
+        len(hps),
+        hps,
+        strategy="sweep",
+        model={"kind": "mlp", "hidden": [64, 32]},
+        validation_split=0.2,
+        seed=7,
+    )
 
 
 async def stored_events(nats_url: str, sid: str) -> list[bytes]:

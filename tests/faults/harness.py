@@ -2,7 +2,8 @@
 them: SIGKILL, SIGSTOP/SIGCONT, restart, and a TCP proxy that partitions a peer from NATS.
 
 nats-server (fsync before ack, or a three-node cluster), PostgreSQL, projector, scheduler, gateway
-and N peers, each a child of the test process, so a fault is a signal to one pid. A tap process
+and N peers, each a child of the test process started by ``swarmtrain.cli.launcher`` (the launcher
+``swarmtrain up`` uses), so a fault is a signal to one pid. A tap process
 records every publish to the streams and the acknowledgement it got (see tap.py): what each
 producer was told is stored is what the checker holds the platform to.
 """
@@ -11,9 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -25,8 +24,10 @@ from typing import Any, Literal, TypeVar
 
 import httpx
 
+from swarmtrain.cli.launcher import SWARMTRAIN, Launcher, Process
 from swarmtrain.common import servers
 from swarmtrain.common.status import SESSION_TERMINAL
+from tests.factories import session_body
 
 ROOT = Path(__file__).resolve().parents[2]
 DIGITS = ROOT / "examples" / "digits.csv"
@@ -34,6 +35,8 @@ T = TypeVar("T")
 
 PRESENCE_INTERVAL_S = 0.3
 PEER_TIMEOUT_S = 2.0
+SHAPE: dict[str, Any] = {"model": {"kind": "mlp", "hidden": [32]}, "validation_split": 0.2, "seed": 7}
+"""The model, split and seed of every session of the fault suite."""
 SESSION_BOUND_S = 60.0
 """Every session of the fault suite ends within this after its fault, or the test fails."""
 
@@ -48,56 +51,8 @@ def wait_for(check: Callable[[], T | Literal[False] | None], timeout: float, wha
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
-@dataclass
-class Proc:
-    """One process of the stack: started, killed, stopped, continued and restarted by name."""
-
-    name: str
-    launch: Callable[[], subprocess.Popen[bytes]]
-    stop_signal: int = signal.SIGTERM
-    proc: subprocess.Popen[bytes] | None = None
-    stopped: bool = False
-
-    def start(self) -> Proc:
-        self.proc = self.launch()
-        self.stopped = False
-        return self
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def kill(self) -> None:
-        """SIGKILL, and reap it (so a restart finds no zombie holding its lock files)."""
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(30)
-
-    def pause(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGSTOP)
-        self.stopped = True
-
-    def resume(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGCONT)
-        self.stopped = False
-
-    def restart(self) -> None:
-        if self.alive():
-            self.kill()
-        self.start()
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        if self.stopped:
-            self.resume()
-        servers.stop(self.proc, self.stop_signal, timeout=15)
+Proc = Process
+"""One process of the stack, the launcher's: started, killed, paused, resumed and restarted by name."""
 
 
 class TcpProxy:
@@ -167,37 +122,46 @@ class TcpProxy:
 
 @dataclass
 class FaultStack:
-    """The whole platform as separate processes under ``root``; ``nodes`` > 1 is a NATS cluster."""
+    """The whole platform as separate processes under ``root`` (``launcher.Launcher``'s, the one
+    ``swarmtrain up`` uses); ``nodes`` > 1 is a NATS cluster."""
 
     root: Path
     peers: int = 2
     nodes: int = 1
     peer_timeout_s: float = PEER_TIMEOUT_S
-    procs: dict[str, Proc] = field(default_factory=dict)
     proxies: dict[str, TcpProxy] = field(default_factory=dict)
     nats_ports: list[int] = field(default_factory=list)
-    env: dict[str, str] = field(default_factory=dict)
     settings: dict[str, str] = field(default_factory=dict)
     """More ``SWARMTRAIN_*`` settings for every process of this stack (a shorter round deadline, say)."""
+    launcher: Launcher = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.launcher = Launcher(self.root, cwd=ROOT)
+
+    @property
+    def procs(self) -> dict[str, Process]:
+        return self.launcher.procs
+
+    @property
+    def env(self) -> dict[str, str]:
+        return self.launcher.env
 
     # ------------------------------------------------------------------ start
 
     def start(self) -> FaultStack:
-        (self.root / "logs").mkdir(parents=True, exist_ok=True)
-        self._start_nats()
-        pg_port = servers.free_port()
-        pg_dir = self.root / "postgres"
-        self.procs["postgres"] = Proc(
-            "postgres",
-            lambda: servers.start_postgres(pg_dir, pg_port, self.log("postgres")),
-            signal.SIGINT,
-        ).start()
-        self.pg_port = pg_port
+        config = servers.write_durable_nats_config(self.root / "nats.conf")
+        self.nats_ports = [servers.free_port() for _ in range(self.nodes)]
+        if self.nodes == 1:
+            self.launcher.nats(self.nats_ports[0], name="nats", config=config).start()
+        else:
+            self.launcher.nats_cluster(self.nats_ports, config)
+        self.pg_port = servers.free_port()
+        self.launcher.postgres(self.pg_port).start()
         self.gateway_port = servers.free_port()
-        self.env = {
+        self.launcher.env = {
             **os.environ,
             "SWARMTRAIN_NATS_URL": self.nats_url,
-            "SWARMTRAIN_DATABASE_URL": servers.postgres_url(pg_port),
+            "SWARMTRAIN_DATABASE_URL": servers.postgres_url(self.pg_port),
             "SWARMTRAIN_BLOB_URL": (self.root / "blobs").as_uri(),
             "SWARMTRAIN_JWT_SECRET": "fault-suite-secret-0123456789abcdef0123456789",
             "SWARMTRAIN_PORT": str(self.gateway_port),
@@ -218,42 +182,17 @@ class FaultStack:
             "SWARMTRAIN_TRANSFER_RETRY_S": "15",
             **self.settings,
         }
-        self.tap = self.service("tap", [sys.executable, "-m", "tests.faults.tap", self.nats_url, str(self.tap_file)])
-        self.tap.start()
+        # the tap outlives the services (stopped after them, with the servers)
+        tap = [sys.executable, "-m", "tests.faults.tap", self.nats_url, str(self.tap_file)]
+        self.launcher.command("tap", tap, server=True).start()
         wait_for(Path(f"{self.tap_file}.ready").exists, 30, "the tap to subscribe")
         for name in ("projector", "scheduler", "gateway"):
-            self.procs[name] = self.service(name, self.cli(name)).start()
+            self.launcher.service(name).start()
         self.url = f"http://127.0.0.1:{self.gateway_port}"
         wait_for(self.ready, 90, "the gateway to be ready")
         for i in range(1, self.peers + 1):
             self.add_peer(f"peer-{i}")
         return self
-
-    def _start_nats(self) -> None:
-        config = servers.write_durable_nats_config(self.root / "nats.conf")
-        self.nats_ports = [servers.free_port() for _ in range(self.nodes)]
-        if self.nodes == 1:
-            port, store = self.nats_ports[0], self.root / "nats"
-            self.procs["nats"] = Proc("nats", lambda: servers.start_nats(port, store, self.log("nats"), config)).start()
-            return
-        route_ports = [servers.free_port() for _ in range(self.nodes)]
-        routes = tuple(f"nats://127.0.0.1:{p}" for p in route_ports)
-        launches = []
-        for i, (port, rport) in enumerate(zip(self.nats_ports, route_ports, strict=True), start=1):
-            node = servers.ClusterNode(name=f"nats-{i}", cluster_port=rport, routes=routes)
-            store = self.root / f"nats-{i}"
-            store.mkdir(parents=True, exist_ok=True)
-            cmd = servers.nats_command(port, store, config, node)
-
-            def launch(cmd: list[str] = cmd, name: str = node.name) -> subprocess.Popen[bytes]:
-                with self.log(name).open("ab") as out:
-                    return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-
-            launches.append((node.name, port, launch))
-        for name, _, launch in launches:  # start all before waiting: they elect a leader together
-            self.procs[name] = Proc(name, launch).start()
-        for name, port, _ in launches:
-            servers.wait_port(port, self.procs[name].proc, name)  # type: ignore[arg-type]
 
     @property
     def nats_url(self) -> str:
@@ -264,33 +203,28 @@ class FaultStack:
         return self.root / "tap.jsonl"
 
     def log(self, name: str) -> Path:
-        return self.root / "logs" / f"{name}.log"
+        return self.launcher.log(name)
 
     def cli(self, *args: str) -> list[str]:
-        return [sys.executable, "-m", "swarmtrain.cli.main", *args]
+        return [*SWARMTRAIN, *args]
 
-    def service(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Proc:
-        def launch() -> subprocess.Popen[bytes]:
-            with self.log(name).open("ab") as out:
-                return subprocess.Popen(argv, env=env or self.env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+    def service(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Process:
+        """``argv`` as the process ``name`` (not started), with the stack's environment unless ``env``."""
+        return self.launcher.command(name, argv, env)
 
-        return Proc(name, launch)
-
-    def add_peer(self, name: str, *, proxied: bool = False) -> Proc:
+    def add_peer(self, name: str, *, proxied: bool = False) -> Process:
         """Start a peer; ``proxied``: it reaches NATS only through a TcpProxy the test can cut."""
         url = self.nats_url
         if proxied:
             proxy = self.proxies[name] = TcpProxy(self.nats_ports[0])
             url = f"nats://127.0.0.1:{proxy.port}"
-        env = {k: v for k, v in self.env.items() if k != "SWARMTRAIN_BLOB_SIGNING_SECRET"}  # a peer never has it
-        proc = self.procs[name] = self.service(name, self.cli("peer", "--nats", url, "--name", name), env).start()
-        return proc
+        return self.launcher.peer(name, url).start()
 
     # ------------------------------------------------------------------ look
 
     def ready(self) -> dict[str, Any] | None:
         gateway = self.procs["gateway"]
-        assert gateway.alive() or gateway.stopped, f"the gateway exited:\n{self.tail('gateway')}"
+        assert gateway.alive() or gateway.paused, f"the gateway exited:\n{self.tail('gateway')}"
         try:
             resp = httpx.get(self.url + "/readyz", timeout=2)
         except httpx.HTTPError:
@@ -304,23 +238,17 @@ class FaultStack:
         return body if body and body["projection_lag"] == 0 else None
 
     def tail(self, name: str, chars: int = 3000) -> str:
-        path = self.log(name)
-        return path.read_text(errors="replace")[-chars:] if path.exists() else ""
+        return self.launcher.tail(name, chars)
 
     def logs(self) -> str:
-        return "\n".join(f"--- {p.name}\n{self.tail(p.stem)}" for p in sorted((self.root / "logs").glob("*.log")))
+        return self.launcher.all_logs()
 
     # ------------------------------------------------------------------ stop
 
     def close(self) -> None:
         for proxy in self.proxies.values():
             proxy.close()
-        servers_last = [n for n in self.procs if n == "postgres" or n.startswith("nats")]
-        order = [n for n in self.procs if n not in servers_last] + servers_last
-        for name in order:
-            self.procs[name].stop()
-        if hasattr(self, "tap"):
-            self.tap.stop()
+        self.launcher.close(timeout=15)
 
 
 class Api:
@@ -362,31 +290,12 @@ class Api:
         return wait_for(check, timeout, f"peers {names} idle")
 
     def sweep(self, dataset_id: str, hps: list[dict[str, Any]]) -> str:
-        body = {
-            "dataset_id": dataset_id,
-            "num_peers": len(hps),
-            "strategy": "sweep",
-            "model": {"kind": "mlp", "hidden": [32]},
-            "hyperparameters": hps,
-            "validation_split": 0.2,
-            "seed": 7,
-        }
-        return self.request_session(body)
+        return self.request_session(session_body(dataset_id, len(hps), hps, strategy="sweep", **SHAPE))
 
     def fedavg(self, dataset_id: str, num_peers: int, rounds: int, hp: dict[str, Any], **options: Any) -> str:
         """A fedavg session: ``rounds`` rounds of ``hp`` on each of ``num_peers`` shards."""
-        body = {
-            "dataset_id": dataset_id,
-            "num_peers": num_peers,
-            "strategy": "fedavg",
-            "rounds": rounds,
-            "model": {"kind": "mlp", "hidden": [32]},
-            "hyperparameters": hp,
-            "validation_split": 0.2,
-            "seed": 7,
-            **options,
-        }
-        return self.request_session(body)
+        fields = {"strategy": "fedavg", "rounds": rounds, **SHAPE, **options}
+        return self.request_session(session_body(dataset_id, num_peers, hp, **fields))
 
     def request_session(self, body: dict[str, Any]) -> str:
         resp = self.client.post("/sessions", json=body)

@@ -125,7 +125,7 @@ class Soak:
             used.add(target)
             proc = self.stack.procs[target]
             if stop:
-                if proc.stopped:
+                if proc.paused:
                     continue
                 seconds = self.rng.uniform(5, 15)
                 proc.pause()
@@ -151,7 +151,7 @@ class Soak:
         now = time.monotonic()
         for _, name in [r for r in self.resumes if r[0] <= now]:
             proc = self.stack.procs[name]
-            if proc.stopped:
+            if proc.paused:
                 proc.resume()
             if name.startswith("peer-"):
                 self.hurt.append((time.time(), name))
@@ -159,7 +159,7 @@ class Soak:
 
     def resume_all(self) -> None:
         for _, name in self.resumes:
-            if self.stack.procs[name].stopped:
+            if self.stack.procs[name].paused:
                 self.stack.procs[name].resume()
         self.resumes = []
 

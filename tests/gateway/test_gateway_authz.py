@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from swarmtrain.common.events import Hyperparameters, SessionCompleted, SessionStarted
+from tests.factories import session_body
 from tests.gateway.conftest import Append, OnlinePeers
 from tests.gateway.helpers import HP, Client, Headers, small_csv, stored_objects, upload
 
@@ -26,7 +27,7 @@ async def test_another_user_gets_404_on_every_route(
 ) -> None:
     dataset = (await upload(client, alice, small_csv())).json()["dataset_id"]
     await online_peers(1)
-    body = {"dataset_id": dataset, "num_peers": 1, "hyperparameters": HP}
+    body = session_body(dataset, 1, HP)
     session = (await client.post("/sessions", json=body, headers=alice)).json()["session_id"]
     ended = (await client.post("/sessions", json=body, headers=alice)).json()["session_id"]
     await append(

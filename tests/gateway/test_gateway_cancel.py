@@ -15,6 +15,7 @@ from nats.js import JetStreamContext
 from swarmtrain.common import bus, subjects
 from swarmtrain.common.events import Stop, decode_command
 from swarmtrain.common.settings import Settings
+from tests.factories import session_body
 from tests.gateway.conftest import OnlinePeers
 from tests.gateway.helpers import HP, Client, Headers, small_csv, upload
 from tests.support import beating, wait_for
@@ -51,7 +52,7 @@ async def test_cancel_stops_and_releases_the_peers(
     peers = await online_peers(2)
     async with beating(nc, peers, settings.presence_interval_s):
         dataset_id = (await upload(client, alice, small_csv(rows=40))).json()["dataset_id"]
-        body = {"dataset_id": dataset_id, "num_peers": 2, "hyperparameters": HP}
+        body = session_body(dataset_id, 2, HP)
         sid = (await client.post("/sessions", json=body, headers=alice)).json()["session_id"]
 
         async def running() -> bool:

@@ -34,6 +34,7 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from swarmtrain.common.settings import Settings
+from tests.factories import session_body
 from tests.gateway.conftest import OnlinePeers
 from tests.gateway.helpers import HP, live, sign_up_and_in, small_csv, upload
 
@@ -104,7 +105,7 @@ async def test_fuzz_the_api_from_its_openapi(settings: Settings, projector: None
         alice = await sign_up_and_in(http, "fuzz@example.com")
         dataset_id = (await upload(http, alice, small_csv(rows=30))).json()["dataset_id"]
         await online_peers(2)
-        body = {"dataset_id": dataset_id, "num_peers": 1, "hyperparameters": HP}
+        body = session_body(dataset_id, 1, HP)
         assert (await http.post("/sessions", json=body, headers=alice)).status_code == 201
         ended = (await http.post("/sessions", json=body, headers=alice)).json()["session_id"]
         assert (await http.post(f"/sessions/{ended}/cancel", headers=alice)).status_code == 202

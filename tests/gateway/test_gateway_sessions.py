@@ -39,6 +39,7 @@ from swarmtrain.common.models import CnnSpec
 from swarmtrain.common.settings import Settings
 from swarmtrain.gateway import create_app
 from swarmtrain.gateway.state import Gateway
+from tests import factories
 from tests.gateway.conftest import Append, OnlinePeers
 from tests.gateway.helpers import (
     HP,
@@ -60,16 +61,15 @@ async def dataset_id(client: Client, alice: Headers) -> str:
 
 
 def session_body(dataset_id: str, num_peers: int = 2, **overrides: Any) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "dataset_id": dataset_id,
-        "num_peers": num_peers,
+    """This module's sweep: a set of ``HP`` per peer, a small MLP, seed 7; ``overrides`` on top."""
+    fields: dict[str, Any] = {
+        "hyperparameters": [HP] * num_peers,
         "strategy": "sweep",
         "model": {"kind": "mlp", "hidden": [16, 8]},
-        "hyperparameters": [HP] * num_peers,
         "validation_split": 0.2,
         "seed": 7,
     }
-    return body | overrides
+    return factories.session_body(dataset_id, num_peers, **(fields | overrides))
 
 
 async def requested(gateway: Gateway, session_id: str) -> SessionRequested:

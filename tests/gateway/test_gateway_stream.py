@@ -15,6 +15,7 @@ from nats.js import JetStreamContext
 from swarmtrain.common import bus
 from swarmtrain.common.events import Heartbeat, Hyperparameters, PeerDone, SessionCompleted, SessionStarted
 from swarmtrain.common.settings import Settings
+from tests.factories import session_body
 from tests.gateway.conftest import Append, OnlinePeers
 from tests.gateway.helpers import HP, Headers, live, sign_up_and_in, small_csv, sse_frames, upload
 from tests.support import wait_for
@@ -41,7 +42,7 @@ async def served(settings: Settings, projector: None, online_peers: OnlinePeers)
 
 
 async def new_session(s: Live) -> str:
-    body = {"dataset_id": s.dataset_id, "num_peers": 2, "hyperparameters": HP}
+    body = session_body(s.dataset_id, 2, HP)
     r = await s.http.post("/sessions", json=body, headers=s.alice)
     assert r.status_code == 201, r.text
     return str(r.json()["session_id"])
@@ -146,7 +147,7 @@ async def test_shutdown_ends_open_streams(settings: Settings, projector: None, o
         alice = await sign_up_and_in(http, "alice@example.com")
         dataset_id = (await upload(http, alice, small_csv())).json()["dataset_id"]
         await online_peers(1)
-        body = {"dataset_id": dataset_id, "num_peers": 1, "hyperparameters": HP}
+        body = session_body(dataset_id, 1, HP)
         sid = (await http.post("/sessions", json=body, headers=alice)).json()["session_id"]
         stream = await http.send(http.build_request("GET", f"/sessions/{sid}/stream", headers=alice), stream=True)
         assert stream.status_code == 200

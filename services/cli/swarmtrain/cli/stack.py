@@ -5,7 +5,9 @@ SWARMTRAIN_DATABASE_URL is set), a blob folder (unless SWARMTRAIN_BLOB_URL is se
 projector, scheduler, gateway and N peers. Every child, the two servers included, is restarted
 when it dies (the servers from their own store), within a restart budget per time window
 (``SWARMTRAIN_RESTART_LIMIT`` restarts within ``SWARMTRAIN_RESTART_WINDOW_S``); SIGINT or SIGTERM
-stops everything, services first, servers last. Each child's pid is kept in ``<data-dir>/run``.
+stops everything, services first, servers last. Each child's pid is kept in ``<data-dir>/run``,
+its output in ``<data-dir>/logs/<name>.log``: the processes are ``launcher.Launcher``'s, the one
+launcher the tests and benchmarks use too.
 
 Peers get every blob as an object-scoped, expiring URL signed for the gateway's ``/blobs`` routes:
 the stack makes a signing secret of its own (``<data-dir>/blob-signing-secret``, unless
@@ -21,16 +23,12 @@ without ``--listen``; one whose streams were made without cannot be switched on.
 
 from __future__ import annotations
 
-import collections
 import os
 import secrets
 import signal
 import socket
-import subprocess
-import sys
 import time
 import urllib.request
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,22 +36,11 @@ import msgspec
 
 from swarmtrain.cli import natsconfig
 from swarmtrain.cli.invite import AUTH_DIR, LISTENING, Listening
+from swarmtrain.cli.launcher import Launcher, RestartBudget
 from swarmtrain.common import servers
 from swarmtrain.common.settings import get_settings
 
 WILDCARDS = ("0.0.0.0", "::", "")
-PEER_WITHHELD = (
-    "SWARMTRAIN_DATABASE_URL",
-    "SWARMTRAIN_BLOB_URL",
-    "SWARMTRAIN_BLOB_SIGNING_SECRET",
-    "SWARMTRAIN_JWT_SECRET",
-    "SWARMTRAIN_S3_ACCESS_KEY",
-    "SWARMTRAIN_S3_SECRET_KEY",
-    "SWARMTRAIN_NATS_USER",
-    "SWARMTRAIN_NATS_PASSWORD",
-    "SWARMTRAIN_NATS_NKEY_SEED",
-)
-"""What a local peer is not given: it reaches blobs through signed URLs only, as a remote one does."""
 
 
 def url_host(host: str) -> str:
@@ -83,54 +70,6 @@ def advertised(listen: str | None, advertise: str | None) -> str:
 
 
 @dataclass
-class RestartBudget:
-    """At most ``limit`` restarts within any ``window_s`` seconds: a crash loop stops the stack, a
-    crash a day does not."""
-
-    limit: int
-    window_s: float
-    times: collections.deque[float] = field(default_factory=collections.deque)
-
-    def spend(self, now: float) -> bool:
-        """Take one restart at ``now`` if the window has one left; False if it has none."""
-        while self.times and now - self.times[0] >= self.window_s:
-            self.times.popleft()
-        if len(self.times) >= self.limit:
-            return False
-        self.times.append(now)
-        return True
-
-
-@dataclass
-class Child:
-    name: str
-    launch: Callable[[], subprocess.Popen[bytes]]
-    log: Path
-    budget: RestartBudget
-    stop_signal: int = signal.SIGTERM
-    pid_file: Path | None = None
-    proc: subprocess.Popen[bytes] | None = None
-    restarts: int = 0
-
-    def start(self) -> None:
-        self.proc = self.launch()
-        if self.pid_file is not None:
-            self.pid_file.write_text(f"{self.proc.pid}\n")
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            servers.stop(self.proc, self.stop_signal)
-
-
-def _service(argv: list[str], env: dict[str, str], log: Path) -> Callable[[], subprocess.Popen[bytes]]:
-    def launch() -> subprocess.Popen[bytes]:
-        with log.open("ab") as out:
-            return subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
-
-    return launch
-
-
-@dataclass
 class Stack:
     peers: int
     port: int
@@ -140,14 +79,19 @@ class Stack:
     """``--listen``: the address NATS and the gateway listen on for other machines; None, loopback."""
     advertise: str | None = None
     """``--advertise``: the host other machines reach this one at (see :func:`advertised`)."""
-    servers: list[Child] = field(default_factory=list)
-    children: list[Child] = field(default_factory=list)
+    launcher: Launcher = field(init=False)
     stopping: bool = False
     credentials: natsconfig.StackCredentials | None = None
     metrics: dict[str, int] = field(default_factory=dict)
     """Each process's Prometheus port (on loopback), by child name."""
-    envs: dict[str, dict[str, str]] = field(default_factory=dict)
-    """Each service's and peer's environment, by child name (as planned)."""
+
+    def __post_init__(self) -> None:
+        settings = get_settings()
+        self.launcher = Launcher(
+            self.data_dir,
+            pid_files=True,
+            budget=lambda: RestartBudget(settings.restart_limit, settings.restart_window_s),
+        )
 
     @property
     def bind(self) -> str:
@@ -178,17 +122,6 @@ class Stack:
                 f.write(secrets.token_urlsafe(48))
         return path.read_text().strip()
 
-    def _child(self, name: str, launch: Callable[[], subprocess.Popen[bytes]], sig: int = signal.SIGTERM) -> Child:
-        settings = get_settings()
-        return Child(
-            name,
-            launch,
-            self.data_dir / "logs" / f"{name}.log",
-            RestartBudget(settings.restart_limit, settings.restart_window_s),
-            stop_signal=sig,
-            pid_file=self.data_dir / "run" / f"{name}.pid",
-        )
-
     def _nats_config(self, store: Path) -> Path:
         """The durable configuration; with authentication, ``nats-config``'s (fsync before every ack too)."""
         secured = self.auth_dir.exists()
@@ -203,26 +136,15 @@ class Stack:
         return self.credentials.config
 
     def _start_servers(self) -> dict[str, str]:
-        logs = self.data_dir / "logs"
         store = self.data_dir / "nats"
         config = self._nats_config(store)
-        nats = self._child(
-            "nats-server",
-            lambda: servers.start_nats(self.nats_port, store, logs / "nats-server.log", config, host=self.bind),
-        )
-        self.servers.append(nats)
-        nats.start()
+        self.launcher.nats(self.nats_port, store=store, config=config, host=self.bind).start()
         env = {"SWARMTRAIN_NATS_URL": f"nats://{url_host(self.local)}:{self.nats_port}"}
         if url := os.environ.get("SWARMTRAIN_DATABASE_URL"):
             env["SWARMTRAIN_DATABASE_URL"] = url
         else:
-            pg_port, pg_dir = servers.free_port(), self.data_dir / "postgres"
-            # SIGINT: PostgreSQL's fast shutdown
-            pg = self._child(
-                "postgres", lambda: servers.start_postgres(pg_dir, pg_port, logs / "postgres.log"), signal.SIGINT
-            )
-            self.servers.append(pg)
-            pg.start()
+            pg_port = servers.free_port()
+            self.launcher.postgres(pg_port).start()
             env["SWARMTRAIN_DATABASE_URL"] = servers.postgres_url(pg_port)
         env["SWARMTRAIN_BLOB_URL"] = os.environ.get("SWARMTRAIN_BLOB_URL") or (self.data_dir / "blobs").as_uri()
         return env
@@ -245,36 +167,30 @@ class Stack:
         base.setdefault("SWARMTRAIN_LOG_FORMAT", "json")
         base.setdefault("SWARMTRAIN_BLOB_PUBLIC_URL", f"http://127.0.0.1:{self.port}")
         base["SWARMTRAIN_STATE_DIR"] = str(self.data_dir / "state")
-        me = [sys.executable, "-m", "swarmtrain.cli.main"]
-        logs = self.data_dir / "logs"
+        self.launcher.env = base
         signing = {
             "SWARMTRAIN_BLOB_SIGNING_SECRET": self._secret("SWARMTRAIN_BLOB_SIGNING_SECRET", "blob-signing-secret")
         }
-        gateway_env = {
-            **base,
+        gateway = {
             **signing,
             **self._identity("gateway"),
             "SWARMTRAIN_HOST": self.bind,
             "SWARMTRAIN_PORT": str(self.port),
             "SWARMTRAIN_JWT_SECRET": self._secret("SWARMTRAIN_JWT_SECRET", "jwt-secret"),
         }
-        for name, env in (
-            ("projector", {**base, **self._identity("projector"), **self._metrics("projector")}),
-            ("scheduler", {**base, **signing, **self._identity("scheduler"), **self._metrics("scheduler")}),
-            ("gateway", gateway_env),
-        ):
-            self.envs[name] = env
-            self.children.append(self._child(name, _service([*me, name], env, logs / f"{name}.log")))
-        peer_base = {k: v for k, v in base.items() if k not in PEER_WITHHELD}
-        peer_base["SWARMTRAIN_TORCH_THREADS"] = base.get("SWARMTRAIN_TORCH_THREADS", "1")
+        self.launcher.service("projector", env={**self._identity("projector"), **self._metrics("projector")})
+        self.launcher.service("scheduler", env={**signing, **self._identity("scheduler"), **self._metrics("scheduler")})
+        self.launcher.service("gateway", env=gateway)
+        threads = {"SWARMTRAIN_TORCH_THREADS": base.get("SWARMTRAIN_TORCH_THREADS", "1")}
         for i in range(1, self.peers + 1):
             name = f"peer-{i}"
-            argv = [*me, "peer", "--nats", shared["SWARMTRAIN_NATS_URL"], "--name", name]
-            if self.credentials is not None:
-                argv += ["--credentials", str(self.credentials.peers[i - 1])]
-            env = {**peer_base, **self._metrics(name)}
-            self.envs[name] = env
-            self.children.append(self._child(name, _service(argv, env, logs / f"{name}.log")))
+            args = ["--credentials", str(self.credentials.peers[i - 1])] if self.credentials is not None else []
+            self.launcher.peer(name, shared["SWARMTRAIN_NATS_URL"], *args, env={**threads, **self._metrics(name)})
+
+    @property
+    def envs(self) -> dict[str, dict[str, str]]:
+        """Each service's and peer's environment, by name (as planned)."""
+        return {name: p.env for name, p in self.launcher.procs.items() if p.env is not None and not p.server}
 
     def _announce(self, shared: dict[str, str]) -> None:
         """Where everything is: the gateway, its dashboard and API docs, NATS, the metrics, the logs."""
@@ -326,25 +242,9 @@ class Stack:
             raise RuntimeError(f"gateway not healthy after {timeout:.0f}s; see {self.data_dir / 'logs'}")
 
     def _supervise(self) -> None:
-        """Restart every child that has died, servers first (the services need them)."""
-        for child in (*self.servers, *self.children):
-            assert child.proc is not None
-            code = child.proc.poll()  # also reaps it: a zombie postmaster would block its restart
-            if code is None or self.stopping:
-                continue
-            print(f"swarmtrain: {child.name} exited with {code}; restarting", flush=True)
-            while True:
-                if not child.budget.spend(time.monotonic()):
-                    raise RuntimeError(
-                        f"{child.name} died {child.budget.limit + 1} times within {child.budget.window_s:.0f}s"
-                        f" (last exit {code}); see {child.log}"
-                    )
-                child.restarts += 1
-                try:
-                    child.start()
-                    break
-                except RuntimeError as exc:  # a server that could not start again: try again, within budget
-                    print(f"swarmtrain: {child.name} did not start: {exc}", flush=True)
+        """Restart every process that has died, servers first (the services need them)."""
+        if not self.stopping:
+            self.launcher.supervise(lambda text: print(text, flush=True))
 
     def _on_signal(self, signum: int, frame: object) -> None:
         self.stopping = True
@@ -352,15 +252,14 @@ class Stack:
     def run(self) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._on_signal)
-        for folder in ("logs", "run"):
-            (self.data_dir / folder).mkdir(parents=True, exist_ok=True)
         servers.ensure_free(self.nats_port, "NATS (--nats-port)")
         servers.ensure_free(self.port, "gateway (--port)")
         try:
             shared = self._start_servers()
             self._plan(shared)
-            for child in self.children:
-                child.start()
+            for proc in self.launcher.procs.values():
+                if proc.proc is None:
+                    proc.start()
             self._wait_healthy()
             if not self.stopping:
                 self._write_listening()
@@ -375,19 +274,5 @@ class Stack:
 
     def shutdown(self) -> None:
         (self.data_dir / LISTENING).unlink(missing_ok=True)  # no invite for a stack that is gone
-        live = [c.proc for c in self.children if c.proc is not None and c.proc.poll() is None]
-        for proc in live:
-            proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 20
-        for proc in live:
-            try:
-                proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        for child in reversed(self.servers):
-            child.stop()
-        for child in (*self.servers, *self.children):
-            if child.pid_file is not None:
-                child.pid_file.unlink(missing_ok=True)
+        self.launcher.close()
         print("swarmtrain stopped", flush=True)
