@@ -21,8 +21,8 @@ from safetensors.numpy import load_file
 from swarmtrain.cli.client import Client
 from swarmtrain.common import servers
 from tests.e2e.conftest import DIGITS, Api, Stack
-from tests.training.formatdata import archive, corpus, digit_images, table_parquet
 from tests.factories import session_body
+from tests.training.formatdata import archive, corpus, digit_images, table_parquet
 
 pytestmark = pytest.mark.e2e
 PASSWORD = "correct horse battery staple"

@@ -155,7 +155,10 @@ BAD_REQUESTS: list[tuple[dict[str, Any], str]] = [
     ({"hyperparameters": [HP | {"optimizer": "lbfgs"}] * 2}, "Invalid enum value 'lbfgs'"),
     ({"hyperparameters": [HP | {"weight_decay": -0.1}] * 2}, "hyperparameters[0].weight_decay must be at least 0"),
     ({"hyperparameters": [HP | {"grad_clip_norm": 0}] * 2}, "hyperparameters[0].grad_clip_norm must be greater than 0"),
-    ({"hyperparameters": [HP | {"grad_accumulation": 0}] * 2}, "hyperparameters[0].grad_accumulation must be at least 1"),
+    (
+        {"hyperparameters": [HP | {"grad_accumulation": 0}] * 2},
+        "hyperparameters[0].grad_accumulation must be at least 1",
+    ),
     ({"hyperparameters": [HP | {"lr_schedule": "step"}] * 2}, "Invalid enum value 'step'"),
     ({"hyperparameters": [HP | {"epochs": 0}] * 2}, "hyperparameters[0].epochs must be at least 1"),
     ({"hyperparameters": HP | {"batch_size": 0}}, "hyperparameters.batch_size must be at least 1"),
