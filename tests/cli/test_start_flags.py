@@ -74,3 +74,34 @@ def test_one_sessions_group_under_both_spellings(group: str) -> None:
     assert (replay.session_id, replay.round) == ("s1", 2) and backtest.aggregator == "median"
     assert {replay.func.__name__, backtest.func.__name__} == {"_replay_round", "_backtest"}
     assert sessions.session_body(start)["num_peers"] == 1
+
+
+def test_every_hyperparameter_has_its_flag_and_a_file_keeps_its_other_fields(tmp_path: Path) -> None:
+    """A field added to ``Hyperparameters`` without a flag fails here; flags go over ``--file``'s set."""
+    from swarmtrain.common.events import Hyperparameters
+
+    own = {"epochs", "batch_size", "lr"}  # read by ``_hyperparameters``'s own rule
+    assert {f.field for f in sessions.TRAINING_FLAGS} | own == set(Hyperparameters.__struct_fields__)
+    base = tmp_path / "body.json"
+    base.write_text(
+        json.dumps(
+            {
+                "dataset_id": "d",
+                "num_peers": 2,
+                "hyperparameters": {"epochs": 3, "batch_size": 32, "lr": 0.01, "warmup_steps": 5},
+            }
+        )
+    )
+    args = parse(
+        *("--file", str(base), "--lr", "0.1,0.2", "--optimizer", "sgd", "--momentum", "0.5"),
+        *("--weight-decay", "0.01", "--grad-clip-norm", "1.5", "--lr-schedule", "cosine", "--grad-accumulation", "2"),
+    )
+    sets = sessions.session_body(args)["hyperparameters"]
+    assert [s["lr"] for s in sets] == [0.1, 0.2]
+    decoded = [msgspec.convert(s, Hyperparameters) for s in sets]
+    assert {(h.optimizer, h.momentum, h.weight_decay, h.grad_clip_norm, h.lr_schedule) for h in decoded} == {
+        ("sgd", 0.5, 0.01, 1.5, "cosine")
+    }
+    assert {(h.epochs, h.batch_size, h.warmup_steps, h.grad_accumulation) for h in decoded} == {(3, 32, 5, 2)}
+    only = sessions.session_body(parse("--dataset", "d", "--peers", "1", "--warmup-steps", "7"))
+    assert only["hyperparameters"] == {"epochs": 10, "batch_size": 64, "lr": 0.003, "warmup_steps": 7}

@@ -22,7 +22,7 @@ from swarmtrain.cli.commands.base import Group, client, command
 from swarmtrain.cli.output import NONE, ProgressBar, fmt, listing, one_line_errors, print_json
 from swarmtrain.cli.plot import plot_curves
 from swarmtrain.cli.sessionview import Watcher, print_result, trains_in_rounds
-from swarmtrain.common.events import FEDAVG, ModelKind, OnPeerFailure, Precision, Strategy
+from swarmtrain.common.events import FEDAVG, LrSchedule, ModelKind, OnPeerFailure, Optimizer, Precision, Strategy
 
 EXIT_BY_STATUS = {"completed": 0, "failed": 1, "cancelled": 2}
 EXIT_WATCH_ERROR = 3
@@ -97,7 +97,7 @@ class BodyFlag:
     def dest(self) -> str:
         return self.flag.removeprefix("--").replace("-", "_")
 
-    def add(self, p: argparse.ArgumentParser) -> None:
+    def add(self, p: argparse._ActionsContainer) -> None:
         if self.switch:
             p.add_argument(self.flag, action="store_true", help=self.help)
         else:
@@ -177,18 +177,40 @@ START_FLAGS = (
 """Every flag of ``sessions start`` that sets a field of the request, in ``--help``'s order."""
 REQUIRED = {"dataset_id": "--dataset", "num_peers": "--peers"}
 
+TRAINING_FLAGS = (
+    BodyFlag("--optimizer", "optimizer", "the peers' optimizer (default adamw)", choices=get_args(Optimizer)),
+    BodyFlag("--weight-decay", "weight_decay", "AdamW's decoupled decay, SGD's L2 penalty (default 0)", type=float),
+    BodyFlag("--momentum", "momentum", "sgd: momentum (default 0.9)", type=float),
+    BodyFlag("--grad-clip-norm", "grad_clip_norm", "clip the gradients' L2 norm to this before each step", type=float),
+    BodyFlag(
+        "--lr-schedule",
+        "lr_schedule",
+        "the learning rate over the run (default constant)",
+        choices=get_args(LrSchedule),
+    ),
+    BodyFlag("--warmup-steps", "warmup_steps", "optimizer steps of linear warmup (default 0)", type=int),
+    BodyFlag("--grad-accumulation", "grad_accumulation", "batches summed into one step (default 1)", type=int),
+)
+"""The flags that set a field of every hyperparameter set (``--epochs``, ``--batch-size`` and
+``--lr`` are read by ``_hyperparameters``'s own rule), in ``--help``'s order."""
+
 
 def _hyperparameters(args: argparse.Namespace, body: Json) -> None:
-    """``--epochs``, ``--batch-size`` and ``--lr`` (comma separated: one set per peer) over the file's
-    hyperparameters (its first set, where it has a list), with the defaults where neither says."""
-    if args.lr is None and args.epochs is None and args.batch_size is None and "hyperparameters" in body:
+    """``--epochs``, ``--batch-size`` and ``--lr`` (comma separated: one set per peer) and the
+    :data:`TRAINING_FLAGS` over the file's hyperparameters (its first set, where it has a list; its
+    other fields kept), with the defaults where neither says."""
+    training: Json = {}
+    for flag in TRAINING_FLAGS:
+        flag.apply(args, training)
+    flagged = args.lr is not None or args.epochs is not None or args.batch_size is not None or training
+    if not flagged and "hyperparameters" in body:
         return
     given = body.get("hyperparameters")
     base = given if isinstance(given, dict) else (given[0] if given else {})
     epochs = args.epochs if args.epochs is not None else base.get("epochs", 10)
     batch = args.batch_size if args.batch_size is not None else base.get("batch_size", 64)
     lrs = [float(x) for x in args.lr.split(",")] if args.lr else [base.get("lr", 0.003)]
-    sets = [{"epochs": epochs, "batch_size": batch, "lr": lr} for lr in lrs]
+    sets = [{**base, **training, "epochs": epochs, "batch_size": batch, "lr": lr} for lr in lrs]
     body["hyperparameters"] = sets if len(sets) > 1 else sets[0]
 
 
@@ -212,6 +234,9 @@ def _start(group: Group) -> None:
     p.add_argument("--file", help="a JSON body for POST /sessions; flags given override its fields")
     for flag in START_FLAGS:
         flag.add(p)
+    training = p.add_argument_group("training", "fields of every hyperparameter set (over --file's)")
+    for flag in TRAINING_FLAGS:
+        flag.add(training)
     p.add_argument("--watch", action="store_true", help="then watch it (exit status as `sessions watch`)")
 
 
@@ -367,4 +392,4 @@ def _run_plot(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["EXIT_BY_STATUS", "START_FLAGS", "register", "session_body"]
+__all__ = ["EXIT_BY_STATUS", "START_FLAGS", "TRAINING_FLAGS", "register", "session_body"]
