@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bench._common import Report, median, show
+from bench._common import Report, median, quick, show
 from swarmtrain.common.events import Hyperparameters, ModelSpec, Precision
 from swarmtrain.common.models import CnnSpec, MlpSpec
 from swarmtrain.peer import trainer
@@ -55,10 +55,13 @@ class Workload:
     epochs: int
 
 
-def workloads(gpu: bool) -> list[Workload]:
-    """The issue's sizes on a GPU; small ones on a CPU, so that the benchmark still runs there."""
+def workloads(gpu: bool, small: bool = False) -> list[Workload]:
+    """The issue's sizes on a GPU; small ones on a CPU, so that the benchmark still runs there;
+    ``small`` (``--quick``): tiny ones, a check that it runs."""
     mlp = MlpSpec(hidden=[1024, 1024, 512])
     cnn = CnnSpec(hidden=[128], input_shape=[1, 28, 28], channels=[16, 32])
+    if small:
+        return [Workload("mlp", mlp, 512, 128, 256, 1), Workload("cnn", cnn, 256, 784, 128, 1)]
     if gpu:
         return [Workload("mlp", mlp, 100_000, 128, 512, 3), Workload("cnn", cnn, 50_000, 784, 256, 2)]
     return [Workload("mlp", mlp, 4_000, 128, 256, 1), Workload("cnn", cnn, 1_000, 784, 128, 1)]
@@ -196,9 +199,11 @@ def main() -> Report:
     report.extra["torch"] = torch.__version__
     if not gpu:
         print("bench.gpu: no GPU found (torch.cuda.is_available() is False): running small on the CPU")
-    for w in workloads(gpu):
+    small = quick()
+    for w in workloads(gpu, small):
         data = synthetic(w)
-        for precision in ("fp32", "bf16"):
+        precisions: tuple[Precision, ...] = ("fp32",) if small and not gpu else ("fp32", "bf16")
+        for precision in precisions:
             try:
                 trainer.Amp.for_device(precision, device)
             except trainer.PrecisionUnsupported as exc:
