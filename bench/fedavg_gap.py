@@ -24,9 +24,9 @@ from typing import Any
 
 import httpx
 
+from bench._common import ROOT  # also: no SWARMTRAIN_* setting of the shell reaches the stack it starts
 from swarmtrain.common.servers import free_port
 
-ROOT = Path(__file__).resolve().parents[1]
 MODEL = {"kind": "mlp", "hidden": [128, 64]}
 
 
