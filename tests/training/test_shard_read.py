@@ -141,6 +141,20 @@ def test_a_shard_read_is_the_whole_read_sliced(dataset: tuple[Path, DataSpec, st
         assert (part.classes, part.feature_names) == (whole.classes, whole.feature_names)
 
 
+def test_parquet_labels_are_the_stripped_strings_sorted(tmp_path: Path) -> None:
+    """The label codes worked out on the column's distinct values are the per-row rule's."""
+    labels = [" b", "a ", "c", "a", "b", "10", "9"] * 3
+    path = _write(tmp_path, "l.parquet", formatdata.parquet_bytes({"f": np.arange(21.0), "label": labels}, 5))
+    index = read_index(path, DataSpec(format="parquet"), "label")
+    classes, codes = base.encode_labels(np.char.strip(np.asarray(labels)))
+    assert index.classes == classes == ["10", "9", "a", "b", "c"]
+    assert np.array_equal(index.labels, codes)
+    numbers = _write(
+        tmp_path, "n.parquet", formatdata.parquet_bytes({"f": np.arange(21.0), "label": np.arange(21) % 3})
+    )
+    assert read_index(numbers, DataSpec(format="parquet"), "label").classes == ["0", "1", "2"]
+
+
 def test_a_scan_needs_sorted_rows(dataset: tuple[Path, DataSpec, str]) -> None:
     path, spec, label = dataset
     with pytest.raises(ValueError, match="sorted"):

@@ -204,13 +204,13 @@ PARSED_CACHE_BYTES = 2 << 30
 """The parsed datasets a peer process keeps: 2 GiB of tensors, least recently used dropped first."""
 
 
-def _parsed_bytes(data: Dataset | ShardData) -> int:
+def _dataset_bytes(data: Dataset | ShardData) -> int:
     if isinstance(data, ShardData):
         return data.nbytes
     return tensors_nbytes(data.features, data.labels)
 
 
-PARSED: ParsedCache[Dataset | ShardData] = ParsedCache(PARSED_CACHE_BYTES, _parsed_bytes)
+PARSED: ParsedCache[Dataset | ShardData] = ParsedCache(PARSED_CACHE_BYTES, _dataset_bytes)
 """Parsed datasets by (sha256, label column, read spec), and fedavg shards by those and the shard
 (:func:`shard_key`): only a peer's first session on a dataset (or shard) parses it. Its hits and
 misses are in the peer's metrics. The tensors are shared: never changed in place (the trainer

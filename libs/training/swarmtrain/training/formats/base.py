@@ -111,7 +111,7 @@ class Index:
 Blocks = Iterator[tuple[np.ndarray, np.ndarray]]
 """A scan's blocks: ``(row indexes, float32 features of those rows)``, ascending."""
 
-BLOCK_BYTES = 32 << 20
+BLOCK_BYTES = 8 << 20
 """About how many bytes of features a scan decodes at a time."""
 
 

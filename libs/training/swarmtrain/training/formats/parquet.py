@@ -145,9 +145,18 @@ def check_parquet(stream: BinaryIO, label_column: str, limits: Limits) -> Summar
 
 
 def _label_codes(labels: pa.Array | pa.ChunkedArray, label_column: str) -> tuple[list[str], np.ndarray]:
+    """``(classes, class index per row)``: ``encode_labels`` of the stripped label strings, worked
+    out on the column's distinct values (no Python string a row)."""
     if labels.null_count:
         raise Rejected(f"column {label_column!r} has a missing value")
-    return encode_labels(np.char.strip(np.asarray(_strings(labels))))
+    if isinstance(labels, pa.ChunkedArray):
+        labels = labels.combine_chunks() if labels.num_chunks else pa.array([], type=labels.type)
+    if pa.types.is_dictionary(labels.type):
+        labels = labels.cast(labels.type.value_type)
+    encoded = labels.dictionary_encode()
+    classes, of_value = encode_labels(np.char.strip(np.asarray(_strings(encoded.dictionary))))
+    indices = np.asarray(encoded.indices.to_numpy(zero_copy_only=False), dtype=np.int64)
+    return classes, of_value[indices] if len(indices) else np.zeros(0, dtype=np.int64)
 
 
 def _levels_of(column: pa.Array | pa.ChunkedArray) -> set[str]:
