@@ -42,11 +42,12 @@ async def test_a_fedavg_session_on_each_format_replays_bit_for_bit(
     events = await history(stack, sid)  # type: ignore[arg-type]
     [requested] = of(events, SessionRequested)
     assert requested.data_read == "shard" and requested.data.format == fmt
-    # the updates round 1 averaged (a peer's report retried or a shard reassigned under load may add
-    # more published ones): the three shards, together every training row
+    # the updates round 1 averaged, each its shard's rows (on a loaded machine a peer that misses its
+    # beats is left out of a round, so not every shard need be in it)
     [first] = [c for c in of(events, RoundClosed) if c.round == 1]
-    counts = [u.num_samples for u in first.updates]
-    assert len(counts) == 3 and sum(counts) == ds["rows"] - shapes.validation_rows(ds["rows"], 0.2)
+    train_rows = ds["rows"] - shapes.validation_rows(ds["rows"], 0.2)
+    sizes = {b - a for a, b in (shapes.shard_bounds(train_rows, 3, k) for k in range(3))}
+    assert first.updates and {u.num_samples for u in first.updates} <= sizes
     for r in (1, 2):
         result = await asyncio.to_thread(replayed, stack, sid, r)  # type: ignore[arg-type]
         assert result.matches, (fmt, r, result)
