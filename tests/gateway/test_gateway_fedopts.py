@@ -10,10 +10,12 @@ import msgspec
 import pytest
 from litestar.exceptions import ClientException
 
+from swarmtrain.common.events import SessionRequested
 from swarmtrain.common.fedopts import OUTER_DEFAULT_LR, AggregatorSpec, OuterSpec, ShardingSpec
 from swarmtrain.common.settings import Settings
 from swarmtrain.gateway.sessions.planning import parse_session, plan_session
 from swarmtrain.gateway.sessions.schemas import SessionIn
+from tests.factories import session_requested
 
 SETTINGS = Settings(jwt_secret="x" * 32)
 HP = {"epochs": 2, "batch_size": 32, "lr": 0.01}
@@ -114,3 +116,13 @@ def test_the_round_options_may_come_as_one_object_or_flat_but_each_once() -> Non
 def test_values_out_of_the_contracts_bounds_do_not_decode(options: dict[str, Any]) -> None:
     with pytest.raises(ClientException):
         parse_session({"dataset_id": "d", "num_peers": 4, "hyperparameters": HP, "strategy": "fedavg", **options})
+
+
+def test_a_new_fedavg_session_reads_shards_and_an_old_logs_request_reads_the_whole() -> None:
+    """New fedavg sessions are planned ``data_read="shard"`` (a sweep reads the whole dataset); a
+    ``SessionRequested`` logged before the field decodes as ``whole``, the rule its peers used."""
+    assert plan_session(request(2), SETTINGS).data_read == "shard"
+    assert plan_session(request(2, strategy="sweep"), SETTINGS).data_read == "whole"
+    stored = msgspec.to_builtins(session_requested(dataset_sha256="0" * 64))
+    stored.pop("data_read")
+    assert msgspec.convert(stored, SessionRequested).data_read == "whole"

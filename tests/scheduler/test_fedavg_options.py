@@ -95,6 +95,9 @@ def test_every_train_carries_the_sessions_round_options() -> None:
     train = train_command(request, "a", HP, 1, 2, Clocks(now=0.0, wall=0.0), CONFIG)
     assert train.round_options == RoundOptions(**OPTIONS) == request.round_options
     assert (train.shard, train.num_shards, train.start_round) == (1, 2, 2)
+    assert train.data_read == request.data_read == "whole"  # a request logged before DataRead
+    shard_read = session_requested("s", 2, HP, strategy="fedavg", rounds=2, data_read="shard")
+    assert train_command(shard_read, "a", HP, 1, 1, Clocks(now=0.0, wall=0.0), CONFIG).data_read == "shard"
 
 
 def test_only_label_skewed_fedavg_sessions_need_their_shards_counted() -> None:

@@ -120,6 +120,11 @@ check and its reader in one module of ``swarmtrain.training.formats``."""
 CSV: Final = "csv"
 OnPeerFailure = Literal["reassign", "continue", "fail"]
 Precision = Literal["fp32", "bf16", "fp16"]
+DataRead = Literal["whole", "shard"]
+"""How a fedavg peer reads its data. ``whole``: the whole dataset in memory, ``Standardize`` fitted
+by torch over the training split (every session before this field). ``shard``: one streamed pass
+keeping only its shard and the validation rows, ``Standardize`` fitted by the streamed rule
+(``training.stats``): its memory grows with the shard, not the dataset."""
 """What a peer computes in: fp32, or autocast to bf16 / fp16 (fp16 with a gradient scaler)."""
 
 
@@ -351,6 +356,9 @@ class SessionRequested(_SessionEvent, frozen=True, kw_only=True, tag="SessionReq
     precision: Precision = "fp32"
     data: DataSpec = msgspec.field(default_factory=DataSpec)
     """How the dataset is read (its format); the default: a CSV."""
+    data_read: DataRead = "whole"
+    """How a fedavg peer reads the dataset (``DataRead``); the gateway sets ``shard`` for new
+    fedavg sessions, so a log written before keeps its meaning."""
 
 
 class SessionStarted(_SessionEvent, frozen=True, kw_only=True, tag="SessionStarted"):
@@ -606,6 +614,8 @@ class Train(_Command, frozen=True, kw_only=True, tag="Train"):
     """The session's precision: a peer that cannot compute in it fails the run with the reason."""
     data: DataSpec = msgspec.field(default_factory=DataSpec)
     """How the peer reads the dataset (``SessionRequested.data``)."""
+    data_read: DataRead = "whole"
+    """fedavg: the whole dataset or only the shard (``SessionRequested.data_read``)."""
 
 
 class Stop(_Command, frozen=True, kw_only=True, tag="Stop"):

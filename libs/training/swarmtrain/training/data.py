@@ -1,18 +1,34 @@
 """Training data as tensors: a dataset read by its format's reader (``formats``), the seeded
-train/validation split, and a shard's rows."""
+train/validation split, and a shard's rows.
+
+:func:`load` reads a dataset whole. :func:`read_index` reads what sharding needs without the
+features (labels, classes, feature names), and :func:`read_rows` / :func:`scan` read only the
+rows asked for, with memory bounded by those rows: exactly ``load(...).features[rows]``.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from swarmtrain.common import shapes
 from swarmtrain.common.events import DataSpec
-from swarmtrain.training.formats import FORMATS, DataError
+from swarmtrain.training.formats import FORMATS, Blocks, DataError, Index
 
-__all__ = ["DataError", "Dataset", "load", "shard_indices", "split_indices"]
+__all__ = [
+    "DataError",
+    "Dataset",
+    "Index",
+    "load",
+    "read_index",
+    "read_rows",
+    "scan",
+    "shard_indices",
+    "split_indices",
+]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -41,6 +57,39 @@ def load(path: Path, spec: DataSpec, label_column: str) -> Dataset:
         feature_names=table.feature_names,
         label_column=table.label_column,
     )
+
+
+def read_index(path: Path, spec: DataSpec, label_column: str) -> Index:
+    """``load``'s labels, classes and feature names, without the features."""
+    return FORMATS.get(spec.format).index(path, spec, label_column)
+
+
+def scan(path: Path, spec: DataSpec, label_column: str, rows: np.ndarray) -> Blocks:
+    """The features of ``rows`` (sorted, unique) in ascending blocks ``(row indexes, float32)``."""
+    rows = np.asarray(rows, dtype=np.int64)
+    if len(rows) > 1 and not bool((np.diff(rows) > 0).all()):
+        raise ValueError("scan needs sorted, unique row indexes")
+    return FORMATS.get(spec.format).scan(path, spec, label_column, rows)
+
+
+def read_rows(path: Path, spec: DataSpec, label_column: str, rows: torch.Tensor, n_features: int) -> torch.Tensor:
+    """The features of ``rows`` (distinct row indexes, in any order), in that order: exactly
+    ``load(path, spec, label_column).features[rows]``, reading no more than the format must."""
+    order = rows.numpy().astype(np.int64)
+    at = np.argsort(order, kind="stable")
+    ascending = order[at]
+    if len(ascending) > 1 and not bool((np.diff(ascending) > 0).all()):
+        raise ValueError("read_rows needs distinct row indexes")
+    out = np.empty((len(order), n_features), dtype=np.float32)
+    done = 0
+    for got, block in scan(path, spec, label_column, ascending):
+        if not np.array_equal(got, ascending[done : done + len(got)]):
+            raise DataError("the format's reader returned rows out of order")
+        out[at[done : done + len(got)]] = block
+        done += len(got)
+    if done != len(order):
+        raise DataError(f"the dataset has fewer rows than asked for: {done} of {len(order)} read")
+    return torch.from_numpy(out)
 
 
 def split_indices(n: int, validation_split: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

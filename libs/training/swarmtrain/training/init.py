@@ -17,10 +17,11 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from swarmtrain.common.events import ModelSpec, SessionRequested
+from swarmtrain.common.events import DataRead, ModelSpec, SessionRequested
 from swarmtrain.training.averaging import Tensors, check_update
 from swarmtrain.training.data import DataError, Dataset, split_indices
 from swarmtrain.training.model import Standardize, build_model
+from swarmtrain.training.stats import streamed_stats
 
 # Model initialisation seeds torch's global generator; the lock keeps two trainings in one process
 # from interleaving there, fork_rng keeps everyone else's random state as it was.
@@ -50,10 +51,35 @@ def initial_model(spec: ModelSpec, data: Dataset, train_idx: torch.Tensor, seed:
     return model
 
 
+def fitted_model(
+    spec: ModelSpec, n_features: int, n_classes: int, mean: torch.Tensor, std: torch.Tensor, seed: int
+) -> nn.Sequential:
+    """A session's seeded model with its ``Standardize`` set to ``(mean, std)``: the streamed rule's
+    statistics (``training.stats``), as a peer that reads only its shard has them."""
+    model = seeded_model(spec, n_features, n_classes, seed)
+    standardize = model[0]
+    assert isinstance(standardize, Standardize)
+    with torch.no_grad():
+        standardize.mean.copy_(mean)
+        standardize.std.copy_(std)
+    return model
+
+
+def session_model(
+    spec: ModelSpec, data: Dataset, train_idx: torch.Tensor, seed: int, data_read: DataRead
+) -> nn.Sequential:
+    """The starting model of a session whose peers read ``data_read``: :func:`initial_model` for
+    ``whole``, :func:`fitted_model` with the streamed statistics for ``shard``."""
+    if data_read == "whole":
+        return initial_model(spec, data, train_idx, seed)
+    mean, std = streamed_stats(data.features, train_idx)
+    return fitted_model(spec, data.features.shape[1], len(data.classes), mean, std, seed)
+
+
 def initial_weights(data: Dataset, request: SessionRequested) -> Tensors:
-    """The weights :func:`initial_model` gives ``request``'s session, on the CPU."""
+    """The weights ``request``'s peers start from (:func:`session_model`), on the CPU."""
     train_idx, _ = split_indices(len(data), request.validation_split, request.seed)
-    model = initial_model(request.model, data, train_idx, request.seed)
+    model = session_model(request.model, data, train_idx, request.seed, request.data_read)
     return {name: t.detach().to("cpu").clone() for name, t in model.state_dict().items()}
 
 

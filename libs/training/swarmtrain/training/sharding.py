@@ -6,23 +6,42 @@ dealt to the shards in proportions drawn from Dirichlet(``alpha``); a small alph
 few classes, a large one approaches IID. Draws come from ``numpy.random.Generator(PCG64(seed))``,
 so every peer computes the same shards. Each result carries the shards' label histograms, for the
 session's facts.
+
+:func:`read_shard` is a fedavg peer's read (``DataRead`` ``shard``): the labels first
+(``data.read_index``), then the shards from them, then one streamed pass over the features that
+keeps only this shard's rows and the validation rows and fits the streamed ``Standardize`` rule
+(``training.stats``) on the training rows as they pass: memory grows with the shard, not the
+dataset, and the rows are exactly those a whole read would slice.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from swarmtrain.common.events import DataSpec
 from swarmtrain.common.fedopts import ShardingSpec
-from swarmtrain.training.data import DataError, shard_indices
+from swarmtrain.training.data import DataError, read_index, scan, shard_indices, split_indices
+from swarmtrain.training.stats import StreamedStats
 
 MAX_DRAWS = 1000
 """label_skew draws again (from the same generator) while a shard would be empty; at most this often."""
 
-__all__ = ["SHARDERS", "Sharding", "ShardingSpec", "histograms", "iid", "label_skew", "make_shards"]
+__all__ = [
+    "SHARDERS",
+    "ShardData",
+    "Sharding",
+    "ShardingSpec",
+    "histograms",
+    "iid",
+    "label_skew",
+    "make_shards",
+    "read_shard",
+]
 
 
 @dataclass(frozen=True)
@@ -89,3 +108,91 @@ def make_shards(
 
 def _classes(labels: torch.Tensor) -> int:
     return int(labels.max()) + 1 if labels.numel() else 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class ShardData:
+    """What a fedavg peer trains and measures on, read with :func:`read_shard`."""
+
+    x: torch.Tensor
+    """float32: the shard's rows, in the shard's order (``make_shards``)."""
+    y: torch.Tensor
+    x_val: torch.Tensor
+    """float32: the validation rows, in ``split_indices``' order."""
+    y_val: torch.Tensor
+    rows: torch.Tensor
+    """The shard's row indexes."""
+    train_idx: torch.Tensor
+    val_idx: torch.Tensor
+    train_labels: torch.Tensor
+    """The training rows' class indexes, in ``train_idx``'s order."""
+    histograms: list[list[int]]
+    mean: torch.Tensor
+    """The ``Standardize`` statistics of the whole training split (the streamed rule)."""
+    std: torch.Tensor
+    classes: list[str]
+    feature_names: list[str]
+    label_column: str
+
+    @property
+    def nbytes(self) -> int:
+        held = (self.x, self.y, self.x_val, self.y_val, self.rows, self.train_idx, self.val_idx, self.train_labels)
+        return sum(int(t.element_size() * t.numel()) for t in held)
+
+
+def read_shard(
+    path: Path,
+    spec: DataSpec,
+    label_column: str,
+    *,
+    validation_split: float,
+    seed: int,
+    sharding: ShardingSpec,
+    num_shards: int,
+    shard: int,
+) -> ShardData:
+    """Shard ``shard`` of ``num_shards`` of ``path``'s training rows, its validation rows and the
+    training split's statistics, in one pass that holds no more than those rows and a block."""
+    index = read_index(path, spec, label_column)
+    labels = torch.from_numpy(index.labels)
+    train_idx, val_idx = split_indices(index.rows, validation_split, seed)
+    cut = make_shards(sharding, train_idx, labels, num_shards, seed)
+    if not 0 <= shard < num_shards:
+        raise DataError(f"shard {shard} of {num_shards} does not exist")
+    mine = cut.shards[shard]
+    width = len(index.feature_names)
+    x = np.empty((len(mine), width), dtype=np.float32)
+    x_val = np.empty((len(val_idx), width), dtype=np.float32)
+    at_shard = np.full(index.rows, -1, dtype=np.int64)
+    at_shard[mine.numpy()] = np.arange(len(mine))
+    at_val = np.full(index.rows, -1, dtype=np.int64)
+    at_val[val_idx.numpy()] = np.arange(len(val_idx))
+    training = np.zeros(index.rows, dtype=bool)
+    training[train_idx.numpy()] = True
+    stats = StreamedStats(width)
+    seen = 0
+    for rows, block in scan(path, spec, label_column, np.arange(index.rows)):
+        stats.add(block[training[rows]])
+        for where, into in ((at_shard[rows], x), (at_val[rows], x_val)):
+            kept = where >= 0
+            into[where[kept]] = block[kept]
+        seen += len(rows)
+    if seen != index.rows:
+        raise DataError(f"the dataset has {index.rows} labels but {seen} rows of features")
+    mean, std = stats.result()
+    return ShardData(
+        x=torch.from_numpy(x),
+        y=labels[mine],
+        x_val=torch.from_numpy(x_val),
+        y_val=labels[val_idx],
+        rows=mine,
+        train_idx=train_idx,
+        val_idx=val_idx,
+        train_labels=labels[train_idx],
+        histograms=cut.histograms,
+        mean=mean,
+        std=std,
+        classes=index.classes,
+        feature_names=index.feature_names,
+        label_column=label_column,
+    )

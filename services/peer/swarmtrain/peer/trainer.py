@@ -28,6 +28,7 @@ from swarmtrain.training.evaluation import evaluate
 from swarmtrain.training.init import apply_init, initial_model
 from swarmtrain.training.model import ModelMetadata
 from swarmtrain.training.optim import Steps, steps_per_epoch
+from swarmtrain.training.sharding import ShardData, ShardingSpec, read_shard
 
 
 class TrainingStopped(Exception):
@@ -203,14 +204,17 @@ PARSED_CACHE_BYTES = 2 << 30
 """The parsed datasets a peer process keeps: 2 GiB of tensors, least recently used dropped first."""
 
 
-def _dataset_bytes(data: Dataset) -> int:
+def _dataset_bytes(data: Dataset | ShardData) -> int:
+    if isinstance(data, ShardData):
+        return data.nbytes
     return tensors_nbytes(data.features, data.labels)
 
 
-PARSED: ParsedCache[Dataset] = ParsedCache(PARSED_CACHE_BYTES, _dataset_bytes)
-"""Parsed datasets by (sha256, label column): only a peer's first session on a dataset parses it.
-Its hits and misses are in the peer's metrics. The tensors are shared: never changed in place
-(the trainer indexes them, which copies)."""
+PARSED: ParsedCache[Dataset | ShardData] = ParsedCache(PARSED_CACHE_BYTES, _dataset_bytes)
+"""Parsed datasets by (sha256, label column, read spec), and fedavg shards by those and the shard
+(:func:`shard_key`): only a peer's first session on a dataset (or shard) parses it. Its hits and
+misses are in the peer's metrics. The tensors are shared: never changed in place (the trainer
+indexes them, which copies)."""
 
 _SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
 
@@ -227,17 +231,68 @@ def dataset_key(job: TrainJob) -> str | None:
 
 def parse(job: TrainJob) -> Dataset:
     """The job's dataset as tensors: from ``PARSED`` when this process parsed it before."""
+    data = _cached(dataset_key(job), lambda: load(job.csv_path, job.data, job.label_column))
+    assert isinstance(data, Dataset)
+    return data
+
+
+@dataclass(frozen=True, kw_only=True)
+class ShardJob:
+    """Which shard of a job's dataset a fedavg peer reads (``Train``'s shard, num_shards, round
+    options' sharding): with the job's seed and validation split, it fixes the rows."""
+
+    shard: int
+    num_shards: int
+    sharding: ShardingSpec = field(default_factory=ShardingSpec)
+
+
+def shard_key(job: TrainJob, which: ShardJob) -> str | None:
+    """The cache key of a shard: the dataset's key (content, label column, read spec) and every
+    input of the shard's rows and statistics; None: not cached."""
     key = dataset_key(job)
     if key is None:
-        return load(job.csv_path, job.data, job.label_column)
+        return None
+    cut = msgspec.json.encode(
+        [job.seed, job.validation_split, which.num_shards, which.shard, which.sharding, "stats-v1"]
+    ).decode()
+    return hashlib.sha256(f"{key}\x00shard\x00{cut}".encode()).hexdigest()
+
+
+def parse_shard(job: TrainJob, which: ShardJob) -> ShardData:
+    """The job's shard, validation rows and training statistics (``sharding.read_shard``): from
+    ``PARSED`` when this process read that shard of that dataset before."""
+    _check(job.hyperparameters)
+
+    def read() -> ShardData:
+        return read_shard(
+            job.csv_path,
+            job.data,
+            job.label_column,
+            validation_split=job.validation_split,
+            seed=job.seed,
+            sharding=which.sharding,
+            num_shards=which.num_shards,
+            shard=which.shard,
+        )
+
+    data = _cached(shard_key(job, which), read)
+    assert isinstance(data, ShardData)
+    if len(data.classes) < 2:
+        raise DataError(f"the label column has {len(data.classes)} class; at least 2 are needed")
+    return data
+
+
+def _cached(key: str | None, read: Callable[[], Dataset | ShardData]) -> Dataset | ShardData:
+    if key is None:
+        return read()
     parsed = False
 
-    def read() -> Dataset:
+    def load_once() -> Dataset | ShardData:
         nonlocal parsed
         parsed = True
-        return load(job.csv_path, job.data, job.label_column)
+        return read()
 
-    data = PARSED.get_or_load(key, read)
+    data = PARSED.get_or_load(key, load_once)
     metrics.parse_cache(hit=not parsed)
     return data
 

@@ -344,6 +344,7 @@ def train_command(
         init_sha256=init[1] if init else "",
         precision=req.precision,
         data=req.data,
+        data_read=req.data_read,
     )
 
 

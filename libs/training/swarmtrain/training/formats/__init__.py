@@ -11,8 +11,10 @@ from swarmtrain.common.formats import FORMATS as NAMES
 from swarmtrain.training.formats import csv, images, npz, parquet, text
 from swarmtrain.training.formats.base import (
     FORMATS,
+    Blocks,
     DataError,
     Format,
+    Index,
     Limits,
     Preview,
     Rejected,
@@ -27,8 +29,10 @@ FORMATS.check_names(NAMES)
 __all__ = [
     "FORMATS",
     "MODULES",
+    "Blocks",
     "DataError",
     "Format",
+    "Index",
     "Limits",
     "Preview",
     "Rejected",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Protocol
@@ -91,6 +92,42 @@ class Table:
     label_column: str
 
 
+@dataclass(frozen=True, kw_only=True)
+class Index:
+    """A parsed dataset without its features: what sharding and a model's shape need, read without
+    decoding the features (a column, an array's header and labels, the member names)."""
+
+    labels: np.ndarray
+    """int64, shape (rows,): every row's class index, as ``Table.labels``."""
+    classes: list[str]
+    feature_names: list[str]
+    label_column: str
+
+    @property
+    def rows(self) -> int:
+        return int(self.labels.shape[0])
+
+
+Blocks = Iterator[tuple[np.ndarray, np.ndarray]]
+"""A scan's blocks: ``(row indexes, float32 features of those rows)``, ascending."""
+
+BLOCK_BYTES = 8 << 20
+"""About how many bytes of features a scan decodes at a time."""
+
+
+def block_rows(row_bytes: int) -> int:
+    """Rows a block of a scan holds, for rows of ``row_bytes`` bytes."""
+    return max(1, BLOCK_BYTES // max(1, row_bytes))
+
+
+def scan_table(table: Table, rows: np.ndarray) -> Blocks:
+    """A scan of a table already parsed whole (a format without random access)."""
+    step = block_rows(table.features.shape[1] * 4)
+    for start in range(0, len(rows), step):
+        part = rows[start : start + step]
+        yield part, table.features[part]
+
+
 PREVIEW_ROWS = 10
 PREVIEW_COLUMNS = 20
 PREVIEW_CLASSES = 20
@@ -122,6 +159,15 @@ class Format(Protocol):
 
     def preview(self, path: Path, spec: DataSpec, label_column: str) -> Preview:
         """The first rows (or images, or lines) of the file ``path``, read no further than needed."""
+        ...
+
+    def index(self, path: Path, spec: DataSpec, label_column: str) -> Index:
+        """``load``'s labels, classes and feature names, without reading the features."""
+        ...
+
+    def scan(self, path: Path, spec: DataSpec, label_column: str, rows: np.ndarray) -> Blocks:
+        """The features of ``rows`` (sorted, unique row indexes) in blocks, ascending: exactly
+        ``load``'s rows, with memory bounded by a block (plus what the format must hold)."""
         ...
 
 

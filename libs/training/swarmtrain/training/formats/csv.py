@@ -22,7 +22,9 @@ from swarmtrain.training.formats.base import (
     FORMATS,
     MAX_CLASSES,
     PREVIEW_ROWS,
+    Blocks,
     DataError,
+    Index,
     Limits,
     Preview,
     RawStream,
@@ -33,6 +35,7 @@ from swarmtrain.training.formats.base import (
     cells,
     check_classes,
     encode_labels,
+    scan_table,
     shown_columns,
     shown_counts,
 )
@@ -228,6 +231,16 @@ class CsvFormat:
 
     def load(self, path: Path, spec: DataSpec, label_column: str) -> Table:
         return load_csv(path, label_column)
+
+    def index(self, path: Path, spec: DataSpec, label_column: str) -> Index:
+        table = load_csv(path, label_column)
+        return Index(
+            labels=table.labels, classes=table.classes, feature_names=table.feature_names, label_column=label_column
+        )
+
+    def scan(self, path: Path, spec: DataSpec, label_column: str, rows: np.ndarray) -> Blocks:
+        """A CSV has no index to seek by: it is parsed whole, and ``rows`` taken from it."""
+        return scan_table(load_csv(path, label_column), rows)
 
     def preview(self, path: Path, spec: DataSpec, label_column: str) -> Preview:
         with path.open(newline="", encoding="utf-8-sig") as f:

@@ -38,13 +38,16 @@ from swarmtrain.training.formats.base import (
     MAX_CLASSES,
     PREVIEW_CLASSES,
     PREVIEW_THUMBNAILS,
+    Blocks,
     DataError,
+    Index,
     Limits,
     Preview,
     Rejected,
     Summary,
     Table,
     UploadOptions,
+    block_rows,
     check_classes,
     check_declared_size,
     check_member_name,
@@ -216,30 +219,67 @@ def check_images(stream: BinaryIO, options: UploadOptions, limits: Limits) -> Su
     )
 
 
-def load_images(path: Path, spec: DataSpec) -> Table:
+_READ_ALL = Limits(max_uncompressed_bytes=1 << 62, max_members=1 << 31)
+"""A stored dataset was checked at upload: the reader does not refuse it for its size."""
+
+
+def _size(spec: DataSpec) -> tuple[int, int]:
     if spec.image_size is None or spec.channels not in (1, 3):
         raise DataError("an images dataset needs its image_size and channels (fixed at upload)")
-    size = (spec.image_size[0], spec.image_size[1])
-    try:
-        with _archive(path, Limits(max_uncompressed_bytes=1 << 62, max_members=1 << 31)) as archive:
-            members = _layout(archive.files)
-            classes = sorted({m.label for m in members})
-            index = {c: i for i, c in enumerate(classes)}
-            x = np.empty((len(members), spec.channels * size[0] * size[1]), dtype=np.float32)
-            y = np.empty(len(members), dtype=np.int64)
-            for row, member in enumerate(members):
-                image = _open(archive.read(member.name), member.name, Limits(max_image_pixels=1 << 40))
-                x[row] = _pixels(image, spec.channels, size).reshape(-1)
-                y[row] = index[member.label]
-    except Rejected as exc:
-        raise DataError(str(exc)) from None
+    return spec.image_size[0], spec.image_size[1]
+
+
+def load_images(path: Path, spec: DataSpec) -> Table:
+    index = index_images(path, spec)
+    x = np.empty((index.rows, len(index.feature_names)), dtype=np.float32)
+    for rows, block in scan_images(path, spec, np.arange(index.rows)):
+        x[rows] = block
     return Table(
         features=x,
-        labels=y,
-        classes=classes,
-        feature_names=[f"x{i}" for i in range(x.shape[1])],
+        labels=index.labels,
+        classes=index.classes,
+        feature_names=index.feature_names,
         label_column="class",
     )
+
+
+def index_images(path: Path, spec: DataSpec) -> Index:
+    """The members' names (their class folders): no image is decoded."""
+    size = _size(spec)
+    try:
+        with _archive(path, _READ_ALL) as archive:
+            members = _layout(archive.files)
+    except Rejected as exc:
+        raise DataError(str(exc)) from None
+    classes = sorted({m.label for m in members})
+    index = {c: i for i, c in enumerate(classes)}
+    return Index(
+        labels=np.asarray([index[m.label] for m in members], dtype=np.int64).reshape(-1),
+        classes=classes,
+        feature_names=[f"x{i}" for i in range(spec.channels * size[0] * size[1])],
+        label_column="class",
+    )
+
+
+def scan_images(path: Path, spec: DataSpec, rows: np.ndarray) -> Blocks:
+    """Row ``i`` is the ``i``-th member in name order: only ``rows``' members are read and decoded,
+    in that order (a tar's forward), a block of images at a time."""
+    size = _size(spec)
+    width = spec.channels * size[0] * size[1]
+    step = block_rows(width * 4)
+    try:
+        with _archive(path, _READ_ALL) as archive:
+            members = _layout(archive.files)
+            for start in range(0, len(rows), step):
+                wanted = rows[start : start + step]
+                block = np.empty((len(wanted), width), dtype=np.float32)
+                for at, row in enumerate(wanted.tolist()):
+                    name = members[row].name
+                    image = _open(archive.read(name), name, Limits(max_image_pixels=1 << 40))
+                    block[at] = _pixels(image, spec.channels, size).reshape(-1)
+                yield wanted, block
+    except Rejected as exc:
+        raise DataError(str(exc)) from None
 
 
 class ImagesFormat:
@@ -251,9 +291,15 @@ class ImagesFormat:
     def load(self, path: Path, spec: DataSpec, label_column: str) -> Table:
         return load_images(path, spec)
 
+    def index(self, path: Path, spec: DataSpec, label_column: str) -> Index:
+        return index_images(path, spec)
+
+    def scan(self, path: Path, spec: DataSpec, label_column: str, rows: np.ndarray) -> Blocks:
+        return scan_images(path, spec, rows)
+
     def preview(self, path: Path, spec: DataSpec, label_column: str) -> Preview:
         thumbnails: dict[str, list[str]] = {}
-        with _archive(path, Limits(max_uncompressed_bytes=1 << 62, max_members=1 << 31)) as archive:
+        with _archive(path, _READ_ALL) as archive:
             for member in _layout(archive.files):
                 if member.label not in thumbnails:
                     if len(thumbnails) >= PREVIEW_CLASSES:

@@ -22,18 +22,22 @@ from swarmtrain.common.events import DataSpec
 from swarmtrain.training.formats.base import (
     FORMATS,
     PREVIEW_ROWS,
+    Blocks,
     DataError,
+    Index,
     Limits,
     Preview,
     Rejected,
     Summary,
     Table,
     UploadOptions,
+    block_rows,
     cells,
     check_classes,
     check_declared_size,
     check_member_name,
     encode_labels,
+    scan_table,
     shown_columns,
     shown_counts,
 )
@@ -156,6 +160,28 @@ def _labels(y: np.ndarray) -> np.ndarray:
     return y.astype(str)
 
 
+def _table_facts(x_shape: tuple[int, ...], y: np.ndarray) -> tuple[list[int], bool, list[str], np.ndarray]:
+    """``(per-row shape, channels last, classes, labels)`` of an ``x`` of ``x_shape`` and its ``y``."""
+    try:
+        per_row, channels_last = row_shape(x_shape)
+    except Rejected as exc:
+        raise DataError(str(exc)) from None
+    if len(y) != x_shape[0]:
+        raise DataError(f"x has {x_shape[0]} rows but y has {len(y)} labels")
+    try:
+        classes, labels = encode_labels(_labels(y))
+    except Rejected as exc:
+        raise DataError(str(exc)) from None
+    return per_row, channels_last, classes, labels
+
+
+def _flat(x: np.ndarray, channels_last: bool) -> np.ndarray:
+    """Rows of ``x`` as float32 features, channels first."""
+    if channels_last:
+        x = np.moveaxis(x, 3, 1)
+    return np.ascontiguousarray(x.reshape(x.shape[0], -1), dtype=np.float32)
+
+
 def load_npz(path: Path) -> Table:
     try:
         with np.load(path, allow_pickle=False) as npz:
@@ -163,26 +189,66 @@ def load_npz(path: Path) -> Table:
             y = npz["y"]
     except (ValueError, OSError, KeyError, zipfile.BadZipFile) as exc:
         raise DataError(f"the .npz cannot be read: {exc}") from None
-    try:
-        per_row, channels_last = row_shape(tuple(x.shape))
-    except Rejected as exc:
-        raise DataError(str(exc)) from None
-    if channels_last:
-        x = np.moveaxis(x, 3, 1)
-    features = np.ascontiguousarray(x.reshape(x.shape[0], -1), dtype=np.float32)
-    if len(y) != len(features):
-        raise DataError(f"x has {len(features)} rows but y has {len(y)} labels")
-    try:
-        classes, labels = encode_labels(_labels(y))
-    except Rejected as exc:
-        raise DataError(str(exc)) from None
+    per_row, channels_last, classes, labels = _table_facts(tuple(x.shape), y)
     return Table(
-        features=features,
+        features=_flat(x, channels_last),
         labels=labels,
         classes=classes,
         feature_names=[f"x{i}" for i in range(math.prod(per_row))],
         label_column="y",
     )
+
+
+def _x_header(member: IO[bytes]) -> tuple[tuple[int, ...], bool, np.dtype[np.generic]]:
+    try:
+        return _header(member, "x")
+    except Rejected as exc:
+        raise DataError(str(exc)) from None
+
+
+def index_npz(path: Path) -> Index:
+    """``y`` and ``x``'s header: none of ``x``'s data is read."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            y = npz["y"]
+        with zipfile.ZipFile(path) as archive, archive.open("x.npy") as member:
+            shape, _, _ = _x_header(member)
+    except (ValueError, OSError, KeyError, zipfile.BadZipFile) as exc:
+        raise DataError(f"the .npz cannot be read: {exc}") from None
+    per_row, _, classes, labels = _table_facts(shape, y)
+    return Index(
+        labels=labels, classes=classes, feature_names=[f"x{i}" for i in range(math.prod(per_row))], label_column="y"
+    )
+
+
+def scan_npz(path: Path, rows: np.ndarray) -> Blocks:
+    """``rows``' features, reading ``x.npy`` (stored or deflated) front to back in blocks of about
+    ``BLOCK_BYTES``, skipping blocks without one of them: ``x`` is never whole in memory (a
+    Fortran-ordered ``x``, whose rows are not contiguous, is the exception: read whole)."""
+    try:
+        with zipfile.ZipFile(path) as archive, archive.open("x.npy") as member:
+            shape, fortran, dtype = _x_header(member)
+            _, channels_last = row_shape(shape)
+            if fortran:
+                yield from scan_table(load_npz(path), rows)
+                return
+            row_bytes = math.prod(shape[1:]) * dtype.itemsize
+            data_at = member.tell()
+            step = block_rows(row_bytes)
+            for start in range(0, shape[0], step):
+                stop = min(shape[0], start + step)
+                lo, hi = np.searchsorted(rows, [start, stop])
+                if lo == hi:
+                    continue
+                member.seek(data_at + start * row_bytes)
+                raw = _read_exact(member, (stop - start) * row_bytes, "x")
+                block = np.frombuffer(raw, dtype=dtype).reshape(stop - start, *shape[1:])
+                wanted = rows[lo:hi]
+                yield wanted, _flat(block[wanted - start], channels_last)
+    except Rejected as exc:
+        raise DataError(str(exc)) from None
+    except (ValueError, OSError, KeyError, zipfile.BadZipFile, EOFError) as exc:
+        raise DataError(f"the .npz cannot be read: {exc}") from None
 
 
 class NpzFormat:
@@ -193,6 +259,12 @@ class NpzFormat:
 
     def load(self, path: Path, spec: DataSpec, label_column: str) -> Table:
         return load_npz(path)
+
+    def index(self, path: Path, spec: DataSpec, label_column: str) -> Index:
+        return index_npz(path)
+
+    def scan(self, path: Path, spec: DataSpec, label_column: str, rows: np.ndarray) -> Blocks:
+        return scan_npz(path, rows)
 
     def preview(self, path: Path, spec: DataSpec, label_column: str) -> Preview:
         table = load_npz(path)

@@ -23,13 +23,16 @@ from swarmtrain.training.formats.base import (
     FORMATS,
     MAX_CLASSES,
     PREVIEW_ROWS,
+    Blocks,
     DataError,
+    Index,
     Limits,
     Preview,
     Rejected,
     Summary,
     Table,
     UploadOptions,
+    block_rows,
     cells,
     check_classes,
     check_declared_size,
@@ -141,37 +144,116 @@ def check_parquet(stream: BinaryIO, label_column: str, limits: Limits) -> Summar
     )
 
 
+def _label_codes(labels: pa.Array | pa.ChunkedArray, label_column: str) -> tuple[list[str], np.ndarray]:
+    """``(classes, class index per row)``: ``encode_labels`` of the stripped label strings, worked
+    out on the column's distinct values (no Python string a row)."""
+    if labels.null_count:
+        raise Rejected(f"column {label_column!r} has a missing value")
+    if isinstance(labels, pa.ChunkedArray):
+        labels = labels.combine_chunks() if labels.num_chunks else pa.array([], type=labels.type)
+    if pa.types.is_dictionary(labels.type):
+        labels = labels.cast(labels.type.value_type)
+    encoded = labels.dictionary_encode()
+    classes, of_value = encode_labels(np.char.strip(np.asarray(_strings(encoded.dictionary))))
+    indices = np.asarray(encoded.indices.to_numpy(zero_copy_only=False), dtype=np.int64)
+    return classes, of_value[indices] if len(indices) else np.zeros(0, dtype=np.int64)
+
+
+def _levels_of(column: pa.Array | pa.ChunkedArray) -> set[str]:
+    return set(np.asarray(_strings(column)).tolist())
+
+
+def _names(features: list[tuple[str, str]], levels: dict[str, list[str]]) -> list[str]:
+    names: list[str] = []
+    for name, kind in features:
+        names.extend([name] if kind == "numeric" else [f"{name}={level}" for level in levels[name]])
+    return names
+
+
+def _matrix(
+    part: pa.Table | pa.RecordBatch, features: list[tuple[str, str]], levels: dict[str, list[str]]
+) -> np.ndarray:
+    """``part``'s rows as float32 features: numeric columns as they are, categorical ones one-hot
+    over the whole column's sorted ``levels`` (so a part's rows are the whole table's)."""
+    blocks: list[np.ndarray] = []
+    for name, kind in features:
+        column = part.column(name)
+        if kind == "numeric":
+            blocks.append(_numbers(name, column, 0).astype(np.float32)[:, None])
+            continue
+        values = np.asarray(_strings(column))
+        blocks.append((values[:, None] == np.asarray(levels[name])[None, :]).astype(np.float32))
+    return np.ascontiguousarray(np.concatenate(blocks, axis=1), dtype=np.float32)
+
+
+def _levels(table: pq.ParquetFile, features: list[tuple[str, str]]) -> dict[str, list[str]]:
+    """Every categorical column's sorted values, read row group by row group (those columns only)."""
+    categorical = [name for name, kind in features if kind == "categorical"]
+    found: dict[str, set[str]] = {name: set() for name in categorical}
+    if categorical:
+        for g in range(table.metadata.num_row_groups):
+            group = table.read_row_group(g, columns=categorical)
+            for name in categorical:
+                found[name] |= _levels_of(pc.unique(group.column(name)))
+    return {name: sorted(values) for name, values in found.items()}
+
+
 def load_parquet(path: Path, label_column: str) -> Table:
     try:
         table = pq.read_table(path)
         features = _columns(table.schema, label_column)
-        labels = table.column(label_column)
-        if labels.null_count:
-            raise Rejected(f"column {label_column!r} has a missing value")
-        names: list[str] = []
-        blocks: list[np.ndarray] = []
-        for name, kind in features:
-            column = table.column(name)
-            if kind == "numeric":
-                blocks.append(_numbers(name, column, 0).astype(np.float32)[:, None])
-                names.append(name)
-                continue
-            values = np.asarray(_strings(column))
-            levels = sorted(set(values.tolist()))
-            blocks.append((values[:, None] == np.asarray(levels)[None, :]).astype(np.float32))
-            names.extend(f"{name}={level}" for level in levels)
-        classes, y = encode_labels(np.char.strip(np.asarray(_strings(labels))))
+        classes, y = _label_codes(table.column(label_column), label_column)
+        levels = {n: sorted(_levels_of(table.column(n))) for n, kind in features if kind == "categorical"}
+        x = _matrix(table, features, levels)
     except Rejected as exc:
         raise DataError(str(exc)) from None
     except (pa.ArrowException, OSError) as exc:
         raise DataError(f"the Parquet file cannot be read: {str(exc)[:300]}") from None
     return Table(
-        features=np.ascontiguousarray(np.concatenate(blocks, axis=1), dtype=np.float32),
-        labels=y,
-        classes=classes,
-        feature_names=names,
-        label_column=label_column,
+        features=x, labels=y, classes=classes, feature_names=_names(features, levels), label_column=label_column
     )
+
+
+def index_parquet(path: Path, label_column: str) -> Index:
+    """The label column and the categorical columns' values: no numeric column is read."""
+    try:
+        with pq.ParquetFile(path) as table:
+            features = _columns(table.schema_arrow, label_column)
+            classes, y = _label_codes(table.read(columns=[label_column]).column(label_column), label_column)
+            levels = _levels(table, features)
+    except Rejected as exc:
+        raise DataError(str(exc)) from None
+    except (pa.ArrowException, OSError) as exc:
+        raise DataError(f"the Parquet file cannot be read: {str(exc)[:300]}") from None
+    return Index(labels=y, classes=classes, feature_names=_names(features, levels), label_column=label_column)
+
+
+def scan_parquet(path: Path, label_column: str, rows: np.ndarray) -> Blocks:
+    """``rows``' features, row group by row group (a group without one of them is not read), each
+    group in batches of about ``BLOCK_BYTES``: the table is never whole in memory."""
+    try:
+        with pq.ParquetFile(path) as table:
+            features = _columns(table.schema_arrow, label_column)
+            levels = _levels(table, features)
+            columns = [name for name, _ in features]
+            step = block_rows(8 * len(_names(features, levels)))
+            start = 0
+            for g in range(table.metadata.num_row_groups):
+                count = table.metadata.row_group(g).num_rows
+                first, last = np.searchsorted(rows, [start, start + count])
+                if first < last:
+                    offset = start
+                    for batch in table.iter_batches(batch_size=step, row_groups=[g], columns=columns):
+                        lo, hi = np.searchsorted(rows, [offset, offset + batch.num_rows])
+                        if lo < hi:
+                            wanted = rows[lo:hi]
+                            yield wanted, _matrix(batch.take(pa.array(wanted - offset)), features, levels)
+                        offset += batch.num_rows
+                start += count
+    except Rejected as exc:
+        raise DataError(str(exc)) from None
+    except (pa.ArrowException, OSError) as exc:
+        raise DataError(f"the Parquet file cannot be read: {str(exc)[:300]}") from None
 
 
 class ParquetFormat:
@@ -182,6 +264,12 @@ class ParquetFormat:
 
     def load(self, path: Path, spec: DataSpec, label_column: str) -> Table:
         return load_parquet(path, label_column)
+
+    def index(self, path: Path, spec: DataSpec, label_column: str) -> Index:
+        return index_parquet(path, label_column)
+
+    def scan(self, path: Path, spec: DataSpec, label_column: str, rows: np.ndarray) -> Blocks:
+        return scan_parquet(path, label_column, rows)
 
     def preview(self, path: Path, spec: DataSpec, label_column: str) -> Preview:
         with pq.ParquetFile(path) as table:

@@ -20,13 +20,16 @@ from pathlib import Path
 from typing import BinaryIO
 
 import msgspec
+import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from swarmtrain.common.events import BYTE_VOCAB, MAX_VOCAB, DataSpec, TokenizerSpec
 from swarmtrain.training.formats.base import (
     FORMATS,
     PREVIEW_ROWS,
+    Blocks,
     DataError,
+    Index,
     Limits,
     Preview,
     RawStream,
@@ -37,6 +40,7 @@ from swarmtrain.training.formats.base import (
 )
 
 MAX_LINE_CHARS = 1 << 22
+NO_READER = "a text corpus trains a language model: no model kind for it yet (the transformer of issue 22)"
 _READ_CHUNK = 1 << 16
 _ENCODE_BATCH = 1024
 
@@ -147,7 +151,13 @@ class TextFormat:
         return check_text(stream, options, limits)
 
     def load(self, path: Path, spec: DataSpec, label_column: str) -> Table:
-        raise DataError("a text corpus trains a language model: no model kind for it yet (the transformer of issue 22)")
+        raise DataError(NO_READER)
+
+    def index(self, path: Path, spec: DataSpec, label_column: str) -> Index:
+        raise DataError(NO_READER)
+
+    def scan(self, path: Path, spec: DataSpec, label_column: str, rows: np.ndarray) -> Blocks:
+        raise DataError(NO_READER)
 
     def preview(self, path: Path, spec: DataSpec, label_column: str) -> Preview:
         return Preview(lines=[line[:400] for line in preview_lines(path, PREVIEW_ROWS)])

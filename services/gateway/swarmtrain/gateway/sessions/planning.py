@@ -15,6 +15,7 @@ from litestar.exceptions import ClientException
 
 from swarmtrain.common import models, shapes
 from swarmtrain.common.events import (
+    DataRead,
     Hyperparameters,
     InitFrom,
     ModelSpec,
@@ -50,6 +51,8 @@ class SessionPlan(msgspec.Struct, frozen=True, kw_only=True):
     queue_timeout_s: float | None = None
     priority: int = 0
     precision: Precision = "fp32"
+    data_read: DataRead = "whole"
+    """``shard`` for a strategy with rounds: its peers read only their shards (``events.DataRead``)."""
 
     @property
     def queues(self) -> bool:
@@ -166,6 +169,7 @@ def plan_session(data: SessionIn, settings: Settings) -> SessionPlan:
         queue_timeout_s=data.queue_timeout_s,
         priority=data.priority,
         precision=data.precision,
+        data_read="shard" if rules(data.strategy).rounds else "whole",
     )
 
 

@@ -82,19 +82,21 @@ from swarmtrain.peer.strategies.base import STRATEGIES, JobContext
 from swarmtrain.peer.trainer import (
     Amp,
     EpochStats,
+    ShardJob,
     TrainingStopped,
     TrainJob,
     check_finite,
     load_data,
     metadata_for,
+    parse_shard,
     resolve_device,
     run_epoch,
 )
 from swarmtrain.training.averaging import Tensors, UpdateUnavailable, sha256_hex, state_bytes
 from swarmtrain.training.compression import encode_update
-from swarmtrain.training.data import DataError
-from swarmtrain.training.evaluation import evaluate
-from swarmtrain.training.init import apply_init, initial_model
+from swarmtrain.training.data import DataError, scan
+from swarmtrain.training.evaluation import EVAL_BATCH, evaluate
+from swarmtrain.training.init import apply_init, fitted_model, initial_model
 from swarmtrain.training.model import ModelMetadata, model_bytes
 from swarmtrain.training.optim import Steps, steps_per_epoch
 from swarmtrain.training.outer import State
@@ -176,26 +178,52 @@ class LocalLearner:
             validation_split=command.validation_split,
             seed=command.seed,
         )
-        data, train_idx, val_idx = load_data(job)
-        sharding = make_shards(command.round_options.sharding, train_idx, data.labels, command.num_shards, command.seed)
-        shard = sharding.shards[command.shard]
-        self.num_samples = len(shard)
-        self.histograms = sharding.histograms
-        """Every shard's rows per class index (the scheduler computes the same for ``label_skew``)."""
+        self._job = job
+        self._train_rows: tuple[torch.Tensor, torch.Tensor] | None = None
+        """``shard``: the training rows and their labels, measured by a streamed pass (not held)."""
+        if command.data_read == "shard":
+            which = ShardJob(
+                shard=command.shard, num_shards=command.num_shards, sharding=command.round_options.sharding
+            )
+            part = parse_shard(job, which)
+            self.num_samples = len(part.rows)
+            self.histograms = part.histograms
+            self.metadata: ModelMetadata = ModelMetadata.for_spec(
+                command.model, classes=part.classes, feature_names=part.feature_names, label_column=part.label_column
+            )
+            n_features, n_classes = len(part.feature_names), len(part.classes)
+            self.model = fitted_model(command.model, n_features, n_classes, part.mean, part.std, command.seed)
+            x_shard, y_shard, x_val, y_val = part.x, part.y, part.x_val, part.y_val
+            x_train: torch.Tensor | None = None
+            y_train: torch.Tensor | None = None
+            self._train_rows = (part.train_idx, part.train_labels)
+        else:  # a session from before DataRead: the whole dataset, as its peers read it
+            data, train_idx, val_idx = load_data(job)
+            sharding = make_shards(
+                command.round_options.sharding, train_idx, data.labels, command.num_shards, command.seed
+            )
+            shard = sharding.shards[command.shard]
+            self.num_samples = len(shard)
+            self.histograms = sharding.histograms
+            self.metadata = metadata_for(command.model, data)
+            self.model = initial_model(command.model, data, train_idx, command.seed)
+            x_shard, y_shard = data.features[shard], data.labels[shard]
+            x_val, y_val = data.features[val_idx], data.labels[val_idx]
+            x_train, y_train = data.features[train_idx], data.labels[train_idx]
+        # self.histograms: every shard's rows per class index (the scheduler computes the same for label_skew)
         self._steps: Steps | None = None
         """The local optimizer kept from round to round (``keep_local_optimizer``)."""
-        self.metadata: ModelMetadata = metadata_for(command.model, data)
 
-        self.model = initial_model(command.model, data, train_idx, command.seed)
         if init is not None:  # the session's starting model (init_from, a fork)
             apply_init(self.model, init)
         self.reference: Tensors = self.state()
         """The initial weights: every update must have their names, shapes and dtypes."""
 
         self.model.to(self.device)
-        self.x_shard, self.y_shard = data.features[shard].to(self.device), data.labels[shard].to(self.device)
-        self.x_train, self.y_train = data.features[train_idx].to(self.device), data.labels[train_idx].to(self.device)
-        self.x_val, self.y_val = data.features[val_idx].to(self.device), data.labels[val_idx].to(self.device)
+        self.x_shard, self.y_shard = x_shard.to(self.device), y_shard.to(self.device)
+        self.x_val, self.y_val = x_val.to(self.device), y_val.to(self.device)
+        self.x_train = None if x_train is None else x_train.to(self.device)
+        self.y_train = None if y_train is None else y_train.to(self.device)
 
     def state(self) -> Tensors:
         """The current weights, copied to the CPU."""
@@ -243,7 +271,29 @@ class LocalLearner:
         return evaluate(self.model, self.x_val, self.y_val)
 
     def evaluate_train(self) -> tuple[float | None, float | None]:
-        return evaluate(self.model, self.x_train, self.y_train)
+        """On the whole training split: held (``whole``), or read again block by block (``shard``)."""
+        if self.x_train is not None and self.y_train is not None:
+            return evaluate(self.model, self.x_train, self.y_train)
+        assert self._train_rows is not None
+        train_idx, train_labels = self._train_rows
+        order = torch.argsort(train_idx)
+        rows, labels = train_idx[order].numpy(), train_labels[order]
+        job = self._job
+        loss_sum, correct, done = 0.0, 0, 0
+        self.model.eval()
+        with torch.inference_mode():
+            for got, block in scan(job.csv_path, job.data, job.label_column, rows):
+                x = torch.from_numpy(block).to(self.device)
+                y = labels[done : done + len(got)].to(self.device)
+                done += len(got)
+                for start in range(0, len(got), EVAL_BATCH):
+                    logits = self.model(x[start : start + EVAL_BATCH])
+                    yb = y[start : start + EVAL_BATCH]
+                    loss_sum += float(torch.nn.functional.cross_entropy(logits, yb, reduction="sum").item())
+                    correct += int((logits.argmax(dim=1) == yb).sum().item())
+        if not done:
+            return None, None
+        return loss_sum / done, correct / done
 
     def model_file(self) -> bytes:
         """The current weights as a model file (``load_model`` reads it); no peer-specific metadata."""
