@@ -191,12 +191,25 @@ async def _project(pool: asyncpg.Pool, js: JetStreamContext, halt: asyncio.Event
             if items:
                 applying = asyncio.create_task(_apply_and_ack(pool, items, halt, committed))
                 committed = max(committed, items[-1].seq)
+            else:
+                await _still_stored(pool, committed)
     finally:
         if applying is not None:
             with contextlib.suppress(asyncio.CancelledError, deadletters.Rewound, *_PG_DOWN):
                 await applying
         with contextlib.suppress(nats.errors.Error):
             await sub.unsubscribe()
+
+
+async def _still_stored(pool: asyncpg.Pool, committed: int) -> None:
+    """Idle (a fetch found nothing): raise ``Rewound`` if the database lost commits meanwhile (a
+    PostgreSQL crash takes back the latest commits made without waiting for their fsync), so they
+    are applied again now rather than once the next event comes. A busy projector learns it from
+    its next batch's commit. One read per idle fetch."""
+    async with pool.acquire() as conn:
+        stored = await position(conn)
+    if stored < committed:
+        raise deadletters.Rewound(f"position {stored}, but {committed} was committed")
 
 
 async def _fetch(sub: JetStreamContext.PullSubscription, batch: int, timeout: float) -> list[Delivery]:
