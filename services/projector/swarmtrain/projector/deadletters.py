@@ -112,16 +112,17 @@ async def _apply(conn: asyncpg.Connection, deliveries: Sequence[Delivery], reach
     return await apply_in(conn, run, reached), dead
 
 
-ASYNC_COMMIT = "SET LOCAL synchronous_commit = off"
-"""A batch's commit does not wait for its WAL to reach the disk (the fsync is the WAL writer's, a
-moment later). Safe here, and not a weaker guarantee: the batch and the position it moves to are
-one transaction, so a PostgreSQL crash can only lose the latest commits *whole* (the WAL is
-replayed in order: never a hole, never rows without their position). The projector then reads its
-stored position back (``Rewound`` while running, its start otherwise), recreates its durable
-consumer there and applies those events again; they are skipped or re-applied by their ids
-(idempotent), and the JetStream ack it sent meanwhile is not what it resumes from. What is
-given up: a reader may, for under a second before such a crash, see rows that it then sees again
-only after the replay. A projector crash loses nothing at all (the commit took place)."""
+ASYNC_COMMIT = {"synchronous_commit": "off"}
+"""The projector's connections' setting (``service.connect_db``: no round trip per batch). A
+batch's commit does not wait for its WAL to reach the disk (the WAL writer flushes it a moment
+later). Safe here, and not a weaker guarantee: the batch and the position it moves to are one
+transaction, so a PostgreSQL crash can only lose the latest commits *whole* (the WAL is replayed
+in order: never a hole, never rows without their position). The projector then reads its stored
+position back (``Rewound``, checked by each commit and each idle fetch; its start otherwise),
+recreates its durable consumer there and applies those events again; they are skipped or applied
+by their ids (idempotent), and the JetStream ack it sent meanwhile is not what it resumes from.
+What is given up: for under a second before such a crash, a reader may see rows that vanish until
+the replay applies them again. A projector crash loses nothing (the commit took place)."""
 
 
 class Rewound(Exception):
@@ -135,7 +136,6 @@ async def project(pool: asyncpg.Pool, deliveries: Sequence[Delivery], committed:
     stored position is behind ``committed``, the position the caller last committed."""
     async with pool.acquire() as conn:
         async with conn.transaction():
-            await conn.execute(ASYNC_COMMIT)
             stored = await lock_position(conn)
             if committed is not None and stored < committed:
                 raise Rewound(f"position {stored}, but {committed} was committed")

@@ -4,7 +4,8 @@ One projector projects at a time (the holder of a PostgreSQL advisory lock); mor
 standbys. Even two at once could not double a row: each batch commits under the position row's
 lock and skips what the position or an event id says was applied.
 
-A batch commits with ``synchronous_commit = off`` (``deadletters.ASYNC_COMMIT``): no fsync waited
+A batch commits with ``synchronous_commit = off`` (``deadletters.ASYNC_COMMIT``, a setting of the
+projector's connections): no fsync waited
 for per commit. Its position is in the same transaction and events are idempotent by id, so a
 PostgreSQL crash loses at most the latest batches whole, and the projector, which resumes from the
 stored position (never from its JetStream acks), applies them again.
@@ -53,7 +54,9 @@ async def connect_db(settings: Settings, attempts: int = 60) -> asyncpg.Pool:
     """A pool on the read-model database, retried while PostgreSQL is still starting."""
     for attempt in range(attempts):
         try:
-            pool = await pg.create_pool(settings.database_url, min_size=1, max_size=4)
+            pool = await pg.create_pool(
+                settings.database_url, min_size=1, max_size=4, server_settings=deadletters.ASYNC_COMMIT
+            )
             return pool
         except _PG_DOWN:
             if attempt == attempts - 1:
