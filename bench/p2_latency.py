@@ -11,7 +11,9 @@ appends the fact, the projector applies it, the gateway shows it. Two pollers ca
 ``GET /sessions/{id}`` back to back; heartbeat k is visible at the arrival of the first response
 whose epoch is >= k, so a latency is an upper bound by at most one GET. A core subscription on
 ``session.<id>.events`` times each fact's arrival: report published -> fact appended is the
-trust hop.
+trust hop. Each beat's way is split further, into the projector's hop (fact seen -> the
+projector's commit that holds it: its ``NOTIFY``, then one read of ``session_peers``) and the
+gateway's (that commit -> visible in a GET), in the report's ``steps_ms_p50_p99``.
 
 First a ramp finds the highest rate the path keeps up with (achieved report rate >= 95 % of the
 asked one, and caught up within 250 ms of the step's end). Then windows at 100 reports/s (A), at
@@ -25,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+import asyncpg
 import httpx
 import nats
 from nats.aio.msg import Msg
@@ -34,6 +37,7 @@ from bench._common import ROOT, Report, Stack, cli_output, median, percentile, q
 from bench._fakepeers import FakeSwarm
 from swarmtrain.common import bus
 from swarmtrain.common.events import Heartbeat, decode_event
+from swarmtrain.projector.projection import CHANNEL
 
 RAMP = (250, 1000) if quick() else (250, 500, 1000, 2000, 4000, 8000)
 RAMP_S = 0.5 if quick() else 1.5
@@ -60,6 +64,11 @@ class Probe:
         """Each peer's epoch as the gateway last showed it."""
         self.appended: dict[int, float] = {}
         """k -> when its fact was seen on ``session.<id>.events``."""
+        self.committed: dict[int, float] = {}
+        """k -> when the projector's commit that holds it was seen (its ``NOTIFY``, then a read of
+        ``session_peers``: an upper bound by one query)."""
+        self._looking = False
+        self._again = False
         self.append_rtt: list[float] = []
         self.get_rtt: list[float] = []
         self.polling = True
@@ -72,6 +81,31 @@ class Probe:
         event = decode_event(msg.data)
         if isinstance(event, Heartbeat) and event.peer_id in self.index:
             self.appended.setdefault(self.k(self.index[event.peer_id], event.epoch), now)
+
+    def on_notify(self, conn: asyncpg.Connection) -> None:
+        """The projector committed a batch: read the peers' epochs (one read at a time; a commit
+        that comes meanwhile is read by the next)."""
+        if self._looking:
+            self._again = True
+            return
+        self._looking = True
+        asyncio.get_running_loop().create_task(self._look(conn))
+
+    async def _look(self, conn: asyncpg.Connection) -> None:
+        try:
+            while True:
+                self._again = False
+                rows = await conn.fetch("SELECT peer_id, epoch FROM session_peers WHERE session_id = $1", self.sid)
+                now = time.perf_counter()
+                for row in rows:
+                    i = self.index.get(row["peer_id"])
+                    if i is not None:
+                        for e in range(1, int(row["epoch"] or 0) + 1):
+                            self.committed.setdefault(self.k(i, e), now)
+                if not self._again:
+                    return
+        finally:
+            self._looking = False
 
     async def _append(self, k: int) -> None:
         n = len(self.peer_ids)
@@ -143,6 +177,14 @@ class Probe:
     def latencies(self, epochs: list[int]) -> list[float]:
         return [self.visible[k] - self.sent[k] for k in epochs]
 
+    def projected(self, epochs: list[int]) -> list[float]:
+        """Fact seen on the bus -> committed by the projector (its fetch, apply, commit)."""
+        return [self.committed[k] - self.appended[k] for k in epochs if k in self.committed and k in self.appended]
+
+    def shown_after(self, epochs: list[int]) -> list[float]:
+        """Committed -> visible through ``GET /sessions/{id}`` (the pollers and the gateway's read)."""
+        return [max(0.0, self.visible[k] - self.committed[k]) for k in epochs if k in self.committed]
+
     def hops(self, epochs: list[int]) -> list[float]:
         """Report published -> its fact seen on the bus (the scheduler's check and append)."""
         return [self.appended[k] - self.sent[k] for k in epochs if k in self.appended]
@@ -179,6 +221,8 @@ async def main() -> Report:
 
             probe = Probe(js, client, sid, swarm.peer_ids)
             facts = await nc.subscribe(f"session.{sid}.events", cb=probe.on_fact)
+            listener = await asyncpg.connect(st.database_url)
+            await listener.add_listener(CHANNEL, lambda conn, *_: probe.on_notify(conn))
             pollers = [asyncio.create_task(probe.poll()) for _ in range(POLLERS)]
             await probe.pace(LOW_RATE, 1.0)  # warm-up
             await probe.settle()
@@ -198,6 +242,8 @@ async def main() -> Report:
             seconds = {"low": LOW_S, "mid": HIGH_S, "high": HIGH_S}
             seen: dict[str, list[float]] = {k: [] for k in rates}
             hop: dict[str, list[float]] = {k: [] for k in rates}
+            projected: dict[str, list[float]] = {k: [] for k in rates}
+            shown: dict[str, list[float]] = {k: [] for k in rates}
             floors: dict[str, list[float]] = {k: [] for k in rates}
             achieved_rates: dict[str, list[float]] = {k: [] for k in rates}
             for _ in range(WINDOWS):
@@ -207,11 +253,14 @@ async def main() -> Report:
                     await probe.settle()
                     seen[key] += probe.latencies(epochs)
                     hop[key] += probe.hops(epochs)
+                    projected[key] += probe.projected(epochs)
+                    shown[key] += probe.shown_after(epochs)
                     floors[key].append(median(probe.append_rtt) + median(probe.get_rtt))
                     achieved_rates[key].append(achieved)
             probe.polling = False
             await asyncio.gather(*pollers)
             await facts.unsubscribe()
+            await listener.close()
         await swarm.close()
         await nc.drain()
 
@@ -257,6 +306,16 @@ async def main() -> Report:
             reference=rtt,
             reference_name="report RTT + GET RTT",
         )
+    for key in ("low",):
+        rtt = median(floors[key]) * ms
+        report.add(
+            f"projector hop p99 @ {labels[key]}",
+            percentile(projected[key], 99) * ms,
+            "ms",
+            reference=rtt,
+            reference_name="report RTT + GET RTT",
+            note="fact appended -> committed by the projector (its NOTIFY, one read)",
+        )
     report.extra = {
         "ramp": ramp,
         "sustained_rate": sustained,
@@ -264,6 +323,18 @@ async def main() -> Report:
         "samples": {k: len(v) for k, v in seen.items()},
         "floor_ms": {k: [f * ms for f in v] for k, v in floors.items()},
         "max_ms": {k: max(v) * ms for k, v in seen.items() if v},
+        "steps_ms_p50_p99": {
+            labels[k]: {
+                "report -> fact appended (trust hop)": [percentile(hop[k], 50) * ms, percentile(hop[k], 99) * ms],
+                "fact -> committed by the projector": [
+                    percentile(projected[k], 50) * ms,
+                    percentile(projected[k], 99) * ms,
+                ],
+                "committed -> visible in GET": [percentile(shown[k], 50) * ms, percentile(shown[k], 99) * ms],
+            }
+            for k in rates
+            if hop[k] and projected[k] and shown[k]
+        },
     }
     return report
 

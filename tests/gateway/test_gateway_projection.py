@@ -67,6 +67,27 @@ async def test_reconnects_and_rereads_the_position(watcher: ProjectionWatcher, d
     assert await watcher.wait_for(9, max_wait_s=10)
 
 
+async def test_a_position_taken_back_by_a_crash_is_believed_after_reconnecting(
+    watcher: ProjectionWatcher, db: asyncpg.Connection
+) -> None:
+    """The projector commits without waiting for the fsync: a PostgreSQL crash may lose its latest
+    commits, position included. After reconnecting the watcher believes the stored position, not
+    the higher one it heard before the crash."""
+    await project(db, 7)
+    assert await watcher.wait_for(7, max_wait_s=5)
+    await db.execute("UPDATE projection_position SET position = 5 WHERE name = 'main'")  # the crash's loss
+    killed = await db.fetchval(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = $1"
+        " AND datname = current_database()",
+        APPLICATION_NAME,
+    )
+    assert killed == 1
+    await wait_for(lambda: watcher.position == 5, "the watcher back at the stored position", timeout=10)
+    assert not await watcher.wait_for(7, max_wait_s=0.2)
+    await project(db, 7)  # applied again
+    assert await watcher.wait_for(7, max_wait_s=5)
+
+
 async def test_without_a_schema_it_waits_for_the_first_notify(database_url: str) -> None:
     watcher = ProjectionWatcher(database_url)
     await watcher.start()

@@ -21,7 +21,7 @@ import pytest
 from swarmtrain.common import bus, events, servers
 from swarmtrain.common.events import Heartbeat
 from swarmtrain.common.settings import Settings
-from swarmtrain.projector import service
+from swarmtrain.projector import projection, service
 from tests.projector.test_projector import db, session_story, snapshot, wait_position
 from tests.support import wait_for
 
@@ -203,6 +203,24 @@ async def test_the_projector_rides_out_a_nats_restart(
         assert [r[0] for r in state["sessions"]] == ["s1", "s2"] and len(state["heartbeats"]) == 4
     finally:
         servers.stop(restarted, signal.SIGTERM)
+
+
+async def test_commits_a_crash_took_back_are_applied_again_without_a_new_event(
+    settings: Settings, running_projector: asyncio.Task[None], db: asyncpg.Connection
+) -> None:
+    """The projector commits without waiting for the fsync, so a PostgreSQL crash may take back its
+    latest commits, position included (never one without the other). Simulated here: the read models,
+    their bookkeeping and the position taken back to 0 in one transaction while the projector is idle.
+    It applies them again from the stored position, with no new event to make it look."""
+    seq = await _append_all(settings, session_story("s1"))
+    await wait_position(db, seq, timeout=30)
+    before = await snapshot(db)
+    async with db.transaction():
+        await db.execute(f"TRUNCATE {', '.join(projection.TABLES + projection.BOOKKEEPING)}")
+        await db.execute("UPDATE projection_position SET position = 0")
+    await wait_position(db, seq, timeout=30)
+    assert await snapshot(db) == before
+    assert not running_projector.done()
 
 
 async def test_the_projector_rides_out_a_postgres_crash(settings: Settings, nats_url: str, tmp_path: Path) -> None:

@@ -4,6 +4,11 @@ The projector stores the stream sequence it reached in ``projection_position`` a
 with ``NOTIFY swarmtrain_projection, '<position>'`` in the same transaction. One dedicated
 connection LISTENs on that channel (and reads the stored position when it (re)connects); requests
 wait on an ``asyncio.Condition`` until the position reaches their event's sequence.
+
+The projector commits without waiting for the fsync (``synchronous_commit = off``): a PostgreSQL
+crash can take back its latest commits, position included, until it applies them again. So once
+the watcher's connection is lost the position is unknown (0: a wait waits) until it reconnects and
+reads the stored one, which may be lower than what it heard before.
 """
 
 from __future__ import annotations
@@ -66,6 +71,12 @@ class ProjectionWatcher:
                 self._position = position
                 self._changed.notify_all()
 
+    async def _reset(self, position: int) -> None:
+        """The position as the database stores it now (lower, after a crash took commits back)."""
+        async with self._changed:
+            self._position = position
+            self._changed.notify_all()
+
     async def _on_notify(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
         try:
             position = int(payload)
@@ -93,9 +104,10 @@ class ProjectionWatcher:
             conn.add_termination_listener(lambda _conn: lost.set())
             # LISTEN before reading the stored position, so no NOTIFY falls between the two.
             await conn.add_listener(CHANNEL, self._on_notify)
-            await self._advance(await _stored_position(conn))
+            await self._reset(await _stored_position(conn))
             await lost.wait()
         finally:
+            await self._reset(0)  # what a restarted server holds is read again on reconnecting
             if not conn.is_closed():
                 with contextlib.suppress(OSError, asyncpg.InterfaceError, asyncpg.InternalClientError, TimeoutError):
                     await conn.close(timeout=2)

@@ -112,6 +112,19 @@ async def _apply(conn: asyncpg.Connection, deliveries: Sequence[Delivery], reach
     return await apply_in(conn, run, reached), dead
 
 
+ASYNC_COMMIT = {"synchronous_commit": "off"}
+"""The projector's connections' setting (``service.connect_db``: no round trip per batch). A
+batch's commit does not wait for its WAL to reach the disk (the WAL writer flushes it a moment
+later). Safe here, and not a weaker guarantee: the batch and the position it moves to are one
+transaction, so a PostgreSQL crash can only lose the latest commits *whole* (the WAL is replayed
+in order: never a hole, never rows without their position). The projector then reads its stored
+position back (``Rewound``, checked by each commit and each idle fetch; its start otherwise),
+recreates its durable consumer there and applies those events again; they are skipped or applied
+by their ids (idempotent), and the JetStream ack it sent meanwhile is not what it resumes from.
+What is given up: for under a second before such a crash, a reader may see rows that vanish until
+the replay applies them again. A projector crash loses nothing (the commit took place)."""
+
+
 class Rewound(Exception):
     """The stored position is behind what this projector committed: the database lost commits
     (a crash of a server that does not fsync, a restore). Project again from its position."""

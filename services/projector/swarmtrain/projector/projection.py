@@ -110,8 +110,13 @@ async def apply_in(conn: asyncpg.Connection, batch: list[tuple[int, Event]], rea
 
 async def advance(conn: asyncpg.Connection, reached: int) -> int:
     """Store and announce the position ``reached`` (inside the caller's transaction)."""
-    await conn.execute("UPDATE projection_position SET position = $2 WHERE name = $1", NAME, reached)
-    await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, str(reached))
+    # one round trip: the NOTIFY is the RETURNING of the position's one row (sent at the commit, as before)
+    await conn.execute(
+        "UPDATE projection_position SET position = $2 WHERE name = $1 RETURNING pg_notify($3, position::text)",
+        NAME,
+        reached,
+        CHANNEL,
+    )
     return reached
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import AsyncIterator, Generator
+from collections.abc import AsyncIterator, Generator, Sequence
 from functools import partial
 from typing import Annotated, Any
 
@@ -87,9 +87,21 @@ def _require_labelled(data_format: str) -> None:
 
 
 async def _require_room(gw: Gateway, owner_id: str, plan: SessionPlan) -> None:
-    await queries.require_session_room(gw.pool, owner_id, gw.settings.max_active_sessions)
+    """429 when the owner's session cap is reached, else 400 when too few peers are idle (unless
+    the session may queue): both read at once, on two of the pool's connections."""
+    checks = [queries.require_session_room(gw.pool, owner_id, gw.settings.max_active_sessions)]
     if not plan.queues:  # a session that may wait is queued however few peers are idle now
-        await queries.require_idle_peers(gw.pool, plan.num_peers, plan.requirements)
+        checks.append(queries.require_idle_peers(gw.pool, plan.num_peers, plan.requirements))
+    _raise_first(await asyncio.gather(*checks, return_exceptions=True))
+
+
+def _raise_first(results: Sequence[Any]) -> Sequence[Any]:
+    """``results`` of ``gather(..., return_exceptions=True)``; raises the first failure in their
+    order (the order the checks are documented in), not in the order they happened to end."""
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    return results
 
 
 class SessionController(Controller):
@@ -115,14 +127,24 @@ class SessionController(Controller):
     ) -> SessionCreated:
         plan = plan_session(data, gw.settings)
         owner_id = request.user.user_id
-        dataset = await owned_dataset(gw, owner_id, data.dataset_id)
-        _require_labelled(dataset["format"])
-        check_against_dataset(
-            plan, rows=dataset["rows"], features=dataset["features"], classes=dataset["classes"], settings=gw.settings
-        )
-        await lineage.check_init_from(gw, owner_id, plan, (dataset["features"], dataset["classes"]))
         async with gw.session_locks.hold(owner_id):
-            await _require_room(gw, owner_id, plan)
+            # the dataset, the session cap and the idle peers read at once (the wall time of one
+            # round trip, not three, before the append); failures in the checks' order: the
+            # dataset's (404, 400) first, then the cap (429), then the peers (400)
+            reads: tuple[Any, ...] = await asyncio.gather(
+                owned_dataset(gw, owner_id, data.dataset_id), _require_room(gw, owner_id, plan), return_exceptions=True
+            )
+            dataset = _raise_first(reads[:1])[0]
+            _require_labelled(dataset["format"])
+            check_against_dataset(
+                plan,
+                rows=dataset["rows"],
+                features=dataset["features"],
+                classes=dataset["classes"],
+                settings=gw.settings,
+            )
+            await lineage.check_init_from(gw, owner_id, plan, (dataset["features"], dataset["classes"]))
+            _raise_first(reads[1:])
             session_id = await commands.request_session(
                 gw,
                 owner_id,
