@@ -116,6 +116,19 @@ class BodyFlag:
         into[name] = True if self.switch else self.value(given)
 
 
+def _search(raw: str) -> Json:
+    """``--search``: a JSON object, or the path of a file holding one."""
+    path = Path(raw)
+    text = path.read_text() if not raw.lstrip().startswith("{") and path.is_file() else raw
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ApiError(0, f"--search: not JSON, nor a file of JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise ApiError(0, "--search must be a JSON object")
+    return value
+
+
 START_FLAGS = (
     BodyFlag("--dataset", "dataset_id", "dataset id"),
     BodyFlag("--peers", "num_peers", "number of peers", type=int),
@@ -173,6 +186,12 @@ START_FLAGS = (
     ),
     BodyFlag("--priority", "priority", "higher is served first (default 0)", type=int),
     BodyFlag("--precision", "precision", "what the peers compute in (default fp32)", choices=get_args(Precision)),
+    BodyFlag(
+        "--search",
+        "search",
+        'sweep: a search, as a JSON file or string, e.g. \'{"space": {"lr": {"log_uniform": [1e-4, 0.1]}}, "trials": 24}\'',
+        value=_search,
+    ),
 )
 """Every flag of ``sessions start`` that sets a field of the request, in ``--help``'s order."""
 REQUIRED = {"dataset_id": "--dataset", "num_peers": "--peers"}

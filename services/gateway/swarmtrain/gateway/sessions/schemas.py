@@ -8,6 +8,8 @@ from datetime import datetime
 from typing import Any
 
 import msgspec
+
+from swarmtrain.common.search import SearchSpec
 from litestar.datastructures import UploadFile
 
 from swarmtrain.common import models
@@ -111,6 +113,9 @@ class SessionIn(RoundOptionsIn, forbid_unknown_fields=True, kw_only=True):  # ty
     """Higher is served first; first come, first served within a priority."""
     precision: Precision = "fp32"
     """fp32, or autocast to bf16 / fp16 (CUDA peers; a CPU peer runs bf16 where supported, or fails the run)."""
+    search: SearchSpec | None = None
+    """sweep: a space and a budget (``common.search``) instead of one set per peer: ``num_peers``
+    trials at a time, each with ``hyperparameters`` (one object) and ``model`` with its point applied."""
 
 
 class InitFromIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
