@@ -187,16 +187,14 @@ def test_a_search_of_more_trials_than_peers_runs_to_completion_and_says_what_mat
 
 
 def test_a_restarted_scheduler_suggests_the_same_next_trial() -> None:
-    state, appended = run(running(search(trials_=6, sampler="tpe")))
+    _, appended = run(running(search(trials_=6, sampler="tpe")))
     starts = started_trials(appended)
     # replay the log up to before trial 4 was handed out, with a cold cache: the same point
     cut = appended.index(next(s for s in starts if s.trial == 4))
     fresh = replay(running(search(trials_=6, sampler="tpe")), *appended[:cut])
     trials.forget("s")
     again = [
-        a.event
-        for a in decide(fresh, CLOCKS, CONFIG)
-        if isinstance(a, AppendIf) and isinstance(a.event, TrialStarted)
+        a.event for a in decide(fresh, CLOCKS, CONFIG) if isinstance(a, AppendIf) and isinstance(a.event, TrialStarted)
     ]
     assert again and again[0].trial == 4 and again[0].params == starts[4].params
 

@@ -414,10 +414,10 @@ class Peer:
     def _on_stop(self, command: Stop, seq: int) -> None:
         job = self._job
         if command.trial is not None:  # a search's pruned trial: that job only, the next Train goes on
-            if job is not None and job.session_id == command.session_id and job.command.trial == command.trial:
-                if job.stop_reason is None:
-                    log.info("stopping a pruned trial", session_id=command.session_id, trial=command.trial)
-                    job.halt("stop")
+            mine = job is not None and job.session_id == command.session_id and job.command.trial == command.trial
+            if job is not None and mine and job.stop_reason is None:
+                log.info("stopping a pruned trial", session_id=command.session_id, trial=command.trial)
+                job.halt("stop")
             return
         self._stops[command.session_id] = seq
         if job is None or job.session_id != command.session_id:

@@ -190,7 +190,9 @@ def _train(
     session: Session, peer_id: str, run: Run, clocks: Clocks, config: Config, start_round: int | None = None
 ) -> Train:
     if run.trial is not None:
-        return trial_train(session.request, peer_id, run, clocks, config, session.max_model_bytes(run.model), session.init)
+        return trial_train(
+            session.request, peer_id, run, clocks, config, session.max_model_bytes(run.model), session.init
+        )
     return train_command(
         session.request,
         peer_id,

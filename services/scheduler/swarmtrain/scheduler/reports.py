@@ -128,8 +128,10 @@ def _check(state: State, sender: str, report: Report, config: Config) -> None:
     if run is None:
         raise Refused(f"peer {sender!r} holds no training run in session {sid!r}")
     trial = getattr(report, "trial", None)
-    if isinstance(report, Heartbeat | PeerDone | PeerFailed) and trial != run.trial and not (
-        isinstance(report, PeerFailed) and trial is None
+    if (
+        isinstance(report, Heartbeat | PeerDone | PeerFailed)
+        and trial != run.trial
+        and not (isinstance(report, PeerFailed) and trial is None)
     ):
         raise Refused(f"trial {trial}: peer {sender!r} holds trial {run.trial} of session {sid!r}")
     match report:

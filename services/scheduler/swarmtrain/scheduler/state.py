@@ -47,8 +47,8 @@ from swarmtrain.common.events import (
     TrialStarted,
     UpdateRejected,
 )
-from swarmtrain.common.models import ModelSpec
 from swarmtrain.common.lifecycle import ends_session, run_after, session_after, starts_session, takes_new_runs
+from swarmtrain.common.models import ModelSpec
 from swarmtrain.common.specs import PeerSpecs
 from swarmtrain.common.status import RunStatus, SessionStatus
 from swarmtrain.scheduler.search import Entry, Finished, Reported, Suggested
@@ -441,12 +441,13 @@ def _evolve_session(session: Session, seq: int, event: Event, wall: float) -> Se
                 key = session.run_key(event.peer_id)
                 run = replace(run, epoch=event.epoch, val_accuracy=event.val_accuracy)
                 if run.trial is not None and session.request.search is not None:
+                    trial = run.trial
                     metric, _ = session.request.search.resolved()
                     value = getattr(event, metric)
                     if value is not None and event.epoch not in run.figures:
                         run = replace(run, figures={**run.figures, event.epoch: value})
                         session = replace(
-                            session, search_log=(*session.search_log, Reported(run.trial, event.epoch, value))
+                            session, search_log=(*session.search_log, Reported(trial, event.epoch, value))
                         )
                 return _with_run(session, key, run)
         case ModelUpdatePublished():

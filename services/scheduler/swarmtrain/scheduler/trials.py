@@ -21,7 +21,7 @@ that carries a ``search``). Pure, as every decision: what it reads is the sessio
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import msgspec
 
@@ -34,7 +34,7 @@ from swarmtrain.common.events import (
     bounded_text,
 )
 from swarmtrain.common.models import ModelSpec
-from swarmtrain.common.search import apply
+from swarmtrain.common.search import Value, apply
 from swarmtrain.scheduler import search
 from swarmtrain.scheduler.actions import Action, AppendIf, Clocks, Config, Send, stop_trial, trial_train
 from swarmtrain.scheduler.state import Peer, Run, Session, State, trial_key
@@ -68,7 +68,7 @@ def forget(session_id: str) -> None:
     _REPLAYS.pop(session_id, None)
 
 
-def point_of(session: Session, point: dict[str, search.Value]) -> tuple[Hyperparameters, ModelSpec]:
+def point_of(session: Session, point: Mapping[str, Value]) -> tuple[Hyperparameters, ModelSpec]:
     """The trial's hyperparameters and model: the session's own, with ``point`` applied."""
     return apply(point, session.request.hyperparameters[0], session.request.model)
 
@@ -96,7 +96,7 @@ def step(state: State, session: Session, locked: Sequence[Peer], clocks: Clocks,
             reason=bounded_text(_reason(session, decision.epoch, figure)),
         )
         actions.append(AppendIf(pruned, expected=session.seq))
-    for key, run in sorted(session.runs.items()):
+    for _, run in sorted(session.runs.items()):
         if run.trial is None:
             continue
         peer = state.peers.get(run.peer_id)
@@ -155,7 +155,9 @@ def _hand_out(session: Session, replay: search.Replay, free: Sequence[Peer], clo
 
 
 def train_of(session: Session, run: Run, clocks: Clocks, config: Config) -> Train:
-    return trial_train(session.request, run.peer_id, run, clocks, config, session.max_model_bytes(run.model), session.init)
+    return trial_train(
+        session.request, run.peer_id, run, clocks, config, session.max_model_bytes(run.model), session.init
+    )
 
 
 def done(session: Session) -> bool:

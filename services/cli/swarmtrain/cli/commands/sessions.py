@@ -189,7 +189,7 @@ START_FLAGS = (
     BodyFlag(
         "--search",
         "search",
-        'sweep: a search, as a JSON file or string, e.g. \'{"space": {"lr": {"log_uniform": [1e-4, 0.1]}}, "trials": 24}\'',
+        'sweep: a search (JSON file or text), e.g. \'{"space": {"lr": {"log_uniform": [1e-4, 0.1]}}, "trials": 24}\'',
         value=_search,
     ),
 )

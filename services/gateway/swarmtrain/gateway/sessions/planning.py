@@ -14,6 +14,7 @@ import msgspec
 from litestar.exceptions import ClientException
 
 from swarmtrain.common import models, shapes
+from swarmtrain.common import search as searching
 from swarmtrain.common.events import (
     Hyperparameters,
     InitFrom,
@@ -23,7 +24,6 @@ from swarmtrain.common.events import (
     Strategy,
 )
 from swarmtrain.common.fedopts import ROUND_OPTIONS, OuterSpec, RoundOptions, check_options, resolve_outer
-from swarmtrain.common import search as searching
 from swarmtrain.common.search import SearchSpec
 from swarmtrain.common.settings import Settings
 from swarmtrain.common.specs import Requirements
