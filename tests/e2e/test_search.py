@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from tests.factories import session_body
+from tests.support import wait_for
 
 from .conftest import Api, Stack, cli
 
@@ -64,3 +66,39 @@ async def test_a_search_of_more_trials_than_peers_runs_to_completion(stack: Stac
     again = await api.wait_ended(started["session_id"], timeout=300)
     assert again["status"] == "completed" and again["search"] is None
     assert again["peers"][0]["hyperparameters"]["lr"] == best["hyperparameters"]["lr"]
+
+
+async def test_a_peer_killed_mid_trial_has_its_trial_run_again_once(stack: Stack, api: Api) -> None:
+    """SIGKILL of a peer while it trains a trial: the presence timeout fails that run, the trial runs
+    again (same point) on a peer that is left, never lost and counted once; the search completes."""
+    extra = stack.start_peer("doomed")
+    try:
+        await api.wait_idle_peers(4)
+        doomed = next(p["peer_id"] for p in await api.peers() if p["name"] == "doomed")
+        ds = await api.upload()
+        search = {"space": {"lr": {"log_uniform": [1e-3, 3e-2]}}, "trials": 6, "sampler": "random", "seed": 1}
+        body = session_body(ds["dataset_id"], 4, {"epochs": 25, "batch_size": 16, "lr": 0.003}, model={"hidden": [64]})
+        resp = await api.client.post("/sessions", json=body | {"search": search})
+        assert resp.status_code == 201, resp.text
+        sid = resp.json()["session_id"]
+
+        async def doomed_at_work() -> dict[str, Any] | None:
+            s = await api.session(sid)
+            trials = (s.get("search") or {}).get("trials", [])
+            return next((t for t in trials if t["peer_id"] == doomed and t["epoch"] >= 1), None)
+
+        victim = await wait_for(doomed_at_work, "the doomed peer training a trial", timeout=120, interval=0.2)
+        extra.kill()
+        extra.wait()
+        done = await api.wait_ended(sid, timeout=300)
+    finally:
+        if extra.poll() is None:
+            extra.kill()
+            extra.wait()
+    assert done["status"] == "completed", done
+    search = done["search"]
+    trials = {t["trial"]: t for t in search["trials"]}
+    assert sorted(trials) == list(range(6)) and search["done"] == 6 and search["failed"] == 0
+    again = trials[victim["trial"]]
+    assert again["attempt"] >= 1 and again["peer_id"] != doomed and again["status"] == "done"
+    assert again["params"] == victim["params"]  # the same point, run again
