@@ -53,7 +53,8 @@ def replay_of(session: Session) -> search.Replay:
     cached = _REPLAYS.get(session.session_id)
     if cached is not None:
         applied, replay = cached
-        if len(applied) <= len(log) and log[: len(applied)] == applied and replay.spec == spec:
+        same = replay.spec == spec and replay.seed == (session.request.seed if spec.seed is None else spec.seed)
+        if same and len(applied) <= len(log) and log[: len(applied)] == applied:
             replay.extend(log)
             _REPLAYS[session.session_id] = (log, replay)
             return replay
