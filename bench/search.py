@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> Report:
         best = statistics.mean(r["best"] for r in runs)
         spent = statistics.mean(r["device_s"] for r in runs)
         ref = {} if name == "random, no pruning" else {"reference_name": "random, no pruning"}
-        report.add(f"{name}: best val accuracy (mean of {len(runs)} seeds)", best, "", **ref, reference=base_best)
+        report.add(f"{name}: best val accuracy (mean of {len(runs)} seeds)", best, "acc", **ref, reference=base_best)
         row = report.add(f"{name}: device-seconds (mean)", spent, "s", **ref, reference=base_s)
         if name == "random + asha":
             row.target = "<= 1/3 of unpruned, within 1 point"
