@@ -29,6 +29,7 @@ BENCHMARKS = {
     "p6": ("bench.p6_blob", 180),
     "p7": ("bench.p7_scale", 300),
     "shards": ("bench.shard_memory", 1800),
+    "search": ("bench.search", 900),
 }
 QUICK_TIMEOUT_S = 240
 """A hang guard for one quick run (a busy 2-core machine), not a timing."""

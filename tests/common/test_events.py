@@ -110,7 +110,10 @@ def strategy(t: mi.Type, name: str = "") -> st.SearchStrategy[Any]:
             low = t.min_length or 0
             return st.lists(strategy(t.item_type, name), min_size=low, max_size=max(low, min(t.max_length or 3, 3)))
         case mi.DictType():
-            return st.dictionaries(strategy(t.key_type, "key_id"), strategy(t.value_type), max_size=3)
+            low = t.min_length or 0
+            return st.dictionaries(
+                strategy(t.key_type, "key_id"), strategy(t.value_type), min_size=low, max_size=max(low, 3)
+            )
         case mi.UnionType():
             return st.one_of(*(strategy(member, name) for member in t.types))
         case mi.Metadata():  # a described type (``specs.Bytes``): its own rules

@@ -356,3 +356,34 @@ async def test_bad_name_and_device_are_refused(settings: Settings) -> None:
         await service.run(settings, asyncio.Event(), name="../evil", device="cpu")
     with pytest.raises(SystemExit, match="--device tpu"):
         await service.run(settings, asyncio.Event(), name="alpha", device="tpu")
+
+
+async def test_a_search_peer_takes_one_train_per_trial_and_stops_only_a_pruned_trial(
+    settings: Settings, nc: NATS, blob_dir: Path, digits_sha256: str, scheduler: SchedulerPart
+) -> None:
+    js = nc.jetstream()
+    async with running_peer(settings):
+        reg = await registered(js, "alpha")
+        long = train_command(reg.peer_id, blob_dir, "srch", sha256=digits_sha256, epochs=100_000, batch_size=16)
+        long = msgspec.structs.replace(long, event_id=f"srch.{reg.peer_id}.train.trial0.0", trial=0)
+        short = train_command(reg.peer_id, blob_dir, "srch", sha256=digits_sha256, epochs=2)
+        short = msgspec.structs.replace(
+            short,
+            event_id=f"srch.{reg.peer_id}.train.trial1.0",
+            trial=1,
+            output_uri=(blob_dir / "sessions" / "srch" / "trials" / "1" / f"{reg.peer_id}.safetensors").as_uri(),
+        )
+        async with reports(js, "srch") as session, presence(nc, reg.peer_id) as beats:
+            await scheduler.train(long)
+            beat = await session.wait_for(Heartbeat)
+            assert beat.trial == 0 and beat.event_id.startswith(long.event_id + ".epoch")
+            await bus.send(js, Stop(peer_id=reg.peer_id, session_id="srch", trial=1))  # not its trial
+            await session.wait_for(Heartbeat, lambda b: b.epoch >= beat.epoch + 1)
+            await bus.send(js, Stop(peer_id=reg.peer_id, session_id="srch", trial=0))  # pruned
+            await beats.wait_for(lambda b: b.train_id is None, timeout=10)
+            await scheduler.train(short)  # the next trial of the same session: not dropped by the Stop
+            done = await session.wait_for(PeerDone, timeout=60)
+        assert done.trial == 1 and done.event_id == f"{short.event_id}.done"
+        stored = await stored_reports(js, "srch")
+        assert not any(isinstance(e, PeerFailed) for e in stored)
+        assert not any(isinstance(e, PeerDone) and e.trial == 0 for e in stored)

@@ -10,6 +10,7 @@ datasets/<dataset_id>.<extension>                an uploaded dataset (``formats.
 datasets/<dataset_id>.tokenizer.json             a text dataset's BPE tokenizer, trained at upload
 sessions/<session_id>/                           everything a session writes, and nothing else
 sessions/<session_id>/models/<peer_id>.safetensors   a run's final model (Train.output_uri)
+sessions/<session_id>/trials/<n>/<peer_id>.safetensors   a search's trial n's model
 sessions/<session_id>/rounds/<r>/<peer_id>.safetensors   fedavg: a peer's update of round r
 sessions/<session_id>/rounds/<r>/average.safetensors     fedavg: round r's averaged model
 sessions/<session_id>/init/start.safetensors     a fork's recomputed starting model
@@ -40,6 +41,11 @@ def session_prefix(session_id: str) -> str:
 def model(session_id: str, peer_id: str) -> str:
     """A run's final model: its ``Train.output_uri``, the only URI its ``PeerDone`` may name."""
     return f"{session_prefix(session_id)}models/{peer_id}.safetensors"
+
+
+def trial_model(session_id: str, trial: int, peer_id: str) -> str:
+    """A search's trial's final model, as run by ``peer_id`` (a re-run elsewhere writes its own)."""
+    return f"{session_prefix(session_id)}trials/{trial}/{peer_id}.safetensors"
 
 
 def rounds(session_id: str) -> str:

@@ -23,6 +23,7 @@ from swarmtrain.common.models import CnnSpec as CnnSpec
 from swarmtrain.common.models import MlpSpec as MlpSpec
 from swarmtrain.common.models import ModelKind as ModelKind
 from swarmtrain.common.models import ModelSpec as ModelSpec
+from swarmtrain.common.search import SearchSpec as SearchSpec
 from swarmtrain.common.specs import PeerSpecs, Priority, QueueTimeout, Requirements
 
 
@@ -359,6 +360,10 @@ class SessionRequested(_SessionEvent, frozen=True, kw_only=True, tag="SessionReq
     data_read: DataRead = "whole"
     """How a fedavg peer reads the dataset (``DataRead``); the gateway sets ``shard`` for new
     fedavg sessions, so a log written before keeps its meaning."""
+    search: SearchSpec | None = None
+    """sweep: a space and a budget instead of one set per peer (``common.search``): ``num_peers``
+    trials run at a time, each with ``hyperparameters[0]`` and ``model`` with its point applied;
+    None: the list, one set per peer."""
 
 
 class SessionStarted(_SessionEvent, frozen=True, kw_only=True, tag="SessionStarted"):
@@ -379,8 +384,17 @@ class SessionStarted(_SessionEvent, frozen=True, kw_only=True, tag="SessionStart
     """Why these peers: the placement's reason (requirements, GPU or CPU first, memory needed)."""
 
 
+TrialNumber = Annotated[int, msgspec.Meta(ge=0, le=100_000)]
+"""A search's trial, counted from 0 in the order the scheduler started them."""
+ParamValue = float | int | Annotated[str, msgspec.Meta(max_length=MAX_NAME, pattern=NO_NUL)]
+Params = Annotated[dict[Name, ParamValue], msgspec.Meta(max_length=64)]
+"""A trial's point: a search space's key -> the value it got."""
+
+
 class Heartbeat(_SessionEvent, frozen=True, kw_only=True, tag="Heartbeat"):
     peer_id: Id
+    trial: TrialNumber | None = None
+    """A search's trial this epoch belongs to (``Train.trial``); None outside a search."""
     epoch: Count
     epochs: Count
     loss: Finite
@@ -394,6 +408,8 @@ class Heartbeat(_SessionEvent, frozen=True, kw_only=True, tag="Heartbeat"):
 
 class PeerDone(_SessionEvent, frozen=True, kw_only=True, tag="PeerDone"):
     peer_id: Id
+    trial: TrialNumber | None = None
+    """A search's trial this model is of; None outside a search."""
     model_uri: Uri
     model_sha256: Digest
     epochs: Count
@@ -482,6 +498,46 @@ class ShardReassigned(_SessionEvent, frozen=True, kw_only=True, tag="ShardReassi
 class PeerFailed(_SessionEvent, frozen=True, kw_only=True, tag="PeerFailed"):
     peer_id: Id
     reason: Text
+    trial: TrialNumber | None = None
+    """A search's trial whose run failed (it is run again); None outside a search."""
+
+
+class TrialStarted(_SessionEvent, frozen=True, kw_only=True, tag="TrialStarted"):
+    """A search's trial handed to a peer: its point (the sampler's suggestion, a pure function of
+    the log before it) and what it trains with. ``attempt`` > 0: the same trial run again after its
+    peer's run failed (the point is the first attempt's; the study counts the trial once)."""
+
+    trial: TrialNumber
+    attempt: Count = 0
+    peer_id: Id
+    params: Params
+    hyperparameters: Hyperparameters
+    model: ModelSpec
+
+
+class TrialPruned(_SessionEvent, frozen=True, kw_only=True, tag="TrialPruned"):
+    """The search's pruner stopped a trial at a rung (an epoch), from the figures in the log."""
+
+    trial: TrialNumber
+    peer_id: Id
+    rung: Count
+    value: Finite | None = None
+    """The trial's figure at the rung."""
+    reason: Text
+
+
+class SearchConcluded(_SessionEvent, frozen=True, kw_only=True, tag="SearchConcluded"):
+    """What a finished search found, computed by the scheduler from the log (Optuna's importance
+    evaluator on the finished trials): each key's importance, most important first, and the best
+    trial by the scheduler's own re-evaluation where it made one."""
+
+    importances: Annotated[dict[Name, Finite], msgspec.Meta(max_length=64)]
+    best_trial: TrialNumber | None = None
+    best_params: Params = msgspec.field(default_factory=dict)
+    best_value: Finite | None = None
+    done: Count = 0
+    pruned: Count = 0
+    failed: Count = 0
 
 
 class SessionCompleted(_SessionEvent, frozen=True, kw_only=True, tag="SessionCompleted"):
@@ -491,6 +547,8 @@ class SessionCompleted(_SessionEvent, frozen=True, kw_only=True, tag="SessionCom
     checked_val_accuracy: Finite | None = None
     """The best model's validation accuracy as a service measured it (``ModelEvaluated``), beside
     the peer's own claim in ``best_val_accuracy``; None where nothing re-evaluated it."""
+    best_trial: TrialNumber | None = None
+    """A search: the trial whose model is the session's."""
 
 
 class ModelEvaluated(_SessionEvent, frozen=True, kw_only=True, tag="ModelEvaluated"):
@@ -504,6 +562,8 @@ class ModelEvaluated(_SessionEvent, frozen=True, kw_only=True, tag="ModelEvaluat
     val_accuracy: Finite | None = None
     model_sha256: Digest
     reason: Text | None = None
+    trial: TrialNumber | None = None
+    """A search: the trial whose model this is."""
 
 
 class SessionFailed(_SessionEvent, frozen=True, kw_only=True, tag="SessionFailed"):
@@ -537,6 +597,9 @@ SessionEvent = (
     | RoundAveraged
     | ShardReassigned
     | InitModelPrepared
+    | TrialStarted
+    | TrialPruned
+    | SearchConcluded
     | ModelEvaluated
     | SessionCompleted
     | SessionFailed
@@ -616,10 +679,14 @@ class Train(_Command, frozen=True, kw_only=True, tag="Train"):
     """How the peer reads the dataset (``SessionRequested.data``)."""
     data_read: DataRead = "whole"
     """fedavg: the whole dataset or only the shard (``SessionRequested.data_read``)."""
+    trial: TrialNumber | None = None
+    """A search's trial: its reports name it (a peer takes one ``Train`` per trial); None outside a search."""
 
 
 class Stop(_Command, frozen=True, kw_only=True, tag="Stop"):
     session_id: Id
+    trial: TrialNumber | None = None
+    """Stop only this trial's job (pruned); None: the session's, whatever it runs."""
 
 
 class SessionFact(_Command, frozen=True, kw_only=True, tag="SessionFact"):

@@ -96,8 +96,48 @@ def print_result(s: Json, out: TextIO | None = None) -> None:
         ["#", "PEER", "STATUS", "EPOCH", "LR", "LOSS", "VAL ACC"],
         out,
     )
+    if s.get("search"):
+        print_search(s["search"], s["session_id"], out)
     if s.get("model_available"):
         out.write(f"model: swarmtrain sessions download {s['session_id']}\n")
+
+
+def print_search(search: Json, session_id: str, out: TextIO) -> None:
+    """A search's trials, what mattered (the importance table) and its best configuration."""
+    eta = search.get("eta_s")
+    out.write(
+        f"search: {search['done']} done, {search['running']} running, {search['pruned']} pruned, "
+        f"{search['failed']} failed, {search['left']} left" + (f", about {eta:.0f}s to go" if eta else "") + "\n"
+    )
+    trials = sorted(search["trials"], key=lambda t: -(t["value"] if t["value"] is not None else -1e300))
+    table(
+        [
+            [
+                t["trial"],
+                t["status"] + (f"@{t['rung']}" if t.get("rung") else ""),
+                short(t["peer_id"]),
+                f"{t['epoch']}/{t['epochs']}",
+                ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in t["params"].items()),
+                fmt(t["value"]),
+            ]
+            for t in trials
+        ],
+        ["TRIAL", "STATUS", "PEER", "EPOCH", "PARAMS", str(search["spec"].get("metric") or "val_accuracy").upper()],
+        out,
+    )
+    if search["importances"]:
+        out.write("importance (what mattered):\n")
+        table(
+            [[k, f"{v:.3f}", "#" * round(40 * v)] for k, v in search["importances"].items()],
+            ["HYPERPARAMETER", "IMPORTANCE", ""],
+            out,
+        )
+    if search.get("best"):
+        best = search["best"]
+        out.write(
+            f"best: trial {best['trial']} ({fmt(best['value'])} as the scheduler measured it): {best['params']}\n"
+        )
+        out.write(f"start from it: swarmtrain sessions start --from-best {session_id}\n")
 
 
 class Watcher:

@@ -12,12 +12,14 @@ from swarmtrain.peer.trainer import EpochStats
 T = TypeVar("T")
 
 
-def heartbeat(session_id: str, peer_id: str, stats: EpochStats) -> Heartbeat:
-    """The epoch's event; its id is fixed by (session, peer, epoch), so a retried append is stored once."""
+def heartbeat(session_id: str, peer_id: str, stats: EpochStats, trial: tuple[int, str] | None = None) -> Heartbeat:
+    """The epoch's event; its id is fixed by (session, peer, epoch), so a retried append is stored
+    once; ``trial``: a search's (trial, the id of its ``Train``), which the id extends."""
     return Heartbeat(
-        event_id=f"{session_id}.{peer_id}.epoch{stats.epoch}",
+        event_id=f"{session_id}.{peer_id}.epoch{stats.epoch}" if trial is None else f"{trial[1]}.epoch{stats.epoch}",
         session_id=session_id,
         peer_id=peer_id,
+        trial=None if trial is None else trial[0],
         epoch=stats.epoch,
         epochs=stats.epochs,
         loss=stats.loss,

@@ -412,8 +412,14 @@ class Peer:
         return True
 
     def _on_stop(self, command: Stop, seq: int) -> None:
-        self._stops[command.session_id] = seq
         job = self._job
+        if command.trial is not None:  # a search's pruned trial: that job only, the next Train goes on
+            mine = job is not None and job.session_id == command.session_id and job.command.trial == command.trial
+            if job is not None and mine and job.stop_reason is None:
+                log.info("stopping a pruned trial", session_id=command.session_id, trial=command.trial)
+                job.halt("stop")
+            return
+        self._stops[command.session_id] = seq
         if job is None or job.session_id != command.session_id:
             log.debug("Stop ignored: not training that session", session_id=command.session_id)
             return
@@ -491,10 +497,13 @@ class Peer:
         log.warning("training failed", reason=reason)
         await self._report(
             PeerFailed(
-                event_id=f"{command.session_id}.{self.peer_id}.failed",
+                event_id=f"{command.session_id}.{self.peer_id}.failed"
+                if command.trial is None
+                else f"{command.event_id}.failed",
                 session_id=command.session_id,
                 peer_id=self.peer_id,
                 reason=reason,
+                trial=command.trial,
             )
         )
 

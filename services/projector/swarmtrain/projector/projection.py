@@ -22,12 +22,15 @@ from swarmtrain.common.events import (
     PeerWentOnline,
     RoundAveraged,
     RoundClosed,
+    SearchConcluded,
     SessionCancelled,
     SessionCompleted,
     SessionFailed,
     SessionRequested,
     SessionStarted,
     ShardReassigned,
+    TrialPruned,
+    TrialStarted,
     UpdateRejected,
     UserRegistered,
 )
@@ -36,12 +39,22 @@ from swarmtrain.common.status import SESSION_TERMINAL, RunStatus, SessionStatus
 
 NAME = "main"
 CHANNEL = "swarmtrain_projection"
-TABLES = ("users", "datasets", "peers", "sessions", "session_peers", "heartbeats", "session_rounds", "round_updates")
+TABLES = (
+    "users",
+    "datasets",
+    "peers",
+    "sessions",
+    "session_peers",
+    "heartbeats",
+    "session_rounds",
+    "round_updates",
+    "session_trials",
+)
 """The read models."""
 BOOKKEEPING = ("applied_events", "dead_letters")
 """The projector's own tables, emptied and rebuilt with the read models (the gateway reads only the
 dead letters' count)."""
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 """Bump on any change to schema.sql, or to how events are applied: on start (``ensure_schema``) a
 database built with another version has its read models dropped and rebuilt from sequence 1."""
 _SCHEMA_LOCK = 0x5357_5452  # pg_advisory_xact_lock key: one ensure_schema at a time
@@ -208,6 +221,9 @@ async def apply_heartbeats(conn: asyncpg.Connection, heartbeats: list[tuple[int,
     """
     if not heartbeats:
         return
+    for _, beat in heartbeats:
+        if beat.trial is not None:
+            await _trial_beat(conn, beat)
     rows = [
         (
             seq,
@@ -246,7 +262,123 @@ async def _touch_peer(conn: asyncpg.Connection, event: Event, peer_id: str, onli
     )
 
 
+_TRIAL_RUNNING = (
+    "SELECT 1 FROM session_trials WHERE session_id = $1 AND trial = $2 AND peer_id = $3 AND status = 'running'"
+)
+
+
+async def _trial_beat(conn: asyncpg.Connection, beat: Heartbeat) -> None:
+    """A search's trial's epoch: its progress and its curve (the search's metric), the first figure
+    of each epoch standing."""
+    metric = await conn.fetchval(
+        "SELECT coalesce(search->>'metric', 'val_accuracy') FROM sessions WHERE session_id = $1", beat.session_id
+    )
+    value = beat.val_loss if metric == "val_loss" else beat.val_accuracy
+    await conn.execute(
+        """
+        UPDATE session_trials SET epoch = $4, value = coalesce($5, value),
+            curve = CASE WHEN $5::double precision IS NULL THEN curve
+                         ELSE curve || jsonb_build_array(jsonb_build_array($4::integer, $5::double precision)) END
+        WHERE session_id = $1 AND trial = $2 AND peer_id = $3 AND status = 'running' AND epoch < $4
+        """,
+        beat.session_id,
+        beat.trial,
+        beat.peer_id,
+        beat.epoch,
+        value,
+    )
+
+
+async def _apply_search(conn: asyncpg.Connection, event: Event) -> bool:
+    """A search's facts (``TrialStarted``, ``TrialPruned``, ``SearchConcluded``, a trial's
+    ``PeerDone``/``PeerFailed``; a request's ``search``, once its row exists): whether ``event``
+    was one of the facts (a request is applied as any, then its search)."""
+    match event:
+        case SessionRequested() if event.search is not None:
+            await conn.execute(
+                "UPDATE sessions SET search = $2::jsonb WHERE session_id = $1 AND search IS NULL",
+                event.session_id,
+                _json(event.search),
+            )
+            return False
+        case TrialStarted():
+            await conn.execute(
+                """
+                INSERT INTO session_trials (session_id, trial, attempt, peer_id, status, params, hyperparameters,
+                                            model, epochs, started_at)
+                VALUES ($1, $2, $3, $4, 'running', $5::jsonb, $6::jsonb, $7::jsonb, $8, $9)
+                ON CONFLICT (session_id, trial) DO UPDATE SET attempt = EXCLUDED.attempt, peer_id = EXCLUDED.peer_id,
+                    status = 'running', epoch = 0, value = NULL, curve = '[]'::jsonb, started_at = EXCLUDED.started_at,
+                    ended_at = NULL
+                WHERE session_trials.status = 'failed' AND session_trials.attempt < EXCLUDED.attempt
+                """,
+                event.session_id,
+                event.trial,
+                event.attempt,
+                event.peer_id,
+                _json(event.params),
+                _json(event.hyperparameters),
+                _json(event.model),
+                event.hyperparameters.epochs,
+                event.occurred_at,
+            )
+        case TrialPruned():
+            await conn.execute(
+                """UPDATE session_trials SET status = 'pruned', rung = $4, reason = $5, ended_at = $6
+                   WHERE session_id = $1 AND trial = $2 AND peer_id = $3 AND status = 'running'""",
+                event.session_id,
+                event.trial,
+                event.peer_id,
+                event.rung,
+                event.reason,
+                event.occurred_at,
+            )
+        case PeerDone() if event.trial is not None:
+            metric = await conn.fetchval(
+                "SELECT coalesce(search->>'metric', 'val_accuracy') FROM sessions WHERE session_id = $1",
+                event.session_id,
+            )
+            await conn.execute(
+                """UPDATE session_trials SET status = 'done', epoch = $4, value = $5, ended_at = $6, train_seconds = $7
+                   WHERE session_id = $1 AND trial = $2 AND peer_id = $3 AND status = 'running'""",
+                event.session_id,
+                event.trial,
+                event.peer_id,
+                event.epochs,
+                event.val_loss if metric == "val_loss" else event.val_accuracy,
+                event.occurred_at,
+                event.train_seconds,
+            )
+        case PeerFailed() if event.trial is not None:
+            await conn.execute(
+                """UPDATE session_trials SET status = 'failed', reason = $4, ended_at = $5
+                   WHERE session_id = $1 AND trial = $2 AND peer_id = $3 AND status = 'running'""",
+                event.session_id,
+                event.trial,
+                event.peer_id,
+                event.reason,
+                event.occurred_at,
+            )
+        case SearchConcluded():
+            await conn.execute(
+                "UPDATE sessions SET search_result = $2::jsonb WHERE session_id = $1 AND search_result IS NULL",
+                event.session_id,
+                _json(event),
+            )
+        case _:
+            return False
+    return True
+
+
 async def apply(conn: asyncpg.Connection, seq: int, event: Event) -> None:
+    if await _apply_search(conn, event):
+        return
+    await _apply(conn, seq, event)
+    if isinstance(event, SessionRequested) and event.search is not None:
+        await _apply_search(conn, event)
+
+
+async def _apply(conn: asyncpg.Connection, seq: int, event: Event) -> None:
     match event:
         case UserRegistered():
             await conn.execute(

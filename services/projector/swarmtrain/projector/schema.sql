@@ -72,7 +72,9 @@ CREATE TABLE IF NOT EXISTS sessions (
     precision         text NOT NULL DEFAULT 'fp32',
     requested_seq     bigint NOT NULL DEFAULT 0, -- stream sequence of SessionRequested: queue order within a priority
     placement         text,                     -- SessionStarted's reason for its peers
-    round_options     jsonb                     -- fedopts.RoundOptionsSpec of the request
+    round_options     jsonb,                    -- fedopts.RoundOptionsSpec of the request
+    search            jsonb,                    -- a search's SearchSpec; NULL: a sweep of one set per peer
+    search_result     jsonb                     -- its SearchConcluded (importances, the best trial)
 );
 CREATE INDEX IF NOT EXISTS sessions_owner ON sessions (owner_id, created_at);
 CREATE INDEX IF NOT EXISTS sessions_queue ON sessions (priority, requested_seq) WHERE status = 'queued';
@@ -167,4 +169,25 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     first_seen  timestamptz NOT NULL DEFAULT now(),
     last_tried  timestamptz NOT NULL DEFAULT now(),
     attempts    integer NOT NULL DEFAULT 1
+);
+
+CREATE TABLE IF NOT EXISTS session_trials (
+    session_id       text NOT NULL,
+    trial            integer NOT NULL,
+    attempt          integer NOT NULL,
+    peer_id          text NOT NULL,
+    status           text NOT NULL,            -- running, done, pruned, failed (its run did: it runs again)
+    params           jsonb NOT NULL,
+    hyperparameters  jsonb NOT NULL,
+    model            jsonb NOT NULL,
+    epoch            integer NOT NULL DEFAULT 0,
+    epochs           integer NOT NULL,
+    value            double precision,         -- the search's metric: its latest heartbeat's, then its PeerDone's
+    curve            jsonb NOT NULL DEFAULT '[]'::jsonb,  -- [[epoch, value], ...] as its heartbeats reported them
+    rung             integer,                  -- pruned: the epoch it was stopped at
+    reason           text,
+    started_at       timestamptz NOT NULL,
+    ended_at         timestamptz,
+    train_seconds    double precision,
+    PRIMARY KEY (session_id, trial)
 );

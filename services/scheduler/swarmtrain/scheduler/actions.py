@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Literal
 
+import msgspec
+
 from swarmtrain.common import blobkeys, strategies
 from swarmtrain.common.events import (
     Event,
@@ -32,7 +34,7 @@ from swarmtrain.common.events import (
     Train,
 )
 from swarmtrain.scheduler.placement import Rules
-from swarmtrain.scheduler.state import MAX_MODEL_BYTES
+from swarmtrain.scheduler.state import MAX_MODEL_BYTES, Run
 
 if TYPE_CHECKING:
     from swarmtrain.scheduler.lineage import Recompute
@@ -165,6 +167,8 @@ class Evaluate:
     peer_id: str
     model_uri: str
     sha256: str
+    trial: int | None = None
+    """A search: the trial whose model it is."""
 
 
 @dataclass(frozen=True)
@@ -255,16 +259,38 @@ def stop(session_id: str, peer_id: str, lock_seq: int, clocks: Clocks) -> Stop:
     )
 
 
-def peer_failed(session_id: str, peer_id: str, reason: str, clocks: Clocks) -> Append:
-    """A run's failure: one per run (a peer has at most one run a session)."""
+def peer_failed(
+    session_id: str, peer_id: str, reason: str, clocks: Clocks, trial: tuple[int, int] | None = None
+) -> Append:
+    """A run's failure: one per run (a peer has at most one run a session, but for a search's,
+    one per trial and attempt: ``trial``)."""
     event = PeerFailed(
-        event_id=f"{session_id}.{peer_id}.failed",
+        event_id=f"{session_id}.{peer_id}.failed"
+        if trial is None
+        else f"{trial_train_id(session_id, peer_id, *trial)}.failed",
         occurred_at=clocks.at,
         session_id=session_id,
         peer_id=peer_id,
         reason=reason,
+        trial=None if trial is None else trial[0],
     )
     return Append(event)
+
+
+def trial_train_id(session_id: str, peer_id: str, trial: int, attempt: int) -> str:
+    """The id of the ``Train`` of a search's trial (one per attempt); its reports' ids extend it."""
+    return f"{train_prefix(session_id, peer_id)}trial{trial}.{attempt}"
+
+
+def stop_trial(session_id: str, peer_id: str, trial: int, attempt: int, clocks: Clocks) -> Stop:
+    """Stop a pruned trial's job (only that trial's: the peer takes the next one at once)."""
+    return Stop(
+        event_id=f"{session_id}.{peer_id}.stop.trial{trial}-{attempt}",
+        occurred_at=clocks.at,
+        peer_id=peer_id,
+        session_id=session_id,
+        trial=trial,
+    )
 
 
 def session_failed(session_id: str, reason: str, clocks: Clocks) -> Append:
@@ -348,6 +374,31 @@ def train_command(
     )
 
 
+def trial_train(
+    req: SessionRequested,
+    peer_id: str,
+    run: Run,
+    clocks: Clocks,
+    config: Config,
+    max_model_bytes: int = MAX_MODEL_BYTES,
+    init: tuple[str, str] | None = None,
+) -> Train:
+    """The ``Train`` of a search's run: the trial's hyperparameters and model, its own output URI
+    (``blobkeys.trial_model``), its trial named, so that its reports name it too."""
+    assert run.trial is not None
+    config = config if isinstance(config, Config) else Config(uri=config)
+    base = train_command(req, peer_id, run.hyperparameters, 0, 1, clocks, config, max_model_bytes, init)
+    output_uri = config.uri(blobkeys.trial_model(req.session_id, run.trial, peer_id))
+    return msgspec.structs.replace(
+        base,
+        event_id=trial_train_id(req.session_id, peer_id, run.trial, run.attempt),
+        model=run.model or req.model,
+        output_uri=output_uri,
+        output_url=config.sign("PUT", output_uri, max_model_bytes),
+        trial=run.trial,
+    )
+
+
 def session_fact(forward: Forward, clocks: Clocks, config: Config) -> SessionFact:
     """The ``SessionFact`` a ``Forward`` sends: the fact, and a signed GET of every object it names."""
     fact = forward.fact
@@ -390,8 +441,10 @@ def evaluated(
     action: Evaluate, val_loss: float | None, val_accuracy: float | None, reason: str | None, clocks: Clocks
 ) -> ModelEvaluated:
     """The fact of one evaluation: one per finished run (a model is evaluated once)."""
+    trial = "" if action.trial is None else f".trial{action.trial}"
     return ModelEvaluated(
-        event_id=f"{action.session_id}.{action.peer_id}.evaluated",
+        event_id=f"{action.session_id}.{action.peer_id}{trial}.evaluated",
+        trial=action.trial,
         occurred_at=clocks.at,
         session_id=action.session_id,
         peer_id=action.peer_id,

@@ -26,7 +26,7 @@ from swarmtrain.common.events import (
     bounded_text,
 )
 from swarmtrain.common.specs import QueuePolicy, Requirements
-from swarmtrain.scheduler import lineage, placement
+from swarmtrain.scheduler import lineage, placement, trials
 from swarmtrain.scheduler.actions import (
     Action,
     Append,
@@ -49,6 +49,8 @@ from swarmtrain.scheduler.actions import (
     stop,
     train_command,
     train_prefix,
+    trial_train,
+    trial_train_id,
 )
 from swarmtrain.scheduler.placement import Expired, PeerView, Placement, Request
 from swarmtrain.scheduler.state import Peer, Run, Session, State
@@ -65,8 +67,17 @@ def decide(state: State, clocks: Clocks, config: Config) -> list[Action]:
         key=lambda p: p.peer_id,
     )
     failing = {a.event.peer_id for a in actions if isinstance(a, Append) and isinstance(a.event, PeerFailed)}
+    locked: dict[str, list[Peer]] = {}  # one pass over the peers, not one per session
+    for peer in state.peers.values():
+        if peer.session_id is not None:
+            locked.setdefault(peer.session_id, []).append(peer)
     for session in state.sessions.values():
         if session.status != "running":
+            continue
+        if session.searching:
+            mine = [p for p in locked.get(session.session_id, []) if p.peer_id not in unavailable | failing]
+            actions += trials.step(state, session, mine, clocks, config)
+            actions += resend(state, session, clocks, config, skip=unavailable | failing)
             continue
         step = strategy_of(session.request.strategy).step(session, idle, clocks, config)
         taken = {a.peer_id for a in step if isinstance(a, Reassign)}
@@ -76,10 +87,6 @@ def decide(state: State, clocks: Clocks, config: Config) -> list[Action]:
         actions += step
         actions += resend(state, session, clocks, config, skip=unavailable | failing)
         actions += forward(session)
-    locked: dict[str, list[Peer]] = {}  # one pass over the peers, not one per session
-    for peer in state.peers.values():
-        if peer.session_id is not None:
-            locked.setdefault(peer.session_id, []).append(peer)
     for session in state.sessions.values():
         actions += _finish(session, locked.get(session.session_id, []), clocks)
     actions += stale_locks(state, clocks, config.timing)
@@ -135,11 +142,16 @@ def resend(
     is latest. ``skip``: peers whose run fails in this decision anyway (offline, left out)."""
     timing = config.timing
     actions: list[Action] = []
-    for peer_id, run in sorted(session.runs.items()):
+    for key, run in sorted(session.runs.items()):
+        peer_id = run.peer(key)
         peer = state.peers.get(peer_id)
         if run.status != "training" or peer is None or not peer.online or peer_id in (skip or ()):
             continue
-        train = train_prefix(session.session_id, peer_id)
+        train = (
+            train_prefix(session.session_id, peer_id)
+            if run.trial is None
+            else trial_train_id(session.session_id, peer_id, run.trial, run.attempt)
+        )
         unseen = min(clocks.wall - run.since, clocks.now - state.seen_working(peer_id, train))
         if unseen <= timing.resend_after:
             continue
@@ -150,7 +162,7 @@ def resend(
                 f"not seen working on its Train {train} for {unseen:.0f}s after {timing.max_resends} re-sends "
                 f"(its beats name {'no Train' if doing is None else repr(doing)})"
             )
-            actions.append(peer_failed(session.session_id, peer_id, reason, clocks))
+            actions.append(peer_failed(session.session_id, peer_id, reason, clocks, trial_of(run)))
             continue
         command = _train(session, peer_id, run, clocks, config, resume_round(session, run))
         actions.append(Send(command, msg_id=resend_id(command, n)))
@@ -169,9 +181,18 @@ def resume_round(session: Session, run: Run) -> int:
     return max(run.start_round, min(session.round, session.request.rounds))
 
 
+def trial_of(run: Run) -> tuple[int, int] | None:
+    """A search run's (trial, attempt): what its failure's id names."""
+    return None if run.trial is None else (run.trial, run.attempt)
+
+
 def _train(
     session: Session, peer_id: str, run: Run, clocks: Clocks, config: Config, start_round: int | None = None
 ) -> Train:
+    if run.trial is not None:
+        return trial_train(
+            session.request, peer_id, run, clocks, config, session.max_model_bytes(run.model), session.init
+        )
     return train_command(
         session.request,
         peer_id,
@@ -217,6 +238,8 @@ def stale_locks(state: State, clocks: Clocks, timing: Timing) -> list[Action]:
         session = state.sessions.get(sid)
         if session is not None and peer.peer_id in session.runs and session.status != "queued":
             continue  # a run's lock: released once the run ends (``_finish``)
+        if session is not None and session.searching and session.status == "running":
+            continue  # a search's peer between trials: released once no trial is left (``_finish``)
         if clocks.wall - peer.locked_at <= timing.stale_lock:
             continue
         actions.append(AppendIf(release(sid, peer.peer_id, peer.lock_seq, clocks), expected=peer.seq))
@@ -242,9 +265,10 @@ def _presence(state: State, clocks: Clocks, timeout: float) -> list[Action]:
         )
         actions.append(Append(offline))
         session = state.sessions.get(peer.session_id or "")
-        if session is not None and session.status == "running" and session.training(peer.peer_id):
+        run = session.training(peer.peer_id) if session is not None else None
+        if session is not None and session.status == "running" and run is not None:
             reason = f"peer went offline: no presence beat for {now - last:.1f}s"
-            actions.append(peer_failed(session.session_id, peer.peer_id, reason, clocks))
+            actions.append(peer_failed(session.session_id, peer.peer_id, reason, clocks, trial_of(run)))
     return actions
 
 
@@ -257,12 +281,16 @@ def _finish(session: Session, locked: list[Peer], clocks: Clocks) -> list[Action
     free too, and a next session that needs them all can start at once."""
     sid = session.session_id
     all_ended = session.runs and all(r.status != "training" for r in session.runs.values())
+    if session.searching:
+        all_ended = all_ended and trials.done(session)
     if session.status == "running" and all_ended and not session.rounds_open:
         strategy = strategy_of(session.request.strategy)
         pending = strategy.evaluate(session)
         if pending:  # checked, not believed: the figures that name the winner are measured first
             return [_evaluate(session, p) for p in pending]
         best = strategy.model(session)
+        if session.searching and session.concluded is None:  # what mattered, before the end
+            return [Append(trials.concluded(session, best, clocks))]
         if best is None:
             finished = any(r.status == "done" for r in session.runs.values())
             reason = "no finished model passed the scheduler's evaluation" if finished else "every peer failed"
@@ -274,10 +302,11 @@ def _finish(session: Session, locked: list[Peer], clocks: Clocks) -> list[Action
             event_id=f"{sid}.completed",
             occurred_at=clocks.at,
             session_id=sid,
-            best_peer_id=best,
+            best_peer_id=model.peer(best),
             best_val_accuracy=model.val_accuracy,
             model_uri=model.model_uri or "",
             checked_val_accuracy=None if checked is None else checked.val_accuracy,
+            best_trial=model.trial,
         )
         return [*_free(session, locked, clocks), Append(completed), *_tell(session, locked, completed)]
     actions: list[Action] = []
@@ -290,7 +319,9 @@ def _finish(session: Session, locked: list[Peer], clocks: Clocks) -> list[Action
 def _ended_run(session: Session, peer: Peer) -> bool:
     """Whether ``peer``'s lock is that of a run of ``session`` that has ended (not a start or
     reassignment in progress, nor a peer still at work)."""
-    run = session.runs.get(peer.peer_id)
+    run = session.run_of(peer.peer_id)
+    if session.searching and session.status == "running" and session.trials_left() and peer.online:
+        return False  # between two trials: it takes the next one
     return session.status != "queued" and run is not None and run.status != "training"
 
 
@@ -300,7 +331,8 @@ def _free(session: Session, locked: list[Peer], clocks: Clocks) -> list[Action]:
     for peer in locked:
         if not _ended_run(session, peer):
             continue
-        if session.runs[peer.peer_id].status in ("failed", "stopped"):  # it may still be at work: tell it to stop
+        run = session.run_of(peer.peer_id)
+        if run is not None and run.status in ("failed", "stopped"):  # it may still be at work: tell it to stop
             actions.append(Send(stop(session.session_id, peer.peer_id, peer.lock_seq, clocks)))
         actions.append(Append(release(session.session_id, peer.peer_id, peer.lock_seq, clocks)))
     return actions
@@ -311,9 +343,9 @@ def _tell(session: Session, locked: list[Peer], ended: SessionEvent) -> list[Act
     return [Forward(peer.peer_id, ended) for peer in locked if _ended_run(session, peer)]
 
 
-def _evaluate(session: Session, peer_id: str) -> Evaluate:
-    run = session.runs[peer_id]
-    return Evaluate(session.session_id, peer_id, run.model_uri or "", run.model_sha256 or "")
+def _evaluate(session: Session, key: str) -> Evaluate:
+    run = session.runs[key]
+    return Evaluate(session.session_id, run.peer(key), run.model_uri or "", run.model_sha256 or "", run.trial)
 
 
 def _schedule(state: State, idle: Sequence[Peer], clocks: Clocks, config: Config) -> list[Action]:
@@ -423,7 +455,7 @@ def recover(state: State, clocks: Clocks, config: Config) -> list[Action]:
     for session in state.sessions.values():
         if session.status != "running":
             continue
-        for peer_id, run in session.runs.items():
+        for key, run in session.runs.items():
             if run.status == "training" and run.epoch == 0:
-                actions.append(Send(_train(session, peer_id, run, clocks, config)))
+                actions.append(Send(_train(session, run.peer(key), run, clocks, config)))
     return actions + stale_locks(state, clocks, config.timing)

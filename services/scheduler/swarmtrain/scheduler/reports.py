@@ -43,7 +43,7 @@ from swarmtrain.common.events import (
     UpdateRejected,
 )
 from swarmtrain.common.fedopts import possible_rules
-from swarmtrain.scheduler.actions import Config, digest
+from swarmtrain.scheduler.actions import Config, digest, trial_train_id
 from swarmtrain.scheduler.state import Run, Session, State
 
 MAX_ID_CHARS = 200
@@ -54,7 +54,7 @@ MAX_RATE = 1e12
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _RESERVED = re.compile(
     r"\.(started|locked|released|reassigned|online|offline|resend|to)\.[^.]*$"
-    r"|\.(completed|failed|cancelled|closed|evaluated|requested)$"
+    r"|\.(completed|failed|cancelled|closed|evaluated|requested|pruned|concluded)$"
     r"|\.report\.[0-9a-f]+\.rejected$"
 )
 """The shapes of the ids the services give their own decisions (``actions``, ``decide``)."""
@@ -113,6 +113,10 @@ def _check(state: State, sender: str, report: Report, config: Config) -> None:
         return
     sid = report.session_id
     own_failure = f"{sid}.{sender}.failed" if isinstance(report, PeerFailed) else None
+    held = state.sessions.get(sid)
+    mine = held.training(sender) if held is not None else None
+    if own_failure is not None and mine is not None and mine.trial is not None:
+        own_failure = f"{trial_train_id(sid, sender, mine.trial, mine.attempt)}.failed"
     if not report.event_id.startswith(f"{sid}.") or reserved(report.event_id, own_failure):
         raise Refused(f"event_id {report.event_id!r} is not one a peer may give a report of session {sid!r}")
     session = state.sessions.get(sid)
@@ -123,6 +127,13 @@ def _check(state: State, sender: str, report: Report, config: Config) -> None:
         run = _finished_run(session, sender, report)
     if run is None:
         raise Refused(f"peer {sender!r} holds no training run in session {sid!r}")
+    trial = getattr(report, "trial", None)
+    if (
+        isinstance(report, Heartbeat | PeerDone | PeerFailed)
+        and trial != run.trial
+        and not (isinstance(report, PeerFailed) and trial is None)
+    ):
+        raise Refused(f"trial {trial}: peer {sender!r} holds trial {run.trial} of session {sid!r}")
     match report:
         case Heartbeat():
             total = _epochs(session, run)
@@ -133,7 +144,9 @@ def _check(state: State, sender: str, report: Report, config: Config) -> None:
         case ModelUpdatePublished():
             _update(session, run, sender, report, config)
         case PeerDone():
-            expected = config.uri(blobkeys.model(sid, sender))
+            expected = config.uri(
+                blobkeys.model(sid, sender) if run.trial is None else blobkeys.trial_model(sid, run.trial, sender)
+            )
             if report.model_uri != expected:
                 raise Refused(f"model_uri {report.model_uri[:300]!r} is not the output_uri it was handed")
             _sha256(report.model_sha256)
@@ -192,8 +205,9 @@ def _update(session: Session, run: Run, sender: str, report: ModelUpdatePublishe
 def _finished_run(session: Session, sender: str, beat: Heartbeat) -> Run | None:
     """The sender's finished run, for a heartbeat of an epoch it trained before it finished (a report
     redelivered late: its first delivery's scheduler died before it acked); None otherwise."""
-    run = session.runs.get(sender)
-    return run if run is not None and run.status == "done" and beat.epoch <= run.epoch else None
+    run = session.run_of(sender)
+    done = run is not None and run.status == "done" and beat.epoch <= run.epoch and run.trial == beat.trial
+    return run if done else None
 
 
 def _epochs(session: Session, run: Run) -> int:

@@ -84,7 +84,7 @@ from swarmtrain.scheduler.actions import (
 )
 from swarmtrain.scheduler.decide import decide, recover
 from swarmtrain.scheduler.reports import check
-from swarmtrain.scheduler.state import State, fold_safely, observe_beats, regrace, regrace_rounds
+from swarmtrain.scheduler.state import State, fold_safely, observe_beats, regrace, regrace_rounds, trial_key
 from swarmtrain.scheduler.strategies.fedavg import needs_histograms
 from swarmtrain.training import evaluation
 from swarmtrain.training.data import DataError
@@ -536,7 +536,8 @@ class Scheduler:
         session = self.state.sessions.get(action.session_id)
         if session is None:
             return
-        request, max_bytes = session.request, session.max_model_bytes()
+        run = session.runs.get(trial_key(action.trial)) if action.trial is not None else None
+        request, max_bytes = session.request, session.max_model_bytes(run.model if run is not None else None)
 
         async def measured(m: evaluation.Measured) -> None:
             await self.append(evaluated(action, m.val_loss, m.val_accuracy, m.reason, clocks()))
@@ -549,7 +550,7 @@ class Scheduler:
             )
 
         self.jobs.run(
-            f"{action.session_id}.{action.peer_id}",
+            f"{action.session_id}.{action.peer_id}" + ("" if action.trial is None else f".trial{action.trial}"),
             lambda: evaluation.measure(self.store, request, action.model_uri, action.sha256, max_bytes),
             measured,
             what="evaluation could not run",

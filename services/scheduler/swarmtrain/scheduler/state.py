@@ -38,18 +38,31 @@ from swarmtrain.common.events import (
     RoundAveraged,
     RoundClosed,
     RoundUpdate,
+    SearchConcluded,
     SessionEvent,
     SessionRequested,
     SessionStarted,
     ShardReassigned,
+    TrialPruned,
+    TrialStarted,
     UpdateRejected,
 )
 from swarmtrain.common.lifecycle import ends_session, run_after, session_after, starts_session, takes_new_runs
+from swarmtrain.common.models import ModelSpec
 from swarmtrain.common.specs import PeerSpecs
 from swarmtrain.common.status import RunStatus, SessionStatus
+from swarmtrain.scheduler.search import Entry, Finished, Reported, Suggested
 
 MAX_MODEL_BYTES = 1 << 30
 """The PUT bound of a model or update file when the dataset's shape is unknown."""
+MAX_ATTEMPTS = 3
+"""A search's trial whose run failed is run again (on whichever peer is free), this many runs at
+most; then it counts as failed (once)."""
+
+
+def trial_key(trial: int) -> str:
+    """A search's run key: its runs are keyed by trial, a peer running several in turn."""
+    return f"trial{trial}"
 
 
 @dataclass(frozen=True)
@@ -94,6 +107,21 @@ class Run:
     """The round its ``Train`` starts at (a reassignment's round): names the ``Train`` (``train_id``)."""
     since: float = 0.0
     """Observed time the run began (its session's start or its reassignment)."""
+    peer_id: str = ""
+    """A search's run: the peer running it ("" : the run's key is its peer)."""
+    trial: int | None = None
+    """A search's run: its trial (the run's key is ``trial_key(trial)``)."""
+    attempt: int = 0
+    params: Mapping[str, float | int | str] = field(default_factory=dict)
+    model: ModelSpec | None = None
+    """A search's run: the trial's model (the session's with the point applied)."""
+    pruned: bool = False
+    figures: Mapping[int, float] = field(default_factory=dict)
+    """A search's run: epoch -> the search's metric as its heartbeats reported it (first one stands)."""
+
+    def peer(self, key: str) -> str:
+        """The peer of the run stored under ``key``."""
+        return self.peer_id or key
 
 
 @dataclass(frozen=True)
@@ -134,10 +162,48 @@ class Session:
     """The starting model ``(uri, sha256)`` its ``SessionStarted`` named; None: seeded weights."""
     prepared: InitModelPrepared | None = None
     """A fork's recomputed starting model (``lineage``), once recorded."""
+    # a search (``request.search``)
+    search_log: tuple[Entry, ...] = ()
+    """What the search's decisions replay (``scheduler.search``): each trial suggested, each rung
+    figure, each trial's end, in log order."""
+    trial_of: Mapping[str, str] = field(default_factory=dict)
+    """peer_id -> the key of the latest run it was handed."""
+    concluded: SearchConcluded | None = None
+    failed_trials: frozenset[int] = frozenset()
+    """Trials whose every attempt failed: counted once as failed, never run again."""
 
     @property
     def session_id(self) -> str:
         return self.request.session_id
+
+    @property
+    def searching(self) -> bool:
+        return self.request.search is not None
+
+    def run_key(self, peer_id: str) -> str:
+        """The key of ``peer_id``'s run: its latest trial's in a search, itself otherwise."""
+        return self.trial_of.get(peer_id, peer_id)
+
+    def run_of(self, peer_id: str) -> Run | None:
+        """``peer_id``'s latest run (in a search: its latest trial's, while it still holds it)."""
+        run = self.runs.get(self.run_key(peer_id))
+        return run if run is not None and run.peer(self.run_key(peer_id)) == peer_id else None
+
+    def trials_started(self) -> int:
+        return len({r.trial for r in self.runs.values() if r.trial is not None})
+
+    def reruns(self) -> list[int]:
+        """Trials whose latest run failed and that may run again, in trial order."""
+        return sorted(
+            r.trial
+            for r in self.runs.values()
+            if r.trial is not None and r.status == "failed" and r.trial not in self.failed_trials
+        )
+
+    def trials_left(self) -> bool:
+        """Whether a search still has a trial to hand out (a new one, or one to run again)."""
+        spec = self.request.search
+        return spec is not None and (self.trials_started() < spec.trials or bool(self.reruns()))
 
     def training_rows(self, shard: int | None = None) -> int | None:
         """Rows a peer trains on: the whole training split, or ``shard``'s part of it (fedavg);
@@ -169,13 +235,14 @@ class Session:
         """The parsed dataset a peer holds in memory: rows x (features + label) x 4 bytes."""
         return 0 if self.dataset is None else 4 * self.dataset.rows * (self.dataset.features + 1)
 
-    def max_model_bytes(self) -> int:
+    def max_model_bytes(self, model: ModelSpec | None = None) -> int:
         """The most bytes a model or update file of this session may hold: its tensors in float32,
-        the standardization buffers, and room for the header's metadata."""
+        the standardization buffers, and room for the header's metadata; ``model``: a search
+        trial's own (default: the session's)."""
         if self.dataset is None:
             return MAX_MODEL_BYTES
         try:
-            params = models.parameter_count(self.request.model, self.dataset.features, self.dataset.classes)
+            params = models.parameter_count(model or self.request.model, self.dataset.features, self.dataset.classes)
         except shapes.ShapeError:
             return MAX_MODEL_BYTES
         return (
@@ -188,7 +255,7 @@ class Session:
 
     def training(self, peer_id: str) -> Run | None:
         """``peer_id``'s run if it is still training."""
-        run = self.runs.get(peer_id)
+        run = self.run_of(peer_id)
         return run if run is not None and run.status == "training" else None
 
     def orphan_shards(self) -> list[int]:
@@ -358,11 +425,31 @@ def _evolve_session(session: Session, seq: int, event: Event, wall: float) -> Se
                 if strategies.rules(session.request.strategy).rounds:
                     session = replace(session, round=1, round_opened=wall, round_base=wall)
             return session
+        case TrialStarted():
+            return _trial_started(session, event, wall)
+        case TrialPruned():
+            key = trial_key(event.trial)
+            run = session.runs.get(key)
+            if run is not None and run.status == "training" and run.peer_id == event.peer_id:
+                session = replace(session, search_log=(*session.search_log, Finished(event.trial, None, pruned=True)))
+                return _with_run(session, key, replace(run, status="stopped", pruned=True))
+        case SearchConcluded():
+            if session.concluded is None:
+                return replace(session, concluded=event)
         case Heartbeat():
-            if (run := session.training(event.peer_id)) is not None:
-                return _with_run(
-                    session, event.peer_id, replace(run, epoch=event.epoch, val_accuracy=event.val_accuracy)
-                )
+            if (run := session.training(event.peer_id)) is not None and run.trial == event.trial:
+                key = session.run_key(event.peer_id)
+                run = replace(run, epoch=event.epoch, val_accuracy=event.val_accuracy)
+                if run.trial is not None and session.request.search is not None:
+                    trial = run.trial
+                    metric, _ = session.request.search.resolved()
+                    value = getattr(event, metric)
+                    if value is not None and event.epoch not in run.figures:
+                        run = replace(run, figures={**run.figures, event.epoch: value})
+                        session = replace(
+                            session, search_log=(*session.search_log, Reported(trial, event.epoch, value))
+                        )
+                return _with_run(session, key, run)
         case ModelUpdatePublished():
             # accepted only from a training participant, for the open round, once: a late or forged
             # update is ignored
@@ -417,10 +504,15 @@ def _evolve_session(session: Session, seq: int, event: Event, wall: float) -> Se
             if session.prepared is None:
                 return replace(session, prepared=event)
         case ModelEvaluated():
-            if event.peer_id not in session.evaluations:
-                return replace(session, evaluations={**session.evaluations, event.peer_id: event})
+            key = event.peer_id if event.trial is None else trial_key(event.trial)
+            if key not in session.evaluations:
+                return replace(session, evaluations={**session.evaluations, key: event})
         case PeerDone():
-            if (run := session.training(event.peer_id)) is not None:
+            if (run := session.training(event.peer_id)) is not None and run.trial == event.trial:
+                if run.trial is not None and session.request.search is not None:
+                    metric, _ = session.request.search.resolved()
+                    finished = Finished(run.trial, getattr(event, metric))
+                    session = replace(session, search_log=(*session.search_log, finished))
                 done = replace(
                     run,
                     status=run_after(run.status, event),
@@ -429,10 +521,18 @@ def _evolve_session(session: Session, seq: int, event: Event, wall: float) -> Se
                     model_uri=event.model_uri,
                     model_sha256=event.model_sha256,
                 )
-                return _with_run(session, event.peer_id, done)
+                return _with_run(session, session.run_key(event.peer_id), done)
         case PeerFailed():
-            if (run := session.training(event.peer_id)) is not None:
-                return _with_run(session, event.peer_id, replace(run, status=run_after(run.status, event)))
+            run = session.training(event.peer_id)
+            if run is not None and (event.trial is None or run.trial == event.trial):
+                if run.trial is not None and run.attempt + 1 >= MAX_ATTEMPTS:  # its last run: a failed trial
+                    session = replace(
+                        session,
+                        search_log=(*session.search_log, Finished(run.trial, None)),
+                        failed_trials=session.failed_trials | {run.trial},
+                    )
+                failed = replace(run, status=run_after(run.status, event))
+                return _with_run(session, session.run_key(event.peer_id), failed)
         case _:
             if ends_session(session.status, event):
                 runs = {p: replace(r, status=run_after(r.status, event)) for p, r in session.runs.items()}
@@ -441,8 +541,36 @@ def _evolve_session(session: Session, seq: int, event: Event, wall: float) -> Se
     return session
 
 
-def _with_run(session: Session, peer_id: str, run: Run) -> Session:
-    return replace(session, runs={**session.runs, peer_id: run})
+def _with_run(session: Session, key: str, run: Run) -> Session:
+    return replace(session, runs={**session.runs, key: run})
+
+
+def _trial_started(session: Session, event: TrialStarted, wall: float) -> Session:
+    """A search's trial handed to a peer: a new run under the trial's key, its first attempt or a
+    re-run of one whose run failed (the study saw its point once, at its first attempt)."""
+    if session.status != "running" or session.request.search is None:
+        return session
+    key = trial_key(event.trial)
+    known = session.runs.get(key)
+    expected = 0 if known is None else known.attempt + 1
+    if event.attempt != expected or (known is not None and known.status != "failed"):
+        return session
+    if known is None and event.trial != session.trials_started():
+        return session  # trials start in order: a gap is a forged or stray fact
+    if event.trial in session.failed_trials or session.training(event.peer_id) is not None:
+        return session
+    run = Run(
+        hyperparameters=event.hyperparameters,
+        since=wall,
+        peer_id=event.peer_id,
+        trial=event.trial,
+        attempt=event.attempt,
+        params=dict(event.params),
+        model=event.model,
+    )
+    log = session.search_log if known is not None else (*session.search_log, Suggested(event.trial, dict(event.params)))
+    session = replace(session, search_log=log, trial_of={**session.trial_of, event.peer_id: key})
+    return _with_run(session, key, run)
 
 
 def observe_presence(state: State, presence: Presence, now: float) -> State:

@@ -116,6 +116,19 @@ class BodyFlag:
         into[name] = True if self.switch else self.value(given)
 
 
+def _search(raw: str) -> Json:
+    """``--search``: a JSON object, or the path of a file holding one."""
+    path = Path(raw)
+    text = path.read_text() if not raw.lstrip().startswith("{") and path.is_file() else raw
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ApiError(0, f"--search: not JSON, nor a file of JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise ApiError(0, "--search must be a JSON object")
+    return value
+
+
 START_FLAGS = (
     BodyFlag("--dataset", "dataset_id", "dataset id"),
     BodyFlag("--peers", "num_peers", "number of peers", type=int),
@@ -173,6 +186,12 @@ START_FLAGS = (
     ),
     BodyFlag("--priority", "priority", "higher is served first (default 0)", type=int),
     BodyFlag("--precision", "precision", "what the peers compute in (default fp32)", choices=get_args(Precision)),
+    BodyFlag(
+        "--search",
+        "search",
+        'sweep: a search (JSON file or text), e.g. \'{"space": {"lr": {"log_uniform": [1e-4, 0.1]}}, "trials": 24}\'',
+        value=_search,
+    ),
 )
 """Every flag of ``sessions start`` that sets a field of the request, in ``--help``'s order."""
 REQUIRED = {"dataset_id": "--dataset", "num_peers": "--peers"}
@@ -216,7 +235,7 @@ def _hyperparameters(args: argparse.Namespace, body: Json) -> None:
 
 def session_body(args: argparse.Namespace) -> Json:
     """The POST /sessions body: ``--file`` first, then every flag given on top of it."""
-    body: Json = json.loads(Path(args.file).read_text()) if args.file else {}
+    body: Json = json.loads(Path(args.file).read_text()) if args.file else dict(getattr(args, "base", None) or {})
     if not isinstance(body, dict):
         raise ApiError(0, f"{args.file} must hold a JSON object")
     for flag in START_FLAGS:
@@ -227,11 +246,33 @@ def session_body(args: argparse.Namespace) -> Json:
     return body
 
 
+def best_body(s: Json) -> Json:
+    """A session request of one peer from a finished search's best configuration."""
+    best = (s.get("search") or {}).get("best")
+    if not best:
+        raise ApiError(0, f"session {s['session_id']} has no best configuration (not a search, or not finished)")
+    return {
+        "dataset_id": s["dataset_id"],
+        "num_peers": 1,
+        "strategy": "sweep",
+        "hyperparameters": best["hyperparameters"],
+        "model": best["model"],
+        "validation_split": s["validation_split"],
+        "seed": s["seed"],
+    }
+
+
 def _start(group: Group) -> None:
     p = command(
         group.add_parser("start", help="request a training session (flags, or --file body.json)"), _run_start, json=True
     )
     p.add_argument("--file", help="a JSON body for POST /sessions; flags given override its fields")
+    p.add_argument(
+        "--from-best",
+        metavar="SESSION",
+        help="start from a finished search's best configuration (its dataset, hyperparameters and model); "
+        "flags given override it",
+    )
     for flag in START_FLAGS:
         flag.add(p)
     training = p.add_argument_group("training", "fields of every hyperparameter set (over --file's)")
@@ -242,8 +283,10 @@ def _start(group: Group) -> None:
 
 @one_line_errors()
 def _run_start(args: argparse.Namespace) -> int:
-    body = session_body(args)
     with client(args) as api:
+        if getattr(args, "from_best", None):
+            args.base = best_body(api.session(args.from_best))
+        body = session_body(args)
         out = api.start(body)
     if args.json and not args.watch:
         print_json(out)

@@ -14,6 +14,7 @@ import msgspec
 from litestar.exceptions import ClientException
 
 from swarmtrain.common import models, shapes
+from swarmtrain.common import search as searching
 from swarmtrain.common.events import (
     DataRead,
     Hyperparameters,
@@ -24,6 +25,7 @@ from swarmtrain.common.events import (
     Strategy,
 )
 from swarmtrain.common.fedopts import ROUND_OPTIONS, OuterSpec, RoundOptions, check_options, resolve_outer
+from swarmtrain.common.search import SearchSpec
 from swarmtrain.common.settings import Settings
 from swarmtrain.common.specs import Requirements
 from swarmtrain.common.strategies import rules, with_rounds
@@ -53,6 +55,7 @@ class SessionPlan(msgspec.Struct, frozen=True, kw_only=True):
     precision: Precision = "fp32"
     data_read: DataRead = "whole"
     """``shard`` for a strategy with rounds: its peers read only their shards (``events.DataRead``)."""
+    search: SearchSpec | None = None
 
     @property
     def queues(self) -> bool:
@@ -142,6 +145,19 @@ def _hyperparameters(data: SessionIn, settings: Settings) -> list[Hyperparameter
     return [Hyperparameters(**msgspec.structs.asdict(h)) for h in sets]
 
 
+def _search(data: SessionIn, spec: SearchSpec, base: Hyperparameters, model: ModelSpec, settings: Settings) -> None:
+    """A search's space, checked against the session's own values (``common.search.check``)."""
+    if rules(data.strategy).rounds:
+        raise ClientException(f"search applies to a sweep only, not to {data.strategy}")
+    if isinstance(data.hyperparameters, list):
+        raise ClientException("a search takes one hyperparameters object (each trial's starting values), not a list")
+    if reason := searching.check(spec, base, model):
+        raise ClientException(f"search: {reason}")
+    epochs = spec.space.get("epochs")
+    if epochs is not None and max(int(v) for v in epochs.ends() if not isinstance(v, str)) > settings.max_epochs:
+        raise ClientException(f"search: epochs must be at most {settings.max_epochs}")
+
+
 def plan_session(data: SessionIn, settings: Settings) -> SessionPlan:
     """Check a decoded session request; raises ``ClientException`` (400) naming the first bad value."""
     _at_most("num_peers", data.num_peers, settings.max_num_peers)
@@ -151,11 +167,17 @@ def plan_session(data: SessionIn, settings: Settings) -> SessionPlan:
         raise ClientException(
             f"rounds applies to {', '.join(with_rounds())} only: a {data.strategy} has 1 round, not {data.rounds}"
         )
+    model = _model(data.model)
+    hyperparameters = _hyperparameters(data, settings)
+    if data.search is not None:
+        hyperparameters = hyperparameters[:1]
+        _search(data, data.search, hyperparameters[0], model, settings)
     return SessionPlan(
+        search=data.search,
         strategy=data.strategy,
         num_peers=data.num_peers,
-        model=_model(data.model),
-        hyperparameters=_hyperparameters(data, settings),
+        model=model,
+        hyperparameters=hyperparameters,
         validation_split=data.validation_split,
         seed=data.seed,
         rounds=data.rounds,

@@ -12,19 +12,23 @@ from litestar.exceptions import ClientException
 
 from swarmtrain.common.events import Hyperparameters, ModelSpec
 from swarmtrain.common.fedopts import RoundOptions, describe
+from swarmtrain.common.search import SearchSpec
 from swarmtrain.common.specs import Requirements, meets
 from swarmtrain.common.status import SESSION_ACTIVE
 from swarmtrain.common.strategies import rules
 from swarmtrain.gateway.errors import TooManyRequests
 from swarmtrain.gateway.peers import stored_specs
 from swarmtrain.gateway.sessions.schemas import (
+    BestOut,
     MetricPoint,
     MetricsOut,
     PeerResult,
     PeerSeries,
     RejectedUpdate,
     RoundFigures,
+    SearchOut,
     SessionOut,
+    TrialOut,
 )
 
 ACTIVE = tuple(sorted(SESSION_ACTIVE))
@@ -32,7 +36,7 @@ ACTIVE = tuple(sorted(SESSION_ACTIVE))
 _SESSION_COLUMNS = """session_id, owner_id, dataset_id, strategy, num_peers, status, model, validation_split,
     seed, rounds, on_peer_failure, val_accuracy, created_at, started_at, ended_at, best_peer_id,
     best_val_accuracy, model_uri, reason, parent_session_id, parent_round, excluded_peers,
-    requirements, queue, queue_timeout_s, priority, precision, placement, round_options,
+    requirements, queue, queue_timeout_s, priority, precision, placement, round_options, search, search_result,
     CASE WHEN status = 'queued' THEN (
         SELECT count(*) + 1 FROM sessions q WHERE q.status = 'queued' AND (q.priority > sessions.priority
             OR (q.priority = sessions.priority AND q.requested_seq < sessions.requested_seq))
@@ -139,7 +143,72 @@ def _round_figures(row: asyncpg.Record) -> RoundFigures:
     )
 
 
-def _session_out(row: asyncpg.Record, peers: list[PeerResult], rounds: list[RoundFigures]) -> SessionOut:
+def _search_out(row: asyncpg.Record, trial_rows: list[asyncpg.Record]) -> SearchOut | None:
+    """A search's read model: its trials, counts, a time estimate, importances and the best configuration."""
+    if row["search"] is None:
+        return None
+    spec = msgspec.json.decode(row["search"], type=SearchSpec)
+    trials = [
+        TrialOut(
+            trial=t["trial"],
+            attempt=t["attempt"],
+            peer_id=t["peer_id"],
+            status=t["status"],
+            params=msgspec.json.decode(t["params"]),
+            epoch=t["epoch"],
+            epochs=t["epochs"],
+            value=t["value"],
+            curve=msgspec.json.decode(t["curve"]),
+            rung=t["rung"],
+            reason=t["reason"],
+            train_seconds=t["train_seconds"],
+        )
+        for t in trial_rows
+    ]
+    count = {s: sum(t.status == s for t in trials) for s in ("done", "running", "pruned", "failed")}
+    durations = [
+        (t["ended_at"] - t["started_at"]).total_seconds()
+        for t in trial_rows
+        if t["status"] in ("done", "pruned") and t["ended_at"] is not None
+    ]
+    left = max(0, spec.trials - len(trials))
+    active = row["status"] in SESSION_ACTIVE
+    eta = (
+        sum(durations) / len(durations) * (left + count["running"]) / max(1, row["num_peers"])
+        if durations and active
+        else (0.0 if not active else None)
+    )
+    result = msgspec.json.decode(row["search_result"]) if row["search_result"] is not None else {}
+    best = None
+    chosen = next((r for r in trial_rows if r["trial"] == result.get("best_trial")), None)
+    if chosen is not None:
+        best = BestOut(
+            trial=chosen["trial"],
+            params=msgspec.json.decode(chosen["params"]),
+            value=result.get("best_value"),
+            hyperparameters=msgspec.json.decode(chosen["hyperparameters"]),
+            model=msgspec.json.decode(chosen["model"]),
+        )
+    return SearchOut(
+        spec=spec,
+        done=count["done"],
+        running=count["running"],
+        pruned=count["pruned"],
+        failed=count["failed"],
+        left=left,
+        eta_s=eta,
+        importances=dict(result.get("importances", {})),
+        best=best,
+        trials=trials,
+    )
+
+
+def _session_out(
+    row: asyncpg.Record,
+    peers: list[PeerResult],
+    rounds: list[RoundFigures],
+    trial_rows: list[asyncpg.Record] | None = None,
+) -> SessionOut:
     options = (
         msgspec.json.decode(row["round_options"], type=RoundOptions)
         if row["round_options"] is not None and rules(row["strategy"]).rounds
@@ -180,6 +249,7 @@ def _session_out(row: asyncpg.Record, peers: list[PeerResult], rounds: list[Roun
         placement=row["placement"],
         round_options=options,
         round_options_summary=None if options is None else describe(options),
+        search=_search_out(row, trial_rows or []),
     )
 
 
@@ -204,13 +274,24 @@ async def load_sessions(
         round_rows = await conn.fetch(
             "SELECT * FROM session_rounds WHERE session_id = ANY($1::text[]) ORDER BY session_id, round", ids
         )
+        trial_rows = await conn.fetch(
+            "SELECT * FROM session_trials WHERE session_id = ANY($1::text[]) ORDER BY session_id, trial", ids
+        )
     peers: dict[str, list[PeerResult]] = {}
     for peer_row in peer_rows:
         peers.setdefault(peer_row["session_id"], []).append(_peer_result(peer_row))
     rounds: dict[str, list[RoundFigures]] = {}
     for round_row in round_rows:
         rounds.setdefault(round_row["session_id"], []).append(_round_figures(round_row))
-    return [_session_out(row, peers.get(row["session_id"], []), rounds.get(row["session_id"], [])) for row in rows]
+    trials: dict[str, list[asyncpg.Record]] = {}
+    for trial_row in trial_rows:
+        trials.setdefault(trial_row["session_id"], []).append(trial_row)
+    return [
+        _session_out(
+            row, peers.get(row["session_id"], []), rounds.get(row["session_id"], []), trials.get(row["session_id"])
+        )
+        for row in rows
+    ]
 
 
 async def load_session(pool: asyncpg.Pool, owner_id: str, session_id: str) -> SessionOut | None:

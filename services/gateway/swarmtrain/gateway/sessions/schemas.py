@@ -27,6 +27,7 @@ from swarmtrain.common.events import (
     ValidationSplit,
 )
 from swarmtrain.common.fedopts import RoundOptions
+from swarmtrain.common.search import SearchSpec
 from swarmtrain.common.specs import Priority, QueueTimeout, Requirements
 from swarmtrain.gateway.datasets import DEFAULT_LABEL
 
@@ -111,6 +112,9 @@ class SessionIn(RoundOptionsIn, forbid_unknown_fields=True, kw_only=True):  # ty
     """Higher is served first; first come, first served within a priority."""
     precision: Precision = "fp32"
     """fp32, or autocast to bf16 / fp16 (CUDA peers; a CPU peer runs bf16 where supported, or fails the run)."""
+    search: SearchSpec | None = None
+    """sweep: a space and a budget (``common.search``) instead of one set per peer: ``num_peers``
+    trials at a time, each with ``hyperparameters`` (one object) and ``model`` with its point applied."""
 
 
 class InitFromIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -217,6 +221,54 @@ class RoundFigures(msgspec.Struct, kw_only=True):
     """The bytes of the round's update files (compressed ones are smaller)."""
 
 
+class TrialOut(msgspec.Struct, kw_only=True):
+    """One trial of a search."""
+
+    trial: int
+    attempt: int
+    peer_id: str
+    status: str
+    """running, done, pruned, or failed (its run failed: it runs again unless it was its last)."""
+    params: dict[str, Any]
+    epoch: int
+    epochs: int
+    value: float | None
+    """The search's metric: its latest epoch's, or its final figure."""
+    curve: list[list[float]]
+    """[[epoch, value], ...] as its heartbeats reported them."""
+    rung: int | None
+    reason: str | None
+    train_seconds: float | None
+
+
+class BestOut(msgspec.Struct, kw_only=True):
+    trial: int
+    params: dict[str, Any]
+    value: float | None
+    """The scheduler's own measurement of the trial's model (validation accuracy)."""
+    hyperparameters: dict[str, Any]
+    model: dict[str, Any]
+    """The best configuration, whole: ``swarmtrain sessions start --from-best`` starts a session with it."""
+
+
+class SearchOut(msgspec.Struct, kw_only=True):
+    """A search's progress and, once it ended, what it found."""
+
+    spec: SearchSpec
+    done: int
+    running: int
+    pruned: int
+    failed: int
+    left: int
+    """Trials not started yet."""
+    eta_s: float | None
+    """A time estimate for what is left: the mean seconds of a finished trial, times the trials left and
+    running, over the peers (None until one finished)."""
+    importances: dict[str, float]
+    best: BestOut | None
+    trials: list[TrialOut]
+
+
 class SessionOut(msgspec.Struct, kw_only=True):
     session_id: str
     status: str
@@ -255,6 +307,8 @@ class SessionOut(msgspec.Struct, kw_only=True):
     """While queued: 1-based place in the swarm's queue (priority, then request order)."""
     placement: str | None = None
     """Once started: why these peers (the scheduler's placement reason)."""
+    search: SearchOut | None = None
+    """A sweep that searches: its trials, a time estimate, importances and the best configuration."""
     round_options: RoundOptions | None = None
     """A session that trains in rounds: its ``aggregator``, ``outer``, ``compression``, ``sharding``,
     ``keep_local_optimizer`` and ``max_update_norm`` as requested (the outer ``lr`` resolved)."""

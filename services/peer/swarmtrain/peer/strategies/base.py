@@ -187,7 +187,8 @@ class JobContext:
 
         async def report(stats: EpochStats) -> None:
             if after_stop or not self.stopped.is_set():
-                await self.report(heartbeat(command.session_id, self.peer_id, stats))
+                trial = None if command.trial is None else (command.trial, command.event_id)
+                await self.report(heartbeat(command.session_id, self.peer_id, stats, trial))
 
         return await train_reporting(work, report)
 

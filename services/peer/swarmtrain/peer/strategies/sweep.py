@@ -8,6 +8,11 @@
 3. ``PeerDone`` (``<session>.<peer>.done``) names ``output_uri`` with the sha256 of the bytes sent
    and the last epoch's figures.
 
+In a search a peer takes one ``Train`` per trial, in turn: each names its trial (``Train.trial``),
+its own ``output_uri``, and the ids of its reports extend the ``Train``'s id
+(``<train id>.epoch<N>``, ``<train id>.done``), so two trials of one peer never share one. A
+pruned trial is stopped by a ``Stop`` naming it (the peer's service ends that job only).
+
 A stopped job raises ``TrainingStopped`` from the training and reports nothing more; a non-finite
 loss raises ``Diverged`` (the peer reports ``PeerFailed``) before any figure of that epoch goes out.
 """
@@ -53,9 +58,10 @@ async def run(command: Train, ctx: JobContext) -> None:
     ref = await asyncio.to_thread(_upload, ctx, command.output_url, result)
     final = result.final
     done = PeerDone(
-        event_id=f"{command.session_id}.{ctx.peer_id}.done",
+        event_id=f"{command.session_id}.{ctx.peer_id}.done" if command.trial is None else f"{command.event_id}.done",
         session_id=command.session_id,
         peer_id=ctx.peer_id,
+        trial=command.trial,
         model_uri=command.output_uri,
         model_sha256=ref.sha256,
         epochs=final.epoch,

@@ -21,7 +21,10 @@ class Sweep:
     rounds = False
 
     def assign(self, request: SessionRequested, peer_ids: Sequence[str]) -> Assignment:
-        """Peer i (in the given order) trains with the request's i-th hyperparameters."""
+        """Peer i (in the given order) trains with the request's i-th hyperparameters; a search
+        starts with no run (its trials are handed out one by one, ``scheduler.trials``)."""
+        if request.search is not None:
+            return Assignment({}, {})
         return Assignment(dict(zip(peer_ids, request.hyperparameters, strict=True)), {})
 
     def step(self, session: Session, idle: Sequence[Peer], clocks: Clocks, config: Config) -> list[Action]:

@@ -496,6 +496,88 @@ async function newPage() {
 
 // ---- one session
 
+// ------------------------------------------------------------------ a search (SVG, no library)
+
+const SVG = "http://www.w3.org/2000/svg";
+function svg(tag, attrs, ...children) {
+  const node = document.createElementNS(SVG, tag);
+  for (const [k, v] of Object.entries(attrs || {})) node.setAttribute(k, v);
+  for (const c of children) node.append(c);
+  return node;
+}
+
+function plot(points, { w = 320, h = 180, xs, ys, logX = false, lines = [] }) {
+  // points: [{x, y, pruned, label}]; lines: [{pts: [[x, y]], pruned}]; a small scatter / line chart
+  const pad = 28;
+  const tx = (x) => (logX ? Math.log10(x) : x);
+  const [x0, x1] = xs.map(tx);
+  const [y0, y1] = ys;
+  const sx = (x) => pad + ((tx(x) - x0) / ((x1 - x0) || 1)) * (w - 2 * pad);
+  const sy = (y) => h - pad - ((y - y0) / ((y1 - y0) || 1)) * (h - 2 * pad);
+  const root = svg("svg", { width: w, height: h, class: "plot" },
+    svg("line", { x1: pad, y1: h - pad, x2: w - pad, y2: h - pad, stroke: "#888" }),
+    svg("line", { x1: pad, y1: pad, x2: pad, y2: h - pad, stroke: "#888" }),
+    svg("text", { x: pad, y: h - 8, "font-size": 10 }, String(xs[0])),
+    svg("text", { x: w - pad, y: h - 8, "font-size": 10, "text-anchor": "end" }, String(xs[1])),
+    svg("text", { x: 2, y: pad, "font-size": 10 }, fmt(ys[1], 2)),
+    svg("text", { x: 2, y: h - pad, "font-size": 10 }, fmt(ys[0], 2)));
+  for (const l of lines) {
+    if (!l.pts.length) continue;
+    const d = l.pts.map(([x, y], i) => `${i ? "L" : "M"}${sx(x)},${sy(y)}`).join(" ");
+    root.append(svg("path", { d, fill: "none", stroke: l.pruned ? "#c33" : "#36c", "stroke-dasharray": l.pruned ? "4 3" : "", "stroke-width": 1.2 }));
+    if (l.pruned) {
+      const [x, y] = l.pts[l.pts.length - 1];
+      root.append(svg("text", { x: sx(x) - 4, y: sy(y) + 4, fill: "#c33", "font-size": 12 }, "✕"));
+    }
+  }
+  for (const p of points) {
+    const dot = p.pruned
+      ? svg("text", { x: sx(p.x) - 4, y: sy(p.y) + 4, fill: "#c33", "font-size": 12, class: "pruned" }, "✕")
+      : svg("circle", { cx: sx(p.x), cy: sy(p.y), r: 4, fill: "#36c", class: "done" });
+    dot.append(svg("title", {}, p.label));
+    root.append(dot);
+  }
+  return root;
+}
+
+function renderSearch(s) {
+  const q = s.search;
+  $("#search-section").hidden = !q;
+  if (!q) return;
+  const metric = q.spec.metric || "val_accuracy";
+  $("#search-counts").textContent = `${q.done} done · ${q.running} running · ${q.pruned} pruned · ${q.failed} failed · ` +
+    `${q.left} left` + (q.eta_s ? ` · about ${Math.round(q.eta_s)} s to go` : "");
+  $("#search-best").textContent = q.best
+    ? `Best: trial ${q.best.trial}, ${metric} ${fmt(q.best.value)} as the scheduler measured it: ${JSON.stringify(q.best.params)}` +
+      ` · start from it: swarmtrain sessions start --from-best ${s.session_id}`
+    : "";
+  const imp = Object.entries(q.importances);
+  $("#importances").replaceChildren(...(imp.length ? imp.map(([k, v]) => el("div", { class: "bar-row", "data-key": k },
+    el("span", { class: "bar-label", text: k }),
+    el("span", { class: "bar", style: `width: ${Math.max(1, Math.round(v * 200))}px` }),
+    el("span", { class: "bar-value", text: fmt(v, 3) }))) : [el("p", { class: "hint", text: "once the search ends" })]));
+  const judged = q.trials.filter((t) => t.value !== null);
+  const values = judged.map((t) => t.value);
+  const ys = values.length ? [Math.min(...values), Math.max(...values)] : [0, 1];
+  const maxEpoch = Math.max(1, ...q.trials.map((t) => t.epochs));
+  $("#trial-curves").replaceChildren(plot([], { xs: [1, maxEpoch], ys,
+    lines: q.trials.map((t) => ({ pts: t.curve, pruned: t.status === "pruned" })) }));
+  $("#trial-scatter").replaceChildren(...Object.entries(q.spec.space).map(([key, param]) => {
+    const pts = judged.filter((t) => key in t.params).map((t) => ({
+      x: typeof t.params[key] === "number" ? t.params[key] : (param.choice || []).indexOf(t.params[key]),
+      y: t.value, pruned: t.status === "pruned", label: `trial ${t.trial}: ${key}=${t.params[key]} → ${fmt(t.value)} (${t.status})` }));
+    const range = param.log_uniform || param.uniform || param.int || [Math.min(...(param.choice || [0])), Math.max(...(param.choice || [1]))];
+    return el("figure", { "data-key": key }, el("figcaption", { text: `${metric} vs ${key}` }),
+      plot(pts, { xs: range, ys, logX: !!param.log_uniform }));
+  }));
+  fillRows($("#trials tbody"), q.trials.map((t) => el("tr", { "data-trial": t.trial, class: t.status === "pruned" ? "pruned" : null },
+    el("td", {}, t.trial + (t.attempt ? ` (run ${t.attempt + 1})` : "")),
+    el("td", {}, el("span", { class: "badge " + t.status, text: t.status + (t.rung ? ` at ${t.rung}` : "") })),
+    el("td", {}, el("code", { text: short(t.peer_id) })), el("td", {}, `${t.epoch}/${t.epochs}`),
+    el("td", {}, Object.entries(t.params).map(([k, v]) => `${k}=${typeof v === "number" ? +v.toPrecision(3) : v}`).join(", ")),
+    el("td", { class: "num" }, fmt(t.value)), el("td", {}, t.reason || ""))));
+}
+
 async function sessionPage() {
   const sid = body.dataset.sessionId;
   let session;
@@ -556,6 +638,7 @@ async function sessionPage() {
       el("td", {}, fmt(p.loss)), el("td", {}, fmt(p.val_loss)), el("td", { class: "num" }, fmt(p.val_accuracy)),
       el("td", {}, p.samples_per_s ? Math.round(p.samples_per_s).toLocaleString() : "–"),
       el("td", {}, p.peer_id === s.best_peer_id ? "★ best" : (p.reason || "")))));
+    renderSearch(s);
     $("#rounds-section").hidden = !rules(s.strategy).rounds;
     let previous = s.started_at;
     fillRows($("#rounds tbody"), s.round_figures.map((r) => {
