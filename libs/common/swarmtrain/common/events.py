@@ -120,6 +120,9 @@ check and its reader in one module of ``swarmtrain.training.formats``."""
 CSV: Final = "csv"
 OnPeerFailure = Literal["reassign", "continue", "fail"]
 Precision = Literal["fp32", "bf16", "fp16"]
+Task = Literal["classification", "regression", "language_modeling"]
+"""What a session learns: its facts are ``common.tasks``; the dataset's target decides it."""
+CLASSIFICATION: Final = "classification"
 """What a peer computes in: fp32, or autocast to bf16 / fp16 (fp16 with a gradient scaler)."""
 
 
@@ -194,6 +197,8 @@ class DataSpec(msgspec.Struct, frozen=True, kw_only=True):
     """images: 1 (grayscale) or 3 (RGB), as the upload found them; 0 for a format of no images."""
     tokenizer: TokenizerSpec | None = None
     """text: the corpus's tokenizer (``DatasetUploaded.tokenizer``); None for a format of no text."""
+    task: Task = CLASSIFICATION
+    """What the session learns, from the dataset's ``DatasetUploaded.target``."""
 
 
 MAX_SHOWN_CLASSES: Final = 1000
@@ -266,6 +271,10 @@ class DatasetUploaded(_Message, frozen=True, kw_only=True, tag="DatasetUploaded"
     """text: the corpus's length in its tokenizer's tokens; 0 for a format of no text."""
     tokenizer: TokenizerSpec | None = None
     """text: the tokenizer fixed at upload; None for a format of no text."""
+    target: Task = CLASSIFICATION
+    """What the label is: classes, a regression target (a numeric label), or none (a corpus)."""
+    target_range: Annotated[list[Finite], msgspec.Meta(max_length=2)] = msgspec.field(default_factory=list)
+    """regression: ``[min, max]`` of the target; empty otherwise."""
 
     @property
     def subject(self) -> str:
@@ -382,6 +391,9 @@ class Heartbeat(_SessionEvent, frozen=True, kw_only=True, tag="Heartbeat"):
     samples_per_s: Finite
     precision: Precision = "fp32"
     """The precision the epoch ran in."""
+    figures: Annotated[dict[Name, Finite], msgspec.Meta(max_length=16)] = msgspec.field(default_factory=dict)
+    """The task's own validation figures besides loss and score (``common.tasks``: MAE, RMSE, R²,
+    perplexity, tokens/s); empty for classification and in events from before tasks."""
 
 
 class PeerDone(_SessionEvent, frozen=True, kw_only=True, tag="PeerDone"):

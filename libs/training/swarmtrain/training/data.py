@@ -25,6 +25,8 @@ class Dataset:
     """Sorted unique label strings; a label's index is its class number."""
     feature_names: list[str]
     label_column: str
+    target: str = "classification"
+    """The task its label is for (``events.Task``); a regression's ``labels`` are float32 targets."""
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -40,6 +42,7 @@ def load(path: Path, spec: DataSpec, label_column: str) -> Dataset:
         classes=table.classes,
         feature_names=table.feature_names,
         label_column=table.label_column,
+        target=table.target,
     )
 
 

@@ -255,7 +255,7 @@ async def apply(conn: asyncpg.Connection, seq: int, event: Event) -> None:
         case DatasetUploaded():
             await conn.execute(
                 """INSERT INTO datasets VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13::jsonb,
-                   $14::jsonb, $15, $16::jsonb) ON CONFLICT DO NOTHING""",
+                   $14::jsonb, $15, $16::jsonb, $17, $18::jsonb) ON CONFLICT DO NOTHING""",
                 event.dataset_id,
                 event.owner_id,
                 event.name,
@@ -272,6 +272,8 @@ async def apply(conn: asyncpg.Connection, seq: int, event: Event) -> None:
                 _json(event.class_counts),
                 event.tokens,
                 None if event.tokenizer is None else _json(event.tokenizer),
+                event.target,
+                _json(event.target_range),
             )
         case PeerRegistered():
             await conn.execute(

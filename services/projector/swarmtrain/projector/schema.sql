@@ -28,7 +28,9 @@ CREATE TABLE IF NOT EXISTS datasets (
     shape         jsonb NOT NULL DEFAULT '[]',       -- one row's feature shape; []: an event from before shapes
     class_counts  jsonb NOT NULL DEFAULT '{}',       -- rows per class (empty: too many to show, or an older event)
     tokens        bigint NOT NULL DEFAULT 0,         -- text: the corpus's tokens
-    tokenizer     jsonb                              -- text: events.TokenizerSpec; NULL: not text
+    tokenizer     jsonb,                             -- text: events.TokenizerSpec; NULL: not text
+    target        text NOT NULL DEFAULT 'classification', -- events.Task the label is for
+    target_range  jsonb NOT NULL DEFAULT '[]'        -- regression: [min, max] of the target
 );
 CREATE INDEX IF NOT EXISTS datasets_owner ON datasets (owner_id, created_at);
 

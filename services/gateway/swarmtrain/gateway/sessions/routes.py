@@ -22,7 +22,7 @@ from litestar.params import FromPath, JSONBody, MultipartBody, Parameter, QueryP
 from litestar.response import ServerSentEvent, Stream
 from litestar.security.jwt import Token
 
-from swarmtrain.common import blob, blobkeys, formats
+from swarmtrain.common import blob, blobkeys, formats, tasks
 from swarmtrain.common.logging import get_logger
 from swarmtrain.gateway import eventlog
 from swarmtrain.gateway.auth import BEARER, User
@@ -117,8 +117,9 @@ class SessionController(Controller):
         owner_id = request.user.user_id
         dataset = await owned_dataset(gw, owner_id, data.dataset_id)
         _require_labelled(dataset["format"])
+        outputs = tasks.rules(dataset["target"]).outputs(dataset["classes"])
         check_against_dataset(
-            plan, rows=dataset["rows"], features=dataset["features"], classes=dataset["classes"], settings=gw.settings
+            plan, rows=dataset["rows"], features=dataset["features"], classes=outputs, settings=gw.settings
         )
         await lineage.check_init_from(gw, owner_id, plan, (dataset["features"], dataset["classes"]))
         async with gw.session_locks.hold(owner_id):
@@ -131,7 +132,9 @@ class SessionController(Controller):
                 uri=dataset["uri"],
                 sha256=dataset["sha256"],
                 label_column=dataset["label_column"],
-                data=formats.data_spec(dataset["format"], msgspec.json.decode(dataset["shape"])),
+                data=formats.data_spec(
+                    dataset["format"], msgspec.json.decode(dataset["shape"]), target=dataset["target"]
+                ),
             )
         return SessionCreated(session_id=session_id, status=await queries.status(gw.pool, session_id))
 
@@ -156,9 +159,8 @@ class SessionController(Controller):
 
             def fits(csv: Summary) -> None:
                 _require_labelled(csv.data.format)
-                check_against_dataset(
-                    plan, rows=csv.rows, features=csv.features, classes=csv.classes, settings=gw.settings
-                )
+                outputs = tasks.rules(csv.target).outputs(csv.classes)
+                check_against_dataset(plan, rows=csv.rows, features=csv.features, classes=outputs, settings=gw.settings)
 
             async with gw.session_locks.hold(owner_id):
                 await _require_room(gw, owner_id, plan)
@@ -172,7 +174,7 @@ class SessionController(Controller):
                     uri=dataset.uri,
                     sha256=dataset.sha256,
                     label_column=dataset.label_column,
-                    data=formats.data_spec(dataset.format, dataset.shape),
+                    data=formats.data_spec(dataset.format, dataset.shape, target=dataset.target),
                 )
         finally:
             await data.file.close()

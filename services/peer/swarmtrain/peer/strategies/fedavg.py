@@ -85,15 +85,16 @@ from swarmtrain.peer.trainer import (
     TrainingStopped,
     TrainJob,
     check_finite,
+    epoch_figures,
     load_data,
     metadata_for,
     resolve_device,
     run_epoch,
 )
+from swarmtrain.training import tasks
 from swarmtrain.training.averaging import Tensors, UpdateUnavailable, sha256_hex, state_bytes
 from swarmtrain.training.compression import encode_update
 from swarmtrain.training.data import DataError
-from swarmtrain.training.evaluation import evaluate
 from swarmtrain.training.init import apply_init, initial_model
 from swarmtrain.training.model import ModelMetadata, model_bytes
 from swarmtrain.training.optim import Steps, steps_per_epoch
@@ -185,6 +186,7 @@ class LocalLearner:
         self._steps: Steps | None = None
         """The local optimizer kept from round to round (``keep_local_optimizer``)."""
         self.metadata: ModelMetadata = metadata_for(command.model, data)
+        self.task = tasks.task(data.target)
 
         self.model = initial_model(command.model, data, train_idx, command.seed)
         if init is not None:  # the session's starting model (init_from, a fork)
@@ -220,9 +222,10 @@ class LocalLearner:
         for e in range(1, hp.epochs + 1):
             epoch = (round_ - 1) * hp.epochs + e
             loss, accuracy, seconds = run_epoch(
-                self.model, steps, self.x_shard, self.y_shard, hp.batch_size, shuffle, stop, epoch, self.amp
+                self.model, steps, self.x_shard, self.y_shard, hp.batch_size, shuffle, stop, epoch, self.amp, self.task
             )
-            val_loss, val_accuracy = evaluate(self.model, self.x_val, self.y_val)
+            measured = self.task.evaluate(self.model, self.x_val, self.y_val)
+            val_loss, val_accuracy = measured.loss, measured.score
             check_finite(epoch, val_loss)
             on_epoch(
                 EpochStats(
@@ -235,15 +238,18 @@ class LocalLearner:
                     samples_per_s=self.num_samples / max(seconds, 1e-9),
                     seconds=seconds,
                     precision=self.amp.precision,
+                    figures=epoch_figures(self.task, measured, self.num_samples / max(seconds, 1e-9), self.x_shard),
                 )
             )
         return RoundStats(loss=loss, accuracy=accuracy)
 
     def evaluate_val(self) -> tuple[float | None, float | None]:
-        return evaluate(self.model, self.x_val, self.y_val)
+        measured = self.task.evaluate(self.model, self.x_val, self.y_val)
+        return measured.loss, measured.score
 
     def evaluate_train(self) -> tuple[float | None, float | None]:
-        return evaluate(self.model, self.x_train, self.y_train)
+        measured = self.task.evaluate(self.model, self.x_train, self.y_train)
+        return measured.loss, measured.score
 
     def model_file(self) -> bytes:
         """The current weights as a model file (``load_model`` reads it); no peer-specific metadata."""
