@@ -218,6 +218,16 @@ class RoundUpdate(msgspec.Struct, frozen=True, kw_only=True):
     num_samples: Count
 
 
+class ValidationData(msgspec.Struct, frozen=True, kw_only=True):
+    """A session's own validation set (``validation_dataset_id``): another dataset of the owner of
+    the same format, features and classes (the gateway checked). Every training row then trains,
+    and the peers' checked figures and the scheduler's re-check are measured on this one."""
+
+    dataset_id: Id
+    uri: Uri
+    sha256: Digest
+
+
 class InitFrom(msgspec.Struct, frozen=True, kw_only=True):
     """Where a session's starting model comes from (fine-tuning, a fork): an earlier session of the
     same owner. Also the session's lineage: its parent and the parent's round."""
@@ -360,6 +370,8 @@ class SessionRequested(_SessionEvent, frozen=True, kw_only=True, tag="SessionReq
     precision: Precision = "fp32"
     data: DataSpec = msgspec.field(default_factory=DataSpec)
     """How the dataset is read (its format); the default: a CSV."""
+    validation: ValidationData | None = None
+    """The user's own validation set instead of ``validation_split``; None: the split."""
 
 
 class SessionStarted(_SessionEvent, frozen=True, kw_only=True, tag="SessionStarted"):
@@ -616,6 +628,11 @@ class Train(_Command, frozen=True, kw_only=True, tag="Train"):
     match the model's names and shapes) after fitting the standardization, before training."""
     precision: Precision = "fp32"
     """The session's precision: a peer that cannot compute in it fails the run with the reason."""
+    validation_uri: Uri = ""
+    """The session's own validation set (``SessionRequested.validation``); "": ``validation_split``."""
+    validation_url: Uri = ""
+    """Signed GET of ``validation_uri``."""
+    validation_sha256: Digest = ""
     data: DataSpec = msgspec.field(default_factory=DataSpec)
     """How the peer reads the dataset (``SessionRequested.data``)."""
 

@@ -12,7 +12,7 @@ from swarmtrain.common import shapes
 from swarmtrain.common.events import DataSpec
 from swarmtrain.training.formats import FORMATS, DataError
 
-__all__ = ["DataError", "Dataset", "load", "shard_indices", "split_indices"]
+__all__ = ["DataError", "Dataset", "load", "shard_indices", "split_indices", "with_validation"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -44,6 +44,26 @@ def load(path: Path, spec: DataSpec, label_column: str) -> Dataset:
         label_column=table.label_column,
         target=table.target,
     )
+
+
+def with_validation(train: Dataset, validation: Dataset) -> tuple[Dataset, torch.Tensor, torch.Tensor]:
+    """A session with its own validation set: one dataset of every training row then every
+    validation row, and the (train, validation) indexes into it (all of ``train``'s rows train).
+    A DataError unless the two have the same feature columns, classes and target."""
+    if train.feature_names != validation.feature_names:
+        raise DataError("the validation dataset's feature columns differ from the training dataset's")
+    if train.target != validation.target or train.classes != validation.classes:
+        raise DataError("the validation dataset's target or classes differ from the training dataset's")
+    both = Dataset(
+        features=torch.cat([train.features, validation.features]),
+        labels=torch.cat([train.labels, validation.labels]),
+        classes=train.classes,
+        feature_names=train.feature_names,
+        label_column=train.label_column,
+        target=train.target,
+    )
+    n, m = len(train), len(validation)
+    return both, torch.arange(n), torch.arange(n, n + m)
 
 
 def split_indices(n: int, validation_split: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -56,7 +56,10 @@ def initial_model(spec: ModelSpec, data: Dataset, train_idx: torch.Tensor, seed:
 
 def initial_weights(data: Dataset, request: SessionRequested) -> Tensors:
     """The weights :func:`initial_model` gives ``request``'s session, on the CPU."""
-    train_idx, _ = split_indices(len(data), request.validation_split, request.seed)
+    if request.validation is not None:  # its own validation set: every row of the dataset trains
+        train_idx = torch.arange(len(data))
+    else:
+        train_idx, _ = split_indices(len(data), request.validation_split, request.seed)
     model = initial_model(request.model, data, train_idx, request.seed)
     return {name: t.detach().to("cpu").clone() for name, t in model.state_dict().items()}
 

@@ -25,7 +25,7 @@ from swarmtrain.common import metrics
 from swarmtrain.common.events import CLASSIFICATION, DataSpec, Hyperparameters, ModelSpec, Precision, Task
 from swarmtrain.peer.cache import ParsedCache, tensors_nbytes
 from swarmtrain.training import tasks
-from swarmtrain.training.data import DataError, Dataset, load, split_indices
+from swarmtrain.training.data import DataError, Dataset, load, split_indices, with_validation
 from swarmtrain.training.init import apply_init, initial_model
 from swarmtrain.training.model import ModelMetadata
 from swarmtrain.training.optim import Steps, steps_per_epoch
@@ -136,6 +136,9 @@ class TrainJob:
     precision: Precision = "fp32"
     data: DataSpec = field(default_factory=DataSpec)
     """How the dataset is read (``Train.data``)."""
+    validation_path: Path | None = None
+    """The session's own validation set (``Train.validation_url``, same format); None: ``validation_split``."""
+    validation_sha256: str | None = None
 
 
 class EpochStats(msgspec.Struct, frozen=True, kw_only=True):
@@ -254,6 +257,16 @@ def load_data(job: TrainJob) -> tuple[Dataset, torch.Tensor, torch.Tensor]:
         raise DataError(f"the dataset's target is {data.target}, the session's task {job.data.task}")
     if data.target == "classification" and len(data.classes) < 2:
         raise DataError(f"the label column has {len(data.classes)} class; at least 2 are needed")
+    if job.validation_path is not None:
+        held_out = TrainJob(
+            csv_path=job.validation_path,
+            label_column=job.label_column,
+            model=job.model,
+            hyperparameters=job.hyperparameters,
+            dataset_sha256=job.validation_sha256,
+            data=job.data,
+        )
+        return with_validation(data, parse(held_out))
     train_idx, val_idx = split_indices(len(data), job.validation_split, job.seed)
     return data, train_idx, val_idx
 

@@ -308,9 +308,10 @@ async def apply(conn: asyncpg.Connection, seq: int, event: Event) -> None:
                 INSERT INTO sessions (session_id, owner_id, dataset_id, strategy, num_peers, status, model,
                                       validation_split, seed, created_at, rounds, on_peer_failure,
                                       parent_session_id, parent_round, excluded_peers, requirements,
-                                      queue, queue_timeout_s, priority, precision, requested_seq, round_options)
+                                      queue, queue_timeout_s, priority, precision, requested_seq, round_options,
+                                      task, validation_dataset_id)
                 VALUES ($1, $2, $3, $4, $5, 'queued', $6::jsonb, $7, $8, $9, $10, $11, $12, $13, $14::jsonb,
-                        $15::jsonb, $16, $17, $18, $19, $20, $21::jsonb)
+                        $15::jsonb, $16, $17, $18, $19, $20, $21::jsonb, $22, $23)
                 ON CONFLICT DO NOTHING
                 """,
                 event.session_id,
@@ -332,6 +333,8 @@ async def apply(conn: asyncpg.Connection, seq: int, event: Event) -> None:
                 event.precision,
                 seq,
                 _json(event.round_options),
+                event.data.task,
+                None if event.validation is None else event.validation.dataset_id,
             )
         case SessionStarted():
             before = await _session_status(conn, event.session_id)

@@ -74,7 +74,9 @@ CREATE TABLE IF NOT EXISTS sessions (
     precision         text NOT NULL DEFAULT 'fp32',
     requested_seq     bigint NOT NULL DEFAULT 0, -- stream sequence of SessionRequested: queue order within a priority
     placement         text,                     -- SessionStarted's reason for its peers
-    round_options     jsonb                     -- fedopts.RoundOptionsSpec of the request
+    round_options     jsonb,                    -- fedopts.RoundOptionsSpec of the request
+    task              text NOT NULL DEFAULT 'classification', -- events.Task (the request's data.task)
+    validation_dataset_id text                  -- the user's own validation set; NULL: validation_split
 );
 CREATE INDEX IF NOT EXISTS sessions_owner ON sessions (owner_id, created_at);
 CREATE INDEX IF NOT EXISTS sessions_queue ON sessions (priority, requested_seq) WHERE status = 'queued';

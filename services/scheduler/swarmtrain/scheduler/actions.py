@@ -344,6 +344,9 @@ def train_command(
         init_sha256=init[1] if init else "",
         precision=req.precision,
         data=req.data,
+        validation_uri=req.validation.uri if req.validation else "",
+        validation_url=config.sign("GET", req.validation.uri) if req.validation else "",
+        validation_sha256=req.validation.sha256 if req.validation else "",
     )
 
 

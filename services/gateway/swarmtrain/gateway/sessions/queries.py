@@ -32,7 +32,8 @@ ACTIVE = tuple(sorted(SESSION_ACTIVE))
 _SESSION_COLUMNS = """session_id, owner_id, dataset_id, strategy, num_peers, status, model, validation_split,
     seed, rounds, on_peer_failure, val_accuracy, created_at, started_at, ended_at, best_peer_id,
     best_val_accuracy, model_uri, reason, parent_session_id, parent_round, excluded_peers,
-    requirements, queue, queue_timeout_s, priority, precision, placement, round_options,
+    requirements, queue, queue_timeout_s, priority, precision, placement, round_options, task,
+    validation_dataset_id,
     CASE WHEN status = 'queued' THEN (
         SELECT count(*) + 1 FROM sessions q WHERE q.status = 'queued' AND (q.priority > sessions.priority
             OR (q.priority = sessions.priority AND q.requested_seq < sessions.requested_seq))
@@ -180,6 +181,8 @@ def _session_out(row: asyncpg.Record, peers: list[PeerResult], rounds: list[Roun
         placement=row["placement"],
         round_options=options,
         round_options_summary=None if options is None else describe(options),
+        task=row["task"],
+        validation_dataset_id=row["validation_dataset_id"],
     )
 
 

@@ -23,6 +23,7 @@ from litestar.response import ServerSentEvent, Stream
 from litestar.security.jwt import Token
 
 from swarmtrain.common import blob, blobkeys, formats, tasks
+from swarmtrain.common.events import ValidationData
 from swarmtrain.common.logging import get_logger
 from swarmtrain.gateway import eventlog
 from swarmtrain.gateway.auth import BEARER, User
@@ -86,6 +87,35 @@ def _require_labelled(data_format: str) -> None:
         )
 
 
+async def _validation(gw: Gateway, owner_id: str, dataset: Any, validation_id: str | None) -> ValidationData | None:
+    """The session's own validation set: another of ``owner_id``'s datasets (404 otherwise) of the
+    training dataset's format, label column, target, features and classes (400 naming what differs)."""
+    if validation_id is None:
+        return None
+    if validation_id == dataset["dataset_id"]:
+        raise ClientException("validation_dataset_id: the validation set must be another dataset than the training one")
+    other = await owned_dataset(gw, owner_id, validation_id)
+    checks = [
+        ("format", dataset["format"], other["format"]),
+        ("label column", dataset["label_column"], other["label_column"]),
+        ("target", dataset["target"], other["target"]),
+        ("features", dataset["features"], other["features"]),
+        ("row shape", msgspec.json.decode(dataset["shape"]), msgspec.json.decode(other["shape"])),
+    ]
+    if dataset["target"] == "classification":
+        checks.append(("classes", dataset["classes"], other["classes"]))
+        ours, theirs = msgspec.json.decode(dataset["class_counts"]), msgspec.json.decode(other["class_counts"])
+        if ours and theirs:
+            checks.append(("class names", sorted(ours), sorted(theirs)))
+    for what, want, got in checks:
+        if want != got:
+            raise ClientException(
+                f"validation_dataset_id: its {what} ({str(got)[:200]}) differs from the training dataset's"
+                f" ({str(want)[:200]})"
+            )
+    return ValidationData(dataset_id=validation_id, uri=other["uri"], sha256=other["sha256"])
+
+
 async def _require_room(gw: Gateway, owner_id: str, plan: SessionPlan) -> None:
     await queries.require_session_room(gw.pool, owner_id, gw.settings.max_active_sessions)
     if not plan.queues:  # a session that may wait is queued however few peers are idle now
@@ -117,6 +147,9 @@ class SessionController(Controller):
         owner_id = request.user.user_id
         dataset = await owned_dataset(gw, owner_id, data.dataset_id)
         _require_labelled(dataset["format"])
+        plan = msgspec.structs.replace(
+            plan, validation=await _validation(gw, owner_id, dataset, data.validation_dataset_id)
+        )
         outputs = tasks.rules(dataset["target"]).outputs(dataset["classes"])
         check_against_dataset(
             plan, rows=dataset["rows"], features=dataset["features"], classes=outputs, settings=gw.settings

@@ -161,6 +161,7 @@ class LocalLearner:
         device: str = "cpu",
         torch_threads: int = 0,
         init: Mapping[str, torch.Tensor] | None = None,
+        validation_path: Path | None = None,
     ) -> None:
         check_command(command)
         if torch_threads > 0:
@@ -176,6 +177,8 @@ class LocalLearner:
             hyperparameters=command.hyperparameters,
             validation_split=command.validation_split,
             seed=command.seed,
+            validation_path=validation_path,
+            validation_sha256=command.validation_sha256 or None,
         )
         data, train_idx, val_idx = load_data(job)
         sharding = make_shards(command.round_options.sharding, train_idx, data.labels, command.num_shards, command.seed)
@@ -299,7 +302,7 @@ class FedavgRun:
         check_urls(cmd)
         init = await ctx.fetch_init(cmd)
         learner = await asyncio.to_thread(
-            LocalLearner, ctx.dataset, cmd, str(ctx.device), ctx.settings.torch_threads, init
+            LocalLearner, ctx.dataset, cmd, str(ctx.device), ctx.settings.torch_threads, init, ctx.validation
         )
         self._go_on()
         try:
