@@ -114,3 +114,15 @@ def diabetes_parquet() -> bytes:
     columns: dict[str, object] = {name: x[:, i] for i, name in enumerate(names)}
     columns["progression"] = y
     return parquet_bytes(columns)
+
+
+def diabetes_parts(cut: int = 352) -> tuple[bytes, bytes]:
+    """The diabetes table cut in two Parquet files: rows before ``cut`` (to train) and after (to validate)."""
+    x, y, names = diabetes()
+
+    def part(rows: slice) -> bytes:
+        columns: dict[str, object] = {name: x[rows, i] for i, name in enumerate(names)}
+        columns["progression"] = y[rows]
+        return parquet_bytes(columns)
+
+    return part(slice(0, cut)), part(slice(cut, None))
