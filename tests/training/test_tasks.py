@@ -10,9 +10,12 @@ import torch
 from torch import nn
 
 from swarmtrain.common import tasks as rules
+from swarmtrain.common.models import MlpSpec
 from swarmtrain.common.registry import UnknownName
 from swarmtrain.training import tasks
 from swarmtrain.training.evaluation import evaluate
+from swarmtrain.training.generate import NotALanguageModel, generate_text
+from swarmtrain.training.model import ModelMetadata, build_model, model_bytes
 from swarmtrain.training.tasks.language_modeling import byte_tokens, decode_bytes, sample, windows
 from swarmtrain.training.tasks.regression import Rescale, r_squared
 
@@ -142,3 +145,12 @@ def test_sample_follows_the_model_and_its_seed() -> None:
         sample(model, [], 5, context=16)
     with pytest.raises(ValueError, match="temperature"):
         sample(model, [1], 5, context=16, temperature=-1.0)
+
+
+def test_generate_refuses_a_model_that_is_no_language_model() -> None:
+    model = build_model(MlpSpec(hidden=[4]), 3, 0, "regression")
+    meta = ModelMetadata.for_spec(
+        MlpSpec(hidden=[4]), classes=[], feature_names=["a", "b", "c"], label_column="y", task="regression"
+    )
+    with pytest.raises(NotALanguageModel, match="a regression model, not a language model"):
+        generate_text(model_bytes(model, meta), "hello", 5)
