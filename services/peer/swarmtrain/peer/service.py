@@ -476,7 +476,7 @@ class Peer:
         validation = None
         if command.validation_url:
             validation = await asyncio.to_thread(
-                self._fetch, command, command.validation_url, command.validation_sha256, "validation_sha256"
+                self._fetch, command, command.validation_url, command.validation_sha256, "validation"
             )
         if job.stop.is_set():
             raise TrainingStopped("stopped before training began")
@@ -509,17 +509,19 @@ class Peer:
     def _fetch_dataset(self, command: Train) -> Path:
         """The dataset as a local file, cached by sha256: fetched through the Train's signed URL,
         size-capped, checked against its sha256."""
-        return self._fetch(command, command.dataset_url, command.dataset_sha256, "dataset_sha256")
+        return self._fetch(command, command.dataset_url, command.dataset_sha256, "dataset")
 
     def _fetch(self, command: Train, url: str, digest: str, name: str) -> Path:
-        """A dataset (the training one, or the session's own validation set) as a local file."""
+        """A dataset (``name``: ``dataset``, or ``validation``: the session's own validation set) as a
+        local file, cached by sha256, fetched through ``Train.<name>_url``."""
         sha256 = digest.lower()
         if not SHA256_RE.match(sha256):
-            raise DataError(f"{name} is not a sha256 hex digest: {digest[:80]!r}")
+            raise DataError(f"{name}_sha256 is not a sha256 hex digest: {digest[:80]!r}")
         path = self.state_dir / "cache" / "datasets" / f"{sha256}.{formats.rules(command.data.format).extension}"
         if not path.is_file():
             if not url:
-                raise DataError(f"the Train carries no URL to fetch the dataset of {name} from")
+                what = "dataset" if name == "dataset" else f"{name} dataset"
+                raise DataError(f"the Train carries no {name}_url to fetch the {what} from")
             cap = self.settings.blob_max_download_mb * MiB
             with_retries("dataset", lambda: signing.fetch_url(url, path, cap, sha256), url)
         return path
