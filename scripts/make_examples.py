@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
-from sklearn.datasets import load_digits, load_iris
+from sklearn.datasets import load_diabetes, load_digits, load_iris
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 DIGIT_IMAGES = 1000
@@ -28,6 +28,10 @@ def main() -> None:
     }
     columns["species"] = pa.array([str(iris.target_names[t]) for t in iris.target]).dictionary_encode()
     pq.write_table(pa.table(columns), EXAMPLES / "iris.parquet")
+    diabetes = load_diabetes()  # a regression: a float target column
+    numbers = {name: diabetes.data[:, i].round(6) for i, name in enumerate(diabetes.feature_names)}
+    numbers["progression"] = diabetes.target.astype("float64")
+    pq.write_table(pa.table(numbers), EXAMPLES / "diabetes.parquet")
     digits = load_digits()
     with (EXAMPLES / "digits.npz").open("wb") as f:
         np.savez_compressed(f, x=digits.images.astype(np.uint8)[:, None, :, :], y=digits.target.astype(np.int64))

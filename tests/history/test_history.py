@@ -21,7 +21,10 @@ from swarmtrain.common.models import ModelSpec
 from swarmtrain.projector.projection import TABLES, apply_batch, ensure_schema
 
 HERE = Path(__file__).resolve().parent
-ADDED_COLUMNS: dict[str, list[Any]] = {"datasets": ["csv", "[]", "{}", 0, None], "sessions": [None, None]}
+ADDED_COLUMNS: dict[str, list[Any]] = {
+    "datasets": ["csv", "[]", "{}", 0, None, "classification", "[]"],
+    "sessions": [None, None, "classification", None],
+}
 """Columns a read model gained after the log was written (at the end of its table), with what an
 event of that time projects into them: a dataset then was a CSV with no recorded shape or counts."""
 LOGS = sorted(HERE.glob("main-*.jsonl"))

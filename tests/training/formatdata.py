@@ -98,3 +98,31 @@ def corpus(lines: int = 200, seed: int = 0) -> list[str]:
 
 def jsonl(lines: list[str]) -> bytes:
     return "".join(json.dumps({"text": line, "id": i}) + "\n" for i, line in enumerate(lines)).encode()
+
+
+def diabetes() -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """scikit-learn's diabetes: 442 rows of 10 numeric features and a disease-progression target."""
+    from sklearn.datasets import load_diabetes
+
+    data = load_diabetes()
+    return data.data.astype(np.float64), data.target.astype(np.float64), list(data.feature_names)
+
+
+def diabetes_parquet() -> bytes:
+    """The diabetes table as Parquet, its float target in ``progression`` (a regression target)."""
+    x, y, names = diabetes()
+    columns: dict[str, object] = {name: x[:, i] for i, name in enumerate(names)}
+    columns["progression"] = y
+    return parquet_bytes(columns)
+
+
+def diabetes_parts(cut: int = 352) -> tuple[bytes, bytes]:
+    """The diabetes table cut in two Parquet files: rows before ``cut`` (to train) and after (to validate)."""
+    x, y, names = diabetes()
+
+    def part(rows: slice) -> bytes:
+        columns: dict[str, object] = {name: x[rows, i] for i, name in enumerate(names)}
+        columns["progression"] = y[rows]
+        return parquet_bytes(columns)
+
+    return part(slice(0, cut)), part(slice(cut, None))

@@ -93,7 +93,7 @@ def _traversal() -> bytes:
         (npz_bytes(x=np.zeros((20, 2)), y=np.zeros(19)), "one label per row"),
         (npz_bytes(x=np.zeros((20, 2)), y=np.zeros(20)), "fewer than 2 classes"),
         (npz_bytes(x=np.full((20, 2), np.nan), y=np.arange(20) % 2), "not a finite number"),
-        (npz_bytes(x=np.zeros((20, 2)), y=np.linspace(0, 1, 20)), "fractional"),
+        (npz_bytes(x=np.zeros((20, 2)), y=np.full(20, 0.5)), "regression target 'y' is constant"),
         (npz_bytes(x=np.zeros((20, 9, 9, 9)), y=np.arange(20) % 2), "at most 4 channels"),
         (b"PK\x03\x04 not really a zip", "not an .npz file"),
     ],

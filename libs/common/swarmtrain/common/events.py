@@ -126,6 +126,9 @@ DataRead = Literal["whole", "shard"]
 by torch over the training split (every session before this field). ``shard``: one streamed pass
 keeping only its shard and the validation rows, ``Standardize`` fitted by the streamed rule
 (``training.stats``): its memory grows with the shard, not the dataset."""
+Task = Literal["classification", "regression", "language_modeling"]
+"""What a session learns: its facts are ``common.tasks``; the dataset's target decides it."""
+CLASSIFICATION: Final = "classification"
 """What a peer computes in: fp32, or autocast to bf16 / fp16 (fp16 with a gradient scaler)."""
 
 
@@ -200,6 +203,8 @@ class DataSpec(msgspec.Struct, frozen=True, kw_only=True):
     """images: 1 (grayscale) or 3 (RGB), as the upload found them; 0 for a format of no images."""
     tokenizer: TokenizerSpec | None = None
     """text: the corpus's tokenizer (``DatasetUploaded.tokenizer``); None for a format of no text."""
+    task: Task = CLASSIFICATION
+    """What the session learns, from the dataset's ``DatasetUploaded.target``."""
 
 
 MAX_SHOWN_CLASSES: Final = 1000
@@ -217,6 +222,16 @@ class RoundUpdate(msgspec.Struct, frozen=True, kw_only=True):
     uri: Uri
     sha256: Digest
     num_samples: Count
+
+
+class ValidationData(msgspec.Struct, frozen=True, kw_only=True):
+    """A session's own validation set (``validation_dataset_id``): another dataset of the owner of
+    the same format, features and classes (the gateway checked). Every training row then trains,
+    and the peers' checked figures and the scheduler's re-check are measured on this one."""
+
+    dataset_id: Id
+    uri: Uri
+    sha256: Digest
 
 
 class InitFrom(msgspec.Struct, frozen=True, kw_only=True):
@@ -272,6 +287,10 @@ class DatasetUploaded(_Message, frozen=True, kw_only=True, tag="DatasetUploaded"
     """text: the corpus's length in its tokenizer's tokens; 0 for a format of no text."""
     tokenizer: TokenizerSpec | None = None
     """text: the tokenizer fixed at upload; None for a format of no text."""
+    target: Task = CLASSIFICATION
+    """What the label is: classes, a regression target (a numeric label), or none (a corpus)."""
+    target_range: Annotated[list[Finite], msgspec.Meta(max_length=2)] = msgspec.field(default_factory=list)
+    """regression: ``[min, max]`` of the target; empty otherwise."""
 
     @property
     def subject(self) -> str:
@@ -364,6 +383,8 @@ class SessionRequested(_SessionEvent, frozen=True, kw_only=True, tag="SessionReq
     """sweep: a space and a budget instead of one set per peer (``common.search``): ``num_peers``
     trials run at a time, each with ``hyperparameters[0]`` and ``model`` with its point applied;
     None: the list, one set per peer."""
+    validation: ValidationData | None = None
+    """The user's own validation set instead of ``validation_split``; None: the split."""
 
 
 class SessionStarted(_SessionEvent, frozen=True, kw_only=True, tag="SessionStarted"):
@@ -404,6 +425,9 @@ class Heartbeat(_SessionEvent, frozen=True, kw_only=True, tag="Heartbeat"):
     samples_per_s: Finite
     precision: Precision = "fp32"
     """The precision the epoch ran in."""
+    figures: Annotated[dict[Name, Finite], msgspec.Meta(max_length=16)] = msgspec.field(default_factory=dict)
+    """The task's own validation figures besides loss and score (``common.tasks``: MAE, RMSE, R²,
+    perplexity, tokens/s); empty for classification and in events from before tasks."""
 
 
 class PeerDone(_SessionEvent, frozen=True, kw_only=True, tag="PeerDone"):
@@ -675,6 +699,11 @@ class Train(_Command, frozen=True, kw_only=True, tag="Train"):
     match the model's names and shapes) after fitting the standardization, before training."""
     precision: Precision = "fp32"
     """The session's precision: a peer that cannot compute in it fails the run with the reason."""
+    validation_uri: Uri = ""
+    """The session's own validation set (``SessionRequested.validation``); "": ``validation_split``."""
+    validation_url: Uri = ""
+    """Signed GET of ``validation_uri``."""
+    validation_sha256: Digest = ""
     data: DataSpec = msgspec.field(default_factory=DataSpec)
     """How the peer reads the dataset (``SessionRequested.data``)."""
     data_read: DataRead = "whole"

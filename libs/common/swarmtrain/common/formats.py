@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import get_args
 
-from swarmtrain.common.events import CSV, DataFormat, DataSpec, TokenizerSpec
+from swarmtrain.common.events import CLASSIFICATION, CSV, DataFormat, DataSpec, Task, TokenizerSpec
 from swarmtrain.common.registry import Registry
 
 ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
@@ -111,13 +111,16 @@ def detect(head: bytes, members: list[str] | None = None) -> DataFormat:
     return CSV
 
 
-def data_spec(data_format: str, shape: list[int], tokenizer: TokenizerSpec | None = None) -> DataSpec:
+def data_spec(
+    data_format: str, shape: list[int], tokenizer: TokenizerSpec | None = None, target: str = CLASSIFICATION
+) -> DataSpec:
     """How peers read a dataset, from what its ``DatasetUploaded`` recorded (``format``, ``shape``,
-    ``tokenizer``): for images, the size and channels the upload fixed (``shape`` is ``[C, H, W]``);
-    for text, its tokenizer."""
+    ``tokenizer``, ``target``): for images, the size and channels the upload fixed (``shape`` is
+    ``[C, H, W]``); for text, its tokenizer; the task its target is for (a classification: as before)."""
+    task = next(t for t in get_args(Task) if t == target)
     if data_format == "images" and len(shape) == 3 and shape[0] in (1, 3):
-        return DataSpec(format="images", image_size=[shape[1], shape[2]], channels=1 if shape[0] == 1 else 3)
-    return DataSpec(format=next(f for f in FORMATS if f == data_format), tokenizer=tokenizer)
+        return DataSpec(format="images", image_size=[shape[1], shape[2]], channels=1 if shape[0] == 1 else 3, task=task)
+    return DataSpec(format=next(f for f in FORMATS if f == data_format), tokenizer=tokenizer, task=task)
 
 
 def is_zip(head: bytes) -> bool:

@@ -52,7 +52,11 @@ class DataShape:
     features: int
     """Values per row (the columns besides the label)."""
     classes: int
-    """Output logits."""
+    """Output logits (1 for a regression; a language model's logits per position: ``vocab``)."""
+    task: str = "classification"
+    """classification | regression | language_modeling (``events.Task``)."""
+    vocab: int = 0
+    """language_modeling: the tokenizer's vocabulary; 0 for a task of no tokens."""
 
 
 class ModelKindSpec(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind"):

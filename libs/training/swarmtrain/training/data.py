@@ -28,6 +28,7 @@ __all__ = [
     "scan",
     "shard_indices",
     "split_indices",
+    "with_validation",
 ]
 
 
@@ -41,6 +42,8 @@ class Dataset:
     """Sorted unique label strings; a label's index is its class number."""
     feature_names: list[str]
     label_column: str
+    target: str = "classification"
+    """The task its label is for (``events.Task``); a regression's ``labels`` are float32 targets."""
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -56,6 +59,7 @@ def load(path: Path, spec: DataSpec, label_column: str) -> Dataset:
         classes=table.classes,
         feature_names=table.feature_names,
         label_column=table.label_column,
+        target=table.target,
     )
 
 
@@ -90,6 +94,26 @@ def read_rows(path: Path, spec: DataSpec, label_column: str, rows: torch.Tensor,
     if done != len(order):
         raise DataError(f"the dataset has fewer rows than asked for: {done} of {len(order)} read")
     return torch.from_numpy(out)
+
+
+def with_validation(train: Dataset, validation: Dataset) -> tuple[Dataset, torch.Tensor, torch.Tensor]:
+    """A session with its own validation set: one dataset of every training row then every
+    validation row, and the (train, validation) indexes into it (all of ``train``'s rows train).
+    A DataError unless the two have the same feature columns, classes and target."""
+    if train.feature_names != validation.feature_names:
+        raise DataError("the validation dataset's feature columns differ from the training dataset's")
+    if train.target != validation.target or train.classes != validation.classes:
+        raise DataError("the validation dataset's target or classes differ from the training dataset's")
+    both = Dataset(
+        features=torch.cat([train.features, validation.features]),
+        labels=torch.cat([train.labels, validation.labels]),
+        classes=train.classes,
+        feature_names=train.feature_names,
+        label_column=train.label_column,
+        target=train.target,
+    )
+    n, m = len(train), len(validation)
+    return both, torch.arange(n), torch.arange(n, n + m)
 
 
 def split_indices(n: int, validation_split: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -29,35 +29,20 @@ from torch import nn
 
 from swarmtrain.common import blob, formats
 from swarmtrain.common.events import SessionRequested
-from swarmtrain.training.data import Dataset, load, split_indices
+from swarmtrain.training import tasks
+from swarmtrain.training.data import Dataset, load, split_indices, with_validation
 from swarmtrain.training.model import load_model
 from swarmtrain.training.sharding import make_shards
+from swarmtrain.training.tasks.base import EVAL_BATCH
+from swarmtrain.training.tasks.classification import evaluate_classes
 
-EVAL_BATCH = 4096
+__all__ = ["EVAL_BATCH", "Measured", "evaluate", "load_dataset", "measure", "shard_histograms"]
 
 
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float | None, float | None]:
-    """``(mean loss, accuracy)`` of ``model`` on ``(x, y)``; ``(None, None)`` for no rows.
-
-    Up to ``EVAL_BATCH`` rows in one pass, more in batches (a cnn's activations are large).
-    """
-    n = int(y.shape[0])
-    if not n:
-        return None, None
-    model.eval()
-    with torch.inference_mode():
-        if n <= EVAL_BATCH:
-            logits = model(x)
-            loss = float(nn.functional.cross_entropy(logits, y).item())
-            return loss, float((logits.argmax(dim=1) == y).float().mean().item())
-        loss_sum = 0.0
-        correct = 0
-        for start in range(0, n, EVAL_BATCH):
-            xb, yb = x[start : start + EVAL_BATCH], y[start : start + EVAL_BATCH]
-            logits = model(xb)
-            loss_sum += float(nn.functional.cross_entropy(logits, yb, reduction="sum").item())
-            correct += int((logits.argmax(dim=1) == yb).sum().item())
-    return loss_sum / n, correct / n
+    """``(mean loss, accuracy)`` of a classifier on ``(x, y)``; ``(None, None)`` for no rows
+    (``tasks.classification``; every task's measure: ``tasks.task(name).evaluate``)."""
+    return evaluate_classes(model, x, y)
 
 
 @dataclass(frozen=True)
@@ -91,9 +76,16 @@ def measure(
     dataset = load_dataset(store, request)  # raises: not the model's fault, tried again later
     if metadata.feature_names != dataset.feature_names or metadata.classes != dataset.classes:
         return Measured(None, None, "the model's feature columns or classes differ from the dataset's")
-    _, val_idx = split_indices(len(dataset), request.validation_split, request.seed)
+    if metadata.task != dataset.target:
+        return Measured(None, None, f"the model is a {metadata.task} model, the dataset's target {dataset.target}")
+    if request.validation is not None:  # the session's own validation set
+        held_out = load_dataset(store, request, validation=True)
+        dataset, _, val_idx = with_validation(dataset, held_out)
+    else:
+        _, val_idx = split_indices(len(dataset), request.validation_split, request.seed)
     try:
-        val_loss, val_accuracy = evaluate(model, dataset.features[val_idx], dataset.labels[val_idx])
+        measured = tasks.task(dataset.target).evaluate(model, dataset.features[val_idx], dataset.labels[val_idx])
+        val_loss, val_accuracy = measured.loss, measured.score
     except Exception as exc:  # shapes a forged file can get wrong despite its metadata
         return Measured(None, None, f"the model does not evaluate: {type(exc).__name__}: {str(exc)[:300]}")
     if val_accuracy is None:
@@ -107,7 +99,10 @@ def shard_histograms(store: blob.BlobStore, request: SessionRequested) -> list[l
     them (``sharding.make_shards`` on the same split and seed). Raises ``DataError`` when the
     dataset cannot be sharded so (the session fails), anything else when it cannot be read now."""
     dataset = load_dataset(store, request)
-    train_idx, _ = split_indices(len(dataset), request.validation_split, request.seed)
+    if request.validation is not None:
+        train_idx = torch.arange(len(dataset))
+    else:
+        train_idx, _ = split_indices(len(dataset), request.validation_split, request.seed)
     sharding = make_shards(request.round_options.sharding, train_idx, dataset.labels, request.num_peers, request.seed)
     return sharding.histograms
 
@@ -121,18 +116,21 @@ _cache: OrderedDict[tuple[str, str, str, str], Dataset] = OrderedDict()
 _cache_lock = threading.Lock()
 
 
-def load_dataset(store: blob.BlobStore, request: SessionRequested) -> Dataset:
-    """``request``'s dataset from ``store`` (checked against its sha256), parsed as a peer parses it;
-    kept (``CACHED_DATASETS``) when small. The key holds the sha256 the download is checked
-    against, so a cached copy is the same bytes."""
-    key = (request.dataset_uri, request.dataset_sha256, request.label_column, repr(request.data))
+def load_dataset(store: blob.BlobStore, request: SessionRequested, validation: bool = False) -> Dataset:
+    """``request``'s dataset (``validation``: its own validation set) from ``store`` (checked against
+    its sha256), parsed as a peer parses it; kept (``CACHED_DATASETS``) when small. The key holds
+    the sha256 the download is checked against, so a cached copy is the same bytes."""
+    uri, sha256 = request.dataset_uri, request.dataset_sha256
+    if validation and request.validation is not None:
+        uri, sha256 = request.validation.uri, request.validation.sha256
+    key = (uri, sha256, request.label_column, repr(request.data))
     with _cache_lock:
         if (hit := _cache.get(key)) is not None:
             _cache.move_to_end(key)
             return hit
     with tempfile.TemporaryDirectory(prefix="swarmtrain-eval-") as tmp:
         path = Path(tmp) / f"data.{formats.rules(request.data.format).extension}"
-        store.download(store.key_of(request.dataset_uri), path, sha256=request.dataset_sha256)
+        store.download(store.key_of(uri), path, sha256=sha256)
         dataset = load(path, request.data, request.label_column)
         small = path.stat().st_size <= CACHED_DATASET_BYTES
     if small:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from swarmtrain.common.events import DataRead, ModelSpec, SessionRequested
+from swarmtrain.training import tasks
 from swarmtrain.training.averaging import Tensors, check_update
 from swarmtrain.training.data import DataError, Dataset, split_indices
 from swarmtrain.training.model import Standardize, build_model
@@ -28,7 +29,9 @@ from swarmtrain.training.stats import streamed_stats
 _init_lock = threading.Lock()
 
 
-def seeded_model(spec: ModelSpec, n_features: int, n_classes: int, seed: int) -> nn.Sequential:
+def seeded_model(
+    spec: ModelSpec, n_features: int, n_classes: int, seed: int, task: str = "classification"
+) -> nn.Sequential:
     """``build_model`` from ``torch.manual_seed(seed)``: the same initial weights on every machine.
 
     A spec that does not fit the data (a cnn's ``input_shape``) is a DataError.
@@ -36,7 +39,7 @@ def seeded_model(spec: ModelSpec, n_features: int, n_classes: int, seed: int) ->
     with _init_lock, torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         try:
-            return build_model(spec, n_features, n_classes)
+            return build_model(spec, n_features, n_classes, task)
         except ValueError as exc:
             raise DataError(str(exc)) from None
 
@@ -44,10 +47,11 @@ def seeded_model(spec: ModelSpec, n_features: int, n_classes: int, seed: int) ->
 def initial_model(spec: ModelSpec, data: Dataset, train_idx: torch.Tensor, seed: int) -> nn.Sequential:
     """A session's seeded model with its ``Standardize`` fitted on ``data``'s training rows
     ``train_idx`` (the whole training split, never a shard): the same on every machine."""
-    model = seeded_model(spec, data.features.shape[1], len(data.classes), seed)
+    model = seeded_model(spec, data.features.shape[1], len(data.classes), seed, data.target)
     standardize = model[0]
     assert isinstance(standardize, Standardize)
     standardize.fit(data.features[train_idx])
+    tasks.task(data.target).fit(model, data.labels[train_idx])  # a regression's target scale
     return model
 
 
@@ -69,7 +73,8 @@ def session_model(
     spec: ModelSpec, data: Dataset, train_idx: torch.Tensor, seed: int, data_read: DataRead
 ) -> nn.Sequential:
     """The starting model of a session whose peers read ``data_read``: :func:`initial_model` for
-    ``whole``, :func:`fitted_model` with the streamed statistics for ``shard``."""
+    ``whole``, :func:`fitted_model` with the streamed statistics for ``shard`` (a classification
+    without its own validation set: the gateway reads every other session ``whole``)."""
     if data_read == "whole":
         return initial_model(spec, data, train_idx, seed)
     mean, std = streamed_stats(data.features, train_idx)
@@ -78,7 +83,10 @@ def session_model(
 
 def initial_weights(data: Dataset, request: SessionRequested) -> Tensors:
     """The weights ``request``'s peers start from (:func:`session_model`), on the CPU."""
-    train_idx, _ = split_indices(len(data), request.validation_split, request.seed)
+    if request.validation is not None:  # its own validation set: every row of the dataset trains
+        train_idx = torch.arange(len(data))
+    else:
+        train_idx, _ = split_indices(len(data), request.validation_split, request.seed)
     model = session_model(request.model, data, train_idx, request.seed, request.data_read)
     return {name: t.detach().to("cpu").clone() for name, t in model.state_dict().items()}
 

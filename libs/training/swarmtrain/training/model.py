@@ -13,8 +13,9 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from swarmtrain.common.events import CLASSIFICATION, Task
 from swarmtrain.common.models import KINDS, DataShape, ModelSpec
-from swarmtrain.training import tensorfile
+from swarmtrain.training import tasks, tensorfile
 from swarmtrain.training.models import build_layers
 
 MIN_STD = 1e-6
@@ -47,15 +48,17 @@ class Standardize(nn.Module):
         return (x - self.mean) / self.std
 
 
-def build_model(spec: ModelSpec, n_features: int, n_classes: int) -> nn.Sequential:
+def build_model(spec: ModelSpec, n_features: int, n_classes: int, task: str = CLASSIFICATION) -> nn.Sequential:
     """``Standardize``, then the layers ``spec``'s kind builds (``training.models.<kind>``), ending
-    in ``n_classes`` logits. A spec that cannot be built on this data raises ``ShapeError`` (a
+    in the task's outputs (``n_classes`` logits for a classification), then the task's head (a
+    regression's ``Rescale``). A spec that cannot be built on this data raises ``ShapeError`` (a
     ``ValueError``) with the reason.
 
     Built from torch's global generator: seed it first for reproducible initial weights.
     """
-    shape = DataShape(features=n_features, classes=n_classes)
-    return nn.Sequential(Standardize(n_features), *build_layers(spec, shape))
+    learns = tasks.task(task)
+    shape = DataShape(features=n_features, classes=learns.outputs(n_classes), task=task)
+    return nn.Sequential(Standardize(n_features), *build_layers(spec, shape), *learns.head())
 
 
 class ModelMetadata(msgspec.Struct, frozen=True, kw_only=True):
@@ -70,12 +73,20 @@ class ModelMetadata(msgspec.Struct, frozen=True, kw_only=True):
     feature_names: list[str]
     label_column: str
     model: ModelSpec
+    task: Task = CLASSIFICATION
+    """What the model predicts; a classifier's file carries no ``task`` (as files always were)."""
 
     @classmethod
     def for_spec(
-        cls, spec: ModelSpec, *, classes: list[str], feature_names: list[str], label_column: str
+        cls,
+        spec: ModelSpec,
+        *,
+        classes: list[str],
+        feature_names: list[str],
+        label_column: str,
+        task: Task = CLASSIFICATION,
     ) -> ModelMetadata:
-        return cls(classes=classes, feature_names=feature_names, label_column=label_column, model=spec)
+        return cls(classes=classes, feature_names=feature_names, label_column=label_column, model=spec, task=task)
 
     def spec(self) -> ModelSpec:
         return self.model
@@ -87,6 +98,8 @@ class ModelMetadata(msgspec.Struct, frozen=True, kw_only=True):
             "feature_names": json.dumps(self.feature_names),
             "label_column": self.label_column,
         }
+        if self.task != CLASSIFICATION:
+            out["task"] = self.task
         fields = msgspec.to_builtins(self.model)
         kind = fields.pop("kind")
         if kind != ORIGINAL_KIND:  # the original kind's file carries no kind
@@ -103,6 +116,7 @@ class ModelMetadata(msgspec.Struct, frozen=True, kw_only=True):
             "classes": json.loads(meta["classes"]),
             "feature_names": json.loads(meta["feature_names"]),
             "label_column": meta["label_column"],
+            "task": meta.get("task", CLASSIFICATION),
             "model": {"kind": kind} | {name: json.loads(meta[name]) for name in fields if name in meta},
         }
         return msgspec.convert(raw, cls)
@@ -129,6 +143,6 @@ def load_model(source: Path | bytes) -> tuple[nn.Sequential, ModelMetadata]:
             (n,) = struct.unpack("<Q", head) if len(head) == 8 else (0,)
             metadata = ModelMetadata.from_strings(tensorfile.read_metadata(head + f.read(n)))
         tensors = load_file(str(source), device="cpu")
-    model = build_model(metadata.spec(), len(metadata.feature_names), len(metadata.classes))
+    model = build_model(metadata.spec(), len(metadata.feature_names), len(metadata.classes), metadata.task)
     model.load_state_dict(tensors, strict=True)
     return model.eval(), metadata

@@ -53,7 +53,10 @@ class Sharding:
 
 
 def histograms(labels: torch.Tensor, shards: list[torch.Tensor], num_classes: int) -> list[list[int]]:
-    """Per shard, how many of its rows carry each class index ``0 .. num_classes - 1``."""
+    """Per shard, how many of its rows carry each class index ``0 .. num_classes - 1``; for a
+    regression's targets (floats, no classes), one count per shard: its rows."""
+    if labels.is_floating_point():
+        return [[len(s)] for s in shards]
     return [torch.bincount(labels[s], minlength=num_classes).tolist() for s in shards]
 
 
@@ -102,11 +105,16 @@ SHARDERS: dict[str, Sharder] = {
 def make_shards(
     spec: ShardingSpec, train_idx: torch.Tensor, labels: torch.Tensor, num_shards: int, seed: int
 ) -> Sharding:
-    """The shards ``spec`` names. ``labels`` are the whole dataset's class indexes."""
+    """The shards ``spec`` names. ``labels`` are the whole dataset's class indexes (a regression's
+    targets: only ``iid`` cuts them; a label skew needs classes)."""
+    if labels.is_floating_point() and spec.name != "iid":
+        raise DataError(f"sharding {spec.name!r} skews classes: a regression target has none (use iid)")
     return SHARDERS[spec.name](spec, train_idx, labels, num_shards, seed)
 
 
 def _classes(labels: torch.Tensor) -> int:
+    if labels.is_floating_point():
+        return 0
     return int(labels.max()) + 1 if labels.numel() else 0
 
 

@@ -10,7 +10,7 @@ from typing import TextIO
 
 from swarmtrain.cli.client import Client, Json
 from swarmtrain.cli.output import NONE, fmt, short, table
-from swarmtrain.common import strategies
+from swarmtrain.common import strategies, tasks
 from swarmtrain.common.status import SESSION_TERMINAL
 from swarmtrain.common.strategies import StrategyRules
 
@@ -36,6 +36,22 @@ def _shared_model(s: Json) -> bool:
     return any(p["shard"] is not None for p in s["peers"]) or (rules is not None and rules.shared_model)
 
 
+def task_rules(s: Json) -> tasks.TaskRules:
+    """The facts of the session's task (classification for a gateway from before tasks)."""
+    name = s.get("task")
+    return tasks.rules(name if isinstance(name, str) and name in tasks.RULES else "classification")
+
+
+HEADLINES = {"accuracy": "VAL ACC", "mse": "VAL MSE", "perplexity": "VAL PPL"}
+"""A task's headline figure's column (``TaskRules.headline``)."""
+
+
+def headline(s: Json, figures: Json) -> str:
+    """``figures``' (a peer's, a round's) headline figure as text: accuracy, MSE or perplexity."""
+    value = task_rules(s).headline_of(figures.get("val_loss"), figures.get("val_accuracy"))
+    return fmt(value, 4 if task_rules(s).headline != "accuracy" else 3)
+
+
 def lineage_line(s: Json) -> str:
     """Where the session's starting model came from ("" for seeded weights)."""
     parent = s.get("parent_session_id")
@@ -52,7 +68,11 @@ def print_result(s: Json, out: TextIO | None = None) -> None:
     out.write(
         f"session {s['session_id']}: {s['status']}"
         + (f" ({s['reason']})" if s.get("reason") else "")
-        + (f", val accuracy {fmt(s['val_accuracy'])}" if s.get("val_accuracy") is not None else "")
+        + (
+            f", val {task_rules(s).score.replace('_', ' ')} {fmt(s['val_accuracy'])}"
+            if s.get("val_accuracy") is not None
+            else ""
+        )
         + "\n"
     )
     if lineage := lineage_line(s):
@@ -69,16 +89,21 @@ def print_result(s: Json, out: TextIO | None = None) -> None:
                     ", ".join(short(p) for p in r["left_out"]) or NONE,
                     "; ".join(f"{short(x['peer_id'])}: {x['reason']}" for x in r["rejected"]) or NONE,
                     fmt(r["loss"], 4),
-                    fmt(r["val_accuracy"]),
+                    headline(s, r),
                     r.get("aggregator") or NONE,
                     f"{r['update_bytes']:,}" if r.get("update_bytes") else NONE,
                 ]
                 for r in s["round_figures"]
             ],
-            ["ROUND", "INCLUDED", "LEFT OUT", "REJECTED", "LOSS", "VAL ACC", "RULE", "BYTES"],
+            ["ROUND", "INCLUDED", "LEFT OUT", "REJECTED", "LOSS", HEADLINES[task_rules(s).headline], "RULE", "BYTES"],
             out,
         )
-    out.write("peers:\n" if _shared_model(s) else "leaderboard (validation accuracy):\n")
+    board = {"accuracy": "validation accuracy", "mse": "validation MSE, lower is better"}
+    out.write(
+        "peers:\n"
+        if _shared_model(s)
+        else f"leaderboard ({board.get(task_rules(s).headline, 'validation perplexity, lower is better')}):\n"
+    )
     ranked = sorted(s["peers"], key=lambda p: -(p["val_accuracy"] if p["val_accuracy"] is not None else -1))
     table(
         [
@@ -89,11 +114,11 @@ def print_result(s: Json, out: TextIO | None = None) -> None:
                 f"{p['epoch']}/{p['epochs']}",
                 p["hyperparameters"]["lr"],
                 fmt(p["loss"], 4),
-                fmt(p["val_accuracy"]),
+                headline(s, p),
             ]
             for n, p in enumerate(ranked, 1)
         ],
-        ["#", "PEER", "STATUS", "EPOCH", "LR", "LOSS", "VAL ACC"],
+        ["#", "PEER", "STATUS", "EPOCH", "LR", "LOSS", HEADLINES[task_rules(s).headline]],
         out,
     )
     if s.get("search"):

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import IO, Annotated, Any, BinaryIO, cast
+from typing import IO, Annotated, Any, BinaryIO, cast, get_args
 
 import asyncpg
 import msgspec
@@ -33,11 +33,13 @@ from litestar.security.jwt import Token
 from swarmtrain.common import blobkeys, formats
 from swarmtrain.common.blob import BlobRef, BlobStore
 from swarmtrain.common.events import (
+    CLASSIFICATION,
     MAX_IMAGE_SIDE,
     MAX_LABEL_COLUMN,
     DataFormat,
     DatasetUploaded,
     DataSpec,
+    Task,
     TokenizerSpec,
     new_id,
 )
@@ -86,6 +88,10 @@ class DatasetOut(msgspec.Struct, kw_only=True):
     """text: the corpus's length in tokens of its tokenizer."""
     tokenizer: TokenizerSpec | None = None
     """text: the tokenizer fixed at upload (``byte``, or ``bpe`` stored beside the dataset)."""
+    target: Task = CLASSIFICATION
+    """What the label is for: ``classification`` (classes), ``regression`` (a number), ``language_modeling``."""
+    target_range: list[float] = msgspec.field(default_factory=list)
+    """regression: ``[min, max]`` of the target; empty otherwise."""
 
 
 class PreviewOut(msgspec.Struct, kw_only=True):
@@ -119,6 +125,8 @@ def dataset_out(event: DatasetUploaded) -> DatasetOut:
         class_counts=dict(event.class_counts),
         tokens=event.tokens,
         tokenizer=event.tokenizer,
+        target=event.target,
+        target_range=list(event.target_range),
     )
 
 
@@ -126,6 +134,7 @@ def _dataset_row_out(row: asyncpg.Record) -> DatasetOut:
     fields = {name: row[name] for name in DatasetOut.__struct_fields__}
     fields["shape"] = msgspec.json.decode(fields["shape"])
     fields["class_counts"] = msgspec.json.decode(fields["class_counts"])
+    fields["target_range"] = msgspec.json.decode(fields["target_range"])
     fields["tokenizer"] = stored_tokenizer(fields["tokenizer"])
     out = DatasetOut(**fields)
     if not out.shape and formats.rules(out.format).labelled:  # uploaded before shapes were recorded: a table
@@ -271,6 +280,8 @@ async def store_dataset(
         class_counts=summary.class_counts,
         tokens=summary.tokens,
         tokenizer=tokenizer,
+        target=next(t for t in get_args(Task) if t == summary.target),
+        target_range=summary.target_range,
     )
 
 
@@ -297,7 +308,7 @@ async def append_or_discard(gw: Gateway, event: DatasetUploaded) -> None:
 
 _COLUMNS = (
     "dataset_id, rows, features, classes, sha256, size_bytes, name, label_column, created_at, format, shape,"
-    " class_counts, tokens, tokenizer"
+    " class_counts, tokens, tokenizer, target, target_range"
 )
 
 
@@ -390,7 +401,7 @@ class DatasetController(Controller):
     ) -> PreviewOut:
         row = await owned_dataset(gw, request.user.user_id, dataset_id)
         out = _dataset_row_out(row)
-        spec = formats.data_spec(out.format, out.shape, out.tokenizer)
+        spec = formats.data_spec(out.format, out.shape, out.tokenizer, out.target)
         try:
             look = await asyncio.to_thread(_preview, gw, row["uri"], out.sha256, spec, out.label_column)
         except (DataError, Rejected, OSError, ValueError) as exc:

@@ -28,6 +28,7 @@ def heartbeat(session_id: str, peer_id: str, stats: EpochStats, trial: tuple[int
         val_accuracy=stats.val_accuracy,
         samples_per_s=stats.samples_per_s,
         precision=stats.precision,
+        figures=dict(stats.figures),
     )
 
 

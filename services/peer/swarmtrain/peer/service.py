@@ -479,6 +479,11 @@ class Peer:
         # refused before any download: a precision this peer cannot compute in fails the run at once
         trainer.Amp.for_device(command.precision, self.device)
         csv_path = await asyncio.to_thread(self._fetch_dataset, command)
+        validation = None
+        if command.validation_url:
+            validation = await asyncio.to_thread(
+                self._fetch, command, command.validation_url, command.validation_sha256, "validation"
+            )
         if job.stop.is_set():
             raise TrainingStopped("stopped before training began")
         context = JobContext(
@@ -490,6 +495,7 @@ class Peer:
             facts=job.facts,
             stop=job.stop,
             stopped=job.stopped,
+            validation=validation,
         )
         await STRATEGIES.get(command.strategy)(command, context)
 
@@ -512,17 +518,21 @@ class Peer:
     def _fetch_dataset(self, command: Train) -> Path:
         """The dataset as a local file, cached by sha256: fetched through the Train's signed URL,
         size-capped, checked against its sha256."""
-        sha256 = command.dataset_sha256.lower()
+        return self._fetch(command, command.dataset_url, command.dataset_sha256, "dataset")
+
+    def _fetch(self, command: Train, url: str, digest: str, name: str) -> Path:
+        """A dataset (``name``: ``dataset``, or ``validation``: the session's own validation set) as a
+        local file, cached by sha256, fetched through ``Train.<name>_url``."""
+        sha256 = digest.lower()
         if not SHA256_RE.match(sha256):
-            raise DataError(f"dataset_sha256 is not a sha256 hex digest: {command.dataset_sha256[:80]!r}")
+            raise DataError(f"{name}_sha256 is not a sha256 hex digest: {digest[:80]!r}")
         path = self.state_dir / "cache" / "datasets" / f"{sha256}.{formats.rules(command.data.format).extension}"
         if not path.is_file():
-            if not command.dataset_url:
-                raise DataError("the Train carries no dataset_url to fetch the dataset from")
+            if not url:
+                what = "dataset" if name == "dataset" else f"{name} dataset"
+                raise DataError(f"the Train carries no {name}_url to fetch the {what} from")
             cap = self.settings.blob_max_download_mb * MiB
-            with_retries(
-                "dataset", lambda: signing.fetch_url(command.dataset_url, path, cap, sha256), command.dataset_url
-            )
+            with_retries("dataset", lambda: signing.fetch_url(url, path, cap, sha256), url)
         return path
 
 

@@ -15,20 +15,22 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import get_args
 
 import msgspec
 import torch
 from torch import nn
 
 from swarmtrain.common import metrics
-from swarmtrain.common.events import DataSpec, Hyperparameters, ModelSpec, Precision
+from swarmtrain.common.events import CLASSIFICATION, DataSpec, Hyperparameters, ModelSpec, Precision, Task
 from swarmtrain.peer.cache import ParsedCache, tensors_nbytes
-from swarmtrain.training.data import DataError, Dataset, load, split_indices
-from swarmtrain.training.evaluation import evaluate
+from swarmtrain.training import tasks
+from swarmtrain.training.data import DataError, Dataset, load, split_indices, with_validation
 from swarmtrain.training.init import apply_init, initial_model
 from swarmtrain.training.model import ModelMetadata
 from swarmtrain.training.optim import Steps, steps_per_epoch
 from swarmtrain.training.sharding import ShardData, ShardingSpec, read_shard
+from swarmtrain.training.tasks import Evaluation, TrainingTask
 
 
 class TrainingStopped(Exception):
@@ -135,6 +137,9 @@ class TrainJob:
     precision: Precision = "fp32"
     data: DataSpec = field(default_factory=DataSpec)
     """How the dataset is read (``Train.data``)."""
+    validation_path: Path | None = None
+    """The session's own validation set (``Train.validation_url``, same format); None: ``validation_split``."""
+    validation_sha256: str | None = None
 
 
 class EpochStats(msgspec.Struct, frozen=True, kw_only=True):
@@ -151,6 +156,8 @@ class EpochStats(msgspec.Struct, frozen=True, kw_only=True):
     """Wall time of the epoch's training steps."""
     precision: Precision = "fp32"
     """What the epoch computed in."""
+    figures: dict[str, float] = msgspec.field(default_factory=dict)
+    """The task's further validation and speed figures (``common.tasks``; none for classification)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -301,16 +308,39 @@ def load_data(job: TrainJob) -> tuple[Dataset, torch.Tensor, torch.Tensor]:
     """The job's dataset and its (train, validation) row indexes; a DataError if it cannot be trained on."""
     _check(job.hyperparameters)
     data = parse(job)
-    if len(data.classes) < 2:
+    if data.target != job.data.task:
+        raise DataError(f"the dataset's target is {data.target}, the session's task {job.data.task}")
+    if data.target == "classification" and len(data.classes) < 2:
         raise DataError(f"the label column has {len(data.classes)} class; at least 2 are needed")
+    if job.validation_path is not None:
+        held_out = TrainJob(
+            csv_path=job.validation_path,
+            label_column=job.label_column,
+            model=job.model,
+            hyperparameters=job.hyperparameters,
+            dataset_sha256=job.validation_sha256,
+            data=job.data,
+        )
+        return with_validation(data, parse(held_out))
     train_idx, val_idx = split_indices(len(data), job.validation_split, job.seed)
     return data, train_idx, val_idx
 
 
 def metadata_for(spec: ModelSpec, data: Dataset) -> ModelMetadata:
     return ModelMetadata.for_spec(
-        spec, classes=data.classes, feature_names=data.feature_names, label_column=data.label_column
+        spec,
+        classes=data.classes,
+        feature_names=data.feature_names,
+        label_column=data.label_column,
+        task=next(t for t in get_args(Task) if t == data.target),
     )
+
+
+def epoch_figures(
+    learns: TrainingTask, measured: Evaluation, samples_per_s: float, x: torch.Tensor
+) -> dict[str, float]:
+    """What an epoch's report carries besides loss and score: the task's validation figures and speed."""
+    return {**measured.figures, **learns.throughput(samples_per_s, x)}
 
 
 def run_epoch(
@@ -323,38 +353,40 @@ def run_epoch(
     stop: threading.Event,
     epoch: int,
     amp: Amp | None = None,
+    learns: TrainingTask | None = None,
 ) -> tuple[float, float, float]:
     """One pass over ``(x, y)`` in a shuffled order: ``(mean loss, accuracy, seconds)``, both running.
 
     ``steps``: the run's optimizer steps (``training/optim.py``), flushed at the epoch's end.
-    ``amp``: the forward pass autocast; None: fp32. Raises
+    ``amp``: the forward pass autocast; None: fp32. ``learns``: the task (its loss and running
+    score; None: classification). Raises
     ``TrainingStopped`` before any batch once ``stop`` is set, ``Diverged`` when the epoch's loss is
     not finite.
     """
     amp = amp or Amp()
+    learns = learns or tasks.task(CLASSIFICATION)
     device = x.device
     n = int(y.shape[0])
-    loss_fn = nn.CrossEntropyLoss()
     model.train()
     t0 = time.perf_counter()
     perm = torch.randperm(n, generator=shuffle).to(device)
     xs, ys = x[perm], y[perm]
     loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), dtype=torch.int64, device=device)
+    score = torch.zeros((), dtype=torch.int64, device=device)
     for start in range(0, n, batch_size):
         if stop.is_set():
             raise TrainingStopped(f"stopped in epoch {epoch}")
         xb, yb = xs[start : start + batch_size], ys[start : start + batch_size]
         with amp.autocast():
-            logits = model(xb)
-            loss = loss_fn(logits, yb)
+            outputs = model(xb)
+            loss = learns.loss(outputs, yb)
         steps.backward(loss)
         loss_sum += loss.detach().float() * yb.shape[0]
-        correct += (logits.detach().argmax(dim=1) == yb).sum()
+        score = score + learns.batch_score(outputs, yb)
     steps.flush()
-    train_loss, train_correct = loss_sum.item() / n, int(correct.item())  # syncs the device
+    train_loss, train_score = loss_sum.item() / n, learns.epoch_score(score, ys)  # syncs the device
     check_finite(epoch, train_loss)
-    return train_loss, train_correct / n, time.perf_counter() - t0
+    return train_loss, train_score, time.perf_counter() - t0
 
 
 def train(job: TrainJob, on_epoch: Callable[[EpochStats], None], stop: threading.Event) -> TrainResult:
@@ -370,6 +402,7 @@ def train(job: TrainJob, on_epoch: Callable[[EpochStats], None], stop: threading
     x_val, y_val = data.features[val_idx], data.labels[val_idx]
     n, n_val = int(y_train.shape[0]), int(y_val.shape[0])
 
+    learns = tasks.task(data.target)
     model = initial_model(job.model, data, train_idx, job.seed)
     if job.init is not None:
         apply_init(model, job.init)
@@ -383,8 +416,11 @@ def train(job: TrainJob, on_epoch: Callable[[EpochStats], None], stop: threading
     started = time.perf_counter()
     stats: EpochStats | None = None
     for epoch in range(1, hp.epochs + 1):
-        loss, accuracy, seconds = run_epoch(model, steps, x_train, y_train, hp.batch_size, shuffle, stop, epoch, amp)
-        val_loss, val_accuracy = evaluate(model, x_val, y_val)
+        loss, accuracy, seconds = run_epoch(
+            model, steps, x_train, y_train, hp.batch_size, shuffle, stop, epoch, amp, learns
+        )
+        measured = learns.evaluate(model, x_val, y_val)
+        val_loss, val_accuracy = measured.loss, measured.score
         check_finite(epoch, val_loss)
         stats = EpochStats(
             epoch=epoch,
@@ -396,6 +432,7 @@ def train(job: TrainJob, on_epoch: Callable[[EpochStats], None], stop: threading
             samples_per_s=n / max(seconds, 1e-9),
             seconds=seconds,
             precision=amp.precision,
+            figures=epoch_figures(learns, measured, n / max(seconds, 1e-9), x_train),
         )
         on_epoch(stats)
     assert stats is not None  # epochs >= 1

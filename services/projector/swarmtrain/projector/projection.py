@@ -54,7 +54,7 @@ TABLES = (
 BOOKKEEPING = ("applied_events", "dead_letters")
 """The projector's own tables, emptied and rebuilt with the read models (the gateway reads only the
 dead letters' count)."""
-SCHEMA_VERSION = 9
+SCHEMA_VERSION = 10
 """Bump on any change to schema.sql, or to how events are applied: on start (``ensure_schema``) a
 database built with another version has its read models dropped and rebuilt from sequence 1."""
 _SCHEMA_LOCK = 0x5357_5452  # pg_advisory_xact_lock key: one ensure_schema at a time
@@ -392,7 +392,7 @@ async def _apply(conn: asyncpg.Connection, seq: int, event: Event) -> None:
         case DatasetUploaded():
             await conn.execute(
                 """INSERT INTO datasets VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13::jsonb,
-                   $14::jsonb, $15, $16::jsonb) ON CONFLICT DO NOTHING""",
+                   $14::jsonb, $15, $16::jsonb, $17, $18::jsonb) ON CONFLICT DO NOTHING""",
                 event.dataset_id,
                 event.owner_id,
                 event.name,
@@ -409,6 +409,8 @@ async def _apply(conn: asyncpg.Connection, seq: int, event: Event) -> None:
                 _json(event.class_counts),
                 event.tokens,
                 None if event.tokenizer is None else _json(event.tokenizer),
+                event.target,
+                _json(event.target_range),
             )
         case PeerRegistered():
             await conn.execute(
@@ -443,9 +445,10 @@ async def _apply(conn: asyncpg.Connection, seq: int, event: Event) -> None:
                 INSERT INTO sessions (session_id, owner_id, dataset_id, strategy, num_peers, status, model,
                                       validation_split, seed, created_at, rounds, on_peer_failure,
                                       parent_session_id, parent_round, excluded_peers, requirements,
-                                      queue, queue_timeout_s, priority, precision, requested_seq, round_options)
+                                      queue, queue_timeout_s, priority, precision, requested_seq, round_options,
+                                      task, validation_dataset_id)
                 VALUES ($1, $2, $3, $4, $5, 'queued', $6::jsonb, $7, $8, $9, $10, $11, $12, $13, $14::jsonb,
-                        $15::jsonb, $16, $17, $18, $19, $20, $21::jsonb)
+                        $15::jsonb, $16, $17, $18, $19, $20, $21::jsonb, $22, $23)
                 ON CONFLICT DO NOTHING
                 """,
                 event.session_id,
@@ -467,6 +470,8 @@ async def _apply(conn: asyncpg.Connection, seq: int, event: Event) -> None:
                 event.precision,
                 seq,
                 _json(event.round_options),
+                event.data.task,
+                None if event.validation is None else event.validation.dataset_id,
             )
         case SessionStarted():
             before = await _session_status(conn, event.session_id)

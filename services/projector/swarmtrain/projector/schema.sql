@@ -28,7 +28,9 @@ CREATE TABLE IF NOT EXISTS datasets (
     shape         jsonb NOT NULL DEFAULT '[]',       -- one row's feature shape; []: an event from before shapes
     class_counts  jsonb NOT NULL DEFAULT '{}',       -- rows per class (empty: too many to show, or an older event)
     tokens        bigint NOT NULL DEFAULT 0,         -- text: the corpus's tokens
-    tokenizer     jsonb                              -- text: events.TokenizerSpec; NULL: not text
+    tokenizer     jsonb,                             -- text: events.TokenizerSpec; NULL: not text
+    target        text NOT NULL DEFAULT 'classification', -- events.Task the label is for
+    target_range  jsonb NOT NULL DEFAULT '[]'        -- regression: [min, max] of the target
 );
 CREATE INDEX IF NOT EXISTS datasets_owner ON datasets (owner_id, created_at);
 
@@ -74,7 +76,9 @@ CREATE TABLE IF NOT EXISTS sessions (
     placement         text,                     -- SessionStarted's reason for its peers
     round_options     jsonb,                    -- fedopts.RoundOptionsSpec of the request
     search            jsonb,                    -- a search's SearchSpec; NULL: a sweep of one set per peer
-    search_result     jsonb                     -- its SearchConcluded (importances, the best trial)
+    search_result     jsonb,                    -- its SearchConcluded (importances, the best trial)
+    task              text NOT NULL DEFAULT 'classification', -- events.Task (the request's data.task)
+    validation_dataset_id text                  -- the user's own validation set; NULL: validation_split
 );
 CREATE INDEX IF NOT EXISTS sessions_owner ON sessions (owner_id, created_at);
 CREATE INDEX IF NOT EXISTS sessions_queue ON sessions (priority, requested_seq) WHERE status = 'queued';

@@ -371,6 +371,9 @@ def train_command(
         precision=req.precision,
         data=req.data,
         data_read=req.data_read,
+        validation_uri=req.validation.uri if req.validation else "",
+        validation_url=config.sign("GET", req.validation.uri) if req.validation else "",
+        validation_sha256=req.validation.sha256 if req.validation else "",
     )
 
 

@@ -29,8 +29,9 @@ import math
 import re
 from datetime import datetime
 
-from swarmtrain.common import blobkeys, strategies
+from swarmtrain.common import blobkeys, strategies, tasks
 from swarmtrain.common.events import (
+    CLASSIFICATION,
     MAX_REPORTED_REASON,
     Heartbeat,
     ModelUpdatePublished,
@@ -139,8 +140,11 @@ def _check(state: State, sender: str, report: Report, config: Config) -> None:
             total = _epochs(session, run)
             if report.epochs != total or not 1 <= report.epoch <= total:
                 raise Refused(f"epoch {report.epoch} of {report.epochs}: this run trains {total} epochs")
-            _figures(report.loss, report.accuracy, report.val_loss, report.val_accuracy)
+            _figures(report.loss, report.accuracy, report.val_loss, report.val_accuracy, session.request.data.task)
             _bounded("samples_per_s", report.samples_per_s, 0.0, MAX_RATE)
+            allowed = tasks.rules(session.request.data.task).figures
+            if unknown := sorted(set(report.figures) - set(allowed)):
+                raise Refused(f"figures {unknown[:5]} are not the task's: {', '.join(allowed) or 'none'}")
         case ModelUpdatePublished():
             _update(session, run, sender, report, config)
         case PeerDone():
@@ -155,7 +159,7 @@ def _check(state: State, sender: str, report: Report, config: Config) -> None:
                 raise Refused(f"{report.epochs} epochs: this run trains {total}")
             if strategies.rules(session.request.strategy).rounds and session.rounds_open:
                 raise Refused(f"round {session.round} of {session.request.rounds} is still open")
-            _figures(report.loss, report.accuracy, report.val_loss, report.val_accuracy)
+            _figures(report.loss, report.accuracy, report.val_loss, report.val_accuracy, session.request.data.task)
             _bounded("train_seconds", report.train_seconds, 0.0, MAX_SECONDS)
         case PeerFailed():
             _text("reason", report.reason, MAX_REPORTED_REASON)
@@ -173,7 +177,7 @@ def _check(state: State, sender: str, report: Report, config: Config) -> None:
             if report.uri != expected:
                 raise Refused(f"uri {report.uri[:300]!r} is not the round's average URI it was handed")
             _sha256(report.sha256)
-            _figures(0.0, 0.0, report.val_loss, report.val_accuracy)
+            _figures(0.0, 0.0, report.val_loss, report.val_accuracy, session.request.data.task)
             rules = possible_rules(session.request.round_options.aggregator)
             if report.aggregator not in rules:
                 raise Refused(f"aggregator {report.aggregator[:MAX_NAME_CHARS]!r} is not one of {sorted(rules)}")
@@ -199,7 +203,7 @@ def _update(session: Session, run: Run, sender: str, report: ModelUpdatePublishe
         raise Refused(f"num_samples {report.num_samples}: shard {run.shard} holds {rows} training rows")
     if report.nbytes > session.max_model_bytes():
         raise Refused(f"nbytes {report.nbytes}: an update of this model holds at most {session.max_model_bytes()}")
-    _figures(report.loss, report.accuracy, None, None)
+    _figures(report.loss, report.accuracy, None, None, session.request.data.task)
 
 
 def _finished_run(session: Session, sender: str, beat: Heartbeat) -> Run | None:
@@ -230,10 +234,15 @@ def _bounded(name: str, value: float, low: float, high: float) -> None:
         raise Refused(f"{name} {value!r} is not a finite number in [{low:g}, {high:g}]")
 
 
-def _figures(loss: float, accuracy: float, val_loss: float | None, val_accuracy: float | None) -> None:
+def _figures(
+    loss: float, accuracy: float, val_loss: float | None, val_accuracy: float | None, task: str = CLASSIFICATION
+) -> None:
+    """The figures' bounds: a loss is at least 0, a score (``accuracy``) within the task's bounds
+    (``common.tasks``: accuracy in [0, 1], a regression's R² at most 1)."""
+    low, high = tasks.rules(task).score_low, tasks.rules(task).score_high
     _bounded("loss", loss, 0.0, MAX_LOSS)
-    _bounded("accuracy", accuracy, 0.0, 1.0)
+    _bounded("accuracy", accuracy, low, high)
     if val_loss is not None:
         _bounded("val_loss", val_loss, 0.0, MAX_LOSS)
     if val_accuracy is not None:
-        _bounded("val_accuracy", val_accuracy, 0.0, 1.0)
+        _bounded("val_accuracy", val_accuracy, low, high)

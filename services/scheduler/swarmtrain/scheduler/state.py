@@ -212,6 +212,8 @@ class Session:
             return None
         try:
             rows = shapes.training_rows(self.dataset.rows, self.request.validation_split)
+            if self.request.validation is not None:  # its own validation set: every row trains
+                rows = self.dataset.rows
             if shard is None:
                 return rows
             if self.request.round_options.sharding.name != "iid":  # the scheduler counted them at the start

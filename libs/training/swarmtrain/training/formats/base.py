@@ -11,6 +11,7 @@ the file the check accepted, the same way on every machine.
 from __future__ import annotations
 
 import io
+import math
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -76,6 +77,10 @@ class Summary:
     """text: the corpus's length in tokens."""
     tokenizer_json: str | None = None
     """text, bpe: the trained tokenizer, which the gateway stores beside the dataset."""
+    target: str = "classification"
+    """What the label is (``events.Task``): classes, a regression target, none for a corpus."""
+    target_range: list[float] = field(default_factory=list)
+    """regression: ``[min, max]`` of the target."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -85,11 +90,12 @@ class Table:
     features: np.ndarray
     """float32, shape (rows, features)."""
     labels: np.ndarray
-    """int64, shape (rows,): indexes into ``classes``."""
+    """int64, shape (rows,): indexes into ``classes``; a regression's targets: float32."""
     classes: list[str]
-    """Sorted unique label strings; a label's index is its class number."""
+    """Sorted unique label strings; a label's index is its class number (none for a regression)."""
     feature_names: list[str]
     label_column: str
+    target: str = "classification"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -218,6 +224,75 @@ def check_classes(counts: Counter[str], rows: int, label_column: str) -> None:
         raise Rejected(
             f"fewer than {MIN_CLASSES} classes: the label column {label_column!r} has {len(counts)} distinct value"
         )
+
+
+class Target:
+    """What one pass over a label column learns about it besides its classes: whether every value
+    is a number, whether one has a fraction (then it is a regression target), its range."""
+
+    def __init__(self) -> None:
+        self.numeric = True
+        self.fractional = False
+        self.low = math.inf
+        self.high = -math.inf
+
+    def see(self, label: str) -> None:
+        if not self.numeric:
+            return
+        try:
+            value = float(label)
+        except ValueError:
+            self.numeric = False
+            return
+        if not math.isfinite(value):
+            self.numeric = False
+            return
+        self.fractional = self.fractional or value != round(value)
+        self.low, self.high = min(self.low, value), max(self.high, value)
+
+    def see_numbers(self, values: np.ndarray) -> None:
+        values = np.asarray(values, dtype=np.float64)
+        if not values.size:
+            return
+        self.fractional = self.fractional or bool((values != np.round(values)).any())
+        self.low, self.high = min(self.low, float(values.min())), max(self.high, float(values.max()))
+
+    @property
+    def regression(self) -> bool:
+        """A numeric label with a fractional value: a number to predict, not a class."""
+        return self.numeric and self.fractional
+
+
+def check_regression(target: Target, rows: int, label_column: str) -> list[float]:
+    """The rules of a regression target: enough rows, not one constant; its ``[min, max]``."""
+    if rows < MIN_ROWS:
+        raise Rejected(f"too few rows: {rows} data rows, at least {MIN_ROWS} are needed")
+    if not target.high > target.low:
+        raise Rejected(f"the regression target {label_column!r} is constant ({target.low:g}): nothing to learn")
+    return [target.low, target.high]
+
+
+def regression_targets(values: np.ndarray, label_column: str) -> np.ndarray:
+    """A regression's targets as float32 (rows,); a DataError for a value that is not a finite number."""
+    try:
+        y = np.asarray(values, dtype=np.float64).reshape(-1)
+    except ValueError:
+        raise DataError(f"the regression target {label_column!r} has a value that is not a number") from None
+    if not np.isfinite(y).all():
+        raise DataError(f"the regression target {label_column!r} has a value that is not a finite number")
+    return y.astype(np.float32)
+
+
+def regression_table(features: np.ndarray, labels: np.ndarray, names: list[str], label_column: str) -> Table:
+    """A parsed table whose labels are a regression target."""
+    return Table(
+        features=np.ascontiguousarray(features, dtype=np.float32),
+        labels=regression_targets(labels, label_column),
+        classes=[],
+        feature_names=names,
+        label_column=label_column,
+        target="regression",
+    )
 
 
 def encode_labels(labels: np.ndarray) -> tuple[list[str], np.ndarray]:

@@ -31,10 +31,13 @@ from swarmtrain.training.formats.base import (
     Rejected,
     Summary,
     Table,
+    Target,
     UploadOptions,
     cells,
     check_classes,
+    check_regression,
     encode_labels,
+    regression_table,
     scan_table,
     shown_columns,
     shown_counts,
@@ -103,6 +106,7 @@ def _check_rows(reader: Iterator[list[str]], label_column: str) -> Summary:
     features = [(i, name) for i, name in enumerate(columns) if i != label_at]
     width = len(columns)
     labels: Counter[str] = Counter()
+    target = Target()
     rows = 0
     for row in reader:
         if not row or row == [""]:
@@ -118,9 +122,25 @@ def _check_rows(reader: Iterator[list[str]], label_column: str) -> Summary:
         label = row[label_at].strip()
         if not label:
             raise Rejected(f"empty label: column {label_column!r}, row {rows}")
-        labels[label] += 1
-        if len(labels) > MAX_CLASSES:
+        target.see(label)
+        if len(labels) <= MAX_CLASSES:
+            labels[label] += 1
+        elif not target.numeric:
             raise Rejected(f"more than {MAX_CLASSES} classes in {label_column!r}: is it really a class label?")
+    if target.regression:
+        return Summary(
+            rows=rows,
+            features=len(features),
+            classes=0,
+            columns=columns,
+            label_column=label_column,
+            shape=[len(features)],
+            target="regression",
+            target_range=check_regression(target, rows, label_column),
+            data=DataSpec(task="regression"),
+        )
+    if len(labels) > MAX_CLASSES:
+        raise Rejected(f"more than {MAX_CLASSES} classes in {label_column!r}: is it really a class label?")
     check_classes(labels, rows, label_column)
     return Summary(
         rows=rows,
@@ -213,6 +233,36 @@ def _load_plain(path: Path, label_column: str) -> Table | None:
     )
 
 
+def load_csv_regression(path: Path, label_column: str) -> Table:
+    """Read ``path`` whose label column is a regression target (numbers, float32)."""
+    with path.open(newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f)
+        header = [name.strip() for name in next(reader, [])]
+        if label_column not in header:
+            raise DataError(f"no label column {label_column!r} (columns: {', '.join(header[:20])})")
+        label_at = header.index(label_column)
+        keep = [i for i in range(len(header)) if i != label_at]
+        labels: list[str] = []
+        rows: list[list[str]] = []
+        for line, row in enumerate(reader, start=2):
+            if not any(cell.strip() for cell in row):
+                continue
+            if len(row) != len(header):
+                raise DataError(f"line {line}: {len(row)} fields, the header has {len(header)}")
+            labels.append(row[label_at].strip())
+            rows.append([row[i] for i in keep])
+    if not rows:
+        raise DataError("no data rows")
+    names = [header[i] for i in keep]
+    try:
+        x = np.asarray(rows, dtype=np.float32)
+    except ValueError:
+        raise DataError(_first_bad_cell(rows, names)) from None
+    if not np.isfinite(x).all():
+        raise DataError("a feature value is not a finite number")
+    return regression_table(x, np.asarray(labels), names, label_column)
+
+
 def _first_bad_cell(rows: list[list[str]], names: list[str]) -> str:
     for r, row in enumerate(rows):
         for c, cell in enumerate(row):
@@ -230,6 +280,8 @@ class CsvFormat:
         return check_csv(stream, options.label_column)
 
     def load(self, path: Path, spec: DataSpec, label_column: str) -> Table:
+        if spec.task == "regression":
+            return load_csv_regression(path, label_column)
         return load_csv(path, label_column)
 
     def index(self, path: Path, spec: DataSpec, label_column: str) -> Index:

@@ -30,13 +30,16 @@ from swarmtrain.training.formats.base import (
     Rejected,
     Summary,
     Table,
+    Target,
     UploadOptions,
     block_rows,
     cells,
     check_classes,
     check_declared_size,
     check_member_name,
+    check_regression,
     encode_labels,
+    regression_table,
     scan_table,
     shown_columns,
     shown_counts,
@@ -134,6 +137,20 @@ def check_npz(stream: BinaryIO, label_column: str, limits: Limits) -> Summary:
                 y = np.frombuffer(_read_exact(member, rows * y_dtype.itemsize, "y"), dtype=y_dtype)
         except (zipfile.BadZipFile, EOFError, OSError) as exc:  # a CRC error, a broken stream
             raise Rejected(f"not a valid .npz file: {exc}") from None
+    if y_dtype.kind == "f" and np.isfinite(y).all() and (y != np.round(y)).any():
+        target = Target()
+        target.see_numbers(y)
+        return Summary(
+            rows=rows,
+            features=math.prod(per_row),
+            classes=0,
+            columns=["x", "y"],
+            label_column="y",
+            shape=per_row,
+            data=DataSpec(format="npz", task="regression"),
+            target="regression",
+            target_range=check_regression(target, rows, "y"),
+        )
     labels = _labels(y)
     counts = Counter(labels.tolist())
     check_classes(counts, rows, label_column)
@@ -182,13 +199,21 @@ def _flat(x: np.ndarray, channels_last: bool) -> np.ndarray:
     return np.ascontiguousarray(x.reshape(x.shape[0], -1), dtype=np.float32)
 
 
-def load_npz(path: Path) -> Table:
+def load_npz(path: Path, regression: bool = False) -> Table:
     try:
         with np.load(path, allow_pickle=False) as npz:
             x = npz["x"]
             y = npz["y"]
     except (ValueError, OSError, KeyError, zipfile.BadZipFile) as exc:
         raise DataError(f"the .npz cannot be read: {exc}") from None
+    if regression:
+        try:
+            per_row, channels_last = row_shape(tuple(x.shape))
+        except Rejected as exc:
+            raise DataError(str(exc)) from None
+        if len(y) != x.shape[0]:
+            raise DataError(f"x has {x.shape[0]} rows but y has {len(y)} labels")
+        return regression_table(_flat(x, channels_last), y, [f"x{i}" for i in range(math.prod(per_row))], "y")
     per_row, channels_last, classes, labels = _table_facts(tuple(x.shape), y)
     return Table(
         features=_flat(x, channels_last),
@@ -258,7 +283,7 @@ class NpzFormat:
         return check_npz(stream, options.label_column, limits)
 
     def load(self, path: Path, spec: DataSpec, label_column: str) -> Table:
-        return load_npz(path)
+        return load_npz(path, regression=spec.task == "regression")
 
     def index(self, path: Path, spec: DataSpec, label_column: str) -> Index:
         return index_npz(path)
@@ -267,12 +292,13 @@ class NpzFormat:
         return scan_npz(path, rows)
 
     def preview(self, path: Path, spec: DataSpec, label_column: str) -> Preview:
-        table = load_npz(path)
+        table = load_npz(path, regression=spec.task == "regression")
+
+        def label(i: int) -> object:
+            return table.labels[i].item() if table.target == "regression" else table.classes[int(table.labels[i])]
+
         names = ["y", *table.feature_names]
-        rows = [
-            cells([table.classes[int(table.labels[i])], *table.features[i].tolist()])
-            for i in range(min(PREVIEW_ROWS, len(table.labels)))
-        ]
+        rows = [cells([label(i), *table.features[i].tolist()]) for i in range(min(PREVIEW_ROWS, len(table.labels)))]
         return Preview(columns=shown_columns(names), rows=rows)
 
 

@@ -31,12 +31,15 @@ from swarmtrain.training.formats.base import (
     Rejected,
     Summary,
     Table,
+    Target,
     UploadOptions,
     block_rows,
     cells,
     check_classes,
     check_declared_size,
+    check_regression,
     encode_labels,
+    regression_table,
     shown_columns,
     shown_counts,
 )
@@ -103,12 +106,16 @@ def check_parquet(stream: BinaryIO, label_column: str, limits: Limits) -> Summar
         features = _columns(table.schema_arrow, label_column)
         categories: dict[str, set[str]] = {n: set() for n, kind in features if kind == "categorical"}
         counts: Counter[str] = Counter()
+        target = Target() if is_regression(table.schema_arrow, label_column) else None
         rows = 0
         try:
             for batch in table.iter_batches(batch_size=_BATCH_ROWS):
                 labels = batch.column(label_column)
                 if labels.null_count:
                     raise Rejected(f"empty label: column {label_column!r} has a missing value (near row {rows + 1})")
+                if target is not None:
+                    target.see_numbers(_numbers(label_column, labels, rows))
+                    labels = labels.slice(0, 0)
                 for label in _strings(labels):
                     if not label.strip():
                         raise Rejected(f"empty label: column {label_column!r}, near row {rows + 1}")
@@ -130,8 +137,20 @@ def check_parquet(stream: BinaryIO, label_column: str, limits: Limits) -> Summar
                 rows += batch.num_rows
         except (pa.ArrowException, OSError) as exc:
             raise Rejected(f"a corrupt Parquet file: {str(exc)[:300]}") from None
-    check_classes(counts, rows, label_column)
     width = sum(len(categories[n]) if kind == "categorical" else 1 for n, kind in features)
+    if target is not None:
+        return Summary(
+            rows=rows,
+            features=width,
+            classes=0,
+            columns=[n for n, _ in features] + [label_column],
+            label_column=label_column,
+            shape=[width],
+            data=DataSpec(format="parquet", task="regression"),
+            target="regression",
+            target_range=check_regression(target, rows, label_column),
+        )
+    check_classes(counts, rows, label_column)
     return Summary(
         rows=rows,
         features=width,
@@ -198,10 +217,31 @@ def _levels(table: pq.ParquetFile, features: list[tuple[str, str]]) -> dict[str,
     return {name: sorted(values) for name, values in found.items()}
 
 
+def is_regression(schema: pa.Schema, label_column: str) -> bool:
+    """A floating-point label column is a number to predict (a regression target); any other, classes."""
+    if label_column not in schema.names:
+        return False
+    label_type = schema.field(label_column).type
+    if pa.types.is_dictionary(label_type):
+        return False
+    return bool(pa.types.is_floating(label_type))
+
+
 def load_parquet(path: Path, label_column: str) -> Table:
     try:
         table = pq.read_table(path)
         features = _columns(table.schema, label_column)
+        if is_regression(table.schema, label_column):
+            labels = table.column(label_column)
+            if labels.null_count:
+                raise Rejected(f"column {label_column!r} has a missing value")
+            levels = {n: sorted(_levels_of(table.column(n))) for n, kind in features if kind == "categorical"}
+            return regression_table(
+                _matrix(table, features, levels),
+                _numbers(label_column, labels, 0),
+                _names(features, levels),
+                label_column,
+            )
         classes, y = _label_codes(table.column(label_column), label_column)
         levels = {n: sorted(_levels_of(table.column(n))) for n, kind in features if kind == "categorical"}
         x = _matrix(table, features, levels)

@@ -1,4 +1,4 @@
-"""``swarmtrain sessions start|ls|show|events|watch|cancel|download|plot`` (``session`` is the same group).
+"""``swarmtrain sessions start|ls|show|events|watch|cancel|download|generate|plot`` (``session`` is the same group).
 
 Each talks to the REST API with the stored login. ``sessions watch`` exits with how the session
 ended: 0 completed, 1 failed, 2 cancelled, 3 the watch itself failed (API unreachable, no such
@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,9 +24,11 @@ from swarmtrain.cli.output import NONE, ProgressBar, fmt, listing, one_line_erro
 from swarmtrain.cli.plot import plot_curves
 from swarmtrain.cli.sessionview import Watcher, print_result, trains_in_rounds
 from swarmtrain.common.events import FEDAVG, LrSchedule, ModelKind, OnPeerFailure, Optimizer, Precision, Strategy
+from swarmtrain.training.generate import generate_text
 
 EXIT_BY_STATUS = {"completed": 0, "failed": 1, "cancelled": 2}
 EXIT_WATCH_ERROR = 3
+MAX_GENERATED_TOKENS = 100_000
 
 
 def register(sub: Group) -> Group:
@@ -33,7 +36,7 @@ def register(sub: Group) -> Group:
     group = sub.add_parser(
         "sessions", aliases=["session"], help="start, watch and inspect training sessions"
     ).add_subparsers(dest="action", required=True, metavar="ACTION")
-    for add in (_start, _ls, _show, _events, _watch, _cancel, _download, _plot):
+    for add in (_start, _ls, _show, _events, _watch, _cancel, _download, _generate, _plot):
         add(group)
     return group
 
@@ -148,6 +151,11 @@ START_FLAGS = (
     BodyFlag("--input-shape", "model.input_shape", "cnn: C,H,W", value=_ints),
     BodyFlag("--channels", "model.channels", "cnn: convolution widths, e.g. 16,32", value=_ints),
     BodyFlag("--validation-split", "validation_split", "fraction held out for validation (default 0.2)", type=float),
+    BodyFlag(
+        "--validation-dataset",
+        "validation_dataset_id",
+        "validate on another of your datasets (same format, features, classes) instead of a split",
+    ),
     BodyFlag("--seed", "seed", "the session's seed (default 0)", type=int),
     BodyFlag(
         "--aggregator",
@@ -411,6 +419,31 @@ def _run_download(args: argparse.Namespace) -> int:
     with client(args) as api:
         size = api.download(args.session_id, dest, bar)
     bar.finish(f"model ({size:,} bytes, safetensors) saved to {dest}")
+    return 0
+
+
+def _generate(group: Group) -> None:
+    p = command(group.add_parser("generate", help="sample text from a finished language model"), _run_generate)
+    p.add_argument("session_id")
+    p.add_argument("--prompt", required=True, help="the text to continue")
+    p.add_argument("--tokens", type=int, default=200, help="tokens to sample (default 200)")
+    p.add_argument("--temperature", type=float, default=0.8, help="0: the likeliest token each time (default 0.8)")
+    p.add_argument("--seed", type=int, default=0, help="the sampling seed (default 0)")
+
+
+@one_line_errors()
+def _run_generate(args: argparse.Namespace) -> int:
+    if not 1 <= args.tokens <= MAX_GENERATED_TOKENS:
+        raise ApiError(0, f"--tokens must be 1 to {MAX_GENERATED_TOKENS}")
+    with tempfile.TemporaryDirectory(prefix="swarmtrain-generate-") as tmp:
+        dest = Path(tmp) / "model.safetensors"
+        with client(args) as api:
+            api.download(args.session_id, dest)
+        try:
+            text = generate_text(dest, args.prompt, args.tokens, args.temperature, args.seed)
+        except ValueError as exc:
+            raise ApiError(0, str(exc)) from None
+    print(args.prompt + text)
     return 0
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import msgspec
 from litestar.exceptions import ClientException, NotFoundException
 
-from swarmtrain.common import formats
+from swarmtrain.common import formats, tasks
 from swarmtrain.common.events import InitFrom, SessionRequested
 from swarmtrain.common.strategies import rules
 from swarmtrain.gateway import eventlog
@@ -124,7 +124,8 @@ async def fork(gw: Gateway, owner_id: str, parent_id: str, data: ForkIn) -> Sess
     plan = msgspec.structs.replace(plan, init_from=init)
     dataset = await owned_dataset(gw, owner_id, parent.dataset_id)
     shape = (int(dataset["features"]), int(dataset["classes"]))
-    check_against_dataset(plan, rows=dataset["rows"], features=shape[0], classes=shape[1], settings=gw.settings)
+    outputs = tasks.rules(dataset["target"]).outputs(shape[1])
+    check_against_dataset(plan, rows=dataset["rows"], features=shape[0], classes=outputs, settings=gw.settings)
     check_lineage(plan, parent, shape, shape)
     async with gw.session_locks.hold(owner_id):
         await queries.require_session_room(gw.pool, owner_id, gw.settings.max_active_sessions)
@@ -137,6 +138,6 @@ async def fork(gw: Gateway, owner_id: str, parent_id: str, data: ForkIn) -> Sess
             uri=dataset["uri"],
             sha256=dataset["sha256"],
             label_column=dataset["label_column"],
-            data=formats.data_spec(dataset["format"], msgspec.json.decode(dataset["shape"])),
+            data=formats.data_spec(dataset["format"], msgspec.json.decode(dataset["shape"]), target=dataset["target"]),
         )
     return SessionCreated(session_id=session_id, status=await queries.status(gw.pool, session_id))

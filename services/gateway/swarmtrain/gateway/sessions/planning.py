@@ -23,6 +23,7 @@ from swarmtrain.common.events import (
     OnPeerFailure,
     Precision,
     Strategy,
+    ValidationData,
 )
 from swarmtrain.common.fedopts import ROUND_OPTIONS, OuterSpec, RoundOptions, check_options, resolve_outer
 from swarmtrain.common.search import SearchSpec
@@ -56,6 +57,8 @@ class SessionPlan(msgspec.Struct, frozen=True, kw_only=True):
     data_read: DataRead = "whole"
     """``shard`` for a strategy with rounds: its peers read only their shards (``events.DataRead``)."""
     search: SearchSpec | None = None
+    validation: ValidationData | None = None
+    """The session's own validation set (``validation_dataset_id``), once the gateway checked it."""
 
     @property
     def queues(self) -> bool:
@@ -226,7 +229,7 @@ def check_against_dataset(plan: SessionPlan, *, rows: int, features: int, classe
             f"the model would have {params:,} parameters on this dataset: at most {settings.max_model_params:,}"
         )
     if rules(plan.strategy).sharded:
-        train = shapes.training_rows(rows, plan.validation_split)
+        train = rows if plan.validation is not None else shapes.training_rows(rows, plan.validation_split)
         try:
             shapes.shard_sizes(train, plan.num_peers)
         except shapes.ShapeError as exc:

@@ -37,6 +37,7 @@ _SESSION_COLUMNS = """session_id, owner_id, dataset_id, strategy, num_peers, sta
     seed, rounds, on_peer_failure, val_accuracy, created_at, started_at, ended_at, best_peer_id,
     best_val_accuracy, model_uri, reason, parent_session_id, parent_round, excluded_peers,
     requirements, queue, queue_timeout_s, priority, precision, placement, round_options, search, search_result,
+    task, validation_dataset_id,
     CASE WHEN status = 'queued' THEN (
         SELECT count(*) + 1 FROM sessions q WHERE q.status = 'queued' AND (q.priority > sessions.priority
             OR (q.priority = sessions.priority AND q.requested_seq < sessions.requested_seq))
@@ -250,6 +251,8 @@ def _session_out(
         round_options=options,
         round_options_summary=None if options is None else describe(options),
         search=_search_out(row, trial_rows or []),
+        task=row["task"],
+        validation_dataset_id=row["validation_dataset_id"],
     )
 
 

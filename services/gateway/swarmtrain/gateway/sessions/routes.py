@@ -22,7 +22,8 @@ from litestar.params import FromPath, JSONBody, MultipartBody, Parameter, QueryP
 from litestar.response import ServerSentEvent, Stream
 from litestar.security.jwt import Token
 
-from swarmtrain.common import blob, blobkeys, formats
+from swarmtrain.common import blob, blobkeys, formats, tasks
+from swarmtrain.common.events import CLASSIFICATION, ValidationData
 from swarmtrain.common.logging import get_logger
 from swarmtrain.gateway import eventlog
 from swarmtrain.gateway.auth import BEARER, User
@@ -86,6 +87,35 @@ def _require_labelled(data_format: str) -> None:
         )
 
 
+async def _validation(gw: Gateway, owner_id: str, dataset: Any, validation_id: str | None) -> ValidationData | None:
+    """The session's own validation set: another of ``owner_id``'s datasets (404 otherwise) of the
+    training dataset's format, label column, target, features and classes (400 naming what differs)."""
+    if validation_id is None:
+        return None
+    if validation_id == dataset["dataset_id"]:
+        raise ClientException("validation_dataset_id: the validation set must be another dataset than the training one")
+    other = await owned_dataset(gw, owner_id, validation_id)
+    checks = [
+        ("format", dataset["format"], other["format"]),
+        ("label column", dataset["label_column"], other["label_column"]),
+        ("target", dataset["target"], other["target"]),
+        ("features", dataset["features"], other["features"]),
+        ("row shape", msgspec.json.decode(dataset["shape"]), msgspec.json.decode(other["shape"])),
+    ]
+    if dataset["target"] == "classification":
+        checks.append(("classes", dataset["classes"], other["classes"]))
+        ours, theirs = msgspec.json.decode(dataset["class_counts"]), msgspec.json.decode(other["class_counts"])
+        if ours and theirs:
+            checks.append(("class names", sorted(ours), sorted(theirs)))
+    for what, want, got in checks:
+        if want != got:
+            raise ClientException(
+                f"validation_dataset_id: its {what} ({str(got)[:200]}) differs from the training dataset's"
+                f" ({str(want)[:200]})"
+            )
+    return ValidationData(dataset_id=validation_id, uri=other["uri"], sha256=other["sha256"])
+
+
 async def _require_room(gw: Gateway, owner_id: str, plan: SessionPlan) -> None:
     """429 when the owner's session cap is reached, else 400 when too few peers are idle (unless
     the session may queue): both read at once, on two of the pool's connections."""
@@ -136,12 +166,14 @@ class SessionController(Controller):
             )
             dataset = _raise_first(reads[:1])[0]
             _require_labelled(dataset["format"])
+            validation = await _validation(gw, owner_id, dataset, data.validation_dataset_id)
+            plan = msgspec.structs.replace(plan, validation=validation)
+            if validation is not None or dataset["target"] != CLASSIFICATION:
+                # shard reads fit a classifier's standardization by the streamed rule only
+                plan = msgspec.structs.replace(plan, data_read="whole")
+            outputs = tasks.rules(dataset["target"]).outputs(dataset["classes"])
             check_against_dataset(
-                plan,
-                rows=dataset["rows"],
-                features=dataset["features"],
-                classes=dataset["classes"],
-                settings=gw.settings,
+                plan, rows=dataset["rows"], features=dataset["features"], classes=outputs, settings=gw.settings
             )
             await lineage.check_init_from(gw, owner_id, plan, (dataset["features"], dataset["classes"]))
             _raise_first(reads[1:])
@@ -153,7 +185,9 @@ class SessionController(Controller):
                 uri=dataset["uri"],
                 sha256=dataset["sha256"],
                 label_column=dataset["label_column"],
-                data=formats.data_spec(dataset["format"], msgspec.json.decode(dataset["shape"])),
+                data=formats.data_spec(
+                    dataset["format"], msgspec.json.decode(dataset["shape"]), target=dataset["target"]
+                ),
             )
         return SessionCreated(session_id=session_id, status=await queries.status(gw.pool, session_id))
 
@@ -178,9 +212,8 @@ class SessionController(Controller):
 
             def fits(csv: Summary) -> None:
                 _require_labelled(csv.data.format)
-                check_against_dataset(
-                    plan, rows=csv.rows, features=csv.features, classes=csv.classes, settings=gw.settings
-                )
+                outputs = tasks.rules(csv.target).outputs(csv.classes)
+                check_against_dataset(plan, rows=csv.rows, features=csv.features, classes=outputs, settings=gw.settings)
 
             async with gw.session_locks.hold(owner_id):
                 await _require_room(gw, owner_id, plan)
@@ -194,7 +227,7 @@ class SessionController(Controller):
                     uri=dataset.uri,
                     sha256=dataset.sha256,
                     label_column=dataset.label_column,
-                    data=formats.data_spec(dataset.format, dataset.shape),
+                    data=formats.data_spec(dataset.format, dataset.shape, target=dataset.target),
                 )
         finally:
             await data.file.close()

@@ -92,6 +92,9 @@ class SessionIn(RoundOptionsIn, forbid_unknown_fields=True, kw_only=True):  # ty
     strategy: Strategy = SWEEP
     model: ModelIn = msgspec.field(default_factory=ModelIn)  # type: ignore[valid-type]
     validation_split: ValidationSplit = 0.2
+    validation_dataset_id: str | None = None
+    """Another of the owner's datasets (same format, features and classes) to validate on, instead
+    of holding ``validation_split`` of this one out: every row of this one then trains."""
     seed: Seed = 0
     rounds: Rounds = 1
     """fedavg: averaging rounds (each of ``hyperparameters.epochs`` local epochs); sweep: 1."""
@@ -314,6 +317,10 @@ class SessionOut(msgspec.Struct, kw_only=True):
     ``keep_local_optimizer`` and ``max_update_norm`` as requested (the outer ``lr`` resolved)."""
     round_options_summary: str | None = None
     """The same in one line for a person (``fedopts.describe``): ``krum(f=1) · int8``."""
+    task: str = "classification"
+    """What the session learns (``common.tasks``): the figures' names and the leaderboard's order."""
+    validation_dataset_id: str | None = None
+    """The user's own validation set; None: ``validation_split`` of the dataset."""
 
 
 class EventRecord(msgspec.Struct, kw_only=True):

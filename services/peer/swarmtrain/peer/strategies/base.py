@@ -113,6 +113,8 @@ class JobContext:
     """Seen by worker threads: set, training ends at its next batch (``TrainingStopped``)."""
     stopped: asyncio.Event
     """Seen by the loop: set together with ``stop``, so a strategy waiting on a fact wakes up."""
+    validation: Path | None = None
+    """The session's own validation set as a local file (checked like the dataset); None: the split."""
 
     @property
     def max_download_bytes(self) -> int:

@@ -69,6 +69,7 @@ import torch
 from swarmtrain.common import blob, signing
 from swarmtrain.common.blobkeys import average_uri, update_uri
 from swarmtrain.common.events import (
+    CLASSIFICATION,
     ModelUpdatePublished,
     PeerDone,
     RoundAveraged,
@@ -86,16 +87,18 @@ from swarmtrain.peer.trainer import (
     TrainingStopped,
     TrainJob,
     check_finite,
+    epoch_figures,
     load_data,
     metadata_for,
     parse_shard,
     resolve_device,
     run_epoch,
 )
+from swarmtrain.training import tasks
 from swarmtrain.training.averaging import Tensors, UpdateUnavailable, sha256_hex, state_bytes
 from swarmtrain.training.compression import encode_update
 from swarmtrain.training.data import DataError, scan
-from swarmtrain.training.evaluation import EVAL_BATCH, evaluate
+from swarmtrain.training.evaluation import EVAL_BATCH
 from swarmtrain.training.init import apply_init, fitted_model, initial_model
 from swarmtrain.training.model import ModelMetadata, model_bytes
 from swarmtrain.training.optim import Steps, steps_per_epoch
@@ -162,6 +165,7 @@ class LocalLearner:
         device: str = "cpu",
         torch_threads: int = 0,
         init: Mapping[str, torch.Tensor] | None = None,
+        validation_path: Path | None = None,
     ) -> None:
         check_command(command)
         if torch_threads > 0:
@@ -177,6 +181,8 @@ class LocalLearner:
             hyperparameters=command.hyperparameters,
             validation_split=command.validation_split,
             seed=command.seed,
+            validation_path=validation_path,
+            validation_sha256=command.validation_sha256 or None,
         )
         self._job = job
         self._train_rows: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -197,6 +203,7 @@ class LocalLearner:
             x_train: torch.Tensor | None = None
             y_train: torch.Tensor | None = None
             self._train_rows = (part.train_idx, part.train_labels)
+            self.task = tasks.task(CLASSIFICATION)  # the gateway reads every other task whole
         else:  # a session from before DataRead: the whole dataset, as its peers read it
             data, train_idx, val_idx = load_data(job)
             sharding = make_shards(
@@ -210,6 +217,7 @@ class LocalLearner:
             x_shard, y_shard = data.features[shard], data.labels[shard]
             x_val, y_val = data.features[val_idx], data.labels[val_idx]
             x_train, y_train = data.features[train_idx], data.labels[train_idx]
+            self.task = tasks.task(data.target)
         # self.histograms: every shard's rows per class index (the scheduler computes the same for label_skew)
         self._steps: Steps | None = None
         """The local optimizer kept from round to round (``keep_local_optimizer``)."""
@@ -248,9 +256,10 @@ class LocalLearner:
         for e in range(1, hp.epochs + 1):
             epoch = (round_ - 1) * hp.epochs + e
             loss, accuracy, seconds = run_epoch(
-                self.model, steps, self.x_shard, self.y_shard, hp.batch_size, shuffle, stop, epoch, self.amp
+                self.model, steps, self.x_shard, self.y_shard, hp.batch_size, shuffle, stop, epoch, self.amp, self.task
             )
-            val_loss, val_accuracy = evaluate(self.model, self.x_val, self.y_val)
+            measured = self.task.evaluate(self.model, self.x_val, self.y_val)
+            val_loss, val_accuracy = measured.loss, measured.score
             check_finite(epoch, val_loss)
             on_epoch(
                 EpochStats(
@@ -263,17 +272,20 @@ class LocalLearner:
                     samples_per_s=self.num_samples / max(seconds, 1e-9),
                     seconds=seconds,
                     precision=self.amp.precision,
+                    figures=epoch_figures(self.task, measured, self.num_samples / max(seconds, 1e-9), self.x_shard),
                 )
             )
         return RoundStats(loss=loss, accuracy=accuracy)
 
     def evaluate_val(self) -> tuple[float | None, float | None]:
-        return evaluate(self.model, self.x_val, self.y_val)
+        measured = self.task.evaluate(self.model, self.x_val, self.y_val)
+        return measured.loss, measured.score
 
     def evaluate_train(self) -> tuple[float | None, float | None]:
         """On the whole training split: held (``whole``), or read again block by block (``shard``)."""
         if self.x_train is not None and self.y_train is not None:
-            return evaluate(self.model, self.x_train, self.y_train)
+            measured = self.task.evaluate(self.model, self.x_train, self.y_train)
+            return measured.loss, measured.score
         assert self._train_rows is not None
         train_idx, train_labels = self._train_rows
         order = torch.argsort(train_idx)
@@ -343,7 +355,7 @@ class FedavgRun:
         check_urls(cmd)
         init = await ctx.fetch_init(cmd)
         learner = await asyncio.to_thread(
-            LocalLearner, ctx.dataset, cmd, str(ctx.device), ctx.settings.torch_threads, init
+            LocalLearner, ctx.dataset, cmd, str(ctx.device), ctx.settings.torch_threads, init, ctx.validation
         )
         self._go_on()
         try:

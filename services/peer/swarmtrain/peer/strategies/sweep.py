@@ -52,6 +52,8 @@ async def run(command: Train, ctx: JobContext) -> None:
         init=init,
         dataset_sha256=command.dataset_sha256,
         precision=command.precision,
+        validation_path=ctx.validation,
+        validation_sha256=command.validation_sha256 or None,
     )
     result = await ctx.train_reporting(command, lambda on_epoch: trainer.train(job, on_epoch, ctx.stop))
 

@@ -594,10 +594,16 @@ async function sessionPage() {
     return;
   }
   $("#session").hidden = false;
+  // the task's score (common.tasks): accuracy in [0, 1]; a regression's R² (at most 1, unbounded below)
+  const SCORES = { classification: "accuracy", regression: "R²", language_modeling: "next-token accuracy" };
+  const LOSSES = { classification: "loss", regression: "loss (MSE)", language_modeling: "loss (cross-entropy)" };
+  const task = session.task || "classification";
+  const score = SCORES[task] || "accuracy";
+  const scoreRange = task === "regression" ? undefined : [0, 1];
   const charts = {
-    loss: new LiveChart($("#chart-loss"), { yLabel: "loss" }),
-    val: new LiveChart($("#chart-val"), { yLabel: "val accuracy", range: [0, 1] }),
-    acc: new LiveChart($("#chart-acc"), { yLabel: "accuracy", range: [0, 1] }),
+    loss: new LiveChart($("#chart-loss"), { yLabel: LOSSES[task] || "loss" }),
+    val: new LiveChart($("#chart-val"), { yLabel: `val ${score}`, range: scoreRange }),
+    acc: new LiveChart($("#chart-acc"), { yLabel: score, range: scoreRange }),
   };
   const reassigned = new Map(); // round -> ["shard s: a → b"]
   let events = 0;
@@ -616,7 +622,7 @@ async function sessionPage() {
       (rules(s.strategy).rounds ? `${s.rounds} rounds · ` : "") +
       `dataset ${short(s.dataset_id)} · created ${when(s.created_at)}` +
       (s.ended_at ? ` · took ${seconds(s.started_at || s.created_at, s.ended_at)}` : "") +
-      (s.val_accuracy !== null ? ` · val accuracy ${fmt(s.val_accuracy)}` : "") +
+      (s.val_accuracy !== null ? ` · val ${score} ${fmt(s.val_accuracy)}` : "") +
       (s.reason ? ` · ${s.reason}` : "");
     $("#round-options").hidden = !s.round_options_summary;
     $("#round-options-text").textContent = s.round_options_summary || "";
