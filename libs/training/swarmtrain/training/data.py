@@ -25,6 +25,8 @@ class Dataset:
     """Sorted unique label strings; a label's index is its class number."""
     feature_names: list[str]
     label_column: str
+    image: tuple[int, int, int] | None = None
+    """An images dataset's [C, H, W] (its features are those pixels, flat); None for other formats."""
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -40,6 +42,9 @@ def load(path: Path, spec: DataSpec, label_column: str) -> Dataset:
         classes=table.classes,
         feature_names=table.feature_names,
         label_column=table.label_column,
+        image=(spec.channels, spec.image_size[0], spec.image_size[1])
+        if spec.format == "images" and spec.image_size and len(spec.image_size) == 2
+        else None,
     )
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import struct
 from pathlib import Path
+from typing import Final
 
 import msgspec
 import torch
@@ -47,15 +48,35 @@ class Standardize(nn.Module):
         return (x - self.mean) / self.std
 
 
-def build_model(spec: ModelSpec, n_features: int, n_classes: int) -> nn.Sequential:
+def build_model(spec: ModelSpec, n_features: int, n_classes: int, shape: DataShape | None = None) -> nn.Sequential:
     """``Standardize``, then the layers ``spec``'s kind builds (``training.models.<kind>``), ending
-    in ``n_classes`` logits. A spec that cannot be built on this data raises ``ShapeError`` (a
-    ``ValueError``) with the reason.
+    in ``n_classes`` logits; a model of token ids (a transformer, layers on text) has no
+    ``Standardize``. ``shape``: the data's, where it says more than its features and classes (an
+    image, a vocabulary, a task). A spec that cannot be built on this data raises ``ShapeError``
+    (a ``ValueError``) with the reason.
 
     Built from torch's global generator: seed it first for reproducible initial weights.
     """
-    shape = DataShape(features=n_features, classes=n_classes)
-    return nn.Sequential(Standardize(n_features), *build_layers(spec, shape))
+    shape = shape or DataShape(features=n_features, classes=n_classes)
+    layers = build_layers(spec, shape)
+    if spec.takes_tokens(shape):
+        return nn.Sequential(*layers)
+    return nn.Sequential(Standardize(shape.features), *layers)
+
+
+DEFAULT_SHAPE: Final = DataShape(features=0, classes=0)
+CLASSIC_KINDS: Final = ("mlp", "cnn")
+"""Kinds whose files never carried a data shape (so their files are as they always were)."""
+
+
+def shape_strings(spec: ModelSpec, shape: DataShape) -> dict[str, str]:
+    """The data shape's extras a model file carries (``task``, ``vocab``, ``image``): none for an
+    mlp or cnn of classification on values, as their files always were."""
+    extras = {"task": shape.task, "vocab": shape.vocab, "image": list(shape.image) if shape.image else None}
+    default = {"task": DEFAULT_SHAPE.task, "vocab": DEFAULT_SHAPE.vocab, "image": None}
+    if spec.kind in CLASSIC_KINDS and extras == default:
+        return {}
+    return {"data_shape": json.dumps(extras)}
 
 
 class ModelMetadata(msgspec.Struct, frozen=True, kw_only=True):
@@ -70,12 +91,34 @@ class ModelMetadata(msgspec.Struct, frozen=True, kw_only=True):
     feature_names: list[str]
     label_column: str
     model: ModelSpec
+    task: str = "classification"
+    vocab: int = 0
+    image: tuple[int, int, int] | None = None
 
     @classmethod
     def for_spec(
-        cls, spec: ModelSpec, *, classes: list[str], feature_names: list[str], label_column: str
+        cls,
+        spec: ModelSpec,
+        *,
+        classes: list[str],
+        feature_names: list[str],
+        label_column: str,
+        shape: DataShape | None = None,
     ) -> ModelMetadata:
-        return cls(classes=classes, feature_names=feature_names, label_column=label_column, model=spec)
+        meta = cls(classes=classes, feature_names=feature_names, label_column=label_column, model=spec)
+        if shape is None:
+            return meta
+        return msgspec.structs.replace(meta, task=shape.task, vocab=shape.vocab, image=shape.image)
+
+    def data_shape(self) -> DataShape:
+        """The shape the model was built on (``build_model`` rebuilds it from this)."""
+        return DataShape(
+            features=len(self.feature_names),
+            classes=len(self.classes),
+            task=self.task,
+            vocab=self.vocab,
+            image=self.image,
+        )
 
     def spec(self) -> ModelSpec:
         return self.model
@@ -91,6 +134,7 @@ class ModelMetadata(msgspec.Struct, frozen=True, kw_only=True):
         kind = fields.pop("kind")
         if kind != ORIGINAL_KIND:  # the original kind's file carries no kind
             out["kind"] = kind
+        out |= shape_strings(self.model, self.data_shape())
         return out | {name: json.dumps(value) for name, value in fields.items()}
 
     @classmethod
@@ -105,6 +149,8 @@ class ModelMetadata(msgspec.Struct, frozen=True, kw_only=True):
             "label_column": meta["label_column"],
             "model": {"kind": kind} | {name: json.loads(meta[name]) for name in fields if name in meta},
         }
+        if "data_shape" in meta:
+            raw |= json.loads(meta["data_shape"])
         return msgspec.convert(raw, cls)
 
 
@@ -129,6 +175,6 @@ def load_model(source: Path | bytes) -> tuple[nn.Sequential, ModelMetadata]:
             (n,) = struct.unpack("<Q", head) if len(head) == 8 else (0,)
             metadata = ModelMetadata.from_strings(tensorfile.read_metadata(head + f.read(n)))
         tensors = load_file(str(source), device="cpu")
-    model = build_model(metadata.spec(), len(metadata.feature_names), len(metadata.classes))
+    model = build_model(metadata.spec(), len(metadata.feature_names), len(metadata.classes), metadata.data_shape())
     model.load_state_dict(tensors, strict=True)
     return model.eval(), metadata
