@@ -22,7 +22,7 @@ from litestar.params import FromPath, JSONBody, MultipartBody, Parameter, QueryP
 from litestar.response import ServerSentEvent, Stream
 from litestar.security.jwt import Token
 
-from swarmtrain.common import blob, blobkeys, formats
+from swarmtrain.common import blob, blobkeys, formats, models
 from swarmtrain.common.logging import get_logger
 from swarmtrain.gateway import eventlog
 from swarmtrain.gateway.auth import BEARER, User
@@ -40,6 +40,7 @@ from swarmtrain.gateway.sessions import commands, lineage, live, queries
 from swarmtrain.gateway.sessions.planning import (
     SessionPlan,
     check_against_dataset,
+    check_fits_a_peer,
     parse_hyperparameters,
     parse_session,
     plan_session,
@@ -117,9 +118,16 @@ class SessionController(Controller):
         owner_id = request.user.user_id
         dataset = await owned_dataset(gw, owner_id, data.dataset_id)
         _require_labelled(dataset["format"])
+        shape = models.data_shape(dataset["features"], dataset["classes"], msgspec.json.decode(dataset["shape"]))
         check_against_dataset(
-            plan, rows=dataset["rows"], features=dataset["features"], classes=dataset["classes"], settings=gw.settings
+            plan,
+            rows=dataset["rows"],
+            features=dataset["features"],
+            classes=dataset["classes"],
+            settings=gw.settings,
+            shape=shape,
         )
+        check_fits_a_peer(plan, shape, await queries.peer_capacities(gw.pool))
         await lineage.check_init_from(gw, owner_id, plan, (dataset["features"], dataset["classes"]))
         async with gw.session_locks.hold(owner_id):
             await _require_room(gw, owner_id, plan)
@@ -157,7 +165,12 @@ class SessionController(Controller):
             def fits(csv: Summary) -> None:
                 _require_labelled(csv.data.format)
                 check_against_dataset(
-                    plan, rows=csv.rows, features=csv.features, classes=csv.classes, settings=gw.settings
+                    plan,
+                    rows=csv.rows,
+                    features=csv.features,
+                    classes=csv.classes,
+                    settings=gw.settings,
+                    shape=models.data_shape(csv.features, csv.classes, csv.shape),
                 )
 
             async with gw.session_locks.hold(owner_id):
