@@ -71,11 +71,11 @@ CLASSIC_KINDS: Final = ("mlp", "cnn")
 
 def shape_strings(spec: ModelSpec, shape: DataShape) -> dict[str, str]:
     """The data shape's extras a model file carries (``task``, ``vocab``, ``image``): none for an
-    mlp or cnn of classification on values, as their files always were."""
+    mlp or cnn of classification on values (an image's included), as their files always were."""
     extras = {"task": shape.task, "vocab": shape.vocab, "image": list(shape.image) if shape.image else None}
     default = {"task": DEFAULT_SHAPE.task, "vocab": DEFAULT_SHAPE.vocab, "image": None}
-    if spec.kind in CLASSIC_KINDS and extras == default:
-        return {}
+    if spec.kind in CLASSIC_KINDS and extras["task"] == default["task"] and extras["vocab"] == default["vocab"]:
+        return {}  # an mlp or cnn reads no image from it
     return {"data_shape": json.dumps(extras)}
 
 

@@ -25,7 +25,7 @@ from swarmtrain.common.events import DataSpec, Hyperparameters, ModelSpec, Preci
 from swarmtrain.peer.cache import ParsedCache, tensors_nbytes
 from swarmtrain.training.data import DataError, Dataset, load, split_indices
 from swarmtrain.training.evaluation import evaluate
-from swarmtrain.training.init import apply_init, initial_model
+from swarmtrain.training.init import apply_init, data_shape, initial_model
 from swarmtrain.training.model import ModelMetadata
 from swarmtrain.training.optim import Steps, steps_per_epoch
 
@@ -254,7 +254,11 @@ def load_data(job: TrainJob) -> tuple[Dataset, torch.Tensor, torch.Tensor]:
 
 def metadata_for(spec: ModelSpec, data: Dataset) -> ModelMetadata:
     return ModelMetadata.for_spec(
-        spec, classes=data.classes, feature_names=data.feature_names, label_column=data.label_column
+        spec,
+        classes=data.classes,
+        feature_names=data.feature_names,
+        label_column=data.label_column,
+        shape=data_shape(data),
     )
 
 

@@ -33,7 +33,7 @@ def register(sub: Group) -> Group:
     group = sub.add_parser(
         "sessions", aliases=["session"], help="start, watch and inspect training sessions"
     ).add_subparsers(dest="action", required=True, metavar="ACTION")
-    for add in (_start, _ls, _show, _events, _watch, _cancel, _download, _plot):
+    for add in (_start, _ls, _show, _events, _watch, _cancel, _download, _export, _plot):
         add(group)
     return group
 
@@ -368,6 +368,30 @@ def _run_download(args: argparse.Namespace) -> int:
     with client(args) as api:
         size = api.download(args.session_id, dest, bar)
     bar.finish(f"model ({size:,} bytes, safetensors) saved to {dest}")
+    return 0
+
+
+def _export(group: Group) -> None:
+    p = command(group.add_parser("export", help="export a session's model for serving (ONNX)"), _run_export)
+    p.add_argument("session_id")
+    p.add_argument("--onnx", required=True, help="ONNX file to write")
+
+
+@one_line_errors()
+def _run_export(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from swarmtrain.training.export import to_onnx  # torch: only for this command
+
+    dest = Path(args.onnx)
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = Path(tmp) / "model.safetensors"
+        bar = ProgressBar(f"downloading {args.session_id}")
+        with client(args) as api:
+            size = api.download(args.session_id, raw, bar)
+        bar.finish(f"model ({size:,} bytes, safetensors) downloaded")
+        meta = to_onnx(raw, dest)
+    print(f"{meta.spec().kind} model exported to {dest} (ONNX: input 'input', output 'output')")
     return 0
 
 
