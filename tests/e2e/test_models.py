@@ -5,11 +5,13 @@ by ``load_model`` from its file alone, and its predictions those the peers' figu
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
+import swarmtrain
 from swarmtrain.training.model import load_model
 from tests.training.formatdata import archive, digit_images, table_parquet
 
@@ -40,7 +42,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("kind", sorted(CASES))
-async def test_a_kind_trains_to_completed_and_loads(stack: Stack, api: Api, kind: str) -> None:
+async def test_a_kind_trains_to_completed_and_loads(stack: Stack, api: Api, kind: str, tmp_path: Path) -> None:
     make, name, data_format, model, (_, classes) = CASES[kind]
     resp = await api.client.post(
         "/datasets", files={"file": (name, make(), "application/octet-stream")}, data={"format": data_format}
@@ -68,8 +70,11 @@ async def test_a_kind_trains_to_completed_and_loads(stack: Stack, api: Api, kind
     assert best > 2 / classes, done["peers"]  # well above chance: the peers built and trained the kind
     got = await api.client.get(f"/sessions/{sid}/model")
     assert got.status_code == 200
-    net, meta = load_model(got.content)
+    _, meta = load_model(got.content)
     assert meta.spec().kind == kind and len(meta.classes) == classes
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(got.content)
+    net = swarmtrain.load_model(path)  # the public function: the module from the file alone
     x = torch.randn(5, ds["features"])
-    assert net(x).shape == (5, classes)
+    assert isinstance(net, torch.nn.Module) and net(x).shape == (5, classes)
     await api.wait_idle_peers(2, timeout=30)
