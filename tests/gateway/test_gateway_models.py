@@ -117,3 +117,16 @@ async def test_a_residual_layers_model_is_requested_as_given(
     event = await requested(gateway, r.json()["session_id"])
     assert event.model.kind == "layers"
     assert event.model.parameter_count(DataShape(2, 3)) == (2 * 8 + 8 + 2 * 8 + 8 * 8 + 8 + 8 * 3 + 3)
+
+
+async def test_nesting_too_deep_to_decode_is_400(client: Client, alice: Headers, dataset_id: str) -> None:
+    body = session_body(dataset_id, 1, model=layers(OUT))
+    deep = json.dumps(body).replace(
+        '"layers": [{"type": "linear"',
+        '"layers": [' + '{"type": "residual", "layers": [' * 1500 + '{"type": "linear"',
+        1,
+    )
+    deep = deep.replace('"out": 3}]', '"out": 3}' + "]}" * 1500 + "]", 1)
+    r = await client.post("/sessions", content=deep, headers=alice | {"content-type": "application/json"})
+    assert r.status_code == 400, r.text[:300]
+    assert (await client.get("/sessions", headers=alice)).json() == []
