@@ -116,6 +116,7 @@ def test_login_stores_the_token_for_the_user_only(cli: Cli) -> None:
     assert again.returncode == 0, again.stderr
 
 
+@pytest.mark.timeout(300)  # it also exports the model to ONNX (torch's exporter: tens of seconds)
 def test_sweep_from_start_to_plot(cli: Cli, dataset_id: str, tmp_path: Path) -> None:
     _wait_idle_peers(cli, 2)
     started = cli.json(

@@ -8,6 +8,7 @@ logits ``(batch, classes)``, or ``(batch, context, vocab)`` for a language model
 
 from __future__ import annotations
 
+import logging
 import warnings
 from pathlib import Path
 
@@ -39,9 +40,15 @@ def to_onnx(source: str | Path | bytes, out: Path) -> ModelMetadata:
     """Write the model file ``source`` as ONNX to ``out``; its metadata back."""
     model, metadata = load_model(source if isinstance(source, bytes) else Path(source))
     x = example_input(metadata)
-    with warnings.catch_warnings():  # the exporter's own deprecation notices are not the caller's
-        warnings.simplefilter("ignore")
-        _export(model, x, out)
+    quiet = logging.getLogger("torch.onnx")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # its notes on optional packages (torchvision) are not the caller's
+    try:
+        with warnings.catch_warnings():  # nor are the exporter's own deprecation notices
+            warnings.simplefilter("ignore")
+            _export(model, x, out)
+    finally:
+        quiet.setLevel(level)
     return metadata
 
 
