@@ -45,12 +45,12 @@ def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
 
-def _layers(text: str) -> Json:
+def _layers(text: str) -> int | list[Any]:
     """``--layers 4`` (a transformer's blocks) or ``--layers '[{"type": "linear", "out": 64}, ...]'``."""
     if text.strip().lstrip("-").isdigit():
         return int(text)
     try:
-        value: Json = json.loads(text)
+        value = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ApiError(0, f"--layers takes a number or a JSON list of layers: {exc}") from None
     if not isinstance(value, list):
