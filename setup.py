@@ -32,5 +32,6 @@ def discovered() -> dict[str, str]:
     return found
 
 
-PACKAGES = discovered()
+PACKAGES = {NAMESPACE: f"libs/api/{NAMESPACE}"} | discovered()
+"""``swarmtrain`` itself (its ``load_model``) is ``libs/api/swarmtrain``; its parts map from their folders."""
 setup(packages=sorted(PACKAGES), package_dir=PACKAGES)

@@ -116,6 +116,7 @@ def test_login_stores_the_token_for_the_user_only(cli: Cli) -> None:
     assert again.returncode == 0, again.stderr
 
 
+@pytest.mark.timeout(300)  # it also exports the model to ONNX (torch's exporter: tens of seconds)
 def test_sweep_from_start_to_plot(cli: Cli, dataset_id: str, tmp_path: Path) -> None:
     _wait_idle_peers(cli, 2)
     started = cli.json(
@@ -151,6 +152,7 @@ def test_sweep_from_start_to_plot(cli: Cli, dataset_id: str, tmp_path: Path) -> 
     downloaded = cli("sessions", "download", sid, "-o", str(model))
     assert downloaded.returncode == 0, downloaded.stderr
     assert load_file(str(model))  # a readable safetensors file with tensors in it
+    _exported_onnx_equals_torch(cli, sid, model, tmp_path)
 
     png = tmp_path / "curves.png"
     plotted = cli("sessions", "plot", sid, "-o", str(png))
@@ -248,3 +250,22 @@ def test_datasets_of_every_format_uploaded_and_shown(cli: Cli, tmp_path: Path) -
 
     bad = cli("datasets", "upload", str(corpus_file), "--format", "npz")
     assert bad.returncode == 1 and "not an .npz file" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def _exported_onnx_equals_torch(cli: Cli, sid: str, model: Path, tmp_path: Path) -> None:
+    """``sessions export --onnx``: onnxruntime on the dataset's rows gives what ``load_model`` gives."""
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    from swarmtrain.training.export import load
+
+    onnx_file = tmp_path / "model.onnx"
+    exported = cli("sessions", "export", sid, "--onnx", str(onnx_file))
+    assert exported.returncode == 0, exported.stderr
+    rows = [line.split(",")[:-1] for line in DIGITS.read_text().splitlines()[1:41]]
+    x = np.asarray(rows, dtype=np.float32)
+    with torch.no_grad():
+        want = load(model)(torch.from_numpy(x)).numpy()
+    (got,) = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"]).run(["output"], {"input": x})
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)

@@ -100,8 +100,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     """Most epochs one peer may train in a session; for fedavg, local epochs x rounds (SWARMTRAIN_MAX_EPOCHS)."""
     max_rounds: int = 500
     """Most fedavg rounds in a session (SWARMTRAIN_MAX_ROUNDS)."""
-    max_model_params: int = 10_000_000
-    """Most trainable parameters a requested model may have (SWARMTRAIN_MAX_MODEL_PARAMS)."""
+    max_model_params: int = 200_000_000
+    """Most trainable parameters a requested model may have (SWARMTRAIN_MAX_MODEL_PARAMS); a model
+    must also fit the memory of an online peer (its GPU's, or its host's), from the contract's costs."""
     max_active_sessions: int = 5
     """Most queued or running sessions one user may have at once; more is 429 (SWARMTRAIN_MAX_ACTIVE_SESSIONS)."""
     max_streams_per_user: int = 8

@@ -44,6 +44,8 @@ class Dataset:
     label_column: str
     target: str = "classification"
     """The task its label is for (``events.Task``); a regression's ``labels`` are float32 targets."""
+    image: tuple[int, int, int] | None = None
+    """An images dataset's [C, H, W] (its features are those pixels, flat); None for other formats."""
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -60,6 +62,9 @@ def load(path: Path, spec: DataSpec, label_column: str) -> Dataset:
         feature_names=table.feature_names,
         label_column=table.label_column,
         target=table.target,
+        image=(spec.channels, spec.image_size[0], spec.image_size[1])
+        if spec.format == "images" and spec.image_size and len(spec.image_size) == 2
+        else None,
     )
 
 
@@ -111,6 +116,7 @@ def with_validation(train: Dataset, validation: Dataset) -> tuple[Dataset, torch
         feature_names=train.feature_names,
         label_column=train.label_column,
         target=train.target,
+        image=train.image,
     )
     n, m = len(train), len(validation)
     return both, torch.arange(n), torch.arange(n, n + m)

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from swarmtrain.common.events import DataRead, ModelSpec, SessionRequested
+from swarmtrain.common.models import DataShape
 from swarmtrain.training import tasks
 from swarmtrain.training.averaging import Tensors, check_update
 from swarmtrain.training.data import DataError, Dataset, split_indices
@@ -29,8 +30,20 @@ from swarmtrain.training.stats import streamed_stats
 _init_lock = threading.Lock()
 
 
+def data_shape(data: Dataset) -> DataShape:
+    """The ``DataShape`` a model of ``data`` is built on: its features and classes, its image
+    (``Dataset.image``), and a text dataset's vocabulary and task where the dataset carries them."""
+    return DataShape(
+        features=int(data.features.shape[1]),
+        classes=len(data.classes),
+        task=data.target,
+        vocab=int(getattr(data, "vocab", 0)),
+        image=data.image,
+    )
+
+
 def seeded_model(
-    spec: ModelSpec, n_features: int, n_classes: int, seed: int, task: str = "classification"
+    spec: ModelSpec, n_features: int, n_classes: int, seed: int, shape: DataShape | None = None
 ) -> nn.Sequential:
     """``build_model`` from ``torch.manual_seed(seed)``: the same initial weights on every machine.
 
@@ -39,7 +52,7 @@ def seeded_model(
     with _init_lock, torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         try:
-            return build_model(spec, n_features, n_classes, task)
+            return build_model(spec, n_features, n_classes, shape)
         except ValueError as exc:
             raise DataError(str(exc)) from None
 
@@ -47,10 +60,10 @@ def seeded_model(
 def initial_model(spec: ModelSpec, data: Dataset, train_idx: torch.Tensor, seed: int) -> nn.Sequential:
     """A session's seeded model with its ``Standardize`` fitted on ``data``'s training rows
     ``train_idx`` (the whole training split, never a shard): the same on every machine."""
-    model = seeded_model(spec, data.features.shape[1], len(data.classes), seed, data.target)
+    model = seeded_model(spec, data.features.shape[1], len(data.classes), seed, data_shape(data))
     standardize = model[0]
-    assert isinstance(standardize, Standardize)
-    standardize.fit(data.features[train_idx])
+    if isinstance(standardize, Standardize):  # a model of token ids has none
+        standardize.fit(data.features[train_idx])
     tasks.task(data.target).fit(model, data.labels[train_idx])  # a regression's target scale
     return model
 

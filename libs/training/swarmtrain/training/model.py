@@ -4,9 +4,11 @@ deterministically. Nothing here names a kind."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import struct
 from pathlib import Path
+from typing import Final, get_args
 
 import msgspec
 import torch
@@ -48,17 +50,38 @@ class Standardize(nn.Module):
         return (x - self.mean) / self.std
 
 
-def build_model(spec: ModelSpec, n_features: int, n_classes: int, task: str = CLASSIFICATION) -> nn.Sequential:
+def build_model(spec: ModelSpec, n_features: int, n_classes: int, shape: DataShape | None = None) -> nn.Sequential:
     """``Standardize``, then the layers ``spec``'s kind builds (``training.models.<kind>``), ending
-    in the task's outputs (``n_classes`` logits for a classification), then the task's head (a
-    regression's ``Rescale``). A spec that cannot be built on this data raises ``ShapeError`` (a
-    ``ValueError``) with the reason.
+    in the task's outputs (``n_classes`` logits for a classification, 1 for a regression), then the
+    task's head (a regression's ``Rescale``); a model of token ids (a transformer, layers on text)
+    has no ``Standardize``. ``shape``: the data's, where it says more than its features and classes (an
+    image, a vocabulary, a task). A spec that cannot be built on this data raises ``ShapeError``
+    (a ``ValueError``) with the reason.
 
     Built from torch's global generator: seed it first for reproducible initial weights.
     """
-    learns = tasks.task(task)
-    shape = DataShape(features=n_features, classes=learns.outputs(n_classes), task=task)
-    return nn.Sequential(Standardize(n_features), *build_layers(spec, shape), *learns.head())
+    shape = shape or DataShape(features=n_features, classes=n_classes)
+    learns = tasks.task(shape.task)
+    shape = dataclasses.replace(shape, classes=learns.outputs(shape.classes))
+    layers = [*build_layers(spec, shape), *learns.head()]
+    if spec.takes_tokens(shape):
+        return nn.Sequential(*layers)
+    return nn.Sequential(Standardize(shape.features), *layers)
+
+
+DEFAULT_SHAPE: Final = DataShape(features=0, classes=0)
+CLASSIC_KINDS: Final = ("mlp", "cnn")
+"""Kinds whose files never carried a data shape (so their files are as they always were)."""
+
+
+def shape_strings(spec: ModelSpec, shape: DataShape) -> dict[str, str]:
+    """The data shape's extras a model file carries (``task``, ``vocab``, ``image``): none for an
+    mlp or cnn of classification on values (an image's included), as their files always were."""
+    extras = {"task": shape.task, "vocab": shape.vocab, "image": list(shape.image) if shape.image else None}
+    default = {"task": DEFAULT_SHAPE.task, "vocab": DEFAULT_SHAPE.vocab, "image": None}
+    if spec.kind in CLASSIC_KINDS and extras["task"] == default["task"] and extras["vocab"] == default["vocab"]:
+        return {}  # an mlp or cnn reads no image from it
+    return {"data_shape": json.dumps(extras)}
 
 
 class ModelMetadata(msgspec.Struct, frozen=True, kw_only=True):
@@ -75,6 +98,8 @@ class ModelMetadata(msgspec.Struct, frozen=True, kw_only=True):
     model: ModelSpec
     task: Task = CLASSIFICATION
     """What the model predicts; a classifier's file carries no ``task`` (as files always were)."""
+    vocab: int = 0
+    image: tuple[int, int, int] | None = None
 
     @classmethod
     def for_spec(
@@ -85,8 +110,24 @@ class ModelMetadata(msgspec.Struct, frozen=True, kw_only=True):
         feature_names: list[str],
         label_column: str,
         task: Task = CLASSIFICATION,
+        shape: DataShape | None = None,
     ) -> ModelMetadata:
-        return cls(classes=classes, feature_names=feature_names, label_column=label_column, model=spec, task=task)
+        """``shape``, where given, says the task (over ``task``), a vocabulary and an image."""
+        meta = cls(classes=classes, feature_names=feature_names, label_column=label_column, model=spec, task=task)
+        if shape is None:
+            return meta
+        task_of = next(t for t in get_args(Task) if t == shape.task)
+        return msgspec.structs.replace(meta, task=task_of, vocab=shape.vocab, image=shape.image)
+
+    def data_shape(self) -> DataShape:
+        """The shape the model was built on (``build_model`` rebuilds it from this)."""
+        return DataShape(
+            features=len(self.feature_names),
+            classes=len(self.classes),
+            task=self.task,
+            vocab=self.vocab,
+            image=self.image,
+        )
 
     def spec(self) -> ModelSpec:
         return self.model
@@ -104,6 +145,7 @@ class ModelMetadata(msgspec.Struct, frozen=True, kw_only=True):
         kind = fields.pop("kind")
         if kind != ORIGINAL_KIND:  # the original kind's file carries no kind
             out["kind"] = kind
+        out |= shape_strings(self.model, self.data_shape())
         return out | {name: json.dumps(value) for name, value in fields.items()}
 
     @classmethod
@@ -119,6 +161,8 @@ class ModelMetadata(msgspec.Struct, frozen=True, kw_only=True):
             "task": meta.get("task", CLASSIFICATION),
             "model": {"kind": kind} | {name: json.loads(meta[name]) for name in fields if name in meta},
         }
+        if "data_shape" in meta:
+            raw |= json.loads(meta["data_shape"])
         return msgspec.convert(raw, cls)
 
 
@@ -143,6 +187,6 @@ def load_model(source: Path | bytes) -> tuple[nn.Sequential, ModelMetadata]:
             (n,) = struct.unpack("<Q", head) if len(head) == 8 else (0,)
             metadata = ModelMetadata.from_strings(tensorfile.read_metadata(head + f.read(n)))
         tensors = load_file(str(source), device="cpu")
-    model = build_model(metadata.spec(), len(metadata.feature_names), len(metadata.classes), metadata.task)
+    model = build_model(metadata.spec(), len(metadata.feature_names), len(metadata.classes), metadata.data_shape())
     model.load_state_dict(tensors, strict=True)
     return model.eval(), metadata

@@ -237,6 +237,30 @@ def _backtest(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from swarmtrain.cli.client import ApiError
+    from swarmtrain.cli.commands.base import client
+    from swarmtrain.cli.output import ProgressBar
+    from swarmtrain.training.export import to_onnx
+
+    dest = Path(args.onnx)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            raw = Path(tmp) / "model.safetensors"
+            bar = ProgressBar(f"downloading {args.session_id}")
+            with client(args) as api:
+                size = api.download(args.session_id, raw, bar)
+            bar.finish(f"model ({size:,} bytes, safetensors) downloaded")
+            meta = to_onnx(raw, dest)
+    except ApiError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"{meta.spec().kind} model exported to {dest} (ONNX: input 'input', output 'output')")
+    return 0
+
+
 def _replay_commands(sessions: Group) -> None:
     """``sessions replay-round`` and ``sessions backtest``: they read the log and the blobs themselves
     and run the training library (torch), so they load it here, only when one of them runs."""
@@ -255,6 +279,11 @@ def _replay_commands(sessions: Group) -> None:
     backtest.add_argument("--beta", type=float, default=0.25, help="trimmed_mean: fraction trimmed from each end")
     backtest.add_argument("--m", type=int, default=None, help="multi_krum: updates averaged (default n - f)")
     backtest.set_defaults(func=_backtest)
+    export = sessions.add_parser("export", help="export a session's model for serving (ONNX, run by onnxruntime)")
+    export.add_argument("session_id")
+    export.add_argument("--onnx", required=True, help="ONNX file to write")
+    export.add_argument("--api", help="the gateway's URL (default: the one `swarmtrain login` stored)")
+    export.set_defaults(func=_export)
 
 
 def _nats_config_command(sub: Group) -> None:

@@ -168,6 +168,12 @@ def _on_unavailable(request: Request[Any, Any, Any], exc: Exception) -> Response
     return problem(503, f"the {what} is unavailable; try again shortly", {"Retry-After": "1"})
 
 
+def _on_too_deep(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+    """A body nested deeper than the decoder recurses (a ``layers`` model's residual blocks within
+    residual blocks, thousands deep): a 400, not a crash."""
+    return problem(400, "the request body nests too deep (a layers model's residual blocks nest at most 4 deep)")
+
+
 def _on_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
     log.exception("unhandled error", path=request.url.path, method=request.method)
     return problem(500, "internal server error")
@@ -183,5 +189,6 @@ def handlers() -> ExceptionHandlersMap:
         asyncpg.InterfaceError: _on_unavailable,
         asyncpg.InternalClientError: _on_unavailable,  # a connection broken mid-operation by a restart
         OSError: _on_unavailable,
+        RecursionError: _on_too_deep,
         Exception: _on_unexpected,
     }

@@ -15,18 +15,17 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import get_args
 
 import msgspec
 import torch
 from torch import nn
 
 from swarmtrain.common import metrics
-from swarmtrain.common.events import CLASSIFICATION, DataSpec, Hyperparameters, ModelSpec, Precision, Task
+from swarmtrain.common.events import CLASSIFICATION, DataSpec, Hyperparameters, ModelSpec, Precision
 from swarmtrain.peer.cache import ParsedCache, tensors_nbytes
 from swarmtrain.training import tasks
 from swarmtrain.training.data import DataError, Dataset, load, split_indices, with_validation
-from swarmtrain.training.init import apply_init, initial_model
+from swarmtrain.training.init import apply_init, data_shape, initial_model
 from swarmtrain.training.model import ModelMetadata
 from swarmtrain.training.optim import Steps, steps_per_epoch
 from swarmtrain.training.sharding import ShardData, ShardingSpec, read_shard
@@ -332,7 +331,7 @@ def metadata_for(spec: ModelSpec, data: Dataset) -> ModelMetadata:
         classes=data.classes,
         feature_names=data.feature_names,
         label_column=data.label_column,
-        task=next(t for t in get_args(Task) if t == data.target),
+        shape=data_shape(data),
     )
 
 

@@ -409,6 +409,7 @@ def request_of(session: Session) -> Request:
         requirements=req.requirements or Requirements(),
         policy=QueuePolicy(queue=True, queue_timeout_s=req.queue_timeout_s, priority=req.priority),
         data_bytes=session.data_bytes(),
+        activation_bytes=session.activation_bytes(),
     )
 
 

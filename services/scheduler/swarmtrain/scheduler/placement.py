@@ -13,7 +13,8 @@ The rules
 * **Capacity** (:func:`memory_needed`, :func:`can_hold`): a peer holds one session at a time, and
   never one whose estimated memory exceeds what it has: the GPU's memory for a GPU peer, the host's
   for a CPU peer. The estimate is ``param_count x bytes_per_param x factor + data_bytes +
-  overhead_bytes``; see :class:`MemoryModel` for why each term.
+  overhead_bytes`` (``data_bytes`` with the model's activations for its largest batch, from the
+  contract's costs); see :class:`MemoryModel` for why each term.
 * **Preference**: a model with at least ``Rules.large_model_params`` parameters goes to GPU peers
   first, a smaller one to CPU peers first, when both kinds are idle and match; within a kind, the
   tightest fit first (the smallest memory that holds it, so a big card stays free for a big model),
@@ -97,6 +98,8 @@ class Request:
     policy: QueuePolicy = field(default_factory=QueuePolicy)
     data_bytes: int = 0
     """The parsed dataset's size (rows x features x 4, roughly), held by every peer."""
+    activation_bytes: int = 0
+    """The model's activations and their gradients for its largest batch (``common.models.Costs``)."""
 
 
 # ------------------------------------------------------------------ decisions
@@ -263,7 +266,7 @@ def _place(request: Request, pool: list[_Shape], rules: Rules) -> Placement | st
     A queued request that could be served by the online peers that match it and can hold it keeps
     the idle ones out of ``pool`` even when they are too few, so no later request takes them.
     """
-    need = memory_needed(request.param_count, request.data_bytes, rules.memory)
+    need = memory_needed(request.param_count, request.data_bytes + request.activation_bytes, rules.memory)
     large = is_large(request.param_count, rules)
     prefer: Kind = "cuda" if large else "cpu"
     fitting: list[_Shape] = []

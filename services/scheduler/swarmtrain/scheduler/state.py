@@ -90,6 +90,8 @@ class Dataset:
     rows: int
     features: int
     classes: int
+    shape: tuple[int, ...] = ()
+    """One row's shape as the upload recorded it (``[C, H, W]`` for images)."""
 
 
 @dataclass(frozen=True)
@@ -229,9 +231,30 @@ class Session:
         if self.dataset is None:
             return 0
         try:
-            return models.parameter_count(self.request.model, self.dataset.features, self.dataset.classes)
+            return models.parameter_count(
+                self.request.model, self.dataset.features, self.dataset.classes, self.data_shape()
+            )
         except shapes.ShapeError:
             return 0
+
+    def data_shape(self) -> models.DataShape | None:
+        if self.dataset is None:
+            return None
+        d = self.dataset
+        return models.data_shape(d.features, d.classes, list(d.shape))
+
+    def activation_bytes(self) -> int:
+        """The model's activations and their gradients for its largest batch (float32), for
+        placement; 0 while the dataset is unknown or the spec cannot be built."""
+        shape = self.data_shape()
+        if shape is None:
+            return 0
+        try:
+            activations = self.request.model.costs(shape).activations
+        except shapes.ShapeError:
+            return 0
+        batch = max((hp.batch_size for hp in self.request.hyperparameters), default=1)
+        return 8 * activations * batch
 
     def data_bytes(self) -> int:
         """The parsed dataset a peer holds in memory: rows x (features + label) x 4 bytes."""
@@ -339,7 +362,8 @@ def fold(state: State, items: Iterable[tuple[int, Event, float]]) -> State:
                 if datasets is None:
                     datasets = dict(state.datasets)
                 datasets.setdefault(
-                    event.dataset_id, Dataset(rows=event.rows, features=event.features, classes=event.classes)
+                    event.dataset_id,
+                    Dataset(rows=event.rows, features=event.features, classes=event.classes, shape=tuple(event.shape)),
                 )
             case SessionRequested():
                 known = (state.sessions if sessions is None else sessions).get(event.session_id)

@@ -3,8 +3,8 @@
 Each talks to the REST API with the stored login. ``sessions watch`` exits with how the session
 ended: 0 completed, 1 failed, 2 cancelled, 3 the watch itself failed (API unreachable, no such
 session, …). ``replay-round`` and ``backtest``, which read the log and the blobs themselves and run
-the training library, join this group from the launcher (``cli/main.py``), the one module that loads
-what a command needs only when it runs.
+the training library, and ``export`` (torch's ONNX exporter), join this group from the launcher
+(``cli/main.py``), the one module that loads what a command needs only when it runs.
 """
 
 from __future__ import annotations
@@ -46,6 +46,19 @@ def register(sub: Group) -> Group:
 
 def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
+
+
+def _layers(text: str) -> int | list[Any]:
+    """``--layers 4`` (a transformer's blocks) or ``--layers '[{"type": "linear", "out": 64}, ...]'``."""
+    if text.strip().lstrip("-").isdigit():
+        return int(text)
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ApiError(0, f"--layers takes a number or a JSON list of layers: {exc}") from None
+    if not isinstance(value, list):
+        raise ApiError(0, "--layers takes a number or a JSON list of layers")
+    return value
 
 
 def _rule(flag: str) -> Callable[[str], Json]:
@@ -150,6 +163,20 @@ START_FLAGS = (
     BodyFlag("--hidden", "model.hidden", "hidden layer widths, e.g. 128,64", value=_ints),
     BodyFlag("--input-shape", "model.input_shape", "cnn: C,H,W", value=_ints),
     BodyFlag("--channels", "model.channels", "cnn: convolution widths, e.g. 16,32", value=_ints),
+    BodyFlag("--depth", "model.depth", "resnet: basic blocks per stage (default 2)", type=int),
+    BodyFlag("--width", "model.width", "resnet: the first stage's channels (default 16)", type=int),
+    BodyFlag("--stages", "model.stages", "resnet: stages, channels doubling (default 3)", type=int),
+    BodyFlag(
+        "--layers",
+        "model.layers",
+        'transformer: blocks (default 2); layers: a JSON list of layers, e.g. \'[{"type": "linear", "out": 64}]\'',
+        value=_layers,
+    ),
+    BodyFlag("--d-model", "model.d_model", "transformer: width (default 128)", type=int),
+    BodyFlag("--heads", "model.heads", "transformer: attention heads (default 4)", type=int),
+    BodyFlag("--context", "model.context", "transformer, layers on text: tokens a window (default 128)", type=int),
+    BodyFlag("--positions", "model.positions", "transformer: learned|rotary (default learned)"),
+    BodyFlag("--mlp-ratio", "model.mlp_ratio", "transformer: MLP width / d_model (default 4)", type=int),
     BodyFlag("--validation-split", "validation_split", "fraction held out for validation (default 0.2)", type=float),
     BodyFlag(
         "--validation-dataset",

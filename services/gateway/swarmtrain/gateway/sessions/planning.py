@@ -218,10 +218,19 @@ def parse_hyperparameters(raw: str) -> list[HyperparametersIn] | Hyperparameters
         ) from None
 
 
-def check_against_dataset(plan: SessionPlan, *, rows: int, features: int, classes: int, settings: Settings) -> None:
-    """What needs the dataset: a cnn's input shape, the model's size, the shards."""
+def check_against_dataset(
+    plan: SessionPlan,
+    *,
+    rows: int,
+    features: int,
+    classes: int,
+    settings: Settings,
+    shape: models.DataShape | None = None,
+) -> None:
+    """What needs the dataset: the model's shapes (a layers model's layer by layer, an image's
+    size), its size, the shards. ``shape``: the dataset's, where it says more (an image)."""
     try:
-        params = models.parameter_count(plan.model, features, classes)
+        params = models.parameter_count(plan.model, features, classes, shape)
     except shapes.ShapeError as exc:
         raise ClientException(f"model: {exc}") from None
     if params > settings.max_model_params:
@@ -234,3 +243,27 @@ def check_against_dataset(plan: SessionPlan, *, rows: int, features: int, classe
             shapes.shard_sizes(train, plan.num_peers)
         except shapes.ShapeError as exc:
             raise ClientException(f"{plan.strategy}: {exc}: ask for at most {train} peers") from None
+
+
+def training_bytes(plan: SessionPlan, shape: models.DataShape) -> tuple[models.Costs, int]:
+    """The model's costs on ``shape`` and the memory its largest batch trains in (``Costs.training_bytes``)."""
+    costs = plan.model.costs(shape)
+    batch = max((hp.batch_size for hp in plan.hyperparameters), default=1)
+    return costs, costs.training_bytes(batch)
+
+
+def check_fits_a_peer(plan: SessionPlan, shape: models.DataShape, capacities: list[int]) -> None:
+    """400 when the model needs more memory than every online peer trains in (``capacities``:
+    each one's GPU memory, or its host's for a CPU peer; empty: none is known, nothing to check)."""
+    if not capacities:
+        return
+    try:
+        costs, need = training_bytes(plan, shape)
+    except shapes.ShapeError as exc:
+        raise ClientException(f"model: {exc}") from None
+    if need > (most := max(capacities)):
+        raise ClientException(
+            f"the model needs about {need / 2**30:,.2f} GiB to train ({costs.parameters:,} parameters, "
+            f"{costs.activations:,} activation values and {costs.flops:,} FLOPs per sample), more than any "
+            f"online peer has: the largest holds {most / 2**30:,.2f} GiB"
+        )

@@ -63,6 +63,18 @@ async def require_idle_peers(pool: asyncpg.Pool, num_peers: int, requirements: R
         )
 
 
+async def peer_capacities(pool: asyncpg.Pool) -> list[int]:
+    """The memory each online peer with known specs trains in: its GPU's, or its host's."""
+    rows = await pool.fetch("SELECT specs FROM peers WHERE online")
+    found = []
+    for row in rows:
+        specs = stored_specs(row["specs"])
+        if specs is not None:
+            gpu = specs.training_gpu
+            found.append(gpu.memory_bytes if gpu is not None else specs.memory_bytes)
+    return found
+
+
 async def require_session_room(pool: asyncpg.Pool, owner_id: str, cap: int) -> None:
     active = await pool.fetchval(
         "SELECT count(*) FROM sessions WHERE owner_id = $1 AND status = ANY($2::text[])", owner_id, list(ACTIVE)

@@ -22,7 +22,7 @@ from litestar.params import FromPath, JSONBody, MultipartBody, Parameter, QueryP
 from litestar.response import ServerSentEvent, Stream
 from litestar.security.jwt import Token
 
-from swarmtrain.common import blob, blobkeys, formats, tasks
+from swarmtrain.common import blob, blobkeys, formats, models, tasks
 from swarmtrain.common.events import CLASSIFICATION, ValidationData
 from swarmtrain.common.logging import get_logger
 from swarmtrain.gateway import eventlog
@@ -41,6 +41,7 @@ from swarmtrain.gateway.sessions import commands, lineage, live, queries
 from swarmtrain.gateway.sessions.planning import (
     SessionPlan,
     check_against_dataset,
+    check_fits_a_peer,
     parse_hyperparameters,
     parse_session,
     plan_session,
@@ -172,9 +173,18 @@ class SessionController(Controller):
                 # shard reads fit a classifier's standardization by the streamed rule only
                 plan = msgspec.structs.replace(plan, data_read="whole")
             outputs = tasks.rules(dataset["target"]).outputs(dataset["classes"])
-            check_against_dataset(
-                plan, rows=dataset["rows"], features=dataset["features"], classes=outputs, settings=gw.settings
+            shape = models.data_shape(
+                dataset["features"], outputs, msgspec.json.decode(dataset["shape"]), task=dataset["target"]
             )
+            check_against_dataset(
+                plan,
+                rows=dataset["rows"],
+                features=dataset["features"],
+                classes=outputs,
+                settings=gw.settings,
+                shape=shape,
+            )
+            check_fits_a_peer(plan, shape, await queries.peer_capacities(gw.pool))
             await lineage.check_init_from(gw, owner_id, plan, (dataset["features"], dataset["classes"]))
             _raise_first(reads[1:])
             session_id = await commands.request_session(
@@ -213,7 +223,14 @@ class SessionController(Controller):
             def fits(csv: Summary) -> None:
                 _require_labelled(csv.data.format)
                 outputs = tasks.rules(csv.target).outputs(csv.classes)
-                check_against_dataset(plan, rows=csv.rows, features=csv.features, classes=outputs, settings=gw.settings)
+                check_against_dataset(
+                    plan,
+                    rows=csv.rows,
+                    features=csv.features,
+                    classes=outputs,
+                    settings=gw.settings,
+                    shape=models.data_shape(csv.features, outputs, csv.shape, task=csv.target),
+                )
 
             async with gw.session_locks.hold(owner_id):
                 await _require_room(gw, owner_id, plan)

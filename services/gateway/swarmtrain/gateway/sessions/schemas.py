@@ -52,7 +52,13 @@ added there is taken here with no line of its own. ``planning`` makes the kind's
 
 - ``mlp``: ``hidden``, fully connected layer widths (default [128, 64]);
 - ``cnn``: ``input_shape`` (required) [C, H, W] of the image each row's feature columns hold
-  (C*H*W = features), ``channels`` convolution widths (default [16, 32]), ``hidden`` after them."""
+  (C*H*W = features), ``channels`` convolution widths (default [16, 32]), ``hidden`` after them;
+- ``resnet``: ``depth`` blocks per stage, ``width``, ``stages``, ``input_shape`` (default: the
+  images dataset's);
+- ``transformer``: ``layers`` (a count), ``d_model``, ``heads``, ``context``, ``positions``,
+  ``mlp_ratio``; on a text dataset;
+- ``layers``: ``layers`` (a list of ``{"type": ...}`` layers and ``residual`` blocks), ``context``.
+  ``layers`` is the one name two kinds give two types (a count, a list): the input takes either."""
 
 
 class RequirementsIn(Requirements, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -453,6 +453,7 @@ async function newPage() {
     form.classList.toggle("has-rounds", rules(f.strategy).rounds);
     form.classList.toggle("shared-model", rules(f.strategy).shared_model);
     form.classList.toggle("is-cnn", f.kind === "cnn");
+    form.classList.toggle("is-spec", f.kind !== "cnn" && f.kind !== "mlp");
   }
   form.addEventListener("change", toggle);
   toggle();
@@ -469,7 +470,14 @@ async function newPage() {
     const numPeers = Number(f.num_peers);
     const lrs = numbers(f.lr);
     const hp = (lr) => ({ epochs: Number(f.epochs), batch_size: Number(f.batch_size), lr });
-    const model = { kind: f.kind, hidden: numbers(f.hidden) };
+    let model = { kind: f.kind };
+    if (f.kind === "mlp" || f.kind === "cnn") model.hidden = numbers(f.hidden);
+    else if (f.model_fields) {
+      // resnet, transformer, layers: their fields as the REST body takes them (README "Model kinds")
+      try { model = { ...JSON.parse(f.model_fields), kind: f.kind }; } catch (err) {
+        showError(new Error(`model fields are not JSON: ${err.message}`)); return;
+      }
+    }
     if (f.kind === "cnn") {
       if (f.input_shape) model.input_shape = numbers(f.input_shape);
       if (f.channels) model.channels = numbers(f.channels);
@@ -617,7 +625,7 @@ async function sessionPage() {
     status.textContent = s.status;
     status.className = "badge " + s.status;
     body.dataset.status = s.status;
-    const model = s.model.kind + (s.model.hidden.length ? " " + s.model.hidden.join("×") : "");
+    const model = s.model.kind + (s.model.hidden && s.model.hidden.length ? " " + s.model.hidden.join("×") : "");
     $("#summary").textContent = `${s.strategy} over ${s.num_peers} peers · ${model} · ` +
       (rules(s.strategy).rounds ? `${s.rounds} rounds · ` : "") +
       `dataset ${short(s.dataset_id)} · created ${when(s.created_at)}` +
