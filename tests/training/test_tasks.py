@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from swarmtrain.common import tasks as rules
-from swarmtrain.common.models import MlpSpec
+from swarmtrain.common.models import DataShape, MlpSpec
 from swarmtrain.common.registry import UnknownName
 from swarmtrain.training import tasks
 from swarmtrain.training.evaluation import evaluate
@@ -148,7 +148,7 @@ def test_sample_follows_the_model_and_its_seed() -> None:
 
 
 def test_generate_refuses_a_model_that_is_no_language_model() -> None:
-    model = build_model(MlpSpec(hidden=[4]), 3, 0, "regression")
+    model = build_model(MlpSpec(hidden=[4]), 3, 0, DataShape(features=3, classes=0, task="regression"))
     meta = ModelMetadata.for_spec(
         MlpSpec(hidden=[4]), classes=[], feature_names=["a", "b", "c"], label_column="y", task="regression"
     )
