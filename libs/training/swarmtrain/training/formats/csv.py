@@ -162,37 +162,7 @@ def load_csv(path: Path, label_column: str = "label") -> Table:
     fast = _load_plain(path, label_column)
     if fast is not None:
         return fast
-    with path.open(newline="", encoding="utf-8-sig") as f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        if header is None:
-            raise DataError("the file is empty")
-        header = [name.strip() for name in header]
-        if label_column not in header:
-            raise DataError(f"no label column {label_column!r} (columns: {', '.join(header[:20])})")
-        label_at = header.index(label_column)
-        keep = [i for i in range(len(header)) if i != label_at]
-        if not keep:
-            raise DataError("no feature columns besides the label")
-        labels: list[str] = []
-        rows: list[list[str]] = []
-        for line, row in enumerate(reader, start=2):
-            if not any(cell.strip() for cell in row):
-                continue
-            if len(row) != len(header):
-                raise DataError(f"line {line}: {len(row)} fields, the header has {len(header)}")
-            labels.append(row[label_at].strip())
-            rows.append([row[i] for i in keep])
-    if not rows:
-        raise DataError("no data rows")
-    feature_names = [header[i] for i in keep]
-    try:
-        x = np.asarray(rows, dtype=np.float32)
-    except ValueError:
-        raise DataError(_first_bad_cell(rows, feature_names)) from None
-    if not np.isfinite(x).all():
-        col = int(np.argwhere(~np.isfinite(x))[0][1])
-        raise DataError(f"column {feature_names[col]!r} has a value that is not a finite number")
+    feature_names, labels, x = _read_careful(path, label_column)
     classes = sorted(set(labels))
     index = {label: i for i, label in enumerate(classes)}
     y = np.asarray([index[label] for label in labels], dtype=np.int64)
@@ -235,13 +205,25 @@ def _load_plain(path: Path, label_column: str) -> Table | None:
 
 def load_csv_regression(path: Path, label_column: str) -> Table:
     """Read ``path`` whose label column is a regression target (numbers, float32)."""
+    names, labels, x = _read_careful(path, label_column)
+    return regression_table(x, np.asarray(labels), names, label_column)
+
+
+def _read_careful(path: Path, label_column: str) -> tuple[list[str], list[str], np.ndarray]:
+    """``(feature names, label strings, float32 features)`` read row by row with Python's csv
+    module; whatever is malformed is a DataError that says exactly what and where."""
     with path.open(newline="", encoding="utf-8-sig") as f:
         reader = csv.reader(f)
-        header = [name.strip() for name in next(reader, [])]
+        header = next(reader, None)
+        if header is None:
+            raise DataError("the file is empty")
+        header = [name.strip() for name in header]
         if label_column not in header:
             raise DataError(f"no label column {label_column!r} (columns: {', '.join(header[:20])})")
         label_at = header.index(label_column)
         keep = [i for i in range(len(header)) if i != label_at]
+        if not keep:
+            raise DataError("no feature columns besides the label")
         labels: list[str] = []
         rows: list[list[str]] = []
         for line, row in enumerate(reader, start=2):
@@ -253,14 +235,15 @@ def load_csv_regression(path: Path, label_column: str) -> Table:
             rows.append([row[i] for i in keep])
     if not rows:
         raise DataError("no data rows")
-    names = [header[i] for i in keep]
+    feature_names = [header[i] for i in keep]
     try:
         x = np.asarray(rows, dtype=np.float32)
     except ValueError:
-        raise DataError(_first_bad_cell(rows, names)) from None
+        raise DataError(_first_bad_cell(rows, feature_names)) from None
     if not np.isfinite(x).all():
-        raise DataError("a feature value is not a finite number")
-    return regression_table(x, np.asarray(labels), names, label_column)
+        col = int(np.argwhere(~np.isfinite(x))[0][1])
+        raise DataError(f"column {feature_names[col]!r} has a value that is not a finite number")
+    return feature_names, labels, x
 
 
 def _first_bad_cell(rows: list[list[str]], names: list[str]) -> str:
