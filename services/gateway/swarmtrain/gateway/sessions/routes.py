@@ -159,13 +159,16 @@ class SessionController(Controller):
         plan = plan_session(data, gw.settings)
         owner_id = request.user.user_id
         async with gw.session_locks.hold(owner_id):
-            # the dataset, the session cap and the idle peers read at once (the wall time of one
-            # round trip, not three, before the append); failures in the checks' order: the
+            # the dataset, the peers' memory, the session cap and the idle peers read at once (the
+            # wall time of one round trip, not four, before the append); failures in the checks' order: the
             # dataset's (404, 400) first, then the cap (429), then the peers (400)
             reads: tuple[Any, ...] = await asyncio.gather(
-                owned_dataset(gw, owner_id, data.dataset_id), _require_room(gw, owner_id, plan), return_exceptions=True
+                owned_dataset(gw, owner_id, data.dataset_id),
+                queries.peer_capacities(gw.pool),
+                _require_room(gw, owner_id, plan),
+                return_exceptions=True,
             )
-            dataset = _raise_first(reads[:1])[0]
+            dataset, capacities = _raise_first(reads[:2])
             _require_labelled(dataset["format"])
             validation = await _validation(gw, owner_id, dataset, data.validation_dataset_id)
             plan = msgspec.structs.replace(plan, validation=validation)
@@ -184,9 +187,9 @@ class SessionController(Controller):
                 settings=gw.settings,
                 shape=shape,
             )
-            check_fits_a_peer(plan, shape, await queries.peer_capacities(gw.pool))
+            check_fits_a_peer(plan, shape, capacities)
             await lineage.check_init_from(gw, owner_id, plan, (dataset["features"], dataset["classes"]))
-            _raise_first(reads[1:])
+            _raise_first(reads[2:])
             session_id = await commands.request_session(
                 gw,
                 owner_id,
