@@ -9,10 +9,16 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.factories import session_body
 from tests.support import wait_for
 
 from .conftest import Api, Stack, cli
+
+SEARCH_TIMEOUT_S = 480
+"""A search is several sessions' worth of trials: its waits (up to 120 s for a trial to start, 300 s
+to end) need more than the suite's 120 s per test on a busy 2-core machine."""
 
 SEARCH = {
     "space": {"lr": {"log_uniform": [1e-4, 3e-2]}, "batch_size": {"choice": [32, 64]}, "epochs": {"int": [2, 4]}},
@@ -23,6 +29,7 @@ SEARCH = {
 }
 
 
+@pytest.mark.timeout(SEARCH_TIMEOUT_S)
 async def test_a_search_of_more_trials_than_peers_runs_to_completion(stack: Stack, api: Api, tmp_path: Path) -> None:
     await api.wait_idle_peers(3)
     ds = await api.upload()
@@ -68,6 +75,7 @@ async def test_a_search_of_more_trials_than_peers_runs_to_completion(stack: Stac
     assert again["peers"][0]["hyperparameters"]["lr"] == best["hyperparameters"]["lr"]
 
 
+@pytest.mark.timeout(SEARCH_TIMEOUT_S)
 async def test_a_peer_killed_mid_trial_has_its_trial_run_again_once(stack: Stack, api: Api) -> None:
     """SIGKILL of a peer while it trains a trial: the presence timeout fails that run, the trial runs
     again (same point) on a peer that is left, never lost and counted once; the search completes."""
