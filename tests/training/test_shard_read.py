@@ -163,10 +163,11 @@ def test_a_scan_needs_sorted_rows(dataset: tuple[Path, DataSpec, str]) -> None:
         read_rows(path, spec, label, torch.tensor([1, 1]), 4)
 
 
-def test_a_text_corpus_has_no_rows_to_read(tmp_path: Path) -> None:
+def test_a_text_corpus_is_read_as_windows_of_a_context(tmp_path: Path) -> None:
     path = _write(tmp_path, "c.txt", "\n".join(formatdata.corpus(20)).encode())
-    with pytest.raises(DataError, match="language model"):
-        read_index(path, DataSpec(format="text"), "text")
+    with pytest.raises(DataError, match="context"):
+        read_index(path, DataSpec(format="text"), "text")  # no context: no windows
+    assert read_index(path, DataSpec(format="text", context=8), "text").rows > 0
 
 
 def test_a_parquet_shard_skips_row_groups_it_has_no_row_in(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

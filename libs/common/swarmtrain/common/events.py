@@ -205,6 +205,9 @@ class DataSpec(msgspec.Struct, frozen=True, kw_only=True):
     """text: the corpus's tokenizer (``DatasetUploaded.tokenizer``); None for a format of no text."""
     task: Task = CLASSIFICATION
     """What the session learns, from the dataset's ``DatasetUploaded.target``."""
+    context: Annotated[int, msgspec.Meta(ge=0, le=1 << 14)] = 0
+    """text: the length of the windows the corpus is cut into (the model's ``context``, set by the
+    gateway); 0 for a format of no text."""
 
 
 MAX_SHOWN_CLASSES: Final = 1000

@@ -46,6 +46,9 @@ class Dataset:
     """The task its label is for (``events.Task``); a regression's ``labels`` are float32 targets."""
     image: tuple[int, int, int] | None = None
     """An images dataset's [C, H, W] (its features are those pixels, flat); None for other formats."""
+    vocab: int = 0
+    """A text corpus's vocabulary: a row is a window of token ids (float32, exact), its label the
+    next token at each position (int64, ``(rows, context)``); 0 for other formats."""
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -65,6 +68,7 @@ def load(path: Path, spec: DataSpec, label_column: str) -> Dataset:
         image=(spec.channels, spec.image_size[0], spec.image_size[1])
         if spec.format == "images" and spec.image_size and len(spec.image_size) == 2
         else None,
+        vocab=table.vocab,
     )
 
 
@@ -117,6 +121,7 @@ def with_validation(train: Dataset, validation: Dataset) -> tuple[Dataset, torch
         label_column=train.label_column,
         target=train.target,
         image=train.image,
+        vocab=train.vocab,
     )
     n, m = len(train), len(validation)
     return both, torch.arange(n), torch.arange(n, n + m)

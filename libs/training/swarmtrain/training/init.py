@@ -37,7 +37,7 @@ def data_shape(data: Dataset) -> DataShape:
         features=int(data.features.shape[1]),
         classes=len(data.classes),
         task=data.target,
-        vocab=int(getattr(data, "vocab", 0)),
+        vocab=data.vocab,
         image=data.image,
     )
 

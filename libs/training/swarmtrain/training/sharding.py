@@ -55,7 +55,7 @@ class Sharding:
 def histograms(labels: torch.Tensor, shards: list[torch.Tensor], num_classes: int) -> list[list[int]]:
     """Per shard, how many of its rows carry each class index ``0 .. num_classes - 1``; for a
     regression's targets (floats, no classes), one count per shard: its rows."""
-    if labels.is_floating_point():
+    if labels.is_floating_point() or labels.dim() > 1:  # a regression's targets, a corpus's next tokens
         return [[len(s)] for s in shards]
     return [torch.bincount(labels[s], minlength=num_classes).tolist() for s in shards]
 
@@ -107,13 +107,13 @@ def make_shards(
 ) -> Sharding:
     """The shards ``spec`` names. ``labels`` are the whole dataset's class indexes (a regression's
     targets: only ``iid`` cuts them; a label skew needs classes)."""
-    if labels.is_floating_point() and spec.name != "iid":
-        raise DataError(f"sharding {spec.name!r} skews classes: a regression target has none (use iid)")
+    if (labels.is_floating_point() or labels.dim() > 1) and spec.name != "iid":
+        raise DataError(f"sharding {spec.name!r} skews classes: a regression target or a corpus has none (use iid)")
     return SHARDERS[spec.name](spec, train_idx, labels, num_shards, seed)
 
 
 def _classes(labels: torch.Tensor) -> int:
-    if labels.is_floating_point():
+    if labels.is_floating_point() or labels.dim() > 1:
         return 0
     return int(labels.max()) + 1 if labels.numel() else 0
 

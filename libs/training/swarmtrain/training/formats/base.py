@@ -96,6 +96,8 @@ class Table:
     feature_names: list[str]
     label_column: str
     target: str = "classification"
+    vocab: int = 0
+    """A corpus's vocabulary: its features are token ids, its labels the next tokens (rows, context)."""
 
 
 @dataclass(frozen=True, kw_only=True)

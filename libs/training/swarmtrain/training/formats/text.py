@@ -8,8 +8,14 @@ store); with ``vocab_size`` a byte-level BPE tokenizer trained on the corpus at 
 ``tokenizers`` library, whose JSON the gateway stores beside the dataset (``blobkeys.tokenizer``),
 so that every peer and every replay tokenises with the same one.
 
-A corpus trains a language model, a model kind no peer builds yet (the transformer of issue 22):
-the reader refuses, and a session on a text dataset is refused at the gateway.
+The reader turns the corpus into its token stream (each row's tokens, then a newline's) and cuts
+it into non-overlapping windows of the session's ``DataSpec.context`` tokens: a row of the dataset
+is one window, its features the ``context`` token ids from ``i * context`` (float32, exact up to
+``MAX_VOCAB``), its label the ``context`` tokens one further on (int64), so a language model learns
+the next token at every position. The seeded split of ``data.split_indices`` then holds out whole
+windows, disjoint token ranges; :func:`read_windows` reads only the windows asked for (a fedavg
+peer's shard) in one streamed pass, its memory growing with those windows, not the corpus. Only
+the byte tokenizer trains yet: a BPE corpus is refused (its tokenizer does not travel to peers).
 """
 
 from __future__ import annotations
@@ -40,7 +46,10 @@ from swarmtrain.training.formats.base import (
 )
 
 MAX_LINE_CHARS = 1 << 22
-NO_READER = "a text corpus trains a language model: no model kind for it yet (the transformer of issue 22)"
+NO_CONTEXT = "a text corpus is cut into windows of the model's context: the read names no context"
+NO_BPE = "a corpus tokenized by a BPE (vocab_size at upload) is not trainable yet: upload it without vocab_size"
+NEWLINE = b"\n"
+"""The token between two rows (the byte tokenizer's newline)."""
 _READ_CHUNK = 1 << 16
 _ENCODE_BATCH = 1024
 
@@ -101,7 +110,7 @@ def check_text(stream: BinaryIO, options: UploadOptions, limits: Limits) -> Summ
     tokens = 0
     for row in _rows(stream):
         rows += 1
-        tokens += len(row.encode())
+        tokens += len(row.encode()) + len(NEWLINE)
     if not tokens:
         raise Rejected("no text: the corpus is empty")
     tokenizer_json: str | None = None
@@ -118,6 +127,7 @@ def check_text(stream: BinaryIO, options: UploadOptions, limits: Limits) -> Summ
                 tokens += sum(len(e.ids) for e in tokenizer.encode_batch(batch))
                 batch = []
         tokens += sum(len(e.ids) for e in tokenizer.encode_batch(batch))
+        tokens += rows * len(tokenizer.encode("\n").ids)
         tokenizer_json = tokenizer.to_str()
         spec = TokenizerSpec(kind="bpe", vocab_size=tokenizer.get_vocab_size())
     return Summary(
@@ -130,6 +140,7 @@ def check_text(stream: BinaryIO, options: UploadOptions, limits: Limits) -> Summ
         data=DataSpec(format="text", tokenizer=spec),
         tokens=tokens,
         tokenizer_json=tokenizer_json,
+        target="language_modeling",
     )
 
 
@@ -144,20 +155,106 @@ def preview_lines(path: Path, limit: int) -> list[str]:
     return out
 
 
+def _byte_chunks(path: Path, spec: DataSpec) -> Iterator[bytes]:
+    """The corpus's token stream as bytes (the byte tokenizer: a token a byte), a row at a time."""
+    if spec.tokenizer is not None and spec.tokenizer.kind != "byte":
+        raise DataError(NO_BPE)
+    with path.open("rb") as f:
+        try:
+            for row in _rows(f):
+                yield row.encode() + NEWLINE
+        except Rejected as exc:
+            raise DataError(str(exc)) from None
+
+
+def corpus_tokens(path: Path, spec: DataSpec) -> np.ndarray:
+    """Every token id of the corpus in order (uint8: the byte tokenizer)."""
+    return np.frombuffer(b"".join(_byte_chunks(path, spec)), dtype=np.uint8)
+
+
+def window_count(tokens: int, context: int) -> int:
+    """Windows of ``context`` tokens (and the next) in a stream of ``tokens``."""
+    return max(0, (tokens - 1) // context) if context >= 1 else 0
+
+
+def _context(spec: DataSpec) -> int:
+    if spec.context < 1:
+        raise DataError(NO_CONTEXT)
+    return spec.context
+
+
+def cut_windows(tokens: np.ndarray, context: int) -> tuple[np.ndarray, np.ndarray]:
+    """Non-overlapping windows of ``tokens``: ``(x float32, y int64)``, both ``(windows, context)``,
+    ``y`` the tokens one after ``x``'s. A DataError when not one window fits."""
+    rows = window_count(len(tokens), context)
+    if rows < 1:
+        raise DataError(f"the corpus's {len(tokens)} tokens hold no window of {context} tokens and the next")
+    span = rows * context
+    x = tokens[:span].reshape(rows, context).astype(np.float32)
+    y = tokens[1 : span + 1].reshape(rows, context).astype(np.int64)
+    return x, y
+
+
+def read_windows(path: Path, spec: DataSpec, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Windows ``rows`` (sorted, unique window indexes) of the corpus, as :func:`cut_windows` cuts
+    them, in one streamed pass holding only those windows and a row of text."""
+    context = _context(spec)
+    rows = np.asarray(rows, dtype=np.int64)
+    x = np.empty((len(rows), context), dtype=np.float32)
+    y = np.empty((len(rows), context), dtype=np.int64)
+    # window w spans tokens [w * context, (w + 1) * context]: its x the first context, y the last
+    starts = rows * context
+    pending = bytearray()  # the stream from token `base` on, kept while a wanted window may need it
+    base = 0
+    nxt = 0
+    for chunk in _byte_chunks(path, spec):
+        pending += chunk
+        while nxt < len(rows) and starts[nxt] + context + 1 <= base + len(pending):
+            at = int(starts[nxt] - base)
+            span = np.frombuffer(bytes(pending[at : at + context + 1]), dtype=np.uint8)
+            x[nxt], y[nxt] = span[:-1], span[1:]
+            nxt += 1
+        keep_from = int(starts[nxt]) if nxt < len(rows) else base + len(pending)
+        if keep_from > base:
+            drop = min(keep_from - base, len(pending))
+            del pending[:drop]
+            base += drop
+    total = base + len(pending)
+    if nxt < len(rows):
+        raise DataError(
+            f"the corpus has {window_count(total, context)} windows of {context} tokens:"
+            f" window {int(rows[nxt])} asked for"
+        )
+    return x, y
+
+
 class TextFormat:
-    """``text``: a UTF-8 corpus, tokenised by bytes or a BPE trained at upload."""
+    """``text``: a UTF-8 corpus, tokenised by bytes (or a BPE trained at upload, not trainable yet),
+    read as windows of ``DataSpec.context`` tokens."""
 
     def check(self, stream: BinaryIO, options: UploadOptions, limits: Limits) -> Summary:
         return check_text(stream, options, limits)
 
     def load(self, path: Path, spec: DataSpec, label_column: str) -> Table:
-        raise DataError(NO_READER)
+        x, y = cut_windows(corpus_tokens(path, spec), _context(spec))
+        return Table(
+            features=x,
+            labels=y,
+            classes=[],
+            feature_names=[],
+            label_column="text",
+            target="language_modeling",
+            vocab=BYTE_VOCAB,
+        )
 
     def index(self, path: Path, spec: DataSpec, label_column: str) -> Index:
-        raise DataError(NO_READER)
+        context = _context(spec)
+        windows = window_count(sum(len(c) for c in _byte_chunks(path, spec)), context)
+        return Index(labels=np.zeros(windows, dtype=np.int64), classes=[], feature_names=[], label_column="text")
 
     def scan(self, path: Path, spec: DataSpec, label_column: str, rows: np.ndarray) -> Blocks:
-        raise DataError(NO_READER)
+        x, _ = read_windows(path, spec, rows)
+        yield np.asarray(rows, dtype=np.int64), x
 
     def preview(self, path: Path, spec: DataSpec, label_column: str) -> Preview:
         return Preview(lines=[line[:400] for line in preview_lines(path, PREVIEW_ROWS)])

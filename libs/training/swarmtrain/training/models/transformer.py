@@ -39,6 +39,11 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(PreNormBlock(spec, causal=self.causal) for _ in range(spec.layers))
         self.norm = nn.LayerNorm(spec.d_model)
         self.head = None if self.causal else nn.Linear(spec.d_model, shape.classes)
+        # embeddings of unit norm rows (std d_model ** -0.5, not torch's 1): the tied logits, a
+        # normalized state dotted with them, start at O(1) instead of O(d_model)
+        for table in (self.embed, self.positions):
+            if table is not None:
+                nn.init.normal_(table.weight, std=spec.d_model**-0.5)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         x: torch.Tensor = self.embed(ids.long())
