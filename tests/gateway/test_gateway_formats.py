@@ -80,7 +80,8 @@ async def test_a_text_corpus_in_bytes_or_a_bpe_stored_beside_it(client: Client, 
     raw = ("\n".join(lines) + "\n").encode()
     status, body = await post(client, alice, raw, "c.txt", format="text")
     assert status == 201, body
-    assert (body["format"], body["rows"], body["tokens"]) == ("text", 120, len("".join(lines).encode()))
+    assert (body["format"], body["rows"], body["tokens"]) == ("text", 120, len(raw))  # a newline a row
+    assert body["target"] == "language_modeling"
     assert body["tokenizer"] == {"kind": "byte", "vocab_size": 256, "uri": "", "sha256": ""}
     assert stored_objects(blob_dir) == [blob_dir / "datasets" / f"{body['dataset_id']}.text"]
 
@@ -98,8 +99,15 @@ async def test_a_text_corpus_in_bytes_or_a_bpe_stored_beside_it(client: Client, 
         "num_peers": 1,
         "hyperparameters": [{"epochs": 1, "batch_size": 8, "lr": 0.01}],
     }
-    r = await client.post("/sessions", json=session, headers=alice)
-    assert r.status_code == 400 and "no model kind for it yet" in r.json()["detail"], r.text
+    r = await client.post("/sessions", json=session, headers=alice)  # the default model, an mlp
+    assert r.status_code == 400 and "use a transformer" in r.json()["detail"], r.text
+    lm = {**session, "model": {"kind": "transformer", "layers": 1, "d_model": 16, "heads": 2, "context": 16}}
+    r = await client.post("/sessions", json={**lm, "dataset_id": bpe["dataset_id"]}, headers=alice)
+    assert r.status_code == 400 and "BPE" in r.json()["detail"], r.text
+    r = await client.post("/sessions", json={**lm, "model": {**lm["model"], "context": 8192}}, headers=alice)
+    assert r.status_code == 400 and "window" in r.json()["detail"], r.text
+    r = await client.post("/sessions", json={**lm, "queue": True}, headers=alice)
+    assert r.status_code == 201, r.text  # a language model on the corpus's windows (queued: no peer here)
 
 
 async def test_a_csv_is_as_before(client: Client, alice: Headers, blob_dir: Path) -> None:

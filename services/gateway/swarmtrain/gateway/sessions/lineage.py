@@ -16,13 +16,13 @@ from typing import Any
 import msgspec
 from litestar.exceptions import ClientException, NotFoundException
 
-from swarmtrain.common import formats, tasks
 from swarmtrain.common.events import InitFrom, SessionRequested
 from swarmtrain.common.strategies import rules
 from swarmtrain.gateway import eventlog
 from swarmtrain.gateway.datasets import owned_dataset
 from swarmtrain.gateway.ownership import owned
 from swarmtrain.gateway.sessions import commands, queries
+from swarmtrain.gateway.sessions.corpus import training_view
 from swarmtrain.gateway.sessions.planning import SessionPlan, check_against_dataset, parse_session, plan_session
 from swarmtrain.gateway.sessions.schemas import ForkIn, SessionCreated, SessionIn
 from swarmtrain.gateway.state import Gateway
@@ -124,8 +124,10 @@ async def fork(gw: Gateway, owner_id: str, parent_id: str, data: ForkIn) -> Sess
     plan = msgspec.structs.replace(plan, init_from=init)
     dataset = await owned_dataset(gw, owner_id, parent.dataset_id)
     shape = (int(dataset["features"]), int(dataset["classes"]))
-    outputs = tasks.rules(dataset["target"]).outputs(shape[1])
-    check_against_dataset(plan, rows=dataset["rows"], features=shape[0], classes=outputs, settings=gw.settings)
+    view = training_view(dataset, plan.model)
+    check_against_dataset(
+        plan, rows=view.rows, features=view.features, classes=view.outputs, settings=gw.settings, shape=view.shape
+    )
     check_lineage(plan, parent, shape, shape)
     async with gw.session_locks.hold(owner_id):
         await queries.require_session_room(gw.pool, owner_id, gw.settings.max_active_sessions)
@@ -138,6 +140,6 @@ async def fork(gw: Gateway, owner_id: str, parent_id: str, data: ForkIn) -> Sess
             uri=dataset["uri"],
             sha256=dataset["sha256"],
             label_column=dataset["label_column"],
-            data=formats.data_spec(dataset["format"], msgspec.json.decode(dataset["shape"]), target=dataset["target"]),
+            data=view.data,
         )
     return SessionCreated(session_id=session_id, status=await queries.status(gw.pool, session_id))

@@ -38,6 +38,7 @@ from swarmtrain.gateway.datasets import (
 from swarmtrain.gateway.errors import Conflict, documented
 from swarmtrain.gateway.ownership import owned
 from swarmtrain.gateway.sessions import commands, lineage, live, queries
+from swarmtrain.gateway.sessions.corpus import training_view
 from swarmtrain.gateway.sessions.planning import (
     SessionPlan,
     check_against_dataset,
@@ -80,11 +81,11 @@ async def _owned_status(gw: Gateway, owner_id: str, session_id: str) -> str:
 
 
 def _require_labelled(data_format: str) -> None:
-    """A session trains a classifier: a dataset of a format with no labels (a text corpus) has no
-    model kind to train it yet."""
+    """``/start`` uploads a table: a corpus is uploaded first (``POST /datasets``), then trained."""
     if not formats.rules(data_format).labelled:
         raise ClientException(
-            f"a {data_format} dataset trains a language model: no model kind for it yet (the transformer of issue 22)"
+            f"/sessions/start takes a table: upload a {data_format} dataset with POST /datasets, then POST /sessions"
+            " with a transformer"
         )
 
 
@@ -169,21 +170,18 @@ class SessionController(Controller):
                 return_exceptions=True,
             )
             dataset, capacities = _raise_first(reads[:2])
-            _require_labelled(dataset["format"])
+            view = training_view(dataset, plan.model)  # a table's rows, or a corpus's windows
             validation = await _validation(gw, owner_id, dataset, data.validation_dataset_id)
             plan = msgspec.structs.replace(plan, validation=validation)
-            if validation is not None or dataset["target"] != CLASSIFICATION:
+            if validation is not None or view.target != CLASSIFICATION:
                 # shard reads fit a classifier's standardization by the streamed rule only
                 plan = msgspec.structs.replace(plan, data_read="whole")
-            outputs = tasks.rules(dataset["target"]).outputs(dataset["classes"])
-            shape = models.data_shape(
-                dataset["features"], outputs, msgspec.json.decode(dataset["shape"]), task=dataset["target"]
-            )
+            shape = view.shape
             check_against_dataset(
                 plan,
-                rows=dataset["rows"],
-                features=dataset["features"],
-                classes=outputs,
+                rows=view.rows,
+                features=view.features,
+                classes=view.outputs,
                 settings=gw.settings,
                 shape=shape,
             )
@@ -198,9 +196,7 @@ class SessionController(Controller):
                 uri=dataset["uri"],
                 sha256=dataset["sha256"],
                 label_column=dataset["label_column"],
-                data=formats.data_spec(
-                    dataset["format"], msgspec.json.decode(dataset["shape"]), target=dataset["target"]
-                ),
+                data=view.data,
             )
         return SessionCreated(session_id=session_id, status=await queries.status(gw.pool, session_id))
 
