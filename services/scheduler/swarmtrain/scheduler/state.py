@@ -18,8 +18,10 @@ from dataclasses import dataclass, field, replace
 
 from swarmtrain.common import models, shapes, strategies
 from swarmtrain.common.events import (
+    BYTE_VOCAB,
     TERMINAL_SESSION_EVENTS,
     DatasetUploaded,
+    DataSpec,
     Event,
     Heartbeat,
     Hyperparameters,
@@ -92,6 +94,18 @@ class Dataset:
     classes: int
     shape: tuple[int, ...] = ()
     """One row's shape as the upload recorded it (``[C, H, W]`` for images)."""
+    tokens: int = 0
+    """A text corpus's tokens (``DatasetUploaded.tokens``)."""
+    vocab: int = 0
+    """A corpus as a session trains on it (:meth:`as_trained`): its vocabulary; 0 for a table."""
+
+    def as_trained(self, data: DataSpec) -> Dataset:
+        """The dataset as a session reading ``data`` trains on it: a corpus's rows are its windows
+        of ``data.context`` tokens and the next (``training.formats.text``), of ``context`` token ids."""
+        if data.format != "text" or data.context < 1:
+            return self
+        windows = max(0, (self.tokens - 1) // data.context)
+        return Dataset(rows=windows, features=data.context, classes=0, tokens=self.tokens, vocab=BYTE_VOCAB)
 
 
 @dataclass(frozen=True)
@@ -241,6 +255,8 @@ class Session:
         if self.dataset is None:
             return None
         d = self.dataset
+        if d.vocab:  # a corpus's windows: a language model's
+            return models.DataShape(features=d.features, classes=0, task=self.request.data.task, vocab=d.vocab)
         return models.data_shape(d.features, d.classes, list(d.shape))
 
     def activation_bytes(self) -> int:
@@ -363,7 +379,13 @@ def fold(state: State, items: Iterable[tuple[int, Event, float]]) -> State:
                     datasets = dict(state.datasets)
                 datasets.setdefault(
                     event.dataset_id,
-                    Dataset(rows=event.rows, features=event.features, classes=event.classes, shape=tuple(event.shape)),
+                    Dataset(
+                        rows=event.rows,
+                        features=event.features,
+                        classes=event.classes,
+                        shape=tuple(event.shape),
+                        tokens=event.tokens,
+                    ),
                 )
             case SessionRequested():
                 known = (state.sessions if sessions is None else sessions).get(event.session_id)
@@ -371,7 +393,7 @@ def fold(state: State, items: Iterable[tuple[int, Event, float]]) -> State:
                     sessions = dict(state.sessions)
                 dataset = (state.datasets if datasets is None else datasets).get(event.dataset_id)
                 sessions[event.session_id] = (
-                    Session(request=event, seq=seq, order=seq, dataset=dataset)
+                    Session(request=event, seq=seq, order=seq, dataset=dataset and dataset.as_trained(event.data))
                     if known is None
                     else replace(known, seq=seq)
                 )
