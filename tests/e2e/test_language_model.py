@@ -100,9 +100,11 @@ async def test_a_transformer_fedavg_on_a_corpus_beats_unigram_replays_and_genera
     rc, out, err = await cli(*args, "--seed", "0", env=env)
     assert rc == 0, err
     assert out.startswith("the cat") and len(out.encode()) >= len(b"the cat") + 40, out
+    sampled = out[len("the cat") :]
+    alphabet = set(story(700))
+    assert set(sampled) <= alphabet, out  # the corpus's own 25-odd bytes, not any of 256
     words = set(" ".join(SUBJECTS + VERBS + PLACES).replace(".", "").split())
-    said = out.replace(".", " ").split()
-    assert sum(w in words for w in said) >= len(said) // 2, out  # it learned the corpus's words
+    assert len(words & set(sampled.replace(".", " ").split())) >= 2, out  # and some of its words
     again = await cli(*args, "--seed", "0", env=env)
     assert again == (0, out, err)  # the same seed samples the same text
 

@@ -10,7 +10,7 @@ The peers read the same windows from ``DataSpec.context`` (``training.formats.te
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 import msgspec
 from litestar.exceptions import ClientException
@@ -19,7 +19,7 @@ from swarmtrain.common import formats, models, tasks
 from swarmtrain.common.events import BYTE_VOCAB, DataSpec, ModelSpec
 from swarmtrain.gateway.datasets import stored_tokenizer
 
-LANGUAGE_MODELING = "language_modeling"
+LANGUAGE_MODELING: Final = "language_modeling"
 
 
 @dataclass(frozen=True, kw_only=True)
