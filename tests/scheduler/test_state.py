@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from swarmtrain.common.events import (
+    DatasetUploaded,
+    DataSpec,
     Event,
     Heartbeat,
     Hyperparameters,
@@ -21,6 +23,7 @@ from swarmtrain.common.events import (
     SessionRequested,
     SessionStarted,
 )
+from swarmtrain.common.models import TransformerSpec
 from swarmtrain.scheduler.actions import (
     Action,
     Append,
@@ -261,3 +264,29 @@ def test_stale_locks_of_a_session_that_never_started_are_released_at_start_up_wi
     [release] = [a for a in recover(state, Clocks(now=0.0, wall=stale + 1), CONFIG) if isinstance(a, AppendIf)]
     assert (release.event.peer_id, release.event.session_id, release.expected) == ("a", "s1", state.peers["a"].seq)  # type: ignore[union-attr]
     assert release.event.event_id == f"s1.a.released.{state.peers['a'].lock_seq}"
+
+
+def test_a_corpus_session_counts_the_windows_of_its_models_context() -> None:
+    corpus = DatasetUploaded(
+        dataset_id="d",
+        owner_id="u",
+        name="c.txt",
+        uri="file:///d.text",
+        sha256="0",
+        size_bytes=3201,
+        rows=100,
+        features=0,
+        classes=0,
+        label_column="text",
+        format="text",
+        tokens=3201,
+        target="language_modeling",
+    )
+    data = DataSpec(format="text", task="language_modeling", context=32)
+    model = TransformerSpec(layers=1, d_model=16, heads=2, context=32)
+    request = session_requested(num_peers=2, strategy="fedavg", rounds=2, model=model, data=data)
+    session = replay(corpus, request).sessions["s1"]
+    assert session.dataset is not None and (session.dataset.rows, session.dataset.features) == (100, 32)
+    assert session.training_rows() == 80 and session.training_rows(0) == 40  # windows, not lines
+    assert session.param_count() == model.parameter_count(session.data_shape())  # type: ignore[arg-type]
+    assert session.param_count() > 256 * 16  # the tied embedding of the byte vocabulary
