@@ -227,4 +227,4 @@ async def test_a_preview_of_every_format(client: Client, alice: Headers) -> None
 
     lines = corpus(30)
     text = await preview(jsonl(lines), "c.jsonl")
-    assert text["lines"] == lines[:10] and text["tokens"] == len("".join(lines).encode())
+    assert text["lines"] == lines[:10] and text["tokens"] == len("".join(line + "\n" for line in lines).encode())
