@@ -290,3 +290,4 @@ def test_a_corpus_session_counts_the_windows_of_its_models_context() -> None:
     assert session.training_rows() == 80 and session.training_rows(0) == 40  # windows, not lines
     assert session.param_count() == model.parameter_count(session.data_shape())  # type: ignore[arg-type]
     assert session.param_count() > 256 * 16  # the tied embedding of the byte vocabulary
+    assert session.data_bytes() == 100 * 32 * (4 + 8)  # float32 ids and int64 next tokens a window

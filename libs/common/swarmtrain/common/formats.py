@@ -34,8 +34,8 @@ class FormatRules:
     media_type: str
     """The content type its blob is served with."""
     labelled: bool = True
-    """Rows with a label a classifier trains on; False: a corpus (a language model's; no model kind
-    trains one yet, so a session on it is refused)."""
+    """Rows with a label a classifier trains on; False: a corpus, whose rows a session cuts into
+    windows of its model's context (a language model's; ``gateway.sessions.corpus``)."""
 
 
 RULES: Registry[FormatRules] = Registry("data format")

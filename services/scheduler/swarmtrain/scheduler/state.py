@@ -274,6 +274,8 @@ class Session:
 
     def data_bytes(self) -> int:
         """The parsed dataset a peer holds in memory: rows x (features + label) x 4 bytes."""
+        if self.dataset is not None and self.dataset.vocab:  # a corpus: float32 ids, int64 next tokens
+            return 12 * self.dataset.rows * self.dataset.features
         return 0 if self.dataset is None else 4 * self.dataset.rows * (self.dataset.features + 1)
 
     def max_model_bytes(self, model: ModelSpec | None = None) -> int:
