@@ -13,8 +13,9 @@ import pytest
 import torch
 from torch import nn
 
-from swarmtrain.common.events import Hyperparameters, ModelSpec, Train
-from swarmtrain.common.models import CnnSpec, MlpSpec
+from swarmtrain.common.events import DataSpec, Hyperparameters, ModelSpec, Train
+from swarmtrain.common.fedopts import RoundOptions, ShardingSpec
+from swarmtrain.common.models import CnnSpec, MlpSpec, TransformerSpec
 from swarmtrain.peer.strategies.fedavg import LocalLearner, check_command, round_seed
 from swarmtrain.peer.trainer import EpochStats, PrecisionUnsupported, TrainJob, cpu_bf16_supported, train
 from swarmtrain.training.averaging import state_bytes, weighted_average
@@ -275,3 +276,33 @@ def test_a_starting_model_is_loaded_whole_and_one_that_does_not_fit_is_a_data_er
     with pytest.raises(DataError, match="does not fit"):
         apply_init(model, other)
     assert all(torch.equal(t, init[name]) for name, t in model.state_dict().items())  # untouched
+
+
+def test_a_corpus_shard_read_trains_exactly_as_the_whole_read(tmp_path: Path) -> None:
+    """A fedavg peer on a corpus reads only its shard's windows and the validation ones, and
+    starts, trains and measures bit for bit as a peer that read the whole corpus."""
+    path = tmp_path / "story.text"
+    path.write_text("".join(f"the {w} sat on mat number {i % 7}.\n" for i, w in enumerate(["cat", "dog"] * 150)))
+    data = DataSpec(format="text", task="language_modeling", context=16)
+    model = TransformerSpec(layers=1, d_model=16, heads=2, context=16)
+    base = msgspec.structs.replace(_fedavg(1, 2, spec=model), label_column="text", data=data)
+    whole = LocalLearner(path, msgspec.structs.replace(base, data_read="whole"), torch_threads=1)
+    shard = LocalLearner(path, msgspec.structs.replace(base, data_read="shard"), torch_threads=1)
+    assert state_bytes(whole.reference) == state_bytes(shard.reference)
+    for a, b in ((whole.x_shard, shard.x_shard), (whole.y_shard, shard.y_shard), (whole.y_val, shard.y_val)):
+        assert torch.equal(a, b)
+    assert (whole.num_samples, whole.histograms, whole.metadata) == (
+        shard.num_samples,
+        shard.histograms,
+        shard.metadata,
+    )
+    assert shard.x_train is None  # the training split is not held
+    for learner in (whole, shard):
+        learner.train_round(1, lambda _: None, threading.Event())
+    assert whole.model_file() == shard.model_file()
+    assert whole.evaluate_train() == pytest.approx(shard.evaluate_train())
+    with pytest.raises(DataError, match="iid"):
+        skewed = msgspec.structs.replace(
+            base, data_read="shard", round_options=RoundOptions(sharding=ShardingSpec(name="label_skew"))
+        )
+        LocalLearner(path, skewed, torch_threads=1)

@@ -88,7 +88,7 @@ def session_model(
     """The starting model of a session whose peers read ``data_read``: :func:`initial_model` for
     ``whole``, :func:`fitted_model` with the streamed statistics for ``shard`` (a classification
     without its own validation set: the gateway reads every other session ``whole``)."""
-    if data_read == "whole":
+    if data_read == "whole" or data.vocab:  # token ids: nothing to standardize, the same either way
         return initial_model(spec, data, train_idx, seed)
     mean, std = streamed_stats(data.features, train_idx)
     return fitted_model(spec, data.features.shape[1], len(data.classes), mean, std, seed)

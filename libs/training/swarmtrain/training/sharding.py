@@ -16,16 +16,18 @@ dataset, and the rows are exactly those a whole read would slice.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from swarmtrain.common import shapes
 from swarmtrain.common.events import DataSpec
 from swarmtrain.common.fedopts import ShardingSpec
 from swarmtrain.training.data import DataError, read_index, scan, shard_indices, split_indices
+from swarmtrain.training.formats.text import read_windows
 from swarmtrain.training.stats import StreamedStats
 
 MAX_DRAWS = 1000
@@ -160,7 +162,18 @@ def read_shard(
     shard: int,
 ) -> ShardData:
     """Shard ``shard`` of ``num_shards`` of ``path``'s training rows, its validation rows and the
-    training split's statistics, in one pass that holds no more than those rows and a block."""
+    training split's statistics, in one pass that holds no more than those rows and a block; a
+    corpus: :func:`read_window_shard`."""
+    if spec.format == "text":
+        return read_window_shard(
+            path,
+            spec,
+            validation_split=validation_split,
+            seed=seed,
+            sharding=sharding,
+            num_shards=num_shards,
+            shard=shard,
+        )
     index = read_index(path, spec, label_column)
     labels = torch.from_numpy(index.labels)
     train_idx, val_idx = split_indices(index.rows, validation_split, seed)
@@ -204,3 +217,62 @@ def read_shard(
         feature_names=index.feature_names,
         label_column=label_column,
     )
+
+
+def read_window_shard(
+    path: Path,
+    spec: DataSpec,
+    *,
+    validation_split: float,
+    seed: int,
+    sharding: ShardingSpec,
+    num_shards: int,
+    shard: int,
+) -> ShardData:
+    """A corpus's shard: its windows (rows) and the validation windows, cut as a whole read cuts
+    them (``split_indices``, ``iid``), read in one streamed pass that keeps only those windows
+    (``formats.text.read_windows``). No statistics (token ids are not standardized), and no
+    training labels kept (``train_labels`` empty: the final figures are measured window block by
+    window block, :func:`window_blocks`)."""
+    if sharding.name != "iid":
+        raise DataError(f"sharding {sharding.name!r} skews classes: a corpus has none (use iid)")
+    if not 0 <= shard < num_shards:
+        raise DataError(f"shard {shard} of {num_shards} does not exist")
+    windows = read_index(path, spec, "text").rows
+    train_idx, val_idx = split_indices(windows, validation_split, seed)
+    mine = shard_indices(train_idx, num_shards, shard, seed)
+    wanted = np.union1d(mine.numpy(), val_idx.numpy())
+    x, y = read_windows(path, spec, wanted)
+    at_mine, at_val = np.searchsorted(wanted, mine.numpy()), np.searchsorted(wanted, val_idx.numpy())
+    sizes = [[n] for n in _shard_sizes(len(train_idx), num_shards)]
+    return ShardData(
+        x=torch.from_numpy(x[at_mine]),
+        y=torch.from_numpy(y[at_mine]),
+        x_val=torch.from_numpy(x[at_val]),
+        y_val=torch.from_numpy(y[at_val]),
+        rows=mine,
+        train_idx=train_idx,
+        val_idx=val_idx,
+        train_labels=torch.empty(0, dtype=torch.int64),
+        histograms=sizes,
+        mean=torch.zeros(0),
+        std=torch.ones(0),
+        classes=[],
+        feature_names=[],
+        label_column="text",
+    )
+
+
+def _shard_sizes(rows: int, num_shards: int) -> list[int]:
+    return [stop - start for start, stop in (shapes.shard_bounds(rows, num_shards, k) for k in range(num_shards))]
+
+
+def window_blocks(
+    path: Path, spec: DataSpec, rows: torch.Tensor, block: int = 4096
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The windows ``rows`` (any order) of a corpus as ``(x, y)`` blocks of at most ``block``
+    windows, ascending: each block one streamed pass, memory bounded by a block."""
+    ordered = np.sort(rows.numpy().astype(np.int64))
+    for start in range(0, len(ordered), block):
+        x, y = read_windows(path, spec, ordered[start : start + block])
+        yield torch.from_numpy(x), torch.from_numpy(y)

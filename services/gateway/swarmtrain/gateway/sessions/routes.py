@@ -38,7 +38,7 @@ from swarmtrain.gateway.datasets import (
 from swarmtrain.gateway.errors import Conflict, documented
 from swarmtrain.gateway.ownership import owned
 from swarmtrain.gateway.sessions import commands, lineage, live, queries
-from swarmtrain.gateway.sessions.corpus import training_view
+from swarmtrain.gateway.sessions.corpus import LANGUAGE_MODELING, training_view
 from swarmtrain.gateway.sessions.planning import (
     SessionPlan,
     check_against_dataset,
@@ -173,8 +173,8 @@ class SessionController(Controller):
             view = training_view(dataset, plan.model)  # a table's rows, or a corpus's windows
             validation = await _validation(gw, owner_id, dataset, data.validation_dataset_id)
             plan = msgspec.structs.replace(plan, validation=validation)
-            if validation is not None or view.target != CLASSIFICATION:
-                # shard reads fit a classifier's standardization by the streamed rule only
+            if validation is not None or view.target not in (CLASSIFICATION, LANGUAGE_MODELING):
+                # shard reads fit a classifier's standardization by the streamed rule only (a corpus has none)
                 plan = msgspec.structs.replace(plan, data_read="whole")
             shape = view.shape
             check_against_dataset(

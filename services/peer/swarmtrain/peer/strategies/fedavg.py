@@ -69,6 +69,7 @@ import torch
 from swarmtrain.common import blob, signing
 from swarmtrain.common.blobkeys import average_uri, update_uri
 from swarmtrain.common.events import (
+    BYTE_VOCAB,
     CLASSIFICATION,
     ModelUpdatePublished,
     PeerDone,
@@ -79,6 +80,7 @@ from swarmtrain.common.events import (
     UpdateRejected,
 )
 from swarmtrain.common.logging import get_logger
+from swarmtrain.common.models import DataShape
 from swarmtrain.peer.strategies.base import STRATEGIES, JobContext
 from swarmtrain.peer.trainer import (
     Amp,
@@ -99,7 +101,7 @@ from swarmtrain.training.averaging import Tensors, UpdateUnavailable, sha256_hex
 from swarmtrain.training.compression import encode_update
 from swarmtrain.training.data import DataError, scan
 from swarmtrain.training.evaluation import EVAL_BATCH
-from swarmtrain.training.init import apply_init, fitted_model, initial_model
+from swarmtrain.training.init import apply_init, fitted_model, initial_model, seeded_model
 from swarmtrain.training.model import ModelMetadata, model_bytes
 from swarmtrain.training.optim import Steps, steps_per_epoch
 from swarmtrain.training.outer import State
@@ -111,7 +113,7 @@ from swarmtrain.training.rounds import (
     replay_rounds,
     update_file,
 )
-from swarmtrain.training.sharding import make_shards
+from swarmtrain.training.sharding import make_shards, window_blocks
 
 log = get_logger("swarmtrain.peer.fedavg")
 
@@ -187,21 +189,38 @@ class LocalLearner:
         self._job = job
         self._train_rows: tuple[torch.Tensor, torch.Tensor] | None = None
         """``shard``: the training rows and their labels, measured by a streamed pass (not held)."""
-        if command.data_read == "shard":
+        self._train_windows: torch.Tensor | None = None
+        """``shard`` of a corpus: the training windows, measured block by block (not held)."""
+        self.metadata: ModelMetadata
+        x_train: torch.Tensor | None = None
+        y_train: torch.Tensor | None = None
+        if command.data_read == "shard" and command.data.format == "text":  # a corpus: only its windows
+            which = ShardJob(
+                shard=command.shard, num_shards=command.num_shards, sharding=command.round_options.sharding
+            )
+            part = parse_shard(job, which)
+            shape = DataShape(features=command.data.context, classes=0, task=command.data.task, vocab=BYTE_VOCAB)
+            self.num_samples, self.histograms = len(part.rows), part.histograms
+            self.metadata = ModelMetadata.for_spec(
+                command.model, classes=[], feature_names=[], label_column="text", shape=shape
+            )
+            self.model = seeded_model(command.model, command.data.context, 0, command.seed, shape)
+            x_shard, y_shard, x_val, y_val = part.x, part.y, part.x_val, part.y_val
+            self._train_windows = part.train_idx
+            self.task = tasks.task(command.data.task)
+        elif command.data_read == "shard":
             which = ShardJob(
                 shard=command.shard, num_shards=command.num_shards, sharding=command.round_options.sharding
             )
             part = parse_shard(job, which)
             self.num_samples = len(part.rows)
             self.histograms = part.histograms
-            self.metadata: ModelMetadata = ModelMetadata.for_spec(
+            self.metadata = ModelMetadata.for_spec(
                 command.model, classes=part.classes, feature_names=part.feature_names, label_column=part.label_column
             )
             n_features, n_classes = len(part.feature_names), len(part.classes)
             self.model = fitted_model(command.model, n_features, n_classes, part.mean, part.std, command.seed)
             x_shard, y_shard, x_val, y_val = part.x, part.y, part.x_val, part.y_val
-            x_train: torch.Tensor | None = None
-            y_train: torch.Tensor | None = None
             self._train_rows = (part.train_idx, part.train_labels)
             self.task = tasks.task(CLASSIFICATION)  # the gateway reads every other task whole
         else:  # a session from before DataRead: the whole dataset, as its peers read it
@@ -286,6 +305,8 @@ class LocalLearner:
         if self.x_train is not None and self.y_train is not None:
             measured = self.task.evaluate(self.model, self.x_train, self.y_train)
             return measured.loss, measured.score
+        if self._train_windows is not None:  # a corpus's training windows, a block at a time
+            return self._evaluate_windows(self._train_windows)
         assert self._train_rows is not None
         train_idx, train_labels = self._train_rows
         order = torch.argsort(train_idx)
@@ -306,6 +327,17 @@ class LocalLearner:
         if not done:
             return None, None
         return loss_sum / done, correct / done
+
+    def _evaluate_windows(self, windows: torch.Tensor) -> tuple[float | None, float | None]:
+        job = self._job
+        loss_sum, score_sum, tokens = 0.0, 0.0, 0
+        for x, y in window_blocks(job.csv_path, job.data, windows):
+            measured = self.task.evaluate(self.model, x.to(self.device), y.to(self.device))
+            if measured.loss is None or measured.score is None:
+                continue
+            n = int(y.numel())
+            loss_sum, score_sum, tokens = loss_sum + measured.loss * n, score_sum + measured.score * n, tokens + n
+        return (loss_sum / tokens, score_sum / tokens) if tokens else (None, None)
 
     def model_file(self) -> bytes:
         """The current weights as a model file (``load_model`` reads it); no peer-specific metadata."""
