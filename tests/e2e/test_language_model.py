@@ -84,6 +84,8 @@ async def test_a_transformer_fedavg_on_a_corpus_beats_unigram_replays_and_genera
     assert perplexity < 0.7 * unigram, (perplexity, unigram)
     assert done["val_accuracy"] is not None and 0.0 < done["val_accuracy"] <= 1.0  # next-token accuracy
     page = (await api.client.get(f"/sessions/{sid}/events", params={"limit": 1000})).json()
+    [requested] = [r["event"] for r in page["events"] if r["event"]["type"] == "SessionRequested"]
+    assert (requested["data_read"], requested["data"]["context"]) == ("shard", CONTEXT)  # peers read their windows
     beats = [r["event"]["figures"] for r in page["events"] if r["event"]["type"] == "Heartbeat"]
     assert len(beats) == 2 * 3 * LOCAL["epochs"], beats  # every peer's every epoch
     assert all(b["tokens_per_s"] > 0 and 1.0 < b["perplexity"] < 256 for b in beats), beats
