@@ -80,17 +80,19 @@ class Log:
             self.ended[sid].set()
 
 
-def device_seconds(events: list[tuple[float, Event]]) -> float:
-    """Each trial's time on its peer, summed: from its ``TrialStarted`` (each attempt's) to its end."""
+def device_seconds(events: list[tuple[float, Event]], only: list[PeerDone] | None = None) -> float:
+    """Each trial's time on its peer, summed: from its ``TrialStarted`` (each attempt's) to its end;
+    ``only``: of the trials these ``PeerDone`` ended."""
     started: dict[tuple[int, str], float] = {}
     spent = 0.0
+    keep = None if only is None else {(e.trial, e.peer_id) for e in only}
     for at, event in events:
         match event:
             case TrialStarted(trial=trial, peer_id=peer):
                 started[(trial, peer)] = at
             case PeerDone(trial=int() as trial) | PeerFailed(trial=int() as trial) | TrialPruned(trial=trial):
                 begun = started.pop((trial, event.peer_id), None)
-                if begun is not None:
+                if begun is not None and (keep is None or (trial, event.peer_id) in keep):
                     spent += at - begun
     return spent
 
@@ -121,9 +123,14 @@ async def search_once(
         raise RuntimeError(f"search {sid} failed: {end.reason}")
     concluded = next(e for _, e in events if isinstance(e, SearchConcluded))
     assert concluded.best_value is not None, "the scheduler measured no finished trial"
+    # the finished trials' own training time (their peers' PeerDone): the rest of their
+    # device-seconds is what a trial costs besides its epochs
+    done = [e for _, e in events if isinstance(e, PeerDone) and e.trial is not None]
     return {
         "best": concluded.best_value,
         "device_s": device_seconds(events),
+        "train_s_of_done": sum(e.train_seconds for e in done),
+        "device_s_of_done": device_seconds(events, done),
         "wall_s": wall,
         "done": concluded.done,
         "pruned": concluded.pruned,
@@ -183,6 +190,13 @@ async def run(fast: bool) -> Report:
         if name == "random + asha":
             row.target = "<= 1/3 of unpruned, within 1 point"
             row.met = spent <= base_s / 3 and best >= base_best - 0.01
+    fixed = [(r["device_s_of_done"] - r["train_s_of_done"]) / r["done"] for r in base]
+    report.add(
+        f"{BASE}: device-seconds of a trial besides its epochs (mean)",
+        statistics.mean(fixed),
+        "s",
+        note="a finished trial's TrialStarted -> PeerDone less its PeerDone.train_seconds",
+    )
     report.extra = {
         "peers": f"{peers} peer processes, CPU, 1 torch thread each",
         "trials": budget,
