@@ -20,6 +20,8 @@ from swarmtrain.common.events import (
     PeerFailed,
     PeerLocked,
     PeerRegistered,
+    PeerReleased,
+    PeerWentOffline,
     PeerWentOnline,
     Presence,
     SearchConcluded,
@@ -234,3 +236,41 @@ def test_a_peer_killed_mid_trial_has_its_trial_run_again_never_lost_never_counte
     finished = [e for e in session.search_log if type(e).__name__ == "Finished"]
     assert sorted(e.trial for e in finished) == list(range(5))  # each trial once
     assert next(e for e in appended if isinstance(e, SearchConcluded)).done == 5
+
+
+def decided(state: State) -> tuple[State, list[Event]]:
+    """One decision, its appended facts folded back in (a shell that appends them all)."""
+    new = [a.event for a in decide(state, CLOCKS, CONFIG) if isinstance(a, Append | AppendIf)]
+    return replay(state, *new), new
+
+
+def test_a_trial_whose_peer_dies_after_the_last_was_handed_out_runs_again_on_a_peer_that_waited() -> None:
+    """Every trial handed out, the other peers done: the search keeps them (a trial still training
+    may fail and need one); the dead peer's trial runs again on one of them, and the search ends."""
+    state = running(search(trials_=2), peers=("a", "b"))
+    starts: list[TrialStarted] = []
+    while len(starts) < 2:
+        state, new = decided(state)
+        starts += [e for e in new if isinstance(e, TrialStarted)]
+    on_a = next(s for s in starts if s.peer_id == "a")
+    on_b = next(s for s in starts if s.peer_id == "b")
+    done = PeerDone(
+        session_id="s",
+        peer_id="a",
+        trial=on_a.trial,
+        model_uri="file:///blobs/a",
+        model_sha256=SHA,
+        epochs=4,
+        loss=0.5,
+        accuracy=0.5,
+        val_accuracy=0.5,
+        train_seconds=4.0,
+    )
+    state, new = decided(replay(state, done))
+    assert not [e for e in new if isinstance(e, PeerReleased)], "a peer left while a trial may still need it"
+    assert state.peers["a"].session_id == "s"
+    failed = PeerFailed(session_id="s", peer_id="b", trial=on_b.trial, reason="peer went offline")
+    state, new = decided(replay(state, PeerWentOffline(peer_id="b"), failed))
+    again = [e for e in new if isinstance(e, TrialStarted)]
+    assert [(e.trial, e.attempt, e.peer_id) for e in again] == [(on_b.trial, 1, "a")]
+    assert again[0].params == on_b.params

@@ -320,8 +320,10 @@ def _ended_run(session: Session, peer: Peer) -> bool:
     """Whether ``peer``'s lock is that of a run of ``session`` that has ended (not a start or
     reassignment in progress, nor a peer still at work)."""
     run = session.run_of(peer.peer_id)
-    if session.searching and session.status == "running" and session.trials_left() and peer.online:
-        return False  # between two trials: it takes the next one
+    if session.searching and session.status == "running" and not trials.done(session) and peer.online:
+        # between two trials it takes the next one; with none left it waits for the trials still
+        # training, since one whose peer dies runs again on a peer the search still holds
+        return False
     return session.status != "queued" and run is not None and run.status != "training"
 
 
