@@ -206,7 +206,7 @@ def test_asha_prunes_trials_at_a_rung_and_their_peer_takes_the_next_at_once() ->
     pruned = [e for e in appended if isinstance(e, TrialPruned)]
     assert pruned, "asha stopped no trial"
     for p in pruned:
-        assert p.rung in (1, 2, 4) and "asha" in p.reason
+        assert p.rung in (1, 2) and "asha" in p.reason  # never at its last epoch: that trial is done
         beats = [e for e in appended if isinstance(e, Heartbeat) and e.trial == p.trial]
         assert max(b.epoch for b in beats) < 4  # stopped before its last epoch
         after = appended[appended.index(p) :]
@@ -215,6 +215,19 @@ def test_asha_prunes_trials_at_a_rung_and_their_peer_takes_the_next_at_once() ->
     concluded = next(e for e in appended if isinstance(e, SearchConcluded))
     assert concluded.pruned == len(pruned) and concluded.done + concluded.pruned == 9
     assert state.sessions["s"].status == "completed"
+
+
+def test_a_trial_at_its_last_epoch_is_never_pruned_its_result_is_kept() -> None:
+    """TPE with asha over 9 and 16 trials reaches the rung at epoch 4, every trial's last: the
+    trials judged there have done all their work, so they finish and count as done."""
+    for n in (9, 16):
+        _, appended = run(running(search("asha", trials_=n, sampler="tpe")))
+        pruned = [e for e in appended if isinstance(e, TrialPruned)]
+        assert pruned and all(p.rung < 4 for p in pruned), [p.rung for p in pruned]
+        done = {e.trial for e in appended if isinstance(e, PeerDone)}
+        assert done.isdisjoint(p.trial for p in pruned)
+        concluded = next(e for e in appended if isinstance(e, SearchConcluded))
+        assert (concluded.done, concluded.pruned) == (len(done), len(pruned)) and len(done) + len(pruned) == n
 
 
 def test_a_peer_killed_mid_trial_has_its_trial_run_again_never_lost_never_counted_twice() -> None:

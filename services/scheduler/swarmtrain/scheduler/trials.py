@@ -83,8 +83,8 @@ def step(state: State, session: Session, locked: Sequence[Peer], clocks: Clocks,
         if not decision.prune:
             continue
         run = session.runs.get(trial_key(decision.trial))
-        if run is None or run.status != "training":
-            continue
+        if run is None or run.status != "training" or decision.epoch >= run.hyperparameters.epochs:
+            continue  # a trial at its last epoch has done its work: its result is kept, not pruned
         figure = run.figures.get(decision.epoch)
         pruned = TrialPruned(
             event_id=f"{sid}.trial{decision.trial}.pruned",
