@@ -287,3 +287,21 @@ def test_a_trial_whose_peer_dies_after_the_last_was_handed_out_runs_again_on_a_p
     again = [e for e in new if isinstance(e, TrialStarted)]
     assert [(e.trial, e.attempt, e.peer_id) for e in again] == [(on_b.trial, 1, "a")]
     assert again[0].params == on_b.params
+
+
+def test_a_search_whose_every_peer_went_offline_with_trials_left_fails_with_the_count() -> None:
+    """Offline peers are released: a search holding none, with trials not finished, can never run
+    them, so it fails and says how many were left instead of waiting for ever."""
+    state = running(search(trials_=3), peers=("a",))
+    state, new = decided(state)
+    start = next(e for e in new if isinstance(e, TrialStarted))
+    failed = PeerFailed(session_id="s", peer_id="a", trial=start.trial, reason="peer went offline")
+    state = replay(state, PeerWentOffline(peer_id="a"), failed)
+    for _ in range(3):  # the release, then the end
+        state, new = decided(state)
+        if state.sessions["s"].status != "running":
+            break
+    session = state.sessions["s"]
+    assert session.status == "failed", session.status
+    assert session.ended is not None and "3 of its 3 trials not finished" in session.ended.reason
+    assert state.peers["a"].session_id is None

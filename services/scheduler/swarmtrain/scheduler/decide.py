@@ -75,6 +75,10 @@ def decide(state: State, clocks: Clocks, config: Config) -> list[Action]:
         if session.status != "running":
             continue
         if session.searching:
+            if not locked.get(session.session_id) and not trials.done(session):
+                # every peer it held went offline with trials left: nothing would ever run them
+                actions.append(Append(trials.stranded(session, clocks)))
+                continue
             mine = [p for p in locked.get(session.session_id, []) if p.peer_id not in unavailable | failing]
             actions += trials.step(state, session, mine, clocks, config)
             actions += resend(state, session, clocks, config, skip=unavailable | failing)
