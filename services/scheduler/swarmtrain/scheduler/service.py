@@ -10,7 +10,11 @@ it decides nothing itself. Its own mechanics:
   then acked;
 - no tick to wait for: the loop sleeps until a report comes (a fetch kept in flight), something is
   appended to the log (a core subscription on the event subjects rings a doorbell), or
-  ``TICK_S`` has passed (what only time decides: timeouts, deadlines);
+  ``TICK_S`` has passed (what only time decides: timeouts, deadlines); it reads the log for
+  another's append or a tick (its own appends are read back before the next decision, reports
+  read it to its end before they are checked), and a batch of heartbeats of sessions that do not
+  search is checked and appended without a decision (nothing follows from them at once: the next
+  wake decides, a tick at most);
 - commands sent once per process (``Send``/``Forward`` ids remembered), ``SessionFact`` signed only
   when sent, evaluations run in worker threads;
 - riding out faults: an event whose evolve raises is quarantined (logged, counted, skipped); a
