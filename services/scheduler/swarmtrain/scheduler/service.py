@@ -279,7 +279,8 @@ class Scheduler:
         A report whose fact is in the log already (redelivered: its ack was lost) is acked as it is.
         One that cannot be recorded (the log unreachable, electing a leader) comes again, and the
         failure is raised: a fault to ride out."""
-        if not batch:
+        self.beats_only = False
+        if not batch:  # a fetch that timed out: a tick
             return 0
         await self.read_to(events, max(self.barrier, await bus.last_sequence(self.js)))
         checked: list[tuple[Msg, Report, str, Event]] = []
