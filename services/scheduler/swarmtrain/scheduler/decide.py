@@ -203,6 +203,7 @@ def _train(
         config,
         session.max_model_bytes(),
         session.init,
+        run.checkpoint,
     )
 
 
