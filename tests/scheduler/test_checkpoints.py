@@ -15,14 +15,17 @@ from swarmtrain.common.events import (
     CheckpointSaved,
     DatasetUploaded,
     Hyperparameters,
+    PeerFailed,
     PeerLocked,
     PeerRegistered,
     PeerWentOnline,
     Presence,
     ReportRejected,
+    SessionCompleted,
+    SessionFailed,
     SessionStarted,
 )
-from swarmtrain.scheduler.actions import Clocks, Config, Method, Send, Timing, train_command
+from swarmtrain.scheduler.actions import Append, Clocks, Config, Method, Reassign, Send, Timing, train_command
 from swarmtrain.scheduler.decide import decide
 from swarmtrain.scheduler.reports import check
 from swarmtrain.scheduler.state import State, observe_presence
@@ -45,14 +48,14 @@ CONFIG = Config(uri=lambda key: f"file:///blobs/{key}", timing=TIMING, signer=si
 replay = functools.partial(helpers.replay, observed_at=WALL)
 
 
-def running(hp: Hyperparameters = HP, strategy: str = "sweep") -> State:
+def running(hp: Hyperparameters = HP, strategy: str = "sweep", **fields: Any) -> State:
     state = State(started_at=0.0)
     dataset = DatasetUploaded(
         dataset_id="d", owner_id="u", name="d", uri="file:///blobs/datasets/d.csv", sha256=SHA, size_bytes=1,
         rows=100, features=4, classes=3, label_column="label",
     )  # fmt: skip
     state = replay(state, dataset, PeerRegistered(peer_id="a", name="a", device="cpu"), PeerWentOnline(peer_id="a"))
-    request = session_requested("s", 1, hp, strategy=strategy, dataset_uri="file:///blobs/datasets/d.csv")
+    request = session_requested("s", 1, hp, strategy=strategy, dataset_uri="file:///blobs/datasets/d.csv", **fields)
     shards = {"a": 0} if strategy == "fedavg" else {}
     state = replay(
         state,
@@ -135,3 +138,42 @@ def test_a_re_sent_train_resumes_from_the_last_checkpoint() -> None:
     assert (train.resume_epoch, train.resume_uri, train.resume_sha256) == (6, f"{CKPT}/6.safetensors", "ef" * 32)
     assert train.resume_url == "https://signed/GET/sessions/s/checkpoints/a/6.safetensors"
     assert sorted(train.checkpoint_urls) == [9]  # its next checkpoints only
+
+
+def idle_spare(state: State) -> State:
+    state = replay(state, PeerRegistered(peer_id="z", name="z", device="cpu"), PeerWentOnline(peer_id="z"))
+    return observe_presence(state, Presence(peer_id="z", name="z", device="cpu"), 0.0)
+
+
+def test_a_failed_run_with_a_checkpoint_is_taken_over_by_an_idle_peer_from_that_checkpoint() -> None:
+    last = saved(6, uri=f"{CKPT}/6.safetensors")
+    state = replay(idle_spare(running()), saved(3), last, PeerFailed(session_id="s", peer_id="a", reason="gone"))
+    (moved,) = [a for a in decide(state, Clocks(now=1.0, wall=WALL + 1.0), CONFIG) if isinstance(a, Reassign)]
+    assert (moved.moved.from_peer_id, moved.moved.to_peer_id, moved.lock.event.peer_id) == ("a", "z", "z")
+    train = moved.train
+    assert (train.peer_id, train.hyperparameters, train.resume_epoch, train.resume_uri) == ("z", HP, 6, last.uri)
+    assert train.checkpoints_uri == "file:///blobs/sessions/s/checkpoints/z" and sorted(train.checkpoint_urls) == [9]
+    taken = replay(state, PeerLocked(peer_id="z", session_id="s"), moved.moved)
+    run = taken.sessions["s"].runs["z"]
+    assert (run.status, run.hyperparameters, run.checkpoint) == ("training", HP, last)
+    assert not [a for a in decide(taken, Clocks(now=1.0, wall=WALL + 1.0), CONFIG) if isinstance(a, Reassign)]
+    # the newcomer's checkpoints go on after the one it took over
+    ckpt_z = "file:///blobs/sessions/s/checkpoints/z"
+    assert "last checkpoint is of epoch 6" in refused(taken, saved(3, peer_id="z", uri=f"{ckpt_z}/3.safetensors"), "z")
+    nine = saved(9, peer_id="z", event_id="s.z.train.1.checkpoint9", uri=f"{ckpt_z}/9.safetensors")
+    assert check(taken, "z", nine, CONFIG) is nine
+
+
+def test_a_failed_run_without_a_checkpoint_fails_alone_as_before() -> None:
+    failed = PeerFailed(session_id="s", peer_id="a", reason="gone")
+    state = replay(idle_spare(running()), failed)
+    assert not [a for a in decide(state, Clocks(now=1.0, wall=WALL + 1.0), CONFIG) if isinstance(a, Reassign)]
+    keep = replay(idle_spare(running(on_peer_failure="continue")), saved(3), failed)
+    assert not [a for a in decide(keep, Clocks(now=1.0, wall=WALL + 1.0), CONFIG) if isinstance(a, Reassign)]
+
+
+def test_a_session_whose_only_run_is_taken_over_does_not_end_in_that_decision() -> None:
+    state = replay(idle_spare(running()), saved(3), PeerFailed(session_id="s", peer_id="a", reason="gone"))
+    actions = decide(state, Clocks(now=1.0, wall=WALL + 1.0), CONFIG)
+    assert [a for a in actions if isinstance(a, Reassign)]
+    assert not [a for a in actions if isinstance(a, Append) and isinstance(a.event, SessionFailed | SessionCompleted)]

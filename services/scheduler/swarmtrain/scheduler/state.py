@@ -521,11 +521,17 @@ def _evolve_session(session: Session, seq: int, event: Event, wall: float) -> Se
                 )
         case ShardReassigned():
             if takes_new_runs(session.status) and event.to_peer_id not in session.runs:
+                # a sweep's run taken over from its last checkpoint: the same hyperparameters and checkpoint
+                sweep = not strategies.rules(session.request.strategy).rounds
+                previous = session.runs.get(event.from_peer_id) if sweep else None
                 run = Run(
-                    hyperparameters=session.request.hyperparameters[event.shard],
+                    hyperparameters=session.request.hyperparameters[event.shard]
+                    if previous is None
+                    else previous.hyperparameters,
                     shard=event.shard,
                     start_round=event.round,
                     since=wall,
+                    checkpoint=None if previous is None else previous.checkpoint,
                 )
                 session = replace(session, facts=(*session.facts, event))
                 return replace(_with_run(session, event.to_peer_id, run), round_base=max(session.round_base, wall))
