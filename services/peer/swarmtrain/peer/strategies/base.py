@@ -206,7 +206,10 @@ class JobContext:
                 sha256=ref.sha256,
                 nbytes=len(data),
             )
-            asyncio.run_coroutine_threadsafe(self.report(saved), loop).result()
+            async def send() -> None:
+                await self.report(saved)
+
+            asyncio.run_coroutine_threadsafe(send(), loop).result()
 
         return save
 
