@@ -206,6 +206,7 @@ class JobContext:
                 sha256=ref.sha256,
                 nbytes=len(data),
             )
+
             async def send() -> None:
                 await self.report(saved)
 
