@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
+import pytest
 
 from swarmtrain.common.events import (
     MAX_CHECKPOINT_URLS,
@@ -177,3 +178,9 @@ def test_a_session_whose_only_run_is_taken_over_does_not_end_in_that_decision() 
     actions = decide(state, Clocks(now=1.0, wall=WALL + 1.0), CONFIG)
     assert [a for a in actions if isinstance(a, Reassign)]
     assert not [a for a in actions if isinstance(a, Append) and isinstance(a.event, SessionFailed | SessionCompleted)]
+
+
+@pytest.mark.parametrize("every", [-1, 100_001, 1.5, "2"])
+def test_checkpoint_every_out_of_the_contract_is_refused(every: object) -> None:
+    with pytest.raises(msgspec.ValidationError, match="checkpoint_every"):
+        msgspec.convert({"epochs": 2, "batch_size": 8, "lr": 0.1, "checkpoint_every": every}, Hyperparameters)
