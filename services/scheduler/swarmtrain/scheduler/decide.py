@@ -67,6 +67,7 @@ def decide(state: State, clocks: Clocks, config: Config) -> list[Action]:
         key=lambda p: p.peer_id,
     )
     failing = {a.event.peer_id for a in actions if isinstance(a, Append) and isinstance(a.event, PeerFailed)}
+    handing_over: set[str] = set()
     locked: dict[str, list[Peer]] = {}  # one pass over the peers, not one per session
     for peer in state.peers.values():
         if peer.session_id is not None:
@@ -87,11 +88,14 @@ def decide(state: State, clocks: Clocks, config: Config) -> list[Action]:
         taken = {a.peer_id for a in step if isinstance(a, Reassign)}
         if taken:
             idle = [p for p in idle if p.peer_id not in taken]
+            handing_over.add(session.session_id)
         failing |= {a.event.peer_id for a in step if isinstance(a, Append) and isinstance(a.event, PeerFailed)}
         actions += step
         actions += resend(state, session, clocks, config, skip=unavailable | failing)
         actions += forward(session)
     for session in state.sessions.values():
+        if session.session_id in handing_over:
+            continue  # a run taken over in this decision is not in the state yet: not ended
         actions += _finish(session, locked.get(session.session_id, []), clocks)
     actions += stale_locks(state, clocks, config.timing)
     actions += _schedule(state, idle, clocks, config)
@@ -207,6 +211,7 @@ def _train(
         config,
         session.max_model_bytes(),
         session.init,
+        run.checkpoint,
     )
 
 
