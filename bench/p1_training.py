@@ -17,34 +17,56 @@ time) and per epoch (median gap between heartbeats; the bare run's median epoch 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
+import hashlib
 import itertools
 import json
+import os
 import subprocess
 import sys
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import nats
+import msgspec
 import numpy as np
+import torch
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from torch import nn
 
-from bench._common import Report, Stack, cli_output, median, quick, signup, upload_dataset, wait_idle_peers
+from bench._common import Report, Stack, median, quick, show, signup, upload_dataset, wait_idle_peers
 from swarmtrain.common.events import (
+    BYTE_VOCAB,
+    DataFormat,
     DataSpec,
     Heartbeat,
+    Hyperparameters,
+    ModelSpec,
+    Precision,
     PeerDone,
     PeerFailed,
     SessionCompleted,
     SessionFailed,
     decode_event,
 )
-from swarmtrain.common.models import MlpSpec
+from swarmtrain.common.models import CnnSpec, MlpSpec, ResnetSpec, TransformerSpec
+from swarmtrain.peer import trainer
+from swarmtrain.training.data import Dataset, split_indices
+from swarmtrain.training.init import data_shape
+from swarmtrain.training.model import Standardize, build_model
+from swarmtrain.training.tasks.base import EVAL_BATCH
+from swarmtrain.training.tasks.language_modeling import byte_tokens, windows
 
 ROWS, FEATURES, CLASSES = (2_000, 16, 4) if quick() else (20_000, 64, 10)
 EPOCHS, BATCH, LR, HIDDEN = (3 if quick() else 30), 64, 1e-3, [128, 64]
 PAIRS = 1 if quick() else 4
+MODEL_PAIRS = 3
 VALIDATION_SPLIT, SEED = 0.2, 7
 
 
@@ -78,7 +100,7 @@ def bare(csv_path: Path, epochs: int) -> dict[str, object]:
     torch.manual_seed(SEED)
     model = build_model(MlpSpec(hidden=HIDDEN), x.shape[1], len(data.classes))
     model[0].fit(x)  # type: ignore[operator]
-    optimizer = torch.optim.Adam(model.parameters(), lr=LR)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR)  # the peer's default optimizer
     loss_fn = nn.CrossEntropyLoss()
     gen = torch.Generator().manual_seed(SEED)
     n = int(y.shape[0])
@@ -167,8 +189,332 @@ class Platform:
         }
 
 
-async def main() -> Report:
-    report = Report("P1 training")
+# ------------------------------------------------------------------ the models: the peer's trainer vs a bare loop
+
+MODELS = ("mlp", "cnn", "resnet", "transformer")
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0}
+"""Dense bf16 tensor-core peaks (the vendors' datasheets, no sparsity) by a part of the device's
+name, for model FLOPs utilisation; ``--peak-tflops`` overrides. H100 is the SXM part's figure."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class TokenWindows(Dataset):
+    """A language-modelling dataset as the peer holds it: ``features`` the token windows
+    ``(rows, context)``, ``labels`` the same shifted by one token, and the vocabulary."""
+
+    vocab: int = BYTE_VOCAB
+
+
+@dataclass(frozen=True, kw_only=True)
+class Case:
+    name: str
+    spec: ModelSpec
+    data: Dataset
+    batch_size: int
+    epochs: int
+    lr: float = LR
+
+    @property
+    def tokens(self) -> int:
+        """Tokens a sample is (a window's context for a language model; 1 otherwise)."""
+        return int(self.data.features.shape[1]) if self.data.target == "language_modeling" else 1
+
+
+def blobs(rows: int, features: int, classes: int) -> Dataset:
+    """Learnable rows: each class a Gaussian around its own centre (as ``bench.gpu``)."""
+    g = torch.Generator().manual_seed(SEED)
+    labels = torch.randint(0, classes, (rows,), generator=g)
+    centres = torch.randn(classes, features, generator=g)
+    x = centres[labels] + torch.randn(rows, features, generator=g)
+    return Dataset(
+        features=x.float().contiguous(),
+        labels=labels,
+        classes=[str(i) for i in range(classes)],
+        feature_names=[f"f{i}" for i in range(features)],
+        label_column="label",
+    )
+
+
+def digits(size: int, copies: int = 1, channels: int = 1) -> Dataset:
+    """scikit-learn's 8x8 digits (1,797 images, 10 classes) upscaled to ``size`` x ``size``
+    (bilinear), ``channels`` times, each of ``copies`` copies with its own seeded pixel noise."""
+    from sklearn.datasets import load_digits
+
+    raw = load_digits()
+    images = torch.from_numpy(raw.images).float().div(16).unsqueeze(1)
+    images = nn.functional.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
+    g = torch.Generator().manual_seed(SEED)
+    x = torch.cat([images + 0.1 * torch.randn(images.shape, generator=g) for _ in range(copies)])
+    x = x.expand(-1, channels, -1, -1).reshape(x.shape[0], -1).contiguous()
+    labels = torch.from_numpy(raw.target).long().repeat(copies)
+    return Dataset(
+        features=x,
+        labels=labels,
+        classes=[str(i) for i in range(10)],
+        feature_names=[f"p{i}" for i in range(x.shape[1])],
+        label_column="label",
+        image=(channels, size, size),
+    )
+
+
+def corpus(rows: int, context: int) -> TokenWindows:
+    """A generated English-like corpus (seeded words and sentences, no download), byte tokens, cut
+    into ``rows`` windows of ``context`` tokens as the language-modelling task does (``windows``)."""
+    rng = np.random.default_rng(SEED)
+    letters = np.array(list("etaoinshrdlucmfwypvbgkjqxz"))
+    weights = 1.0 / np.arange(1, 27)
+    words = ["".join(rng.choice(letters, rng.integers(1, 9), p=weights / weights.sum())) for _ in range(400)]
+    zipf = 1.0 / np.arange(1, len(words) + 1)
+    need, text = rows * context + 1, []
+    size = 0
+    while size < need:
+        sentence = " ".join(words[i] for i in rng.choice(len(words), rng.integers(4, 16), p=zipf / zipf.sum()))
+        text.append(sentence.capitalize() + ". ")
+        size += len(text[-1])
+    x, y = windows(byte_tokens("".join(text)), context)
+    return TokenWindows(
+        features=x[:rows].contiguous(),
+        labels=y[:rows].contiguous(),
+        classes=[str(i) for i in range(BYTE_VOCAB)],
+        feature_names=[f"t{i}" for i in range(context)],
+        label_column="text",
+        target="language_modeling",
+    )
+
+
+def cases(gpu: bool, small: bool, names: list[str]) -> list[Case]:
+    """The four models at CPU sizes (one torch thread, seconds a run), the device's sizes on a GPU,
+    or tiny ones (``--quick``: a check that it runs)."""
+    mlp, cnn = MlpSpec(hidden=HIDDEN), CnnSpec(hidden=[128], input_shape=[1, 28, 28], channels=[16, 32])
+    if small:
+        made = {
+            "mlp": lambda: Case(name="mlp", spec=mlp, data=blobs(512, 16, 4), batch_size=64, epochs=1),
+            "cnn": lambda: Case(
+                name="cnn",
+                spec=CnnSpec(hidden=[16], input_shape=[1, 8, 8], channels=[4]),
+                data=digits(8),
+                batch_size=64,
+                epochs=1,
+            ),
+            "resnet": lambda: Case(
+                name="resnet", spec=ResnetSpec(depth=1, width=4, stages=2), data=digits(8), batch_size=64, epochs=1
+            ),
+            "transformer": lambda: Case(
+                name="transformer",
+                spec=TransformerSpec(layers=1, d_model=32, heads=2, context=16),
+                data=corpus(128, 16),
+                batch_size=32,
+                epochs=1,
+            ),
+        }
+    elif gpu:
+        made = {
+            "mlp": lambda: Case(
+                name="mlp", spec=MlpSpec(hidden=[1024, 1024, 512]), data=blobs(100_000, 128, 10), batch_size=512, epochs=3
+            ),
+            "cnn": lambda: Case(name="cnn", spec=cnn, data=digits(28, copies=28), batch_size=256, epochs=2),
+            "resnet": lambda: Case(
+                name="resnet",
+                spec=ResnetSpec(depth=2, width=64, stages=3),
+                data=digits(32, copies=28, channels=3),
+                batch_size=256,
+                epochs=2,
+            ),
+            "transformer": lambda: Case(
+                name="transformer",
+                spec=TransformerSpec(layers=6, d_model=512, heads=8, context=256),
+                data=corpus(16_384, 256),
+                batch_size=64,
+                epochs=2,
+                lr=3e-4,
+            ),
+        }
+    else:
+        made = {
+            "mlp": lambda: Case(name="mlp", spec=mlp, data=blobs(ROWS, FEATURES, CLASSES), batch_size=BATCH, epochs=8),
+            "cnn": lambda: Case(name="cnn", spec=cnn, data=digits(28), batch_size=BATCH, epochs=2),
+            "resnet": lambda: Case(name="resnet", spec=ResnetSpec(), data=digits(16), batch_size=BATCH, epochs=2),
+            "transformer": lambda: Case(
+                name="transformer",
+                spec=TransformerSpec(layers=2, d_model=128, heads=4, context=64),
+                data=corpus(800, 64),
+                batch_size=32,
+                epochs=2,
+                lr=3e-4,
+            ),
+        }
+    return [made[name]() for name in names]
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def platform_run(case: Case, device: torch.device, precision: Precision) -> dict[str, Any]:
+    """The peer's ``trainer.train`` (what its worker thread runs for a sweep's ``Train``) on the
+    parsed dataset in its cache (``PARSED``, as for a peer's second session on a dataset):
+    building the seeded model, standardization, the optimizer steps, autocast, the running loss
+    and score, the stop flag before every batch, validation and the epoch's report."""
+    sha = hashlib.sha256(f"bench-p1|{case.name}|{case.data.features.shape}".encode()).hexdigest()
+    fmt_: DataFormat = "text" if case.data.target == "language_modeling" else "csv"
+    job = trainer.TrainJob(
+        csv_path=Path(f"/nonexistent/{sha}.csv"),  # never read: the parsed tensors are in the cache
+        label_column=case.data.label_column,
+        model=case.spec,
+        hyperparameters=Hyperparameters(epochs=case.epochs, batch_size=case.batch_size, lr=case.lr),
+        validation_split=VALIDATION_SPLIT,
+        seed=SEED,
+        device=str(device),
+        torch_threads=1 if device.type == "cpu" else 0,
+        dataset_sha256=sha,
+        precision=precision,
+        data=DataSpec(format=fmt_, task=case.data.target),
+    )
+    key = trainer.dataset_key(job)
+    assert key is not None
+    trainer.PARSED.put(key, case.data)
+    epochs: list[float] = []
+    sync(device)
+    t0 = time.perf_counter()
+    result = trainer.train(job, lambda stats: epochs.append(stats.seconds), threading.Event())
+    sync(device)
+    return {"total_s": time.perf_counter() - t0, "epoch_s": epochs, "n_train": result.n_train, "n_val": result.n_val}
+
+
+def bare_run(case: Case, device: torch.device, precision: Precision) -> dict[str, Any]:
+    """The plain loop a person writes: the same tensors, seeded model, AdamW, batches, shuffling,
+    autocast and the same validation pass (loss and accuracy) after every epoch. Nothing else."""
+    data = case.data
+    lm = data.target == "language_modeling"
+    sync(device)
+    t0 = time.perf_counter()
+    train_idx, val_idx = split_indices(len(data), VALIDATION_SPLIT, SEED)
+    x, y = data.features[train_idx], data.labels[train_idx]
+    xv, yv = data.features[val_idx], data.labels[val_idx]
+    torch.manual_seed(SEED)
+    model = build_model(case.spec, x.shape[1], len(data.classes), data_shape(data))
+    if isinstance(model[0], Standardize):
+        model[0].fit(x)
+    model.to(device)
+    x, y, xv, yv = x.to(device), y.to(device), xv.to(device), yv.to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=case.lr)
+    dtype = torch.bfloat16 if precision == "bf16" else None
+    shuffle = torch.Generator().manual_seed(SEED)
+    n, val_rows = len(y), max(1, EVAL_BATCH // case.tokens)
+    epochs: list[float] = []
+    for _ in range(case.epochs):
+        t_epoch = time.perf_counter()
+        model.train()
+        perm = torch.randperm(n, generator=shuffle).to(device)
+        xs, ys = x[perm], y[perm]
+        for start in range(0, n, case.batch_size):
+            xb, yb = xs[start : start + case.batch_size], ys[start : start + case.batch_size]
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                out = model(xb)
+                loss = nn.functional.cross_entropy(out.flatten(0, 1), yb.flatten()) if lm else loss_fn(out, yb)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        sync(device)
+        epochs.append(time.perf_counter() - t_epoch)
+        model.eval()
+        loss_sum, correct = 0.0, 0
+        with torch.inference_mode():
+            for start in range(0, len(yv), val_rows):
+                out, yb = model(xv[start : start + val_rows]), yv[start : start + val_rows]
+                flat = out.flatten(0, 1) if lm else out
+                loss_sum += float(nn.functional.cross_entropy(flat, yb.flatten(), reduction="sum").item())
+                correct += int((out.argmax(dim=-1) == yb).sum().item())
+    sync(device)
+    return {"total_s": time.perf_counter() - t0, "epoch_s": epochs, "n_train": n, "n_val": len(yv)}
+
+
+loss_fn = nn.CrossEntropyLoss()
+
+
+def peak_tflops(device: torch.device, precision: Precision) -> float | None:
+    """The device's dense bf16 peak (``--peak-tflops`` first), None where unknown or not bf16."""
+    if "--peak-tflops" in sys.argv:
+        return float(sys.argv[sys.argv.index("--peak-tflops") + 1])
+    if device.type != "cuda" or precision != "bf16":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for part, peak in PEAK_BF16_TFLOPS.items() if part in name), None)
+
+
+def measure_models(report: Report, device: torch.device, precision: Precision, names: list[str]) -> None:
+    """Each model: a warm-up, then ``pairs`` runs of A (the trainer) and B (the bare loop), the
+    order alternating (A B, B A, ...); the figure is the median of A's and B's throughputs, and
+    the pair ratios in the note."""
+    from bench.gpu import Utilisation
+
+    gpu = device.type == "cuda"
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    pairs = 1 if quick() else (2 if gpu else MODEL_PAIRS)
+    peak = peak_tflops(device, precision)
+    for case in cases(gpu, quick(), names):
+        costs = case.spec.costs(data_shape(case.data))
+        flops = costs.flops
+        load = os.getloadavg()[0]
+        warm = dataclasses.replace(case, epochs=1)
+        bare_run(warm, device, precision)  # warm-up: kernels, allocator (and the CUDA context)
+        platform_run(warm, device, precision)
+        runs: dict[str, list[dict[str, Any]]] = {"A": [], "B": []}
+        busy: dict[str, list[float]] = {"A": [], "B": []}
+        for i in range(pairs):
+            for side in ("AB" if i % 2 == 0 else "BA"):
+                with Utilisation(device.index or 0) if gpu else contextlib.nullcontext() as u:
+                    run = platform_run if side == "A" else bare_run
+                    runs[side].append(run(case, device, precision))
+                if isinstance(u, Utilisation) and u.mean is not None:
+                    busy[side].append(u.mean)
+        n_train, n_val = int(runs["B"][0]["n_train"]), int(runs["B"][0]["n_val"])
+        per_run = case.epochs * n_train * case.tokens
+        unit = "tokens/s" if case.tokens > 1 else "samples/s"
+        a = [per_run / r["total_s"] for r in runs["A"]]
+        b = [per_run / r["total_s"] for r in runs["B"]]
+        loop_a = [n_train * case.tokens / median(r["epoch_s"]) for r in runs["A"]]
+        loop_b = [n_train * case.tokens / median(r["epoch_s"]) for r in runs["B"]]
+        ratios = [x / y for x, y in zip(a, b, strict=True)]
+        model_flops = case.epochs * (3 * n_train + n_val) * flops  # training is about 3x the forward
+        tflops = model_flops / median([r["total_s"] for r in runs["A"]]) / 1e12
+        label = f"{case.name} {precision}"
+        row = report.add(
+            f"{label}: {unit}, trainer.train vs bare",
+            median(a),
+            unit,
+            reference=median(b),
+            reference_name="bare torch loop",
+            target=">= 0.95",
+        )
+        row.met = (row.ratio or 0) >= 0.95
+        row.note = "pair ratios " + ", ".join(f"{r:.3f}" for r in ratios)
+        if peak is not None:
+            report.add(f"{label}: model FLOPs utilisation", 100 * tflops / peak, "%", note=f"peak {peak:g} TFLOP/s")
+        if busy["A"]:
+            report.add(f"{label}: GPU busy", median(busy["A"]), "%", reference=median(busy["B"]), reference_name="bare")
+        report.extra[f"model {case.name}"] = {
+            "spec": msgspec.to_builtins(case.spec),
+            "data": f"{len(case.data):,} rows x {list(case.data.features.shape[1:])}"
+            + (f", image {list(case.data.image)}" if case.data.image else "")
+            + (", byte tokens" if case.tokens > 1 else ""),
+            "job": f"{case.epochs} epochs, batch {case.batch_size}, AdamW lr {case.lr}, n_train {n_train}, n_val {n_val}",
+            "forward_flops_per_sample": flops,
+            "parameters": costs.parameters,
+            "platform_tflops_per_s": tflops,
+            "load_1min_before": load,
+            "ratio_per_epoch_training_only": median(loop_a) / median(loop_b),
+            "platform_total_s": [r["total_s"] for r in runs["A"]],
+            "bare_total_s": [r["total_s"] for r in runs["B"]],
+        }
+        print(f"p1 {label}: ratio {median(a) / median(b):.3f} (pairs {ratios}); load {load:.1f}", flush=True)
+
+
+async def measure_stack(report: Report) -> None:
+    """The mlp through the whole stack and a real peer process (module docstring's A and B)."""
+    report.extra["load_1min_before_stack"] = os.getloadavg()[0]
     with Stack("p1") as st:
         csv_path = st.dir / "blobs-data.csv"
         make_csv(csv_path)
@@ -222,6 +568,31 @@ async def main() -> Report:
         "platform_last_heartbeat_to_done_s": [r["last_heartbeat_to_done_s"] for r in a_runs],
         "bare_val_acc": b_runs[-1]["val_acc"],
     }
+
+
+def arg(name: str, default: str) -> str:
+    return sys.argv[sys.argv.index(name) + 1] if name in sys.argv else default
+
+
+def main() -> Report:
+    """``--device cpu|cuda[:N]`` (cpu), ``--dtype fp32|bf16`` (fp32), ``--models mlp,cnn,...``
+    (all four), ``--no-stack``: only the models' trainer against the bare loop (the stack's run is
+    CPU fp32 only)."""
+    device = trainer.resolve_device(arg("--device", "cpu"))
+    precision = arg("--dtype", "fp32")
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise SystemExit(f"--dtype: fp32, bf16 or fp16, not {precision!r}")
+    names = [n for n in arg("--models", ",".join(MODELS)).split(",") if n]
+    if unknown := sorted(set(names) - set(MODELS)):
+        raise SystemExit(f"--models: unknown {', '.join(unknown)}; known: {', '.join(MODELS)}")
+    report = Report("P1 training")
+    report.extra["device"] = trainer.describe_device(device)
+    report.extra["torch"] = torch.__version__
+    if device.type == "cpu":
+        report.extra["gpu"] = "none: no device was used (CPU, 1 torch thread)"
+    if device.type == "cpu" and precision == "fp32" and "--no-stack" not in sys.argv:
+        asyncio.run(measure_stack(report))
+    measure_models(report, device, precision, names)  # type: ignore[arg-type]
     return report
 
 
@@ -229,4 +600,4 @@ if __name__ == "__main__":
     if sys.argv[1:2] == ["--bare"]:
         print(json.dumps(bare(Path(sys.argv[2]), int(sys.argv[3]))))
     else:
-        asyncio.run(main()).write(cli_output())
+        show(main())
