@@ -21,7 +21,7 @@ peer's cache (as for a peer's second session on a dataset: no parse timed). B: t
 same tensors, model, seed, AdamW, batches, shuffling, autocast and validation pass. A warm-up of
 each, then pairs A B, B A, ...; samples/s (tokens/s for the language model) from the wall clock
 and, on a CPU, per CPU second of the process too (what the work costs on a shared machine). Images:
-scikit-learn's 8x8 digits upscaled (bilinear; copies with their own noise for the GPU's sizes).
+scikit-learn's 8x8 digits upscaled (bilinear) on a CPU; generated class patterns at a GPU's sizes.
 Text: a generated corpus (seeded words), byte tokens, windows of ``context`` tokens, as the
 ``language_modeling`` task cuts them; the text reader is not in this tree yet, so the windows are
 put in the peer's parse cache as the reader would leave them. On a GPU: utilisation from
@@ -278,6 +278,28 @@ def digits(size: int, copies: int = 1, channels: int = 1) -> Dataset:
     )
 
 
+def patterns(rows: int, size: int, channels: int, classes: int = 10) -> Dataset:
+    """Generated images (no scikit-learn needed on a device): each class a smooth random template
+    (4x4 noise upscaled to ``size``), each image its class's template plus its own noise."""
+    g = torch.Generator().manual_seed(SEED)
+    templates = torch.randn(classes, channels, 4, 4, generator=g)
+    templates = nn.functional.interpolate(templates, size=(size, size), mode="bilinear", align_corners=False)
+    labels = torch.randint(0, classes, (rows,), generator=g)
+    x = torch.empty(rows, channels * size * size)
+    for start in range(0, rows, 4096):  # in slices: the noise of 50,000 images at once is GiBs
+        part = labels[start : start + 4096]
+        noise = 0.5 * torch.randn(len(part), channels, size, size, generator=g)
+        x[start : start + len(part)] = (templates[part] + noise).reshape(len(part), -1)
+    return Dataset(
+        features=x,
+        labels=labels,
+        classes=[str(i) for i in range(classes)],
+        feature_names=[f"p{i}" for i in range(x.shape[1])],
+        label_column="label",
+        image=(channels, size, size),
+    )
+
+
 def corpus(rows: int, context: int) -> TokenWindows:
     """A generated English-like corpus (seeded words and sentences, no download), byte tokens, cut
     into ``rows`` windows of ``context`` tokens as the language-modelling task does (``windows``)."""
@@ -337,11 +359,11 @@ def cases(gpu: bool, small: bool, names: list[str]) -> list[Case]:
                 batch_size=512,
                 epochs=3,
             ),
-            "cnn": lambda: Case(name="cnn", spec=cnn, data=digits(28, copies=28), batch_size=256, epochs=2),
+            "cnn": lambda: Case(name="cnn", spec=cnn, data=patterns(50_000, 28, 1), batch_size=256, epochs=2),
             "resnet": lambda: Case(
                 name="resnet",
                 spec=ResnetSpec(depth=2, width=64, stages=3),
-                data=digits(32, copies=28, channels=3),
+                data=patterns(50_000, 32, 3),
                 batch_size=256,
                 epochs=2,
             ),
