@@ -55,6 +55,7 @@ import httpx
 import msgspec
 import nats
 import numpy as np
+import psutil
 import torch
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -126,7 +127,7 @@ def bare(csv_path: Path, epochs: int) -> dict[str, object]:
     gen = torch.Generator().manual_seed(SEED)
     n = int(y.shape[0])
     epoch_s: list[float] = []
-    start = time.perf_counter()
+    start, cpu0 = time.perf_counter(), time.process_time()
     for _ in range(epochs):
         t0 = time.perf_counter()
         model.train()
@@ -143,8 +144,15 @@ def bare(csv_path: Path, epochs: int) -> dict[str, object]:
             val_loss = float(loss_fn(logits, yv).item())
             val_acc = float((logits.argmax(dim=1) == yv).float().mean().item())
         epoch_s.append(time.perf_counter() - t0)
-    total = time.perf_counter() - start
-    return {"n_train": n, "total_s": total, "epoch_s": epoch_s, "val_loss": val_loss, "val_acc": val_acc}
+    total, cpu_s = time.perf_counter() - start, time.process_time() - cpu0
+    return {
+        "n_train": n,
+        "total_s": total,
+        "cpu_s": cpu_s,
+        "epoch_s": epoch_s,
+        "val_loss": val_loss,
+        "val_acc": val_acc,
+    }
 
 
 def run_bare(csv_path: Path, epochs: int) -> dict[str, object]:
@@ -164,8 +172,14 @@ def run_bare(csv_path: Path, epochs: int) -> dict[str, object]:
 class Platform:
     """One-peer sweep sessions through the gateway, timed from the bus."""
 
-    def __init__(self, st: Stack, nc: NATS, client: httpx.AsyncClient, dataset_id: str) -> None:
+    def __init__(self, st: Stack, nc: NATS, client: httpx.AsyncClient, dataset_id: str, peer_pid: int) -> None:
         self.st, self.nc, self.client, self.dataset_id = st, nc, client, dataset_id
+        self.peer = psutil.Process(peer_pid)
+
+    def peer_cpu_s(self) -> float:
+        """The peer process's CPU seconds so far (all its threads: the training and the event loop)."""
+        times = self.peer.cpu_times()
+        return float(times.user + times.system)
 
     async def train(self, epochs: int) -> dict[str, object]:
         await wait_idle_peers(self.st.database_url, 1)
@@ -194,16 +208,18 @@ class Platform:
             "seed": SEED,
         }
         sub = await self.nc.subscribe("session.*.events", cb=on_event)
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), self.peer_cpu_s()
         resp = await self.client.post("/sessions", json=body)
         if resp.status_code != 201:
             raise RuntimeError(f"POST /sessions: {resp.status_code} {resp.text[:300]}")
         t_done = await asyncio.wait_for(done, 300)
+        cpu_s = self.peer_cpu_s() - cpu0
         await asyncio.wait_for(ended, 60)  # its peer is free again for the next run
         await sub.unsubscribe()
         gaps = [b - a for a, b in itertools.pairwise(arrivals)]
         return {
             "total_s": t_done - t0,
+            "cpu_s": cpu_s,
             "epoch_s": gaps or [t_done - t0],
             "first_heartbeat_s": arrivals[0] - t0,
             "last_heartbeat_to_done_s": t_done - arrivals[-1],
@@ -506,7 +522,7 @@ def measure_models(report: Report, device: torch.device, precision: Precision, n
     gpu = device.type == "cuda"
     if device.type == "cpu":
         torch.set_num_threads(1)
-    pairs = 1 if quick() else (2 if gpu else MODEL_PAIRS)
+    pairs = int(arg("--pairs", "1" if quick() else ("2" if gpu else str(MODEL_PAIRS))))
     peak = peak_tflops(device, precision)
     for case in cases(gpu, quick(), names):
         costs = case.spec.costs(data_shape(case.data))
@@ -575,6 +591,8 @@ def measure_models(report: Report, device: torch.device, precision: Precision, n
             "ratio_per_epoch_training_only": median(loop_a) / median(loop_b),
             "platform_total_s": [r["total_s"] for r in runs["A"]],
             "bare_total_s": [r["total_s"] for r in runs["B"]],
+            "platform_cpu_s": [r["cpu_s"] for r in runs["A"]],
+            "bare_cpu_s": [r["cpu_s"] for r in runs["B"]],
         }
         print(f"p1 {label}: ratio {median(a) / median(b):.3f} (pairs {ratios}); load {load:.1f}", flush=True)
 
@@ -590,13 +608,14 @@ async def measure_stack(report: Report) -> None:
         st.start("scheduler")
         st.start("gateway")
         st.wait_gateway()
-        st.start("peer", "--name", "bench", "--device", "cpu")
+        peer = st.start("peer", "--name", "bench", "--device", "cpu")
+        assert peer.proc is not None
         nc = await nats.connect(st.nats_url)
         async with httpx.AsyncClient(base_url=st.gateway_url, timeout=60) as client:
             await signup(client)
             dataset_id = await upload_dataset(client, csv_path)
             await wait_idle_peers(st.database_url, 1, timeout=120)
-            platform = Platform(st, nc, client, dataset_id)
+            platform = Platform(st, nc, client, dataset_id, peer.proc.pid)
 
             if not quick():  # warm-up: the peer caches the dataset, both sides load torch's kernels
                 await platform.train(2)
@@ -624,6 +643,13 @@ async def measure_stack(report: Report) -> None:
         "samples/s per epoch (heartbeats)", median(a_epoch), "samples/s", reference=median(b_epoch), **common
     )
     row.met = (row.ratio or 0) >= 0.95
+    a_cpu = [samples / float(r["cpu_s"]) for r in a_runs]  # type: ignore[arg-type]
+    b_cpu = [samples / float(r["cpu_s"]) for r in b_runs]  # type: ignore[arg-type]
+    row = report.add(
+        "samples/s per CPU second (the peer process)", median(a_cpu), "samples/s", reference=median(b_cpu), **common
+    )
+    row.met = (row.ratio or 0) >= 0.95
+    row.note = "the peer's CPU from POST to PeerDone (all its threads) / the bare loop's"
     fixed = [float(a["total_s"]) - samples / e for a, e in zip(a_runs, a_epoch, strict=True)]  # type: ignore[arg-type]
     report.extra = {
         "dataset": f"{ROWS} rows x {FEATURES} features, {CLASSES} classes (CSV, {csv_bytes} bytes)",
@@ -644,8 +670,8 @@ def arg(name: str, default: str) -> str:
 
 def main() -> Report:
     """``--device cpu|cuda[:N]`` (cpu), ``--dtype fp32|bf16`` (fp32), ``--models mlp,cnn,...``
-    (all four), ``--no-stack``: only the models' trainer against the bare loop (the stack's run is
-    CPU fp32 only)."""
+    (all four), ``--pairs N`` (the models' A/B pairs), ``--no-stack``: only the models' trainer
+    against the bare loop (the stack's run is CPU fp32 only)."""
     device = trainer.resolve_device(arg("--device", "cpu"))
     precision = arg("--dtype", "fp32")
     if precision not in ("fp32", "bf16", "fp16"):
