@@ -122,7 +122,7 @@ def bare(csv_path: Path, epochs: int) -> dict[str, object]:
     torch.manual_seed(SEED)
     model = build_model(MlpSpec(hidden=HIDDEN), x.shape[1], len(data.classes))
     model[0].fit(x)  # type: ignore[operator]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LR)  # the peer's default optimizer
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)  # the peer's default
     loss_fn = nn.CrossEntropyLoss()
     gen = torch.Generator().manual_seed(SEED)
     n = int(y.shape[0])
@@ -467,7 +467,7 @@ def bare_run(case: Case, device: torch.device, precision: Precision) -> dict[str
         model[0].fit(x)
     model.to(device)
     x, y, xv, yv = x.to(device), y.to(device), xv.to(device), yv.to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=case.lr)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=case.lr, weight_decay=0.0)  # the peer's default
     dtype = torch.bfloat16 if precision == "bf16" else None
     shuffle = torch.Generator().manual_seed(SEED)
     n, val_rows = len(y), max(1, EVAL_BATCH // case.tokens)
