@@ -181,6 +181,10 @@ class Platform:
         times = self.peer.cpu_times()
         return float(times.user + times.system)
 
+    def peer_threads_s(self) -> dict[int, float]:
+        """CPU seconds so far of each of the peer's threads, by thread id."""
+        return {t.id: t.user_time + t.system_time for t in self.peer.threads()}
+
     async def train(self, epochs: int) -> dict[str, object]:
         await wait_idle_peers(self.st.database_url, 1)
         arrivals: list[float] = []
@@ -208,18 +212,21 @@ class Platform:
             "seed": SEED,
         }
         sub = await self.nc.subscribe("session.*.events", cb=on_event)
-        t0, cpu0 = time.perf_counter(), self.peer_cpu_s()
+        t0, cpu0, threads0 = time.perf_counter(), self.peer_cpu_s(), self.peer_threads_s()
         resp = await self.client.post("/sessions", json=body)
         if resp.status_code != 201:
             raise RuntimeError(f"POST /sessions: {resp.status_code} {resp.text[:300]}")
         t_done = await asyncio.wait_for(done, 300)
         cpu_s = self.peer_cpu_s() - cpu0
+        spent = sorted((v - threads0.get(k, 0.0) for k, v in self.peer_threads_s().items()), reverse=True)
         await asyncio.wait_for(ended, 60)  # its peer is free again for the next run
         await sub.unsubscribe()
         gaps = [b - a for a, b in itertools.pairwise(arrivals)]
         return {
             "total_s": t_done - t0,
             "cpu_s": cpu_s,
+            "training_thread_cpu_s": spent[0] if spent else 0.0,
+            "other_threads_cpu_s": sum(spent[1:]),
             "epoch_s": gaps or [t_done - t0],
             "first_heartbeat_s": arrivals[0] - t0,
             "last_heartbeat_to_done_s": t_done - arrivals[-1],
@@ -657,6 +664,10 @@ async def measure_stack(report: Report) -> None:
         "platform_total_s": [r["total_s"] for r in a_runs],
         "bare_total_s": [r["total_s"] for r in b_runs],
         "platform_first_heartbeat_s": [r["first_heartbeat_s"] for r in a_runs],
+        "platform_cpu_s": [r["cpu_s"] for r in a_runs],
+        "platform_training_thread_cpu_s": [r["training_thread_cpu_s"] for r in a_runs],
+        "platform_other_threads_cpu_s": [r["other_threads_cpu_s"] for r in a_runs],
+        "bare_cpu_s": [r["cpu_s"] for r in b_runs],
         "platform_fixed_s": fixed,
         "platform_last_heartbeat_to_done_s": [r["last_heartbeat_to_done_s"] for r in a_runs],
         "bare_val_acc": b_runs[-1]["val_acc"],
