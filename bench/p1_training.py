@@ -660,7 +660,7 @@ async def measure_stack(report: Report) -> None:
     fixed = [float(a["total_s"]) - samples / e for a, e in zip(a_runs, a_epoch, strict=True)]  # type: ignore[arg-type]
     report.extra = {
         "dataset": f"{ROWS} rows x {FEATURES} features, {CLASSES} classes (CSV, {csv_bytes} bytes)",
-        "job": f"mlp {HIDDEN}, {EPOCHS} epochs, batch {BATCH}, Adam lr {LR}, 1 torch thread, n_train {n_train}",
+        "job": f"mlp {HIDDEN}, {EPOCHS} epochs, batch {BATCH}, AdamW lr {LR}, 1 torch thread, n_train {n_train}",
         "platform_total_s": [r["total_s"] for r in a_runs],
         "bare_total_s": [r["total_s"] for r in b_runs],
         "platform_first_heartbeat_s": [r["first_heartbeat_s"] for r in a_runs],
