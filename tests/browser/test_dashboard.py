@@ -241,3 +241,76 @@ def test_another_users_session_is_404(page: Any, browser: Any, stack: Stack, scr
         assert resp is not None and resp.status == 404
     finally:
         context.close()
+
+
+SEARCH = {
+    "space": {
+        "lr": {"log_uniform": [1e-3, 3e-2]},
+        "batch_size": {"choice": [32, 64]},
+        "model.hidden.0": {"choice": [16, 64]},
+    },
+    "trials": 6,
+    "sampler": "tpe",
+    "pruner": {"name": "asha", "min_epochs": 1, "reduction_factor": 2},
+    "seed": 5,
+}
+
+
+def _api(pg: Any, method: str, path: str, body: object = None) -> Any:
+    """A call of the REST API from the page, with its token: (status, JSON body)."""
+    return pg.evaluate(
+        "([m, p, b]) => fetch(p, {method: m, headers: {Authorization: 'Bearer ' + sessionStorage.getItem("
+        "'swarmtrain.token'), 'Content-Type': 'application/json'}, body: b === null ? undefined : JSON.stringify(b)})"
+        ".then(async r => [r.status, await r.json()])",
+        [method, path, body],
+    )
+
+
+def test_a_search_session_shows_its_trials_importances_and_best_config(page: Any, screenshots: Path) -> None:
+    if page.locator("body").get_attribute("data-page") is None:
+        page.goto("/ui/")
+    _wait_peers(page, 2)
+    status, datasets = _api(page, "GET", "/datasets")
+    assert status == 200
+    if not datasets:
+        _upload(page, screenshots)
+        status, datasets = _api(page, "GET", "/datasets")
+    body = {
+        "dataset_id": datasets[0]["dataset_id"],
+        "num_peers": 2,
+        "hyperparameters": {"epochs": 4, "batch_size": 32, "lr": 0.003},
+        "model": {"kind": "mlp", "hidden": [32]},
+        "search": SEARCH,
+    }
+    status, out = _api(page, "POST", "/sessions", body)
+    assert status == 201, out
+    sid = out["session_id"]
+    page.goto(f"/ui/sessions/{sid}")
+    page.wait_for_selector("#search-section:not([hidden])")
+    page.wait_for_selector("body[data-status=completed]", timeout=DONE_MS * 2)
+    page.wait_for_selector("#importances .bar-row")
+    rows = page.locator("#trials tbody tr")
+    assert rows.count() == 6
+    assert page.locator("#trials tbody tr.pruned").count() == page.locator("#trials .badge.pruned").count()
+    assert page.locator("#importances .bar-row").count() == 3  # one bar per dimension of the space
+    assert page.locator("#trial-scatter figure").count() == 3  # the figure against each dimension
+    assert page.locator("#trial-curves path").count() == 6  # every trial's curve
+    assert page.locator("#peers-section").is_hidden()  # a search's figures are its trials', not its peers'
+    assert "trial 0" in page.locator("#chart-val .u-legend").inner_text()  # a curve per trial
+    first = page.locator("#timeline li[data-type=TrialStarted]").first.inner_text()
+    assert re.search(r"trial 0 on \w+: lr=", first), first
+    concluded = page.locator("#timeline li[data-type=SearchConcluded]").inner_text()
+    assert "best: trial" in concluded, concluded
+    best = page.locator("#search-best").inner_text()
+    assert best.startswith("Best: trial ") and f"--from-best {sid}" in best
+    # every mark of every chart lies inside its chart
+    outside = page.evaluate(
+        "() => [...document.querySelectorAll('#search-section svg.plot')].flatMap(s => {"
+        " const box = s.getBoundingClientRect();"
+        " return [...s.querySelectorAll('circle, path, text.pruned')].filter(m => {"
+        "  const r = m.getBoundingClientRect();"
+        "  return r.left < box.left - 1 || r.right > box.right + 1 || r.top < box.top - 1 || r.bottom > box.bottom + 1;"
+        " }).map(m => m.outerHTML.slice(0, 80)); })"
+    )
+    assert outside == [], outside
+    page.screenshot(path=screenshots / "10-session-search.png", full_page=True)

@@ -14,6 +14,10 @@ def test_every_key_of_the_layout() -> None:
     assert blobkeys.model("s1", "p1") == "sessions/s1/models/p1.safetensors"
     assert blobkeys.rounds("s1") == "sessions/s1/rounds"
     assert blobkeys.init_model("s1") == "sessions/s1/init/start.safetensors"
+    assert blobkeys.checkpoints("s1", "p1") == "sessions/s1/checkpoints/p1"
+    assert blobkeys.checkpoint_uri("file:///b/sessions/s1/checkpoints/p1/", 4) == (
+        "file:///b/sessions/s1/checkpoints/p1/4.safetensors"
+    )
 
 
 def test_round_uris_lie_under_the_rounds_uri_and_lead_back_to_it(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ Strategies are derived from each Struct's msgspec type info, so a field added la
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import string
@@ -148,7 +149,9 @@ def _valid(cls: type[Any], fields: dict[str, Any]) -> Any:
         raise
 
 
+@functools.cache
 def messages_of(cls: type[Any]) -> st.SearchStrategy[Any]:
+    """Built once per type: a fresh strategy per example would be validated again each time."""
     return strategy(mi.type_info(cls))
 
 
@@ -399,6 +402,7 @@ def _serialise(body: dict[str, Any]) -> bytes:
     return json.dumps(body).replace(f'"{INF}"', "1e999").replace(f'"-{INF}"', "-1e999").encode()
 
 
+@functools.cache
 def _bounded_fields(cls: type[Any]) -> list[tuple[str, st.SearchStrategy[Any]]]:
     info = mi.type_info(cls)
     assert isinstance(info, mi.StructType)

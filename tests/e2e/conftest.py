@@ -51,7 +51,7 @@ class Stack:
     ``launcher.Launcher`` under ``data_dir`` (their logs in ``data_dir/logs``, the stack's own in
     ``data_dir/data/logs``)."""
 
-    def __init__(self, data_dir: Path, database_url: str, peers: int) -> None:
+    def __init__(self, data_dir: Path, database_url: str, peers: int, env: Mapping[str, str] | None = None) -> None:
         self.port, self.nats_port = servers.free_port(), servers.free_port()
         self.data_dir = data_dir
         self.env = {
@@ -64,6 +64,7 @@ class Stack:
             # the stack's store, named for the CLI commands a test runs beside it (replay-round)
             "SWARMTRAIN_BLOB_URL": (data_dir / "data" / "blobs").as_uri(),
             # no blob signing secret nor public URL: `swarmtrain up` makes its own, as for a user
+            **(env or {}),
         }
         self.launcher = Launcher(data_dir, env=self.env)
         up = ["up", "--peers", str(peers), "--port", str(self.port), "--nats-port", str(self.nats_port)]

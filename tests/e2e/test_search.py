@@ -29,6 +29,27 @@ SEARCH = {
 }
 
 
+async def ended(api: Api, sid: str, stack: Stack, timeout: float = 300) -> dict[str, Any]:
+    """``api.wait_ended``; on a timeout, the session's events, its state, the peers' and the stack's
+    logs in the failure (a search that never ends says why)."""
+    try:
+        return await api.wait_ended(sid, timeout=timeout)
+    except AssertionError as exc:
+        resp = await api.client.get(f"/sessions/{sid}/events", params={"limit": 1000})
+        shown = ("peer_id", "trial", "attempt", "reason", "epoch")
+        records = resp.json().get("events", []) if resp.status_code == 200 else []
+        lines = [
+            f"{r['seq']} {r['event'].get('type', '?')} {json.dumps({k: r['event'].get(k) for k in shown})}"
+            for r in records
+            if r["event"].get("type") != "Heartbeat"
+        ]
+        session, peers = await api.session(sid), await api.peers()
+        print(stack.logs())
+        raise AssertionError(
+            "\n".join([str(exc), "events:", *lines, f"session: {json.dumps(session)[:4000]}", f"peers: {peers}"])
+        ) from exc
+
+
 @pytest.mark.timeout(SEARCH_TIMEOUT_S)
 async def test_a_search_of_more_trials_than_peers_runs_to_completion(stack: Stack, api: Api, tmp_path: Path) -> None:
     await api.wait_idle_peers(3)
@@ -39,7 +60,7 @@ async def test_a_search_of_more_trials_than_peers_runs_to_completion(stack: Stac
     resp = await api.client.post("/sessions", json=body | {"search": SEARCH})
     assert resp.status_code == 201, resp.text
     sid = resp.json()["session_id"]
-    done = await api.wait_ended(sid, timeout=300)
+    done = await ended(api, sid, stack)
     assert done["status"] == "completed", done
     search = done["search"]
     trials = search["trials"]
@@ -70,7 +91,7 @@ async def test_a_search_of_more_trials_than_peers_runs_to_completion(stack: Stac
     rc, out, err = await cli("sessions", "start", "--from-best", sid, "--json", env=env)
     assert rc == 0, err
     started = json.loads(out)
-    again = await api.wait_ended(started["session_id"], timeout=300)
+    again = await ended(api, started["session_id"], stack)
     assert again["status"] == "completed" and again["search"] is None
     assert again["peers"][0]["hyperparameters"]["lr"] == best["hyperparameters"]["lr"]
 
@@ -98,7 +119,7 @@ async def test_a_peer_killed_mid_trial_has_its_trial_run_again_once(stack: Stack
         victim = await wait_for(doomed_at_work, "the doomed peer training a trial", timeout=120, interval=0.2)
         extra.kill()
         extra.wait()
-        done = await api.wait_ended(sid, timeout=300)
+        done = await ended(api, sid, stack)
     finally:
         if extra.poll() is None:
             extra.kill()

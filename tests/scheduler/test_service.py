@@ -426,3 +426,69 @@ async def test_no_peer_is_judged_on_a_stale_reading_nor_before_the_stored_report
     assert [type(e).__name__ for e in stored] == ["PeerRegistered", "PeerWentOffline"], stored
     await events.unsubscribe()
     await scheduler.reports.unsubscribe()
+
+
+async def test_only_what_can_change_a_decision_asks_for_one_before_the_next_tick(js: Any, settings: Settings) -> None:
+    """The loop's shortcuts (issue 20): the doorbell of the scheduler's own append asks for no read
+    of the log, another's does; a batch of heartbeats of a session that does not search (or their
+    rejections) asks for no decision before the next tick, a search's heartbeat or any other fact
+    does; nor does a wake by its own appends once ``settle`` has decided upon them; a job that
+    ended (an evaluation's fact) does."""
+    import time
+    from types import SimpleNamespace
+
+    from swarmtrain.scheduler.state import State, fold
+    from tests.scheduler.test_trials import search
+
+    scheduler = service.Scheduler(settings, js)
+    own = PeerRegistered(event_id="pa.registered.1", peer_id="pa", name="pa", device="cpu")
+    await scheduler.append(own)
+    scheduler.on_appended(SimpleNamespace(headers={"Nats-Msg-Id": own.event_id}))  # type: ignore[arg-type]
+    assert not scheduler.foreign
+    scheduler.on_appended(SimpleNamespace(headers={"Nats-Msg-Id": "s9.requested"}))  # type: ignore[arg-type]
+    assert scheduler.foreign
+
+    scheduler.state = fold(
+        State(), [(1, session_requested("sweep"), 0.0), (2, session_requested("tuned", search=search()), 0.0)]
+    )
+
+    def beat(sid: str) -> Heartbeat:
+        return Heartbeat(
+            event_id=f"{sid}.pa.beat.1",
+            session_id=sid,
+            peer_id="pa",
+            epoch=1,
+            epochs=1,
+            loss=1.0,
+            accuracy=0.5,
+            samples_per_s=1.0,
+        )
+
+    def rejected(report_type: str) -> ReportRejected:
+        return ReportRejected(
+            event_id="pa.report.0.rejected", peer_id="pa", report_type=report_type, report_id="x", reason="no"
+        )
+
+    assert scheduler.inconsequential(beat("sweep")) and scheduler.inconsequential(rejected("Heartbeat"))
+    assert not scheduler.inconsequential(beat("tuned"))  # a search prunes on heartbeats
+    assert not scheduler.inconsequential(rejected("PeerDone"))
+    done = PeerDone(
+        event_id="sweep.pa.done", session_id="sweep", peer_id="pa", model_uri="file:///m", model_sha256="0" * 64,
+        epochs=1, loss=1.0, accuracy=0.5, train_seconds=1.0,
+    )  # fmt: skip
+    assert not scheduler.inconsequential(done)
+
+    scheduler.decided_at, scheduler.settled, scheduler.beats_only = time.monotonic(), True, True
+    assert not scheduler.due(reported=True, rang=False, foreign=False)  # heartbeats alone
+    assert not scheduler.due(reported=False, rang=True, foreign=False)  # its own appends, decided upon
+    assert scheduler.due(reported=True, rang=False, foreign=True)  # another's append
+    assert scheduler.due(reported=False, rang=False, foreign=False)  # a tick
+    scheduler.beats_only = False
+    assert scheduler.due(reported=True, rang=False, foreign=False)  # a report that decides something
+    scheduler.settled = False
+    assert scheduler.due(reported=False, rang=True, foreign=False)  # settle stopped at its rounds' end
+    scheduler.settled, scheduler.beats_only = True, True
+    scheduler.nudge()  # a job's fact appended
+    assert scheduler.due(reported=True, rang=False, foreign=False)
+    scheduler.nudged, scheduler.decided_at = False, time.monotonic() - service.TICK_S
+    assert scheduler.due(reported=True, rang=False, foreign=False)  # a tick old: what time decides

@@ -20,6 +20,8 @@ from swarmtrain.common.events import (
     PeerFailed,
     PeerLocked,
     PeerRegistered,
+    PeerReleased,
+    PeerWentOffline,
     PeerWentOnline,
     Presence,
     SearchConcluded,
@@ -204,7 +206,7 @@ def test_asha_prunes_trials_at_a_rung_and_their_peer_takes_the_next_at_once() ->
     pruned = [e for e in appended if isinstance(e, TrialPruned)]
     assert pruned, "asha stopped no trial"
     for p in pruned:
-        assert p.rung in (1, 2, 4) and "asha" in p.reason
+        assert p.rung in (1, 2) and "asha" in p.reason  # never at its last epoch: that trial is done
         beats = [e for e in appended if isinstance(e, Heartbeat) and e.trial == p.trial]
         assert max(b.epoch for b in beats) < 4  # stopped before its last epoch
         after = appended[appended.index(p) :]
@@ -213,6 +215,19 @@ def test_asha_prunes_trials_at_a_rung_and_their_peer_takes_the_next_at_once() ->
     concluded = next(e for e in appended if isinstance(e, SearchConcluded))
     assert concluded.pruned == len(pruned) and concluded.done + concluded.pruned == 9
     assert state.sessions["s"].status == "completed"
+
+
+def test_a_trial_at_its_last_epoch_is_never_pruned_its_result_is_kept() -> None:
+    """TPE with asha over 9 and 16 trials reaches the rung at epoch 4, every trial's last: the
+    trials judged there have done all their work, so they finish and count as done."""
+    for n in (9, 16):
+        _, appended = run(running(search("asha", trials_=n, sampler="tpe")))
+        pruned = [e for e in appended if isinstance(e, TrialPruned)]
+        assert pruned and all(p.rung < 4 for p in pruned), [p.rung for p in pruned]
+        done = {e.trial for e in appended if isinstance(e, PeerDone)}
+        assert done.isdisjoint(p.trial for p in pruned)
+        concluded = next(e for e in appended if isinstance(e, SearchConcluded))
+        assert (concluded.done, concluded.pruned) == (len(done), len(pruned)) and len(done) + len(pruned) == n
 
 
 def test_a_peer_killed_mid_trial_has_its_trial_run_again_never_lost_never_counted_twice() -> None:
@@ -234,3 +249,59 @@ def test_a_peer_killed_mid_trial_has_its_trial_run_again_never_lost_never_counte
     finished = [e for e in session.search_log if type(e).__name__ == "Finished"]
     assert sorted(e.trial for e in finished) == list(range(5))  # each trial once
     assert next(e for e in appended if isinstance(e, SearchConcluded)).done == 5
+
+
+def decided(state: State) -> tuple[State, list[Event]]:
+    """One decision, its appended facts folded back in (a shell that appends them all)."""
+    new = [a.event for a in decide(state, CLOCKS, CONFIG) if isinstance(a, Append | AppendIf)]
+    return replay(state, *new), new
+
+
+def test_a_trial_whose_peer_dies_after_the_last_was_handed_out_runs_again_on_a_peer_that_waited() -> None:
+    """Every trial handed out, the other peers done: the search keeps them (a trial still training
+    may fail and need one); the dead peer's trial runs again on one of them, and the search ends."""
+    state = running(search(trials_=2), peers=("a", "b"))
+    starts: list[TrialStarted] = []
+    while len(starts) < 2:
+        state, new = decided(state)
+        starts += [e for e in new if isinstance(e, TrialStarted)]
+    on_a = next(s for s in starts if s.peer_id == "a")
+    on_b = next(s for s in starts if s.peer_id == "b")
+    done = PeerDone(
+        session_id="s",
+        peer_id="a",
+        trial=on_a.trial,
+        model_uri="file:///blobs/a",
+        model_sha256=SHA,
+        epochs=4,
+        loss=0.5,
+        accuracy=0.5,
+        val_accuracy=0.5,
+        train_seconds=4.0,
+    )
+    state, new = decided(replay(state, done))
+    assert not [e for e in new if isinstance(e, PeerReleased)], "a peer left while a trial may still need it"
+    assert state.peers["a"].session_id == "s"
+    failed = PeerFailed(session_id="s", peer_id="b", trial=on_b.trial, reason="peer went offline")
+    state, new = decided(replay(state, PeerWentOffline(peer_id="b"), failed))
+    again = [e for e in new if isinstance(e, TrialStarted)]
+    assert [(e.trial, e.attempt, e.peer_id) for e in again] == [(on_b.trial, 1, "a")]
+    assert again[0].params == on_b.params
+
+
+def test_a_search_whose_every_peer_went_offline_with_trials_left_fails_with_the_count() -> None:
+    """Offline peers are released: a search holding none, with trials not finished, can never run
+    them, so it fails and says how many were left instead of waiting for ever."""
+    state = running(search(trials_=3), peers=("a",))
+    state, new = decided(state)
+    start = next(e for e in new if isinstance(e, TrialStarted))
+    failed = PeerFailed(session_id="s", peer_id="a", trial=start.trial, reason="peer went offline")
+    state = replay(state, PeerWentOffline(peer_id="a"), failed)
+    for _ in range(3):  # the release, then the end
+        state, new = decided(state)
+        if state.sessions["s"].status != "running":
+            break
+    session = state.sessions["s"]
+    assert session.status == "failed", session.status
+    assert session.ended is not None and "3 of its 3 trials not finished" in session.ended.reason
+    assert state.peers["a"].session_id is None

@@ -206,11 +206,23 @@ class FileStore(BlobStore):
     def __init__(self, root: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
         self.root = root
         self.max_bytes = max_bytes
+        self._resolved: Path | None = None
+
+    def _root(self) -> Path:
+        """The root, resolved once it exists (a walk of its every component per object named was
+        most of a start's decision: a ``Train`` names several); a key's own path is still resolved
+        under it every time (a symlink out of the store is refused as before)."""
+        if self._resolved is not None:
+            return self._resolved
+        root = self.root.resolve()
+        if root.is_dir():
+            self._resolved = root
+        return root
 
     def _path(self, key: str) -> Path:
         """The file of ``key``, symlinks resolved, refused unless it lies inside the root."""
         normalise_key(key)
-        root = self.root.resolve()
+        root = self._root()
         path = _resolved_under(root, key)
         if path == root or not path.is_relative_to(root):  # strictly under the root
             raise OutsideStore(f"escapes the store: {key!r}")
@@ -223,7 +235,7 @@ class FileStore(BlobStore):
         if urlsplit(uri).scheme != "file":
             raise OutsideStore(f"escapes the store: {uri[:200]!r} is not a file:// object URI")
         raw = _file_path_text(uri, what="blob URI")
-        for root in dict.fromkeys((self.root.absolute().as_posix(), self.root.resolve().as_posix())):
+        for root in dict.fromkeys((self.root.absolute().as_posix(), self._root().as_posix())):
             prefix = root.rstrip("/") + "/"
             if raw.startswith(prefix):
                 key = normalise_key(raw[len(prefix) :])

@@ -14,6 +14,7 @@ sessions/<session_id>/trials/<n>/<peer_id>.safetensors   a search's trial n's mo
 sessions/<session_id>/rounds/<r>/<peer_id>.safetensors   fedavg: a peer's update of round r
 sessions/<session_id>/rounds/<r>/average.safetensors     fedavg: round r's averaged model
 sessions/<session_id>/init/start.safetensors     a fork's recomputed starting model
+sessions/<session_id>/checkpoints/<peer_id>/<epoch>.safetensors   a sweep run's checkpoint after epoch
 ```
 """
 
@@ -46,6 +47,17 @@ def model(session_id: str, peer_id: str) -> str:
 def trial_model(session_id: str, trial: int, peer_id: str) -> str:
     """A search's trial's final model, as run by ``peer_id`` (a re-run elsewhere writes its own)."""
     return f"{session_prefix(session_id)}trials/{trial}/{peer_id}.safetensors"
+
+
+def checkpoints(session_id: str, peer_id: str) -> str:
+    """The folder of a sweep run's checkpoints: its ``Train.checkpoints_uri``."""
+    return f"{session_prefix(session_id)}checkpoints/{peer_id}"
+
+
+def checkpoint_uri(checkpoints_uri: str, epoch: int) -> str:
+    """A sweep run's training state after ``epoch`` (``CheckpointSaved.uri``): one object an epoch,
+    so the last reported one is never overwritten while the next is written."""
+    return f"{checkpoints_uri.rstrip('/')}/{epoch}.safetensors"
 
 
 def rounds(session_id: str) -> str:

@@ -52,6 +52,8 @@ INT64_MAX: Final = 2**63 - 1
 MAX_EPOCHS: Final = 100_000
 MAX_ROUNDS: Final = 10_000
 """A run's epochs are stored as ``epochs * rounds`` in an ``integer``: 10^9 fits."""
+MAX_CHECKPOINT_URLS: Final = 256
+"""The checkpoints one ``Train`` may write (the next ones after its start); a re-send signs more."""
 MAX_PEERS: Final = 10_000
 """Peers in one session: bounds every per-peer list and map a message carries."""
 MAX_ID: Final = 128
@@ -165,6 +167,10 @@ class Hyperparameters(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=T
     grad_accumulation: Annotated[int, msgspec.Meta(ge=1, le=MAX_ACCUMULATION)] = 1
     """Batches whose gradients are summed into one step: a step sees ``batch_size * grad_accumulation``
     samples, for batches larger than a peer's memory holds."""
+    checkpoint_every: Annotated[int, msgspec.Meta(ge=0, le=MAX_EPOCHS)] = 0
+    """A sweep's run saves a checkpoint (weights, optimizer, schedule step, data order, RNG) to the
+    blob store after every this many epochs (``CheckpointSaved``), and a re-sent ``Train`` resumes
+    from the last one; 0 (default): none. fedavg ignores it (its rounds are its checkpoints)."""
 
 
 MAX_IMAGE_SIDE: Final = 4096
@@ -519,6 +525,19 @@ class ShardReassigned(_SessionEvent, frozen=True, kw_only=True, tag="ShardReassi
     round: Count
 
 
+class CheckpointSaved(_SessionEvent, frozen=True, kw_only=True, tag="CheckpointSaved"):
+    """A sweep's run saved its training state after ``epoch`` (``Hyperparameters.checkpoint_every``)
+    at ``uri`` (``Train.checkpoint_urls``' object); a re-sent ``Train`` resumes from the last one.
+    A peer's report, checked (its run, the URI it was handed, epochs rising, a bounded size)."""
+
+    peer_id: Id
+    trial: TrialNumber | None = None
+    epoch: Count
+    uri: Uri
+    sha256: Digest
+    nbytes: BigCount
+
+
 class PeerFailed(_SessionEvent, frozen=True, kw_only=True, tag="PeerFailed"):
     peer_id: Id
     reason: Text
@@ -615,6 +634,7 @@ SessionEvent = (
     | Heartbeat
     | PeerDone
     | PeerFailed
+    | CheckpointSaved
     | ModelUpdatePublished
     | RoundClosed
     | UpdateRejected
@@ -642,7 +662,16 @@ Event = (
 )
 """Every stored fact: the session's (``SessionEvent``) and the others'."""
 TERMINAL_SESSION_EVENTS = (SessionCompleted, SessionFailed, SessionCancelled)
-Report = PeerRegistered | Heartbeat | ModelUpdatePublished | PeerDone | PeerFailed | UpdateRejected | RoundAveraged
+Report = (
+    PeerRegistered
+    | Heartbeat
+    | ModelUpdatePublished
+    | PeerDone
+    | PeerFailed
+    | UpdateRejected
+    | RoundAveraged
+    | CheckpointSaved
+)
 """What a peer may say, on ``peer.<its id>.reports`` only: claims that the scheduler checks against
 what it knows before it appends the same message as a fact, or a ``ReportRejected``."""
 
@@ -710,6 +739,19 @@ class Train(_Command, frozen=True, kw_only=True, tag="Train"):
     """fedavg: the whole dataset or only the shard (``SessionRequested.data_read``)."""
     trial: TrialNumber | None = None
     """A search's trial: its reports name it (a peer takes one ``Train`` per trial); None outside a search."""
+    checkpoint_urls: Annotated[dict[Count, Uri], msgspec.Meta(max_length=MAX_CHECKPOINT_URLS)] = msgspec.field(
+        default_factory=dict
+    )
+    """A sweep's run with ``checkpoint_every``: epoch -> signed PUT of that epoch's checkpoint, at
+    ``blobkeys.checkpoint_uri(checkpoints_uri, epoch)``; an epoch without one saves none."""
+    checkpoints_uri: Uri = ""
+    """The folder of this run's checkpoints (``blobkeys.checkpoints``)."""
+    resume_epoch: Count = 0
+    """The epoch the last checkpoint was saved after (``CheckpointSaved``); 0: from the start."""
+    resume_uri: Uri = ""
+    resume_url: Uri = ""
+    """Signed GET of ``resume_uri``."""
+    resume_sha256: Digest = ""
 
 
 class Stop(_Command, frozen=True, kw_only=True, tag="Stop"):

@@ -94,6 +94,20 @@ class Linear(LayerSpec, frozen=True, kw_only=True, tag="linear"):
         return Sig(out), Cost(params, _numel(out), 2 * n_in * self.out * positions)
 
 
+def _slide(
+    layer: LayerSpec, dims: tuple[int, ...], spatial: int, kernel: int, stride: int, padding: int
+) -> tuple[int, ...]:
+    """The sides a window of ``kernel`` sliding by ``stride`` over (C, L) or (C, H, W) leaves (a
+    convolution's or a pooling's); ``ShapeError`` where the input has other dimensions or is too small."""
+    tag = layer.__struct_config__.tag
+    if len(dims) != spatial + 1:
+        raise ShapeError(f"{tag} takes (C{', L' if spatial == 1 else ', H, W'}), got {list(dims)}")
+    new = tuple((s + 2 * padding - kernel) // stride + 1 for s in dims[1:])
+    if any(s < 1 for s in new):
+        raise ShapeError(f"{tag} kernel {kernel} does not fit its input {list(dims)}")
+    return new
+
+
 class _Conv(LayerSpec, frozen=True, kw_only=True):
     out: Dim
     kernel: Kernel = 3
@@ -103,14 +117,8 @@ class _Conv(LayerSpec, frozen=True, kw_only=True):
 
     def infer(self, ins: Sig, vocab: int) -> tuple[Sig, Cost]:
         dims = self._values(ins)
-        tag = self.__struct_config__.tag
-        if len(dims) != self.spatial + 1:
-            raise ShapeError(f"{tag} takes (C{', L' if self.spatial == 1 else ', H, W'}), got {list(dims)}")
-        c, sides = dims[0], dims[1:]
-        new = tuple((s + 2 * self.padding - self.kernel) // self.stride + 1 for s in sides)
-        if any(s < 1 for s in new):
-            raise ShapeError(f"{tag} kernel {self.kernel} does not fit its input {list(dims)}")
-        window = c * self.kernel**self.spatial
+        new = _slide(self, dims, self.spatial, self.kernel, self.stride, self.padding)
+        window = dims[0] * self.kernel**self.spatial
         out = (self.out, *new)
         return Sig(out), Cost(window * self.out + self.out, _numel(out), 2 * window * _numel(out))
 
@@ -199,13 +207,7 @@ class _Pool(LayerSpec, frozen=True, kw_only=True):
 
     def infer(self, ins: Sig, vocab: int) -> tuple[Sig, Cost]:
         dims = self._values(ins)
-        tag = self.__struct_config__.tag
-        if len(dims) != self.spatial + 1:
-            raise ShapeError(f"{tag} takes (C{', L' if self.spatial == 1 else ', H, W'}), got {list(dims)}")
-        stride = self.stride or self.kernel
-        new = tuple((s - self.kernel) // stride + 1 for s in dims[1:])
-        if any(s < 1 for s in new):
-            raise ShapeError(f"{tag} kernel {self.kernel} does not fit its input {list(dims)}")
+        new = _slide(self, dims, self.spatial, self.kernel, self.stride or self.kernel, 0)
         out = (dims[0], *new)
         return Sig(out), Cost(0, _numel(out), _numel(out) * self.kernel**self.spatial)
 

@@ -84,6 +84,7 @@ from swarmtrain.common.settings import Settings
 from swarmtrain.common.specs import PeerSpecs
 from swarmtrain.peer import specs as peer_specs
 from swarmtrain.peer import trainer
+from swarmtrain.peer.checkpoint import CheckpointError
 from swarmtrain.peer.facts import SessionFacts
 from swarmtrain.peer.strategies import STRATEGIES, JobContext, with_retries
 from swarmtrain.peer.trainer import Diverged, PrecisionUnsupported, TrainingStopped
@@ -192,6 +193,8 @@ def failure_reason(exc: BaseException) -> str:
         case httpx.HTTPStatusError():
             where = str(exc.request.url).split("?", 1)[0]  # the query is the credential: never reported
             reason = f"blob URL refused: HTTP {exc.response.status_code} for {where}"
+        case CheckpointError():
+            reason = f"checkpoint refused: {exc}"
         case DataError():
             reason = f"bad data: {exc}"
         case _:

@@ -22,6 +22,7 @@ from torch import nn
 
 from swarmtrain.common import metrics
 from swarmtrain.common.events import CLASSIFICATION, DataSpec, Hyperparameters, ModelSpec, Precision
+from swarmtrain.peer import checkpoint
 from swarmtrain.peer.cache import ParsedCache, tensors_nbytes
 from swarmtrain.training import tasks
 from swarmtrain.training.data import DataError, Dataset, load, split_indices, with_validation
@@ -137,6 +138,13 @@ class TrainJob:
     validation_path: Path | None = None
     """The session's own validation set (``Train.validation_url``, same format); None: ``validation_split``."""
     validation_sha256: str | None = None
+    resume: bytes | None = None
+    """A checkpoint (``peer.checkpoint``) to go on from, after its epoch; None: from epoch 1."""
+
+
+Checkpointed = Callable[[int, bytes], None]
+"""``(epoch, checkpoint bytes)``, called in the worker thread after each ``checkpoint_every``-th
+epoch (never the last: the model is the last epoch's state): it stores them."""
 
 
 class EpochStats(msgspec.Struct, frozen=True, kw_only=True):
@@ -402,9 +410,16 @@ def run_epoch(
     return train_loss, train_score, time.perf_counter() - t0
 
 
-def train(job: TrainJob, on_epoch: Callable[[EpochStats], None], stop: threading.Event) -> TrainResult:
-    """Train ``job`` to its last epoch; raises ``TrainingStopped`` when ``stop`` is set, ``DataError``
-    for data or hyperparameters that cannot be trained on, ``Diverged`` for a non-finite loss."""
+def train(
+    job: TrainJob,
+    on_epoch: Callable[[EpochStats], None],
+    stop: threading.Event,
+    on_checkpoint: Checkpointed | None = None,
+) -> TrainResult:
+    """Train ``job`` to its last epoch (from the epoch after ``job.resume``'s, if any); raises
+    ``TrainingStopped`` when ``stop`` is set, ``DataError`` for data or hyperparameters that cannot
+    be trained on, ``Diverged`` for a non-finite loss, ``CheckpointError`` for a checkpoint that
+    does not fit the run. ``on_checkpoint``: where the ``checkpoint_every``-th epochs' state goes."""
     hp = job.hyperparameters
     if job.torch_threads > 0:
         torch.set_num_threads(job.torch_threads)
@@ -423,12 +438,16 @@ def train(job: TrainJob, on_epoch: Callable[[EpochStats], None], stop: threading
     model.to(device)
     x_train, y_train = x_train.to(device), y_train.to(device)
     x_val, y_val = x_val.to(device), y_val.to(device)
-    steps = Steps(hp, model, total=hp.epochs * steps_per_epoch(n, hp), scaler=amp.scaler)
+    per_epoch = steps_per_epoch(n, hp)
+    steps = Steps(hp, model, total=hp.epochs * per_epoch, scaler=amp.scaler)
     shuffle = torch.Generator().manual_seed(job.seed)
+    first = 1
+    if job.resume is not None:
+        first = checkpoint.restore(job.resume, model, steps, shuffle, per_epoch, device) + 1
 
     started = time.perf_counter()
     stats: EpochStats | None = None
-    for epoch in range(1, hp.epochs + 1):
+    for epoch in range(first, hp.epochs + 1):
         loss, accuracy, seconds = run_epoch(
             model, steps, x_train, y_train, hp.batch_size, shuffle, stop, epoch, amp, learns
         )
@@ -448,7 +467,10 @@ def train(job: TrainJob, on_epoch: Callable[[EpochStats], None], stop: threading
             figures=epoch_figures(learns, measured, n / max(seconds, 1e-9), x_train),
         )
         on_epoch(stats)
-    assert stats is not None  # epochs >= 1
+        every = hp.checkpoint_every
+        if on_checkpoint is not None and every > 0 and epoch % every == 0 and epoch < hp.epochs:
+            on_checkpoint(epoch, checkpoint.dumps(model, steps, shuffle, epoch, device))
+    assert stats is not None  # epochs >= 1, a checkpoint's epoch < epochs
 
     return TrainResult(
         model=model.to("cpu").eval(),

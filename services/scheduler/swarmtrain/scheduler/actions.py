@@ -15,6 +15,8 @@ import msgspec
 
 from swarmtrain.common import blobkeys, strategies
 from swarmtrain.common.events import (
+    MAX_CHECKPOINT_URLS,
+    CheckpointSaved,
     Event,
     Hyperparameters,
     InitModelPrepared,
@@ -34,7 +36,7 @@ from swarmtrain.common.events import (
     Train,
 )
 from swarmtrain.scheduler.placement import Rules
-from swarmtrain.scheduler.state import MAX_MODEL_BYTES, Run
+from swarmtrain.scheduler.state import MAX_MODEL_BYTES, Run, checkpoint_bytes
 
 if TYPE_CHECKING:
     from swarmtrain.scheduler.lineage import Recompute
@@ -329,10 +331,12 @@ def train_command(
     config: Config | UriFor,
     max_model_bytes: int = MAX_MODEL_BYTES,
     init: tuple[str, str] | None = None,
+    resume: CheckpointSaved | None = None,
 ) -> Train:
     """The ``Train`` of ``peer_id``'s run from ``start_round``, with the signed URLs of what it reads
     and writes (``config``'s signer; a bare ``UriFor`` signs nothing); ``init``: the session's
-    starting model ``(uri, sha256)``, None for seeded weights."""
+    starting model ``(uri, sha256)``, None for seeded weights; ``resume``: a sweep run's last
+    checkpoint, which it goes on from (its next checkpoints' URLs signed from there)."""
     config = config if isinstance(config, Config) else Config(uri=config)
     uri = config.uri
     sid = req.session_id
@@ -341,6 +345,14 @@ def train_command(
     rounds = range(start_round, req.rounds + 1) if strategies.rules(req.strategy).rounds else range(0)
     update_urls = {r: config.sign("PUT", blobkeys.update_uri(rounds_uri, r, peer_id), max_model_bytes) for r in rounds}
     average_urls = {r: config.sign("PUT", blobkeys.average_uri(rounds_uri, r), max_model_bytes) for r in rounds}
+    every = 0 if strategies.rules(req.strategy).rounds else hyperparameters.checkpoint_every
+    checkpoints_uri = uri(blobkeys.checkpoints(sid, peer_id)) if every else ""
+    after = resume.epoch if resume is not None else 0
+    epochs = range(after - after % every + every, hyperparameters.epochs, every) if every else range(0)
+    checkpoint_urls = {
+        e: config.sign("PUT", blobkeys.checkpoint_uri(checkpoints_uri, e), checkpoint_bytes(max_model_bytes))
+        for e in epochs[:MAX_CHECKPOINT_URLS]
+    }
     return Train(
         event_id=train_id(sid, peer_id, start_round),
         occurred_at=clocks.at,
@@ -374,6 +386,12 @@ def train_command(
         validation_uri=req.validation.uri if req.validation else "",
         validation_url=config.sign("GET", req.validation.uri) if req.validation else "",
         validation_sha256=req.validation.sha256 if req.validation else "",
+        checkpoints_uri=checkpoints_uri,
+        checkpoint_urls={e: u for e, u in checkpoint_urls.items() if u},
+        resume_epoch=resume.epoch if resume is not None else 0,
+        resume_uri=resume.uri if resume is not None else "",
+        resume_url=config.sign("GET", resume.uri) if resume is not None else "",
+        resume_sha256=resume.sha256 if resume is not None else "",
     )
 
 
@@ -399,6 +417,8 @@ def trial_train(
         output_uri=output_uri,
         output_url=config.sign("PUT", output_uri, max_model_bytes),
         trial=run.trial,
+        checkpoints_uri="",  # a trial does not checkpoint (yet): a re-run starts at epoch 1
+        checkpoint_urls={},
     )
 
 

@@ -67,6 +67,7 @@ def decide(state: State, clocks: Clocks, config: Config) -> list[Action]:
         key=lambda p: p.peer_id,
     )
     failing = {a.event.peer_id for a in actions if isinstance(a, Append) and isinstance(a.event, PeerFailed)}
+    handing_over: set[str] = set()
     locked: dict[str, list[Peer]] = {}  # one pass over the peers, not one per session
     for peer in state.peers.values():
         if peer.session_id is not None:
@@ -75,6 +76,10 @@ def decide(state: State, clocks: Clocks, config: Config) -> list[Action]:
         if session.status != "running":
             continue
         if session.searching:
+            if not locked.get(session.session_id) and not trials.done(session):
+                # every peer it held went offline with trials left: nothing would ever run them
+                actions.append(Append(trials.stranded(session, clocks)))
+                continue
             mine = [p for p in locked.get(session.session_id, []) if p.peer_id not in unavailable | failing]
             actions += trials.step(state, session, mine, clocks, config)
             actions += resend(state, session, clocks, config, skip=unavailable | failing)
@@ -83,11 +88,14 @@ def decide(state: State, clocks: Clocks, config: Config) -> list[Action]:
         taken = {a.peer_id for a in step if isinstance(a, Reassign)}
         if taken:
             idle = [p for p in idle if p.peer_id not in taken]
+            handing_over.add(session.session_id)
         failing |= {a.event.peer_id for a in step if isinstance(a, Append) and isinstance(a.event, PeerFailed)}
         actions += step
         actions += resend(state, session, clocks, config, skip=unavailable | failing)
         actions += forward(session)
     for session in state.sessions.values():
+        if session.session_id in handing_over:
+            continue  # a run taken over in this decision is not in the state yet: not ended
         actions += _finish(session, locked.get(session.session_id, []), clocks)
     actions += stale_locks(state, clocks, config.timing)
     actions += _schedule(state, idle, clocks, config)
@@ -203,6 +211,7 @@ def _train(
         config,
         session.max_model_bytes(),
         session.init,
+        run.checkpoint,
     )
 
 
@@ -320,8 +329,10 @@ def _ended_run(session: Session, peer: Peer) -> bool:
     """Whether ``peer``'s lock is that of a run of ``session`` that has ended (not a start or
     reassignment in progress, nor a peer still at work)."""
     run = session.run_of(peer.peer_id)
-    if session.searching and session.status == "running" and session.trials_left() and peer.online:
-        return False  # between two trials: it takes the next one
+    if session.searching and session.status == "running" and not trials.done(session) and peer.online:
+        # between two trials it takes the next one; with none left it waits for the trials still
+        # training, since one whose peer dies runs again on a peer the search still holds
+        return False
     return session.status != "queued" and run is not None and run.status != "training"
 
 

@@ -16,6 +16,9 @@ publish there), never the body's: a body naming another peer is refused. Then, p
 - ``UpdateRejected``: a closed round's update that the round named; ``RoundAveraged``: a closed
   round, at exactly ``<rounds_uri>/<round>/average.safetensors``.
 - ``PeerFailed``: a reason of bounded length (a diverged run reports its reason this way).
+- ``CheckpointSaved``: a sweep's run with ``checkpoint_every`` (no trial, no rounds), an epoch it
+  checkpoints at (a multiple, never the last), later than its last checkpoint, at exactly
+  ``<checkpoints_uri>/<epoch>.safetensors``, at most ``max_checkpoint_bytes``.
 
 A report's ``event_id`` becomes the fact's, so it must not take an id the services decide with:
 a session report's id starts with its session's id and is none of the scheduler's shapes (see
@@ -33,6 +36,7 @@ from swarmtrain.common import blobkeys, strategies, tasks
 from swarmtrain.common.events import (
     CLASSIFICATION,
     MAX_REPORTED_REASON,
+    CheckpointSaved,
     Heartbeat,
     ModelUpdatePublished,
     PeerDone,
@@ -163,6 +167,8 @@ def _check(state: State, sender: str, report: Report, config: Config) -> None:
             _bounded("train_seconds", report.train_seconds, 0.0, MAX_SECONDS)
         case PeerFailed():
             _text("reason", report.reason, MAX_REPORTED_REASON)
+        case CheckpointSaved():
+            _checkpoint(session, run, sender, report, config)
         case UpdateRejected():
             closed = session.closed.get(report.round)
             if closed is None:
@@ -204,6 +210,26 @@ def _update(session: Session, run: Run, sender: str, report: ModelUpdatePublishe
     if report.nbytes > session.max_model_bytes():
         raise Refused(f"nbytes {report.nbytes}: an update of this model holds at most {session.max_model_bytes()}")
     _figures(report.loss, report.accuracy, None, None, session.request.data.task)
+
+
+def _checkpoint(session: Session, run: Run, sender: str, report: CheckpointSaved, config: Config) -> None:
+    """A sweep run's checkpoint: one its ``Train`` could write (``checkpoint_every``, not the last
+    epoch), at exactly the handed URI, after the run's last one, of a size its model can have."""
+    sid, every, total = session.session_id, run.hyperparameters.checkpoint_every, _epochs(session, run)
+    if strategies.rules(session.request.strategy).rounds or run.trial is not None or report.trial is not None:
+        raise Refused("only a sweep's run checkpoints (a fedavg run resumes from its rounds)")
+    if every == 0 or report.epoch % every or not 1 <= report.epoch < total:
+        raise Refused(f"epoch {report.epoch}: this run checkpoints every {every} epochs of {total}, not the last")
+    if run.checkpoint is not None and report.epoch <= run.checkpoint.epoch:
+        raise Refused(f"epoch {report.epoch}: the run's last checkpoint is of epoch {run.checkpoint.epoch}")
+    expected = blobkeys.checkpoint_uri(config.uri(blobkeys.checkpoints(sid, sender)), report.epoch)
+    if report.uri != expected:
+        raise Refused(f"uri {report.uri[:300]!r} is not the checkpoint URI it was handed ({expected})")
+    _sha256(report.sha256)
+    if not 0 < report.nbytes <= session.max_checkpoint_bytes():
+        raise Refused(
+            f"nbytes {report.nbytes}: a checkpoint of this model holds at most {session.max_checkpoint_bytes()}"
+        )
 
 
 def _finished_run(session: Session, sender: str, beat: Heartbeat) -> Run | None:

@@ -10,7 +10,11 @@ it decides nothing itself. Its own mechanics:
   then acked;
 - no tick to wait for: the loop sleeps until a report comes (a fetch kept in flight), something is
   appended to the log (a core subscription on the event subjects rings a doorbell), or
-  ``TICK_S`` has passed (what only time decides: timeouts, deadlines);
+  ``TICK_S`` has passed (what only time decides: timeouts, deadlines); it reads the log for
+  another's append or a tick (its own appends are read back before the next decision, reports
+  read it to its end before they are checked), and a batch of heartbeats of sessions that do not
+  search is checked and appended without a decision (nothing follows from them at once: the next
+  wake decides, a tick at most);
 - commands sent once per process (``Send``/``Forward`` ids remembered), ``SessionFact`` signed only
   when sent, evaluations run in worker threads;
 - riding out faults: an event whose evolve raises is quarantined (logged, counted, skipped); a
@@ -49,6 +53,7 @@ from swarmtrain.common.events import (
     PRESENCE_SUBJECTS,
     Command,
     Event,
+    Heartbeat,
     PeerFailed,
     PeerWentOffline,
     Report,
@@ -110,6 +115,8 @@ stores nothing: time a peer could not be heard, which must count against nobody)
 PROBE_TIMEOUT_S = 2.0
 MAX_DEFERRALS = 25
 """Ticks a blaming decision waits for the reports stored before it to be read."""
+OWN_MEMORY = 10_000
+"""Ids of events this process appended that it remembers, to tell its own doorbells from others'."""
 APPLIED_MEMORY = 200_000
 """Ids of the reports' facts read from the log that the scheduler remembers (a redelivered report
 whose fact is stored is acked, not rejected)."""
@@ -184,7 +191,7 @@ class Scheduler:
         self.barrier = 0
         """Stream sequence of our own latest write: no decision until the state has seen it."""
         self.sent: OrderedDict[str, None] = OrderedDict()
-        self.jobs = OncePerKey(EVALUATION_RETRY_S)
+        self.jobs = OncePerKey(EVALUATION_RETRY_S, done=self.nudge)
         """Evaluations, shard counts and a fork's starting model: blocking, once at a time per key."""
         self.histograms: dict[str, list[list[int]]] = {}
         """session_id -> its shards' label histograms (``label_skew``), once computed."""
@@ -198,6 +205,31 @@ class Scheduler:
         """``perf_counter`` when the loop last woke (a report, the doorbell, a tick): a start's timings."""
         self.deciding = (0.0, 0.0)
         """``perf_counter`` when the latest ``decide`` began and ended."""
+        self.own: OrderedDict[str, None] = OrderedDict()
+        """Ids of the events this process appended lately (the latest ``OWN_MEMORY``): their
+        doorbell asks for no read of the log, ``barrier`` has them read before the next decision."""
+        self.foreign = False
+        """An event this process did not append rang the doorbell since the log was last read."""
+        self.beats_only = False
+        """The latest batch of reports checked holds only heartbeats of sessions that do not search
+        (or their rejections): facts no decision follows from at once, so the loop may leave its
+        decision to the next wake, a tick at most (``Scheduler.due``)."""
+        self.decided_at = 0.0
+        """Monotonic time ``settle`` last ran."""
+        self.settled = False
+        """The latest ``settle`` ended because its decisions wrote nothing more (not at its rounds' end)."""
+        self.nudged = False
+        """A job (an evaluation, a shard count, a starting model) ended since the latest decision."""
+
+    def nudge(self) -> None:
+        self.nudged = True
+
+    def on_appended(self, msg: Msg) -> None:
+        """The doorbell rang for ``msg``, an event appended: by another process (the gateway, another
+        scheduler) or by this one (its ``Nats-Msg-Id`` one of ``own``)."""
+        msg_id = msg.headers.get("Nats-Msg-Id") if msg.headers else None
+        if msg_id is None or msg_id not in self.own:
+            self.foreign = True
 
     def on_presence(self, data: bytes) -> None:
         try:
@@ -247,7 +279,8 @@ class Scheduler:
         A report whose fact is in the log already (redelivered: its ack was lost) is acked as it is.
         One that cannot be recorded (the log unreachable, electing a leader) comes again, and the
         failure is raised: a fault to ride out."""
-        if not batch:
+        self.beats_only = False
+        if not batch:  # a fetch that timed out: a tick
             return 0
         await self.read_to(events, max(self.barrier, await bus.last_sequence(self.js)))
         checked: list[tuple[Msg, Report, str, Event]] = []
@@ -260,6 +293,7 @@ class Scheduler:
                 await msg.ack()
                 continue
             checked.append((msg, report, sender, check(self.state, sender, report, self.config, clocks().at)))
+        self.beats_only = all(self.inconsequential(outcome) for _, _, _, outcome in checked)
         # the batch's facts in flight together, in order on the one connection (so stored in order):
         # one round trip for the batch, not one per report
         results = await asyncio.gather(*(self.append(c[3]) for c in checked), return_exceptions=True)
@@ -278,16 +312,39 @@ class Scheduler:
             raise failed
         return len(batch)
 
+    def inconsequential(self, fact: Event) -> bool:
+        """Whether no decision follows at once from ``fact``, a report's outcome: a heartbeat of a
+        session that does not search (its progress decides nothing but a search's pruning), a
+        heartbeat's rejection."""
+        if isinstance(fact, ReportRejected):
+            return fact.report_type == "Heartbeat"
+        if isinstance(fact, Heartbeat):
+            session = self.state.sessions.get(fact.session_id)
+            return session is None or not session.searching
+        return False
+
+    def due(self, reported: bool, rang: bool, foreign: bool) -> bool:
+        """Whether the loop decides on this turn: always, unless its last decision is less than a
+        tick old and it woke only for what decides nothing: reports whose facts decide nothing
+        (``beats_only``), or the doorbell of its own appends that ``settle`` has decided upon."""
+        if foreign or self.nudged or time.monotonic() - self.decided_at >= TICK_S:
+            return True
+        if reported:
+            return not self.beats_only
+        return not rang or not self.settled
+
     async def settle(self, events: JetStreamContext.PullSubscription, rounds: int = 4) -> None:
         """Decide, then read back what that wrote and decide again at once, until nothing new is
         written (at most ``rounds`` times): a fact that follows from another (an update recorded ->
         its round closed -> the close forwarded to the peers) is not held back by a tick."""
+        self.decided_at, self.settled, self.nudged = time.monotonic(), False, False
         for _ in range(rounds):
             if self.state.position < self.barrier:  # our own writes (facts of reports, decisions) first
                 await self.read_to(events, self.barrier)
             before = self.barrier
             await self.step()
             if self.barrier <= before:
+                self.settled = self.state.position >= self.barrier
                 return
 
     async def step(self) -> None:
@@ -400,6 +457,9 @@ class Scheduler:
 
     async def append(self, event: Event, expected: int | None = None) -> int:
         """Append ``event`` (a compare-and-set with ``expected``); the next decision waits until it is read back."""
+        self.own[event.event_id] = None  # before it is published: its doorbell comes after
+        while len(self.own) > OWN_MEMORY:
+            self.own.popitem(last=False)
         seq = await (bus.append(self.js, event) if expected is None else self.cas_append(event, expected))
         self.barrier = max(self.barrier, seq)
         return seq
@@ -593,8 +653,10 @@ class OncePerKey:
     that fails with a ``final`` error hands it to its handler, any other failure is logged and the
     key is tried again no sooner than ``retry_s`` later (the next decision asks again)."""
 
-    def __init__(self, retry_s: float) -> None:
+    def __init__(self, retry_s: float, done: Callable[[], None] | None = None) -> None:
         self.retry_s = retry_s
+        self.done = done
+        """Called once a job's handler has run (its facts appended, or none to append)."""
         self.running: dict[str, asyncio.Task[None]] = {}
         self.after: dict[str, float] = {}
 
@@ -617,15 +679,21 @@ class OncePerKey:
             except Exception as exc:
                 if final is not None and isinstance(exc, final[0]):
                     await final[1](exc)
+                    self._done()
                     return
                 self.after[key] = time.monotonic() + self.retry_s
                 log.warning(f"{what}; tried again later", key=key, error=repr(exc), **context)
                 return
             await then(result)
+            self._done()
 
         task = asyncio.create_task(go(), name=f"job-{key}")
         self.running[key] = task
         task.add_done_callback(lambda _: self.running.pop(key, None))
+
+    def _done(self) -> None:
+        if self.done is not None:
+            self.done()
 
     async def close(self) -> None:
         tasks = list(self.running.values())
@@ -731,7 +799,8 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
         # the loop at once; the consumer below is still what is read
         doorbell = asyncio.Event()
 
-        async def on_appended(_msg: Msg) -> None:
+        async def on_appended(msg: Msg) -> None:
+            scheduler.on_appended(msg)
             doorbell.set()
 
         for subject in subjects.SCHEDULER_DOORBELL:
@@ -769,18 +838,24 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
                     # sleep until something is appended, a report comes, or a tick has passed
                     await _first(incoming, doorbell, TICK_S)
                     scheduler.woke = time.perf_counter()
-                    rang = doorbell.is_set()
+                    rang, foreign = doorbell.is_set(), scheduler.foreign
                     doorbell.clear()
-                    if rang or not incoming.done():  # the log moved, or a tick passed
+                    scheduler.foreign = False
+                    # reports to check read the log to its end first; our own appends are read back
+                    # by ``settle`` (to the barrier): only another's append, or a tick, reads here
+                    if not incoming.done() and (foreign or not rang):
                         if await scheduler.read(events, timeout=EVENTS_WAIT_S):
                             idle_since = time.monotonic()
                         elif time.monotonic() - idle_since > 5.0:  # is the consumer still there? (raises if not)
                             idle_since = time.monotonic()
                             await events.consumer_info()
-                    if incoming.done():
+                    reported = incoming.done()
+                    if reported:
                         batch, incoming = incoming.result(), None
                         scheduler.heard_at = began  # what was reported up to then has been read
                         await scheduler.check_reports(batch, events)
+                    if not scheduler.due(reported, rang, foreign):  # nothing to decide upon yet
+                        continue
                     await scheduler.settle(events)
                 except (nats.errors.Error, nats.js.errors.Error, OSError) as exc:
                     if not faulted or nc.is_connected:  # once per outage, and on every failure once back

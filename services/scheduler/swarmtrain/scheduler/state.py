@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 from swarmtrain.common import models, shapes, strategies
 from swarmtrain.common.events import (
     TERMINAL_SESSION_EVENTS,
+    CheckpointSaved,
     DatasetUploaded,
     Event,
     Heartbeat,
@@ -55,6 +56,14 @@ from swarmtrain.scheduler.search import Entry, Finished, Reported, Suggested
 
 MAX_MODEL_BYTES = 1 << 30
 """The PUT bound of a model or update file when the dataset's shape is unknown."""
+
+
+def checkpoint_bytes(max_model_bytes: int) -> int:
+    """The PUT bound of a checkpoint of a model of at most ``max_model_bytes``: the model's and up
+    to two optimizer moments (AdamW's), and room for the step counts, generators and header."""
+    return 3 * max_model_bytes + (1 << 20)
+
+
 MAX_ATTEMPTS = 3
 """A search's trial whose run failed is run again (on whichever peer is free), this many runs at
 most; then it counts as failed (once)."""
@@ -120,6 +129,8 @@ class Run:
     pruned: bool = False
     figures: Mapping[int, float] = field(default_factory=dict)
     """A search's run: epoch -> the search's metric as its heartbeats reported it (first one stands)."""
+    checkpoint: CheckpointSaved | None = None
+    """A sweep's run: its last checkpoint (``checkpoint_every``), which a re-sent ``Train`` resumes from."""
 
     def peer(self, key: str) -> str:
         """The peer of the run stored under ``key``."""
@@ -273,6 +284,11 @@ class Session:
         return (
             4 * (params + 2 * self.dataset.features) + (1 << 20) + 512 * (self.dataset.features + self.dataset.classes)
         )
+
+    def max_checkpoint_bytes(self) -> int:
+        """The most bytes a sweep run's checkpoint may hold: the model's and up to two optimizer
+        moments (AdamW's) in float32, and room for the step counts, the generators and the header."""
+        return checkpoint_bytes(self.max_model_bytes())
 
     @property
     def rounds_open(self) -> bool:
@@ -459,6 +475,10 @@ def _evolve_session(session: Session, seq: int, event: Event, wall: float) -> Se
             if run is not None and run.status == "training" and run.peer_id == event.peer_id:
                 session = replace(session, search_log=(*session.search_log, Finished(event.trial, None, pruned=True)))
                 return _with_run(session, key, replace(run, status="stopped", pruned=True))
+        case CheckpointSaved():
+            run = session.training(event.peer_id)
+            if run is not None and run.trial == event.trial and _later(event, run.checkpoint):
+                return _with_run(session, session.run_key(event.peer_id), replace(run, checkpoint=event))
         case SearchConcluded():
             if session.concluded is None:
                 return replace(session, concluded=event)
@@ -501,11 +521,17 @@ def _evolve_session(session: Session, seq: int, event: Event, wall: float) -> Se
                 )
         case ShardReassigned():
             if takes_new_runs(session.status) and event.to_peer_id not in session.runs:
+                # a sweep's run taken over from its last checkpoint: the same hyperparameters and checkpoint
+                sweep = not strategies.rules(session.request.strategy).rounds
+                previous = session.runs.get(event.from_peer_id) if sweep else None
                 run = Run(
-                    hyperparameters=session.request.hyperparameters[event.shard],
+                    hyperparameters=session.request.hyperparameters[event.shard]
+                    if previous is None
+                    else previous.hyperparameters,
                     shard=event.shard,
                     start_round=event.round,
                     since=wall,
+                    checkpoint=None if previous is None else previous.checkpoint,
                 )
                 session = replace(session, facts=(*session.facts, event))
                 return replace(_with_run(session, event.to_peer_id, run), round_base=max(session.round_base, wall))
@@ -565,6 +591,11 @@ def _evolve_session(session: Session, seq: int, event: Event, wall: float) -> Se
                 ended = event if isinstance(event, TERMINAL_SESSION_EVENTS) else None
                 return replace(session, status=status, runs=runs, ended=ended)
     return session
+
+
+def _later(saved: CheckpointSaved, last: CheckpointSaved | None) -> bool:
+    """Whether ``saved`` is after the run's last checkpoint (a run's checkpoints only move on)."""
+    return last is None or saved.epoch > last.epoch
 
 
 def _with_run(session: Session, key: str, run: Run) -> Session:

@@ -28,6 +28,7 @@ import msgspec
 from swarmtrain.common.events import (
     Hyperparameters,
     SearchConcluded,
+    SessionFailed,
     Train,
     TrialPruned,
     TrialStarted,
@@ -83,8 +84,8 @@ def step(state: State, session: Session, locked: Sequence[Peer], clocks: Clocks,
         if not decision.prune:
             continue
         run = session.runs.get(trial_key(decision.trial))
-        if run is None or run.status != "training":
-            continue
+        if run is None or run.status != "training" or decision.epoch >= run.hyperparameters.epochs:
+            continue  # a trial at its last epoch has done its work: its result is kept, not pruned
         figure = run.figures.get(decision.epoch)
         pruned = TrialPruned(
             event_id=f"{sid}.trial{decision.trial}.pruned",
@@ -164,6 +165,20 @@ def train_of(session: Session, run: Run, clocks: Clocks, config: Config) -> Trai
 def done(session: Session) -> bool:
     """Whether every trial of the search ended (none training, none left to hand out)."""
     return not session.trials_left() and all(r.status != "training" for r in session.runs.values())
+
+
+def stranded(session: Session, clocks: Clocks) -> SessionFailed:
+    """The end of a running search that holds no peer any more (each went offline, and an offline
+    peer's lock is released) while trials are left or still named training."""
+    spec = session.request.search
+    assert spec is not None
+    left = spec.trials - sum(r.status == "done" or r.pruned for r in session.runs.values())
+    return SessionFailed(
+        event_id=f"{session.session_id}.failed",
+        occurred_at=clocks.at,
+        session_id=session.session_id,
+        reason=f"every peer of the search went offline with {left} of its {spec.trials} trials not finished",
+    )
 
 
 def concluded(session: Session, best: str | None, clocks: Clocks) -> SearchConcluded:

@@ -244,6 +244,12 @@ TRAINING_FLAGS = (
     ),
     BodyFlag("--warmup-steps", "warmup_steps", "optimizer steps of linear warmup (default 0)", type=int),
     BodyFlag("--grad-accumulation", "grad_accumulation", "batches summed into one step (default 1)", type=int),
+    BodyFlag(
+        "--checkpoint-every",
+        "checkpoint_every",
+        "sweep: save a checkpoint every N epochs, so a re-sent run resumes (default 0: none)",
+        type=int,
+    ),
 )
 """The flags that set a field of every hyperparameter set (``--epochs``, ``--batch-size`` and
 ``--lr`` are read by ``_hyperparameters``'s own rule), in ``--help``'s order."""

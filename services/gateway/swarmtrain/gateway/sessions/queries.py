@@ -286,11 +286,24 @@ async def load_sessions(
         peer_rows = await conn.fetch(
             "SELECT * FROM session_peers WHERE session_id = ANY($1::text[]) ORDER BY session_id, peer_id", ids
         )
-        round_rows = await conn.fetch(
-            "SELECT * FROM session_rounds WHERE session_id = ANY($1::text[]) ORDER BY session_id, round", ids
+        # rounds only a strategy with rounds closes, trials only a search starts: not asked of
+        # sessions that can have none (a round trip each, on every GET of a sweep)
+        with_rounds = [row["session_id"] for row in rows if _may_have_rounds(row["strategy"])]
+        round_rows = (
+            await conn.fetch(
+                "SELECT * FROM session_rounds WHERE session_id = ANY($1::text[]) ORDER BY session_id, round",
+                with_rounds,
+            )
+            if with_rounds
+            else []
         )
-        trial_rows = await conn.fetch(
-            "SELECT * FROM session_trials WHERE session_id = ANY($1::text[]) ORDER BY session_id, trial", ids
+        searching = [row["session_id"] for row in rows if row["search"] is not None]
+        trial_rows = (
+            await conn.fetch(
+                "SELECT * FROM session_trials WHERE session_id = ANY($1::text[]) ORDER BY session_id, trial", searching
+            )
+            if searching
+            else []
         )
     peers: dict[str, list[PeerResult]] = {}
     for peer_row in peer_rows:
@@ -307,6 +320,14 @@ async def load_sessions(
         )
         for row in rows
     ]
+
+
+def _may_have_rounds(strategy: str) -> bool:
+    """Whether a session of ``strategy`` can have closed rounds (a name the contract does not know: yes)."""
+    try:
+        return rules(strategy).rounds
+    except LookupError:
+        return True
 
 
 async def load_session(pool: asyncpg.Pool, owner_id: str, session_id: str) -> SessionOut | None:

@@ -36,15 +36,15 @@ from typing import TypeVar
 import httpx
 import torch
 
-from swarmtrain.common import signing
+from swarmtrain.common import blobkeys, signing
 from swarmtrain.common.blob import BlobRef, MiB
-from swarmtrain.common.events import Report, Train
+from swarmtrain.common.events import CheckpointSaved, Report, Train
 from swarmtrain.common.logging import get_logger
 from swarmtrain.common.registry import Registry
 from swarmtrain.common.settings import Settings, get_settings
 from swarmtrain.peer.facts import SessionFacts
 from swarmtrain.peer.progress import heartbeat, train_reporting
-from swarmtrain.peer.trainer import EpochStats
+from swarmtrain.peer.trainer import Checkpointed, EpochStats
 from swarmtrain.training import tensorfile
 from swarmtrain.training.averaging import Tensors
 from swarmtrain.training.data import DataError
@@ -170,6 +170,49 @@ class JobContext:
                 tmp.unlink(missing_ok=True)
 
         return await asyncio.to_thread(fetch)
+
+    async def fetch_checkpoint(self, command: Train) -> bytes | None:
+        """The checkpoint the command resumes from (``Train.resume_url``, its sha256 checked), or
+        None when it starts at epoch 1."""
+        if not command.resume_uri:
+            return None
+        if not command.resume_url or not command.resume_sha256:
+            raise DataError("the Train names a checkpoint but carries no signed URL or sha256 for it")
+        return await asyncio.to_thread(self.download_bytes, command.resume_url, command.resume_sha256)
+
+    def checkpointing(self, command: Train, loop: asyncio.AbstractEventLoop) -> Checkpointed | None:
+        """The trainer's ``on_checkpoint`` for ``command`` (None when it saves none): in the worker
+        thread, PUT the epoch's bytes to its signed URL, then report ``CheckpointSaved`` and wait
+        until it went out. A checkpoint that cannot be stored is skipped (logged): the run goes on."""
+        if not command.checkpoint_urls or not command.checkpoints_uri:
+            return None
+
+        def save(epoch: int, data: bytes) -> None:
+            url = command.checkpoint_urls.get(epoch)
+            if not url:
+                return
+            try:
+                ref = self.upload(url, data)
+            except Exception as exc:
+                log.warning("checkpoint not stored", epoch=epoch, error=type(exc).__name__)
+                return
+            saved = CheckpointSaved(
+                event_id=f"{command.event_id}.checkpoint{epoch}",
+                session_id=command.session_id,
+                peer_id=self.peer_id,
+                trial=command.trial,
+                epoch=epoch,
+                uri=blobkeys.checkpoint_uri(command.checkpoints_uri, epoch),
+                sha256=ref.sha256,
+                nbytes=len(data),
+            )
+
+            async def send() -> None:
+                await self.report(saved)
+
+            asyncio.run_coroutine_threadsafe(send(), loop).result()
+
+        return save
 
     def _cap(self, max_bytes: int | None) -> int:
         return self.max_download_bytes if max_bytes is None else min(max_bytes, self.max_download_bytes)

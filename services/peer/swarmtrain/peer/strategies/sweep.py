@@ -5,6 +5,9 @@
    (``<session>.<peer>.epoch<N>``).
 2. The trained model (safetensors, with its metadata) is PUT to ``command.output_url``, the signed
    URL of ``command.output_uri``.
+   With ``checkpoint_every`` (``Hyperparameters``), every such epoch's state (``peer.checkpoint``)
+   is PUT to ``command.checkpoint_urls[epoch]`` and reported as ``CheckpointSaved``; a ``Train``
+   that names one (``resume_uri``, re-sent to a restarted peer) goes on after its epoch.
 3. ``PeerDone`` (``<session>.<peer>.done``) names ``output_uri`` with the sha256 of the bytes sent
    and the last epoch's figures.
 
@@ -37,8 +40,11 @@ log = get_logger("swarmtrain.peer")
 
 @STRATEGIES.register("sweep")
 async def run(command: Train, ctx: JobContext) -> None:
-    """Train, upload the model, report ``PeerDone``."""
+    """Train (from the checkpoint the ``Train`` names, if any), upload the model, report ``PeerDone``."""
     init = await ctx.fetch_init(command)
+    resume = await ctx.fetch_checkpoint(command)
+    if resume is not None:
+        log.info("resuming from a checkpoint", epoch=command.resume_epoch, checkpoint=command.resume_uri)
     job = TrainJob(
         csv_path=ctx.dataset,
         label_column=command.label_column,
@@ -54,8 +60,10 @@ async def run(command: Train, ctx: JobContext) -> None:
         precision=command.precision,
         validation_path=ctx.validation,
         validation_sha256=command.validation_sha256 or None,
+        resume=resume,
     )
-    result = await ctx.train_reporting(command, lambda on_epoch: trainer.train(job, on_epoch, ctx.stop))
+    on_checkpoint = ctx.checkpointing(command, asyncio.get_running_loop())
+    result = await ctx.train_reporting(command, lambda on_epoch: trainer.train(job, on_epoch, ctx.stop, on_checkpoint))
 
     ref = await asyncio.to_thread(_upload, ctx, command.output_url, result)
     final = result.final

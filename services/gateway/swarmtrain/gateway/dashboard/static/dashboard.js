@@ -514,8 +514,9 @@ function svg(tag, attrs, ...children) {
   return node;
 }
 
-function plot(points, { w = 320, h = 180, xs, ys, logX = false, lines = [] }) {
-  // points: [{x, y, pruned, label}]; lines: [{pts: [[x, y]], pruned}]; a small scatter / line chart
+function plot(points, { w = 320, h = 180, xs, ys, logX = false, lines = [], xlabels = null }) {
+  // points: [{x, y, pruned, label}]; lines: [{pts: [[x, y]], pruned}]; a small scatter / line chart;
+  // xlabels: what the axis's two ends say (default: xs)
   const pad = 28;
   const tx = (x) => (logX ? Math.log10(x) : x);
   const [x0, x1] = xs.map(tx);
@@ -525,8 +526,8 @@ function plot(points, { w = 320, h = 180, xs, ys, logX = false, lines = [] }) {
   const root = svg("svg", { width: w, height: h, class: "plot" },
     svg("line", { x1: pad, y1: h - pad, x2: w - pad, y2: h - pad, stroke: "#888" }),
     svg("line", { x1: pad, y1: pad, x2: pad, y2: h - pad, stroke: "#888" }),
-    svg("text", { x: pad, y: h - 8, "font-size": 10 }, String(xs[0])),
-    svg("text", { x: w - pad, y: h - 8, "font-size": 10, "text-anchor": "end" }, String(xs[1])),
+    svg("text", { x: pad, y: h - 8, "font-size": 10 }, String((xlabels || xs)[0])),
+    svg("text", { x: w - pad, y: h - 8, "font-size": 10, "text-anchor": "end" }, String((xlabels || xs)[1])),
     svg("text", { x: 2, y: pad, "font-size": 10 }, fmt(ys[1], 2)),
     svg("text", { x: 2, y: h - pad, "font-size": 10 }, fmt(ys[0], 2)));
   for (const l of lines) {
@@ -568,15 +569,21 @@ function renderSearch(s) {
   const values = judged.map((t) => t.value);
   const ys = values.length ? [Math.min(...values), Math.max(...values)] : [0, 1];
   const maxEpoch = Math.max(1, ...q.trials.map((t) => t.epochs));
-  $("#trial-curves").replaceChildren(plot([], { xs: [1, maxEpoch], ys,
+  // the curves' own range: a trial's early epochs lie below (or above) every final figure
+  const onCurves = q.trials.flatMap((t) => t.curve.map(([, y]) => y)).concat(values);
+  const curveYs = onCurves.length ? [Math.min(...onCurves), Math.max(...onCurves)] : [0, 1];
+  $("#trial-curves").replaceChildren(plot([], { xs: [1, maxEpoch], ys: curveYs,
     lines: q.trials.map((t) => ({ pts: t.curve, pruned: t.status === "pruned" })) }));
   $("#trial-scatter").replaceChildren(...Object.entries(q.spec.space).map(([key, param]) => {
+    // a choice is placed by its index among the choices, its axis labelled with the first and last
+    const choices = param.choice || null;
     const pts = judged.filter((t) => key in t.params).map((t) => ({
-      x: typeof t.params[key] === "number" ? t.params[key] : (param.choice || []).indexOf(t.params[key]),
+      x: choices ? choices.indexOf(t.params[key]) : t.params[key],
       y: t.value, pruned: t.status === "pruned", label: `trial ${t.trial}: ${key}=${t.params[key]} → ${fmt(t.value)} (${t.status})` }));
-    const range = param.log_uniform || param.uniform || param.int || [Math.min(...(param.choice || [0])), Math.max(...(param.choice || [1]))];
+    const range = choices ? [0, choices.length - 1] : param.log_uniform || param.uniform || param.int;
+    const xlabels = choices ? [choices[0], choices[choices.length - 1]] : null;
     return el("figure", { "data-key": key }, el("figcaption", { text: `${metric} vs ${key}` }),
-      plot(pts, { xs: range, ys, logX: !!param.log_uniform }));
+      plot(pts, { xs: range, ys, logX: !!param.log_uniform, xlabels }));
   }));
   fillRows($("#trials tbody"), q.trials.map((t) => el("tr", { "data-trial": t.trial, class: t.status === "pruned" ? "pruned" : null },
     el("td", {}, t.trial + (t.attempt ? ` (run ${t.attempt + 1})` : "")),
@@ -643,6 +650,8 @@ async function sessionPage() {
         (s.excluded_peers.length ? `, without ${s.excluded_peers.map(short).join(", ")}` : "");
     }
     $("#cancel").hidden = TERMINAL.has(s.status);
+    $("#peers-section").hidden = !!s.search; // a search's peers and figures are its trials'
+    for (const per of document.querySelectorAll(".charts .per")) per.textContent = s.search ? "trial" : "peer";
     $("#download").hidden = !s.model_available;
     const ranked = [...s.peers].sort((a, b) => (b.val_accuracy ?? -1) - (a.val_accuracy ?? -1));
     fillRows($("#leaderboard tbody"), ranked.map((p, i) => el("tr", { "data-peer": p.peer_id, class: p.peer_id === s.best_peer_id ? "best" : null },
@@ -694,19 +703,26 @@ async function sessionPage() {
   }
 
   const timeline = $("#timeline");
+  const trialOf = (e) => (e.trial !== null && e.trial !== undefined ? ` (trial ${e.trial})` : "");
   function describe(e) {
     switch (e.type) {
       case "SessionRequested": return `${e.strategy} over ${e.num_peers} peers requested`;
-      case "SessionStarted": return `started on ${Object.keys(e.assignments).map(short).join(", ")}`;
-      case "PeerDone": return `${short(e.peer_id)} done: val accuracy ${fmt(e.val_accuracy)} in ${fmt(e.train_seconds, 1)} s`;
-      case "PeerFailed": return `${short(e.peer_id)} failed: ${e.reason}`;
+      case "SessionStarted": return Object.keys(e.assignments).length
+        ? `started on ${Object.keys(e.assignments).map(short).join(", ")}`
+        : "started: its trials go to its peers as they free up";
+      case "TrialStarted": return `trial ${e.trial}${e.attempt ? ` (run ${e.attempt + 1})` : ""} on ${short(e.peer_id)}: ` +
+        Object.entries(e.params).map(([k, v]) => `${k}=${typeof v === "number" ? +v.toPrecision(3) : v}`).join(", ");
+      case "TrialPruned": return `trial ${e.trial} on ${short(e.peer_id)} stopped at epoch ${e.rung} (${fmt(e.value)})`;
+      case "SearchConcluded": return `${e.done} done, ${e.pruned} pruned, ${e.failed} failed; best: trial ${e.best_trial ?? "–"} (${fmt(e.best_value)})`;
+      case "PeerDone": return `${short(e.peer_id)} done${trialOf(e)}: val accuracy ${fmt(e.val_accuracy)} in ${fmt(e.train_seconds, 1)} s`;
+      case "PeerFailed": return `${short(e.peer_id)} failed${trialOf(e)}: ${e.reason}`;
       case "ModelUpdatePublished": return `${short(e.peer_id)} published round ${e.round} (${e.num_samples} samples)`;
       case "RoundClosed": return `round ${e.round} closed with ${e.updates.map((u) => short(u.peer_id)).join(", ")}` +
         (e.left_out.length ? `; left out ${e.left_out.map(short).join(", ")}` : "");
       case "RoundAveraged": return `round ${e.round} averaged: val accuracy ${fmt(e.val_accuracy)}`;
       case "UpdateRejected": return `round ${e.round}: ${short(e.peer_id)} rejected: ${e.reason}`;
       case "ShardReassigned": return `round ${e.round}: shard ${e.shard} moved ${short(e.from_peer_id)} → ${short(e.to_peer_id)}`;
-      case "SessionCompleted": return `completed: best ${short(e.best_peer_id)} (${fmt(e.best_val_accuracy)})`;
+      case "SessionCompleted": return `completed: best ${short(e.best_peer_id)}${e.best_trial != null ? `, trial ${e.best_trial}` : ""} (${fmt(e.best_val_accuracy)})`;
       case "SessionFailed": return `failed: ${e.reason}`;
       case "SessionCancelled": return `cancelled: ${e.reason}`;
       default: return "";
@@ -718,10 +734,13 @@ async function sessionPage() {
     events += 1;
     if (e.type === "Heartbeat") {
       beats += 1;
-      const label = short(e.peer_id);
-      charts.loss.add(e.peer_id, label, e.epoch, e.loss);
-      charts.acc.add(e.peer_id, label, e.epoch, e.accuracy);
-      if (e.val_accuracy !== null && e.val_accuracy !== undefined) charts.val.add(e.peer_id, label, e.epoch, e.val_accuracy);
+      // a search's peer runs trial after trial: a curve per trial (and peer: a re-run is its own)
+      const searching = e.trial !== null && e.trial !== undefined;
+      const key = searching ? `${e.trial}/${e.peer_id}` : e.peer_id;
+      const label = searching ? `trial ${e.trial}` : short(e.peer_id);
+      charts.loss.add(key, label, e.epoch, e.loss);
+      charts.acc.add(key, label, e.epoch, e.accuracy);
+      if (e.val_accuracy !== null && e.val_accuracy !== undefined) charts.val.add(key, label, e.epoch, e.val_accuracy);
       body.dataset.points = String(beats);
       const p = session.peers.find((x) => x.peer_id === e.peer_id);
       if (p) {
