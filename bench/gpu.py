@@ -19,6 +19,9 @@ GPU utilisation: ``nvidia-smi --query-gpu=utilization.gpu`` sampled every 0.2 s 
 small on the CPU and says that no GPU was found.
 
     python -m bench.gpu [--out FILE]
+
+The four model kinds (mlp, cnn, resnet, transformer) on a GPU in bf16, with model FLOPs
+utilisation: ``python -m bench.p1_training --device cuda --dtype bf16`` (issue 22's P1).
 """
 
 from __future__ import annotations

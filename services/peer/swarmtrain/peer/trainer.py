@@ -12,7 +12,7 @@ import math
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -91,13 +91,11 @@ class Amp:
             raise PrecisionUnsupported("bf16 autocast is not supported by this peer's CPU build of torch")
         return cls(precision="bf16", device_type="cpu", dtype=torch.bfloat16)
 
-    @contextlib.contextmanager
-    def autocast(self) -> Iterator[None]:
+    def autocast(self) -> contextlib.AbstractContextManager[object]:
+        """The forward pass's context: ``torch.autocast`` to ``dtype``, nothing for fp32."""
         if self.dtype is None:
-            yield
-            return
-        with torch.autocast(device_type=self.device_type, dtype=self.dtype):
-            yield
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device_type, dtype=self.dtype)
 
 
 _cpu_bf16: bool | None = None
@@ -350,6 +348,10 @@ def epoch_figures(
     return {**measured.figures, **learns.throughput(samples_per_s, x)}
 
 
+FOLD_BATCHES = 256
+"""Batches whose losses and scores an epoch keeps before it sums them (bounded memory)."""
+
+
 def run_epoch(
     model: nn.Module,
     steps: Steps,
@@ -378,8 +380,12 @@ def run_epoch(
     t0 = time.perf_counter()
     perm = torch.randperm(n, generator=shuffle).to(device)
     xs, ys = x[perm], y[perm]
+    # The running figures cost no kernel per batch beyond the task's score: each batch's loss and
+    # score are kept as they are and summed every FOLD_BATCHES batches (bench/p1_training.py).
     loss_sum = torch.zeros((), device=device)
-    score = torch.zeros((), dtype=torch.int64, device=device)
+    score: torch.Tensor | None = None
+    losses: list[torch.Tensor] = []
+    scores: list[torch.Tensor] = []
     for start in range(0, n, batch_size):
         if stop.is_set():
             raise TrainingStopped(f"stopped in epoch {epoch}")
@@ -388,9 +394,17 @@ def run_epoch(
             outputs = model(xb)
             loss = learns.loss(outputs, yb)
         steps.backward(loss)
-        loss_sum += loss.detach().float() * yb.shape[0]
-        score = score + learns.batch_score(outputs, yb)
+        losses.append(loss.detach())
+        scores.append(learns.batch_score(outputs, yb))
+        if len(losses) == FOLD_BATCHES or start + batch_size >= n:
+            if yb.shape[0] != batch_size:  # the epoch's last batch, partial: weighted by its rows
+                losses[-1] = losses[-1].float() * (yb.shape[0] / batch_size)
+            loss_sum = loss_sum + torch.stack(losses).float().sum() * batch_size
+            part = torch.stack(scores).sum(dim=0)
+            score = part if score is None else score + part
+            losses, scores = [], []
     steps.flush()
+    assert score is not None  # n >= 1
     train_loss, train_score = loss_sum.item() / n, learns.epoch_score(score, ys)  # syncs the device
     check_finite(epoch, train_loss)
     return train_loss, train_score, time.perf_counter() - t0
