@@ -5,6 +5,8 @@ BIN := $(VENV)/bin
 # CPU build of torch where there is no NVIDIA GPU; a GPU machine gets the default (CUDA) build.
 TORCH_CPU ?= torch==2.13.0
 PYTEST_ARGS ?=
+# pytest-xdist workers for `make test`; each takes whole files (a module's stack is started once)
+TEST_WORKERS ?= 2
 
 .DEFAULT_GOAL := help
 .PHONY: help setup demo up test faults soak fuzz lint typecheck smoke bench compose-check clean
@@ -28,8 +30,8 @@ demo: setup ## start the stack, train the sample dataset across 3 peers, show pr
 up: setup ## run the whole stack on this machine until Ctrl-C
 	$(BIN)/swarmtrain up --peers 3
 
-test: setup ## run the test suite (real nats-server and PostgreSQL, started by the fixtures)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+test: setup ## run the test suite (real nats-server and PostgreSQL, started by the fixtures), TEST_WORKERS files at a time
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 faults: setup ## the fault suite alone: real processes killed, stopped, cut off; the checker's three zeros (docs/faults.md)
 	$(BIN)/python -m pytest tests/faults $(PYTEST_ARGS)

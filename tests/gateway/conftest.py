@@ -66,7 +66,7 @@ async def projected(database_url: str, projector: None) -> AsyncIterator[Callabl
     await watcher.start()
 
     async def projected(seq: int) -> None:
-        assert await watcher.wait_for(seq, max_wait_s=10), "projection did not catch up"
+        assert await watcher.wait_for(seq, max_wait_s=30), "projection did not catch up"  # a hang guard
 
     yield projected
     await watcher.close()
