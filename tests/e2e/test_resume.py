@@ -21,7 +21,7 @@ from tests.factories import session_body
 from tests.support import wait_for
 
 from .conftest import Api, Stack
-from .test_sweep import stored_events
+from .test_sweep import stored_events, stored_messages
 
 EPOCHS, EVERY = 10, 2
 
@@ -129,15 +129,4 @@ async def test_a_killed_peers_run_is_taken_over_from_its_last_checkpoint(stack: 
 
 
 async def stored_peer_events(nats_url: str, peer_id: str) -> list[bytes]:
-    nc = await nats.connect(nats_url)
-    sub = await bus.pull_consumer(
-        nc.jetstream(), bus.EVENTS_STREAM, ack=AckPolicy.NONE, filter_subject=subjects.peer_events(peer_id)
-    )
-    out: list[bytes] = []
-    while batch := await bus.fetch(sub, lambda data: data, batch=1024, timeout=0.5):
-        out += [msg.data for msg, _ in batch]
-        if batch[-1][0].metadata.num_pending == 0:
-            break
-    await sub.unsubscribe()
-    await nc.drain()
-    return out
+    return await stored_messages(nats_url, subjects.peer_events(peer_id))

@@ -42,10 +42,13 @@ def sweep(dataset_id: str, hps: list[dict[str, Any]]) -> dict[str, Any]:
 
 async def stored_events(nats_url: str, sid: str) -> list[bytes]:
     """The session's events as JetStream stores them (everything stored when asked)."""
+    return await stored_messages(nats_url, subjects.session_events(sid))
+
+
+async def stored_messages(nats_url: str, subject: str) -> list[bytes]:
+    """The events stream's messages on ``subject`` (everything stored when asked)."""
     nc = await nats.connect(nats_url)
-    sub = await bus.pull_consumer(
-        nc.jetstream(), bus.EVENTS_STREAM, ack=AckPolicy.NONE, filter_subject=subjects.session_events(sid)
-    )
+    sub = await bus.pull_consumer(nc.jetstream(), bus.EVENTS_STREAM, ack=AckPolicy.NONE, filter_subject=subject)
     out: list[bytes] = []
     while batch := await bus.fetch(sub, lambda data: data, batch=1024, timeout=0.5):
         out += [msg.data for msg, _ in batch]
