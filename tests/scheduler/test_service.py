@@ -488,7 +488,10 @@ async def test_only_what_can_change_a_decision_asks_for_one_before_the_next_tick
     scheduler.settled = False
     assert scheduler.due(reported=False, rang=True, foreign=False)  # settle stopped at its rounds' end
     scheduler.settled, scheduler.beats_only = True, True
-    scheduler.nudge()  # a job's fact appended
+    scheduler.doorbell = asyncio.Event()
+    scheduler.nudge()  # a job's fact appended: its own doorbell may have found nothing due already
+    assert scheduler.doorbell.is_set(), "a job's end must wake the loop, not wait for a tick"
     assert scheduler.due(reported=True, rang=False, foreign=False)
+    assert scheduler.due(reported=False, rang=True, foreign=False)
     scheduler.nudged, scheduler.decided_at = False, time.monotonic() - service.TICK_S
     assert scheduler.due(reported=True, rang=False, foreign=False)  # a tick old: what time decides

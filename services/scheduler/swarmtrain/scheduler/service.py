@@ -220,9 +220,15 @@ class Scheduler:
         """The latest ``settle`` ended because its decisions wrote nothing more (not at its rounds' end)."""
         self.nudged = False
         """A job (an evaluation, a shard count, a starting model) ended since the latest decision."""
+        self.doorbell: asyncio.Event | None = None
+        """What wakes the loop (``run`` sets it): rung by an append's doorbell, and by ``nudge``."""
 
     def nudge(self) -> None:
+        """A job ended (its facts appended): decide at once. Its appends' doorbell may have rung
+        before this, and found nothing due (an own append that ``settle`` decided upon)."""
         self.nudged = True
+        if self.doorbell is not None:
+            self.doorbell.set()
 
     def on_appended(self, msg: Msg) -> None:
         """The doorbell rang for ``msg``, an event appended: by another process (the gateway, another
@@ -797,7 +803,7 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
         # the doorbell: a JetStream append reaches core subscribers too, so a session's or a peer's
         # fact appended (a request, our own or another scheduler's writes, an evaluation's fact) wakes
         # the loop at once; the consumer below is still what is read
-        doorbell = asyncio.Event()
+        doorbell = scheduler.doorbell = asyncio.Event()
 
         async def on_appended(msg: Msg) -> None:
             scheduler.on_appended(msg)
